@@ -1,0 +1,306 @@
+"""Typed run configuration: defaults -> YAML -> ``key=value`` overrides, validated up front.
+
+The defaults are the report's recipe (SGD, learning rate 1e-4, weight decay 0.2, batch 16,
+5 epochs, 512x512 grayscale, minority class oversampled, no flips), so a YAML file holds only
+what differs from them. ``load_config`` fails with a ``ConfigError`` that names the key, the
+expected type and the allowed keys before any heavy work starts (TensorFlow is not imported
+here). ``Config.save`` writes the resolved configuration into the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DATASETS = ("fracatlas", "tibia-fibula", "synthetic")
+FLIPS = ("none", "expand", "random")
+RESIZES = ("stretch", "pad")
+MODEL_NAMES = ("paper_cnn", "vgg16")  # kerasfrac.model.MODELS holds the builders (tested equal)
+OPTIMIZERS = ("sgd", "adam")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+DISTRIBUTES = ("auto", "none", "mirrored", "multi_worker")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run: unknown key, wrong type or value out of range."""
+
+
+@dataclass
+class DataConfig:
+    #: TFRecord directory written by ``kerasfrac build`` (holds manifest.json).
+    dir: str = ""
+    #: Images are resized to image_size x image_size (512 in the report, 224 "downsized").
+    image_size: int = 512
+    #: One-channel grayscale (the report); False keeps/expands to 3 channels.
+    grayscale: bool = True
+    #: Upsample the training split's minority class to the majority's size (balanced stream).
+    oversample: bool = True
+    #: none | expand (each training image also flipped left-right and up-down: 3x, the
+    #: report's "augmented") | random (a random flip per image and epoch).
+    flips: str = "none"
+    #: memory | none | a directory for tf.data cache files (decoded, resized images).
+    cache: str = "memory"
+    #: stretch (the report: squash to a square) | pad (keep aspect ratio, zero padding).
+    resize: str = "stretch"
+    #: Shuffle buffer (images) of the training stream; each class stream gets one.
+    shuffle_buffer: int = 1024
+
+
+@dataclass
+class ModelConfig:
+    #: Architecture from kerasfrac.model.MODELS: paper_cnn | vgg16.
+    name: str = "paper_cnn"
+    #: none | imagenet (vgg16 only; needs a download) | path to a weights file.
+    weights: str = "none"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 16
+    optimizer: str = "sgd"
+    learning_rate: float = 1e-4
+    momentum: float = 0.0
+    #: Keras 3 weight decay is decoupled and applies to every trainable variable ...
+    weight_decay: float = 0.2
+    #: ... unless this is set: then BatchNorm parameters and biases are not decayed.
+    exclude_from_weight_decay: bool = False
+    seed: int = 42
+    #: tf.config.experimental.enable_op_determinism() (slower; bit-reproducible runs).
+    deterministic: bool = False
+    precision: str = "float32"
+    distribute: str = "auto"
+    #: Override of the data pipeline's steps per epoch (None: the pipeline decides).
+    steps_per_epoch: int | None = None
+    #: Also checkpoint every N steps (None: at epoch ends only).
+    checkpoint_every_steps: int | None = None
+
+
+@dataclass
+class Config:
+    #: Which dataset the run is for; must match the TFRecord manifest's "source".
+    dataset: str = "fracatlas"
+    run_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the resolved configuration as YAML (loadable again with ``load_config``)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = "# Resolved kerasfrac configuration (defaults + YAML + overrides).\n"
+        path.write_text(header + yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """Defaults, then the YAML file at ``path`` (optional), then ``key=value`` overrides.
+
+    Overrides use dotted keys (``train.learning_rate=1e-3``); values are parsed with
+    ``yaml.safe_load`` (so ``true``, ``16``, ``null`` get their types). Environment variables
+    and ``~`` in paths are expanded after merging. Raises ``ConfigError`` on any problem.
+    """
+    cfg = Config()
+    if path is not None:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"config file {str(path)!r} must hold a mapping of keys, "
+                f"got {type(loaded).__name__}"
+            )
+        _merge(cfg, loaded, prefix="")
+    for item in overrides:
+        _merge(cfg, _parse_override(item), prefix="")
+    _expand_paths(cfg)
+    validate(cfg)
+    return cfg
+
+
+def from_dict(values: dict) -> Config:
+    """A validated Config from a (possibly partial) nested dict, e.g. ``Config.to_dict()``."""
+    cfg = Config()
+    _merge(cfg, values, prefix="")
+    _expand_paths(cfg)
+    validate(cfg)
+    return cfg
+
+
+def _parse_override(item: str) -> dict:
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=1)")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value {raw!r} is not valid YAML: {e}") from e
+    nested: dict = value
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def _merge(obj: Any, values: dict, prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            where = f"in {prefix[:-1]!r}" if prefix else "at the top level"
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" Did you mean {prefix}{close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"unknown config key {dotted!r}; allowed keys {where}: {', '.join(names)}.{hint}"
+            )
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"config key {dotted!r} is a section; expected a mapping of "
+                    f"{', '.join(f.name for f in dataclasses.fields(current))}, got {value!r}"
+                )
+            _merge(current, value, prefix=f"{dotted}.")
+        else:
+            setattr(obj, key, _coerce(dotted, value, hints[key]))
+
+
+def _coerce(key: str, value: Any, expected: Any) -> Any:
+    """Check ``value`` against the field type; the few safe conversions are explicit."""
+    allowed = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
+    if value is None and type(None) in allowed:
+        return None
+    for typ in allowed:
+        if typ is type(None):
+            continue
+        if typ is bool and isinstance(value, bool):
+            return value
+        if typ is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if typ is float and isinstance(value, str):
+            # YAML 1.1 reads "1e-4" (no dot) as a string; accept what float() accepts.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if typ is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            # Paths and names; a bare number as a name (e.g. run_dir: 2024) is fine.
+            return str(value)
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    raise ConfigError(f"config key {key!r} expects {names}, got {value!r} ({type(value).__name__})")
+
+
+_UNSET_VAR = re.compile(r"\$(\w+)|\$\{(\w+)\}")
+
+
+def _expand(key: str, value: str) -> str:
+    expanded = os.path.expanduser(os.path.expandvars(value))
+    missing = [a or b for a, b in _UNSET_VAR.findall(expanded) if (a or b) not in os.environ]
+    if missing:
+        raise ConfigError(
+            f"config key {key!r} = {value!r} uses environment variable {missing[0]} which is not "
+            f"set; export it or override the key (--set {key}=PATH)"
+        )
+    return expanded
+
+
+def _expand_paths(cfg: Config) -> None:
+    cfg.run_dir = _expand("run_dir", cfg.run_dir)
+    cfg.data.dir = _expand("data.dir", cfg.data.dir)
+    if cfg.data.cache not in ("memory", "none"):
+        cfg.data.cache = _expand("data.cache", cfg.data.cache)
+    if cfg.model.weights not in ("none", "imagenet"):
+        cfg.model.weights = _expand("model.weights", cfg.model.weights)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config key {key!r} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _positive(key: str, value: int | float | None, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if value is None or value <= 0:
+        raise ConfigError(f"config key {key!r} must be a positive number; got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone do not catch; raises ConfigError naming the key."""
+    _one_of("dataset", cfg.dataset, DATASETS)
+    if not cfg.run_dir:
+        raise ConfigError("config key 'run_dir' must not be empty")
+    d = cfg.data
+    # paper_cnn pools twice; below 8 px there is nothing left to classify.
+    if d.image_size < 8:
+        raise ConfigError(
+            f"config key 'data.image_size' must be a positive integer of at least 8 (pixels); "
+            f"got {d.image_size!r}"
+        )
+    _one_of("data.flips", d.flips, FLIPS)
+    _one_of("data.resize", d.resize, RESIZES)
+    if not d.cache:
+        raise ConfigError("config key 'data.cache' must be memory, none or a directory; got ''")
+    _positive("data.shuffle_buffer", d.shuffle_buffer)
+    _one_of("model.name", cfg.model.name, MODEL_NAMES)
+    if not cfg.model.weights:
+        raise ConfigError("config key 'model.weights' must be none, imagenet or a file path")
+    t = cfg.train
+    _positive("train.epochs", t.epochs)
+    _positive("train.batch_size", t.batch_size)
+    _one_of("train.optimizer", t.optimizer, OPTIMIZERS)
+    _positive("train.learning_rate", t.learning_rate)
+    if not 0.0 <= t.momentum < 1.0:
+        raise ConfigError(f"config key 'train.momentum' must be in [0, 1); got {t.momentum!r}")
+    if t.weight_decay < 0:
+        raise ConfigError(f"config key 'train.weight_decay' must be >= 0; got {t.weight_decay!r}")
+    _one_of("train.precision", t.precision, PRECISIONS)
+    _one_of("train.distribute", t.distribute, DISTRIBUTES)
+    _positive("train.steps_per_epoch", t.steps_per_epoch, optional=True)
+    _positive("train.checkpoint_every_steps", t.checkpoint_every_steps, optional=True)
+
+
+def allowed_keys() -> list[str]:
+    """Every dotted key, for ``--help`` texts."""
+    keys: list[str] = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                keys.append(f"{prefix}{f.name}")
+
+    walk(Config(), "")
+    return keys
