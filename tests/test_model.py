@@ -1,0 +1,134 @@
+"""kerasfrac.model: the paper CNN's layers, shapes and parameter count; sub-models; vgg16."""
+
+import keras
+import numpy as np
+import pytest
+
+from kerasfrac import config, model
+from kerasfrac.config import ModelConfig
+
+
+@pytest.fixture
+def bfloat16_policy():
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    yield
+    keras.mixed_precision.set_dtype_policy("float32")
+
+
+def test_registry_matches_config_names():
+    assert tuple(model.MODELS) == config.MODEL_NAMES
+
+
+def test_paper_cnn_layers_and_shapes():
+    m = model.paper_cnn((64, 64, 1))
+    names = [layer.name for layer in m.layers]
+    assert names == [
+        "conv1", "relu1", "bn1", "pool1",
+        "conv2", "relu2", "bn2", "pool2",
+        "conv3", "relu3", "bn3",
+        "flatten", "logit", "prob",
+    ]  # fmt: skip
+    shapes = {n: tuple(m.get_layer(n).output.shape) for n in ("bn1", "pool1", "pool2", "bn3")}
+    assert shapes == {
+        "bn1": (None, 64, 64, 32),
+        "pool1": (None, 32, 32, 32),
+        "pool2": (None, 16, 16, 64),
+        "bn3": (None, 16, 16, 128),
+    }
+    conv = m.get_layer("conv2")
+    assert (conv.kernel_size, conv.strides, conv.padding) == ((3, 3), (1, 1), "same")
+    assert tuple(m.outputs[0].shape) == (None, 1)  # Sequential has .outputs, not .output
+    out = m(np.random.default_rng(0).random((2, 64, 64, 1), dtype="float32"))
+    assert out.shape == (2, 1) and np.all((out > 0) & (out < 1))
+
+
+def test_paper_cnn_has_the_reports_parameter_count_at_512():
+    m = model.build_model(ModelConfig("paper_cnn"), (512, 512, 1))
+    assert m.count_params() == 2_190_721
+    assert m.get_layer("logit").count_params() == 128 * 128 * 128 + 1
+
+
+def test_layer_lookups():
+    m = model.paper_cnn((32, 32, 1))
+    assert model.logit_layer_name(m) == "logit"
+    assert model.conv_layer_names(m) == ["conv1", "conv2", "conv3"]
+    assert model.block_output_names(m) == ["bn1", "bn2", "bn3"]
+    assert model.last_conv_block_name(m) == "bn3"
+
+
+def _bn3_features(m, x):
+    sub = keras.Model(m.inputs[0], m.get_layer("bn3").output)
+    return keras.ops.convert_to_numpy(sub(x))
+
+
+def test_sub_model_to_bn3_fresh_and_reloaded(tmp_path):
+    m = model.paper_cnn((32, 32, 1))
+    x = np.random.default_rng(1).random((3, 32, 32, 1), dtype="float32")
+    fresh = _bn3_features(m, x)
+    assert fresh.shape == (3, 8, 8, 128)
+    path = tmp_path / "model.keras"
+    m.save(path)
+    reloaded = keras.models.load_model(path)
+    np.testing.assert_allclose(_bn3_features(reloaded, x), fresh, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(reloaded.predict(x, verbose=0), m.predict(x, verbose=0), rtol=1e-5)
+    assert model.last_conv_block_name(reloaded) == "bn3"
+
+
+def test_sigmoid_stays_float32_under_mixed_bfloat16(bfloat16_policy):
+    m = model.paper_cnn((32, 32, 1))
+    assert m.get_layer("conv1").compute_dtype == "bfloat16"
+    assert m.get_layer("logit").compute_dtype == "bfloat16"
+    assert m.get_layer("prob").compute_dtype == "float32"
+    out = m(np.zeros((1, 32, 32, 1), "float32"))
+    assert keras.backend.standardize_dtype(out.dtype) == "float32"
+
+
+def test_policy_was_reset():
+    assert keras.mixed_precision.dtype_policy().name == "float32"
+
+
+def test_unknown_model_and_bad_weights(tmp_path):
+    with pytest.raises(ValueError, match="unknown model 'resnet'.*paper_cnn"):
+        model.build_model(ModelConfig("resnet"), (32, 32, 1))
+    missing = str(tmp_path / "nope.weights.h5")
+    with pytest.raises(ValueError, match="nope.weights.h5"):
+        model.build_model(ModelConfig("paper_cnn", missing), (32, 32, 1))
+    with pytest.raises(ValueError, match="nope.weights.h5"):
+        model.build_model(ModelConfig("vgg16", missing), (32, 32, 1))
+    with pytest.raises(ValueError, match="ImageNet"):
+        model.build_model(ModelConfig("paper_cnn", "imagenet"), (32, 32, 1))
+
+
+def test_paper_cnn_loads_a_weights_file(tmp_path):
+    src = model.paper_cnn((32, 32, 1))
+    path = tmp_path / "w.weights.h5"
+    src.save_weights(path)
+    m = model.build_model(ModelConfig("paper_cnn", str(path)), (32, 32, 1))
+    np.testing.assert_array_equal(
+        m.get_layer("conv1").get_weights()[0], src.get_layer("conv1").get_weights()[0]
+    )
+
+
+def test_vgg16_grayscale_flat_graph_and_weights_file(tmp_path):
+    pretrained = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+    path = tmp_path / "vgg.weights.h5"
+    pretrained.save_weights(path)
+    m = model.build_model(ModelConfig("vgg16", str(path)), (32, 32, 1))
+    assert tuple(m.input.shape) == (None, 32, 32, 1) and tuple(m.output.shape) == (None, 1)
+    np.testing.assert_array_equal(
+        m.get_layer("block3_conv2").get_weights()[0],
+        pretrained.get_layer("block3_conv2").get_weights()[0],
+    )
+    assert model.last_conv_block_name(m) == "block5_conv3"
+    assert model.logit_layer_name(m) == "logit"
+    # Grad-CAM style sub-model straight from the outer graph.
+    sub = keras.Model(m.inputs[0], [m.get_layer("block5_conv3").output, m.output])
+    feats, prob = sub(np.ones((2, 32, 32, 1), "float32"))
+    assert feats.shape == (2, 2, 2, 512) and prob.shape == (2, 1)
+    # Identical channels: the gray image and its 3-channel copy give the same prediction.
+    rgb = model.build_model(ModelConfig("vgg16", str(path)), (32, 32, 3))
+    rgb.set_weights(m.get_weights())
+    x = np.random.default_rng(2).random((2, 32, 32, 1), dtype="float32")
+    np.testing.assert_allclose(
+        m.predict(x, verbose=0), rgb.predict(np.repeat(x, 3, axis=-1), verbose=0), rtol=1e-4
+    )
