@@ -1,5 +1,15 @@
-"""Turn FracAtlas, Tibia/Fibula or synthetic phantoms into sharded TFRecords with a manifest."""
+"""Turn FracAtlas, Tibia/Fibula or synthetic phantoms into sharded TFRecords with a manifest.
 
-from tfrecords_builder.reader import BuildOutputError, load_manifest, read_split, shard_files
+``read_split``, ``load_manifest`` and ``shard_files`` are the contract later stages use; they
+are imported lazily so that ``kerasfrac --help`` does not pay for importing TensorFlow.
+"""
 
 __all__ = ["BuildOutputError", "load_manifest", "read_split", "shard_files"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from tfrecords_builder import reader
+
+        return getattr(reader, name)
+    raise AttributeError(f"module 'tfrecords_builder' has no attribute {name!r}")

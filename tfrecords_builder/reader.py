@@ -25,7 +25,8 @@ def load_manifest(directory: str | Path) -> dict:
     if not directory.is_dir():
         raise BuildOutputError(
             f"TFRecord directory {str(directory)!r} does not exist. Build it first with "
-            f"`kerasfrac build {{fracatlas,tibia-fibula,synthetic}} --source SRC --out {directory}`."
+            "`kerasfrac build {fracatlas,tibia-fibula,synthetic} --source SRC "
+            f"--out {directory}`."
         )
     path = directory / schema.MANIFEST
     if not path.is_file():

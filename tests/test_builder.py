@@ -1,0 +1,331 @@
+"""The TFRecord builder: accounting, quarantine, duplicates, splits, round trip, safety."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests import sources
+from tfrecords_builder import load_manifest, read_split, writer
+from tfrecords_builder.archive import SourceError
+from tfrecords_builder.build import BuildOptions, build
+
+OPTS = dict(progress=False, shards=3)
+
+
+def index_rows(out: Path) -> list[dict]:
+    with (out / "index.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def fracatlas_build(tmp_path_factory):
+    base = tmp_path_factory.mktemp("fa")
+    expect = sources.make_fracatlas(base / "src")
+    manifest = build("fracatlas", base / "src", base / "out", BuildOptions(**OPTS))
+    return base, expect, manifest
+
+
+def test_accounting_and_quarantine_reasons(fracatlas_build):
+    base, expect, m = fracatlas_build
+    assert m["found"]["fractured"] == expect["found"][1]
+    assert m["found"]["normal"] == expect["found"][0]
+    for name in ("fractured", "normal", "total"):
+        a = m["accounting"][name]
+        assert a["found"] == a["written"] + a["quarantined"] + a["dropped_duplicates"]
+        assert a["balanced"]
+    reasons = {q["file"]: q["reason"] for q in m["quarantined"]}
+    assert set(reasons) == set(expect["quarantined"])
+    for file, start in expect["quarantined"].items():
+        assert reasons[file].startswith(start), (file, reasons[file])
+    written = {r["file"] for r in index_rows(base / "out")}
+    assert not written & set(reasons)
+    assert m["written"]["total"] == len(written)
+    split_total = sum(c["fractured"] + c["normal"] for c in m["splits"].values())
+    assert split_total == m["written"]["total"]
+
+
+def test_duplicates_grouped_into_one_split(fracatlas_build):
+    base, expect, m = fracatlas_build
+    groups = [g for g in m["duplicate_groups"] if not g["conflict"]]
+    assert [g["files"] for g in groups] == expect["duplicates"]
+    rows = {r["file"]: r for r in index_rows(base / "out")}
+    for files in expect["duplicates"]:
+        assert len({rows[f]["split"] for f in files}) == 1
+        assert len({rows[f]["group"] for f in files}) == 1
+    conflicts = [g for g in m["duplicate_groups"] if g["conflict"]]
+    assert len(conflicts) == 1 and len(conflicts[0]["files"]) == 2
+
+
+def test_label_disagreement_listed_and_folder_wins(fracatlas_build):
+    base, expect, m = fracatlas_build
+    assert [d["file"] for d in m["label_disagreements"]] == expect["disagreements"]
+    rows = {r["file"]: r for r in index_rows(base / "out")}
+    assert rows["images/Fractured/IMG0000002.jpg"]["label"] == "1"
+
+
+def test_splits_stratified_disjoint_and_complete(fracatlas_build):
+    base, _, m = fracatlas_build
+    out = base / "out"
+    per_class = {"fractured": 0, "normal": 0}
+    for counts in m["splits"].values():
+        for k in per_class:
+            per_class[k] += counts[k]
+    for split, ratio in m["split_ratios"].items():
+        for k, total in per_class.items():
+            assert abs(m["splits"][split][k] - ratio * total) <= 1, (split, k, m["splits"])
+    seen: dict[str, str] = {}
+    for split in ("train", "val", "test"):
+        records = list(read_split(out, split, decode=False).as_numpy_iterator())
+        labels = [int(r["label"]) for r in records]
+        assert labels.count(1) == m["splits"][split]["fractured"]
+        assert labels.count(0) == m["splits"][split]["normal"]
+        for r in records:
+            sha = r["sha256"].decode()
+            assert seen.setdefault(sha, split) == split, f"{sha} in {seen[sha]} and {split}"
+        assert len(m["shards"][split]) == 3
+
+
+def test_round_trip_pixels_boxes_and_metadata(fracatlas_build):
+    base, expect, _ = fracatlas_build
+    src = base / "src"
+    checked = 0
+    for split in ("train", "val", "test"):
+        for r in read_split(base / "out", split).as_numpy_iterator():
+            image_id = r["image_id"].decode()
+            folder = "Fractured" if r["label"] == 1 else "Non_fractured"
+            path = src / "images" / folder / image_id
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == r["sha256"].decode()
+            decoded = np.asarray(Image.open(path))
+            image = r["image"][..., 0] if decoded.ndim == 2 else r["image"]
+            # TF's and Pillow's libjpeg may differ by one level in IDCT rounding.
+            assert image.shape == decoded.shape
+            assert np.abs(image.astype(int) - decoded.astype(int)).max() <= 1
+            assert r["height"] == decoded.shape[0] and r["width"] == decoded.shape[1]
+            if r["label"] == 1 and image_id.startswith("IMG000"):
+                np.testing.assert_allclose(r["boxes"], [[0.5, 0.25, 0.75, 0.75]], atol=1e-6)
+                assert r["meta"]["fracture_count"] == 1
+            else:
+                assert r["boxes"].shape == (0, 4)
+            assert r["meta"]["leg"] in (0, 1)
+            checked += 1
+    assert checked == 60 + 1  # the images plus one copy of the duplicate pair
+
+
+def test_png_round_trip_is_exact(tmp_path):
+    sources.make_tibia(tmp_path / "src", "mendeley", copies=0)
+    build("tibia-fibula", tmp_path / "src", tmp_path / "out", BuildOptions(**OPTS))
+    for split in ("train", "val", "test"):
+        for r in read_split(tmp_path / "out", split).as_numpy_iterator():
+            path = tmp_path / "src" / r["image_id"].decode()
+            np.testing.assert_array_equal(r["image"][..., 0], np.asarray(Image.open(path)))
+
+
+def test_same_seed_same_splits_other_seed_differs(tmp_path):
+    sources.make_fracatlas(tmp_path / "src", defects=False, n_fractured=15, n_normal=30)
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        build("fracatlas", tmp_path / "src", tmp_path / name, BuildOptions(seed=seed, **OPTS))
+    a, b, c = (index_rows(tmp_path / n) for n in "abc")
+    assert a == b
+    assert [r["split"] for r in a] != [r["split"] for r in c]
+    shards_a = sorted((tmp_path / "a").glob("*.tfrecord"))
+    shards_b = sorted((tmp_path / "b").glob("*.tfrecord"))
+    assert [p.read_bytes() for p in shards_a] == [p.read_bytes() for p in shards_b]
+
+
+def test_drop_duplicates_keeps_one(tmp_path):
+    expect = sources.make_tibia(tmp_path / "src", "mendeley", copies=3)
+    m = build(
+        "tibia-fibula",
+        tmp_path / "src",
+        tmp_path / "out",
+        BuildOptions(drop_duplicates=True, **OPTS),
+    )
+    assert m["found"]["fractured"] == expect["found"][1]
+    assert len(m["dropped_duplicates"]) == 3
+    assert m["written"]["fractured"] == expect["found"][1] - 3
+    assert m["accounting"]["fractured"]["balanced"]
+    assert m["duplicate_summary"]["groups"] == 3
+    assert m["duplicate_summary"]["files_in_groups"] == 6
+    shas = [r["sha256"] for r in index_rows(tmp_path / "out")]
+    assert len(shas) == len(set(shas))
+
+
+@pytest.mark.parametrize("spelling", ["mendeley", "mirror"])
+def test_tibia_both_spellings_png_and_jpeg(tmp_path, spelling):
+    expect = sources.make_tibia(tmp_path / "src", spelling)
+    m = build("tibia-fibula", tmp_path / "src", tmp_path / "out", BuildOptions(**OPTS))
+    assert m["found"]["fractured"] == expect["found"][1]
+    assert m["found"]["normal"] == expect["found"][0]
+    assert m["quarantined"] == []
+    assert m["duplicate_summary"]["groups"] == 3
+    formats = {
+        r["format"]
+        for s in ("train", "val", "test")
+        for r in read_split(tmp_path / "out", s, decode=False).as_numpy_iterator()
+    }
+    assert formats == ({b"png", b"jpeg"} if spelling == "mirror" else {b"png"})
+
+
+def test_recover_truncated_keeps_lossless_png(tmp_path):
+    sources.make_fracatlas(tmp_path / "src", n_fractured=4, n_normal=6)
+    m = build(
+        "fracatlas",
+        tmp_path / "src",
+        tmp_path / "out",
+        BuildOptions(recover_truncated=True, **OPTS),
+    )
+    assert m["recovered_truncated"] == ["images/Non_fractured/IMG9000001.jpg"]
+    assert "images/Non_fractured/IMG9000001.jpg" not in {q["file"] for q in m["quarantined"]}
+    found = [
+        r
+        for s in ("train", "val", "test")
+        for r in read_split(tmp_path / "out", s).as_numpy_iterator()
+        if r["image_id"] == b"IMG9000001.jpg"
+    ]
+    assert len(found) == 1 and found[0]["format"] == b"png"
+    assert found[0]["image"].shape == (64, 64, 1)
+
+
+def test_too_large_image_is_quarantined_not_a_crash(tmp_path):
+    sources.make_tibia(tmp_path / "src", "mendeley", copies=0)
+    big = np.zeros((600, 600), np.uint8)
+    (tmp_path / "src" / "normal" / "big.png").write_bytes(sources.encode(big, "PNG"))
+    m = build(
+        "tibia-fibula", tmp_path / "src", tmp_path / "out", BuildOptions(max_pixels=100_000, **OPTS)
+    )
+    assert [q["file"] for q in m["quarantined"]] == ["normal/big.png"]
+    assert m["quarantined"][0]["reason"].startswith("too large")
+
+
+def test_near_duplicates_reported_and_optionally_grouped(tmp_path):
+    sources.make_tibia(tmp_path / "src", "mendeley", n_fractured=30, n_normal=6, copies=0)
+    frac = tmp_path / "src" / "fracture"
+    originals = sorted(frac.iterdir())
+    for i, src in enumerate(originals[:10]):  # re-encoded copies: different bytes, same picture
+        Image.open(src).save(frac / f"reenc{i}.jpg", quality=90)
+    m = build("tibia-fibula", tmp_path / "src", tmp_path / "a", BuildOptions(**OPTS))
+    assert m["near_duplicate_pairs"] >= 10
+    assert m["duplicate_summary"]["groups"] == 0
+    across = m["near_duplicates_across_splits"]
+    assert across, "10 near-duplicate pairs should not all land together by chance"
+    m = build(
+        "tibia-fibula",
+        tmp_path / "src",
+        tmp_path / "b",
+        BuildOptions(group_near_duplicates=True, **OPTS),
+    )
+    assert m["near_duplicates_across_splits"] == []
+
+
+def test_zip_source_equals_folder(tmp_path):
+    sources.make_fracatlas(tmp_path / "FracAtlas", n_fractured=5, n_normal=8)
+    archive = tmp_path / "FracAtlas.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for p in sorted((tmp_path / "FracAtlas").rglob("*")):
+            z.write(p, p.relative_to(tmp_path).as_posix())
+    a = build("fracatlas", tmp_path / "FracAtlas", tmp_path / "a", BuildOptions(**OPTS))
+    b = build("fracatlas", archive, tmp_path / "b", BuildOptions(**OPTS))
+    assert a["splits"] == b["splits"] and a["quarantined"] == b["quarantined"]
+    assert index_rows(tmp_path / "a") == index_rows(tmp_path / "b")
+    assert not list(tmp_path.glob(".b.*")), "extraction scratch must be removed"
+
+
+@pytest.mark.parametrize("bad_name", ["../evil.txt", "/etc/evil.txt"])
+def test_zip_slip_rejected(tmp_path, bad_name):
+    archive = tmp_path / "bad.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("dataset.csv", "image_id\n")
+        z.writestr(bad_name, "x")
+    with pytest.raises(SourceError, match="absolute path or '..'"):
+        build("fracatlas", archive, tmp_path / "out", BuildOptions(**OPTS))
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_wrong_source_errors_name_path_layout_and_contents(tmp_path):
+    (tmp_path / "src" / "stuff").mkdir(parents=True)
+    (tmp_path / "src" / "readme.txt").write_text("hi")
+    with pytest.raises(SourceError) as err:
+        build("fracatlas", tmp_path / "src", tmp_path / "out", BuildOptions(**OPTS))
+    text = str(err.value)
+    assert str(tmp_path / "src") in text and "dataset.csv" in text and "readme.txt" in text
+    with pytest.raises(SourceError, match="Tibia/Fibula.*fracture/ and normal/"):
+        build("tibia-fibula", tmp_path / "src", tmp_path / "out", BuildOptions(**OPTS))
+    with pytest.raises(SourceError, match="does not exist"):
+        build("fracatlas", tmp_path / "nope", tmp_path / "out", BuildOptions(**OPTS))
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_refused_then_overwritten(tmp_path):
+    sources.make_tibia(tmp_path / "src", "mendeley", copies=0)
+    out = tmp_path / "out"
+    build("tibia-fibula", tmp_path / "src", out, BuildOptions(**OPTS))
+    before = (out / "manifest.json").read_text()
+    with pytest.raises(writer.OutputExistsError, match="--overwrite"):
+        build("tibia-fibula", tmp_path / "src", out, BuildOptions(seed=1, **OPTS))
+    assert (out / "manifest.json").read_text() == before
+    m = build("tibia-fibula", tmp_path / "src", out, BuildOptions(seed=1, overwrite=True, **OPTS))
+    assert load_manifest(out)["seed"] == 1 == m["seed"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+    sources.make_tibia(tmp_path / "src", "mendeley", copies=0)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer, "write_manifest", crash)
+    with pytest.raises(KeyboardInterrupt):
+        build("tibia-fibula", tmp_path / "src", tmp_path / "out", BuildOptions(**OPTS))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_manifest_contract_keys(fracatlas_build):
+    base, _, m = fracatlas_build
+    on_disk = json.loads((base / "out" / "manifest.json").read_text())
+    for key in (
+        "source",
+        "seed",
+        "split_ratios",
+        "found",
+        "written",
+        "quarantined",
+        "duplicate_groups",
+        "near_duplicates_across_splits",
+        "label_disagreements",
+        "splits",
+        "shards",
+    ):
+        assert key in on_disk, key
+    assert on_disk["source"] == "fracatlas" and on_disk["seed"] == 42
+    assert set(on_disk["splits"]) == {"train", "val", "test"}
+
+
+def test_bad_split_ratios_rejected():
+    from tfrecords_builder.splits import parse_ratios
+
+    assert parse_ratios("0.7,0.15,0.15") == (0.7, 0.15, 0.15)
+    for bad in ("0.7,0.2", "0.5,0.5,0.5", "a,b,c", "0,0.5,0.5"):
+        with pytest.raises(ValueError, match="--split"):
+            parse_ratios(bad)
+
+
+def test_split_quotas_exact_for_singletons():
+    from tfrecords_builder.splits import assign
+
+    groups = {f"g{i}": (int(i < 37), 1) for i in range(100)}
+    out = assign(groups, (0.7, 0.15, 0.15), seed=3)
+    for label, total in ((1, 37), (0, 63)):
+        for split, ratio in (("train", 0.7), ("val", 0.15), ("test", 0.15)):
+            n = sum(1 for g, s in out.items() if s == split and groups[g][0] == label)
+            assert abs(n - ratio * total) <= 1
+    assert out == assign(groups, (0.7, 0.15, 0.15), seed=3)

@@ -1,0 +1,5 @@
+import sys
+
+from tfrecords_builder.cli import main
+
+sys.exit(main())

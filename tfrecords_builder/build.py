@@ -1,0 +1,291 @@
+"""The builder's flow: find -> validate -> group duplicates -> split -> write shards + manifest."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import hashlib
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import tensorflow as tf
+
+from tfrecords_builder import (
+    duplicates,
+    fracatlas,
+    schema,
+    splits,
+    tibia_fibula,
+    validation,
+    writer,
+)
+from tfrecords_builder.archive import SourceError, open_source
+from tfrecords_builder.candidates import Candidate
+
+DATASETS = ("fracatlas", "tibia-fibula", "synthetic")
+FINDERS = {
+    "fracatlas": fracatlas.find,
+    "tibia-fibula": tibia_fibula.find,
+    "synthetic": fracatlas.find,
+}  # the synthetic source is written in FracAtlas' layout
+DEFAULT_NEAR_DISTANCE = 4
+
+
+@dataclasses.dataclass
+class BuildOptions:
+    seed: int = 42
+    split: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    shards: int = 8
+    drop_duplicates: bool = False
+    recover_truncated: bool = False
+    overwrite: bool = False
+    near_duplicate_distance: int = DEFAULT_NEAR_DISTANCE
+    group_near_duplicates: bool = False
+    max_pixels: int = validation.DEFAULT_MAX_PIXELS
+    workers: int | None = None
+    progress: bool = True
+
+
+def _by_label(items, label_of) -> dict[str, int]:
+    counts = Counter(label_of(x) for x in items)
+    return {"fractured": counts.get(1, 0), "normal": counts.get(0, 0), "total": len(items)}
+
+
+def _example(
+    dataset: str, cand: Candidate, chk: validation.Checked, group: str
+) -> tf.train.Example:
+    if chk.recovered is not None:
+        encoded = chk.recovered
+    else:
+        encoded = cand.path.read_bytes()
+        if hashlib.sha256(encoded).hexdigest() != chk.sha256:
+            raise SourceError(f"{str(cand.path)!r} changed while the build was running; rerun.")
+    return schema.make_example(
+        encoded=encoded,
+        image_format=chk.image_format,
+        height=chk.height,
+        width=chk.width,
+        channels=chk.channels,
+        image_id=cand.image_id,
+        source=dataset,
+        sha256=chk.sha256,
+        group=group,
+        label=cand.label,
+        boxes=cand.boxes,
+        meta=cand.meta,
+    )
+
+
+def build(dataset: str, source: str | Path, out: str | Path, opts: BuildOptions) -> dict:
+    """Build ``dataset`` from ``source`` (folder or .zip) into ``out``; returns the manifest."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+    if opts.shards < 1:
+        raise ValueError(f"--shards {opts.shards}: expected a positive number of shards per split")
+    out = Path(out).expanduser()
+    writer.check_output(out, opts.overwrite)  # refuse before any heavy work
+    started = time.perf_counter()
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.extract-", dir=_parent(out)))
+    try:
+        root = open_source(source, scratch)
+        found = FINDERS[dataset](root)
+        with writer.staging(out, opts.overwrite) as stage:
+            manifest = _build_into(stage, dataset, found, opts)
+            manifest["source_path"] = str(Path(source).expanduser().resolve())
+            manifest["build_seconds"] = round(time.perf_counter() - started, 3)
+            writer.write_manifest(stage, manifest)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return manifest
+
+
+def _parent(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out.parent
+
+
+def _build_into(stage: Path, dataset: str, found, opts: BuildOptions) -> dict:
+    cands = found.candidates
+    checks = validation.check_all(
+        [c.path for c in cands],
+        opts.recover_truncated,
+        opts.max_pixels,
+        opts.workers,
+        opts.progress,
+    )
+    quarantined = [
+        {"file": c.rel, "label": c.label, "reason": k.reason}
+        for c, k in zip(cands, checks)
+        if k.reason
+    ]
+    good = [i for i, k in enumerate(checks) if not k.reason]
+
+    # Byte-identical copies: one group per sha256.
+    by_hash: dict[str, list[int]] = {}
+    for i in good:
+        by_hash.setdefault(checks[i].sha256, []).append(i)
+    duplicate_groups, dropped, keep = [], [], []
+    for sha, members in sorted(by_hash.items()):
+        members.sort(key=lambda i: cands[i].rel)
+        labels = {cands[i].label for i in members}
+        files = [cands[i].rel for i in members]
+        if len(labels) > 1:
+            for i in members:
+                quarantined.append(
+                    {
+                        "file": cands[i].rel,
+                        "label": cands[i].label,
+                        "reason": "conflict: byte-identical copies carry different labels "
+                        f"({files})",
+                    }
+                )
+            duplicate_groups.append(
+                {"sha256": sha, "files": files, "label": None, "conflict": True}
+            )
+            continue
+        if len(members) > 1:
+            duplicate_groups.append(
+                {"sha256": sha, "files": files, "label": labels.pop(), "conflict": False}
+            )
+        if opts.drop_duplicates:
+            keep.append(members[0])
+            dropped += [
+                {
+                    "file": cands[i].rel,
+                    "label": cands[i].label,
+                    "duplicate_of": cands[members[0]].rel,
+                }
+                for i in members[1:]
+            ]
+        else:
+            keep.extend(members)
+    keep.sort(key=lambda i: cands[i].rel)
+
+    # Near-duplicates between distinct files (different sha256), by perceptual hash.
+    reps = sorted({checks[i].sha256: i for i in keep}.values(), key=lambda i: cands[i].rel)
+    pairs = duplicates.near_duplicate_pairs(
+        [checks[i].phash for i in reps], opts.near_duplicate_distance
+    )
+    group_of_hash = {checks[i].sha256: checks[i].sha256 for i in reps}
+    if opts.group_near_duplicates:  # only images of one label can share a group
+        same_label = [p for p in pairs if cands[reps[p[0]]].label == cands[reps[p[1]]].label]
+        roots = duplicates.connected_components(len(reps), same_label)
+        for k, i in enumerate(reps):
+            group_of_hash[checks[i].sha256] = checks[reps[roots[k]]].sha256
+    group_of = {i: group_of_hash[checks[i].sha256] for i in keep}
+    groups: dict[str, tuple[int, int]] = {}
+    for i in keep:
+        groups[group_of[i]] = (cands[i].label, groups.get(group_of[i], (0, 0))[1] + 1)
+    split_of_group = splits.assign(groups, opts.split, opts.seed)
+    split_of = {i: split_of_group[group_of[i]] for i in keep}
+
+    near_across = []
+    for a, b, dist in pairs:
+        sa, sb = split_of[reps[a]], split_of[reps[b]]
+        if sa != sb:
+            near_across.append(
+                {
+                    "a": cands[reps[a]].rel,
+                    "b": cands[reps[b]].rel,
+                    "distance": dist,
+                    "splits": [sa, sb],
+                }
+            )
+    for g in duplicate_groups:
+        if not g["conflict"]:
+            first = next(i for i in keep if cands[i].rel in g["files"])
+            g["split"] = split_of[first]
+
+    shard_names, split_counts = {}, {}
+    for split in schema.SPLITS:
+        members = [i for i in keep if split_of[i] == split]
+        split_counts[split] = {
+            k: v for k, v in _by_label(members, lambda i: cands[i].label).items() if k != "total"
+        }
+        examples = (_example(dataset, cands[i], checks[i], group_of[i]) for i in members)
+        shard_names[split] = writer.write_split(stage, split, examples, len(members), opts.shards)
+    _write_index(stage, keep, cands, checks, split_of, group_of)
+
+    found_counts = _by_label(cands, lambda c: c.label)
+    written = _by_label(keep, lambda i: cands[i].label)
+    q_counts = _by_label(quarantined, lambda q: q["label"])
+    d_counts = _by_label(dropped, lambda d: d["label"])
+    accounting = {
+        name: {
+            "found": found_counts[name],
+            "written": written[name],
+            "quarantined": q_counts[name],
+            "dropped_duplicates": d_counts[name],
+            "balanced": found_counts[name] == written[name] + q_counts[name] + d_counts[name],
+        }
+        for name in ("fractured", "normal", "total")
+    }
+    if not all(a["balanced"] for a in accounting.values()):
+        raise RuntimeError(f"internal error: images lost in the build: {accounting}")
+    files_in_groups = sum(len(g["files"]) for g in duplicate_groups)
+    reasons = Counter(q["reason"].split(":")[0] for q in quarantined)
+    return {
+        "format_version": 1,
+        "source": dataset,
+        "root": found.root.name,
+        "seed": opts.seed,
+        "split_ratios": dict(zip(schema.SPLITS, opts.split)),
+        "options": {
+            k: v
+            for k, v in dataclasses.asdict(opts).items()
+            if k not in ("progress", "workers", "overwrite")
+        },
+        "found": found_counts,
+        "written": written,
+        "quarantined_count": q_counts,
+        "quarantine_reasons": dict(sorted(reasons.items())),
+        "quarantined": sorted(quarantined, key=lambda q: q["file"]),
+        "recovered_truncated": sorted(cands[i].rel for i in keep if checks[i].recovered),
+        "dropped_duplicates": dropped,
+        "duplicate_summary": {
+            "groups": len(duplicate_groups),
+            "files_in_groups": files_in_groups,
+            "share_of_valid_files_in_groups": round(files_in_groups / max(1, len(good)), 4),
+            "redundant_copies": files_in_groups - len(duplicate_groups),
+        },
+        "duplicate_groups": duplicate_groups,
+        "near_duplicate_distance": opts.near_duplicate_distance,
+        "near_duplicate_pairs": len(pairs),
+        "near_duplicates_across_splits": near_across,
+        "label_disagreements": found.notes.get("label_disagreements", []),
+        "notes": {k: v for k, v in found.notes.items() if k != "label_disagreements"},
+        "splits": split_counts,
+        "shards": shard_names,
+        "accounting": accounting,
+        "index": "index.csv",
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "versions": {
+            "python": platform.python_version(),
+            "tensorflow": tf.__version__,
+            "argv": sys.argv[1:],
+        },
+    }
+
+
+def _write_index(stage, keep, cands, checks, split_of, group_of) -> None:
+    """index.csv: one line per written image (split, label, id, file, sha256, group)."""
+    with (stage / "index.csv").open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["split", "label", "image_id", "file", "sha256", "group"])
+        for i in keep:
+            out.writerow(
+                [
+                    split_of[i],
+                    cands[i].label,
+                    cands[i].image_id,
+                    cands[i].rel,
+                    checks[i].sha256,
+                    group_of[i],
+                ]
+            )

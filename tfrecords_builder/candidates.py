@@ -1,0 +1,37 @@
+"""What a dataset reader finds: one Candidate per file in a class folder, plus notes."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+
+def norm_name(name: str) -> str:
+    """Folder names compared case-insensitively, with spaces/dashes as underscores."""
+    return name.strip().lower().replace(" ", "_").replace("-", "_")
+
+
+@dataclasses.dataclass
+class Candidate:
+    path: Path  # absolute path on disk
+    rel: str  # path relative to the dataset root, POSIX style (used in the manifest)
+    image_id: str
+    label: int  # 1 fractured, 0 normal: from the class folder
+    boxes: list[tuple[float, float, float, float]] = dataclasses.field(default_factory=list)
+    meta: dict[str, int] = dataclasses.field(default_factory=dict)
+    box_frame: tuple[int, int] | None = None  # (height, width) the boxes were annotated on
+
+
+@dataclasses.dataclass
+class Found:
+    """Everything a reader found in a source: candidates plus dataset-specific notes."""
+
+    root: Path
+    candidates: list[Candidate]
+    notes: dict = dataclasses.field(default_factory=dict)
+
+
+def files_under(folder: Path) -> list[Path]:
+    """Every regular file below ``folder`` (recursively), sorted; nothing is filtered out here,
+    so that non-images are found and quarantined rather than silently ignored."""
+    return sorted(p for p in folder.rglob("*") if p.is_file())

@@ -1,0 +1,134 @@
+"""FracAtlas (Abedeen et al. 2023, CC BY 4.0): find its images, labels, metadata and boxes.
+
+Official layout (the root may sit one or two folders deep inside the archive)::
+
+    dataset.csv
+    images/Fractured/IMGnnnnnnn.jpg
+    images/Non_fractured/IMGnnnnnnn.jpg
+    Annotations/COCO JSON/COCO_fracture_masks.json
+
+The label comes from the class folder. ``dataset.csv``'s ``fractured`` column is kept as
+metadata, and rows where it disagrees with the folder are listed (the folder wins).
+The synthetic source writes the same layout and is read by this module too.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from tfrecords_builder import schema
+from tfrecords_builder.archive import SourceError, listing
+from tfrecords_builder.candidates import Candidate, Found, files_under, norm_name
+
+CLASS_FOLDERS = {"fractured": 1, "non_fractured": 0}
+COCO_PATH = Path("Annotations") / "COCO JSON" / "COCO_fracture_masks.json"
+LAYOUT = (
+    "dataset.csv, images/Fractured/*.jpg, images/Non_fractured/*.jpg and optionally "
+    "'Annotations/COCO JSON/COCO_fracture_masks.json'"
+)
+
+
+def find_root(top: Path) -> Path:
+    """The folder holding dataset.csv and images/, at ``top`` or up to two levels below."""
+    levels = [[top], sorted(p for p in top.iterdir() if p.is_dir())]
+    levels.append(sorted(q for p in levels[1] for q in p.iterdir() if q.is_dir()))
+    for level in levels:
+        for folder in level:
+            if (folder / "dataset.csv").is_file() and (folder / "images").is_dir():
+                return folder
+    raise SourceError(
+        f"{str(top)!r} is not a FracAtlas source: expected {LAYOUT} (at the top or inside one "
+        f"folder), but found: {listing(top)}."
+    )
+
+
+def read_csv(path: Path) -> dict[str, dict[str, int]]:
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        missing = [c for c in ("image_id", *schema.META_COLUMNS) if c not in header]
+        if missing:
+            raise SourceError(
+                f"{str(path)!r} lacks the FracAtlas columns {missing}; its header is {header}."
+            )
+        rows = {}
+        for line, row in enumerate(reader, start=2):
+            try:
+                rows[row["image_id"].strip()] = {c: int(row[c]) for c in schema.META_COLUMNS}
+            except (TypeError, ValueError) as err:
+                raise SourceError(
+                    f"{str(path)!r} line {line}: expected integer flags in {schema.META_COLUMNS},"
+                    f" got {row}: {err}"
+                ) from err
+    return rows
+
+
+def read_coco_boxes(path: Path) -> dict[str, tuple[tuple[int, int], list[tuple]]]:
+    """file_name -> ((height, width), [(ymin, xmin, ymax, xmax) normalised, clipped to [0,1]])."""
+    with path.open() as f:
+        coco = json.load(f)
+    images = {im["id"]: im for im in coco.get("images", [])}
+    out: dict[str, tuple[tuple[int, int], list[tuple]]] = {
+        im["file_name"]: ((int(im["height"]), int(im["width"])), []) for im in images.values()
+    }
+    for ann in coco.get("annotations", []):
+        im = images.get(ann["image_id"])
+        if im is None:
+            continue
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        height, width = float(im["height"]), float(im["width"])
+
+        def clip(v: float) -> float:
+            return min(1.0, max(0.0, v))
+
+        out[im["file_name"]][1].append(
+            (clip(y / height), clip(x / width), clip((y + h) / height), clip((x + w) / width))
+        )
+    return out
+
+
+def find(top: Path) -> Found:
+    root = find_root(top)
+    class_dirs = {}
+    for folder in sorted(p for p in (root / "images").iterdir() if p.is_dir()):
+        label = CLASS_FOLDERS.get(norm_name(folder.name))
+        if label is not None:
+            class_dirs[label] = folder
+    if set(class_dirs) != {0, 1}:
+        raise SourceError(
+            f"{str(root / 'images')!r} must hold the class folders Fractured/ and Non_fractured/ "
+            f"(any case); found: {listing(root / 'images')}."
+        )
+    rows = read_csv(root / "dataset.csv")
+    coco_file = root / COCO_PATH
+    boxes = read_coco_boxes(coco_file) if coco_file.is_file() else {}
+
+    candidates, disagreements, missing_from_csv = [], [], []
+    seen_ids: set[str] = set()
+    for label, folder in sorted(class_dirs.items(), reverse=True):
+        for path in files_under(folder):
+            rel = path.relative_to(root).as_posix()
+            image_id = path.name if path.name not in seen_ids else rel
+            seen_ids.add(image_id)
+            meta = rows.get(path.name, {})
+            if not meta:
+                missing_from_csv.append(rel)
+            elif meta["fractured"] != label:
+                disagreements.append(
+                    {"file": rel, "folder_label": label, "csv_fractured": meta["fractured"]}
+                )
+            frame, image_boxes = boxes.get(path.name, (None, []))
+            candidates.append(Candidate(path, rel, image_id, label, image_boxes, meta, frame))
+
+    on_disk = {c.path.name for c in candidates}
+    notes = {
+        "label_disagreements": disagreements,
+        "missing_from_csv": missing_from_csv,
+        "csv_rows_without_file": sorted(set(rows) - on_disk),
+        "coco_file": str(COCO_PATH) if coco_file.is_file() else None,
+        "images_with_boxes": sum(1 for c in candidates if c.boxes),
+        "boxes": sum(len(c.boxes) for c in candidates),
+    }
+    return Found(root, candidates, notes)

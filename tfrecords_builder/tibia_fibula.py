@@ -1,0 +1,62 @@
+"""Tibia/Fibula fractures (Mendeley Data 2h62x9xzyd, CC BY 4.0): class folders of X-rays.
+
+Accepted spellings of the class folders, case-insensitively: ``fracture/`` or ``Fractured/``
+and ``normal/`` or ``Not Fractured/`` (a popular mirror's names). Every folder below the
+source that holds such a pair is read (mirrors that ship train/val/test folders are pooled,
+since kerasfrac makes its own leakage-safe split). PNG and JPEG files are accepted.
+The dataset has no metadata and no boxes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tfrecords_builder.archive import SourceError, listing
+from tfrecords_builder.candidates import Candidate, Found, files_under, norm_name
+
+FRACTURED = {"fracture", "fractured", "fractures"}
+NORMAL = {"normal", "not_fractured", "non_fractured", "nonfractured"}
+LAYOUT = "class folders fracture/ and normal/ (or Fractured/ and 'Not Fractured/') of PNG/JPEG"
+
+
+def class_folders(folder: Path) -> dict[int, Path]:
+    found = {}
+    for sub in folder.iterdir():
+        if sub.is_dir():
+            name = norm_name(sub.name)
+            if name in FRACTURED:
+                found[1] = sub
+            elif name in NORMAL:
+                found[0] = sub
+    return found
+
+
+def find(top: Path, max_depth: int = 3) -> Found:
+    pairs: list[dict[int, Path]] = []
+    frontier = [top]
+    for _ in range(max_depth + 1):
+        next_frontier = []
+        for folder in frontier:
+            classes = class_folders(folder)
+            if set(classes) == {0, 1}:
+                pairs.append(classes)
+            else:
+                next_frontier.extend(sorted(p for p in folder.iterdir() if p.is_dir()))
+        frontier = next_frontier
+    if not pairs:
+        raise SourceError(
+            f"{str(top)!r} is not a Tibia/Fibula source: expected {LAYOUT}, at the top or up to "
+            f"{max_depth} folders deep, but found: {listing(top)}."
+        )
+    candidates = []
+    for classes in pairs:
+        for label in (1, 0):
+            for path in files_under(classes[label]):
+                rel = path.relative_to(top).as_posix()
+                candidates.append(Candidate(path, rel, rel, label))
+    notes = {
+        "class_folders": [
+            {str(k): v.relative_to(top).as_posix()} for p in pairs for k, v in sorted(p.items())
+        ]
+    }
+    return Found(top, candidates, notes)

@@ -1,0 +1,160 @@
+"""Decode every image fully, once, and sort the good from the bad.
+
+TensorFlow's own decoder is the judge, since it is what reads the records later: a file that
+``tf.io.decode_image`` rejects is quarantined with the reason, never written. Truncated JPEGs
+(which the real FracAtlas has) can be kept with ``recover_truncated``: decoded with
+``try_recover_truncated`` and stored as a lossless PNG re-encode. The header is read first
+(Pillow, lazily) so that a decompression bomb is refused before any pixel is decoded.
+
+Work runs in a thread pool: TF's decode kernels release the GIL, so threads scale over cores
+without a process per worker each importing TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+import re
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import imagehash
+import numpy as np
+import tensorflow as tf
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+DEFAULT_MAX_PIXELS = 60_000_000  # FracAtlas' largest are 2304x2880 = 6.6M pixels
+RECOVER_FRACTION = 0.5  # a recovered JPEG must have at least half of its lines
+
+
+@dataclasses.dataclass
+class Checked:
+    """The outcome for one file: ``reason`` is None when the image is good."""
+
+    path: Path
+    reason: str | None = None
+    sha256: str = ""
+    image_format: str = ""  # format of the bytes to store: jpeg | png
+    height: int = 0
+    width: int = 0
+    channels: int = 0
+    phash: int | None = None  # 64-bit perceptual hash of the decoded image
+    recovered: bytes | None = None  # lossless re-encode of a recovered truncated JPEG
+
+
+def sniff(data: bytes) -> str | None:
+    if data.startswith(JPEG_MAGIC):
+        return "jpeg"
+    if data.startswith(PNG_MAGIC):
+        return "png"
+    return None
+
+
+def perceptual_hash(pixels: np.ndarray) -> int:
+    gray = pixels[..., 0] if pixels.shape[-1] in (1, 2) else pixels[..., :3]
+    return int(str(imagehash.phash(Image.fromarray(gray))), 16)
+
+
+def _header(data: bytes) -> tuple[str | None, int, int, str | None]:
+    """(pillow format, width, height, error) from the header alone, without decoding."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return im.format, im.width, im.height, None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        return None, 0, 0, f"too large (decompression-bomb guard): {err}"
+    except UnidentifiedImageError:
+        return None, 0, 0, "not an image: no known image format (Pillow cannot identify it)"
+    except (OSError, SyntaxError, ValueError) as err:
+        return None, 0, 0, f"not an image: unreadable header ({err})"
+
+
+def check_file(path: Path, recover_truncated: bool, max_pixels: int) -> Checked:
+    out = Checked(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        out.reason = f"unreadable: {err}"
+        return out
+    if not data:
+        out.reason = "empty file (0 bytes)"
+        return out
+    out.sha256 = hashlib.sha256(data).hexdigest()
+    fmt = sniff(data)
+    pil_format, width, height, error = _header(data)
+    if error and error.startswith("too large"):
+        out.reason = error
+        return out
+    if fmt is None:
+        out.reason = (
+            error if error else f"unsupported format {pil_format}: only JPEG and PNG are accepted"
+        )
+        return out
+    if error:
+        out.reason = f"undecodable {fmt}: {error.removeprefix('not an image: ')}"
+        return out
+    if width * height > max_pixels:
+        out.reason = (
+            f"too large: {width}x{height} = {width * height} pixels exceeds --max-pixels "
+            f"{max_pixels} (decompression-bomb guard)"
+        )
+        return out
+    try:
+        pixels = tf.io.decode_image(data, channels=0, expand_animations=False)
+    except tf.errors.InvalidArgumentError as err:
+        first = tf_message(err)
+        recovered = _recover_jpeg(data) if fmt == "jpeg" else None
+        if recovered is None:
+            out.reason = f"undecodable {fmt}: tf.io.decode_image failed ({first})"
+            return out
+        if not recover_truncated:
+            out.reason = (
+                f"truncated JPEG: tf.io.decode_jpeg fails ({first}); "
+                "--recover-truncated keeps it as a lossless re-encode"
+            )
+            return out
+        pixels = recovered
+        fmt = "png"
+        out.recovered = tf.io.encode_png(pixels).numpy()
+    out.image_format = fmt
+    out.height, out.width, out.channels = (int(d) for d in pixels.shape)
+    out.phash = perceptual_hash(pixels.numpy())
+    return out
+
+
+def tf_message(err: Exception) -> str:
+    """TF's error text without its ``{{function_node ...}}`` and ``[Op:...]`` decorations."""
+    text = re.sub(r"\{\{.*?\}\}\s*", "", str(err)).split("[Op:")[0].strip()
+    return (text.splitlines() or [""])[-1][:200]
+
+
+def _recover_jpeg(data: bytes) -> tf.Tensor | None:
+    try:
+        return tf.io.decode_jpeg(
+            data, try_recover_truncated=True, acceptable_fraction=RECOVER_FRACTION
+        )
+    except tf.errors.InvalidArgumentError:
+        return None
+
+
+def check_all(
+    paths: list[Path],
+    recover_truncated: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    workers: int | None = None,
+    progress: bool = True,
+) -> list[Checked]:
+    """Check every file in parallel; results in the order of ``paths``."""
+    workers = workers or os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(lambda p: check_file(p, recover_truncated, max_pixels), paths)
+        return list(
+            tqdm(results, total=len(paths), desc="validate", unit="img", disable=not progress)
+        )
