@@ -1,0 +1,73 @@
+"""Integration: build the real FracAtlas subset in ../shared/data/fracatlas-mini.
+
+Skips with a reason where that folder is absent (users do not have it).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from tfrecords_builder import read_split
+from tfrecords_builder.build import BuildOptions, build
+
+MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fracatlas-mini"
+
+pytestmark = pytest.mark.skipif(
+    not MINI.is_dir(), reason=f"real FracAtlas subset not present at {MINI}"
+)
+
+
+@pytest.fixture(scope="module")
+def mini_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mini") / "fracatlas"
+    return out, build("fracatlas", MINI, out, BuildOptions(progress=False))
+
+
+def test_manifest_matches_folder(mini_build):
+    out, m = mini_build
+    on_disk = {
+        label: sorted(p.name for p in (MINI / "images" / folder).iterdir() if p.is_file())
+        for label, folder in ((1, "Fractured"), (0, "Non_fractured"))
+    }
+    assert m["found"]["fractured"] == len(on_disk[1]) == 168
+    assert m["found"]["normal"] == len(on_disk[0]) == 416
+    for name in ("fractured", "normal", "total"):
+        assert m["accounting"][name]["balanced"]
+    # The subset's truncated JPEGs are exactly what TF rejects; they are quarantined.
+    reasons = {q["file"]: q["reason"] for q in m["quarantined"]}
+    assert reasons and all(r.startswith("truncated JPEG") for r in reasons.values())
+    assert m["written"]["total"] == 584 - len(reasons)
+    # Byte-identical duplicates exist in the subset and each group sits in one split.
+    assert m["duplicate_summary"]["groups"] >= 1
+    splits_of = {}
+    with (out / "index.csv").open() as f:
+        for row in csv.DictReader(f):
+            splits_of[row["file"]] = row["split"]
+    for g in m["duplicate_groups"]:
+        assert len({splits_of[f] for f in g["files"]}) == 1
+
+
+def test_boxes_and_metadata_from_the_real_annotations(mini_build):
+    out, m = mini_build
+    coco = json.loads((MINI / "Annotations" / "COCO JSON" / "COCO_fracture_masks.json").read_text())
+    boxes_per_file = {}
+    ids = {im["id"]: im["file_name"] for im in coco["images"]}
+    for ann in coco["annotations"]:
+        name = ids[ann["image_id"]]
+        boxes_per_file[name] = boxes_per_file.get(name, 0) + 1
+    seen = 0
+    for split in ("train", "val", "test"):
+        for r in read_split(out, split, decode=False).as_numpy_iterator():
+            name = r["image_id"].decode()
+            assert r["boxes"].shape[0] == boxes_per_file.get(name, 0)
+            assert (r["boxes"] >= 0).all() and (r["boxes"] <= 1).all()
+            if r["boxes"].shape[0]:
+                assert (r["boxes"][:, 2] > r["boxes"][:, 0]).all()
+                seen += 1
+            assert r["meta"]["fractured"] in (0, 1)
+    quarantined = {Path(q["file"]).name for q in m["quarantined"]}
+    assert seen == len(set(boxes_per_file) - quarantined) > 100
