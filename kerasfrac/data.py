@@ -1,0 +1,370 @@
+"""tf.data pipelines over the builder's TFRecords: the report's three preprocessing variants.
+
+Elements are ``(image, label)`` with ``image`` float32 [S, S, C] in [0, 1] (C = 1 grayscale,
+3 otherwise) and ``label`` float32 (1 = fractured, 0 = normal); ``make_eval_dataset(...,
+with_ids=True)`` adds the image id for writing predictions.
+
+Training (split "train", ``training=True``), in this order:
+
+    shard files -> interleave -> parse -> [per class: filter] -> decode/grayscale/resize
+      -> cache -> [flip-expand] -> shuffle -> repeat -> sample_from_datasets (50/50)
+      -> [random flip] -> batch -> prefetch
+
+with ``data.oversample`` on (the report: the minority class is upsampled to the majority's
+size); the stream is infinite and an epoch is ``steps_per_epoch`` batches of
+2 x majority-count images (x3 with flip-expand). With oversample off it is the plain train
+split, shuffled, finite. Evaluation (val/test, or ``training=False``): shards read in order,
+no shuffle, no repeat, no augmentation, the same order as ``tfrecords_builder.read_split``.
+
+The pipeline knows no model; the model knows no files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import tensorflow as tf
+
+from tfrecords_builder import schema
+from tfrecords_builder.reader import BuildOutputError, load_manifest, shard_files
+
+AUTOTUNE = tf.data.AUTOTUNE
+FLIPS = ("none", "expand", "random")
+RESIZES = ("stretch", "pad")
+_LABELS = {name: label for label, name in schema.LABEL_NAMES.items()}  # "fractured" -> 1
+
+__all__ = [
+    "BuildOutputError",
+    "check_build",
+    "class_counts",
+    "flip_expand",
+    "image_shape",
+    "make_dataset",
+    "make_eval_dataset",
+    "preprocess",
+    "random_flip",
+    "steps_per_epoch",
+]
+
+
+# --------------------------------------------------------------------------- pure ops
+
+
+def preprocess(
+    encoded: tf.Tensor, image_size: int, grayscale: bool = True, resize: str = "stretch"
+) -> tf.Tensor:
+    """Stored bytes -> float32 [image_size, image_size, 1 or 3] in [0, 1].
+
+    Decode exactly as the builder validated (``schema.decode_image``), scale to [0, 1]
+    (before any arithmetic, so grayscale conversion and resizing work on floats), convert
+    channels (RGB -> luma with ``tf.image.rgb_to_grayscale``; 1-channel kept; alpha dropped),
+    then resize: ``stretch`` squashes to a square as the report did, ``pad`` keeps the aspect
+    ratio and pads with zeros (black). Antialiasing matters: X-rays are shrunk ~5x here.
+    Works eagerly and inside ``Dataset.map`` alike (the channel count is only known at run
+    time in a graph, hence ``tf.cond`` instead of Python ``if``).
+    """
+    if resize not in RESIZES:
+        raise ValueError(f"resize must be one of {RESIZES}; got {resize!r}")
+    image = tf.image.convert_image_dtype(schema.decode_image(encoded), tf.float32)
+    has_color = tf.shape(image)[-1] >= 3
+    if grayscale:
+        image = tf.cond(
+            has_color,
+            lambda: tf.image.rgb_to_grayscale(image[..., :3]),
+            lambda: image[..., :1],
+        )
+        channels = 1
+    else:
+        image = tf.cond(
+            has_color, lambda: image[..., :3], lambda: tf.tile(image[..., :1], [1, 1, 3])
+        )
+        channels = 3
+    image.set_shape([None, None, channels])
+    if resize == "stretch":
+        image = tf.image.resize(image, [image_size, image_size], "bilinear", antialias=True)
+    else:
+        image = tf.image.resize_with_pad(image, image_size, image_size, "bilinear", antialias=True)
+    # Bilinear weights are non-negative, so only float rounding can step outside [0, 1].
+    image = tf.clip_by_value(image, 0.0, 1.0)
+    return tf.ensure_shape(image, [image_size, image_size, channels])
+
+
+def _flips(image: tf.Tensor) -> tf.Tensor:
+    """[3, H, W, C]: the image, its left-right flip, its up-down flip."""
+    return tf.stack([image, tf.image.flip_left_right(image), tf.image.flip_up_down(image)])
+
+
+def flip_expand(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """Each element ``(image, *rest)`` becomes three: as is, flipped left-right, flipped
+    up-down (the report's augmentation, tripling the set); ``rest`` (label, id) is repeated."""
+
+    def expand(image, *rest):
+        return (_flips(image), *(tf.stack([r, r, r]) for r in rest))
+
+    return ds.map(expand, num_parallel_calls=AUTOTUNE).unbatch()
+
+
+def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Flip left-right and (independently) up-down, each with probability 1/2.
+
+    Stateless: the same ``seed`` (int shape [2]) gives the same flips, so a seeded pipeline
+    is reproducible and the op gives the same result eagerly and inside tf.data.
+    """
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=2)
+    image = tf.image.stateless_random_flip_left_right(image, seeds[0])
+    return tf.image.stateless_random_flip_up_down(image, seeds[1])
+
+
+# --------------------------------------------------------------------------- manifest checks
+
+
+def image_shape(data_cfg) -> tuple[int, int, int]:
+    """The model input shape these images have."""
+    return (data_cfg.image_size, data_cfg.image_size, 1 if data_cfg.grayscale else 3)
+
+
+def check_build(
+    build_dir: str | Path, dataset: str | None = None, batch_size: int | None = None
+) -> dict:
+    """Load and check a build's manifest before any heavy work; return it.
+
+    Errors (``BuildOutputError``, a ValueError) name what is wrong and how to fix it: no
+    data dir configured, a missing directory or manifest, a manifest of another dataset than
+    ``dataset``, a ``batch_size`` larger than the training split.
+    """
+    if build_dir is None or str(build_dir) == "":
+        raise BuildOutputError(
+            "no TFRecord directory configured: set data.dir in the config or pass "
+            "--set data.dir=DIR (a directory written by `kerasfrac build`)"
+        )
+    manifest = load_manifest(build_dir)
+    source = manifest.get("source")
+    if dataset is not None and source != dataset:
+        raise BuildOutputError(
+            f"{str(build_dir)!r} holds the {source!r} dataset but the config says "
+            f"dataset={dataset!r}; point data.dir at a {dataset} build or set dataset={source}"
+        )
+    if batch_size is not None:
+        n_train = sum(class_counts(manifest, "train").values())
+        if batch_size > n_train:
+            raise BuildOutputError(
+                f"train.batch_size={batch_size} is larger than the training split of "
+                f"{str(build_dir)!r} ({n_train} images); use a smaller batch size"
+            )
+    return manifest
+
+
+def _resolve_dir(build_dir: str | Path | None, data_cfg) -> Path:
+    """``build_dir``, or ``data_cfg.dir`` when None; empty is an error (Path("") is ".")."""
+    raw = data_cfg.dir if build_dir is None else build_dir
+    if raw is None or str(raw) == "":
+        check_build("")  # raises the "no TFRecord directory configured" error
+    return Path(raw)
+
+
+def class_counts(manifest: dict, split: str) -> dict[int, int]:
+    """``{label: count}`` of ``split`` from the manifest (0 = normal, 1 = fractured)."""
+    try:
+        counts = manifest["splits"][split]
+        return {label: int(counts.get(name, 0)) for name, label in _LABELS.items()}
+    except (KeyError, TypeError, AttributeError) as e:
+        raise BuildOutputError(
+            f"manifest has no per-class counts for split {split!r} (expected "
+            f'"splits": {{"{split}": {{"fractured": n, "normal": n}}}}); rebuild the TFRecords'
+        ) from e
+
+
+def steps_per_epoch(manifest: dict, data_cfg, batch_size: int) -> int | None:
+    """Batches per training epoch with oversampling: ceil(2 x majority (x3 expand) / batch).
+
+    None without oversampling (the finite train split ends the epoch by itself).
+    """
+    if not data_cfg.oversample:
+        return None
+    majority = max(class_counts(manifest, "train").values())
+    factor = 3 if data_cfg.flips == "expand" else 1
+    return math.ceil(2 * majority * factor / batch_size)
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+def _parse(serialized):
+    ex = schema.parse_example(serialized)
+    return ex["encoded"], ex["label"], ex["image_id"]
+
+
+def _records(files: list[str], training: bool) -> tf.data.Dataset:
+    """Serialized records of ``files``.
+
+    Training reads several shards in parallel (I/O bound on network file systems); the
+    interleave is still deterministic because, with caching, the read order is frozen after
+    the first epoch anyway and randomness comes from the seeded shuffles after the cache.
+    Evaluation reads the shards one after the other (cycle_length=1): the order of
+    ``read_split``, so predictions line up with it.
+    """
+    files_ds = tf.data.Dataset.from_tensor_slices(files)
+    cycle = min(len(files), 8) if training else 1
+    if cycle == 1:
+        return files_ds.interleave(tf.data.TFRecordDataset, cycle_length=1)
+    return files_ds.interleave(
+        tf.data.TFRecordDataset, cycle_length=cycle, num_parallel_calls=AUTOTUNE, deterministic=True
+    )
+
+
+def _decode(data_cfg):
+    def fn(encoded, label, image_id):
+        image = preprocess(encoded, data_cfg.image_size, data_cfg.grayscale, data_cfg.resize)
+        return image, tf.cast(label, tf.float32), image_id
+
+    return fn
+
+
+def _cache(ds: tf.data.Dataset, data_cfg, build_dir: Path, manifest: dict, name: str):
+    """Cache decoded, resized images (before augmentation, so flips stay fresh and cheap).
+
+    ``memory``: in RAM (512 px float32 is 1 MiB per image); ``none``: decode every epoch;
+    otherwise a directory of cache files whose names carry a hash of the manifest and the
+    preprocessing settings, so a rebuilt dataset or another image size never reuses a stale
+    cache. Two runs must not fill the same cache files at once (tf.data locks them).
+    """
+    if data_cfg.cache == "none":
+        return ds
+    if data_cfg.cache == "memory":
+        return ds.cache()
+    directory = Path(data_cfg.cache).expanduser()
+    directory.mkdir(parents=True, exist_ok=True)
+    key = json.dumps(
+        [str(build_dir.resolve()), manifest, data_cfg.image_size, data_cfg.grayscale,
+         data_cfg.resize],
+        sort_keys=True,
+    )  # fmt: skip
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return ds.cache(str(directory / f"{name}-{data_cfg.image_size}-{digest}"))
+
+
+def _finish(ds: tf.data.Dataset, batch_size: int, with_ids: bool) -> tf.data.Dataset:
+    if not with_ids:
+        ds = ds.map(lambda image, label, image_id: (image, label))
+    # drop_remainder=False: every image counts in evaluation; the infinite training stream
+    # has no remainder. Prefetch last so the model never waits for the next batch.
+    return ds.batch(batch_size, drop_remainder=False).prefetch(AUTOTUNE)
+
+
+def make_eval_dataset(
+    build_dir: str | Path | None,
+    split: str,
+    data_cfg,
+    batch_size: int,
+    with_ids: bool = False,
+    *,
+    dataset: str | None = None,
+) -> tf.data.Dataset:
+    """Deterministic batches of ``split``: ``(image, label)`` or ``(image, label, image_id)``.
+
+    Same decode/grayscale/resize as training; no oversampling, augmentation, shuffle or
+    repeat; order = ``read_split`` order. ``build_dir`` None means ``data_cfg.dir``.
+    """
+    build_dir = _resolve_dir(build_dir, data_cfg)
+    manifest = check_build(build_dir, dataset)
+    files = shard_files(build_dir, split)
+    n = sum(class_counts(manifest, split).values())
+    ds = _records(files, training=False).map(_parse)
+    # Parallel decode, order kept (deterministic=True), so predictions line up with ids.
+    ds = ds.map(_decode(data_cfg), num_parallel_calls=AUTOTUNE, deterministic=True)
+    # Tells Keras the epoch length (progress bar) and fails loudly if the manifest lies.
+    ds = ds.apply(tf.data.experimental.assert_cardinality(n))
+    ds = _cache(ds, data_cfg, build_dir, manifest, split)
+    return _finish(ds, batch_size, with_ids)
+
+
+def make_dataset(
+    build_dir: str | Path | None,
+    split: str,
+    data_cfg,
+    batch_size: int,
+    seed: int = 0,
+    training: bool | None = None,
+    *,
+    dataset: str | None = None,
+) -> tuple[tf.data.Dataset, int | None]:
+    """``(dataset of (image, label) batches, steps_per_epoch or None)``.
+
+    ``training`` defaults to ``split == "train"``. Training with ``data_cfg.oversample``
+    gives an infinite, class-balanced stream and its steps per epoch; without, the finite
+    shuffled split and None. ``training=False`` gives ``make_eval_dataset`` and None.
+    ``dataset`` (the config's dataset name) is checked against the manifest's source.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive; got {batch_size}")
+    if training is None:
+        training = split == "train"
+    if not training:
+        return make_eval_dataset(build_dir, split, data_cfg, batch_size, dataset=dataset), None
+    if data_cfg.flips not in FLIPS:
+        raise ValueError(f"data.flips must be one of {FLIPS}; got {data_cfg.flips!r}")
+    build_dir = _resolve_dir(build_dir, data_cfg)
+    manifest = check_build(build_dir, dataset)
+    counts = class_counts(manifest, split)
+    n = sum(counts.values())
+    if batch_size > n:
+        raise BuildOutputError(
+            f"train.batch_size={batch_size} is larger than the {split!r} split of "
+            f"{str(build_dir)!r} ({n} images); use a smaller batch size"
+        )
+    files = shard_files(build_dir, split)
+    expand = data_cfg.flips == "expand"
+    buffer = data_cfg.shuffle_buffer
+    decode = _decode(data_cfg)
+
+    if data_cfg.oversample:
+        empty = [schema.LABEL_NAMES[c] for c, k in counts.items() if k == 0]
+        if empty:
+            raise BuildOutputError(
+                f"cannot oversample: the {split!r} split of {str(build_dir)!r} has no "
+                f"{empty[0]!r} images; rebuild with both classes or set data.oversample=false"
+            )
+        streams = []
+        for label in sorted(counts):
+            # Filter on the parsed label BEFORE decoding: each class decodes only its images,
+            # and each class stream gets its own cache (two streams filling one file cache
+            # at once would collide on its lock).
+            s = _records(files, training=True).map(_parse)
+            s = s.filter(lambda e, y, i, label=label: tf.equal(y, label))
+            s = s.map(decode, num_parallel_calls=AUTOTUNE)
+            s = _cache(s, data_cfg, build_dir, manifest, f"{split}-class{label}")
+            # Flip-expand after the cache (3x the images for 1x the memory) and before the
+            # shuffle, so the three versions of an image are spread out, not side by side.
+            if expand:
+                s = flip_expand(s)
+            # Shuffle within the class before repeating: a fresh order every pass, and the
+            # minority class (repeated several times per epoch) is not replayed in one order.
+            s = s.shuffle(buffer, seed=seed + 1 + label, reshuffle_each_iteration=True)
+            streams.append(s.repeat())
+        # 50/50 draws from the two infinite class streams: balanced in expectation, the
+        # report's upsampling of the minority class without storing copies. Infinite, so the
+        # epoch length is explicit: 2 x majority count (x3 with flip-expand) images.
+        ds = tf.data.Dataset.sample_from_datasets(streams, weights=[0.5, 0.5], seed=seed)
+        steps = steps_per_epoch(manifest, data_cfg, batch_size)
+    else:
+        ds = _records(files, training=True).map(_parse)
+        ds = ds.map(decode, num_parallel_calls=AUTOTUNE)
+        ds = _cache(ds, data_cfg, build_dir, manifest, split)
+        if expand:
+            ds = flip_expand(ds)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(n * (3 if expand else 1)))
+        # Seeded, reshuffled every epoch (each epoch iterates the dataset anew).
+        ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+        steps = None
+
+    if data_cfg.flips == "random":
+        # Augment after shuffle/repeat so each pass draws new flips; per-element stateless
+        # seeds from a seeded random stream keep the run reproducible.
+        rng = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip(ds, rng).map(
+            lambda el, s: (random_flip(el[0], s), *el[1:]), num_parallel_calls=AUTOTUNE
+        )
+    return _finish(ds, batch_size, with_ids=False), steps

@@ -1,0 +1,144 @@
+"""Shared fixtures: small TFRecord build directories written through the schema contract.
+
+``make_tfrecord_dir`` writes what ``kerasfrac build`` writes (shards named by
+``schema.shard_name`` plus ``manifest.json``) without needing the builder, so the data, model
+and training tests run on their own. With ``separable=True`` a fractured image has a bright
+vertical bar on a dark noisy background and a normal one has none: a model that learns
+anything separates them (learning checks rely on this).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from tfrecords_builder import schema
+
+Counts = int | dict[str, int | dict[str, int]]
+
+
+def _split_counts(n_per_class_per_split: Counts) -> dict[str, dict[str, int]]:
+    """int -> same count everywhere; {split: n} or {split: {"fractured": n, "normal": m}}."""
+    if isinstance(n_per_class_per_split, int):
+        n_per_class_per_split = {s: n_per_class_per_split for s in schema.SPLITS}
+    counts = {}
+    for split in schema.SPLITS:
+        value = n_per_class_per_split.get(split, 0)
+        if isinstance(value, int):
+            value = {"fractured": value, "normal": value}
+        counts[split] = {"fractured": int(value["fractured"]), "normal": int(value["normal"])}
+    return counts
+
+
+def fixture_image(
+    rng: np.random.Generator, label: int, size: int | tuple[int, int], channels: int = 1,
+    separable: bool = True,
+) -> np.ndarray:  # fmt: skip
+    """uint8 [H, W, C]: dark noise; fractured (label 1, separable) adds a bright vertical bar."""
+    h, w = (size, size) if isinstance(size, int) else size
+    image = rng.integers(0, 90, size=(h, w), dtype=np.uint8)
+    if separable and label == 1:
+        bar = max(1, w // 8)
+        x0 = int(rng.integers(0, w - bar + 1))
+        image[:, x0 : x0 + bar] = 255
+    if channels == 1:
+        return image[..., None]
+    tint = rng.integers(0, 30, size=(h, w, channels), dtype=np.uint8)  # unequal channels
+    out = np.clip(image[..., None].astype(int) + tint, 0, 255).astype(np.uint8)
+    if channels == 4:
+        out[..., 3] = 255
+    return out
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_tfrecord_dir(
+    path: str | Path,
+    n_per_class_per_split: Counts = 8,
+    size: int | tuple[int, int] = 32,
+    source: str = "synthetic",
+    separable: bool = True,
+    *,
+    num_shards: int = 2,
+    channels: int = 1,
+    seed: int = 0,
+) -> Path:
+    """Write a small build directory at ``path`` and return it.
+
+    ``n_per_class_per_split``: an int (that many fractured and normal images in each of
+    train/val/test), or ``{split: n}``, or ``{split: {"fractured": n, "normal": m}}``.
+    ``size``: side or (height, width). Records are written in a seeded shuffled order,
+    round-robin over ``num_shards`` shards per split, with ids like ``train_fractured_0003.png``.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    counts = _split_counts(n_per_class_per_split)
+    h, w = (size, size) if isinstance(size, int) else size
+    manifest = {"source": source, "splits": counts, "shards": {}, "fixture": True}
+    for split in schema.SPLITS:
+        items = [
+            (label, i)
+            for label, name in schema.LABEL_NAMES.items()
+            for i in range(counts[split][name])
+        ]
+        order = rng.permutation(len(items))
+        shards = max(1, min(num_shards, len(items)))
+        names = [schema.shard_name(split, i, shards) for i in range(shards)]
+        writers = [tf.io.TFRecordWriter(str(path / n)) for n in names]
+        for k, idx in enumerate(order):
+            label, i = items[idx]
+            image = fixture_image(rng, label, (h, w), channels, separable)
+            encoded = encode_png(image)
+            image_id = f"{split}_{schema.LABEL_NAMES[label]}_{i:04d}.png"
+            example = schema.make_example(
+                encoded=encoded,
+                image_format="png",
+                height=h,
+                width=w,
+                channels=channels,
+                image_id=image_id,
+                source=source,
+                sha256=hashlib.sha256(encoded).hexdigest(),
+                group=image_id,
+                label=label,
+            )
+            writers[k % shards].write(example.SerializeToString())
+        for writer in writers:
+            writer.close()
+        manifest["shards"][split] = names
+    (path / schema.MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return path
+
+
+@pytest.fixture
+def tfrecord_dir_factory(tmp_path_factory):
+    """``factory(n_per_class_per_split=8, size=32, source="synthetic", separable=True, **kw)``
+    -> a fresh build directory under pytest's tmp dir."""
+
+    def factory(*args, **kwargs) -> Path:
+        return make_tfrecord_dir(tmp_path_factory.mktemp("tfrecords"), *args, **kwargs)
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def separable_tfrecord_dir(tmp_path_factory) -> Path:
+    """A balanced, clearly separable synthetic build: 24 + 24 train, 8 + 8 val/test, 32 px."""
+    return make_tfrecord_dir(
+        tmp_path_factory.mktemp("separable"),
+        {"train": 24, "val": 8, "test": 8},
+        size=32,
+        separable=True,
+    )
