@@ -132,3 +132,13 @@ def test_vgg16_grayscale_flat_graph_and_weights_file(tmp_path):
     np.testing.assert_allclose(
         m.predict(x, verbose=0), rgb.predict(np.repeat(x, 3, axis=-1), verbose=0), rtol=1e-4
     )
+
+
+def test_vgg16_survives_save_and_load(tmp_path):
+    m = model.build_model(ModelConfig("vgg16"), (32, 32, 1))
+    m.save(tmp_path / "model.keras")
+    reloaded = keras.models.load_model(tmp_path / "model.keras")
+    x = np.random.default_rng(3).random((2, 32, 32, 1), dtype="float32")
+    np.testing.assert_allclose(reloaded.predict(x, verbose=0), m.predict(x, verbose=0), rtol=1e-5)
+    sub = keras.Model(reloaded.inputs[0], reloaded.get_layer("block5_conv3").output)
+    assert sub(x).shape == (2, 2, 2, 512)
