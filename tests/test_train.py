@@ -1,0 +1,190 @@
+"""Training: learning on separable data, run-dir artifacts, TensorBoard, resume, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kerasfrac import config, train
+from kerasfrac.cli import main
+
+FAST = {
+    "dataset": "synthetic",
+    "data": {"image_size": 32, "cache": "memory"},
+    "train": {
+        "epochs": 4,
+        "batch_size": 8,
+        "steps_per_epoch": 25,
+        "optimizer": "adam",
+        "learning_rate": 1e-3,
+        "weight_decay": 0.0,
+    },
+}
+
+
+def fast_config(build_dir: Path, run_dir: Path, **train_overrides) -> config.Config:
+    values = json.loads(json.dumps(FAST))
+    values["data"]["dir"] = str(build_dir)
+    values["run_dir"] = str(run_dir)
+    values["train"].update(train_overrides)
+    return config.from_dict(values)
+
+
+def history(run_dir: Path) -> list[dict]:
+    with (run_dir / "history.csv").open() as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, separable_tfrecord_dir):
+    run_dir = tmp_path_factory.mktemp("runs") / "run"
+    metrics = train.train(fast_config(separable_tfrecord_dir, run_dir), verbose=0)
+    return run_dir, metrics
+
+
+def test_learns_separable_data(trained_run):
+    run_dir, metrics = trained_run
+    rows = history(run_dir)
+    assert len(rows) == 4
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert max(r["val_auroc"] for r in rows) > 0.9
+    assert metrics["auroc"] > 0.9
+    assert metrics["accuracy"] > 0.8
+
+
+def test_run_dir_artifacts(trained_run):
+    run_dir, metrics = trained_run
+    for name in (
+        "config.yaml",
+        "model.keras",
+        "history.csv",
+        "predictions.csv",
+        "metrics.json",
+        "checkpoints/last.keras",
+        "checkpoints/best.keras",
+        "checkpoints/state.json",
+    ):
+        assert (run_dir / name).is_file(), name
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert saved["auroc"] == pytest.approx(metrics["auroc"])
+    with (run_dir / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 16 == saved["n"]
+    probs = np.array([float(r["probability"]) for r in rows])
+    labels = np.array([int(r["label"]) for r in rows])
+    assert ((probs >= 0.5) == labels).mean() == pytest.approx(saved["accuracy"])
+    reloaded = config.load_config(run_dir / "config.yaml")
+    assert reloaded.train.epochs == 4 and reloaded.data.image_size == 32
+    assert json.loads((run_dir / "checkpoints" / "state.json").read_text())["finished"]
+
+
+def test_tensorboard_scalars_readable(trained_run):
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    run_dir, _ = trained_run
+    mux = EventMultiplexer()
+    mux.AddRunsFromDirectory(str(run_dir / "tensorboard"))
+    mux.Reload()
+    tags = {run: set(mux.GetAccumulator(run).Tags()["tensors"]) for run in mux.Runs()}
+    assert {"epoch_loss", "epoch_auroc", "epoch_accuracy"} <= tags["train"]
+    assert {"epoch_loss", "epoch_auroc"} <= tags["validation"]
+    assert len(mux.Tensors("validation", "epoch_auroc")) == 4
+    assert "hparams" in tags
+
+
+def test_refuses_finished_run_then_resume_continues(trained_run, separable_tfrecord_dir):
+    run_dir, _ = trained_run
+    cfg = fast_config(separable_tfrecord_dir, run_dir)
+    with pytest.raises(train.RunDirError, match="finished run.*--overwrite"):
+        train.train(cfg, verbose=0)
+    with pytest.raises(train.RunDirError, match="already finished"):
+        train.train(cfg, resume=True, verbose=0)
+
+
+def test_resume_continues_where_it_stopped(tmp_path, separable_tfrecord_dir):
+    run_dir = tmp_path / "run"
+    train.train(fast_config(separable_tfrecord_dir, run_dir, epochs=2), verbose=0)
+    first = history(run_dir)
+    assert [r["epoch"] for r in first] == [0, 1]
+    # Pretend the job was preempted after epoch 2 of 3: state says unfinished.
+    state_file = run_dir / "checkpoints" / "state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "finished": False}))
+    cfg = fast_config(separable_tfrecord_dir, run_dir, epochs=3)
+    with pytest.raises(train.RunDirError, match="--resume"):
+        train.train(cfg, verbose=0)
+    train.train(cfg, resume=True, verbose=0)
+    rows = history(run_dir)
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert rows[:2] == first  # history continues, nothing rewritten
+    assert json.loads(state_file.read_text())["epoch"] == 3
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, separable_tfrecord_dir):
+    cfg = fast_config(
+        separable_tfrecord_dir, tmp_path / "run", epochs=2, learning_rate=1e12, optimizer="sgd"
+    )
+    with pytest.raises(train.TrainingDiverged, match="NaN"):
+        train.train(cfg, verbose=0)
+    assert not (tmp_path / "run" / "model.keras").exists()
+
+
+def test_bad_input_errors_before_training(tmp_path, separable_tfrecord_dir, capsys):
+    with pytest.raises(ValueError, match="does not exist"):
+        train.train(fast_config(tmp_path / "missing", tmp_path / "r1"), verbose=0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="manifest.json"):
+        train.train(fast_config(tmp_path / "empty", tmp_path / "r2"), verbose=0)
+    values = json.loads(json.dumps(FAST))
+    values.update(dataset="fracatlas", run_dir=str(tmp_path / "r3"))
+    values["data"]["dir"] = str(separable_tfrecord_dir)
+    with pytest.raises(ValueError, match="synthetic"):
+        train.train(config.from_dict(values), verbose=0)
+    with pytest.raises(ValueError, match="batch_size=500"):
+        train.train(fast_config(separable_tfrecord_dir, tmp_path / "r4", batch_size=500), verbose=0)
+    assert not any((tmp_path / r).exists() for r in ("r1", "r2", "r3", "r4"))
+    # The CLI turns them into one-line errors and exit code 2.
+    code = main(["train", "--set", "data.image_size=-3", "--run-dir", str(tmp_path / "r5")])
+    assert code == 2
+    assert "data.image_size" in capsys.readouterr().err
+
+
+def test_cli_train_end_to_end(tmp_path, separable_tfrecord_dir):
+    run_dir = tmp_path / "cli-run"
+    args = [
+        "train",
+        "--set",
+        "dataset=synthetic",
+        "--set",
+        f"data.dir={separable_tfrecord_dir}",
+        "--set",
+        "data.image_size=32",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.batch_size=8",
+        "--run-dir",
+        str(run_dir),
+    ]
+    assert main(args) == 0
+    assert (run_dir / "model.keras").is_file() and (run_dir / "metrics.json").is_file()
+    assert main(args) == 2  # finished run: refused without --overwrite
+    assert main([*args, "--overwrite"]) == 0
+
+
+def test_demo_settings_equal_configs_demo_yaml():
+    from kerasfrac import demo
+
+    root = Path(__file__).resolve().parents[1]
+    from_yaml = config.load_config(root / "configs" / "demo.yaml").to_dict()
+    embedded = config.from_dict(demo.DEMO_SETTINGS).to_dict()
+    for key in ("dataset",):
+        assert from_yaml[key] == embedded[key]
+    for section in ("data", "model", "train"):
+        a = {k: v for k, v in from_yaml[section].items() if k != "dir"}
+        b = {k: v for k, v in embedded[section].items() if k != "dir"}
+        assert a == b, section
