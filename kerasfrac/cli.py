@@ -31,7 +31,98 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_train(sub)
     add_demo(sub)
+    add_evaluate(sub)
+    add_report(sub)
+    add_predict(sub)
     return parser
+
+
+def add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="exact metrics with CIs, baseline, thresholds, plots for a run",
+        description="Evaluate a training run on a split: accuracy and loss, AUROC, average "
+        "precision, sensitivity, specificity, balanced accuracy, F1, confusion matrix at 0.5 "
+        "and at the Youden-J threshold chosen on val, the majority baseline, bootstrap 95%% "
+        "CIs and FracAtlas subgroups. Writes metrics.json (metrics_val.json for --split val), "
+        "predictions and plots/ into the run directory and prints a summary.",
+    )
+    p.add_argument("--run-dir", required=True, help="run directory written by `kerasfrac train`")
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--model", help="model file (default RUN_DIR/model.keras)")
+    p.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument(
+        "--recompute", action="store_true", help="predict again even if predictions exist"
+    )
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.set_defaults(func=run_evaluate)
+
+
+def run_evaluate(args) -> int:
+    from kerasfrac import evaluate
+
+    m = evaluate.evaluate_run(
+        args.run_dir, args.split, args.model, n_bootstrap=args.bootstrap, seed=args.seed,
+        recompute=args.recompute, plots=not args.no_plots,
+    )  # fmt: skip
+    print(evaluate.summary(m))
+    print(f"written: {evaluate.metrics_path(args.run_dir, args.split)}")
+    return 0
+
+
+def add_report(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="table over runs: accuracy/loss beside AUROC (CI), AP, sens/spec, baseline",
+        description="One row per run directory (its metrics.json, written by `kerasfrac "
+        "evaluate`): the report's layout (dataset x pipeline: test accuracy and loss) "
+        "extended with AUROC (95%% CI), average precision, sensitivity, specificity and the "
+        "majority baseline. Markdown to stdout (or --out), CSV with --csv.",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", help="write the Markdown table to this file")
+    p.add_argument("--csv", help="also write the table as CSV")
+    p.add_argument(
+        "--paper", action="store_true", help="add the report's published numbers beside ours"
+    )
+    p.add_argument("--paper-results", help="published numbers file (default configs/paper_results.yaml)")
+    p.set_defaults(func=run_report)
+
+
+def run_report(args) -> int:
+    from kerasfrac import report
+
+    return report.main(args)
+
+
+def add_predict(sub) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="apply a saved model to JPEG/PNG/DICOM images",
+        description="Probability of 'fractured' for each image, prepared exactly as the "
+        "evaluation pipeline does (settings from the config.yaml next to the model). DICOM: "
+        "rescale slope/intercept and the first window applied, MONOCHROME1 inverted; no "
+        "patient metadata is copied into any output. Files that are not images are reported "
+        "and skipped.",
+    )
+    p.add_argument("--model", required=True, help="model file (a run's model.keras)")
+    p.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument(
+        "--threshold", type=float,
+        help="call fractured at probability >= T (default: the run's Youden-J threshold in "
+        "metrics.json, else 0.5)",
+    )  # fmt: skip
+    p.add_argument("--csv", help="also write path, probability, class to this CSV")
+    p.set_defaults(func=run_predict)
+
+
+def run_predict(args) -> int:
+    from kerasfrac import predict
+
+    return predict.main(args)
 
 
 def add_train(sub) -> None:

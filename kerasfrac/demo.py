@@ -13,10 +13,10 @@ from pathlib import Path
 #: The demo's run settings: configs/demo.yaml holds the same (checked by a test).
 DEMO_SETTINGS = {
     "dataset": "synthetic",
-    "data": {"image_size": 64},
-    "train": {"epochs": 3, "optimizer": "adam", "learning_rate": 1.0e-3, "weight_decay": 0.0},
+    "data": {"image_size": 64, "flips": "random"},
+    "train": {"epochs": 10, "optimizer": "adam", "learning_rate": 1.0e-3, "weight_decay": 0.0},
 }
-DEMO_DATA = {"count": 600, "fractured_fraction": 0.3, "image_size": 128, "seed": 42}
+DEMO_DATA = {"count": 1000, "fractured_fraction": 0.3, "image_size": 128, "seed": 42}
 
 
 def run(out: str | Path = "demo-out", verbose: int = 1) -> dict:

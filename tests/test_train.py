@@ -176,9 +176,10 @@ def test_cli_train_end_to_end(tmp_path, separable_tfrecord_dir):
     assert main([*args, "--overwrite"]) == 0
 
 
-def test_demo_settings_equal_configs_demo_yaml():
+def test_demo_settings_equal_configs_demo_yaml(monkeypatch):
     from kerasfrac import demo
 
+    monkeypatch.setenv("KERASFRAC_DATA", "/data")
     root = Path(__file__).resolve().parents[1]
     from_yaml = config.load_config(root / "configs" / "demo.yaml").to_dict()
     embedded = config.from_dict(demo.DEMO_SETTINGS).to_dict()
