@@ -50,9 +50,7 @@ def add_evaluate(sub) -> None:
     p.add_argument("--run-dir", required=True, help="run directory written by `kerasfrac train`")
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--model", help="model file (default RUN_DIR/model.keras)")
-    p.add_argument(
-        "--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)"
-    )
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument(
         "--recompute", action="store_true", help="predict again even if predictions exist"
@@ -88,7 +86,9 @@ def add_report(sub) -> None:
     p.add_argument(
         "--paper", action="store_true", help="add the report's published numbers beside ours"
     )
-    p.add_argument("--paper-results", help="published numbers file (default configs/paper_results.yaml)")
+    p.add_argument(
+        "--paper-results", help="published numbers file (default configs/paper_results.yaml)"
+    )
     p.set_defaults(func=run_report)
 
 

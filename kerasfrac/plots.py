@@ -1,0 +1,126 @@
+"""Evaluation plots as PNG files (matplotlib, Agg backend) and as TensorBoard images.
+
+ROC and precision-recall curves with the operating points (threshold 0.5 and the Youden-J
+threshold chosen on val) marked, the confusion matrix, and the training curves of
+history.csv. Each function writes one PNG and returns its path.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn import metrics as skm  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _points(m: dict) -> list[tuple[str, dict]]:
+    pts = [(f"threshold {m['threshold']:.2f}", m)]
+    if m.get("youden"):
+        pts.append((f"Youden-J {m['youden']['threshold']:.3f} (val)", m["youden"]))
+    return pts
+
+
+def roc_plot(path: Path, labels, probs, m: dict) -> Path:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    if m.get("auroc") is not None:
+        fpr, tpr, _ = skm.roc_curve(labels, probs)
+        ax.plot(fpr, tpr, label=f"ROC (AUROC {m['auroc']:.3f})")
+    else:
+        ax.text(0.5, 0.5, "AUROC undefined: one class", ha="center")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="chance")
+    for (name, d), marker in zip(_points(m), "os"):
+        if d["sensitivity"] is not None and d["specificity"] is not None:
+            ax.plot(1 - d["specificity"], d["sensitivity"], marker, ms=8, label=name)
+    ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity",
+           xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), title="ROC")  # fmt: skip
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def pr_plot(path: Path, labels, probs, m: dict) -> Path:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    prevalence = m["counts"]["fractured"] / m["n"]
+    if m.get("average_precision") is not None:
+        precision, recall, _ = skm.precision_recall_curve(labels, probs)
+        ax.plot(recall, precision, label=f"PR (AP {m['average_precision']:.3f})")
+    ax.axhline(prevalence, ls="--", color="grey", label=f"prevalence {prevalence:.2f}")
+    for (name, d), marker in zip(_points(m), "os"):
+        if d["sensitivity"] is not None and d["precision"] is not None:
+            ax.plot(d["sensitivity"], d["precision"], marker, ms=8, label=name)
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision", xlim=(-0.02, 1.02),
+           ylim=(-0.02, 1.02), title="Precision-recall")  # fmt: skip
+    ax.legend(loc="lower left", fontsize=8)
+    return _save(fig, path)
+
+
+def confusion_plot(path: Path, m: dict) -> Path:
+    cm = np.array(m["confusion_matrix"])
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=14,
+                color="white" if v > cm.max() / 2 else "black")  # fmt: skip
+    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["normal", "fractured"],
+           yticklabels=["normal", "fractured"], xlabel="predicted", ylabel="true",
+           title=f"Confusion matrix at {m['threshold']:.2f}")  # fmt: skip
+    return _save(fig, path)
+
+
+def history_plot(path: Path, history_csv: Path) -> Path | None:
+    """Loss, accuracy and AUROC per epoch (train and val); None without a history."""
+    if not Path(history_csv).is_file():
+        return None
+    with Path(history_csv).open() as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return None
+    epochs = [int(float(r.get("epoch", k))) + 1 for k, r in enumerate(rows)]
+    keys = [k for k in ("loss", "accuracy", "auroc") if k in rows[0]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for prefix, label in (("", "train"), ("val_", "val")):
+            if prefix + key in rows[0]:
+                ax.plot(epochs, [float(r[prefix + key]) for r in rows], "o-", label=label)
+        ax.set(xlabel="epoch", title=key)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def log_to_tensorboard(logdir: Path, images: list[Path], step: int = 0) -> None:
+    """Write PNG files as TensorBoard images (one tag per file name)."""
+    import tensorflow as tf
+
+    writer = tf.summary.create_file_writer(str(logdir))
+    with writer.as_default():
+        for p in images:
+            image = tf.io.decode_png(tf.io.read_file(str(p)), channels=4)
+            tf.summary.image(p.stem, image[None], step=step)
+    writer.close()
+
+
+def write_run_plots(run_dir: Path, split: str, labels, probs, m: dict) -> list[Path]:
+    """All plots of one evaluation into run_dir/plots, also logged to the run's TensorBoard."""
+    run_dir = Path(run_dir)
+    out = run_dir / "plots"
+    paths = [
+        roc_plot(out / f"{split}_roc.png", labels, probs, m),
+        pr_plot(out / f"{split}_pr.png", labels, probs, m),
+        confusion_plot(out / f"{split}_confusion.png", m),
+    ]
+    hist = history_plot(out / "training_curves.png", run_dir / "history.csv")
+    if hist is not None:
+        paths.append(hist)
+    log_to_tensorboard(run_dir / "tensorboard" / "evaluation", paths)
+    return paths

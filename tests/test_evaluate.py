@@ -1,0 +1,214 @@
+"""Evaluation: exact metrics against hand-computed cases, bootstrap, thresholds, run dirs."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from kerasfrac import config, evaluate
+from kerasfrac.cli import main
+from tests.conftest import make_tfrecord_dir
+
+# Six images with a tie between a fractured and a normal one at 0.4.
+LABELS = np.array([0, 0, 0, 1, 1, 1])
+PROBS = np.array([0.1, 0.4, 0.6, 0.4, 0.8, 0.9])
+
+
+def test_hand_computed_metrics_with_ties():
+    m = evaluate.metrics(LABELS, PROBS, n_bootstrap=0)
+    # at 0.5: predicted [0, 0, 1, 0, 1, 1] -> TN 2, FP 1, FN 1, TP 2
+    assert m["confusion_matrix"] == [[2, 1], [1, 2]]
+    for key in ("accuracy", "sensitivity", "specificity", "balanced_accuracy", "precision", "f1"):
+        assert m[key] == pytest.approx(2 / 3), key
+    # AUROC: 9 pairs; fractured 0.4 beats 0.1, ties 0.4 (1/2), loses to 0.6; 0.8/0.9 win all
+    assert m["auroc"] == pytest.approx(7.5 / 9)
+    # AP = sum over thresholds of (recall step) x precision: 1/3*1 + 1/3*1 + 1/3*3/5
+    assert m["average_precision"] == pytest.approx(1 / 3 + 1 / 3 + 1 / 5)
+    assert m["counts"] == {"fractured": 3, "normal": 3} and m["n"] == 6
+    assert m["majority_baseline_accuracy"] == 0.5
+    assert m["undefined"] == {}
+    expected_loss = -np.mean(np.log([0.9, 0.6, 0.4, 0.4, 0.8, 0.9]))
+    assert m["loss"] == pytest.approx(expected_loss)
+
+
+def test_loss_by_hand():
+    assert evaluate.bce_loss([1, 0], [0.8, 0.4]) == pytest.approx(
+        -(math.log(0.8) + math.log(0.6)) / 2
+    )
+
+
+def test_youden_threshold_chosen_on_val_applied_to_test():
+    # J per candidate on LABELS/PROBS: 0.9 -> 1/3, 0.8 -> 2/3, 0.6 -> 1/3, 0.4 -> 1/3, 0.1 -> 0
+    assert evaluate.youden_threshold(LABELS, PROBS) == pytest.approx(0.8)
+    test_labels = np.array([0, 1, 1, 0])
+    test_probs = np.array([0.7, 0.85, 0.5, 0.3])
+    m = evaluate.metrics(test_labels, test_probs, val=(LABELS, PROBS), n_bootstrap=0)
+    # at 0.5: predicted [1, 1, 1, 0]
+    assert m["confusion_matrix"] == [[1, 1], [0, 2]]
+    assert (m["sensitivity"], m["specificity"]) == (1.0, 0.5)
+    # at 0.8 (chosen on val): predicted [0, 1, 0, 0]
+    y = m["youden"]
+    assert y["threshold"] == pytest.approx(0.8) and y["chosen_on"] == "val"
+    assert y["confusion_matrix"] == [[2, 0], [1, 1]]
+    assert (y["sensitivity"], y["specificity"], y["accuracy"]) == (0.5, 1.0, 0.75)
+
+
+def test_tied_j_prefers_the_higher_threshold():
+    # both 0.7 and 0.3 give J = 0.5
+    assert evaluate.youden_threshold([0, 1, 0, 1], [0.2, 0.7, 0.5, 0.3]) == pytest.approx(0.7)
+
+
+def test_single_class_split_defined_metrics_and_undefined_list():
+    m = evaluate.metrics([1, 1, 1], [0.2, 0.7, 0.9], val=([1, 1], [0.3, 0.6]), n_bootstrap=200)
+    assert m["accuracy"] == pytest.approx(2 / 3) and m["sensitivity"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(4 / 5)  # 2TP / (2TP + FP + FN) = 4 / 5
+    assert m["average_precision"] == pytest.approx(1.0)
+    assert m["auroc"] is None and m["specificity"] is None and m["balanced_accuracy"] is None
+    assert {"auroc", "specificity", "balanced_accuracy", "youden"} <= set(m["undefined"])
+    assert "no normal" in m["undefined"]["auroc"]
+    assert m["youden"] is None
+    assert m["ci95"]["auroc"] is None and m["ci95"]["specificity"] is None
+    assert m["ci95"]["accuracy"] is not None
+    assert m["majority_baseline_accuracy"] == 1.0 and m["majority_class"] == "fractured"
+    json.dumps(m)  # serialisable
+    text = evaluate.summary({**m, "split": "test"})
+    assert "undefined: auroc" in text
+
+
+def test_bootstrap_reproducible_and_exact_auroc():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 60)
+    probs = np.round(np.clip(labels * 0.3 + rng.random(60) * 0.7, 0, 1), 1)  # many ties
+    a = evaluate.bootstrap_ci(labels, probs, n_resamples=1000, seed=7)
+    b = evaluate.bootstrap_ci(labels, probs, n_resamples=1000, seed=7)
+    c = evaluate.bootstrap_ci(labels, probs, n_resamples=1000, seed=8)
+    assert a == b and a != c
+    assert a["n_resamples"] == 1000 and a["valid"]["accuracy"] == 1000
+    point = roc_auc_score(labels, probs)
+    lo, hi = a["auroc"]
+    assert lo < point < hi and 0 < hi - lo < 0.5
+    # the vectorised AUROC equals scikit-learn's on resampled rows with ties
+    idx = rng.integers(0, 60, size=(5, 60))
+    rows = evaluate._auroc_rows(labels[idx], probs[idx])
+    for k in range(5):
+        assert rows[k] == pytest.approx(roc_auc_score(labels[idx[k]], probs[idx[k]]))
+
+
+def test_subgroups_by_hand():
+    meta = {
+        "hand": np.array([1, 1, 0, 1, 0, -1]),
+        "hardware": np.array([0, 0, 0, 0, 1, 1]),
+        "leg": np.full(6, -1),
+    }
+    g = evaluate.subgroup_metrics(LABELS, PROBS, meta)
+    # hand=1: labels [0, 0, 1], probs [0.1, 0.4, 0.4] -> AUROC (1 + 0.5) / 2
+    assert g["hand=1"]["n"] == 3 and g["hand=1"]["auroc"] == pytest.approx(0.75)
+    assert g["hand=unknown"] == {"n": 1}
+    # hardware=1: both fractured -> AUROC undefined, accuracy 1
+    assert g["hardware=1"]["counts"] == {"fractured": 2, "normal": 0}
+    assert g["hardware=1"]["auroc"] is None and g["hardware=1"]["accuracy"] == 1.0
+    assert not any(k.startswith("leg") for k in g)
+
+
+# --------------------------------------------------------------------------- run directories
+
+
+def make_run(run_dir: Path, build_dir: Path, model_size: int = 32, seed: int = 0) -> Path:
+    """A run dir with an untrained (seeded) paper CNN: enough to test the plumbing."""
+    import keras
+
+    from kerasfrac.model import build_model
+
+    cfg = config.from_dict(
+        {"dataset": "synthetic", "run_dir": str(run_dir),
+         "data": {"dir": str(build_dir), "image_size": 32}, "train": {"batch_size": 8}}
+    )  # fmt: skip
+    run_dir.mkdir(parents=True)
+    cfg.save(run_dir / "config.yaml")
+    keras.utils.set_random_seed(seed)
+    build_model(cfg.model, (model_size, model_size, 1)).save(run_dir / "model.keras")
+    (run_dir / "history.csv").write_text(
+        "epoch,accuracy,auroc,loss,val_accuracy,val_auroc,val_loss\n"
+        "0,0.5,0.5,0.7,0.5,0.5,0.7\n1,0.6,0.7,0.6,0.55,0.6,0.65\n"
+    )
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, separable_tfrecord_dir):
+    return make_run(tmp_path_factory.mktemp("eval") / "run", separable_tfrecord_dir)
+
+
+def test_evaluate_run_writes_everything(run_dir, capsys):
+    assert main(["evaluate", "--run-dir", str(run_dir), "--bootstrap", "1000"]) == 0
+    out = capsys.readouterr().out
+    assert "majority baseline" in out and "AUROC" in out and "Youden-J" in out
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["split"] == "test" and m["n"] == 16 and m["predictions"] == "computed"
+    ids, labels, probs = evaluate.read_predictions(run_dir / "predictions.csv")
+    _, vl, vp = evaluate.read_predictions(run_dir / "predictions_val.csv")
+    assert len(ids) == 16 and len(vl) == 16
+    # metrics are those of the saved predictions; threshold from val applied to test
+    again = evaluate.metrics(labels, probs, val=(vl, vp), n_bootstrap=1000, seed=0)
+    for key in ("accuracy", "auroc", "average_precision", "confusion_matrix", "ci95", "youden"):
+        assert m[key] == again[key], key
+    assert m["youden"]["threshold"] == pytest.approx(evaluate.youden_threshold(vl, vp))
+    assert "subgroups" not in m  # the fixture records carry no FracAtlas metadata
+    for rel in m["plots"]:
+        data = (run_dir / rel).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, rel
+    assert {Path(p).name for p in m["plots"]} == {
+        "test_roc.png",
+        "test_pr.png",
+        "test_confusion.png",
+        "training_curves.png",
+    }
+    assert list((run_dir / "tensorboard" / "evaluation").glob("events.out.tfevents.*"))
+    # second time: predictions are read back, same numbers
+    m2 = evaluate.evaluate_run(run_dir, plots=False, n_bootstrap=1000)
+    assert m2["predictions"] == "read" and m2["ci95"] == m["ci95"]
+
+
+def test_evaluate_val_split_and_tensorboard_images(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    m = evaluate.evaluate_run(run_dir, split="val", n_bootstrap=0)
+    assert (run_dir / "metrics_val.json").is_file() and m["split"] == "val"
+    assert m["youden"] is None or "optimistic" in m["youden"]["chosen_on"]
+    acc = EventAccumulator(
+        str(run_dir / "tensorboard" / "evaluation"), size_guidance={"tensors": 0}
+    )
+    acc.Reload()
+    assert {"val_roc", "val_confusion"} <= set(acc.Tags()["tensors"])
+
+
+def test_bad_input(tmp_path, run_dir, separable_tfrecord_dir, capsys):
+    with pytest.raises(ValueError, match="no config.yaml"):
+        evaluate.evaluate_run(tmp_path)
+    no_model = tmp_path / "no_model"
+    no_model.mkdir()
+    shutil.copy(run_dir / "config.yaml", no_model / "config.yaml")
+    with pytest.raises(ValueError, match="no model at"):
+        evaluate.evaluate_run(no_model)
+    assert main(["evaluate", "--run-dir", str(no_model)]) == 2
+    assert "no model at" in capsys.readouterr().err
+    wrong = make_run(tmp_path / "wrong", separable_tfrecord_dir, model_size=40)
+    with pytest.raises(ValueError, match=r"input \(40, 40, 1\).*\(32, 32, 1\)"):
+        evaluate.evaluate_run(wrong)
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    shutil.copy(other / "predictions_val.csv", other / "predictions.csv")
+    with pytest.raises(ValueError, match="not hold predictions of the 'test' split"):
+        evaluate.evaluate_run(other, plots=False, n_bootstrap=0)
+    m = evaluate.evaluate_run(other, plots=False, n_bootstrap=0, recompute=True)
+    assert m["n"] == 16
+    empty_build = make_tfrecord_dir(tmp_path / "empty_build", {"train": 4, "val": 2, "test": 0})
+    empty = make_run(tmp_path / "empty", empty_build)
+    with pytest.raises(ValueError, match="'test' split .* is empty"):
+        evaluate.evaluate_run(empty)
