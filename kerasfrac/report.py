@@ -1,5 +1,178 @@
-"""Table over runs (placeholder until implemented)."""
+"""A table over evaluated runs: the report's layout (dataset x pipeline: test accuracy and
+loss) extended with AUROC (95% CI), average precision, sensitivity, specificity and the
+majority baseline; optionally the report's published numbers beside ours.
+
+Each run directory needs ``metrics.json`` (``kerasfrac evaluate``; train.py's own, older
+metrics.json also works, with n/a where a metric is missing) and ``config.yaml``, from which
+the pipeline is named: ``augmented`` (data.flips=expand), ``downsized`` (image_size < 512),
+else ``original``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import yaml
+
+PAPER_RESULTS = Path(__file__).resolve().parents[1] / "configs" / "paper_results.yaml"
+
+COLUMNS = (
+    ("dataset", "Dataset"),
+    ("pipeline", "Pipeline"),
+    ("run", "Run"),
+    ("n", "Test images"),
+    ("accuracy", "Accuracy"),
+    ("loss", "Loss"),
+    ("majority_baseline_accuracy", "Majority baseline"),
+    ("auroc", "AUROC [95% CI]"),
+    ("average_precision", "AP"),
+    ("sensitivity", "Sensitivity"),
+    ("specificity", "Specificity"),
+)
+PAPER_COLUMNS = (("paper_accuracy", "Paper accuracy"), ("paper_loss", "Paper loss"))
+
+
+def pipeline_name(cfg: dict) -> str:
+    data = cfg.get("data", {})
+    parts = []
+    if data.get("flips") == "expand":
+        parts.append("augmented")
+    if int(data.get("image_size", 512)) < 512:
+        parts.append("downsized")
+    return "+".join(parts) or "original"
+
+
+def load_paper_results(path: str | Path | None = None) -> dict:
+    path = Path(path) if path else PAPER_RESULTS
+    if not path.is_file():
+        raise ValueError(f"published results file {str(path)!r} does not exist")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def run_row(run_dir: str | Path) -> dict:
+    """One table row (raw numbers) from a run directory's metrics.json and config.yaml."""
+    run_dir = Path(run_dir)
+    metrics_file, config_file = run_dir / "metrics.json", run_dir / "config.yaml"
+    if not metrics_file.is_file():
+        raise ValueError(
+            f"{str(run_dir)!r} has no metrics.json; run `kerasfrac evaluate --run-dir "
+            f"{run_dir}` first"
+        )
+    if not config_file.is_file():
+        raise ValueError(f"{str(run_dir)!r} has no config.yaml: it is not a kerasfrac run")
+    m = json.loads(metrics_file.read_text())
+    if m.get("split", "test") != "test":
+        raise ValueError(
+            f"{str(metrics_file)!r} holds metrics of the {m['split']!r} split, not test; "
+            f"rerun `kerasfrac evaluate --run-dir {run_dir}`"
+        )
+    cfg = yaml.safe_load(config_file.read_text()) or {}
+    ci = (m.get("ci95") or {}).get("auroc")
+    return {
+        "dataset": cfg.get("dataset", "?"),
+        "pipeline": pipeline_name(cfg),
+        "run": run_dir.name,
+        "n": m.get("n"),
+        "accuracy": m.get("accuracy"),
+        "loss": m.get("loss"),
+        "majority_baseline_accuracy": m.get("majority_baseline_accuracy"),
+        "auroc": m.get("auroc"),
+        "auroc_ci_low": ci[0] if ci else None,
+        "auroc_ci_high": ci[1] if ci else None,
+        "average_precision": m.get("average_precision"),
+        "sensitivity": m.get("sensitivity"),
+        "specificity": m.get("specificity"),
+    }
+
+
+def rows(run_dirs, paper: dict | None = None) -> list[dict]:
+    out = []
+    for d in run_dirs:
+        row = run_row(d)
+        if paper is not None:
+            published = paper.get(row["dataset"], {}).get(row["pipeline"], {})
+            row["paper_accuracy"] = published.get("accuracy")
+            row["paper_loss"] = published.get("loss")
+        out.append(row)
+    order = {"original": 0, "augmented": 1, "downsized": 2}
+    return sorted(out, key=lambda r: (r["dataset"], order.get(r["pipeline"], 9), r["run"]))
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _fmt(key: str, row: dict) -> str:
+    x = row.get(key)
+    if key in ("dataset", "pipeline", "run"):
+        return str(x)
+    if x is None:
+        return "n/a"
+    if key == "n":
+        return str(x)
+    if key in ("loss", "paper_loss"):
+        return f"{x:.4f}"
+    if key == "auroc":
+        if row.get("auroc_ci_low") is None:
+            return f"{x:.3f}"
+        return f"{x:.3f} [{row['auroc_ci_low']:.3f}, {row['auroc_ci_high']:.3f}]"
+    if key == "average_precision":
+        return f"{x:.3f}"
+    return _pct(x)
+
+
+def markdown(table: list[dict], paper: bool = False) -> str:
+    cols = COLUMNS + (PAPER_COLUMNS if paper else ())
+    lines = [
+        "| " + " | ".join(title for _, title in cols) + " |",
+        "|" + "|".join("---" if k in ("dataset", "pipeline", "run") else "--:" for k, _ in cols)
+        + "|",
+    ]  # fmt: skip
+    for row in table:
+        lines.append("| " + " | ".join(_fmt(k, row) for k, _ in cols) + " |")
+    below = [r["run"] for r in table if _below(r)]
+    if below:
+        lines.append("")
+        lines.append(
+            "Accuracy at or below the majority baseline (always answering the larger class): "
+            + ", ".join(below)
+            + "."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _below(row: dict) -> bool:
+    a, b = row.get("accuracy"), row.get("majority_baseline_accuracy")
+    return a is not None and b is not None and a <= b
+
+
+def write_csv(path: str | Path, table: list[dict], paper: bool = False) -> None:
+    keys = [
+        "dataset", "pipeline", "run", "n", "accuracy", "loss", "majority_baseline_accuracy",
+        "auroc", "auroc_ci_low", "auroc_ci_high", "average_precision", "sensitivity",
+        "specificity",
+    ] + (["paper_accuracy", "paper_loss"] if paper else [])  # fmt: skip
+    buf = io.StringIO()
+    out = csv.writer(buf)
+    out.writerow(keys)
+    for row in table:
+        out.writerow(["" if row.get(k) is None else row.get(k) for k in keys])
+    Path(path).write_text(buf.getvalue())
 
 
 def main(args) -> int:
-    raise ValueError("kerasfrac report is not implemented yet")
+    paper = load_paper_results(getattr(args, "paper_results", None)) if args.paper else None
+    table = rows(args.run_dirs, paper)
+    text = markdown(table, paper=args.paper)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"written: {args.out}")
+    else:
+        print(text, end="")
+    if args.csv:
+        write_csv(args.csv, table, paper=args.paper)
+        print(f"written: {args.csv}")
+    return 0
