@@ -87,7 +87,7 @@ def add_report(sub) -> None:
         "--paper", action="store_true", help="add the report's published numbers beside ours"
     )
     p.add_argument(
-        "--paper-results", help="published numbers file (default configs/paper_results.yaml)"
+        "--paper-results", help="published numbers (default configs/published/paper_results.yaml)"
     )
     p.set_defaults(func=run_report)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-PAPER_RESULTS = Path(__file__).resolve().parents[1] / "configs" / "paper_results.yaml"
+PAPER_RESULTS = Path(__file__).resolve().parents[1] / "configs" / "published" / "paper_results.yaml"
 
 COLUMNS = (
     ("dataset", "Dataset"),
