@@ -1,5 +1,194 @@
-"""Apply a saved model to new images (placeholder until implemented)."""
+"""Apply a saved model to new images, prepared exactly as the evaluation pipeline does.
+
+Settings (image size, grayscale, resize) come from the ``config.yaml`` next to the model
+(a run directory), and every image goes through ``kerasfrac.data.preprocess``, the function
+the test pipeline maps over the TFRecords, so a file gives the same probability here as in
+``kerasfrac evaluate``. JPEG and PNG (also BMP/GIF, which ``tf.io.decode_image`` reads) are
+passed as their bytes. DICOM is converted to an 8-bit grayscale PNG first (the form of the
+training images): modality LUT (rescale slope/intercept), the first VOI window
+(DICOM PS3.3 C.11.2.1.2 linear function; min-max when none), MONOCHROME1 inverted so bone is
+bright. Only pixels are read from a DICOM: no patient metadata reaches any output. Files that
+are not images are reported and skipped.
+
+The default threshold is the run's Youden-J threshold from metrics.json (``kerasfrac
+evaluate``), else 0.5.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+_MAGIC = (
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"BM", "bmp"),
+    (b"GIF8", "gif"),
+)
+
+
+@dataclass
+class Prediction:
+    path: str
+    probability: float
+    fractured: bool
+
+
+def sniff(data: bytes, path: str | Path = "") -> str | None:
+    """The image format of ``data`` by its magic bytes (dicom by its preamble), or None."""
+    for magic, name in _MAGIC:
+        if data.startswith(magic):
+            return name
+    if data[128:132] == b"DICM" or Path(path).suffix.lower() in (".dcm", ".dicom"):
+        return "dicom"
+    return None
+
+
+def dicom_to_uint8(data: bytes) -> np.ndarray:
+    """DICOM bytes -> uint8 [H, W] (grayscale) or [H, W, 3] (color), display-ready."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    pixels = ds.pixel_array
+    if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+        pixels = pixels[0]
+    if int(getattr(ds, "SamplesPerPixel", 1)) == 3:  # color: scale the stored range to 8 bit
+        bits = int(getattr(ds, "BitsStored", 8))
+        return np.round(pixels.astype(np.float64) / (2**bits - 1) * 255).astype(np.uint8)
+    x = apply_modality_lut(pixels, ds).astype(np.float64)
+    center, width = getattr(ds, "WindowCenter", None), getattr(ds, "WindowWidth", None)
+    if center is not None and width is not None:
+        c = float(center[0] if isinstance(center, pydicom.multival.MultiValue) else center)
+        w = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
+        y = (x - (c - 0.5)) / max(w - 1, 1.0) + 0.5
+    else:
+        lo, hi = float(x.min()), float(x.max())
+        y = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+    y = np.clip(y, 0.0, 1.0)
+    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        y = 1.0 - y  # MONOCHROME1: low values are bright; training X-rays show bone bright
+    return np.round(y * 255).astype(np.uint8)
+
+
+def dicom_to_png(data: bytes) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(dicom_to_uint8(data)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def expand_paths(paths) -> list[Path]:
+    """Files as given, directories walked recursively (sorted, hidden files left out)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        else:
+            out.append(p)
+    return out
+
+
+def load_predictor(model_path: str | Path):
+    """``(cfg, model, threshold, threshold_source)`` of the run that holds ``model_path``."""
+    import keras
+
+    from kerasfrac import data
+    from kerasfrac.config import load_config
+    from kerasfrac.evaluate import check_input_shape
+
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise ValueError(f"model file {str(model_path)!r} does not exist")
+    run_dir = model_path.parent
+    if model_path.parent.name == "checkpoints":
+        run_dir = model_path.parent.parent
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise ValueError(
+            f"no config.yaml next to {str(model_path)!r} (looked in {str(run_dir)!r}); predict "
+            "needs the run's settings (image size, grayscale, resize) to prepare images as in "
+            "training: use a model inside its run directory"
+        )
+    cfg = load_config(config_file)
+    model = keras.saving.load_model(model_path)
+    check_input_shape(model, data.image_shape(cfg.data), model_path)
+    threshold, source = 0.5, "default 0.5 (no Youden-J threshold in the run's metrics.json)"
+    metrics_file = run_dir / "metrics.json"
+    if metrics_file.is_file():
+        youden = json.loads(metrics_file.read_text()).get("youden")
+        if youden and youden.get("threshold") is not None:
+            threshold = float(youden["threshold"])
+            source = f"the run's Youden-J threshold chosen on val ({metrics_file})"
+    return cfg, model, threshold, source
+
+
+def predict_files(
+    model_path, paths, threshold: float | None = None, batch_size: int = 16
+) -> tuple[list[Prediction], list[tuple[str, str]], float, str]:
+    """``(predictions, skipped [(path, reason)], threshold, threshold source)``."""
+    import tensorflow as tf
+
+    from kerasfrac.data import preprocess
+
+    cfg, model, run_threshold, source = load_predictor(model_path)
+    if threshold is None:
+        threshold = run_threshold
+    else:
+        source = "--threshold"
+    prepared, kept, skipped = [], [], []
+    for path in expand_paths(paths):
+        if not path.is_file():
+            skipped.append((str(path), "no such file"))
+            continue
+        data = path.read_bytes()
+        kind = sniff(data, path)
+        if kind is None:
+            skipped.append((str(path), "not an image (JPEG, PNG or DICOM)"))
+            continue
+        try:
+            encoded = dicom_to_png(data) if kind == "dicom" else data
+            image = preprocess(
+                tf.constant(encoded), cfg.data.image_size, cfg.data.grayscale, cfg.data.resize
+            )
+        except Exception as err:  # noqa: BLE001 - any undecodable file is reported, not fatal
+            reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err)
+            skipped.append((str(path), f"cannot decode {kind}: {reason}"))
+            continue
+        prepared.append(image)
+        kept.append(str(path))
+    results = []
+    for start in range(0, len(prepared), batch_size):
+        batch = tf.stack(prepared[start : start + batch_size])
+        probs = np.asarray(model(batch, training=False), dtype=np.float64).reshape(-1)
+        for path, p in zip(kept[start : start + batch_size], probs):
+            results.append(Prediction(path, float(p), bool(p >= threshold)))
+    return results, skipped, threshold, source
 
 
 def main(args) -> int:
-    raise ValueError("kerasfrac predict is not implemented yet")
+    results, skipped, threshold, source = predict_files(args.model, args.paths, args.threshold)
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    print(f"# threshold {threshold:.4f} ({source})")
+    for r in results:
+        label = "fractured" if r.fractured else "normal"
+        print(f"{r.path}\t{r.probability:.6f}\t{label}")
+    if args.csv:
+        with Path(args.csv).open("w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["path", "probability", "class", "threshold"])
+            for r in results:
+                label = "fractured" if r.fractured else "normal"
+                out.writerow([r.path, f"{r.probability:.6f}", label, f"{threshold:.6f}"])
+        print(f"written: {args.csv}")
+    if not results:
+        raise ValueError("no image could be read from the given paths")
+    return 0
