@@ -212,3 +212,46 @@ def test_bad_input(tmp_path, run_dir, separable_tfrecord_dir, capsys):
     empty = make_run(tmp_path / "empty", empty_build)
     with pytest.raises(ValueError, match="'test' split .* is empty"):
         evaluate.evaluate_run(empty)
+
+
+def make_meta_build(path: Path) -> Path:
+    """A build whose test records carry FracAtlas metadata (hand / hardware flags)."""
+    import hashlib
+
+    import tensorflow as tf
+
+    from tests.conftest import encode_png, fixture_image
+    from tfrecords_builder import schema
+
+    make_tfrecord_dir(path, {"train": 4, "val": 4, "test": 0})
+    rng = np.random.default_rng(5)
+    # (label, hand, hardware) for six test images
+    rows = [(1, 1, 1), (1, 1, 0), (0, 1, 0), (0, 0, 0), (1, 0, -1), (0, 0, -1)]
+    with tf.io.TFRecordWriter(str(path / schema.shard_name("test", 0, 1))) as w:
+        for k, (label, hand, hardware) in enumerate(rows):
+            encoded = encode_png(fixture_image(rng, label, 32))
+            w.write(schema.make_example(
+                encoded=encoded, image_format="png", height=32, width=32, channels=1,
+                image_id=f"t{k}.png", source="synthetic", group=f"t{k}",
+                sha256=hashlib.sha256(encoded).hexdigest(), label=label,
+                meta={"hand": hand, "hardware": hardware},
+            ).SerializeToString())  # fmt: skip
+    manifest = json.loads((path / schema.MANIFEST).read_text())
+    manifest["splits"]["test"] = {"fractured": 3, "normal": 3}
+    manifest["shards"]["test"] = [schema.shard_name("test", 0, 1)]
+    (path / schema.MANIFEST).write_text(json.dumps(manifest))
+    return path
+
+
+def test_evaluate_run_subgroups_from_record_metadata(tmp_path):
+    run = make_run(tmp_path / "run", make_meta_build(tmp_path / "build"))
+    m = evaluate.evaluate_run(run, n_bootstrap=0, plots=False)
+    ids, labels, probs = evaluate.read_predictions(run / "predictions.csv")
+    p = dict(zip(ids, probs))
+    g = m["subgroups"]
+    assert g["hand=1"]["n"] == 3 and g["hand=1"]["counts"] == {"fractured": 2, "normal": 1}
+    expected = roc_auc_score([1, 1, 0], [p["t0.png"], p["t1.png"], p["t2.png"]])
+    assert g["hand=1"]["auroc"] == pytest.approx(expected)
+    assert g["hardware=1"]["n"] == 1 and g["hardware=1"]["auroc"] is None
+    assert g["hardware=0"]["n"] == 3 and g["hardware=unknown"] == {"n": 2}
+    assert "subgroup hand=1: n 3" in evaluate.summary(m)
