@@ -142,8 +142,15 @@ def add_train(sub) -> None:
         help="override a config key, e.g. --set train.epochs=1 (repeatable)",
     )
     p.add_argument("--run-dir", help="run directory (overrides run_dir)")
-    p.add_argument(
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument(
         "--resume", action="store_true", help="continue an interrupted run from its last checkpoint"
+    )
+    resume.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="continue the run dir's unfinished run if there is one, else start fresh "
+        "(for requeued Slurm jobs); exit code 75 means SIGTERM arrived and a checkpoint was saved",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.set_defaults(func=run_train)
@@ -160,13 +167,19 @@ def run_train(args) -> int:
     if args.run_dir:
         overrides.append(f"run_dir={args.run_dir}")
     path = args.config
-    if path is None and args.resume and args.run_dir:
+    if path is None and (args.resume or args.auto_resume) and args.run_dir:
         path = str(Path(args.run_dir) / "config.yaml")  # resume with the run's own settings
     cfg = config.load_config(path, overrides)
     print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     from kerasfrac import train
 
-    metrics = train.train(cfg, resume=args.resume, overwrite=args.overwrite)
+    try:
+        metrics = train.train(
+            cfg, resume=args.resume, overwrite=args.overwrite, auto_resume=args.auto_resume
+        )
+    except train.Preempted as err:
+        print(f"kerasfrac train: {err}", file=sys.stderr)
+        return train.Preempted.exit_code
     print(f"test metrics: {metrics}\nrun directory: {cfg.run_dir}")
     return 0
 

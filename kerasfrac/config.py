@@ -66,6 +66,12 @@ class ModelConfig:
     #: like; Keras' own default 0.99 needs ~500 steps before the statistics settle, so short
     #: runs (the report's 5 epochs, the demo) predicted one class at evaluation time.
     bn_momentum: float = 0.9
+    #: With several replicas (GPUs/workers): True = BatchNorm normalises with the statistics of
+    #: the global batch (an all-reduce per BN layer and step), so every worker keeps identical
+    #: moving statistics; False = each replica uses its own local batch (less communication,
+    #: moving statistics differ between workers and the chief's are saved). No effect on one
+    #: device.
+    sync_batchnorm: bool = True
 
 
 @dataclass

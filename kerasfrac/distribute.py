@@ -59,3 +59,11 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
         return True
     task_type, task_id = resolver.task_type, resolver.task_id
     return task_type in (None, "chief") or (task_type == "worker" and task_id == 0)
+
+
+def task_name(strategy: tf.distribute.Strategy) -> str:
+    """'worker:1' under a cluster, 'worker:0' alone (printed beside each worker's results)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return "worker:0"
+    return f"{resolver.task_type}:{resolver.task_id}"

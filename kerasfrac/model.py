@@ -29,7 +29,9 @@ def _head(x) -> tuple:
     return logit, keras.layers.Activation("sigmoid", dtype="float32", name=PROB)(logit)
 
 
-def paper_cnn(input_shape: tuple[int, int, int], bn_momentum: float = 0.9) -> keras.Model:
+def paper_cnn(
+    input_shape: tuple[int, int, int], bn_momentum: float = 0.9, sync_batchnorm: bool = True
+) -> keras.Model:
     """The report's network: 3 x (Conv 3x3 same -> ReLU -> BatchNorm), pools after the first two.
 
     At 512x512x1 it has exactly 2,190,721 parameters (almost all in the Dense layer:
@@ -40,7 +42,9 @@ def paper_cnn(input_shape: tuple[int, int, int], bn_momentum: float = 0.9) -> ke
         layers = [
             keras.layers.Conv2D(filters, 3, strides=1, padding="same", name=f"conv{i}"),
             keras.layers.ReLU(name=f"relu{i}"),
-            keras.layers.BatchNormalization(momentum=bn_momentum, name=f"bn{i}"),
+            keras.layers.BatchNormalization(
+                momentum=bn_momentum, synchronized=sync_batchnorm, name=f"bn{i}"
+            ),
         ]
         if pool:
             layers.append(keras.layers.MaxPool2D(2, name=f"pool{i}"))
@@ -105,19 +109,22 @@ def _weights_file(weights: str) -> Path:
     return path
 
 
-def _build_paper_cnn(input_shape, weights: str, bn_momentum: float = 0.9) -> keras.Model:
+def _build_paper_cnn(
+    input_shape, weights: str, bn_momentum: float = 0.9, sync_batchnorm: bool = True
+) -> keras.Model:
     if weights == "imagenet":
         raise ValueError(
             "paper_cnn has no ImageNet weights; use model.weights=none, a weights file, "
             "or model.name=vgg16"
         )
-    model = paper_cnn(input_shape, bn_momentum)
+    model = paper_cnn(input_shape, bn_momentum, sync_batchnorm)
     if weights != "none":
         model.load_weights(str(_weights_file(weights)))
     return model
 
 
-def _build_vgg16(input_shape, weights: str, bn_momentum: float = 0.9) -> keras.Model:
+def _build_vgg16(input_shape, weights: str, bn_momentum: float = 0.9, sync_batchnorm: bool = True):
+    """VGG16 has no BatchNorm: ``bn_momentum`` and ``sync_batchnorm`` do not apply."""
     if weights == "none":
         return vgg16(input_shape, None)
     if weights == "imagenet":
@@ -141,6 +148,7 @@ def build_model(cfg_model, input_shape: tuple[int, int, int]) -> keras.Model:
         tuple(input_shape),
         getattr(cfg_model, "weights", "none") or "none",
         getattr(cfg_model, "bn_momentum", 0.9),
+        getattr(cfg_model, "sync_batchnorm", True),
     )
 
 

@@ -26,9 +26,13 @@ lr 1e-4 shrinks weights by 2e-5 per step.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -147,22 +151,79 @@ def _log_hparams(run_dir: Path, cfg: Config) -> None:
     writer.close()
 
 
-def train(cfg: Config, resume: bool = False, overwrite: bool = False, verbose: int = 1) -> dict:
-    """Train ``cfg`` into ``cfg.run_dir``; returns the test metrics (also in metrics.json)."""
+class Preempted(RuntimeError):
+    """SIGTERM arrived (Slurm preemption or time limit): a checkpoint was saved first."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again (requeue + --auto-resume continues)
+
+
+class _SigtermFlag:
+    """Turn SIGTERM into a flag that the loop checks after each step (main thread only)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def has_unfinished_run(run_dir: Path) -> bool:
+    state = read_state(run_dir)
+    return bool(state and not state.get("finished"))
+
+
+def weights_digest(model: keras.Model) -> str:
+    """sha256 over all weights: equal digests = bit-identical models (workers in sync)."""
+    h = hashlib.sha256()
+    for w in model.get_weights():
+        h.update(np.ascontiguousarray(w).tobytes())
+    return h.hexdigest()
+
+
+def train(
+    cfg: Config,
+    resume: bool = False,
+    overwrite: bool = False,
+    verbose: int = 1,
+    auto_resume: bool = False,
+) -> dict:
+    """Train ``cfg`` into ``cfg.run_dir``; returns the test metrics (also in metrics.json).
+
+    ``resume`` continues an unfinished run (error if there is none); ``auto_resume`` continues
+    one if there is one and starts fresh otherwise (for requeued Slurm jobs). On SIGTERM the
+    loop saves a checkpoint after the current step and raises ``Preempted``.
+    """
     run_dir = Path(cfg.run_dir)
     t = cfg.train
-    # Cheap checks first: the data and the run dir, before TensorFlow builds anything.
+    # Cheap checks first: the data, before TensorFlow builds anything.
     manifest = data.check_build(cfg.data.dir, cfg.dataset, t.batch_size)
-    state = prepare_run_dir(run_dir, resume, overwrite)
+    # The strategy next: MultiWorkerMirroredStrategy must exist before other TF ops run.
+    strategy = distribute.make_strategy(t.distribute)
+    chief = distribute.is_chief(strategy)
+    task = distribute.task_name(strategy)
+    if auto_resume:
+        resume = has_unfinished_run(run_dir)
+    if chief:
+        state = prepare_run_dir(run_dir, resume, overwrite)
+    else:  # workers only read: the chief owns the run directory
+        state = read_state(run_dir) if resume else None
+    global_batch = t.batch_size * strategy.num_replicas_in_sync
+    data.check_build(cfg.data.dir, cfg.dataset, global_batch)
 
     keras.utils.set_random_seed(t.seed)
     if t.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_global_policy(t.precision)
-    strategy = distribute.make_strategy(t.distribute)
-    chief = distribute.is_chief(strategy)
-    global_batch = t.batch_size * strategy.num_replicas_in_sync
-    data.check_build(cfg.data.dir, cfg.dataset, global_batch)
 
     train_ds, steps = data.make_dataset(
         cfg.data.dir, "train", cfg.data, global_batch, t.seed, training=True, dataset=cfg.dataset
@@ -176,13 +237,20 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, verbose: i
         cfg.data.dir, "val", cfg.data, global_batch, dataset=cfg.dataset
     )
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "checkpoints").mkdir(exist_ok=True)
-    initial_epoch = 0
+    initial_epoch, initial_step, partial = 0, 0, None
+    if chief:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     with strategy.scope():
         if state is not None:
+            if state.get("steps_per_epoch", steps) != steps:
+                raise RunDirError(
+                    f"--resume: the run in {str(run_dir)!r} has {state['steps_per_epoch']} "
+                    f"steps per epoch, this config {steps}; resume with the run's own config."
+                )
             model = keras.saving.load_model(run_dir / "checkpoints" / "last.keras")
-            initial_epoch = int(state["epoch"])
+            initial_epoch, initial_step = int(state["epoch"]), int(state.get("step", 0))
+            if initial_step:
+                partial = _load_partial(run_dir)
         else:
             model = build_model(cfg.model, data.image_shape(cfg.data))
             model.compile(optimizer=make_optimizer(cfg, model), loss="binary_crossentropy")
@@ -192,14 +260,18 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, verbose: i
         if state is None:
             _log_hparams(run_dir, cfg)
 
-    train_iter = iter(strategy.experimental_distribute_dataset(train_ds))
-    dist_val = strategy.experimental_distribute_dataset(val_ds)
-
-    def gathered(results):
-        return tuple(strategy.gather(r, axis=0) for r in results)
+    # The training stream is a pure function of the seed: a resumed run skips the batches
+    # the interrupted one consumed and then sees exactly the batches it would have seen.
+    # DATA sharding: every worker reads the (cached) stream and keeps its share of each
+    # global batch; file sharding could leave a worker without one class in a small split.
+    done = initial_epoch * steps + initial_step
+    train_ds = train_ds.skip(done) if done else train_ds
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    train_iter = iter(strategy.experimental_distribute_dataset(train_ds.with_options(options)))
 
     @tf.function
-    def train_step(iterator):
+    def train_step(iterator, stop_flag):
         def step_fn(images, labels):
             with tf.GradientTape() as tape:
                 probs = tf.cast(model(images, training=True), tf.float32)
@@ -208,18 +280,17 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, verbose: i
                 scaled = optimizer.scale_loss(loss)
             grads = tape.gradient(scaled, model.trainable_variables)
             optimizer.apply(grads, model.trainable_variables)
-            return per_example, tf.reshape(probs, [-1]), labels
+            # Every replica reports whether its worker got SIGTERM, so all stop together.
+            return per_example, tf.reshape(probs, [-1]), labels, tf.reshape(stop_flag, [1])
 
-        return gathered(strategy.run(step_fn, args=next(iterator)))
+        results = strategy.run(step_fn, args=next(iterator))
+        return tuple(strategy.gather(r, axis=0) for r in results)
 
     @tf.function
-    def eval_step(images, labels):
-        def step_fn(images, labels):
-            probs = tf.cast(model(images, training=False), tf.float32)
-            per_example = keras.losses.binary_crossentropy(tf.reshape(labels, [-1, 1]), probs)
-            return per_example, tf.reshape(probs, [-1]), labels
-
-        return gathered(strategy.run(step_fn, args=(images, labels)))
+    def eval_step(images):
+        # Evaluation runs locally on every worker over the whole split (no collectives, so
+        # uneven last batches cannot deadlock workers); it is small next to training.
+        return tf.reshape(tf.cast(model(images, training=False), tf.float32), [-1])
 
     cbs: list[keras.callbacks.Callback] = [keras.callbacks.TerminateOnNaN()]
     best = None
@@ -240,41 +311,59 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, verbose: i
         verbose=verbose, epochs=t.epochs, steps=steps,
     )  # fmt: skip
 
+    def checkpoint(epoch: int, step: int, accum=None) -> None:
+        if chief:
+            _save_checkpoint(run_dir, model, epoch, step, steps, best, accum)
+
     model.stop_training = False
     callbacks.on_train_begin()
     logs: dict = {}
-    for epoch in range(initial_epoch, t.epochs):
-        callbacks.on_epoch_begin(epoch)
-        started = time.perf_counter()
-        losses, probs, labels = [], [], []
-        for step in range(steps):
-            callbacks.on_train_batch_begin(step)
-            per_example, p, y = (r.numpy() for r in train_step(train_iter))
-            losses.append(per_example)
-            probs.append(p)
-            labels.append(y)
-            callbacks.on_train_batch_end(step, {"loss": float(np.mean(per_example))})
-            if model.stop_training:
-                break
-        if model.stop_training:  # TerminateOnNaN: keep the last good checkpoint untouched
-            raise TrainingDiverged(
-                f"loss became NaN/inf in epoch {epoch + 1}, step {step + 1}; training stopped. "
-                f"The last good checkpoint (epoch {epoch}) is in {run_dir / 'checkpoints'}. "
-                "Lower train.learning_rate or check the data."
-            )
-        logs = _epoch_metrics(losses, probs, labels)
-        val = [[], [], []]
-        for images, y in dist_val:
-            for acc, r in zip(val, eval_step(images, y)):
-                acc.append(r.numpy())
-        logs.update(_epoch_metrics(*val, prefix="val_"))
-        logs["images_per_second"] = sum(len(y) for y in labels) / (time.perf_counter() - started)
-        callbacks.on_epoch_end(epoch, logs)
-        if chief:
-            model.save(run_dir / "checkpoints" / "last.keras")
-            _write_state(run_dir, epoch + 1, best, finished=False)
+    with _SigtermFlag() as sigterm:
+        for epoch in range(initial_epoch, t.epochs):
+            callbacks.on_epoch_begin(epoch)
+            started = time.perf_counter()
+            accum = partial if (partial is not None and epoch == initial_epoch) else ([], [], [])
+            first = initial_step if epoch == initial_epoch else 0
+            seen = 0
+            for step in range(first, steps):
+                callbacks.on_train_batch_begin(step)
+                flag = tf.constant(1 if sigterm.raised else 0, tf.int32)
+                per_example, p, y, stop = (r.numpy() for r in train_step(train_iter, flag))
+                for acc, r in zip(accum, (per_example, p, y)):
+                    acc.append(r)
+                seen += len(y)
+                callbacks.on_train_batch_end(step, {"loss": float(np.mean(per_example))})
+                if model.stop_training:  # TerminateOnNaN: the last good checkpoint stays
+                    raise TrainingDiverged(
+                        f"loss became NaN/inf in epoch {epoch + 1}, step {step + 1}; training "
+                        f"stopped. The last good checkpoint is in {run_dir / 'checkpoints'}. "
+                        "Lower train.learning_rate or check the data."
+                    )
+                if stop.any():
+                    checkpoint(epoch, step + 1, accum)
+                    raise Preempted(
+                        f"SIGTERM received: stopped after epoch {epoch + 1}, step {step + 1} "
+                        f"and saved a checkpoint in {run_dir / 'checkpoints'}; continue with "
+                        "--resume (or --auto-resume)."
+                    )
+                every = t.checkpoint_every_steps
+                if every and (epoch * steps + step + 1) % every == 0 and step + 1 < steps:
+                    checkpoint(epoch, step + 1, accum)
+            logs = _epoch_metrics(*accum)
+            val = [[], [], []]
+            for images, y in val_ds:
+                probs = eval_step(images).numpy()
+                val[0].append(_bce(y.numpy(), probs))
+                val[1].append(probs)
+                val[2].append(y.numpy())
+            logs.update(_epoch_metrics(*val, prefix="val_"))
+            logs["images_per_second"] = seen / (time.perf_counter() - started)
+            callbacks.on_epoch_end(epoch, logs)
+            checkpoint(epoch + 1, 0)
     callbacks.on_train_end(logs)
 
+    digest = weights_digest(model)
+    print(f"final weights sha256: {digest} (task {task})", flush=True)
     result = {}
     if chief:
         model.save(run_dir / "model.keras")
@@ -285,13 +374,52 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, verbose: i
         evaluate.write_predictions(run_dir / "predictions.csv", ids, y, p)
         result = {"split": "test", **evaluate.metrics(y, p)}
         (run_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-        _write_state(run_dir, t.epochs, best, finished=True)
+        _write_state(run_dir, t.epochs, 0, steps, best, finished=True, digest=digest)
     return result
 
 
-def _write_state(run_dir: Path, epoch: int, best, finished: bool) -> None:
-    value = None if best is None or not np.isfinite(best.best) else float(best.best)
-    state = {"epoch": epoch, "best_val_auroc": value, "finished": finished}
+def _bce(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Per-example binary cross-entropy with Keras' clipping (epsilon 1e-7)."""
+    p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
+    y = labels.astype(np.float64)
+    return -(y * np.log(p) + (1 - y) * np.log(1 - p))
+
+
+def _save_checkpoint(run_dir, model, epoch, step, steps, best, accum) -> None:
+    """last.keras (+ the in-progress epoch's predictions when mid-epoch), then state.json.
+
+    Each file is written beside its final name and renamed into place, and state.json goes
+    last: a job killed while saving leaves the previous consistent checkpoint.
+    """
+    ckpt = run_dir / "checkpoints"
+    tmp = ckpt / "last.tmp.keras"
+    model.save(tmp)
+    os.replace(tmp, ckpt / "last.keras")
+    if step:
+        arrays = {f"{name}_{i}": a for name, parts in zip(("loss", "prob", "label"), accum)
+                  for i, a in enumerate(parts)}  # fmt: skip
+        with open(ckpt / "partial.tmp.npz", "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(ckpt / "partial.tmp.npz", ckpt / "partial_epoch.npz")
+    _write_state(run_dir, epoch, step, steps, best, finished=False)
+
+
+def _load_partial(run_dir: Path) -> tuple[list, list, list]:
+    with np.load(run_dir / "checkpoints" / "partial_epoch.npz") as z:
+        parts = {name: [] for name in ("loss", "prob", "label")}
+        for key in sorted(z.files, key=lambda k: (k.split("_")[0], int(k.split("_")[1]))):
+            parts[key.split("_")[0]].append(z[key])
+    return parts["loss"], parts["prob"], parts["label"]
+
+
+def _write_state(run_dir, epoch, step, steps, best, finished, digest=None) -> None:
+    # ModelCheckpoint.best is None until the first epoch ends, +-inf in some Keras versions.
+    value = getattr(best, "best", None)
+    value = float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+    state = {"epoch": epoch, "step": step, "steps_per_epoch": steps, "best_val_auroc": value,
+             "finished": finished}  # fmt: skip
+    if digest:
+        state["weights_sha256"] = digest
     path = _state_path(run_dir)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(state) + "\n")
