@@ -117,26 +117,35 @@ conda)
     ;;
 esac
 
-# kf_run COMMAND [ARGS...]: run one command in the configured environment (same arguments,
-# same exit code, in every mode).
-kf_run() {
+# kf_exec COMMAND [ARGS...]: replace this shell by COMMAND run in the configured environment
+# (so signals sent to this process reach COMMAND itself).
+kf_exec() {
     if [[ $KERASFRAC_ENV == singularity ]]; then
         # shellcheck disable=SC2086
-        singularity exec --nv $KERASFRAC_SINGULARITY_ARGS --overlay "$KERASFRAC_OVERLAY:ro" \
-            "$KERASFRAC_SIF" /bin/bash -c "source /ext3/env.sh; $(printf '%q ' "$@")"
-    else
-        "$@"
+        exec singularity exec --nv $KERASFRAC_SINGULARITY_ARGS --overlay "$KERASFRAC_OVERLAY:ro" \
+            "$KERASFRAC_SIF" /bin/bash -c "source /ext3/env.sh; exec $(printf '%q ' "$@")"
     fi
+    exec "$@"
 }
 
-# kf_train COMMAND [ARGS...]: run a training command so that a SIGTERM (Slurm preemption, or
-# `#SBATCH --signal=B:TERM@...` before the time limit) reaches it while this shell waits, then
-# requeue the job if training exited with 75 (checkpoint saved after SIGTERM): with --requeue
-# and --auto-resume the job continues where it stopped. At most KERASFRAC_MAX_REQUEUES (default
-# 20) requeues. Returns training's exit code.
+# kf_run COMMAND [ARGS...]: run one command in the configured environment (same arguments,
+# same exit code, in every mode).
+kf_run() { (kf_exec "$@"); }
+
+# kf_train [--host] COMMAND [ARGS...]: run a training command like kf_run (--host: as it is, on
+# the host, e.g. `srun ... bash sbatch/env.sh kerasfrac train ...`), so that a SIGTERM to this
+# shell (Slurm preemption, or `#SBATCH --signal=B:TERM@...` before the time limit) reaches it,
+# then requeue the job if training exited with 75 (checkpoint saved after SIGTERM): with
+# --requeue and --auto-resume the job continues where it stopped. At most
+# KERASFRAC_MAX_REQUEUES (default 20) requeues. Returns training's exit code.
 kf_train() {
     local child rc _kf_signalled=0
-    "$@" &
+    if [[ ${1:-} == --host ]]; then
+        shift
+        "$@" &
+    else
+        kf_exec "$@" & # the background subshell execs: $! is the command itself
+    fi
     child=$!
     trap '_kf_signalled=1; kill -TERM "$child" 2>/dev/null' TERM
     trap '_kf_signalled=1; kill -INT "$child" 2>/dev/null' INT
@@ -182,5 +191,5 @@ kf_banner() {
 # Executed rather than sourced (`bash sbatch/env.sh CMD ...`, e.g. under srun): run CMD.
 if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
     set -euo pipefail
-    kf_run "$@"
+    kf_exec "$@"
 fi
