@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate(sub)
     add_report(sub)
     add_predict(sub)
+    add_explain(sub)
     return parser
 
 
@@ -195,6 +196,68 @@ def _run_demo(out) -> int:
 
     demo.run(out)
     return 0
+
+
+def add_explain(sub) -> None:
+    p = sub.add_parser(
+        "explain",
+        help="what the model looks at: class visualization, feature maps, Grad-CAM, audit",
+        description="Look inside a trained run: class visualization by gradient ascent on the "
+        "pixels (from noise and from real images), feature maps of each conv block, Grad-CAM "
+        "overlays, and the shortcut audit over a split: the share of Grad-CAM mass in the "
+        "image border band and corners per class, and for datasets with fracture boxes the "
+        "pointing game (hit rate vs chance, mass inside the boxes). PNGs and explain.json go "
+        "to --out (default RUN_DIR/explain); the PNGs also to RUN_DIR/tensorboard/explain.",
+    )
+    p.add_argument("--run-dir", required=True, help="run directory written by `kerasfrac train`")
+    p.add_argument("--model", help="model file (default RUN_DIR/model.keras)")
+    p.add_argument("--split", choices=("test", "val", "train"), default="test")
+    p.add_argument(
+        "--images", nargs="+", metavar="FILE",
+        help="image files for the figures (default: images of the split)",
+    )  # fmt: skip
+    p.add_argument(
+        "--what", default="class-vis,feature-maps,grad-cam,audit",
+        help="comma-separated parts (default: all of class-vis,feature-maps,grad-cam,audit)",
+    )  # fmt: skip
+    p.add_argument("--out", help="output folder (default RUN_DIR/explain)")
+    p.add_argument("--n-images", type=int, default=8, help="images in the figures (default 8)")
+    p.add_argument(
+        "--vis-images", type=int, default=2,
+        help="real images also used as ascent starts (default 2)",
+    )  # fmt: skip
+    p.add_argument("--layer", help="Grad-CAM layer (default: the last conv block)")
+    p.add_argument("--cam-method", choices=("gradcam", "hirescam"), default="gradcam")
+    p.add_argument(
+        "--cam-target", choices=("label", "predicted", "fractured", "normal"), default="label",
+        help="class each map explains (default: the image's label)",
+    )  # fmt: skip
+    p.add_argument("--feature-layers", help="comma-separated layers (default: conv block outputs)")
+    p.add_argument("--max-channels", type=int, default=16, help="channels per feature-map row")
+    p.add_argument(
+        "--border", type=float, default=0.1, help="border band width, fraction of side (0.1)"
+    )
+    p.add_argument("--corner", type=float, default=0.25, help="corner square, fraction (0.25)")
+    p.add_argument(
+        "--tolerance", type=float, default=0.0, help="pointing game: grow boxes by N pixels"
+    )
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=100, help="ascent steps (default 100)")
+    p.add_argument(
+        "--step-size", type=float, default=0.01, help="ascent RMS change per pixel and step"
+    )
+    p.add_argument("--l2", type=float, default=0.0, help="ascent L2 penalty weight")
+    p.add_argument("--jitter", type=int, default=0, help="ascent random shift, pixels")
+    p.add_argument("--blur-every", type=int, default=0, help="blur every N ascent steps")
+    p.add_argument("--blur-sigma", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_explain)
+
+
+def run_explain(args) -> int:
+    from kerasfrac import explain
+
+    return explain.main(args)
 
 
 def main(argv: list[str] | None = None) -> int:

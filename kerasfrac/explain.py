@@ -1,0 +1,675 @@
+"""What a trained model looks at: class visualization, feature maps, Grad-CAM figures and the
+shortcut audit of ``kerasfrac explain`` (PNGs + ``explain.json``, also in TensorBoard).
+
+Small pure pieces (keras-io ``visualizing_what_convnets_learn``):
+
+* ``ascent_step`` (a ``tf.function``): one step of gradient ascent on the input pixels, the
+  gradient L2-normalised, BatchNorm in inference mode, the weights untouched;
+  ``visualize_class`` loops it from noise or a real image (jitter, blur and L2 regularisers
+  optional) and records the logit before and after every step; ``deprocess_image`` turns
+  the result into a displayable uint8 image.
+* ``feature_model`` / ``feature_maps``: a sub-model from ``model.inputs`` to the conv block
+  outputs (fresh or reloaded models alike).
+* Grad-CAM and the audit numbers live in ``kerasfrac.gradcam``.
+
+``explain_run`` ties them to a run directory: the run's config prepares the images exactly
+as training did, figures go to ``OUT`` (default ``RUN_DIR/explain``) and to
+``RUN_DIR/tensorboard/explain``, numbers to ``OUT/explain.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import keras
+import matplotlib
+import numpy as np
+import tensorflow as tf
+
+from kerasfrac import gradcam
+from kerasfrac.gradcam import layer_output
+from kerasfrac.model import block_output_names, logit_layer_name
+
+matplotlib.use("Agg")  # files only; never a display
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import patches  # noqa: E402
+
+WHAT = ("class-vis", "feature-maps", "grad-cam", "audit")
+CLASS_SIGN = {"fractured": 1.0, "normal": -1.0}
+
+
+# --------------------------------------------------------------------------- class visualization
+
+
+def logit_model(model: keras.Model) -> keras.Model:
+    """Sub-model input -> pre-sigmoid logit [B, 1] (shares the weights)."""
+    return keras.Model(model.inputs[0], layer_output(model, logit_layer_name(model)))
+
+
+def _gaussian_kernel(sigma: float, channels: int) -> tf.Tensor:
+    radius = max(1, int(math.ceil(2 * sigma)))
+    x = np.arange(-radius, radius + 1, dtype=np.float32)
+    k1 = np.exp(-0.5 * (x / sigma) ** 2)
+    k1 /= k1.sum()
+    k2 = np.outer(k1, k1)[:, :, None, None]
+    return tf.constant(np.tile(k2, (1, 1, channels, 1)), tf.float32)
+
+
+def blur(image: tf.Tensor, sigma: float) -> tf.Tensor:
+    """Gaussian blur of [B, H, W, C] (reflect-padded, per channel)."""
+    kernel = _gaussian_kernel(sigma, int(image.shape[-1]))
+    r = (int(kernel.shape[0]) - 1) // 2
+    padded = tf.pad(image, [[0, 0], [r, r], [r, r], [0, 0]], mode="REFLECT")
+    return tf.nn.depthwise_conv2d(padded, kernel, [1, 1, 1, 1], "VALID")
+
+
+def make_ascent_step(model: keras.Model):
+    """``step(image, sign, step_size, l2) -> (new_image, logit_before)`` as a tf.function.
+
+    Objective: ``sign * logit - l2 * mean((image - 0.5)^2)``. The gradient is L2-normalised
+    over the whole image and scaled by sqrt(pixels), so ``step_size`` is the RMS change per
+    pixel and means the same at every image size. The result is clipped to [0, 1] (the range
+    the model was trained on). ``sign`` +1 drives the logit up ("fractured"), -1 down.
+    """
+    lm = logit_model(model)
+    n_pixels = float(np.prod(model.inputs[0].shape[1:]))
+
+    @tf.function(reduce_retracing=True)
+    def step(image, sign, step_size, l2):
+        with tf.GradientTape() as tape:
+            tape.watch(image)
+            logit = tf.cast(lm(image, training=False)[:, 0], tf.float32)
+            objective = sign * tf.reduce_mean(logit) - l2 * tf.reduce_mean(tf.square(image - 0.5))
+        grads = tape.gradient(objective, image)
+        grads = tf.math.l2_normalize(grads) * tf.sqrt(n_pixels)
+        return tf.clip_by_value(image + step_size * grads, 0.0, 1.0), logit
+
+    return step
+
+
+@dataclass
+class AscentOptions:
+    steps: int = 100
+    step_size: float = 0.01
+    l2: float = 0.0
+    jitter: int = 0  # random shift (pixels) before each step, undone after
+    blur_every: int = 0  # blur the image every N steps (0: never)
+    blur_sigma: float = 0.5
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.steps < 1 or self.step_size <= 0:
+            raise ValueError(
+                f"ascent needs steps >= 1 and step_size > 0; got steps={self.steps}, "
+                f"step_size={self.step_size}"
+            )
+        if self.l2 < 0 or self.jitter < 0 or self.blur_every < 0 or self.blur_sigma <= 0:
+            raise ValueError(
+                f"ascent regularisers must be non-negative (blur_sigma positive); got "
+                f"l2={self.l2}, jitter={self.jitter}, blur_every={self.blur_every}, "
+                f"blur_sigma={self.blur_sigma}"
+            )
+
+
+@dataclass
+class ClassVis:
+    target: str
+    start: np.ndarray  # [H, W, C] float in [0, 1]
+    result: np.ndarray
+    logits: np.ndarray  # [steps + 1]: before the first step ... after the last
+
+    @property
+    def logit_before(self) -> float:
+        return float(self.logits[0])
+
+    @property
+    def logit_after(self) -> float:
+        return float(self.logits[-1])
+
+
+def noise_image(shape, seed: int = 0) -> np.ndarray:
+    """Gray noise around 0.5 (a start for ascent from nothing)."""
+    rng = np.random.default_rng(seed)
+    return (0.5 + 0.1 * rng.uniform(-1, 1, size=shape)).astype(np.float32)
+
+
+def visualize_class(
+    model: keras.Model,
+    target: str = "fractured",
+    start: np.ndarray | None = None,
+    opts: AscentOptions | None = None,
+    step=None,
+) -> ClassVis:
+    """Gradient ascent on the pixels of ``start`` (default: noise) towards ``target``.
+
+    The weights are not changed (only the image is a variable of the ascent). ``step``: a
+    step from ``make_ascent_step(model)`` to reuse across calls (avoids retracing).
+    """
+    opts = opts or AscentOptions()
+    opts.check()
+    if target not in CLASS_SIGN:
+        raise ValueError(f"class-vis target must be one of {tuple(CLASS_SIGN)}; got {target!r}")
+    shape = tuple(model.inputs[0].shape[1:])
+    if start is None:
+        start = noise_image(shape, opts.seed)
+    start = np.asarray(start, np.float32)
+    if start.shape != shape:
+        raise ValueError(f"start image has shape {start.shape}; the model takes {shape}")
+    step = step or make_ascent_step(model)
+    lm = logit_model(model)
+    rng = np.random.default_rng(opts.seed)
+    image = tf.constant(start[None])
+    sign = tf.constant(CLASS_SIGN[target])
+    size, l2 = tf.constant(opts.step_size), tf.constant(opts.l2)
+    # Without jitter or blur the step's own logit (of the image before it) is the record;
+    # with them the image changes outside the step, so each result is scored separately.
+    exact = not opts.jitter and not opts.blur_every
+    logits = [] if exact else [float(lm(image, training=False)[0, 0])]
+    for i in range(opts.steps):
+        shift = (
+            [int(v) for v in rng.integers(-opts.jitter, opts.jitter + 1, 2)]
+            if opts.jitter
+            else None
+        )
+        if shift:
+            image = tf.roll(image, shift=shift, axis=[1, 2])
+        image, logit = step(image, sign, size, l2)
+        if shift:
+            image = tf.roll(image, shift=[-shift[0], -shift[1]], axis=[1, 2])
+        if opts.blur_every and (i + 1) % opts.blur_every == 0:
+            image = blur(image, opts.blur_sigma)
+        if exact:
+            logits.append(float(logit[0]))
+        else:
+            logits.append(float(lm(image, training=False)[0, 0]))
+    if exact:
+        logits.append(float(lm(image, training=False)[0, 0]))
+    return ClassVis(target, start, image.numpy()[0], np.array(logits, np.float64))
+
+
+def deprocess_image(image: np.ndarray, stretch: bool = True) -> np.ndarray:
+    """float [H, W, C] -> uint8 [H, W] (grayscale) or [H, W, 3] for display.
+
+    ``stretch`` (keras-io): centre on the mean, scale to std 0.15 around gray 0.5, clip, so
+    that faint patterns grown from noise become visible; otherwise clip [0, 1] as is.
+    """
+    x = np.asarray(image, np.float64)
+    if stretch:
+        x = (x - x.mean()) / (x.std() + 1e-5) * 0.15 + 0.5
+    x = np.clip(x, 0.0, 1.0)
+    x = (x * 255).round().astype(np.uint8)
+    return x[..., 0] if x.shape[-1] == 1 else x
+
+
+# --------------------------------------------------------------------------- feature maps
+
+
+def feature_model(model: keras.Model, names: list[str] | None = None) -> keras.Model:
+    """Sub-model input -> [output of each named layer] (default: every conv block output)."""
+    names = list(names or block_output_names(model))
+    if not names:
+        raise ValueError(f"model {model.name!r} has no convolutional blocks to show")
+    outputs = [layer_output(model, n) for n in names]
+    return keras.Model(model.inputs[0], outputs, name="feature_maps")
+
+
+def feature_maps(model: keras.Model, images, names: list[str] | None = None) -> dict:
+    """``{layer name: float32 [B, h, w, K]}`` for a batch of images (inference mode)."""
+    names = list(names or block_output_names(model))
+    outs = feature_model(model, names)(tf.convert_to_tensor(images, tf.float32), training=False)
+    if not isinstance(outs, list | tuple):
+        outs = [outs]
+    return {n: np.asarray(o, np.float32) for n, o in zip(names, outs)}
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _save(fig, path: Path, **adjust) -> Path:
+    # Fixed margins instead of bbox_inches="tight": the tight box draws every figure twice,
+    # which doubled the time of the feature-map grids (hundreds of axes).
+    fig.subplots_adjust(**{"left": 0.02, "right": 0.98, "bottom": 0.03, "top": 0.9, **adjust})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _show(ax, image, title: str = "", stretch: bool = False, **kw) -> None:
+    ax.imshow(deprocess_image(image, stretch), cmap="gray", vmin=0, vmax=255, **kw)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def class_vis_figure(path: Path, rows: list[tuple[str, ClassVis]]) -> Path:
+    """One row per ascent: start | result | result - start | logit per step."""
+    fig, axes = plt.subplots(len(rows), 4, figsize=(11, 2.8 * len(rows)), squeeze=False)
+    for (label, vis), ax in zip(rows, axes):
+        _show(ax[0], vis.start, f"{label}\nstart, logit {vis.logit_before:+.2f}")
+        _show(ax[1], vis.result, f"-> {vis.target}, logit {vis.logit_after:+.2f}", stretch=True)
+        diff = (vis.result - vis.start)[..., 0] if vis.result.shape[-1] == 1 else (
+            (vis.result - vis.start).mean(-1))  # fmt: skip
+        lim = float(np.abs(diff).max()) or 1.0
+        ax[2].imshow(diff, cmap="coolwarm", vmin=-lim, vmax=lim)
+        ax[2].set_title("change (red brighter)", fontsize=8)
+        ax[2].axis("off")
+        ax[3].plot(vis.logits)
+        ax[3].set(xlabel="step", ylabel="logit")
+        ax[3].tick_params(labelsize=7)
+    return _save(fig, path, wspace=0.3, hspace=0.6, bottom=0.06)
+
+
+def feature_maps_figure(
+    path: Path, layer: str, images, maps: np.ndarray, titles: list[str], max_channels: int = 16
+) -> Path:
+    """Rows = images; columns = the input and the ``max_channels`` most active channels."""
+    k = min(max_channels, maps.shape[-1])
+    fig, axes = plt.subplots(
+        len(images), k + 1, figsize=(1.3 * (k + 1), 1.5 * len(images)), squeeze=False
+    )
+    for img, fmap, title, ax in zip(images, maps, titles, axes):
+        _show(ax[0], img, title)
+        order = np.argsort(-fmap.mean(axis=(0, 1)))[:k]
+        for j, c in enumerate(order):
+            ax[j + 1].imshow(fmap[..., c], cmap="viridis")
+            ax[j + 1].set_title(f"{layer}:{c}", fontsize=6)
+            ax[j + 1].axis("off")
+        for j in range(len(order) + 1, k + 1):
+            ax[j].axis("off")
+    return _save(fig, path, wspace=0.15, hspace=0.45)
+
+
+def _draw_boxes(ax, boxes, shape) -> None:
+    h, w = shape
+    for ymin, xmin, ymax, xmax in np.asarray(boxes).reshape(-1, 4):
+        ax.add_patch(
+            patches.Rectangle(
+                (xmin * w - 0.5, ymin * h - 0.5),
+                (xmax - xmin) * w,
+                (ymax - ymin) * h,
+                fill=False,
+                edgecolor="lime",
+                linewidth=1.2,
+            )  # fmt: skip
+        )
+
+
+def grad_cam_figure(path: Path, images, cams, titles, boxes=None) -> Path:
+    """Per image: the image (boxes in green) | Grad-CAM overlay with its maximum marked."""
+    n = len(images)
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, 2 * cols, figsize=(2.6 * 2 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (img, cam, title) in enumerate(zip(images, cams, titles)):
+        a0, a1 = axes[i // cols, 2 * (i % cols)], axes[i // cols, 2 * (i % cols) + 1]
+        _show(a0, img, title)
+        _show(a1, img, "Grad-CAM")
+        peak = float(cam.max())
+        a1.imshow(cam / peak if peak > 0 else cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        if peak > 0:
+            y, x = np.unravel_index(int(np.argmax(cam)), cam.shape)
+            a1.plot([x], [y], "w+", markersize=10, markeredgewidth=2)
+        if boxes is not None and boxes[i] is not None:
+            _draw_boxes(a0, boxes[i], cam.shape)
+            _draw_boxes(a1, boxes[i], cam.shape)
+    return _save(fig, path, wspace=0.15, hspace=0.45)
+
+
+def mean_cam_figure(path: Path, means: dict[str, np.ndarray], border: float) -> Path:
+    """The average (per-image normalised) Grad-CAM per class, the border band outlined."""
+    fig, axes = plt.subplots(1, len(means), figsize=(3.4 * len(means), 3.4), squeeze=False)
+    for ax, (name, m) in zip(axes[0], means.items()):
+        ax.imshow(m, cmap="jet")
+        h, w = m.shape
+        by, bx = max(1, round(border * h)), max(1, round(border * w))
+        ax.add_patch(
+            patches.Rectangle((bx - 0.5, by - 0.5), w - 2 * bx, h - 2 * by,
+                              fill=False, edgecolor="white", linestyle="--")
+        )  # fmt: skip
+        ax.set_title(f"mean Grad-CAM: {name}", fontsize=9)
+        ax.axis("off")
+    return _save(fig, path, wspace=0.15, hspace=0.45)
+
+
+# --------------------------------------------------------------------------- images to explain
+
+
+@dataclass
+class Example:
+    image: np.ndarray  # [S, S, C] float in [0, 1]
+    image_id: str
+    label: int  # 1 fractured, 0 normal, -1 unknown (a file given with --images)
+    boxes: np.ndarray | None = None  # [N, 4] normalised in the input frame
+
+
+def load_image_files(paths, data_cfg, log=print) -> list[Example]:
+    """Decode and prepare image files like the evaluation pipeline; undecodable files are
+    reported (through ``log``) and skipped."""
+    from kerasfrac.data import preprocess
+
+    out = []
+    for p in paths:
+        p = Path(p)
+        try:
+            encoded = tf.io.read_file(str(p))
+            image = preprocess(encoded, data_cfg.image_size, data_cfg.grayscale, data_cfg.resize)
+        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, ValueError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            log(f"skipped {str(p)!r}: cannot decode it as an image ({reason[:120]})")
+            continue
+        out.append(Example(image.numpy(), p.name, -1))
+    return out
+
+
+def split_batches(data_cfg, build_dir, split: str, batch_size: int = 16):
+    """Batches of ``(images, labels, ids, boxes)`` of a split in read order; ``boxes`` is a
+    list of [N, 4] arrays in the model's input frame (mapped through ``data.resize``)."""
+    from kerasfrac.data import preprocess
+    from tfrecords_builder.reader import read_split
+
+    def prep(ex):
+        image = preprocess(ex["encoded"], data_cfg.image_size, data_cfg.grayscale, data_cfg.resize)
+        return image, ex["label"], ex["image_id"], ex["boxes"], ex["height"], ex["width"]
+
+    ds = read_split(build_dir, split, decode=False)
+    ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    for images, labels, ids, boxes, heights, widths in ds.ragged_batch(batch_size):
+        frame_boxes = [
+            gradcam.boxes_to_input_frame(
+                b.numpy(), int(h), int(w), data_cfg.image_size, data_cfg.resize
+            )
+            for b, h, w in zip(boxes, heights.numpy(), widths.numpy())
+        ]
+        yield (
+            images.numpy(),
+            labels.numpy().astype(int),
+            [i.decode() for i in ids.numpy()],
+            frame_boxes,
+        )
+
+
+def pick_examples(data_cfg, build_dir, split: str, n: int) -> list[Example]:
+    """The first ``n`` images of a split, half fractured (those with boxes first) and half
+    normal where the split has them."""
+    fractured, boxed, normal = [], [], []
+    for images, labels, ids, boxes in split_batches(data_cfg, build_dir, split, 32):
+        for img, y, i, b in zip(images, labels, ids, boxes):
+            ex = Example(img, i, int(y), b if len(b) else None)
+            (normal if y == 0 else boxed if len(b) else fractured).append(ex)
+        if len(boxed) >= n and len(normal) >= n:
+            break
+    pos = (boxed + fractured)[: max(n - n // 2, n - len(normal))]
+    return pos + normal[: n - len(pos)]
+
+
+# --------------------------------------------------------------------------- the command
+
+
+@dataclass
+class ExplainOptions:
+    split: str = "test"
+    what: tuple[str, ...] = WHAT
+    n_images: int = 8  # images in the figures (from the split unless image files are given)
+    vis_images: int = 2  # real images used as ascent starts
+    cam_layer: str | None = None  # default: the last conv block
+    cam_method: str = "gradcam"
+    cam_target: str = "label"  # label | predicted | fractured | normal
+    feature_layers: list[str] | None = None  # default: every conv block output
+    max_channels: int = 16
+    border: float = 0.1  # border band width, fraction of the side
+    corner: float = 0.25  # corner square side, fraction of the side
+    tolerance: float = 0.0  # pointing game: boxes grown by this many pixels
+    batch_size: int = 16
+    ascent: AscentOptions = field(default_factory=AscentOptions)
+
+    def check(self) -> None:
+        unknown = [w for w in self.what if w not in WHAT]
+        if unknown or not self.what:
+            raise ValueError(
+                f"--what {','.join(self.what)!r}: unknown part {unknown[0] if unknown else ''!r};"
+                f" choose a comma-separated subset of {','.join(WHAT)}"
+            )
+        if self.cam_method not in gradcam.METHODS:
+            raise ValueError(
+                f"cam method must be one of {gradcam.METHODS}; got {self.cam_method!r}"
+            )
+        if self.cam_target not in gradcam.TARGETS:
+            raise ValueError(
+                f"cam target must be one of {gradcam.TARGETS}; got {self.cam_target!r}"
+            )
+        if self.n_images < 1 or self.batch_size < 1:
+            raise ValueError("n_images and batch_size must be >= 1")
+        gradcam.border_mask((8, 8), self.border)
+        gradcam.corner_masks((8, 8), self.corner)
+        self.ascent.check()
+
+
+def _title(ex: Example, prob: float | None = None) -> str:
+    name = {1: "fractured", 0: "normal", -1: "?"}[ex.label]
+    p = "" if prob is None else f" p={prob:.2f}"
+    return f"{ex.image_id[:18]}\n{name}{p}"
+
+
+def _signs(target: str, labels, logits) -> np.ndarray:
+    labels = np.asarray(labels)
+    if target == "label" and (labels < 0).any():  # files without labels: their prediction
+        lab = gradcam.target_signs("label", np.maximum(labels, 0))
+        pred = gradcam.target_signs("predicted", labels, logits)
+        return np.where(labels < 0, pred, lab).astype(np.float32)
+    return gradcam.target_signs(target, labels, logits)
+
+
+def _cams(cam: gradcam.GradCam, images, labels, target: str) -> tuple[np.ndarray, np.ndarray]:
+    """Maps and logits of a batch, for the target chosen per image."""
+    logits = None
+    if target == "predicted" or (target == "label" and (np.asarray(labels) < 0).any()):
+        cam(images, 1.0)
+        logits = cam.last_logits
+    maps = cam(images, _signs(target, labels, logits))
+    return maps, cam.last_logits
+
+
+def audit_split(
+    model, data_cfg, build_dir, split: str, opts: ExplainOptions, cam: gradcam.GradCam = None
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """The audit block of explain.json and the mean normalised map per class."""
+    cam = cam or gradcam.GradCam(model, opts.cam_layer, opts.cam_method)
+    shape = (data_cfg.image_size, data_cfg.image_size)
+    audit = gradcam.Audit(shape, opts.border, opts.corner, opts.tolerance)
+    sums = {"fractured": np.zeros(shape), "normal": np.zeros(shape)}
+    counts = {"fractured": 0, "normal": 0}
+    has_boxes = False
+    for images, labels, ids, boxes in split_batches(data_cfg, build_dir, split, opts.batch_size):
+        maps, _ = _cams(cam, images, labels, opts.cam_target)
+        for m, y, i, b in zip(maps, labels, ids, boxes):
+            has_boxes |= len(b) > 0
+            audit.add(m, int(y), b if len(b) else None, i)
+            if m.max() > 0:
+                key = "fractured" if y == 1 else "normal"
+                sums[key] += m / m.sum()
+                counts[key] += 1
+    result = audit.result(has_boxes)
+    result.update(
+        split=split, cam_layer=cam.layer_name, cam_method=opts.cam_method,
+        cam_target=opts.cam_target,
+    )  # fmt: skip
+    means = {k: sums[k] / counts[k] for k in sums if counts[k]}
+    return result, means
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def summary(result: dict) -> str:
+    """Human-readable lines of the audit block."""
+    lines = [
+        f"Grad-CAM audit ({result['cam_method']} on {result['cam_layer']}, {result['split']} "
+        f"split, {result['n_images']} images, {result['n_zero_maps']} all-zero maps):",
+        f"  border share (outer {result['border_width']:.0%} band; uniform map "
+        f"{result['border_share_uniform']:.3f}): all {_fmt(result['border_share'])}"
+        + "".join(f", {name} {_fmt(c['border_share'])}" for name, c in result["per_class"].items()),
+        "  corner shares (uniform "
+        f"{result['corner_share_uniform']:.3f}): "
+        + ", ".join(f"{k} {_fmt(v)}" for k, v in result["corner_shares"].items()),
+    ]
+    pg = result["pointing_game"]
+    if not pg["available"]:
+        lines.append(f"  pointing game: not available: {pg['reason']}")
+    else:
+        lines.append(
+            f"  pointing game ({pg['n_played']} fractured images with boxes): hit rate "
+            f"{_fmt(pg['hit_rate'])} vs chance {_fmt(pg['chance_rate'])}; Grad-CAM mass in "
+            f"boxes {_fmt(pg['box_mass_share'])}"
+        )
+    return "\n".join(lines)
+
+
+def explain_run(
+    run_dir: str | Path,
+    opts: ExplainOptions | None = None,
+    image_files: list[str] | None = None,
+    out: str | Path | None = None,
+    model_path: str | Path | None = None,
+    log=print,
+) -> dict:
+    """Run the chosen parts on a run directory; return what explain.json holds."""
+    from kerasfrac.evaluate import load_run_model
+    from kerasfrac.plots import log_to_tensorboard
+
+    opts = opts or ExplainOptions()
+    opts.check()
+    run_dir = Path(run_dir)
+    cfg, model, path = load_run_model(run_dir, model_path)
+    weights_before = [w.copy() for w in model.get_weights()] if "class-vis" in opts.what else None
+    out = Path(out) if out else run_dir / "explain"
+    out.mkdir(parents=True, exist_ok=True)
+    build_dir = cfg.data.dir
+
+    needs_examples = {"class-vis", "feature-maps", "grad-cam"} & set(opts.what)
+    examples: list[Example] = []
+    if needs_examples:
+        if image_files:
+            examples = load_image_files(image_files, cfg.data, log)
+            if not examples:
+                raise ValueError(
+                    f"none of the {len(image_files)} --images files could be decoded; pass "
+                    "JPEG/PNG/BMP/GIF files"
+                )
+            examples = examples[: max(opts.n_images, len(examples))]
+        else:
+            examples = pick_examples(cfg.data, build_dir, opts.split, opts.n_images)
+    result: dict = {
+        "run_dir": str(run_dir),
+        "model": str(path),
+        "options": {k: v for k, v in asdict(opts).items() if k != "ascent"},
+        "images": [e.image_id for e in examples],
+    }
+    pngs: list[Path] = []
+    images = np.stack([e.image for e in examples]) if examples else None
+    cam = None
+    if {"grad-cam", "audit"} & set(opts.what):
+        cam = gradcam.GradCam(model, opts.cam_layer, opts.cam_method)
+
+    if "class-vis" in opts.what:
+        step = make_ascent_step(model)
+        rows, vis_json = [], []
+        starts = [(None, "noise")] + [(e.image, e.image_id) for e in examples[: opts.vis_images]]
+        for start, name in starts:
+            for target in ("fractured", "normal"):
+                vis = visualize_class(model, target, start, opts.ascent, step)
+                rows.append((name[:24], vis))
+                vis_json.append(
+                    {"start": name, "target": target, "logit_before": vis.logit_before,
+                     "logit_after": vis.logit_after}
+                )  # fmt: skip
+        pngs.append(class_vis_figure(out / "class_vis.png", rows))
+        result["class_vis"] = {"ascent": asdict(opts.ascent), "runs": vis_json}
+        changed = any(not np.array_equal(a, b) for a, b in zip(weights_before, model.get_weights()))
+        if changed:  # pragma: no cover - a bug guard, not a user error
+            raise RuntimeError("class visualization changed the model weights")
+
+    if "feature-maps" in opts.what:
+        shown = examples[: min(len(examples), 4)]
+        maps = feature_maps(model, np.stack([e.image for e in shown]), opts.feature_layers)
+        for name, m in maps.items():
+            pngs.append(
+                feature_maps_figure(
+                    out / f"feature_maps_{name}.png",
+                    name,
+                    [e.image for e in shown],
+                    m,
+                    [_title(e) for e in shown],
+                    opts.max_channels,
+                )  # fmt: skip
+            )
+        result["feature_maps"] = {n: list(m.shape[1:]) for n, m in maps.items()}
+
+    if "grad-cam" in opts.what:
+        maps, logits = _cams(cam, images, [e.label for e in examples], opts.cam_target)
+        probs = 1 / (1 + np.exp(-logits))
+        pngs.append(
+            grad_cam_figure(
+                out / "grad_cam.png",
+                images,
+                maps,
+                [_title(e, p) for e, p in zip(examples, probs)],
+                [e.boxes for e in examples],
+            )  # fmt: skip
+        )
+
+    if "audit" in opts.what:
+        audit, means = audit_split(model, cfg.data, build_dir, opts.split, opts, cam)
+        result["audit"] = audit
+        if means:
+            pngs.append(mean_cam_figure(out / "grad_cam_mean.png", means, opts.border))
+        log(summary(audit))
+
+    if pngs:
+        log_to_tensorboard(run_dir / "tensorboard" / "explain", pngs)
+    result["figures"] = [str(p) for p in pngs]
+    json_path = out / "explain.json"
+    json_path.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
+    result["json"] = str(json_path)
+    return result
+
+
+def _json_default(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, tuple | Path):
+        return list(x) if isinstance(x, tuple) else str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def options_from_args(args) -> ExplainOptions:
+    what = tuple(w.strip() for w in args.what.split(",") if w.strip())
+    return ExplainOptions(
+        split=args.split, what=what, n_images=args.n_images, vis_images=args.vis_images,
+        cam_layer=args.layer, cam_method=args.cam_method, cam_target=args.cam_target,
+        feature_layers=args.feature_layers.split(",") if args.feature_layers else None,
+        max_channels=args.max_channels, border=args.border, corner=args.corner,
+        tolerance=args.tolerance, batch_size=args.batch_size,
+        ascent=AscentOptions(
+            steps=args.steps, step_size=args.step_size, l2=args.l2, jitter=args.jitter,
+            blur_every=args.blur_every, blur_sigma=args.blur_sigma, seed=args.seed,
+        ),
+    )  # fmt: skip
+
+
+def main(args) -> int:
+    """``kerasfrac explain``: see ``cli.add_explain``."""
+    result = explain_run(
+        args.run_dir, options_from_args(args), args.images, args.out, args.model,
+        log=lambda m: print(m, file=sys.stderr if m.startswith("skipped") else sys.stdout),
+    )  # fmt: skip
+    for f in result["figures"]:
+        print(f"figure: {f}")
+    print(f"written: {result['json']}")
+    return 0

@@ -1,0 +1,331 @@
+"""Grad-CAM heatmaps and the numbers read off them: border share and the pointing game.
+
+Grad-CAM (Selvaraju et al. 2017) on a convolutional block's output ``A`` [h, w, K]: the
+gradient of the pre-sigmoid logit (signed by the target class: + for "fractured", - for
+"normal") with respect to ``A``, averaged over positions, weights the channels; the map is
+the ReLU of the weighted channel sum, upsampled bilinearly to the input size. ``hirescam``
+(Draelos & Carin 2020) multiplies gradient and activation per position instead of averaging
+the gradient first; for a Flatten -> Dense head (paper_cnn) it is exactly each position's
+contribution to the logit, whereas Grad-CAM's averaged weights forget where the Dense layer
+looks. Both are computed with the weights fixed and BatchNorm in inference mode.
+
+The audit numbers are pure numpy on the upsampled maps:
+
+* ``border_share``: the share of a map's mass in the outer band of ``width`` x side on each
+  edge (uniform-map baseline ``1 - (1 - 2 width)^2``); ``corner_shares``: mass in each
+  ``corner`` x side corner square (where burnt-in markers and letters sit).
+* pointing game (Zhang et al. 2016): a hit when the map's maximum lies inside an annotated
+  box (optionally grown by ``tolerance`` pixels); chance = the boxes' share of the image;
+  ``box_mass_share``: the map's mass inside the boxes.
+
+Maps that are zero everywhere (the ReLU removed all evidence) carry no location: they are
+counted and left out of the averages.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kerasfrac.model import LOGIT, last_conv_block_name, logit_layer_name
+
+METHODS = ("gradcam", "hirescam")
+TARGETS = ("label", "predicted", "fractured", "normal")
+CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
+
+
+def find_layer(model: keras.Model, name: str) -> keras.layers.Layer:
+    """``model.get_layer(name)`` with an error that lists the layers there are."""
+    names = [layer.name for layer in model.layers]
+    if name not in names:
+        raise ValueError(
+            f"model {model.name!r} has no layer named {name!r}; its layers are: {', '.join(names)}"
+        )
+    return model.get_layer(name)
+
+
+def graph_outputs(model: keras.Model) -> dict:
+    """``{layer name: its output tensor}`` on the graph from ``model.inputs`` to
+    ``model.outputs``.
+
+    ``model.get_layer(name).output`` is the layer's FIRST call, which for a Sequential
+    reloaded with ``keras.saving.load_model`` (Keras 3.15) is a dead-end branch created while
+    rebuilding: a sub-model to it runs, but the logit does not depend on it (Grad-CAM
+    gradients come back None). Walking back from the model's outputs finds the tensors the
+    model really computes with, for fresh and reloaded models alike.
+    """
+    found: dict = {}
+    stack = list(model.outputs)
+    seen = set()
+    while stack:
+        tensor = stack.pop()
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        history = getattr(tensor, "_keras_history", None)
+        if history is None:
+            continue
+        operation, node_index, _ = history
+        found.setdefault(operation.name, tensor)
+        node = operation._inbound_nodes[node_index]
+        stack.extend(node.input_tensors)
+    return found
+
+
+def layer_output(model: keras.Model, name: str):
+    """The output tensor of layer ``name`` in the model's own graph (see ``graph_outputs``);
+    an unknown name is an error listing the layers."""
+    layer = find_layer(model, name)
+    return graph_outputs(model).get(name, layer.output)
+
+
+def cam_model(model: keras.Model, layer_name: str | None = None) -> keras.Model:
+    """Sub-model: input -> (output of ``layer_name``, pre-sigmoid logit).
+
+    ``layer_name`` None: the last convolutional block (``model.last_conv_block_name``). Built
+    from ``model.inputs`` so it shares the weights and works on a reloaded model.
+    """
+    name = layer_name or last_conv_block_name(model)
+    layer = find_layer(model, name)
+    if len(layer.output.shape) != 4:
+        raise ValueError(
+            f"layer {name!r} outputs shape {tuple(layer.output.shape)}, not a 4-D feature map; "
+            "Grad-CAM needs a convolutional layer such as "
+            f"{', '.join(_block_names(model)) or 'a Conv2D'}"
+        )
+    outputs = graph_outputs(model)
+    fmap = outputs.get(name, layer.output)
+    logit = outputs.get(logit_layer_name(model), model.get_layer(LOGIT).output)
+    return keras.Model(model.inputs[0], [fmap, logit], name=f"cam_{name}")
+
+
+def _block_names(model) -> list[str]:
+    from kerasfrac.model import block_output_names
+
+    return block_output_names(model)
+
+
+class GradCam:
+    """Heatmaps of one model and layer; call with a batch of images and target signs.
+
+    ``cam(images, signs)`` -> float32 numpy [B, H, W], non-negative, not normalised (the
+    shares are ratios, so the scale does not matter). ``signs``: +1 explains "fractured",
+    -1 explains "normal". Also returns the logits: ``cam.last_logits``.
+    """
+
+    def __init__(self, model: keras.Model, layer_name: str | None = None, method: str = "gradcam"):
+        if method not in METHODS:
+            raise ValueError(f"unknown CAM method {method!r}; expected one of {METHODS}")
+        self.layer_name = layer_name or last_conv_block_name(model)
+        self.model = cam_model(model, self.layer_name)
+        self.method = method
+        self.input_hw = tuple(model.inputs[0].shape[1:3])
+        self.last_logits: np.ndarray | None = None
+        self._fn = tf.function(self._cam, reduce_retracing=True)
+
+    def _cam(self, images, signs):
+        with tf.GradientTape() as tape:
+            fmap, logit = self.model(images, training=False)
+            fmap = tf.cast(fmap, tf.float32)
+            tape.watch(fmap)
+            logit = tf.cast(logit[:, 0], tf.float32)
+            # Examples are independent in inference mode: the gradient of the sum gives each
+            # example's own gradient.
+            target = tf.reduce_sum(signs * logit)
+        grads = tape.gradient(target, fmap)
+        if self.method == "gradcam":
+            weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+            cam = tf.reduce_sum(weights * fmap, axis=-1)
+        else:
+            cam = tf.reduce_sum(grads * fmap, axis=-1)
+        cam = tf.nn.relu(cam)[..., None]
+        cam = tf.image.resize(cam, self.input_hw, method="bilinear")[..., 0]
+        return tf.nn.relu(cam), logit  # bilinear keeps >= 0; relu guards rounding
+
+    def __call__(self, images, signs) -> np.ndarray:
+        images = tf.convert_to_tensor(images, tf.float32)
+        signs = tf.broadcast_to(tf.convert_to_tensor(signs, tf.float32), [tf.shape(images)[0]])
+        cam, logit = self._fn(images, signs)
+        self.last_logits = logit.numpy()
+        return cam.numpy()
+
+
+def target_signs(target: str, labels, logits=None) -> np.ndarray:
+    """+1 / -1 per image: explain "fractured" or "normal" (``TARGETS``)."""
+    labels = np.asarray(labels)
+    if target == "label":
+        return np.where(labels == 1, 1.0, -1.0).astype(np.float32)
+    if target == "predicted":
+        if logits is None:
+            raise ValueError("target 'predicted' needs the logits")
+        return np.where(np.asarray(logits) >= 0, 1.0, -1.0).astype(np.float32)
+    if target == "fractured":
+        return np.ones(len(labels), np.float32)
+    if target == "normal":
+        return -np.ones(len(labels), np.float32)
+    raise ValueError(f"unknown Grad-CAM target {target!r}; expected one of {TARGETS}")
+
+
+# --------------------------------------------------------------------------- pure numbers
+
+
+def _check_fraction(name: str, value: float, upper: float) -> None:
+    if not (isinstance(value, int | float) and 0 < value <= upper):
+        raise ValueError(f"{name}={value!r}: expected a fraction of the image side in (0, {upper}]")
+
+
+def border_mask(shape: tuple[int, int], width: float) -> np.ndarray:
+    """bool [H, W]: True in the outer band of ``width`` x side (rounded, at least 1 px)."""
+    _check_fraction("border width", width, 0.5)
+    h, w = shape
+    by, bx = max(1, round(width * h)), max(1, round(width * w))
+    mask = np.ones((h, w), bool)
+    mask[by : h - by, bx : w - bx] = False
+    return mask
+
+
+def corner_masks(shape: tuple[int, int], size: float) -> dict[str, np.ndarray]:
+    """bool [H, W] per corner (``CORNERS``): the square of ``size`` x side in that corner."""
+    _check_fraction("corner size", size, 0.5)
+    h, w = shape
+    cy, cx = max(1, round(size * h)), max(1, round(size * w))
+    masks = {}
+    for name in CORNERS:
+        m = np.zeros((h, w), bool)
+        rows = slice(0, cy) if name.startswith("top") else slice(h - cy, h)
+        cols = slice(0, cx) if name.endswith("left") else slice(w - cx, w)
+        m[rows, cols] = True
+        masks[name] = m
+    return masks
+
+
+def mass_share(cam: np.ndarray, mask: np.ndarray) -> float:
+    """Share of the map's mass under ``mask`` (nan for an all-zero map)."""
+    total = float(cam.sum())
+    return float(cam[mask].sum()) / total if total > 0 else math.nan
+
+
+def boxes_to_input_frame(
+    boxes, height: int, width: int, image_size: int, resize: str = "stretch"
+) -> np.ndarray:
+    """Boxes [N, 4] (ymin, xmin, ymax, xmax, normalised in the original image) -> the same
+    normalised in the model's input frame. ``stretch`` maps them unchanged; ``pad``
+    (``tf.image.resize_with_pad``) shrinks them by the scale and shifts them by the padding."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    if resize == "stretch" or len(boxes) == 0:
+        return boxes
+    if resize != "pad":
+        raise ValueError(f"resize must be 'stretch' or 'pad'; got {resize!r}")
+    ratio = max(width / image_size, height / image_size)
+    new_h, new_w = int(height / ratio), int(width / ratio)  # as resize_with_pad truncates
+    off_y, off_x = (image_size - new_h) // 2, (image_size - new_w) // 2
+    ys = (off_y + boxes[:, [0, 2]] * new_h) / image_size
+    xs = (off_x + boxes[:, [1, 3]] * new_w) / image_size
+    return np.stack([ys[:, 0], xs[:, 0], ys[:, 1], xs[:, 1]], axis=1)
+
+
+def box_mask(boxes, shape: tuple[int, int], tolerance: float = 0.0) -> np.ndarray:
+    """bool [H, W]: pixels whose centre lies in any box (normalised ymin, xmin, ymax, xmax),
+    each box grown by ``tolerance`` pixels on every side."""
+    h, w = shape
+    ys = (np.arange(h) + 0.5)[:, None]
+    xs = (np.arange(w) + 0.5)[None, :]
+    mask = np.zeros((h, w), bool)
+    for ymin, xmin, ymax, xmax in np.asarray(boxes, np.float64).reshape(-1, 4):
+        mask |= (
+            (ys >= ymin * h - tolerance)
+            & (ys <= ymax * h + tolerance)
+            & (xs >= xmin * w - tolerance)
+            & (xs <= xmax * w + tolerance)
+        )
+    return mask
+
+
+def pointing(cam: np.ndarray, mask: np.ndarray) -> dict:
+    """One image of the pointing game: hit, chance (the mask's area share), mass in the mask."""
+    if float(cam.max()) <= 0:
+        return {"hit": None, "chance": float(mask.mean()), "mass_share": math.nan}
+    peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    return {
+        "hit": bool(mask[peak]),
+        "chance": float(mask.mean()),
+        "mass_share": mass_share(cam, mask),
+    }
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(values)) if values else None
+
+
+class Audit:
+    """Accumulates per-image numbers over a split; ``result()`` is the explain.json block.
+
+    ``add(cam, label, boxes)``: one map [H, W], its true label (1 fractured, 0 normal) and
+    its boxes in the input frame ([N, 4] normalised; None when the dataset has none).
+    """
+
+    def __init__(self, shape, border: float = 0.1, corner: float = 0.25, tolerance: float = 0.0):
+        self.shape = tuple(shape)
+        self.border, self.corner, self.tolerance = border, corner, tolerance
+        self.border_mask = border_mask(self.shape, border)
+        self.corner_masks = corner_masks(self.shape, corner)
+        self.rows: list[dict] = []
+
+    def add(self, cam: np.ndarray, label: int, boxes=None, image_id: str = "") -> dict:
+        row = {"image_id": image_id, "label": int(label), "zero": float(cam.max()) <= 0}
+        row["border_share"] = mass_share(cam, self.border_mask)
+        for name, m in self.corner_masks.items():
+            row[name] = mass_share(cam, m)
+        if label == 1 and boxes is not None and len(boxes):
+            row.update(pointing(cam, box_mask(boxes, self.shape, self.tolerance)))
+        self.rows.append(row)
+        return row
+
+    def result(self, has_boxes: bool) -> dict:
+        h, w = self.shape
+        uniform_border = float(self.border_mask.mean())
+        out = {
+            "n_images": len(self.rows),
+            "n_zero_maps": sum(r["zero"] for r in self.rows),
+            "border_width": self.border,
+            "border_share_uniform": uniform_border,
+            "corner_size": self.corner,
+            "corner_share_uniform": float(self.corner_masks["top_left"].mean()),
+            "per_class": {},
+        }
+        for label, name in ((1, "fractured"), (0, "normal")):
+            rows = [r for r in self.rows if r["label"] == label and not r["zero"]]
+            out["per_class"][name] = {
+                "n": sum(r["label"] == label for r in self.rows),
+                "n_zero_maps": sum(r["label"] == label and r["zero"] for r in self.rows),
+                "border_share": _mean(r["border_share"] for r in rows),
+                "corner_shares": {c: _mean(r[c] for r in rows) for c in CORNERS},
+            }
+        valid = [r for r in self.rows if not r["zero"]]
+        out["border_share"] = _mean(r["border_share"] for r in valid)
+        out["corner_shares"] = {c: _mean(r[c] for r in valid) for c in CORNERS}
+        if not has_boxes:
+            out["pointing_game"] = {
+                "available": False,
+                "reason": "the dataset has no fracture boxes (only FracAtlas and synthetic "
+                "builds carry them), so the pointing game cannot be played",
+            }
+            return out
+        boxed = [r for r in self.rows if "hit" in r]
+        played = [r for r in boxed if r["hit"] is not None]
+        out["pointing_game"] = {
+            "available": True,
+            "n_fractured_with_boxes": len(boxed),
+            "n_played": len(played),
+            "tolerance_px": self.tolerance,
+            "hit_rate": _mean(float(r["hit"]) for r in played),
+            "chance_rate": _mean(r["chance"] for r in played),
+            "box_mass_share": _mean(r["mass_share"] for r in played),
+        }
+        if not boxed:
+            out["pointing_game"]["note"] = "no fractured image of this split has a box"
+        return out

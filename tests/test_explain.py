@@ -1,0 +1,279 @@
+"""kerasfrac explain: ascent, feature maps, Grad-CAM, the shortcut audit and the command.
+
+Two small paper CNNs are trained on the synthetic phantoms (48 px, 80 Adam steps each):
+one on phantoms with a class-correlated L/R marker in the top-left corner (correlation 1.0,
+a perfect shortcut) and one without. The audit must tell them apart, and the model without
+markers must point at the planted fracture line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from kerasfrac import config, explain, gradcam, train
+from kerasfrac.cli import main
+from kerasfrac.evaluate import load_run_model
+from kerasfrac.model import paper_cnn
+from tfrecords_builder import synthetic
+from tfrecords_builder.build import BuildOptions, build
+
+SIZE = 48
+
+
+def _train_synthetic(root: Path, marker: bool) -> tuple[Path, Path]:
+    raw, tfr, run_dir = root / "raw", root / "tfr", root / "run"
+    synthetic.generate(
+        raw, count=160, fractured_fraction=0.5, image_size=SIZE, seed=1, marker=marker,
+        marker_correlation=1.0,
+    )  # fmt: skip
+    build("synthetic", raw, tfr, BuildOptions(progress=False, shards=2))
+    cfg = config.from_dict(
+        {
+            "dataset": "synthetic",
+            "run_dir": str(run_dir),
+            "data": {"dir": str(tfr), "image_size": SIZE, "flips": "random"},
+            "train": {
+                "epochs": 1,
+                "batch_size": 16,
+                "steps_per_epoch": 80,
+                "optimizer": "adam",
+                "learning_rate": 1e-3,
+                "weight_decay": 0.0,
+            },  # fmt: skip
+        }
+    )
+    train.train(cfg, verbose=0)
+    return run_dir, tfr
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[bool, Path]:
+    """{marker: run_dir}: the same model and recipe, with and without the corner shortcut."""
+    return {m: _train_synthetic(tmp_path_factory.mktemp(f"marker{int(m)}"), m)[0] for m in (0, 1)}
+
+
+@pytest.fixture(scope="module")
+def audits(runs) -> dict[bool, dict]:
+    out = {}
+    for marker, run_dir in runs.items():
+        cfg, model, _ = load_run_model(run_dir)
+        out[marker], _ = explain.audit_split(
+            model, cfg.data, cfg.data.dir, "test", explain.ExplainOptions()
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- class visualization
+
+
+@pytest.mark.parametrize("target", ["fractured", "normal"])
+def test_ascent_moves_logit_monotonically_and_keeps_weights(runs, target):
+    _, model, _ = load_run_model(runs[0])
+    before = [w.copy() for w in model.get_weights()]
+    opts = explain.AscentOptions(steps=25, step_size=0.01, seed=3)
+    vis = explain.visualize_class(model, target, None, opts)
+    sign = 1 if target == "fractured" else -1
+    moves = sign * np.diff(vis.logits)
+    assert len(vis.logits) == 26
+    # Every step moves the logit the right way (a little slack for clipping to [0, 1]).
+    scale = max(1.0, float(np.abs(vis.logits).max()))
+    assert moves.min() > -1e-3 * scale, vis.logits
+    assert sign * (vis.logit_after - vis.logit_before) > 1.0
+    assert vis.result.shape == (SIZE, SIZE, 1)
+    assert 0 <= vis.result.min() and vis.result.max() <= 1
+    # The logit recorded is the model's own: its sigmoid is the model's probability.
+    prob = float(model(vis.result[None], training=False)[0, 0])
+    assert prob == pytest.approx(1 / (1 + np.exp(-vis.logit_after)), abs=1e-4)
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_ascent_from_real_image_with_regularisers(runs):
+    cfg, model, _ = load_run_model(runs[0])
+    start = explain.pick_examples(cfg.data, cfg.data.dir, "test", 2)[1].image  # a normal one
+    opts = explain.AscentOptions(steps=12, step_size=0.01, l2=0.1, jitter=2, blur_every=4, seed=1)
+    vis = explain.visualize_class(model, "fractured", start, opts)
+    np.testing.assert_array_equal(vis.start, start)
+    assert vis.logit_after > vis.logit_before + 0.5
+    start_logit = float(explain.logit_model(model)(start[None], training=False)[0, 0])
+    assert vis.logits[0] == pytest.approx(start_logit, abs=1e-4)
+    assert not np.allclose(vis.result, start)
+
+
+def test_deprocess_image():
+    x = np.random.default_rng(0).normal(3.0, 2.0, size=(8, 6, 1))
+    out = explain.deprocess_image(x)
+    assert out.dtype == np.uint8 and out.shape == (8, 6)
+    assert abs(float(out.mean()) - 127.5) < 10  # centred on gray
+    flat = explain.deprocess_image(np.full((4, 4, 3), 0.5), stretch=False)
+    assert flat.shape == (4, 4, 3) and (flat == 128).all()
+
+
+# --------------------------------------------------------------------------- feature maps
+
+
+def test_feature_maps_fresh_and_reloaded(tmp_path):
+    fresh = paper_cnn((32, 32, 1))
+    x = np.random.default_rng(0).random((2, 32, 32, 1), dtype="float32")
+    maps = explain.feature_maps(fresh, x)
+    assert {k: v.shape for k, v in maps.items()} == {
+        "bn1": (2, 32, 32, 32), "bn2": (2, 16, 16, 64), "bn3": (2, 8, 8, 128),
+    }  # fmt: skip
+    fresh.save(tmp_path / "model.keras")
+    reloaded = keras.saving.load_model(tmp_path / "model.keras")
+    again = explain.feature_maps(reloaded, x)
+    for name in maps:
+        np.testing.assert_allclose(again[name], maps[name], rtol=1e-5, atol=1e-6)
+    # Grad-CAM needs the fmap -> logit path: on a reloaded Sequential, layer.output is a dead
+    # end (gradient None); graph_outputs finds the real one, so both models agree.
+    cams = [gradcam.GradCam(m)(x, 1.0) for m in (fresh, reloaded)]
+    np.testing.assert_allclose(cams[1], cams[0], rtol=1e-4, atol=1e-6)
+    some = explain.feature_maps(reloaded, x, ["relu2"])
+    assert list(some) == ["relu2"] and some["relu2"].shape == (2, 16, 16, 64)
+
+
+def test_unknown_layer_lists_the_layers():
+    m = paper_cnn((32, 32, 1))
+    with pytest.raises(ValueError, match=r"no layer named 'conv9'.*conv1, relu1, bn1"):
+        explain.feature_maps(m, np.zeros((1, 32, 32, 1), "float32"), ["conv9"])
+    with pytest.raises(ValueError, match=r"no layer named 'nope'.*bn3"):
+        gradcam.GradCam(m, "nope")
+    with pytest.raises(ValueError, match="not a 4-D feature map"):
+        gradcam.GradCam(m, "flatten")
+
+
+# --------------------------------------------------------------------------- audit numbers
+
+
+def test_masks_and_pointing():
+    border = gradcam.border_mask((20, 20), 0.1)
+    assert border.sum() == 400 - 16 * 16
+    corners = gradcam.corner_masks((20, 20), 0.25)
+    assert corners["top_left"][:5, :5].all() and corners["top_left"].sum() == 25
+    assert corners["bottom_right"][-5:, -5:].all()
+    box = gradcam.box_mask([[0.5, 0.5, 1.0, 1.0]], (10, 10))
+    assert box.sum() == 25 and box[9, 9] and not box[4, 4]
+    assert gradcam.box_mask([[0.5, 0.5, 1.0, 1.0]], (10, 10), tolerance=1).sum() == 36
+    cam = np.zeros((10, 10))
+    cam[7, 8] = 3.0
+    cam[0, 0] = 1.0
+    assert gradcam.pointing(cam, box) == {"hit": True, "chance": 0.25, "mass_share": 0.75}
+    assert gradcam.pointing(np.zeros((10, 10)), box)["hit"] is None
+    with pytest.raises(ValueError, match="border width"):
+        gradcam.border_mask((8, 8), 0.7)
+
+
+def test_boxes_follow_pad_resize():
+    """A box in a tall image lands where resize_with_pad puts its pixels."""
+    h, w, size = 60, 30, 32
+    image = np.zeros((h, w, 1), np.float32)
+    box = np.array([[0.25, 0.2, 0.75, 0.6]])  # ymin, xmin, ymax, xmax
+    image[15:45, 6:18] = 1.0
+    padded = tf.image.resize_with_pad(image, size, size, antialias=False).numpy()[..., 0]
+    mapped = gradcam.boxes_to_input_frame(box, h, w, size, "pad")
+    mask = gradcam.box_mask(mapped, (size, size))
+    bright = padded > 0.5
+    assert (bright & mask).sum() / bright.sum() > 0.9
+    assert (bright & mask).sum() / mask.sum() > 0.8
+    np.testing.assert_array_equal(gradcam.boxes_to_input_frame(box, h, w, size, "stretch"), box)
+
+
+def test_grad_cam_points_at_the_fracture(audits):
+    pg = audits[0]["pointing_game"]
+    assert pg["available"] and pg["n_played"] >= 10
+    assert 0 < pg["chance_rate"] < 0.2
+    assert pg["hit_rate"] > max(0.5, 3 * pg["chance_rate"]), pg
+    assert pg["box_mass_share"] > 2 * pg["chance_rate"], pg
+
+
+def test_audit_catches_the_marker_shortcut(audits):
+    clean, shortcut = audits[0], audits[1]
+    assert shortcut["border_share"] > clean["border_share"] + 0.15, (shortcut, clean)
+    tl_clean, tl_short = clean["corner_shares"]["top_left"], shortcut["corner_shares"]["top_left"]
+    assert tl_short > 3 * tl_clean and tl_short > 3 * shortcut["corner_share_uniform"]
+    # The model with the shortcut also stops looking at the fracture.
+    assert shortcut["pointing_game"]["hit_rate"] < clean["pointing_game"]["hit_rate"] - 0.3
+    for a in (clean, shortcut):
+        assert set(a["per_class"]) == {"fractured", "normal"}
+        assert a["per_class"]["fractured"]["n"] + a["per_class"]["normal"]["n"] == a["n_images"]
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_explain_command_end_to_end(runs, tmp_path, capsys):
+    run_dir = runs[1]
+    good = tmp_path / "good.png"
+    Image.fromarray(np.full((40, 50), 120, np.uint8)).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "explain"
+    code = main([
+        "explain", "--run-dir", str(run_dir), "--out", str(out), "--steps", "4",
+        "--vis-images", "1", "--max-channels", "4", "--border", "0.15", "--n-images", "4",
+    ])  # fmt: skip
+    assert code == 0
+    result = json.loads((out / "explain.json").read_text())
+    assert result["audit"]["border_width"] == 0.15
+    assert len(result["images"]) == 4
+    assert len(result["class_vis"]["runs"]) == 4  # noise and one image, two targets each
+    names = {Path(f).name for f in result["figures"]}
+    assert names == {
+        "class_vis.png", "feature_maps_bn1.png", "feature_maps_bn2.png", "feature_maps_bn3.png",
+        "grad_cam.png", "grad_cam_mean.png",
+    }  # fmt: skip
+    for f in result["figures"]:
+        assert Image.open(f).size[0] > 100
+    printed = capsys.readouterr().out
+    assert "border share" in printed and "pointing game" in printed
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard" / "explain"), size_guidance={"tensors": 0})
+    acc.Reload()
+    assert {"class_vis", "grad_cam", "grad_cam_mean"} <= set(acc.Tags()["tensors"])
+
+    # Files given with --images: the undecodable one is reported and skipped.
+    code = main([
+        "explain", "--run-dir", str(run_dir), "--out", str(tmp_path / "files"),
+        "--what", "grad-cam,feature-maps", "--images", str(good), str(bad),
+    ])  # fmt: skip
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "skipped" in err and "bad.png" in err
+    result = json.loads((tmp_path / "files" / "explain.json").read_text())
+    assert result["images"] == ["good.png"] and "audit" not in result
+
+
+def test_bad_requests(runs, tmp_path, capsys):
+    assert main(["explain", "--run-dir", str(runs[0]), "--what", "grad-cam,magic"]) == 2
+    assert "magic" in capsys.readouterr().err
+    assert main(["explain", "--run-dir", str(runs[0]), "--what", "grad-cam", "--layer", "x"]) == 2
+    assert "no layer named 'x'" in capsys.readouterr().err
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 broken")
+    assert main(["explain", "--run-dir", str(runs[0]), "--images", str(bad)]) == 2
+    assert "could be decoded" in capsys.readouterr().err
+
+
+def test_pointing_game_without_boxes_says_so(tmp_path, separable_tfrecord_dir, capsys):
+    run_dir = tmp_path / "run"
+    cfg = config.from_dict(
+        {"dataset": "synthetic", "run_dir": str(run_dir),
+         "data": {"dir": str(separable_tfrecord_dir), "image_size": 32}}
+    )  # fmt: skip
+    cfg.save(run_dir / "config.yaml")
+    paper_cnn((32, 32, 1)).save(run_dir / "model.keras")
+    assert main(["explain", "--run-dir", str(run_dir), "--what", "audit"]) == 0
+    printed = capsys.readouterr().out
+    assert "pointing game: not available" in printed and "no fracture boxes" in printed
+    result = json.loads((run_dir / "explain" / "explain.json").read_text())
+    assert result["audit"]["pointing_game"]["available"] is False
+    assert result["audit"]["n_images"] == 16
