@@ -4,11 +4,12 @@ Settings (image size, grayscale, resize) come from the ``config.yaml`` next to t
 (a run directory), and every image goes through ``kerasfrac.data.preprocess``, the function
 the test pipeline maps over the TFRecords, so a file gives the same probability here as in
 ``kerasfrac evaluate``. JPEG and PNG (also BMP/GIF, which ``tf.io.decode_image`` reads) are
-passed as their bytes. DICOM is converted to an 8-bit grayscale PNG first (the form of the
-training images): modality LUT (rescale slope/intercept), the first VOI window
-(DICOM PS3.3 C.11.2.1.2 linear function; min-max when none), MONOCHROME1 inverted so bone is
-bright. Only pixels are read from a DICOM: no patient metadata reaches any output. Files that
-are not images are reported and skipped.
+passed as their bytes; a truncated JPEG (FracAtlas has some) is recovered and re-encoded as
+PNG exactly as the builder's --recover-truncated stores it. DICOM is converted to an 8-bit
+grayscale PNG first (the form of the training images): modality LUT (rescale
+slope/intercept), the first VOI window (DICOM PS3.3 C.11.2.1.2 linear function; min-max when
+none), MONOCHROME1 inverted so bone is bright. Only pixels are read from a DICOM: no patient
+metadata reaches any output. Files that are not images are reported and skipped.
 
 The default threshold is the run's Youden-J threshold from metrics.json (``kerasfrac
 evaluate``), else 0.5.
@@ -143,7 +144,7 @@ def predict_files(
         threshold = run_threshold
     else:
         source = "--threshold"
-    prepared, kept, skipped = [], [], []
+    prepared, kept, skipped, warnings = [], [], [], []
     for path in expand_paths(paths):
         if not path.is_file():
             skipped.append((str(path), "no such file"))
@@ -155,6 +156,8 @@ def predict_files(
             continue
         try:
             encoded = dicom_to_png(data) if kind == "dicom" else data
+            if kind == "jpeg":
+                encoded = _recover_truncated(data, path, warnings)
             image = preprocess(
                 tf.constant(encoded), cfg.data.image_size, cfg.data.grayscale, cfg.data.resize
             )
@@ -170,7 +173,28 @@ def predict_files(
         probs = np.asarray(model(batch, training=False), dtype=np.float64).reshape(-1)
         for path, p in zip(kept[start : start + batch_size], probs):
             results.append(Prediction(path, float(p), bool(p >= threshold)))
+    for w in warnings:
+        print(w, file=sys.stderr)
     return results, skipped, threshold, source
+
+
+def _recover_truncated(data: bytes, path, warnings: list[str]) -> bytes:
+    """A truncated JPEG as the builder stores it with --recover-truncated: decoded with
+    ``try_recover_truncated`` (at least RECOVER_FRACTION of its lines) and re-encoded as PNG.
+    Intact JPEGs are returned unchanged."""
+    import tensorflow as tf
+
+    from tfrecords_builder.validation import RECOVER_FRACTION
+
+    try:
+        tf.io.decode_jpeg(data)
+        return data
+    except tf.errors.InvalidArgumentError:
+        pixels = tf.io.decode_jpeg(
+            data, try_recover_truncated=True, acceptable_fraction=RECOVER_FRACTION
+        )
+    warnings.append(f"warning: {path}: truncated JPEG, recovered as the builder does")
+    return tf.io.encode_png(pixels).numpy()
 
 
 def main(args) -> int:

@@ -94,10 +94,15 @@ def test_jpeg_png_dicom_via_cli(run_dir, tmp_path, capsys):
         tmp_path / "dicom_as.png"
     )
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated nonsense")
+    jpeg = (tmp_path / "x.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(jpeg[: int(len(jpeg) * 0.8)])  # truncated, recoverable
+    recovered = tf.io.decode_jpeg(jpeg[: int(len(jpeg) * 0.8)], try_recover_truncated=True)
+    (tmp_path / "cut_as.png").write_bytes(tf.io.encode_png(recovered).numpy())
     out_csv = tmp_path / "p.csv"
     args = ["predict", "--model", str(run_dir / "model.keras"), "--threshold", "0.5",
             "--csv", str(out_csv)]  # fmt: skip
-    names = ["x.png", "x.jpg", "x.dcm", "dicom_as.png", "bad.jpg", "missing.png"]
+    names = ["x.png", "x.jpg", "x.dcm", "dicom_as.png", "bad.jpg", "missing.png", "cut.jpg",
+             "cut_as.png"]  # fmt: skip
     assert main([*args, *(str(tmp_path / n) for n in names)]) == 0
     captured = capsys.readouterr()
     assert "skipped" in captured.err and "bad.jpg" in captured.err and "missing.png" in captured.err
@@ -105,7 +110,9 @@ def test_jpeg_png_dicom_via_cli(run_dir, tmp_path, capsys):
         assert secret not in captured.out and secret not in out_csv.read_text()
     with out_csv.open() as f:
         rows = {r["path"].split("/")[-1]: r for r in csv.DictReader(f)}
-    assert set(rows) == {"x.png", "x.jpg", "x.dcm", "dicom_as.png"}
+    assert set(rows) == {"x.png", "x.jpg", "x.dcm", "dicom_as.png", "cut.jpg", "cut_as.png"}
+    assert rows["cut.jpg"]["probability"] == rows["cut_as.png"]["probability"]
+    assert "cut.jpg: truncated JPEG, recovered" in captured.err
     assert rows["x.dcm"]["probability"] == rows["dicom_as.png"]["probability"]
     for r in rows.values():
         p = float(r["probability"])
