@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
     add_train(sub)
+    add_bench(sub)
     add_demo(sub)
     add_evaluate(sub)
     add_report(sub)
@@ -182,6 +183,48 @@ def run_train(args) -> int:
         print(f"kerasfrac train: {err}", file=sys.stderr)
         return train.Preempted.exit_code
     print(f"test metrics: {metrics}\nrun directory: {cfg.run_dir}")
+    return 0
+
+
+def add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="images/s of the input pipeline, the training step, both, and the builder",
+        description="Measure after warm-up, in one process: the training input pipeline "
+        "(uncached and cached), the training step on in-memory tensors for each --precisions "
+        "entry, the two together (fit), and the builder against the floor of decoding every "
+        "image once. Settings: defaults -> --config -> --set key=value.",
+    )
+    p.add_argument("--config", help="YAML config (its data.dir must be a build)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--what", default="all", help="input,train,fit,build or all (default)")
+    p.add_argument("--steps", type=int, default=20, help="batches timed per repeat")
+    p.add_argument("--repeats", type=int, default=3, help="repeats (median, min, max)")
+    p.add_argument(
+        "--precisions", help="train-step candidates, e.g. float32,mixed_bfloat16 (default: the "
+        "config's precision and mixed_bfloat16)",
+    )  # fmt: skip
+    p.add_argument("--source", help="build: dataset folder (default: synthetic phantoms)")
+    p.add_argument("--source-dataset", help="build: layout of --source (default: config's)")
+    p.add_argument("--workers", type=int, help="build: threads (default: all cores)")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args) -> int:
+    from kerasfrac import bench, config
+
+    cfg = config.load_config(args.config, args.overrides)
+    what = bench.WHAT if args.what == "all" else tuple(w.strip() for w in args.what.split(","))
+    precisions = args.precisions.split(",") if args.precisions else None
+    result = bench.run(
+        cfg, what, args.steps, args.repeats, precisions, args.source, args.source_dataset,
+        args.workers,
+    )  # fmt: skip
+    print(bench.table(result))
+    if args.json:
+        bench.write_json(result, args.json)
+        print(f"figures written to {args.json}")
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import tensorflow as tf
 
@@ -47,9 +48,25 @@ def make_strategy(mode: str) -> tf.distribute.Strategy:
     if mode == "multi_worker":
         resolver = None
         if "TF_CONFIG" not in os.environ and slurm_tasks() > 1:
-            resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
+            resolver = slurm_resolver()
         return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
     raise ValueError(f"train.distribute={mode!r}: expected auto|none|mirrored|multi_worker")
+
+
+def slurm_resolver() -> tf.distribute.cluster_resolver.SlurmClusterResolver:
+    """TF's SlurmClusterResolver, also on nodes without GPUs.
+
+    TF pairs every task with GPUs it counts by running nvidia-smi: without it the resolver
+    raises (FileNotFoundError), and with zero GPUs it lists no task at all. On a CPU-only node,
+    give it one nominal GPU per task and leave CUDA_VISIBLE_DEVICES alone.
+    """
+    if shutil.which("nvidia-smi"):
+        return tf.distribute.cluster_resolver.SlurmClusterResolver()
+    per_node = os.environ.get("SLURM_STEP_TASKS_PER_NODE", "1")  # e.g. "2" or "2(x3),1"
+    tasks = max(int(part.split("(")[0]) for part in per_node.split(","))
+    return tf.distribute.cluster_resolver.SlurmClusterResolver(
+        gpus_per_node=tasks, gpus_per_task=1, auto_set_gpu=False
+    )
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

@@ -26,6 +26,7 @@ lr 1e-4 shrinks weights by 2e-5 per step.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -190,6 +191,32 @@ def weights_digest(model: keras.Model) -> str:
     return h.hexdigest()
 
 
+def make_train_step(model: keras.Model, strategy: tf.distribute.Strategy, global_batch: int):
+    """The one training step for every strategy: ``step(iterator, stop_flag)`` runs a global
+    batch through ``strategy.run`` (forward, BCE, gradients, the compiled Keras optimizer's
+    ``apply``) and returns per-example losses, probabilities, labels and the stop flags of
+    all replicas, gathered. ``kerasfrac bench`` times this same function."""
+    optimizer = model.optimizer
+
+    @tf.function
+    def train_step(iterator, stop_flag):
+        def step_fn(images, labels):
+            with tf.GradientTape() as tape:
+                probs = tf.cast(model(images, training=True), tf.float32)
+                per_example = keras.losses.binary_crossentropy(tf.reshape(labels, [-1, 1]), probs)
+                loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+                scaled = optimizer.scale_loss(loss)
+            grads = tape.gradient(scaled, model.trainable_variables)
+            optimizer.apply(grads, model.trainable_variables)
+            # Every replica reports whether its worker got SIGTERM, so all stop together.
+            return per_example, tf.reshape(probs, [-1]), labels, tf.reshape(stop_flag, [1])
+
+        results = strategy.run(step_fn, args=next(iterator))
+        return tuple(strategy.gather(r, axis=0) for r in results)
+
+    return train_step
+
+
 def train(
     cfg: Config,
     resume: bool = False,
@@ -252,9 +279,12 @@ def train(
             if initial_step:
                 partial = _load_partial(run_dir)
         else:
-            model = build_model(cfg.model, data.image_shape(cfg.data))
+            # Synchronized BatchNorm only where there is something to synchronise: on one
+            # replica Keras' sync path still computes a ones-tensor the size of each input.
+            sync = cfg.model.sync_batchnorm and strategy.num_replicas_in_sync > 1
+            model_cfg = dataclasses.replace(cfg.model, sync_batchnorm=sync)
+            model = build_model(model_cfg, data.image_shape(cfg.data))
             model.compile(optimizer=make_optimizer(cfg, model), loss="binary_crossentropy")
-    optimizer = model.optimizer
     if chief:
         cfg.save(run_dir / "config.yaml")
         if state is None:
@@ -270,21 +300,7 @@ def train(
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     train_iter = iter(strategy.experimental_distribute_dataset(train_ds.with_options(options)))
 
-    @tf.function
-    def train_step(iterator, stop_flag):
-        def step_fn(images, labels):
-            with tf.GradientTape() as tape:
-                probs = tf.cast(model(images, training=True), tf.float32)
-                per_example = keras.losses.binary_crossentropy(tf.reshape(labels, [-1, 1]), probs)
-                loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
-                scaled = optimizer.scale_loss(loss)
-            grads = tape.gradient(scaled, model.trainable_variables)
-            optimizer.apply(grads, model.trainable_variables)
-            # Every replica reports whether its worker got SIGTERM, so all stop together.
-            return per_example, tf.reshape(probs, [-1]), labels, tf.reshape(stop_flag, [1])
-
-        results = strategy.run(step_fn, args=next(iterator))
-        return tuple(strategy.gather(r, axis=0) for r in results)
+    train_step = make_train_step(model, strategy, global_batch)
 
     @tf.function
     def eval_step(images):

@@ -1,0 +1,257 @@
+"""`kerasfrac bench`: where the time goes, as images per second after warm-up.
+
+- input: the training pipeline alone (no model): uncached (decode from TFRecords every time)
+  and cached (after one epoch filled the cache), with the config's oversampling and flips;
+- train: the training step alone (the same ``train.make_train_step`` the trainer runs) on a
+  batch already in memory, for each precision asked (the config's first);
+- fit: pipeline and step together; ``input/train`` above 1 means the model, not the input
+  pipeline, is the bottleneck;
+- build: the builder on a source folder against the floor of decoding every image once with
+  the same number of threads.
+
+Each figure is the median over ``repeats`` with min and max; nothing here asserts a target:
+the figures go into a table and a JSON file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+WHAT = ("input", "train", "fit", "build")
+
+
+def _spread(rates: list[float]) -> dict:
+    return {
+        "images_per_second": statistics.median(rates),
+        "min": min(rates),
+        "max": max(rates),
+        "repeats": len(rates),
+    }
+
+
+def _time_batches(iterator, steps: int, batch_size_of) -> float:
+    images = 0
+    start = time.perf_counter()
+    for _ in range(steps):
+        images += batch_size_of(next(iterator))
+    return images / (time.perf_counter() - start)
+
+
+def bench_input(cfg, steps: int, repeats: int) -> dict:
+    from kerasfrac import data
+
+    out = {}
+    for label, cache in (("uncached", "none"), ("cached", "memory")):
+        data_cfg = dataclasses.replace(cfg.data, cache=cache)
+        ds, epoch_steps = data.make_dataset(
+            None, "train", data_cfg, cfg.train.batch_size, cfg.train.seed, training=True,
+            dataset=cfg.dataset,
+        )  # fmt: skip
+        it = iter(ds.repeat())
+        warm = 2 if cache == "none" else (epoch_steps or steps)  # one epoch fills the cache
+        for _ in range(warm):
+            next(it)
+        rates = [_time_batches(it, steps, lambda b: int(b[0].shape[0])) for _ in range(repeats)]
+        out[label] = _spread(rates)
+    return out
+
+
+def _model_and_step(cfg, precision: str):
+    import keras
+    import tensorflow as tf
+
+    from kerasfrac import data, train
+    from kerasfrac.model import build_model
+
+    keras.mixed_precision.set_global_policy(precision)
+    # One device: no BatchNorm synchronisation, as train.train decides for one replica.
+    model_cfg = dataclasses.replace(cfg.model, sync_batchnorm=False)
+    model = build_model(model_cfg, data.image_shape(cfg.data))
+    model.compile(optimizer=train.make_optimizer(cfg, model), loss="binary_crossentropy")
+    strategy = tf.distribute.get_strategy()
+    return model, train.make_train_step(model, strategy, cfg.train.batch_size)
+
+
+def bench_train(cfg, steps: int, repeats: int, precisions: list[str]) -> dict:
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from kerasfrac import data
+
+    shape = (cfg.train.batch_size, *data.image_shape(cfg.data))
+    rng = np.random.default_rng(0)
+    batch = (
+        tf.constant(rng.random(shape, dtype=np.float32)),
+        tf.constant(rng.integers(0, 2, shape[0]).astype(np.float32)),
+    )
+    out = {}
+    try:
+        for precision in precisions:
+            _, step = _model_and_step(cfg, precision)
+            it = iter(tf.data.Dataset.from_tensors(batch).repeat())
+            flag = tf.constant(0, tf.int32)
+            for _ in range(3):  # trace + warm-up
+                step(it, flag)
+            rates = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for _ in range(steps):
+                    losses = step(it, flag)[0]
+                float(losses.numpy().mean())  # wait for the last step
+                rates.append(steps * shape[0] / (time.perf_counter() - start))
+            out[precision] = _spread(rates)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    base = out[precisions[0]]["images_per_second"]
+    for precision in precisions:
+        out[precision]["speedup"] = out[precision]["images_per_second"] / base
+    return out
+
+
+def bench_fit(cfg, steps: int, repeats: int) -> dict:
+    import keras
+    import tensorflow as tf
+
+    from kerasfrac import data
+
+    try:
+        _, step = _model_and_step(cfg, cfg.train.precision)
+        ds, epoch_steps = data.make_dataset(
+            None, "train", cfg.data, cfg.train.batch_size, cfg.train.seed, training=True,
+            dataset=cfg.dataset,
+        )  # fmt: skip
+        it = iter(ds.repeat())
+        flag = tf.constant(0, tf.int32)
+        for _ in range(min(epoch_steps or steps, 4 * steps)):  # warm the cache and the trace
+            step(it, flag)
+        rates = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            images = 0
+            for _ in range(steps):
+                images += int(step(it, flag)[2].shape[0])
+            rates.append(images / (time.perf_counter() - start))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    return _spread(rates)
+
+
+def decode_floor(files: list[Path], workers: int) -> float:
+    """Seconds to read and fully decode every file once with ``workers`` threads."""
+    import tensorflow as tf
+
+    def decode(path: Path) -> None:
+        try:
+            tf.io.decode_image(path.read_bytes(), channels=0, expand_animations=False)
+        except tf.errors.InvalidArgumentError:
+            pass  # a broken file costs its attempt, as in the builder
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(decode, files))
+    return time.perf_counter() - start
+
+
+def bench_build(dataset: str, source: Path | None, repeats: int, workers: int | None) -> dict:
+    from tfrecords_builder import synthetic
+    from tfrecords_builder.build import FINDERS, BuildOptions, build
+
+    workers = workers or os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="kerasfrac-bench-") as tmp:
+        if source is None:  # a synthetic source of real-X-ray-like size
+            dataset, source = "synthetic", Path(tmp) / "raw"
+            synthetic.generate(source, count=300, image_size=448, seed=0)
+        files = [c.path for c in FINDERS[dataset](Path(source)).candidates]
+        decode_floor(files[:8], workers)  # warm-up (TF start, page cache)
+        floors, builds = [], []
+        for i in range(repeats):
+            floors.append(decode_floor(files, workers))
+            out = Path(tmp) / f"out{i}"
+            start = time.perf_counter()
+            build(dataset, source, out, BuildOptions(progress=False, workers=workers))
+            builds.append(time.perf_counter() - start)
+    n = len(files)
+    return {
+        "files": n,
+        "workers": workers,
+        "decode_floor": _spread([n / s for s in floors]),
+        "build": _spread([n / s for s in builds]),
+        "build_over_floor": statistics.median(builds) / statistics.median(floors),
+    }
+
+
+def run(cfg, what=WHAT, steps: int = 20, repeats: int = 3, precisions=None, source=None,
+        source_dataset=None, workers=None) -> dict:  # fmt: skip
+    unknown = set(what) - set(WHAT)
+    if unknown:
+        raise ValueError(f"--what {sorted(unknown)}: expected some of {','.join(WHAT)}")
+    if steps < 1 or repeats < 1:
+        raise ValueError(f"--steps {steps} / --repeats {repeats}: both must be at least 1")
+    precisions = list(precisions or [cfg.train.precision, "mixed_bfloat16"])
+    precisions = list(dict.fromkeys(precisions))
+    result = {
+        "config": {"dataset": cfg.dataset, "image_size": cfg.data.image_size,
+                   "batch_size": cfg.train.batch_size, "flips": cfg.data.flips,
+                   "oversample": cfg.data.oversample, "model": cfg.model.name,
+                   "precision": cfg.train.precision},
+        "steps": steps,
+        "repeats": repeats,
+        "cpu_count": os.cpu_count(),
+    }  # fmt: skip
+    if "input" in what or "fit" in what:
+        from kerasfrac import data
+
+        data.check_build(cfg.data.dir, cfg.dataset, cfg.train.batch_size)
+    if "input" in what:
+        result["input"] = bench_input(cfg, steps, repeats)
+    if "train" in what:
+        result["train"] = bench_train(cfg, steps, repeats, precisions)
+    if "fit" in what:
+        result["fit"] = bench_fit(cfg, steps, repeats)
+    if "input" in result and "train" in result:
+        base = result["train"][precisions[0]]["images_per_second"]
+        result["input_over_train"] = {
+            k: v["images_per_second"] / base for k, v in result["input"].items()
+        }
+    if "build" in what:
+        result["build"] = bench_build(
+            source_dataset or cfg.dataset, Path(source) if source else None, repeats, workers
+        )
+    return result
+
+
+def table(result: dict) -> str:
+    rows = [("measure", "images/s (median)", "min", "max", "note")]
+
+    def add(name, s, note=""):
+        rows.append((name, f"{s['images_per_second']:.1f}", f"{s['min']:.1f}", f"{s['max']:.1f}",
+                     note))  # fmt: skip
+
+    for k, v in result.get("input", {}).items():
+        ratio = result.get("input_over_train", {}).get(k)
+        add(f"input {k}", v, f"{ratio:.1f}x the train step" if ratio else "")
+    for k, v in result.get("train", {}).items():
+        add(f"train {k}", v, f"{v['speedup']:.2f}x {next(iter(result['train']))}")
+    if "fit" in result:
+        add("fit (input + train)", result["fit"])
+    if "build" in result:
+        b = result["build"]
+        add("decode floor", b["decode_floor"], f"{b['files']} files, {b['workers']} threads")
+        add("build", b["build"], f"{b['build_over_floor']:.2f}x the floor's time")
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    c = result["config"]
+    head = (f"kerasfrac bench: {c['dataset']} {c['image_size']}px batch {c['batch_size']} "
+            f"flips={c['flips']} model={c['model']}, {result['cpu_count']} CPUs")  # fmt: skip
+    return "\n".join([head] + ["  ".join(x.ljust(w) for x, w in zip(r, widths)) for r in rows])
+
+
+def write_json(result: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")

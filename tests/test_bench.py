@@ -1,0 +1,48 @@
+"""`kerasfrac bench` runs and reports sane, positive figures (no timing targets in tests)."""
+
+from __future__ import annotations
+
+import json
+
+from kerasfrac import bench, config
+from kerasfrac.cli import main
+from tests import sources
+
+
+def test_bench_reports_positive_figures(tmp_path, separable_tfrecord_dir):
+    cfg = config.from_dict({
+        "dataset": "synthetic", "data": {"dir": str(separable_tfrecord_dir), "image_size": 32,
+                                         "flips": "expand"},
+        "train": {"batch_size": 8},
+    })  # fmt: skip
+    result = bench.run(cfg, ("input", "train", "fit"), steps=3, repeats=2,
+                       precisions=["float32", "mixed_bfloat16"])  # fmt: skip
+    for figure in (*result["input"].values(), *result["train"].values(), result["fit"]):
+        assert figure["images_per_second"] > 0
+        assert figure["min"] <= figure["images_per_second"] <= figure["max"]
+        assert figure["repeats"] == 2
+    assert result["train"]["float32"]["speedup"] == 1.0
+    assert result["train"]["mixed_bfloat16"]["speedup"] > 0
+    assert set(result["input_over_train"]) == {"uncached", "cached"}
+    text = bench.table(result)
+    assert "input cached" in text and "train mixed_bfloat16" in text
+
+
+def test_bench_build_against_decode_floor_via_cli(tmp_path, separable_tfrecord_dir):
+    sources.make_tibia(tmp_path / "src", "mendeley", n_fractured=10, n_normal=6, copies=0)
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--what", "build", "--repeats", "1", "--source", str(tmp_path / "src"),
+                 "--source-dataset", "tibia-fibula", "--set", "dataset=synthetic", "--set",
+                 f"data.dir={separable_tfrecord_dir}", "--json", str(out)])  # fmt: skip
+    assert code == 0
+    b = json.loads(out.read_text())["build"]
+    assert b["files"] == 16
+    assert b["decode_floor"]["images_per_second"] > 0 and b["build"]["images_per_second"] > 0
+    assert b["build_over_floor"] > 0
+
+
+def test_bench_rejects_unknown_measure(separable_tfrecord_dir, capsys):
+    code = main(["bench", "--what", "input,speed", "--set", "dataset=synthetic",
+                 "--set", f"data.dir={separable_tfrecord_dir}"])  # fmt: skip
+    assert code == 2
+    assert "speed" in capsys.readouterr().err
