@@ -562,7 +562,6 @@ def explain_run(
                     f"none of the {len(image_files)} --images files could be decoded; pass "
                     "JPEG/PNG/BMP/GIF files"
                 )
-            examples = examples[: max(opts.n_images, len(examples))]
         else:
             examples = pick_examples(cfg.data, build_dir, opts.split, opts.n_images)
     result: dict = {
@@ -643,8 +642,8 @@ def explain_run(
 def _json_default(x):
     if isinstance(x, np.generic):
         return x.item()
-    if isinstance(x, tuple | Path):
-        return list(x) if isinstance(x, tuple) else str(x)
+    if isinstance(x, Path):
+        return str(x)
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
