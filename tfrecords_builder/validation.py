@@ -56,13 +56,18 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
-def perceptual_hash(pixels: np.ndarray) -> int:
-    """64-bit DCT perceptual hash (imagehash.phash). A box ``reduce`` to ~128 px first makes
-    it cheap for 2304x2880 X-rays (phash itself works on a 32x32 thumbnail anyway)."""
-    gray = pixels[..., 0] if pixels.shape[-1] in (1, 2) else pixels[..., :3]
-    image = Image.fromarray(gray)
-    factor = max(1, min(image.size) // 128)
-    return int(str(imagehash.phash(image.reduce(factor) if factor > 1 else image)), 16)
+def perceptual_hash(pixels: tf.Tensor) -> int:
+    """64-bit DCT perceptual hash (imagehash.phash) of a 32x32 grayscale thumbnail.
+
+    The thumbnail comes from a strided ~64 px view of the pixels and Pillow's box filter:
+    phash only looks at 32x32 anyway, and a full-size Pillow copy and Lanczos resize of a
+    2304x2880 X-ray cost about as much as decoding it (measured A/B on fracatlas-mini).
+    """
+    array = pixels.numpy()
+    step = max(1, min(array.shape[0], array.shape[1]) // 64)
+    view = array[::step, ::step, 0] if array.shape[-1] in (1, 2) else array[::step, ::step, :3]
+    thumb = Image.fromarray(np.ascontiguousarray(view)).convert("L")
+    return int(str(imagehash.phash(thumb.resize((32, 32), Image.Resampling.BOX))), 16)
 
 
 def _header(data: bytes) -> tuple[str | None, int, int, str | None]:
@@ -129,7 +134,7 @@ def check_file(path: Path, recover_truncated: bool, max_pixels: int) -> Checked:
         out.recovered = tf.io.encode_png(pixels).numpy()
     out.image_format = fmt
     out.height, out.width, out.channels = (int(d) for d in pixels.shape)
-    out.phash = perceptual_hash(pixels.numpy())
+    out.phash = perceptual_hash(pixels)
     return out
 
 
