@@ -289,8 +289,10 @@ def test_train_sbatch_sigterm_requeues_and_resumes(cluster, synthetic, tmp_path)
     ] != "PENDING":
         assert time.monotonic() < deadline, f"no requeue: {fields}\n{_log_tail(cluster.logs, job)}"
         time.sleep(0.5)
-    # Slurm holds a requeued job for ~2 minutes (EligibleTime); start it now instead.
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    # Slurm holds a requeued job for ~2 minutes (EligibleTime); start it in 10 s instead. Not
+    # at once: slurmd refuses to relaunch a job id it killed moments ago ("Job N already
+    # killed, do not launch batch job"), which failed this test now and then.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+10"], check=True)
     states = cluster.wait(job)
     log = cluster.log(job)
     assert states == {"0": ("COMPLETED", "0:0")}, f"{states}\n{_log_tail(cluster.logs, job)}"
