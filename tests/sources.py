@@ -16,20 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-META = (
-    "hand",
-    "leg",
-    "hip",
-    "shoulder",
-    "mixed",
-    "hardware",
-    "multiscan",
-    "fractured",
-    "fracture_count",
-    "frontal",
-    "lateral",
-    "oblique",
-)
+from tfrecords_builder import schema
+
+META = schema.META_COLUMNS  # FracAtlas' dataset.csv columns after image_id
 
 
 def random_image(rng: np.random.Generator, h: int = 40, w: int = 48, channels: int = 1):

@@ -329,3 +329,10 @@ def test_split_quotas_exact_for_singletons():
             n = sum(1 for g, s in out.items() if s == split and groups[g][0] == label)
             assert abs(n - ratio * total) <= 1
     assert out == assign(groups, (0.7, 0.15, 0.15), seed=3)
+
+
+def test_synthetic_csv_columns_follow_the_schema():
+    # synthetic.py keeps its own copy so that it imports without TensorFlow; keep them equal.
+    from tfrecords_builder import schema, synthetic
+
+    assert synthetic.CSV_COLUMNS == ("image_id", *schema.META_COLUMNS)
