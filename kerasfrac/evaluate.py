@@ -76,11 +76,16 @@ def threshold_metrics(labels, probs, threshold: float = 0.5) -> dict:
     }
 
 
-def bce_loss(labels, probs, eps: float = 1e-7) -> float:
-    """Mean binary cross-entropy with probabilities clipped to [eps, 1 - eps] (as Keras)."""
+def bce_per_example(labels, probs, eps: float = 1e-7) -> np.ndarray:
+    """Binary cross-entropy per example, probabilities clipped to [eps, 1 - eps] (as Keras)."""
     labels = np.asarray(labels).astype(int)
     p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1 - eps)
-    return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+    return -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+
+
+def bce_loss(labels, probs, eps: float = 1e-7) -> float:
+    """Mean binary cross-entropy (the report's test loss)."""
+    return float(np.mean(bce_per_example(labels, probs, eps)))
 
 
 def youden_threshold(labels, probs) -> float | None:

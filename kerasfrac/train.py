@@ -245,7 +245,8 @@ def train(
     else:  # workers only read: the chief owns the run directory
         state = read_state(run_dir) if resume else None
     global_batch = t.batch_size * strategy.num_replicas_in_sync
-    data.check_build(cfg.data.dir, cfg.dataset, global_batch)
+    if global_batch != t.batch_size:  # several replicas: the global batch must fit too
+        data.check_build(cfg.data.dir, cfg.dataset, global_batch)
 
     keras.utils.set_random_seed(t.seed)
     if t.deterministic:
@@ -369,7 +370,7 @@ def train(
             val = [[], [], []]
             for images, y in val_ds:
                 probs = eval_step(images).numpy()
-                val[0].append(_bce(y.numpy(), probs))
+                val[0].append(evaluate.bce_per_example(y.numpy(), probs))
                 val[1].append(probs)
                 val[2].append(y.numpy())
             logs.update(_epoch_metrics(*val, prefix="val_"))
@@ -392,13 +393,6 @@ def train(
         (run_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         _write_state(run_dir, t.epochs, 0, steps, best, finished=True, digest=digest)
     return result
-
-
-def _bce(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """Per-example binary cross-entropy with Keras' clipping (epsilon 1e-7)."""
-    p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
-    y = labels.astype(np.float64)
-    return -(y * np.log(p) + (1 - y) * np.log(1 - p))
 
 
 def _save_checkpoint(run_dir, model, epoch, step, steps, best, accum) -> None:
