@@ -3,9 +3,11 @@
 - input: the training pipeline alone (no model): uncached (decode from TFRecords every time)
   and cached (after one epoch filled the cache), with the config's oversampling and flips;
 - train: the training step alone (the same ``train.make_train_step`` the trainer runs) on a
-  batch already in memory, for each precision asked (the config's first);
-- fit: pipeline and step together; ``input/train`` above 1 means the model, not the input
-  pipeline, is the bottleneck;
+  batch already in memory: plain float32 (Keras' own layers, TensorFlow's default kernels:
+  the reference), the config's own setting, and ``train.fast`` with each precision asked;
+  each in a fresh process, because oneDNN is chosen when TensorFlow is imported;
+- fit: pipeline and step together, with the config's settings; ``input/train`` (against the
+  config's own step) above 1 means the model, not the input pipeline, is the bottleneck;
 - build: the builder on a source folder against the floor of decoding every image once with
   the same number of threads.
 
@@ -19,6 +21,8 @@ import dataclasses
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -73,18 +77,31 @@ def _model_and_step(cfg, precision: str):
     keras.mixed_precision.set_global_policy(precision)
     # One device: no BatchNorm synchronisation, as train.train decides for one replica.
     model_cfg = dataclasses.replace(cfg.model, sync_batchnorm=False)
-    model = build_model(model_cfg, data.image_shape(cfg.data))
+    model = build_model(model_cfg, data.image_shape(cfg.data), fused_batchnorm=cfg.train.fast)
     model.compile(optimizer=train.make_optimizer(cfg, model), loss="binary_crossentropy")
     strategy = tf.distribute.get_strategy()
     return model, train.make_train_step(model, strategy, cfg.train.batch_size)
 
 
-def bench_train(cfg, steps: int, repeats: int, precisions: list[str]) -> dict:
+def train_settings(cfg, precisions: list[str]) -> list[tuple[str, bool, str]]:
+    """``(label, fast, precision)`` rows: plain float32 (the reference), the config's own
+    setting, then ``train.fast`` with each precision asked."""
+    rows = [(False, "float32"), (cfg.train.fast, cfg.train.precision)]
+    rows += [(True, p) for p in precisions]
+    return [(setting_label(fast, p), fast, p) for fast, p in dict.fromkeys(rows)]
+
+
+def setting_label(fast: bool, precision: str) -> str:
+    return f"{'fast' if fast else 'plain'} {precision}"
+
+
+def measure_train_step(cfg, steps: int, repeats: int) -> dict:
+    """Images/s of ``cfg``'s training step on one in-memory batch, in this process."""
     import keras
     import numpy as np
     import tensorflow as tf
 
-    from kerasfrac import data
+    from kerasfrac import data, kernels
 
     shape = (cfg.train.batch_size, *data.image_shape(cfg.data))
     rng = np.random.default_rng(0)
@@ -92,27 +109,56 @@ def bench_train(cfg, steps: int, repeats: int, precisions: list[str]) -> dict:
         tf.constant(rng.random(shape, dtype=np.float32)),
         tf.constant(rng.integers(0, 2, shape[0]).astype(np.float32)),
     )
-    out = {}
     try:
-        for precision in precisions:
-            _, step = _model_and_step(cfg, precision)
-            it = iter(tf.data.Dataset.from_tensors(batch).repeat())
-            flag = tf.constant(0, tf.int32)
-            for _ in range(3):  # trace + warm-up
-                step(it, flag)
-            rates = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                for _ in range(steps):
-                    losses = step(it, flag)[0]
-                float(losses.numpy().mean())  # wait for the last step
-                rates.append(steps * shape[0] / (time.perf_counter() - start))
-            out[precision] = _spread(rates)
+        model, step = _model_and_step(cfg, cfg.train.precision)
+        it = iter(tf.data.Dataset.from_tensors(batch).repeat())
+        flag = tf.constant(0, tf.int32)
+        for _ in range(3):  # trace + warm-up
+            step(it, flag)
+        rates = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(steps):
+                losses = step(it, flag)[0]
+            float(losses.numpy().mean())  # wait for the last step
+            rates.append(steps * shape[0] / (time.perf_counter() - start))
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    base = out[precisions[0]]["images_per_second"]
-    for precision in precisions:
-        out[precision]["speedup"] = out[precision]["images_per_second"] / base
+    fused = any(type(layer).__name__ == "FusedBatchNormalization" for layer in model.layers)
+    return {**_spread(rates), "onednn": kernels.onednn_enabled(), "fused_batchnorm": fused}
+
+
+def bench_train(cfg, steps: int, repeats: int, precisions: list[str]) -> dict:
+    """Each setting in its own process: oneDNN is chosen when TensorFlow is imported."""
+    from kerasfrac import kernels
+
+    out = {}
+    for label, fast, precision in train_settings(cfg, precisions):
+        env = dict(os.environ)
+        if fast:
+            env.setdefault(kernels.ENV, "1")  # as `kerasfrac train` does; the user's value wins
+        else:
+            env.pop(kernels.ENV, None)  # TensorFlow's own default
+        spec = {
+            "config": dataclasses.replace(
+                cfg, train=dataclasses.replace(cfg.train, fast=fast, precision=precision)
+            ).to_dict(),
+            "steps": steps,
+            "repeats": repeats,
+        }
+        proc = subprocess.run(
+            [sys.executable, "-m", "kerasfrac.bench", "--train-step", json.dumps(spec)],
+            env=env, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"bench: the training-step measurement for {label!r} failed "
+                f"(exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+            )
+        out[label] = json.loads(proc.stdout.strip().splitlines()[-1])
+    base = out["plain float32"]["images_per_second"]
+    for figure in out.values():
+        figure["speedup"] = figure["images_per_second"] / base
     return out
 
 
@@ -201,7 +247,7 @@ def run(cfg, what=WHAT, steps: int = 20, repeats: int = 3, precisions=None, sour
         "config": {"dataset": cfg.dataset, "image_size": cfg.data.image_size,
                    "batch_size": cfg.train.batch_size, "flips": cfg.data.flips,
                    "oversample": cfg.data.oversample, "model": cfg.model.name,
-                   "precision": cfg.train.precision},
+                   "precision": cfg.train.precision, "fast": cfg.train.fast},
         "steps": steps,
         "repeats": repeats,
         "cpu_count": os.cpu_count(),
@@ -215,9 +261,12 @@ def run(cfg, what=WHAT, steps: int = 20, repeats: int = 3, precisions=None, sour
     if "train" in what:
         result["train"] = bench_train(cfg, steps, repeats, precisions)
     if "fit" in what:
-        result["fit"] = bench_fit(cfg, steps, repeats)
-    if "input" in result and "train" in result:
-        base = result["train"][precisions[0]]["images_per_second"]
+        from kerasfrac import kernels
+
+        result["fit"] = {**bench_fit(cfg, steps, repeats), "onednn": kernels.onednn_enabled()}
+    if "input" in result and "train" in result:  # against the config's own training step
+        own = setting_label(cfg.train.fast, cfg.train.precision)
+        base = result["train"][own]["images_per_second"]
         result["input_over_train"] = {
             k: v["images_per_second"] / base for k, v in result["input"].items()
         }
@@ -239,7 +288,9 @@ def table(result: dict) -> str:
         ratio = result.get("input_over_train", {}).get(k)
         add(f"input {k}", v, f"{ratio:.1f}x the train step" if ratio else "")
     for k, v in result.get("train", {}).items():
-        add(f"train {k}", v, f"{v['speedup']:.2f}x {next(iter(result['train']))}")
+        kernels = f"oneDNN {'on' if v['onednn'] else 'off'}, " if v["onednn"] is not None else ""
+        bn = "fused BN" if v["fused_batchnorm"] else "Keras BN"
+        add(f"train {k}", v, f"{v['speedup']:.2f}x plain float32 ({kernels}{bn})")
     if "fit" in result:
         add("fit (input + train)", result["fit"])
     if "build" in result:
@@ -255,3 +306,15 @@ def table(result: dict) -> str:
 
 def write_json(result: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":  # one training-step measurement, run by bench_train
+    if len(sys.argv) != 3 or sys.argv[1] != "--train-step":
+        sys.exit("usage: python -m kerasfrac.bench --train-step SPEC_JSON (run by kerasfrac bench)")
+    from kerasfrac import config as _config
+
+    _spec = json.loads(sys.argv[2])
+    _figures = measure_train_step(
+        _config.from_dict(_spec["config"]), _spec["steps"], _spec["repeats"]
+    )
+    print(json.dumps(_figures))

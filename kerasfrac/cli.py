@@ -163,7 +163,7 @@ def run_train(args) -> int:
 
     import yaml
 
-    from kerasfrac import config
+    from kerasfrac import config, kernels
 
     overrides = list(args.overrides)
     if args.run_dir:
@@ -173,6 +173,7 @@ def run_train(args) -> int:
         path = str(Path(args.run_dir) / "config.yaml")  # resume with the run's own settings
     cfg = config.load_config(path, overrides)
     print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    print(f"CPU kernels: {kernels.request_onednn(cfg.train.fast)}")
     from kerasfrac import train
 
     try:
@@ -191,9 +192,10 @@ def add_bench(sub) -> None:
         "bench",
         help="images/s of the input pipeline, the training step, both, and the builder",
         description="Measure after warm-up, in one process: the training input pipeline "
-        "(uncached and cached), the training step on in-memory tensors for each --precisions "
-        "entry, the two together (fit), and the builder against the floor of decoding every "
-        "image once. Settings: defaults -> --config -> --set key=value.",
+        "(uncached and cached), the training step on in-memory tensors (plain float32, the "
+        "config's setting, and train.fast with each --precisions entry, each in a fresh "
+        "process), the two together (fit), and the builder against the floor of decoding "
+        "every image once. Settings: defaults -> --config -> --set key=value.",
     )
     p.add_argument("--config", help="YAML config (its data.dir must be a build)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -201,8 +203,8 @@ def add_bench(sub) -> None:
     p.add_argument("--steps", type=int, default=20, help="batches timed per repeat")
     p.add_argument("--repeats", type=int, default=3, help="repeats (median, min, max)")
     p.add_argument(
-        "--precisions", help="train-step candidates, e.g. float32,mixed_bfloat16 (default: the "
-        "config's precision and mixed_bfloat16)",
+        "--precisions", help="precisions tried with train.fast, e.g. float32,mixed_bfloat16 "
+        "(default: the config's precision and mixed_bfloat16)",
     )  # fmt: skip
     p.add_argument("--source", help="build: dataset folder (default: synthetic phantoms)")
     p.add_argument("--source-dataset", help="build: layout of --source (default: config's)")
@@ -212,9 +214,10 @@ def add_bench(sub) -> None:
 
 
 def run_bench(args) -> int:
-    from kerasfrac import bench, config
+    from kerasfrac import bench, config, kernels
 
     cfg = config.load_config(args.config, args.overrides)
+    print(f"CPU kernels (input, fit): {kernels.request_onednn(cfg.train.fast)}")
     what = bench.WHAT if args.what == "all" else tuple(w.strip() for w in args.what.split(","))
     precisions = args.precisions.split(",") if args.precisions else None
     result = bench.run(
@@ -235,6 +238,9 @@ def add_demo(sub) -> None:
 
 
 def _run_demo(out) -> int:
+    from kerasfrac import kernels
+
+    kernels.request_onednn(fast=True)  # the demo runs with train.fast's default
     from kerasfrac import demo
 
     demo.run(out)

@@ -21,7 +21,8 @@ from typing import Any
 
 import yaml
 
-DATASETS = ("fracatlas", "tibia-fibula", "synthetic")
+from tfrecords_builder.defaults import DATASETS
+
 FLIPS = ("none", "expand", "random")
 RESIZES = ("stretch", "pad")
 MODEL_NAMES = ("paper_cnn", "vgg16")  # kerasfrac.model.MODELS holds the builders (tested equal)
@@ -89,6 +90,10 @@ class TrainConfig:
     #: tf.config.experimental.enable_op_determinism() (slower; bit-reproducible runs).
     deterministic: bool = False
     precision: str = "float32"
+    #: Fast float32 kernels, same maths: TensorFlow's fused BatchNorm op (one replica) and,
+    #: for the `kerasfrac` command, oneDNN CPU kernels (TF_ENABLE_ONEDNN_OPTS=1 unless set).
+    #: false = plain Keras layers with TensorFlow's default kernels.
+    fast: bool = True
     distribute: str = "auto"
     #: Override of the data pipeline's steps per epoch (None: the pipeline decides).
     steps_per_epoch: int | None = None

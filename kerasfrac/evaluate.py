@@ -352,10 +352,9 @@ def _check_matches(path: Path, split: str, ids, labels, want_ids, want_labels) -
 
 def load_run_model(run_dir: Path, model_path: str | Path | None = None):
     """``(cfg, model, model_path)`` of a run, checking the model's input against the config."""
-    import keras
-
     from kerasfrac import data
     from kerasfrac.config import load_config
+    from kerasfrac.model import load_model
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -372,7 +371,7 @@ def load_run_model(run_dir: Path, model_path: str | Path | None = None):
             f"no model at {str(path)!r}: the run has not finished or the file was moved; "
             f"pass --model FILE{hint}"
         )
-    model = keras.saving.load_model(path)
+    model = load_model(path)
     check_input_shape(model, data.image_shape(cfg.data), path)
     return cfg, model, path
 

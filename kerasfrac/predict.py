@@ -99,11 +99,10 @@ def expand_paths(paths) -> list[Path]:
 
 def load_predictor(model_path: str | Path):
     """``(cfg, model, threshold, threshold_source)`` of the run that holds ``model_path``."""
-    import keras
-
     from kerasfrac import data
     from kerasfrac.config import load_config
     from kerasfrac.evaluate import check_input_shape
+    from kerasfrac.model import load_model
 
     model_path = Path(model_path)
     if not model_path.is_file():
@@ -119,7 +118,7 @@ def load_predictor(model_path: str | Path):
             "training: use a model inside its run directory"
         )
     cfg = load_config(config_file)
-    model = keras.saving.load_model(model_path)
+    model = load_model(model_path)
     check_input_shape(model, data.image_shape(cfg.data), model_path)
     threshold, source = 0.5, "default 0.5 (no Youden-J threshold in the run's metrics.json)"
     metrics_file = run_dir / "metrics.json"

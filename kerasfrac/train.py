@@ -44,7 +44,7 @@ from sklearn.metrics import roc_auc_score
 
 from kerasfrac import data, distribute, evaluate
 from kerasfrac.config import Config
-from kerasfrac.model import build_model
+from kerasfrac.model import build_model, load_model
 
 
 class RunDirError(ValueError):
@@ -275,7 +275,7 @@ def train(
                     f"--resume: the run in {str(run_dir)!r} has {state['steps_per_epoch']} "
                     f"steps per epoch, this config {steps}; resume with the run's own config."
                 )
-            model = keras.saving.load_model(run_dir / "checkpoints" / "last.keras")
+            model = load_model(run_dir / "checkpoints" / "last.keras")
             initial_epoch, initial_step = int(state["epoch"]), int(state.get("step", 0))
             if initial_step:
                 partial = _load_partial(run_dir)
@@ -284,7 +284,10 @@ def train(
             # replica Keras' sync path still computes a ones-tensor the size of each input.
             sync = cfg.model.sync_batchnorm and strategy.num_replicas_in_sync > 1
             model_cfg = dataclasses.replace(cfg.model, sync_batchnorm=sync)
-            model = build_model(model_cfg, data.image_shape(cfg.data))
+            # train.fast: TensorFlow's fused BatchNorm kernel where statistics stay local.
+            model = build_model(
+                model_cfg, data.image_shape(cfg.data), fused_batchnorm=t.fast and not sync
+            )
             model.compile(optimizer=make_optimizer(cfg, model), loss="binary_crossentropy")
     if chief:
         cfg.save(run_dir / "config.yaml")

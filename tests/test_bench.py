@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 
-from kerasfrac import bench, config
+from kerasfrac import bench, config, kernels
 from kerasfrac.cli import main
 from tests import sources
 
@@ -21,11 +22,20 @@ def test_bench_reports_positive_figures(tmp_path, separable_tfrecord_dir):
         assert figure["images_per_second"] > 0
         assert figure["min"] <= figure["images_per_second"] <= figure["max"]
         assert figure["repeats"] == 2
-    assert result["train"]["float32"]["speedup"] == 1.0
-    assert result["train"]["mixed_bfloat16"]["speedup"] > 0
+    # Rows: the plain float32 reference, the config's own setting (train.fast, float32),
+    # and train.fast with each precision asked; each measured in its own process.
+    assert list(result["train"]) == ["plain float32", "fast float32", "fast mixed_bfloat16"]
+    plain, fast = result["train"]["plain float32"], result["train"]["fast float32"]
+    assert plain["speedup"] == 1.0 and result["train"]["fast mixed_bfloat16"]["speedup"] > 0
+    assert plain["fused_batchnorm"] is False and fast["fused_batchnorm"] is True
+    if os.environ.get(kernels.ENV) is None:  # the bench asks oneDNN only for the fast rows
+        assert fast["onednn"] is True and plain["onednn"] in (False, True)
+    assert result["config"]["fast"] is True
     assert set(result["input_over_train"]) == {"uncached", "cached"}
     text = bench.table(result)
-    assert "input cached" in text and "train mixed_bfloat16" in text
+    assert (
+        "input cached" in text and "train fast mixed_bfloat16" in text and "plain float32" in text
+    )
 
 
 def test_bench_build_against_decode_floor_via_cli(tmp_path, separable_tfrecord_dir):

@@ -142,3 +142,75 @@ def test_vgg16_survives_save_and_load(tmp_path):
     np.testing.assert_allclose(reloaded.predict(x, verbose=0), m.predict(x, verbose=0), rtol=1e-5)
     sub = keras.Model(reloaded.inputs[0], reloaded.get_layer("block5_conv3").output)
     assert sub(x).shape == (2, 2, 2, 512)
+
+
+def _bn_pair(momentum=0.9):
+    """A Keras BatchNormalization and a FusedBatchNormalization with equal, non-trivial weights."""
+    rng = np.random.default_rng(4)
+    plain = keras.layers.BatchNormalization(momentum=momentum)
+    fused = model.FusedBatchNormalization(momentum=momentum)
+    for layer in (plain, fused):
+        layer.build((None, 6, 5, 4))
+    weights = [rng.normal(1, 0.3, 4), rng.normal(0, 0.3, 4), rng.normal(0, 1, 4), rng.random(4) + 1]
+    for layer in (plain, fused):
+        layer.set_weights([w.astype("float32") for w in weights])  # gamma, beta, moving stats
+    return plain, fused
+
+
+def test_fused_batchnorm_matches_keras_batchnorm():
+    import tensorflow as tf
+
+    plain, fused = _bn_pair()
+    before = plain.get_weights()[2:]
+    x = tf.constant(np.random.default_rng(5).normal(2, 3, (8, 6, 5, 4)).astype("float32"))
+    upstream = tf.constant(np.random.default_rng(6).normal(0, 1, (8, 6, 5, 4)).astype("float32"))
+    results = []
+    for layer in (plain, fused):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * upstream)
+        grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+        results.append((y.numpy(), [g.numpy() for g in grads], layer.get_weights()))
+    (y0, g0, w0), (y1, g1, w1) = results
+    # Training: batch statistics normalise to mean 0, std 1 per channel, then gamma, beta.
+    np.testing.assert_allclose(y1, y0, rtol=1e-4, atol=1e-5)
+    for a, b in zip(g1, g0, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+    # Moving mean and (biased) moving variance updated the same way.
+    for a, b in zip(w1[2:], w0[2:], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+    assert not np.allclose(w1[2], before[0]) and not np.allclose(w1[3], before[1])  # they moved
+    # Inference uses the moving statistics (the parent's path).
+    np.testing.assert_allclose(fused(x, training=False), plain(x, training=False), rtol=1e-5)
+
+
+def test_fused_paper_cnn_saves_reloads_and_trains_like_the_plain_one(tmp_path):
+    import tensorflow as tf
+
+    plain = model.paper_cnn((16, 16, 1), sync_batchnorm=False)
+    fused = model.paper_cnn((16, 16, 1), sync_batchnorm=False, fused_batchnorm=True)
+    assert isinstance(fused.get_layer("bn1"), model.FusedBatchNormalization)
+    assert type(plain.get_layer("bn1")) is keras.layers.BatchNormalization
+    # sync_batchnorm wins: the fused kernel cannot share statistics across replicas.
+    assert type(model.paper_cnn((16, 16, 1), fused_batchnorm=True).get_layer("bn1")) is (
+        keras.layers.BatchNormalization
+    )
+    fused.set_weights(plain.get_weights())
+    rng = np.random.default_rng(7)
+    x = tf.constant(rng.random((8, 16, 16, 1), dtype="float32"))
+    y = tf.constant(rng.integers(0, 2, (8, 1)).astype("float32"))
+    losses = {}
+    for name, m in (("plain", plain), ("fused", fused)):
+        m.compile(optimizer=keras.optimizers.SGD(0.05), loss="binary_crossentropy")
+        losses[name] = [float(m.train_on_batch(x, y)) for _ in range(5)]
+    np.testing.assert_allclose(losses["fused"], losses["plain"], rtol=1e-4)
+    assert losses["fused"][-1] < losses["fused"][0]  # it learns the batch
+    for a, b in zip(fused.get_weights(), plain.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+    fused.save(tmp_path / "fused.keras")
+    reloaded = model.load_model(tmp_path / "fused.keras")
+    assert isinstance(reloaded.get_layer("bn2"), model.FusedBatchNormalization)
+    np.testing.assert_allclose(
+        reloaded.predict(x, verbose=0), fused.predict(x, verbose=0), rtol=1e-5
+    )

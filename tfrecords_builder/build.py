@@ -27,14 +27,13 @@ from tfrecords_builder import (
 )
 from tfrecords_builder.archive import SourceError, open_source
 from tfrecords_builder.candidates import Candidate
+from tfrecords_builder.defaults import DATASETS, DEFAULT_NEAR_DISTANCE
 
-DATASETS = ("fracatlas", "tibia-fibula", "synthetic")
 FINDERS = {
     "fracatlas": fracatlas.find,
     "tibia-fibula": tibia_fibula.find,
     "synthetic": fracatlas.find,
 }  # the synthetic source is written in FracAtlas' layout
-DEFAULT_NEAR_DISTANCE = 4
 
 
 @dataclasses.dataclass

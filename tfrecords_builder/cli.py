@@ -12,8 +12,7 @@ byte-identical copies share a split (or are dropped with --drop-duplicates)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tfrecords_builder.build import DATASETS, DEFAULT_NEAR_DISTANCE
-    from tfrecords_builder.validation import DEFAULT_MAX_PIXELS
+    from tfrecords_builder.defaults import DATASETS, DEFAULT_MAX_PIXELS, DEFAULT_NEAR_DISTANCE
 
     parser.add_argument("dataset", choices=DATASETS, help="which source layout to read")
     parser.add_argument(

@@ -27,9 +27,10 @@ import tensorflow as tf
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from tfrecords_builder.defaults import DEFAULT_MAX_PIXELS
+
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-DEFAULT_MAX_PIXELS = 60_000_000  # FracAtlas' largest are 2304x2880 = 6.6M pixels
 RECOVER_FRACTION = 0.5  # a recovered JPEG must have at least half of its lines
 
 

@@ -1,0 +1,43 @@
+"""Which TensorFlow CPU kernels a kerasfrac process runs (part of ``train.fast``).
+
+TensorFlow reads ``TF_ENABLE_ONEDNN_OPTS`` once, when it is first imported, and turns its
+oneDNN kernels on by default only on x86 CPUs with the newest vector extensions (AVX512
+VNNI/BF16, AMX). On other CPUs, such as this project's 2-core AVX machines, the default is
+TensorFlow's own Eigen kernels, and oneDNN makes the paper CNN's float32 training step about
+1.8x faster (``kerasfrac bench``): same float32 maths, only the summation order differs
+(TensorFlow says so when it starts: "slightly different numerical results").
+
+So the ``kerasfrac`` command calls ``request_onednn(cfg.train.fast)`` before anything
+imports TensorFlow. A value the user exported always wins (``TF_ENABLE_ONEDNN_OPTS=0``
+switches it off); a Python session that imported TensorFlow already keeps what it has, and
+``onednn_enabled`` tells which it is. GPUs are unaffected: the flag picks CPU kernels only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+ENV = "TF_ENABLE_ONEDNN_OPTS"
+
+
+def request_onednn(fast: bool) -> str:
+    """Ask for oneDNN kernels when ``fast``; returns what happened, for the log."""
+    if ENV in os.environ:
+        return f"{ENV}={os.environ[ENV]} (set by the environment)"
+    if not fast:
+        return "TensorFlow's default CPU kernels (train.fast=false)"
+    if "tensorflow" in sys.modules:
+        return f"TensorFlow already imported: its kernels stay as they are ({ENV} unset)"
+    os.environ[ENV] = "1"
+    return f"{ENV}=1 (train.fast)"
+
+
+def onednn_enabled() -> bool | None:
+    """Whether this process' TensorFlow runs oneDNN kernels (None: cannot tell)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):  # a TensorFlow without this private function
+        return None
