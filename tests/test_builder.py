@@ -336,3 +336,26 @@ def test_synthetic_csv_columns_follow_the_schema():
     from tfrecords_builder import schema, synthetic
 
     assert synthetic.CSV_COLUMNS == ("image_id", *schema.META_COLUMNS)
+
+
+def test_perceptual_hash_equals_imagehash_phash():
+    """validation hashes all thumbnails in one matrix product; imagehash is the reference."""
+    imagehash = pytest.importorskip("imagehash")
+    import tensorflow as tf
+
+    from tfrecords_builder import validation
+
+    rng = np.random.default_rng(11)
+    yy, xx = np.mgrid[0:300, 0:240]
+    images = [
+        rng.integers(0, 256, (300, 240, 1), dtype=np.uint8),  # noise
+        ((np.sin(xx / 17.0) + np.cos(yy / 29.0)) * 60 + 128).astype(np.uint8)[..., None],
+        np.dstack([(xx % 64 * 4), (yy % 32 * 8), (xx + yy) % 256]).astype(np.uint8),  # RGB
+        np.pad(np.full((100, 80, 1), 220, np.uint8), ((50, 150), (90, 70), (0, 0))),  # a box
+    ]
+    thumbs = [validation.thumbnail(validation.hash_view(tf.constant(im))) for im in images]
+    ours = validation.perceptual_hashes(np.stack(thumbs))
+    reference = [int(str(imagehash.phash(Image.fromarray(t))), 16) for t in thumbs]
+    assert ours == reference
+    assert len(set(ours)) == len(images)  # distinct images, distinct hashes
+    assert validation.perceptual_hash(tf.constant(images[1])) == ours[1]
