@@ -204,7 +204,8 @@ def add_bench(sub) -> None:
     p.add_argument("--repeats", type=int, default=3, help="repeats (median, min, max)")
     p.add_argument(
         "--precisions", help="precisions tried with train.fast, e.g. float32,mixed_bfloat16 "
-        "(default: the config's precision and mixed_bfloat16)",
+        "(default: the config's, and mixed_float16 on a GPU or mixed_bfloat16 on a CPU with "
+        "bfloat16 units)",
     )  # fmt: skip
     p.add_argument("--source", help="build: dataset folder (default: synthetic phantoms)")
     p.add_argument("--source-dataset", help="build: layout of --source (default: config's)")

@@ -41,3 +41,27 @@ def onednn_enabled() -> bool | None:
         return bool(_pywrap_util_port.IsMklEnabled())
     except (ImportError, AttributeError):  # a TensorFlow without this private function
         return None
+
+
+#: CPU flags (Linux /proc/cpuinfo names) of native bfloat16 arithmetic; without them
+#: TensorFlow emulates bfloat16 and ``mixed_bfloat16`` ran at 0.2x float32 here.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where it cannot be read)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def native_bfloat16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX)."""
+    return bool(cpu_flags(cpuinfo) & set(BF16_CPU_FLAGS))

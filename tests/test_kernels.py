@@ -26,3 +26,12 @@ def test_request_onednn_leaves_an_imported_tensorflow_alone(monkeypatch):
     assert "already imported" in kernels.request_onednn(True)
     assert kernels.ENV not in os.environ
     assert kernels.onednn_enabled() in (True, False)
+
+
+def test_native_bfloat16_from_cpu_flags():
+    avx = "processor\t: 0\nflags\t\t: fpu sse2 avx fma\n"
+    sapphire = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    assert kernels.cpu_flags(avx) == {"fpu", "sse2", "avx", "fma"}
+    assert not kernels.native_bfloat16(avx)
+    assert kernels.native_bfloat16(sapphire)
+    assert kernels.cpu_flags("no flags here") == set()
