@@ -53,6 +53,7 @@ def bench_input(cfg, steps: int, repeats: int) -> dict:
 
     out = {}
     for label, cache in (("uncached", "none"), ("cached", "memory")):
+        _progress(f"input {label}")
         data_cfg = dataclasses.replace(cfg.data, cache=cache)
         ds, epoch_steps = data.make_dataset(
             None, "train", data_cfg, cfg.train.batch_size, cfg.train.seed, training=True,
@@ -134,6 +135,7 @@ def bench_train(cfg, steps: int, repeats: int, precisions: list[str]) -> dict:
 
     out = {}
     for label, fast, precision in train_settings(cfg, precisions):
+        _progress(f"train {label} ({repeats} x {steps} steps in a fresh process)")
         env = dict(os.environ)
         if fast:
             env.setdefault(kernels.ENV, "1")  # as `kerasfrac train` does; the user's value wins
@@ -234,6 +236,11 @@ def bench_build(dataset: str, source: Path | None, repeats: int, workers: int | 
     }
 
 
+def _progress(what: str) -> None:
+    """One line per measurement on stderr: a bench at 512 px can take many minutes."""
+    print(f"bench: measuring {what} ...", file=sys.stderr, flush=True)
+
+
 def default_precisions(cfg) -> list[str]:
     """The config's precision, and the mixed precision this machine computes natively:
     ``mixed_float16`` on a GPU, ``mixed_bfloat16`` on a CPU with bfloat16 units; none else
@@ -277,6 +284,7 @@ def run(cfg, what=WHAT, steps: int = 20, repeats: int = 3, precisions=None, sour
     if "fit" in what:
         from kerasfrac import kernels
 
+        _progress("fit (input + train)")
         result["fit"] = {**bench_fit(cfg, steps, repeats), "onednn": kernels.onednn_enabled()}
     if "input" in result and "train" in result:  # against the config's own training step
         own = setting_label(cfg.train.fast, cfg.train.precision)
@@ -285,6 +293,7 @@ def run(cfg, what=WHAT, steps: int = 20, repeats: int = 3, precisions=None, sour
             k: v["images_per_second"] / base for k, v in result["input"].items()
         }
     if "build" in what:
+        _progress("build against the decode floor")
         result["build"] = bench_build(
             source_dataset or cfg.dataset, Path(source) if source else None, repeats, workers
         )
