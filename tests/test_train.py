@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kerasfrac import config, train
+from kerasfrac import config, kernels, train
 from kerasfrac.cli import main
 
 FAST = {
@@ -153,7 +153,7 @@ def test_bad_input_errors_before_training(tmp_path, separable_tfrecord_dir, caps
     assert "data.image_size" in capsys.readouterr().err
 
 
-def test_cli_train_end_to_end(tmp_path, separable_tfrecord_dir):
+def test_cli_train_end_to_end(tmp_path, separable_tfrecord_dir, capsys):
     run_dir = tmp_path / "cli-run"
     args = [
         "train",
@@ -172,6 +172,10 @@ def test_cli_train_end_to_end(tmp_path, separable_tfrecord_dir):
     ]
     assert main(args) == 0
     assert (run_dir / "model.keras").is_file() and (run_dir / "metrics.json").is_file()
+    out = capsys.readouterr().out
+    assert "kernels: fused BatchNorm" in out  # train.fast's default on one replica
+    if kernels.onednn_enabled() is False:  # TensorFlow came up in this process before the CLI
+        assert "note: train.fast asks for oneDNN" in out
     assert main(args) == 2  # finished run: refused without --overwrite
     assert main([*args, "--overwrite"]) == 0
 
