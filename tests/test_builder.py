@@ -359,3 +359,32 @@ def test_perceptual_hash_equals_imagehash_phash():
     assert ours == reference
     assert len(set(ours)) == len(images)  # distinct images, distinct hashes
     assert validation.perceptual_hash(tf.constant(images[1])) == ours[1]
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels and that holds none."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("size", "why"),
+    [((20_000, 10_000), "decompression-bomb guard"), ((9_000, 8_000), "--max-pixels")],
+)
+def test_decompression_bombs_are_refused_from_the_header(tmp_path, size, why):
+    """Pillow's own error (above twice its limit) and --max-pixels both stop the file unread."""
+    from tfrecords_builder import validation
+
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_header_only(*size))
+    checked = validation.check_all([path], max_pixels=60_000_000, workers=2, progress=False)[0]
+    assert checked.reason.startswith("too large") and why in checked.reason
+    assert checked.phash is None and checked.height == 0

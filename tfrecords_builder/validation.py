@@ -17,7 +17,6 @@ import hashlib
 import io
 import os
 import re
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -106,13 +105,16 @@ def perceptual_hash(pixels: tf.Tensor) -> int:
 
 
 def _header(data: bytes) -> tuple[str | None, int, int, str | None]:
-    """(pillow format, width, height, error) from the header alone, without decoding."""
+    """(pillow format, width, height, error) from the header alone, without decoding.
+
+    ``--max-pixels`` is the size guard (checked by the caller); Pillow's own error above twice
+    its limit is kept. No ``warnings.catch_warnings`` here: it is not thread-safe, and this
+    runs in the decode threads.
+    """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                return im.format, im.width, im.height, None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.format, im.width, im.height, None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:  # -W error
         return None, 0, 0, f"too large (decompression-bomb guard): {err}"
     except UnidentifiedImageError:
         return None, 0, 0, "not an image: no known image format (Pillow cannot identify it)"
