@@ -103,6 +103,7 @@ def measure_train_step(cfg, steps: int, repeats: int) -> dict:
     import tensorflow as tf
 
     from kerasfrac import data, kernels
+    from kerasfrac.model import uses_fused_batchnorm
 
     shape = (cfg.train.batch_size, *data.image_shape(cfg.data))
     rng = np.random.default_rng(0)
@@ -125,8 +126,8 @@ def measure_train_step(cfg, steps: int, repeats: int) -> dict:
             rates.append(steps * shape[0] / (time.perf_counter() - start))
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    fused = any(type(layer).__name__ == "FusedBatchNormalization" for layer in model.layers)
-    return {**_spread(rates), "onednn": kernels.onednn_enabled(), "fused_batchnorm": fused}
+    return {**_spread(rates), "onednn": kernels.onednn_enabled(),
+            "fused_batchnorm": uses_fused_batchnorm(model)}  # fmt: skip
 
 
 def bench_train(cfg, steps: int, repeats: int, precisions: list[str]) -> dict:
@@ -158,7 +159,7 @@ def bench_train(cfg, steps: int, repeats: int, precisions: list[str]) -> dict:
                 f"(exit {proc.returncode}):\n{proc.stderr[-3000:]}"
             )
         out[label] = json.loads(proc.stdout.strip().splitlines()[-1])
-    base = out["plain float32"]["images_per_second"]
+    base = out[setting_label(False, "float32")]["images_per_second"]
     for figure in out.values():
         figure["speedup"] = figure["images_per_second"] / base
     return out

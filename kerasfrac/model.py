@@ -71,6 +71,11 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
         return tf.cast(y, self.compute_dtype)
 
 
+def uses_fused_batchnorm(model: keras.Model) -> bool:
+    """Whether ``model`` trains with ``FusedBatchNormalization`` (``train.fast``)."""
+    return any(isinstance(layer, FusedBatchNormalization) for layer in model.layers)
+
+
 def load_model(path: str | Path) -> keras.Model:
     """``keras.saving.load_model`` with kerasfrac's layers registered (this module's import)."""
     return keras.saving.load_model(path)

@@ -44,7 +44,7 @@ from sklearn.metrics import roc_auc_score
 
 from kerasfrac import data, distribute, evaluate, kernels
 from kerasfrac.config import Config
-from kerasfrac.model import FusedBatchNormalization, build_model, load_model
+from kerasfrac.model import build_model, load_model, uses_fused_batchnorm
 
 
 class RunDirError(ValueError):
@@ -219,7 +219,7 @@ def make_train_step(model: keras.Model, strategy: tf.distribute.Strategy, global
 
 def _print_kernels(model: keras.Model, fast: bool) -> None:
     """Which BatchNorm and CPU kernels this run got (``train.fast``), and why not if not."""
-    fused = any(isinstance(layer, FusedBatchNormalization) for layer in model.layers)
+    fused = uses_fused_batchnorm(model)
     onednn = kernels.onednn_enabled()
     onednn_text = {True: "on", False: "off", None: "unknown"}[onednn]
     print(f"kernels: {'fused' if fused else 'Keras'} BatchNorm, oneDNN {onednn_text}", flush=True)
@@ -299,10 +299,9 @@ def train(
             # replica Keras' sync path still computes a ones-tensor the size of each input.
             sync = cfg.model.sync_batchnorm and strategy.num_replicas_in_sync > 1
             model_cfg = dataclasses.replace(cfg.model, sync_batchnorm=sync)
-            # train.fast: TensorFlow's fused BatchNorm kernel where statistics stay local.
-            model = build_model(
-                model_cfg, data.image_shape(cfg.data), fused_batchnorm=t.fast and not sync
-            )
+            # train.fast: TensorFlow's fused BatchNorm kernel (paper_cnn keeps Keras' layer
+            # where statistics are synchronised).
+            model = build_model(model_cfg, data.image_shape(cfg.data), fused_batchnorm=t.fast)
             model.compile(optimizer=make_optimizer(cfg, model), loss="binary_crossentropy")
     if chief:
         cfg.save(run_dir / "config.yaml")
