@@ -353,8 +353,8 @@ def test_perceptual_hash_equals_imagehash_phash():
         np.dstack([(xx % 64 * 4), (yy % 32 * 8), (xx + yy) % 256]).astype(np.uint8),  # RGB
         np.pad(np.full((100, 80, 1), 220, np.uint8), ((50, 150), (90, 70), (0, 0))),  # a box
     ]
-    thumbs = [validation.thumbnail(validation.hash_view(tf.constant(im))) for im in images]
-    ours = validation.perceptual_hashes(np.stack(thumbs))
+    thumbs = validation.thumbnails([validation.hash_sample(tf.constant(im)) for im in images])
+    ours = validation.perceptual_hashes(thumbs)
     reference = [int(str(imagehash.phash(Image.fromarray(t))), 16) for t in thumbs]
     assert ours == reference
     assert len(set(ours)) == len(images)  # distinct images, distinct hashes
@@ -388,3 +388,27 @@ def test_decompression_bombs_are_refused_from_the_header(tmp_path, size, why):
     checked = validation.check_all([path], max_pixels=60_000_000, workers=2, progress=False)[0]
     assert checked.reason.startswith("too large") and why in checked.reason
     assert checked.phash is None and checked.height == 0
+
+
+def test_near_duplicate_pairs_match_a_brute_force_hamming_count():
+    """Clusters of hashes a few flipped bits apart, against bin(a ^ b).count("1") per pair."""
+    from tfrecords_builder.duplicates import near_duplicate_pairs
+
+    rng = np.random.default_rng(5)
+    hashes = []
+    for centre in rng.integers(0, 2**63, 40, dtype=np.int64).tolist():
+        for _ in range(int(rng.integers(1, 5))):
+            flips = rng.choice(64, size=int(rng.integers(0, 8)), replace=False)
+            hashes.append(centre ^ sum(1 << int(b) for b in flips))
+    hashes.append(2**64 - 1)  # the top bit set: unsigned all the way
+    hashes.append(2**64 - 2)
+    for max_distance in (0, 3, 6, 64):
+        expected = [
+            (i, j, bin(a ^ b).count("1"))
+            for i, a in enumerate(hashes)
+            for j, b in enumerate(hashes)
+            if i < j and bin(a ^ b).count("1") <= max_distance
+        ]
+        assert near_duplicate_pairs(hashes, max_distance) == expected
+    assert (len(hashes) - 2, len(hashes) - 1, 1) in near_duplicate_pairs(hashes, 1)
+    assert len(near_duplicate_pairs(hashes, 64)) == len(hashes) * (len(hashes) - 1) // 2

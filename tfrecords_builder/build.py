@@ -49,6 +49,7 @@ class BuildOptions:
     max_pixels: int = validation.DEFAULT_MAX_PIXELS
     workers: int | None = None
     progress: bool = True
+    hold_bytes: int = 4 << 30  # source bytes kept in memory from validation to writing
 
 
 def _by_label(items, label_of) -> dict[str, int]:
@@ -61,6 +62,8 @@ def _example(
 ) -> tf.train.Example:
     if chk.recovered is not None:
         encoded = chk.recovered
+    elif chk.data is not None:
+        encoded, chk.data = chk.data, None  # the bytes validation hashed; freed once written
     else:
         encoded = cand.path.read_bytes()
         if hashlib.sha256(encoded).hexdigest() != chk.sha256:
@@ -109,14 +112,28 @@ def _parent(out: Path) -> Path:
     return out.parent
 
 
+def _source_bytes(paths: list[Path]) -> int:
+    total = 0
+    for p in paths:
+        try:
+            total += p.stat().st_size
+        except OSError:
+            pass  # validation reports it, with the reason
+    return total
+
+
 def _build_into(stage: Path, dataset: str, found, opts: BuildOptions) -> dict:
     cands = found.candidates
+    paths = [c.path for c in cands]
     checks = validation.check_all(
-        [c.path for c in cands],
+        paths,
         opts.recover_truncated,
         opts.max_pixels,
         opts.workers,
         opts.progress,
+        # The validated bytes go on to the writer when they fit the budget (FracAtlas: ~0.2
+        # GB); above it each file is read again and its sha256 checked against validation's.
+        keep_bytes=_source_bytes(paths) <= opts.hold_bytes,
     )
     quarantined = [
         {"file": c.rel, "label": c.label, "reason": k.reason}
@@ -238,7 +255,7 @@ def _build_into(stage: Path, dataset: str, found, opts: BuildOptions) -> dict:
         "options": {
             k: v
             for k, v in dataclasses.asdict(opts).items()
-            if k not in ("progress", "workers", "overwrite")
+            if k not in ("progress", "workers", "overwrite", "hold_bytes")
         },
         "found": found_counts,
         "written": written,

