@@ -48,7 +48,8 @@ class Checked:
     phash: int | None = None  # 64-bit perceptual hash of the decoded image
     recovered: bytes | None = None  # lossless re-encode of a recovered truncated JPEG
     data: bytes | None = dataclasses.field(default=None, repr=False)  # kept for the writer
-    sample: np.ndarray | None = dataclasses.field(default=None, repr=False)  # for the phash
+    sample: np.ndarray | None = dataclasses.field(default=None, repr=False)  # for the thumb
+    thumb: np.ndarray | None = dataclasses.field(default=None, repr=False)  # for the phash
 
 
 def sniff(data: bytes) -> str | None:
@@ -62,6 +63,7 @@ def sniff(data: bytes) -> str | None:
 HASH_SIZE, THUMB_SIZE = 8, 32  # imagehash.phash's defaults: 8x8 low frequencies of 32x32
 SAMPLES = 2 * THUMB_SIZE  # pixels sampled per side; each thumbnail pixel averages 2x2 of them
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601-2 luma, Pillow's "L"
+THUMB_CHUNK = 64  # samples made into thumbnails at a time
 
 
 @functools.lru_cache(maxsize=8192)
@@ -240,8 +242,9 @@ def check_file(
         fmt = "png"
         out.recovered = tf.io.encode_png(pixels).numpy()
     out.image_format = fmt
-    out.height, out.width, out.channels = (int(d) for d in pixels.shape)
-    out.sample = hash_sample(pixels)  # check_all hashes all samples at once
+    array = np.asarray(pixels)  # a view of TF's buffer; cheaper than TensorShape
+    out.height, out.width, out.channels = array.shape
+    out.sample = hash_sample(array)  # check_all makes thumbnails of many at once
     if keep_bytes and out.recovered is None:
         out.data = data
     return out
@@ -271,18 +274,33 @@ def check_all(
     keep_bytes: bool = False,
 ) -> list[Checked]:
     """Check every file in parallel; results in the order of ``paths``, good ones with
-    their perceptual hash (computed for all at once, after the decoding) and, with
-    ``keep_bytes``, their bytes (``Checked.data``)."""
+    their perceptual hash (thumbnails in chunks as results come, hashes all at once at the
+    end) and, with ``keep_bytes``, their bytes (``Checked.data``)."""
     workers = workers or os.cpu_count() or 1
+    checks: list[Checked] = []
+    sampled: list[Checked] = []
+
+    def thumbnail_sampled() -> None:
+        """Thumbnails in chunks, while the workers decode (numpy's loops release the GIL)."""
+        thumbs = thumbnails([c.sample for c in sampled])
+        for c, thumb in zip(sampled, thumbs, strict=True):
+            c.thumb, c.sample = thumb, None
+        sampled.clear()
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(
             lambda p: check_file(p, recover_truncated, max_pixels, keep_bytes), paths
         )
-        bar = tqdm(results, total=len(paths), desc="validate", unit="img", disable=not progress)
-        checks = list(bar)
-    good = [c for c in checks if c.sample is not None]
+        for c in tqdm(results, total=len(paths), desc="validate", unit="img", disable=not progress):
+            checks.append(c)
+            if c.sample is not None:
+                sampled.append(c)
+                if len(sampled) == THUMB_CHUNK:
+                    thumbnail_sampled()
+    thumbnail_sampled()
+    good = [c for c in checks if c.thumb is not None]
     if good:
-        hashes = perceptual_hashes(thumbnails([c.sample for c in good]))
+        hashes = perceptual_hashes(np.stack([c.thumb for c in good]))
         for c, h in zip(good, hashes, strict=True):
-            c.phash, c.sample = h, None
+            c.phash, c.thumb = h, None
     return checks
