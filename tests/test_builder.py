@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import zipfile
 from pathlib import Path
@@ -375,19 +376,105 @@ def _png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
+def _jpeg_header_only(width: int, height: int) -> bytes:
+    """A JPEG whose SOF0 segment (after an APP0 segment) claims ``width`` x ``height``."""
+    import struct
+
+    app0 = b"\xff\xe0" + struct.pack(">H", 16) + b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+    components = b"\x01\x11\x00\x02\x11\x00\x03\x11\x00"
+    sof0 = b"\xff\xc0" + struct.pack(">HBHHB", 17, 8, height, width, 3) + components
+    return b"\xff\xd8" + app0 + sof0 + b"\xff\xd9"
+
+
 @pytest.mark.parametrize(
-    ("size", "why"),
-    [((20_000, 10_000), "decompression-bomb guard"), ((9_000, 8_000), "--max-pixels")],
-)
-def test_decompression_bombs_are_refused_from_the_header(tmp_path, size, why):
-    """Pillow's own error (above twice its limit) and --max-pixels both stop the file unread."""
+    ("header", "size"),
+    [(_png_header_only, (20_000, 10_000)), (_png_header_only, (9_000, 8_000)),
+     (_jpeg_header_only, (65_000, 60_000)), (_jpeg_header_only, (9_000, 8_000))],
+)  # fmt: skip
+def test_decompression_bombs_are_refused_from_the_header(tmp_path, header, size):
+    """--max-pixels stops a file whose header claims too many pixels before any decoding."""
     from tfrecords_builder import validation
 
-    path = tmp_path / "bomb.png"
-    path.write_bytes(_png_header_only(*size))
+    path = tmp_path / "bomb.img"
+    path.write_bytes(header(*size))
     checked = validation.check_all([path], max_pixels=60_000_000, workers=2, progress=False)[0]
-    assert checked.reason.startswith("too large") and why in checked.reason
+    assert checked.reason == (
+        f"too large: {size[0]}x{size[1]} = {size[0] * size[1]} pixels exceeds --max-pixels "
+        "60000000 (decompression-bomb guard)"
+    )
     assert checked.phash is None and checked.height == 0
+
+
+def _encoded_variants() -> list[tuple[str, bytes]]:
+    """JPEGs and PNGs as encoders lay them out: EXIF and ICC segments, progressive and
+    restart-marker JPEGs, every PNG colour type."""
+    import io
+
+    rng = np.random.default_rng(2)
+    out = []
+    for mode, size in (("L", (37, 23)), ("RGB", (64, 301)), ("RGBA", (5, 7)), ("LA", (300, 2))):
+        image = Image.fromarray(rng.integers(0, 256, (*size[::-1], len(mode)), np.uint8).squeeze())
+        buf = io.BytesIO()
+        image.save(buf, "PNG")
+        out.append((f"png {mode} {size}", buf.getvalue()))
+        if mode in ("L", "RGB"):
+            exif = Image.Exif()
+            exif[0x0112] = 6  # orientation: the size is still the stored one
+            for kwargs in ({}, {"progressive": True}, {"exif": exif.tobytes()},
+                           {"icc_profile": b"\0" * 3000, "restart_marker_blocks": 1}):  # fmt: skip
+                buf = io.BytesIO()
+                image.save(buf, "JPEG", quality=90, **kwargs)
+                out.append((f"jpeg {mode} {size} {sorted(kwargs)}", buf.getvalue()))
+    return out
+
+
+def test_image_size_reads_headers_as_pillow_does():
+    from tfrecords_builder import validation
+
+    for name, data in _encoded_variants():
+        fmt = validation.sniff(data)
+        assert validation.image_size(data, fmt) == Image.open(io.BytesIO(data)).size, name
+    jpeg = _encoded_variants()[1][1]
+    assert validation.image_size(jpeg[:2] + b"junk" + jpeg[2:], "jpeg") is None  # no marker
+    assert validation.image_size(jpeg[:40], "jpeg") is None  # cut before the SOF segment
+    assert validation.image_size(b"\x89PNG\r\n\x1a\n" + b"\0" * 20, "png") is None
+
+
+def test_hash_sample_keeps_gray_or_colour_channels_only(tmp_path):
+    """Alpha does not change a hash; a gray image stored as RGB hashes like the gray one."""
+    import tensorflow as tf
+
+    from tfrecords_builder import validation
+
+    rng = np.random.default_rng(4)
+    gray = rng.integers(0, 256, (90, 70, 1), np.uint8)
+    rgb = rng.integers(0, 256, (90, 70, 3), np.uint8)
+    alpha = rng.integers(0, 256, (90, 70, 1), np.uint8)
+    hash_of = validation.perceptual_hash
+    assert hash_of(tf.constant(np.dstack([gray, alpha]))) == hash_of(tf.constant(gray))
+    assert hash_of(tf.constant(np.dstack([rgb, alpha]))) == hash_of(tf.constant(rgb))
+    assert hash_of(tf.constant(np.dstack([gray] * 3))) == hash_of(tf.constant(gray))
+    assert validation.hash_sample(tf.constant(gray)).shape == (64, 64, 1)
+    assert validation.hash_sample(tf.constant(rgb[:3, :5])).shape == (64, 64, 3)  # tiny: repeats
+
+
+def test_validated_bytes_are_the_written_bytes_with_or_without_holding_them(tmp_path):
+    """keep_bytes hands the very bytes hashed to the writer; over the memory budget
+    (hold_bytes) each file is read again and checked. Both give identical shards."""
+    from tfrecords_builder import validation
+
+    sources.make_fracatlas(tmp_path / "src", n_fractured=6, n_normal=9)
+    paths = sorted((tmp_path / "src" / "images").rglob("*.*"))
+    kept = validation.check_all(paths, workers=2, progress=False, keep_bytes=True)
+    for path, c in zip(paths, kept, strict=True):
+        assert c.data == (path.read_bytes() if not c.reason and not c.recovered else None)
+    assert all(c.data is None for c in validation.check_all(paths, workers=2, progress=False))
+    a = build("fracatlas", tmp_path / "src", tmp_path / "a", BuildOptions(**OPTS))
+    b = build("fracatlas", tmp_path / "src", tmp_path / "b", BuildOptions(hold_bytes=0, **OPTS))
+    assert a["shards"] == b["shards"] and a["splits"] == b["splits"]
+    for names in a["shards"].values():
+        for name in names:
+            assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
 def test_near_duplicate_pairs_match_a_brute_force_hamming_count():

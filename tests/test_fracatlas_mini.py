@@ -71,3 +71,19 @@ def test_boxes_and_metadata_from_the_real_annotations(mini_build):
             assert r["meta"]["fractured"] in (0, 1)
     quarantined = {Path(q["file"]).name for q in m["quarantined"]}
     assert seen == len(set(boxes_per_file) - quarantined) > 100
+
+
+def test_header_sizes_equal_pillows_for_every_real_file():
+    """The builder's own JPEG/PNG header reader (the decompression-bomb guard) on real files."""
+    import io
+
+    from PIL import Image
+
+    from tfrecords_builder import validation
+
+    files = sorted((MINI / "images").rglob("*.jpg"))
+    assert len(files) == 584
+    for path in files:
+        data = path.read_bytes()
+        size = validation.image_size(data, validation.sniff(data))
+        assert size == Image.open(io.BytesIO(data)).size, path.name
