@@ -7,7 +7,9 @@
   the reference), the config's own setting, and ``train.fast`` with each precision asked;
   each in a fresh process, because oneDNN is chosen when TensorFlow is imported;
 - fit: pipeline and step together, with the config's settings; ``input/train`` (against the
-  config's own step) above 1 means the model, not the input pipeline, is the bottleneck;
+  config's own step) above 1 means the model, not the input pipeline, is the bottleneck; with
+  the training images per epoch, the minutes of training steps for ``train.epochs`` epochs
+  (validation passes and checkpoints not counted);
 - build: the builder on a source folder against the floor of decoding every image once with
   the same number of threads.
 
@@ -190,7 +192,24 @@ def bench_fit(cfg, steps: int, repeats: int) -> dict:
             rates.append(images / (time.perf_counter() - start))
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    return _spread(rates)
+    out = _spread(rates)
+    epoch = epoch_images(cfg, epoch_steps)
+    out.update(epoch_images=epoch, epochs=cfg.train.epochs,
+               train_minutes=cfg.train.epochs * epoch / out["images_per_second"] / 60)  # fmt: skip
+    return out
+
+
+def epoch_images(cfg, epoch_steps: int | None) -> int:
+    """Training images per epoch as ``kerasfrac train`` runs it: ``train.steps_per_epoch`` or
+    the oversampled epoch's steps, in batches; else the whole split (x3 with flip-expand)."""
+    from kerasfrac import data
+
+    steps = cfg.train.steps_per_epoch or epoch_steps
+    if steps:
+        return steps * cfg.train.batch_size
+    manifest = data.check_build(cfg.data.dir, cfg.dataset)
+    train = sum(data.class_counts(manifest, "train").values())
+    return train * (3 if cfg.data.flips == "expand" else 1)
 
 
 def decode_floor(files: list[Path], workers: int) -> float:
@@ -237,6 +256,16 @@ def bench_build(dataset: str, source: Path | None, repeats: int, workers: int | 
     }
 
 
+def gpu_names() -> list[str]:
+    """The name of each GPU TensorFlow sees (e.g. "NVIDIA H100 80GB HBM3"), for the record."""
+    import tensorflow as tf
+
+    return [
+        tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
+        for gpu in tf.config.list_physical_devices("GPU")
+    ]
+
+
 def _progress(what: str) -> None:
     """One line per measurement on stderr: a bench at 512 px can take many minutes."""
     print(f"bench: measuring {what} ...", file=sys.stderr, flush=True)
@@ -273,6 +302,7 @@ def run(cfg, what=WHAT, steps: int = 20, repeats: int = 3, precisions=None, sour
         "steps": steps,
         "repeats": repeats,
         "cpu_count": os.cpu_count(),
+        "gpus": gpu_names(),
     }  # fmt: skip
     if "input" in what or "fit" in what:
         from kerasfrac import data
@@ -316,7 +346,9 @@ def table(result: dict) -> str:
         bn = "fused BN" if v["fused_batchnorm"] else "Keras BN"
         add(f"train {k}", v, f"{v['speedup']:.2f}x plain float32 ({kernels}{bn})")
     if "fit" in result:
-        add("fit (input + train)", result["fit"])
+        f = result["fit"]
+        add("fit (input + train)", f, f"{f['epoch_images']} img/epoch: {f['train_minutes']:.1f} "
+            f"min for {f['epochs']} epochs (training steps only)")  # fmt: skip
     if "build" in result:
         b = result["build"]
         add("decode floor", b["decode_floor"], f"{b['files']} files, {b['workers']} threads")
@@ -324,7 +356,8 @@ def table(result: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     c = result["config"]
     head = (f"kerasfrac bench: {c['dataset']} {c['image_size']}px batch {c['batch_size']} "
-            f"flips={c['flips']} model={c['model']}, {result['cpu_count']} CPUs")  # fmt: skip
+            f"flips={c['flips']} model={c['model']}, {result['cpu_count']} CPUs, "
+            f"GPU: {', '.join(result.get('gpus') or ['none'])}")  # fmt: skip
     return "\n".join([head] + ["  ".join(x.ljust(w) for x, w in zip(r, widths)) for r in rows])
 
 

@@ -32,10 +32,21 @@ def test_bench_reports_positive_figures(tmp_path, separable_tfrecord_dir):
         assert fast["onednn"] is True and plain["onednn"] in (False, True)
     assert result["config"]["fast"] is True
     assert set(result["input_over_train"]) == {"uncached", "cached"}
+    # An epoch without oversampling is the whole training split, x3 with flip-expand.
+    manifest = json.loads((separable_tfrecord_dir / "manifest.json").read_text())
+    train = sum(manifest["splits"]["train"].values())
+    fit = result["fit"]
+    assert cfg.data.oversample or fit["epoch_images"] == 3 * train
+    if cfg.data.oversample:  # 2 x the majority class, x3, in whole batches
+        majority = max(manifest["splits"]["train"].values())
+        assert fit["epoch_images"] == -(-2 * majority * 3 // 8) * 8
+    minutes = fit["epochs"] * fit["epoch_images"] / fit["images_per_second"] / 60
+    assert fit["epochs"] == 5 and abs(fit["train_minutes"] - minutes) < 1e-9
     text = bench.table(result)
     assert (
         "input cached" in text and "train fast mixed_bfloat16" in text and "plain float32" in text
     )
+    assert f"{fit['epoch_images']} img/epoch" in text and "min for 5 epochs" in text
 
 
 def test_bench_build_against_decode_floor_via_cli(tmp_path, separable_tfrecord_dir):

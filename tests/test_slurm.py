@@ -256,6 +256,25 @@ def test_train_sbatch_array_two_configs(cluster, synthetic, tmp_path):
         assert config["train"]["seed"] == (1 if c == "a" else 2)
 
 
+@needs_slurm
+def test_bench_sbatch_writes_figures_per_config(cluster, synthetic, tmp_path):
+    config = _tiny_config(tmp_path / "tiny_bench.yaml", 3)
+    cluster.run(
+        "bench.sbatch",
+        CONFIGS=str(config),
+        BENCH_ARGS="--what input,fit --steps 2 --repeats 1",
+        BENCH_SET="train.epochs=2",
+    )
+    out = cluster.root / "runs" / "bench"
+    result = json.loads((out / "tiny_bench.json").read_text())
+    fit = result["fit"]
+    assert fit["images_per_second"] > 0 and fit["epochs"] == 2  # BENCH_SET reached bench
+    assert fit["epoch_images"] == 5 * 8  # the config's steps_per_epoch x batch_size
+    assert fit["train_minutes"] > 0 and result["gpus"] == []  # a CPU-only test node
+    table = (out / "tiny_bench.txt").read_text()
+    assert "GPU: none" in table and "fit (input + train)" in table
+
+
 def _job_fields(job_id: str) -> dict[str, str]:
     shown = subprocess.run(
         ["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True
