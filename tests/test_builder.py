@@ -499,3 +499,25 @@ def test_near_duplicate_pairs_match_a_brute_force_hamming_count():
         assert near_duplicate_pairs(hashes, max_distance) == expected
     assert (len(hashes) - 2, len(hashes) - 1, 1) in near_duplicate_pairs(hashes, 1)
     assert len(near_duplicate_pairs(hashes, 64)) == len(hashes) * (len(hashes) - 1) // 2
+
+
+def test_same_source_gives_the_same_shard_bytes_in_another_process(tmp_path):
+    """Records are serialised deterministically (protobuf map order varies between
+    processes otherwise), so two builds of one source can be compared by checksum."""
+    import subprocess
+    import sys
+
+    sources.make_fracatlas(tmp_path / "src", n_fractured=6, n_normal=9)
+    here = build("fracatlas", tmp_path / "src", tmp_path / "here", BuildOptions(**OPTS))
+    subprocess.run(
+        [sys.executable, "-m", "tfrecords_builder", "fracatlas", "--source",
+         str(tmp_path / "src"), "--out", str(tmp_path / "there"), "--shards", "3",
+         "--no-progress"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    there = json.loads((tmp_path / "there" / "manifest.json").read_text())
+    assert here["shards"] == there["shards"]
+    names = [name for names in here["shards"].values() for name in names]
+    assert names
+    for name in names:
+        assert (tmp_path / "here" / name).read_bytes() == (tmp_path / "there" / name).read_bytes()

@@ -71,7 +71,9 @@ def write_split(
     writers = [tf.io.TFRecordWriter(str(stage / name)) for name in names]
     try:
         for i, example in enumerate(examples):
-            writers[i % n].write(example.SerializeToString())
+            # Deterministic: map entries sorted by key, so that the same source gives the
+            # same shard bytes in every run (checksums of a build can be compared).
+            writers[i % n].write(example.SerializeToString(deterministic=True))
     finally:
         for w in writers:
             w.close()
