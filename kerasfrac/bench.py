@@ -207,9 +207,7 @@ def epoch_images(cfg, epoch_steps: int | None) -> int:
     steps = cfg.train.steps_per_epoch or epoch_steps
     if steps:
         return steps * cfg.train.batch_size
-    manifest = data.check_build(cfg.data.dir, cfg.dataset)
-    train = sum(data.class_counts(manifest, "train").values())
-    return train * (3 if cfg.data.flips == "expand" else 1)
+    return data.epoch_images(data.check_build(cfg.data.dir, cfg.dataset), cfg.data)
 
 
 def decode_floor(files: list[Path], workers: int) -> float:

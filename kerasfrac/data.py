@@ -177,6 +177,14 @@ def class_counts(manifest: dict, split: str) -> dict[int, int]:
         ) from e
 
 
+def epoch_images(manifest: dict, data_cfg) -> int:
+    """Training images per epoch before batching: 2 x the majority class with oversampling,
+    else the whole train split; x3 with flip-expand (each image and its two flips)."""
+    counts = class_counts(manifest, "train")
+    n = 2 * max(counts.values()) if data_cfg.oversample else sum(counts.values())
+    return n * (3 if data_cfg.flips == "expand" else 1)
+
+
 def steps_per_epoch(manifest: dict, data_cfg, batch_size: int) -> int | None:
     """Batches per training epoch with oversampling: ceil(2 x majority (x3 expand) / batch).
 
@@ -184,9 +192,7 @@ def steps_per_epoch(manifest: dict, data_cfg, batch_size: int) -> int | None:
     """
     if not data_cfg.oversample:
         return None
-    majority = max(class_counts(manifest, "train").values())
-    factor = 3 if data_cfg.flips == "expand" else 1
-    return math.ceil(2 * majority * factor / batch_size)
+    return math.ceil(epoch_images(manifest, data_cfg) / batch_size)
 
 
 # --------------------------------------------------------------------------- pipelines

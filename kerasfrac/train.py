@@ -272,8 +272,7 @@ def train(
         cfg.data.dir, "train", cfg.data, global_batch, t.seed, training=True, dataset=cfg.dataset
     )
     if steps is None:  # no oversampling: one pass over the (expanded) split per epoch
-        n = sum(manifest["splits"]["train"].values())
-        steps = math.ceil(n * (3 if cfg.data.flips == "expand" else 1) / global_batch)
+        steps = math.ceil(data.epoch_images(manifest, cfg.data) / global_batch)
         train_ds = train_ds.repeat()
     steps = t.steps_per_epoch or steps
     val_ds = data.make_eval_dataset(
