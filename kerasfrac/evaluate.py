@@ -32,11 +32,18 @@ CI_METRICS = ("accuracy", "auroc", "sensitivity", "specificity")
 SUBGROUP_COLUMNS = ("hand", "leg", "hip", "shoulder", "mixed", "hardware")
 
 
-def predict(model, dataset) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Run ``model`` over batches of ``(image, label, image_id)``; ids, labels, probabilities."""
+def predict(model, dataset, tta: str = "none") -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Run ``model`` over batches of ``(image, label, image_id)``; ids, labels, probabilities.
+
+    ``tta="flip"``: each probability is the mean over the image and its left-right mirror.
+    """
+    import tensorflow as tf
+
     ids, labels, probs = [], [], []
     for images, y, image_ids in dataset:
         p = model(images, training=False)
+        if tta == "flip":
+            p = (np.asarray(p) + np.asarray(model(tf.image.flip_left_right(images)))) / 2.0
         probs.append(np.asarray(p, dtype=np.float64).reshape(-1))
         labels.append(np.asarray(y).reshape(-1))
         ids.extend(i.decode() for i in image_ids.numpy())
@@ -354,7 +361,7 @@ def load_run_model(run_dir: Path, model_path: str | Path | None = None):
     """``(cfg, model, model_path)`` of a run, checking the model's input against the config."""
     from kerasfrac import data
     from kerasfrac.config import load_config
-    from kerasfrac.model import load_model
+    from kerasfrac.model import classifier, load_model
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -371,7 +378,7 @@ def load_run_model(run_dir: Path, model_path: str | Path | None = None):
             f"no model at {str(path)!r}: the run has not finished or the file was moved; "
             f"pass --model FILE{hint}"
         )
-    model = load_model(path)
+    model = classifier(load_model(path))  # a checkpoint may carry the box head
     check_input_shape(model, data.image_shape(cfg.data), path)
     return cfg, model, path
 
@@ -401,7 +408,7 @@ def _split_predictions(run_dir, cfg, model, split, batch_size, recompute, write)
         ds = data.make_eval_dataset(
             cfg.data.dir, split, cfg.data, batch_size, with_ids=True, dataset=cfg.dataset
         )
-        ids, labels, probs = predict(model, ds)
+        ids, labels, probs = predict(model, ds, cfg.eval.tta)
         # Metrics of exactly what predictions.csv holds (6 decimals), computed or read back.
         probs = np.round(probs, 6)
         if write:

@@ -102,7 +102,7 @@ def load_predictor(model_path: str | Path):
     from kerasfrac import data
     from kerasfrac.config import load_config
     from kerasfrac.evaluate import check_input_shape
-    from kerasfrac.model import load_model
+    from kerasfrac.model import classifier, load_model
 
     model_path = Path(model_path)
     if not model_path.is_file():
@@ -118,7 +118,7 @@ def load_predictor(model_path: str | Path):
             "training: use a model inside its run directory"
         )
     cfg = load_config(config_file)
-    model = load_model(model_path)
+    model = classifier(load_model(model_path))  # a checkpoint may carry the box head
     check_input_shape(model, data.image_shape(cfg.data), model_path)
     threshold, source = 0.5, "default 0.5 (no Youden-J threshold in the run's metrics.json)"
     metrics_file = run_dir / "metrics.json"
@@ -170,6 +170,9 @@ def predict_files(
     for start in range(0, len(prepared), batch_size):
         batch = tf.stack(prepared[start : start + batch_size])
         probs = np.asarray(model(batch, training=False), dtype=np.float64).reshape(-1)
+        if cfg.eval.tta == "flip":  # the run's test-time augmentation, as in evaluate
+            mirrored = model(tf.image.flip_left_right(batch), training=False)
+            probs = (probs + np.asarray(mirrored, dtype=np.float64).reshape(-1)) / 2.0
         for path, p in zip(kept[start : start + batch_size], probs):
             results.append(Prediction(path, float(p), bool(p >= threshold)))
     for w in warnings:
