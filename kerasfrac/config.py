@@ -33,6 +33,7 @@ SCHEDULES = ("constant", "cosine")
 CLASS_WEIGHTS = ("none", "balanced")
 SELECTS = ("last", "best")
 TTAS = ("none", "flip")
+HEADS = ("gap", "heatmap")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 DISTRIBUTES = ("auto", "none", "mirrored", "multi_worker")
 
@@ -86,6 +87,11 @@ class ModelConfig:
     #: to be 1 on cells holding a fracture box and 0 elsewhere and on normal images
     #: (resnet_small and the keras.applications backbones; weight: train.box_loss_weight).
     box_head: bool = False
+    #: Classifier head (resnet_small and the keras.applications backbones): gap (global
+    #: average pooling of the last feature map -> dropout -> Dense) | heatmap (the maximum of
+    #: per-cell fracture logits, the cells that model.box_head supervises: the classifier
+    #: then reads what the box supervision shapes).
+    head: str = "gap"
     #: BatchNormalization momentum of the moving statistics used at inference. 0.9 equals
     #: PyTorch's default (momentum=0.1), whose SGD(weight_decay=...) the report's recipe reads
     #: like; Keras' own default 0.99 needs ~500 steps before the statistics settle, so short
@@ -347,6 +353,7 @@ def validate(cfg: Config) -> None:
                 f"config key 'data.{key}' must be between 0 (off) and {upper}; got {value!r}"
             )
     _one_of("model.name", cfg.model.name, MODEL_NAMES)
+    _one_of("model.head", cfg.model.head, HEADS)
     if not cfg.model.weights:
         raise ConfigError("config key 'model.weights' must be none, imagenet or a file path")
     t = cfg.train

@@ -25,6 +25,7 @@ PROB = "prob"
 #: Optional second output (``model.box_head``): a coarse fracture heat map, sigmoid, trained
 #: against the fracture boxes; the classifier saved as model.keras does not carry it.
 BOX_HEATMAP = "box_heatmap"
+HEADS = ("gap", "heatmap")
 #: The last feature map of the models with a global-average-pooling head (Grad-CAM's layer).
 FEATURES = "features"
 
@@ -177,16 +178,26 @@ def _bn(bn_momentum: float, sync: bool, fused: bool, name: str):
     return cls(momentum=bn_momentum, synchronized=sync, name=name)
 
 
-def _box_head(features) -> keras.KerasTensor:
-    """1x1 conv on the last feature map -> per-cell fracture probability (float32)."""
-    logits = keras.layers.Conv2D(1, 1, name="box_logits")(features)
-    return keras.layers.Activation("sigmoid", dtype="float32", name=BOX_HEATMAP)(logits)
+def _outputs(features, box_head: bool, dropout: float, head: str = "gap"):
+    """The heads on the last feature map ``features``.
 
-
-def _outputs(features, pooled, box_head: bool, dropout: float):
-    x = keras.layers.Dropout(dropout, name="dropout")(pooled) if dropout else pooled
+    ``gap``: global average pooling -> dropout -> ``logit``; the box head (``box_head``) is a
+    1x1 conv beside it. ``heatmap``: the classifier reads the heat map itself: per-cell
+    fracture logits (1x1 conv, ``box_logits``) -> global max pooling -> ``logit`` (a scale
+    and a bias): an image is as fractured as its most fractured cell, so box supervision of
+    the cells shapes what the classifier looks at (multiple-instance pooling).
+    """
+    if head not in HEADS:
+        raise ValueError(f"model.head must be one of {HEADS}; got {head!r}")
+    cells = keras.layers.Conv2D(1, 1, name="box_logits")(features)
+    heat = keras.layers.Activation("sigmoid", dtype="float32", name=BOX_HEATMAP)(cells)
+    if head == "heatmap":
+        x = keras.layers.GlobalMaxPooling2D(name="gmp")(cells)
+    else:
+        x = keras.layers.GlobalAveragePooling2D(name="gap")(features)
+        x = keras.layers.Dropout(dropout, name="dropout")(x) if dropout else x
     _, prob = _head(x)
-    return [prob, _box_head(features)] if box_head else prob
+    return [prob, heat] if box_head else prob
 
 
 def resnet_small(
@@ -198,6 +209,7 @@ def resnet_small(
     sync_batchnorm: bool = True,
     fused_batchnorm: bool = False,
     box_head: bool = False,
+    head: str = "gap",
 ) -> keras.Model:
     """A compact pre-activation ResNet (He et al. 2016, "Identity mappings") for X-rays.
 
@@ -241,9 +253,7 @@ def resnet_small(
             channels = width
     x = _bn(bn_momentum, sync, fused, "post_bn")(x)
     features = keras.layers.ReLU(name=FEATURES)(x)
-    pooled = keras.layers.GlobalAveragePooling2D(name="gap")(features)
-    outputs = _outputs(features, pooled, box_head, dropout)
-    return keras.Model(inputs, outputs, name="resnet_small")
+    return keras.Model(inputs, _outputs(features, box_head, dropout, head), name="resnet_small")
 
 
 #: keras.applications backbones: name -> (constructor, input scaling of its ImageNet weights).
@@ -261,6 +271,7 @@ def application(
     weights: str | None = None,
     box_head: bool = False,
     dropout: float = 0.2,
+    head: str = "gap",
 ) -> keras.Model:
     """A ``keras.applications`` backbone (``resnet50v2`` or ``efficientnetv2b0``) + our head.
 
@@ -296,9 +307,7 @@ def application(
             if layer.weights:
                 base.get_layer(layer.name).set_weights(layer.get_weights())
     features = keras.layers.Activation("linear", name=FEATURES)(base.output)
-    pooled = keras.layers.GlobalAveragePooling2D(name="gap")(features)
-    outputs = _outputs(features, pooled, box_head, dropout)
-    return keras.Model(inputs, outputs, name=name)
+    return keras.Model(inputs, _outputs(features, box_head, dropout, head), name=name)
 
 
 def _weights_file(weights: str) -> Path:
@@ -311,20 +320,20 @@ def _weights_file(weights: str) -> Path:
     return path
 
 
-def _no_box_head(name: str, box_head: bool) -> None:
-    if box_head:
+def _no_box_head(name: str, box_head: bool, head: str = "gap") -> None:
+    if box_head or head != "gap":
         raise ValueError(
-            f"model.box_head is not available for {name} (its Flatten/VGG head has no "
-            "global-pooling feature map to supervise); use model.name=resnet_small, "
-            "resnet50v2 or efficientnetv2b0"
+            f"model.box_head and model.head=heatmap are not available for {name} (its "
+            "Flatten/VGG head has no global-pooling feature map to supervise); use "
+            "model.name=resnet_small, resnet50v2 or efficientnetv2b0"
         )
 
 
 def _build_paper_cnn(
     input_shape, weights: str, bn_momentum=0.9, sync_batchnorm=True, fused_batchnorm=False,
-    box_head=False,
+    box_head=False, head="gap",
 ) -> keras.Model:  # fmt: skip
-    _no_box_head("paper_cnn", box_head)
+    _no_box_head("paper_cnn", box_head, head)
     if weights == "imagenet":
         raise ValueError(
             "paper_cnn has no ImageNet weights; use model.weights=none, a weights file, "
@@ -338,10 +347,10 @@ def _build_paper_cnn(
 
 def _build_vgg16(
     input_shape, weights: str, bn_momentum=0.9, sync_batchnorm=True, fused_batchnorm=False,
-    box_head=False,
+    box_head=False, head="gap",
 ):  # fmt: skip
     """VGG16 has no BatchNorm: the three BatchNorm arguments do not apply."""
-    _no_box_head("vgg16", box_head)
+    _no_box_head("vgg16", box_head, head)
     if weights == "none":
         return vgg16(input_shape, None)
     if weights == "imagenet":
@@ -351,7 +360,7 @@ def _build_vgg16(
 
 def _build_resnet_small(
     input_shape, weights: str, bn_momentum=0.9, sync_batchnorm=True, fused_batchnorm=False,
-    box_head=False,
+    box_head=False, head="gap",
 ) -> keras.Model:  # fmt: skip
     if weights == "imagenet":
         raise ValueError(
@@ -360,7 +369,7 @@ def _build_resnet_small(
         )
     model = resnet_small(
         input_shape, bn_momentum=bn_momentum, sync_batchnorm=sync_batchnorm,
-        fused_batchnorm=fused_batchnorm, box_head=box_head,
+        fused_batchnorm=fused_batchnorm, box_head=box_head, head=head,
     )  # fmt: skip
     if weights != "none":
         model.load_weights(str(_weights_file(weights)))
@@ -370,12 +379,13 @@ def _build_resnet_small(
 def _application_builder(name: str):
     def build(
         input_shape, weights: str, bn_momentum=0.9, sync_batchnorm=True,
-        fused_batchnorm=False, box_head=False,
+        fused_batchnorm=False, box_head=False, head="gap",
     ) -> keras.Model:  # fmt: skip
         """The backbone keeps Keras' own BatchNorm layers and momenta."""
         if weights not in ("none", "imagenet"):
             weights = str(_weights_file(weights))
-        return application(name, input_shape, None if weights == "none" else weights, box_head)
+        weights = None if weights == "none" else weights
+        return application(name, input_shape, weights, box_head, head=head)
 
     return build
 
@@ -407,11 +417,13 @@ def build_model(
         getattr(cfg_model, "sync_batchnorm", True),
         fused_batchnorm,
         getattr(cfg_model, "box_head", False),
+        head=getattr(cfg_model, "head", "gap"),
     )
 
 
 def has_box_head(model: keras.Model) -> bool:
-    return any(layer.name == BOX_HEATMAP for layer in model.layers)
+    """Whether ``model`` outputs the heat map beside the probability (``[prob, heatmap]``)."""
+    return len(model.outputs) == 2
 
 
 def classifier(model: keras.Model) -> keras.Model:
