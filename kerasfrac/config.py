@@ -118,7 +118,9 @@ class Config:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         header = "# Resolved kerasfrac configuration (defaults + YAML + overrides).\n"
-        path.write_text(header + yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(header + yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.replace(path)  # one rename: a kill never leaves a truncated config
         return path
 
 
