@@ -47,8 +47,9 @@ def crash() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def crash_point() -> None:
-    """A place where a kill must leave a resumable run (see CRASH_ENV)."""
+def crash_point(where: str = "") -> None:
+    """A place where a kill must leave a resumable run (see CRASH_ENV); ``where`` names it
+    for tests."""
     at = os.environ.get(CRASH_ENV)
     if at and next(_crash_points) == int(at):
         crash()
@@ -151,7 +152,7 @@ def begin(run_dir: Path) -> None:
     """Mark ``run_dir`` as a run that started and has no checkpoint yet."""
     (Path(run_dir) / "checkpoints").mkdir(parents=True, exist_ok=True)
     write_state(run_dir, 0, 0, None, None, finished=False, checkpoint=None, generation=0)
-    crash_point()
+    crash_point("begin")
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -191,17 +192,17 @@ def save(run_dir: Path, model, epoch: int, step: int, steps: int, best, accum=No
     for f in tmp.iterdir():
         _fsync_file(f)
     _fsync_dir(tmp)
-    crash_point()
+    crash_point(f"{name} written")
     if (ckpt / name).exists():  # written by a run killed before it committed it
         shutil.rmtree(ckpt / name)
     os.rename(tmp, ckpt / name)
     _fsync_dir(ckpt)
-    crash_point()
+    crash_point(f"{name} renamed")
     write_state(run_dir, epoch, step, steps, best, finished=False, checkpoint=name,
                 generation=generation, best_stat=best_stat)  # fmt: skip
-    crash_point()
+    crash_point(f"{name} committed")
     remove_stale(ckpt, keep=name)
-    crash_point()
+    crash_point(f"{name} cleaned")
 
 
 def remove_stale(ckpt: Path, keep: str | None) -> None:

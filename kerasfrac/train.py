@@ -345,7 +345,7 @@ def train(
     result = {}
     if chief:
         ckpt.save_model(model, run_dir / "model.keras")
-        ckpt.crash_point()
+        ckpt.crash_point("model.keras")
         test_ds = data.make_eval_dataset(
             cfg.data.dir, "test", cfg.data, global_batch, with_ids=True, dataset=cfg.dataset
         )
@@ -353,6 +353,6 @@ def train(
         evaluate.write_predictions(run_dir / "predictions.csv", ids, y, p)
         result = {"split": "test", **evaluate.metrics(y, p)}
         ckpt.write_text(run_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
-        ckpt.crash_point()
+        ckpt.crash_point("metrics.json")
         ckpt.write_state(run_dir, t.epochs, 0, steps, best, finished=True, digest=digest)
     return result
