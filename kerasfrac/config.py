@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -269,7 +270,7 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
 def _positive(key: str, value: int | float | None, *, optional: bool = False) -> None:
     if value is None and optional:
         return
-    if value is None or value <= 0:
+    if value is None or not 0 < value < math.inf:  # nan and inf are no positive numbers
         raise ConfigError(f"config key {key!r} must be a positive number; got {value!r}")
 
 
@@ -305,7 +306,7 @@ def validate(cfg: Config) -> None:
     _positive("train.learning_rate", t.learning_rate)
     if not 0.0 <= t.momentum < 1.0:
         raise ConfigError(f"config key 'train.momentum' must be in [0, 1); got {t.momentum!r}")
-    if t.weight_decay < 0:
+    if not 0 <= t.weight_decay < math.inf:
         raise ConfigError(f"config key 'train.weight_decay' must be >= 0; got {t.weight_decay!r}")
     _one_of("train.precision", t.precision, PRECISIONS)
     _one_of("train.distribute", t.distribute, DISTRIBUTES)

@@ -192,7 +192,7 @@ def train(
     run_dir = Path(cfg.run_dir)
     t = cfg.train
     # Cheap checks first: the data, before TensorFlow builds anything.
-    manifest = data.check_build(cfg.data.dir, cfg.dataset, t.batch_size)
+    manifest = data.check_build(cfg.data.dir, cfg.dataset, t.batch_size, needs_val=True)
     # The strategy next: MultiWorkerMirroredStrategy must exist before other TF ops run.
     strategy = distribute.make_strategy(t.distribute)
     chief = distribute.is_chief(strategy)

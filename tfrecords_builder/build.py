@@ -91,19 +91,25 @@ def build(dataset: str, source: str | Path, out: str | Path, opts: BuildOptions)
     if opts.shards < 1:
         raise ValueError(f"--shards {opts.shards}: expected a positive number of shards per split")
     out = Path(out).expanduser()
-    writer.check_output(out, opts.overwrite)  # refuse before any heavy work
-    started = time.perf_counter()
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.extract-", dir=_parent(out)))
-    try:
-        root = open_source(source, scratch)
-        found = FINDERS[dataset](root)
-        with writer.staging(out, opts.overwrite) as stage:
-            manifest = _build_into(stage, dataset, found, opts)
-            manifest["source_path"] = str(Path(source).expanduser().resolve())
-            manifest["build_seconds"] = round(time.perf_counter() - started, 3)
-            writer.write_manifest(stage, manifest)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    source = Path(source).expanduser()
+    writer.check_output(out, opts.overwrite, source)  # refuse before any heavy work
+    _parent(out)
+    with writer.locked(out):  # a second build of the same --out fails here, at once
+        for line in writer.clean_stale(out):
+            print(f"note: {line}", file=sys.stderr)
+        writer.check_output(out, opts.overwrite, source)  # a restored build counts too
+        started = time.perf_counter()
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.extract-", dir=out.parent))
+        try:
+            root = open_source(source, scratch)
+            found = FINDERS[dataset](root)
+            with writer.staging(out, opts.overwrite, source) as stage:
+                manifest = _build_into(stage, dataset, found, opts)
+                manifest["source_path"] = str(source.resolve())
+                manifest["build_seconds"] = round(time.perf_counter() - started, 3)
+                writer.write_manifest(stage, manifest)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     return manifest
 
 
