@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import datetime
 import hashlib
+import os
 import platform
 import shutil
 import sys
@@ -128,8 +129,29 @@ def _source_bytes(paths: list[Path]) -> int:
     return total
 
 
+def _utf8_name(cand: Candidate) -> bool:
+    """Whether the file's name can go into the manifest, index.csv and TFRecords (UTF-8)."""
+    try:
+        cand.rel.encode("utf-8")
+        cand.image_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _undecodable(cand: Candidate) -> dict:
+    raw = os.fsencode(cand.rel)
+    return {
+        "file": raw.decode("utf-8", "backslashreplace"),
+        "label": cand.label,
+        "reason": f"file name is not valid UTF-8: {raw!r}; rename the file to include it",
+    }
+
+
 def _build_into(stage: Path, dataset: str, found, opts: BuildOptions) -> dict:
-    cands = found.candidates
+    # Names that are not UTF-8 are quarantined unread, with their bytes shown.
+    bad_names = [_undecodable(c) for c in found.candidates if not _utf8_name(c)]
+    cands = [c for c in found.candidates if _utf8_name(c)]
     paths = [c.path for c in cands]
     checks = validation.check_all(
         paths,
@@ -141,7 +163,7 @@ def _build_into(stage: Path, dataset: str, found, opts: BuildOptions) -> dict:
         # GB); above it each file is read again and its sha256 checked against validation's.
         keep_bytes=_source_bytes(paths) <= opts.hold_bytes,
     )
-    quarantined = [
+    quarantined = bad_names + [
         {"file": c.rel, "label": c.label, "reason": k.reason}
         for c, k in zip(cands, checks)
         if k.reason
@@ -234,7 +256,7 @@ def _build_into(stage: Path, dataset: str, found, opts: BuildOptions) -> dict:
         shard_names[split] = writer.write_split(stage, split, examples, len(members), opts.shards)
     _write_index(stage, keep, cands, checks, split_of, group_of)
 
-    found_counts = _by_label(cands, lambda c: c.label)
+    found_counts = _by_label(found.candidates, lambda c: c.label)
     written = _by_label(keep, lambda i: cands[i].label)
     q_counts = _by_label(quarantined, lambda q: q["label"])
     d_counts = _by_label(dropped, lambda d: d["label"])
