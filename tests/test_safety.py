@@ -254,3 +254,29 @@ def test_build_without_val_split_refused_before_training(tmp_path):
     with pytest.raises(data.BuildOutputError, match="no images in its val split"):
         train.train(cfg, verbose=0)
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- FracAtlas metadata
+
+COCO = Path("Annotations") / "COCO JSON" / "COCO_fracture_masks.json"
+
+
+def test_bad_csv_and_coco_files_named_and_empty_boxes_skipped(tmp_path):
+    src = tmp_path / "fa"
+    sources.make_fracatlas(src, n_fractured=4, n_normal=4, defects=False)
+    coco = json.loads((src / COCO).read_text())
+    first, second = coco["annotations"][:2]
+    first["bbox"][3] = 0  # a box of height 0
+    del second["bbox"]
+    (src / COCO).write_text(json.dumps(coco))
+    m = build("fracatlas", src, tmp_path / "out", BuildOptions(**OPTS))
+    reasons = [s["reason"] for s in m["notes"]["boxes_skipped"]]
+    assert len(reasons) == 2 and "empty box" in reasons[0] and "no usable bbox" in reasons[1]
+    (src / COCO).write_text('{"images": [')
+    with pytest.raises(SourceError, match="COCO_fracture_masks.json.*not a COCO annotation"):
+        build("fracatlas", src, tmp_path / "out2", BuildOptions(**OPTS))
+    (src / COCO).unlink()
+    csv_file = src / "dataset.csv"
+    csv_file.write_bytes(csv_file.read_bytes().replace(b"image_id", b"image_id\xff", 1))
+    with pytest.raises(SourceError, match="dataset.csv' is not UTF-8"):
+        build("fracatlas", src, tmp_path / "out3", BuildOptions(**OPTS))
