@@ -280,3 +280,22 @@ def test_bad_csv_and_coco_files_named_and_empty_boxes_skipped(tmp_path):
     csv_file.write_bytes(csv_file.read_bytes().replace(b"image_id", b"image_id\xff", 1))
     with pytest.raises(SourceError, match="dataset.csv' is not UTF-8"):
         build("fracatlas", src, tmp_path / "out3", BuildOptions(**OPTS))
+
+
+def test_symbolic_links_never_vanish_and_never_lead_out_of_the_source(tibia, tmp_path):
+    outside = tmp_path / "outside.png"
+    first = sorted((tibia / "normal").iterdir())[0]
+    outside.write_bytes(first.read_bytes())
+    folder = tibia / "normal"
+    (folder / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    (folder / "outside.png").symlink_to(outside)
+    (folder / "inside.png").symlink_to(first)
+    (tmp_path / "more").mkdir()
+    (folder / "more").symlink_to(tmp_path / "more", target_is_directory=True)
+    m = build("tibia-fibula", tibia, tmp_path / "out", BuildOptions(**OPTS))
+    reasons = {q["file"]: q["reason"] for q in m["quarantined"]}
+    assert reasons["normal/dangling.png"].startswith("dangling symbolic link")
+    assert "outside the source" in reasons["normal/outside.png"]
+    assert "symbolic link to a folder" in reasons["normal/more"]
+    assert "normal/inside.png" not in reasons  # a link within the source is an image
+    assert m["found"]["normal"] == 4 + 4 and m["accounting"]["total"]["balanced"]

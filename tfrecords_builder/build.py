@@ -139,19 +139,35 @@ def _utf8_name(cand: Candidate) -> bool:
     return True
 
 
-def _undecodable(cand: Candidate) -> dict:
-    raw = os.fsencode(cand.rel)
-    return {
-        "file": raw.decode("utf-8", "backslashreplace"),
-        "label": cand.label,
-        "reason": f"file name is not valid UTF-8: {raw!r}; rename the file to include it",
-    }
+def _unread_reason(cand: Candidate, root: Path) -> str | None:
+    """Why a file is quarantined without being read: a name that is not UTF-8 (its bytes
+    shown), a dangling symbolic link, a link to a folder, a link out of the source."""
+    if not _utf8_name(cand):
+        raw = os.fsencode(cand.rel)
+        return f"file name is not valid UTF-8: {raw!r}; rename the file to include it"
+    path = cand.path
+    if not path.is_symlink():
+        return None
+    target = os.readlink(path)
+    if not path.exists():
+        return f"dangling symbolic link (to {target!r})"
+    if path.is_dir():
+        return f"symbolic link to a folder ({target!r}): not followed; link or copy the files"
+    if root.resolve() not in path.resolve().parents:
+        return f"symbolic link to {str(path.resolve())!r}, outside the source: not read"
+    return None
 
 
 def _build_into(stage: Path, dataset: str, found, opts: BuildOptions) -> dict:
-    # Names that are not UTF-8 are quarantined unread, with their bytes shown.
-    bad_names = [_undecodable(c) for c in found.candidates if not _utf8_name(c)]
-    cands = [c for c in found.candidates if _utf8_name(c)]
+    # Quarantined unread: names that are not UTF-8, dangling links, links out of the source.
+    unread = [(c, _unread_reason(c, found.root)) for c in found.candidates]
+    bad_names = [
+        {"file": os.fsencode(c.rel).decode("utf-8", "backslashreplace"), "label": c.label,
+         "reason": reason}
+        for c, reason in unread
+        if reason
+    ]  # fmt: skip
+    cands = [c for c, reason in unread if not reason]
     paths = [c.path for c in cands]
     checks = validation.check_all(
         paths,
