@@ -299,3 +299,14 @@ def test_symbolic_links_never_vanish_and_never_lead_out_of_the_source(tibia, tmp
     assert "symbolic link to a folder" in reasons["normal/more"]
     assert "normal/inside.png" not in reasons  # a link within the source is an image
     assert m["found"]["normal"] == 4 + 4 and m["accounting"]["total"]["balanced"]
+
+
+def test_report_names_a_damaged_metrics_json(run_dir, tmp_path):
+    from kerasfrac import report
+
+    copy = tmp_path / "run"
+    copy.mkdir()
+    (copy / "config.yaml").write_bytes((run_dir / "config.yaml").read_bytes())
+    (copy / "metrics.json").write_text('{"auroc": 0.7')
+    with pytest.raises(ValueError, match="cannot read .*metrics.json"):
+        report.run_row(copy)
