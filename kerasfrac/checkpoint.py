@@ -357,6 +357,19 @@ def has_unfinished_run(run_dir: Path) -> bool:
     return bool(state and not state.get("finished"))
 
 
+def finished_metrics(run_dir: Path, epochs: int) -> dict | None:
+    """The test metrics of a run that finished ``epochs`` epochs (a requeued job that has
+    nothing left to do), else None."""
+    state = read_state(run_dir)
+    metrics = Path(run_dir) / "metrics.json"
+    if not (state and state.get("finished") and state.get("epoch") == epochs):
+        return None
+    try:
+        return json.loads(metrics.read_text())
+    except (OSError, ValueError):
+        return None  # then the usual refusal names the run
+
+
 def resumable_state(run_dir: Path) -> dict | None:
     """The state to resume from on a worker (read-only), None where there is no checkpoint."""
     state = read_state(run_dir)

@@ -198,6 +198,10 @@ def train(
     chief = distribute.is_chief(strategy)
     task = distribute.task_name(strategy)
     if auto_resume:
+        done = ckpt.finished_metrics(run_dir, t.epochs)
+        if done is not None:  # e.g. a job requeued after its run finished: nothing to do
+            print(f"{run_dir}: this run already finished its {t.epochs} epochs.", flush=True)
+            return done
         resume = has_unfinished_run(run_dir)
     if chief:
         state = prepare_run_dir(run_dir, resume, overwrite, protect=[cfg.data.dir])

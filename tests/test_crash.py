@@ -126,6 +126,22 @@ def test_kill_at_every_crash_point_resumes_to_the_uninterrupted_run(
     assert sorted(killed) == sorted(points)
 
 
+def test_auto_resume_of_a_finished_run_has_nothing_to_do(
+    reference, tmp_path, separable_tfrecord_dir
+):
+    (_, _, metrics), _ = reference
+    run_dir = tmp_path / "finished"
+    cfg = make_config(separable_tfrecord_dir, run_dir)
+    train.train(cfg, verbose=0)
+    before = (run_dir / "checkpoints" / "state.json").read_text()
+    assert train.train(cfg, auto_resume=True, verbose=0) == metrics  # a requeued job: exit 0
+    assert (run_dir / "checkpoints" / "state.json").read_text() == before
+    longer = make_config(separable_tfrecord_dir, run_dir)
+    longer.train.epochs = 3
+    with pytest.raises(train.RunDirError, match="finished run"):
+        train.train(longer, auto_resume=True, verbose=0)  # more epochs: the user must decide
+
+
 def test_killed_before_first_checkpoint_restarts_under_resume(
     reference, tmp_path, separable_tfrecord_dir, monkeypatch
 ):
