@@ -62,6 +62,8 @@ def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError:
+        pass  # some network file systems cannot fsync a folder; the renames still order it
     finally:
         os.close(fd)
 
@@ -185,9 +187,11 @@ def save(run_dir: Path, model, epoch: int, step: int, steps: int, best, accum=No
     best_file, best_stat = ckpt / "best.keras", _stat(ckpt / "best.keras")
     if best_stat is not None:
         kept = ckpt / str(previous.get("checkpoint")) / "best.keras"
-        if best_stat == previous.get("best_stat") and kept.is_file():
-            os.link(kept, tmp / "best.keras")  # unchanged: generations are never written twice
-        else:
+        try:  # unchanged since the last generation: link it (generations are never rewritten)
+            if best_stat != previous.get("best_stat") or not kept.is_file():
+                raise FileNotFoundError(kept)
+            os.link(kept, tmp / "best.keras")
+        except OSError:  # changed, or a file system without hard links
             shutil.copyfile(best_file, tmp / "best.keras")
     for f in tmp.iterdir():
         _fsync_file(f)
@@ -267,6 +271,11 @@ def rewind(run_dir: Path, state: dict) -> None:
             state["best_val_auroc"], state["finished"], best_stat=stat,
         )  # fmt: skip
     remove_stale(run_dir / "checkpoints", keep=state["checkpoint"])
+    # what a kill left of model.keras, metrics.json, history.csv, config.yaml being replaced
+    for pattern in (".model.*.tmp.keras", ".metrics.json.*.tmp", ".history.csv.*.tmp",
+                    ".config.yaml.tmp"):  # fmt: skip
+        for p in run_dir.glob(pattern):
+            p.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- the run directory
