@@ -175,7 +175,9 @@ class Config:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         header = "# Resolved kerasfrac configuration (defaults + YAML + overrides).\n"
-        path.write_text(header + yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(header + yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.replace(path)  # one rename: a kill never leaves a truncated config
         return path
 
 
@@ -324,7 +326,7 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
 def _positive(key: str, value: int | float | None, *, optional: bool = False) -> None:
     if value is None and optional:
         return
-    if value is None or value <= 0:
+    if value is None or not 0 < value < math.inf:  # nan and inf are no positive numbers
         raise ConfigError(f"config key {key!r} must be a positive number; got {value!r}")
 
 
@@ -368,7 +370,7 @@ def validate(cfg: Config) -> None:
     _positive("train.learning_rate", t.learning_rate)
     if not 0.0 <= t.momentum < 1.0:
         raise ConfigError(f"config key 'train.momentum' must be in [0, 1); got {t.momentum!r}")
-    if t.weight_decay < 0:
+    if not 0 <= t.weight_decay < math.inf:
         raise ConfigError(f"config key 'train.weight_decay' must be >= 0; got {t.weight_decay!r}")
     _one_of("train.schedule", t.schedule, SCHEDULES)
     if not (math.isfinite(t.warmup_epochs) and 0.0 <= t.warmup_epochs < t.epochs):

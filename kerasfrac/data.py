@@ -219,13 +219,17 @@ def image_shape(data_cfg) -> tuple[int, int, int]:
 
 
 def check_build(
-    build_dir: str | Path, dataset: str | None = None, batch_size: int | None = None
+    build_dir: str | Path,
+    dataset: str | None = None,
+    batch_size: int | None = None,
+    needs_val: bool = False,
 ) -> dict:
     """Load and check a build's manifest before any heavy work; return it.
 
     Errors (``BuildOutputError``, a ValueError) name what is wrong and how to fix it: no
     data dir configured, a missing directory or manifest, a manifest of another dataset than
-    ``dataset``, a ``batch_size`` larger than the training split.
+    ``dataset``, a ``batch_size`` larger than the training split, no val split
+    (``needs_val``).
     """
     if build_dir is None or str(build_dir) == "":
         raise BuildOutputError(
@@ -246,6 +250,12 @@ def check_build(
                 f"train.batch_size={batch_size} is larger than the training split of "
                 f"{str(build_dir)!r} ({n_train} images); use a smaller batch size"
             )
+    if needs_val and sum(class_counts(manifest, "val").values()) == 0:
+        raise BuildOutputError(
+            f"{str(build_dir)!r} has no images in its val split, which training needs (it "
+            "reports val AUROC each epoch and keeps the best epoch by it); rebuild with a "
+            "val share, e.g. `kerasfrac build ... --split 0.7,0.15,0.15`"
+        )
     return manifest
 
 

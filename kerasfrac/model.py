@@ -86,7 +86,19 @@ def uses_fused_batchnorm(model: keras.Model) -> bool:
 
 
 def load_model(path: str | Path) -> keras.Model:
-    """``keras.saving.load_model`` with kerasfrac's layers registered (this module's import)."""
+    """``keras.saving.load_model`` with kerasfrac's layers registered (this module's import);
+    a missing or damaged file is named as such (Keras says "File not found" for both)."""
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"model file {str(path)!r} does not exist")
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"model file {str(path)!r} is damaged: a .keras file is a zip archive, this one is "
+            f"not ({path.stat().st_size:,} bytes; truncated by a full disk or a killed copy?). "
+            "Use another checkpoint (checkpoints/best.keras) or retrain."
+        )
     return keras.saving.load_model(path)
 
 

@@ -63,7 +63,15 @@ def run_row(run_dir: str | Path) -> dict:
         )
     if not config_file.is_file():
         raise ValueError(f"{str(run_dir)!r} has no config.yaml: it is not a kerasfrac run")
-    m = json.loads(metrics_file.read_text())
+    try:
+        m = json.loads(metrics_file.read_text())
+        if not isinstance(m, dict):
+            raise ValueError(f"expected a JSON object, got {type(m).__name__}")
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(
+            f"cannot read {str(metrics_file)!r} ({err}); rerun `kerasfrac evaluate --run-dir "
+            f"{run_dir}`"
+        ) from err
     if m.get("split", "test") != "test":
         raise ValueError(
             f"{str(metrics_file)!r} holds metrics of the {m['split']!r} split, not test; "

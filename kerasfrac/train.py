@@ -11,9 +11,11 @@ Run directory::
     config.yaml            the resolved configuration
     tensorboard/           scalars per epoch (train/ and validation/) + hyperparameters
     history.csv            one row per epoch: loss, accuracy, auroc, val_*
-    checkpoints/last.keras model + optimizer state after the last finished epoch (resume)
+    checkpoints/state.json epochs/steps done, best val AUROC, finished flag, and the name of
+                           the committed checkpoint (replacing it is the commit: checkpoint.py)
+    checkpoints/gen-NNNNNN/ that checkpoint: model.keras (+ optimizer state), partial_epoch.npz
+                           (mid-epoch), copies of history.csv and best.keras as they stood
     checkpoints/best.keras the epoch with the best validation AUROC
-    checkpoints/state.json epochs done, best val AUROC, finished flag
     model.keras            the final model
     predictions.csv        test split: image_id, label, probability
     metrics.json           test split: accuracy, loss, auroc, counts, majority baseline
@@ -30,8 +32,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import shutil
 import signal
 import threading
 import time
@@ -42,7 +42,9 @@ import numpy as np
 import tensorflow as tf
 from sklearn.metrics import roc_auc_score
 
+from kerasfrac import checkpoint as ckpt
 from kerasfrac import data, distribute, evaluate, kernels
+from kerasfrac.checkpoint import RunDirError, has_unfinished_run, prepare_run_dir
 from kerasfrac.config import Config
 from kerasfrac.model import (
     build_model,
@@ -53,61 +55,8 @@ from kerasfrac.model import (
 )
 
 
-class RunDirError(ValueError):
-    """A run directory that cannot be used as asked (finished, unfinished, not a run)."""
-
-
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
-
-
-def _state_path(run_dir: Path) -> Path:
-    return run_dir / "checkpoints" / "state.json"
-
-
-def read_state(run_dir: Path) -> dict | None:
-    path = _state_path(run_dir)
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> dict | None:
-    """Check what ``run_dir`` holds against --resume/--overwrite; return the state to resume."""
-    state = read_state(run_dir)
-    looks_like_run = (run_dir / "config.yaml").is_file() or state is not None
-    occupied = run_dir.is_dir() and any(run_dir.iterdir())
-    if resume:
-        if state is None or not (run_dir / "checkpoints" / "last.keras").is_file():
-            raise RunDirError(
-                f"--resume: {str(run_dir)!r} has no checkpoint to resume from "
-                "(checkpoints/last.keras and checkpoints/state.json are written after each "
-                "epoch); start it without --resume."
-            )
-        if state.get("finished"):
-            raise RunDirError(
-                f"--resume: the run in {str(run_dir)!r} already finished all its "
-                f"{state['epoch']} epochs; raise train.epochs to continue it, or use --overwrite."
-            )
-        return state
-    if occupied and not overwrite:
-        what = (
-            "a finished run"
-            if state and state.get("finished")
-            else "an unfinished run (continue it with --resume)"
-            if looks_like_run
-            else "files that are not a kerasfrac run"
-        )
-        raise RunDirError(
-            f"run directory {str(run_dir)!r} already holds {what}; pass --overwrite to replace "
-            "it or choose another --run-dir. Nothing was changed."
-        )
-    if occupied and overwrite:
-        if not looks_like_run:
-            raise RunDirError(
-                f"refusing to --overwrite {str(run_dir)!r}: it is not a kerasfrac run "
-                "directory (no config.yaml). Choose an empty or new --run-dir."
-            )
-        shutil.rmtree(run_dir)
-    return None
 
 
 def learning_rate(cfg: Config, steps_per_epoch: int):
@@ -211,11 +160,6 @@ class _SigtermFlag:
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
-
-
-def has_unfinished_run(run_dir: Path) -> bool:
-    state = read_state(run_dir)
-    return bool(state and not state.get("finished"))
 
 
 def weights_digest(model: keras.Model) -> str:
@@ -335,17 +279,21 @@ def train(
     run_dir = Path(cfg.run_dir)
     t = cfg.train
     # Cheap checks first: the data, before TensorFlow builds anything.
-    manifest = data.check_build(cfg.data.dir, cfg.dataset, t.batch_size)
+    manifest = data.check_build(cfg.data.dir, cfg.dataset, t.batch_size, needs_val=True)
     # The strategy next: MultiWorkerMirroredStrategy must exist before other TF ops run.
     strategy = distribute.make_strategy(t.distribute)
     chief = distribute.is_chief(strategy)
     task = distribute.task_name(strategy)
     if auto_resume:
+        done = ckpt.finished_metrics(run_dir, t.epochs)
+        if done is not None:  # e.g. a job requeued after its run finished: nothing to do
+            print(f"{run_dir}: this run already finished its {t.epochs} epochs.", flush=True)
+            return done
         resume = has_unfinished_run(run_dir)
     if chief:
-        state = prepare_run_dir(run_dir, resume, overwrite)
+        state = prepare_run_dir(run_dir, resume, overwrite, protect=[cfg.data.dir])
     else:  # workers only read: the chief owns the run directory
-        state = read_state(run_dir) if resume else None
+        state = ckpt.resumable_state(run_dir) if resume else None
     global_batch = t.batch_size * strategy.num_replicas_in_sync
     if global_batch != t.batch_size:  # several replicas: the global batch must fit too
         data.check_build(cfg.data.dir, cfg.dataset, global_batch)
@@ -377,10 +325,8 @@ def train(
                     f"--resume: the run in {str(run_dir)!r} has {state['steps_per_epoch']} "
                     f"steps per epoch, this config {steps}; resume with the run's own config."
                 )
-            model = load_model(run_dir / "checkpoints" / "last.keras")
+            model, partial = ckpt.load(run_dir, state)
             initial_epoch, initial_step = int(state["epoch"]), int(state.get("step", 0))
-            if initial_step:
-                partial = _load_partial(run_dir)
         else:
             # Synchronized BatchNorm only where there is something to synchronise: on one
             # replica Keras' sync path still computes a ones-tensor the size of each input.
@@ -391,6 +337,8 @@ def train(
             model = build_model(model_cfg, data.image_shape(cfg.data), fused_batchnorm=t.fast)
             model.compile(optimizer=make_optimizer(cfg, model, steps), loss="binary_crossentropy")
     if chief:
+        if state is None:  # state.json first: from here on a kill leaves a resumable run
+            ckpt.begin(run_dir)
         cfg.save(run_dir / "config.yaml")
         if state is None:
             _log_hparams(run_dir, cfg)
@@ -446,7 +394,7 @@ def train(
 
     def checkpoint(epoch: int, step: int, accum=None) -> None:
         if chief:
-            _save_checkpoint(run_dir, model, epoch, step, steps, best, accum)
+            ckpt.save(run_dir, model, epoch, step, steps, best, accum)
 
     model.stop_training = False
     callbacks.on_train_begin()
@@ -515,54 +463,18 @@ def train(
             # The epoch with the best val AUROC (chosen on val, before test is looked at).
             final = classifier(load_model(best_path))
             print(f"model.keras = the best epoch on val AUROC ({best_path})", flush=True)
-        final.save(run_dir / "model.keras")
+        ckpt.save_model(final, run_dir / "model.keras")
+        ckpt.crash_point("model.keras")
         test_ds = data.make_eval_dataset(
             cfg.data.dir, "test", cfg.data, global_batch, with_ids=True, dataset=cfg.dataset
         )
         ids, y, p = evaluate.predict(final, test_ds, cfg.eval.tta)
         evaluate.write_predictions(run_dir / "predictions.csv", ids, y, p)
         result = {"split": "test", "epochs": epochs_done, **evaluate.metrics(y, p)}
-        (run_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-        _write_state(run_dir, epochs_done, 0, steps, best, finished=True, digest=digest)
+        ckpt.write_text(run_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
+        ckpt.crash_point("metrics.json")
+        ckpt.write_state(
+            run_dir, epochs_done, 0, steps, best, finished=True, digest=digest,
+            stopped_early=epochs_done < t.epochs,
+        )  # fmt: skip
     return result
-
-
-def _save_checkpoint(run_dir, model, epoch, step, steps, best, accum) -> None:
-    """last.keras (+ the in-progress epoch's predictions when mid-epoch), then state.json.
-
-    Each file is written beside its final name and renamed into place, and state.json goes
-    last: a job killed while saving leaves the previous consistent checkpoint.
-    """
-    ckpt = run_dir / "checkpoints"
-    tmp = ckpt / "last.tmp.keras"
-    model.save(tmp)
-    os.replace(tmp, ckpt / "last.keras")
-    if step:
-        arrays = {f"{name}_{i}": a for name, parts in zip(("loss", "prob", "label"), accum)
-                  for i, a in enumerate(parts)}  # fmt: skip
-        with open(ckpt / "partial.tmp.npz", "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(ckpt / "partial.tmp.npz", ckpt / "partial_epoch.npz")
-    _write_state(run_dir, epoch, step, steps, best, finished=False)
-
-
-def _load_partial(run_dir: Path) -> tuple[list, list, list]:
-    with np.load(run_dir / "checkpoints" / "partial_epoch.npz") as z:
-        parts = {name: [] for name in ("loss", "prob", "label")}
-        for key in sorted(z.files, key=lambda k: (k.split("_")[0], int(k.split("_")[1]))):
-            parts[key.split("_")[0]].append(z[key])
-    return parts["loss"], parts["prob"], parts["label"]
-
-
-def _write_state(run_dir, epoch, step, steps, best, finished, digest=None) -> None:
-    # ModelCheckpoint.best is None until the first epoch ends, +-inf in some Keras versions.
-    value = getattr(best, "best", None)
-    value = float(value) if isinstance(value, int | float) and math.isfinite(value) else None
-    state = {"epoch": epoch, "step": step, "steps_per_epoch": steps, "best_val_auroc": value,
-             "finished": finished}  # fmt: skip
-    if digest:
-        state["weights_sha256"] = digest
-    path = _state_path(run_dir)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state) + "\n")
-    tmp.replace(path)  # atomic: a preempted write never leaves a half state file

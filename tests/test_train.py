@@ -64,7 +64,7 @@ def test_run_dir_artifacts(trained_run):
         "history.csv",
         "predictions.csv",
         "metrics.json",
-        "checkpoints/last.keras",
+        "checkpoints/gen-000004/model.keras",
         "checkpoints/best.keras",
         "checkpoints/state.json",
     ):

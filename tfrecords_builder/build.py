@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import datetime
 import hashlib
+import os
 import platform
 import shutil
 import sys
@@ -91,19 +92,25 @@ def build(dataset: str, source: str | Path, out: str | Path, opts: BuildOptions)
     if opts.shards < 1:
         raise ValueError(f"--shards {opts.shards}: expected a positive number of shards per split")
     out = Path(out).expanduser()
-    writer.check_output(out, opts.overwrite)  # refuse before any heavy work
-    started = time.perf_counter()
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.extract-", dir=_parent(out)))
-    try:
-        root = open_source(source, scratch)
-        found = FINDERS[dataset](root)
-        with writer.staging(out, opts.overwrite) as stage:
-            manifest = _build_into(stage, dataset, found, opts)
-            manifest["source_path"] = str(Path(source).expanduser().resolve())
-            manifest["build_seconds"] = round(time.perf_counter() - started, 3)
-            writer.write_manifest(stage, manifest)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    source = Path(source).expanduser()
+    writer.check_output(out, opts.overwrite, source)  # refuse before any heavy work
+    _parent(out)
+    with writer.locked(out):  # a second build of the same --out fails here, at once
+        for line in writer.clean_stale(out):
+            print(f"note: {line}", file=sys.stderr)
+        writer.check_output(out, opts.overwrite, source)  # a restored build counts too
+        started = time.perf_counter()
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.extract-", dir=out.parent))
+        try:
+            root = open_source(source, scratch)
+            found = FINDERS[dataset](root)
+            with writer.staging(out, opts.overwrite, source) as stage:
+                manifest = _build_into(stage, dataset, found, opts)
+                manifest["source_path"] = str(source.resolve())
+                manifest["build_seconds"] = round(time.perf_counter() - started, 3)
+                writer.write_manifest(stage, manifest)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     return manifest
 
 
@@ -122,8 +129,45 @@ def _source_bytes(paths: list[Path]) -> int:
     return total
 
 
+def _utf8_name(cand: Candidate) -> bool:
+    """Whether the file's name can go into the manifest, index.csv and TFRecords (UTF-8)."""
+    try:
+        cand.rel.encode("utf-8")
+        cand.image_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _unread_reason(cand: Candidate, root: Path) -> str | None:
+    """Why a file is quarantined without being read: a name that is not UTF-8 (its bytes
+    shown), a dangling symbolic link, a link to a folder, a link out of the source."""
+    if not _utf8_name(cand):
+        raw = os.fsencode(cand.rel)
+        return f"file name is not valid UTF-8: {raw!r}; rename the file to include it"
+    path = cand.path
+    if not path.is_symlink():
+        return None
+    target = os.readlink(path)
+    if not path.exists():
+        return f"dangling symbolic link (to {target!r})"
+    if path.is_dir():
+        return f"symbolic link to a folder ({target!r}): not followed; link or copy the files"
+    if root.resolve() not in path.resolve().parents:
+        return f"symbolic link to {str(path.resolve())!r}, outside the source: not read"
+    return None
+
+
 def _build_into(stage: Path, dataset: str, found, opts: BuildOptions) -> dict:
-    cands = found.candidates
+    # Quarantined unread: names that are not UTF-8, dangling links, links out of the source.
+    unread = [(c, _unread_reason(c, found.root)) for c in found.candidates]
+    bad_names = [
+        {"file": os.fsencode(c.rel).decode("utf-8", "backslashreplace"), "label": c.label,
+         "reason": reason}
+        for c, reason in unread
+        if reason
+    ]  # fmt: skip
+    cands = [c for c, reason in unread if not reason]
     paths = [c.path for c in cands]
     checks = validation.check_all(
         paths,
@@ -135,7 +179,7 @@ def _build_into(stage: Path, dataset: str, found, opts: BuildOptions) -> dict:
         # GB); above it each file is read again and its sha256 checked against validation's.
         keep_bytes=_source_bytes(paths) <= opts.hold_bytes,
     )
-    quarantined = [
+    quarantined = bad_names + [
         {"file": c.rel, "label": c.label, "reason": k.reason}
         for c, k in zip(cands, checks)
         if k.reason
@@ -228,7 +272,7 @@ def _build_into(stage: Path, dataset: str, found, opts: BuildOptions) -> dict:
         shard_names[split] = writer.write_split(stage, split, examples, len(members), opts.shards)
     _write_index(stage, keep, cands, checks, split_of, group_of)
 
-    found_counts = _by_label(cands, lambda c: c.label)
+    found_counts = _by_label(found.candidates, lambda c: c.label)
     written = _by_label(keep, lambda i: cands[i].label)
     q_counts = _by_label(quarantined, lambda q: q["label"])
     d_counts = _by_label(dropped, lambda d: d["label"])
