@@ -145,6 +145,8 @@ def write_state(run_dir, epoch, step, steps, best, finished, digest=None, **extr
              "finished": finished}  # fmt: skip
     for key in ("checkpoint", "generation", "best_stat"):
         state[key] = extra.get(key, previous.get(key))
+    if "stopped_early" in extra:  # train.early_stopping_patience ended the run
+        state["stopped_early"] = bool(extra["stopped_early"])
     if digest:
         state["weights_sha256"] = digest
     write_text(state_path(run_dir), json.dumps(state) + "\n")

@@ -120,7 +120,7 @@ def test_best_config_loads(monkeypatch):
     monkeypatch.setenv("KERASFRAC_DATA", "/data")
     cfg = config.load_config("configs/fracatlas_best.yaml")
     assert cfg.model.name == "resnet_small" and cfg.model.box_head
-    assert cfg.model.head == "heatmap"
+    assert cfg.model.head == "gap"
     assert (cfg.train.select, cfg.eval.tta, cfg.train.optimizer) == ("best", "flip", "adamw")
 
 
@@ -353,7 +353,11 @@ def test_early_stopping_and_best_epoch_selection(tmp_path, separable_tfrecord_di
     for a, b in zip(saved.get_weights(), best.get_weights()):
         np.testing.assert_array_equal(a, b)
     assert result["auroc"] > 0.9  # separable data: the model separates it
-    assert train.read_state(run_dir)["finished"]
+    state = train.ckpt.read_state(run_dir)
+    assert state["finished"] and state["stopped_early"] == (result["epochs"] < 12)
+    # A requeued job (--auto-resume) finds an early-stopped run done: same metrics, no training
+    again = train.train(cfg, verbose=0, auto_resume=True)
+    assert again["auroc"] == result["auroc"] and again["epochs"] == result["epochs"]
 
 
 # --------------------------------------------------------------------------- box supervision
