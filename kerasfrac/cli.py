@@ -77,6 +77,11 @@ def add_evaluate(sub) -> None:
         "--recompute", action="store_true", help="predict again even if predictions exist"
     )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the no-anatomy baseline (kerasfrac audit) beside the model's AUROC",
+    )
     p.set_defaults(func=run_evaluate)
 
 
@@ -85,7 +90,7 @@ def run_evaluate(args) -> int:
 
     m = evaluate.evaluate_run(
         args.run_dir, args.split, args.model, n_bootstrap=args.bootstrap, seed=args.seed,
-        recompute=args.recompute, plots=not args.no_plots,
+        recompute=args.recompute, plots=not args.no_plots, baseline=not args.no_baseline,
     )  # fmt: skip
     print(evaluate.summary(m))
     print(f"written: {evaluate.metrics_path(args.run_dir, args.split)}")
