@@ -300,8 +300,17 @@ def add_explain(sub) -> None:
         "--vis-images", type=int, default=2,
         help="real images also used as ascent starts (default 2)",
     )  # fmt: skip
-    p.add_argument("--layer", help="Grad-CAM layer (default: the last conv block)")
-    p.add_argument("--cam-method", choices=("gradcam", "hirescam"), default="gradcam")
+    p.add_argument(
+        "--layer",
+        help="Grad-CAM layer (default: for a Flatten -> Dense head such as paper_cnn's, the "
+        "last block's map after its activation (relu3); else the last conv block)",
+    )
+    p.add_argument(
+        "--cam-method",
+        choices=("gradcam", "hirescam"),
+        default=None,
+        help="default: hirescam for Flatten -> Dense heads (exact there), gradcam otherwise",
+    )
     p.add_argument(
         "--cam-target", choices=("label", "predicted", "fractured", "normal"), default="label",
         help="class each map explains (default: the image's label)",
