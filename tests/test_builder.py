@@ -411,6 +411,25 @@ def test_bad_split_ratios_rejected():
             parse_ratios(bad)
 
 
+def test_groups_of_several_images_spread_over_the_splits():
+    """Multi-image groups (duplicates) land in every split in proportion, not all in train;
+    the singletons still fill each quota exactly."""
+    from tfrecords_builder.splits import assign
+
+    groups = {f"pair{i}": (0, 2) for i in range(40)}
+    groups.update({f"one{i}": (0, 1) for i in range(120)})
+    out = assign(groups, (0.7, 0.15, 0.15), seed=0)
+    pairs = {
+        s: sum(1 for g, v in out.items() if g.startswith("pair") and v == s)
+        for s in ("train", "val", "test")
+    }
+    assert pairs["train"] >= 20 and pairs["val"] >= 4 and pairs["test"] >= 4, pairs
+    images = {
+        s: sum(groups[g][1] for g, v in out.items() if v == s) for s in ("train", "val", "test")
+    }
+    assert images == {"train": 140, "val": 30, "test": 30}
+
+
 def test_split_quotas_exact_for_singletons():
     from tfrecords_builder.splits import assign
 
