@@ -197,16 +197,24 @@ def fit_baseline(train: Table, columns: list[int] | None = None, seed: int = 0):
 
 
 def baseline_probabilities(build_dir, split: str = "test", seed: int = 0) -> dict:
-    """``{"ids", "labels", "probs", "groups", "meta", "height", "width"}``: the no-anatomy
-    baseline (all feature families, fitted on train) applied to ``split``."""
+    """``{"ids", "labels", "probs", "probs_without_metadata", "groups", "meta", "height",
+    "width"}``: the no-anatomy baseline (all feature families, fitted on train) applied to
+    ``split``; ``probs_without_metadata`` (None where the records carry no metadata): the
+    same without the dataset's metadata columns (image and file statistics only)."""
     train = features(build_dir, "train")
     test = features(build_dir, split)
     model, cols = fit_baseline(train, seed=seed)
     probs = model.predict_proba(test.x[:, cols])[:, 1]
+    without = None
+    if "metadata" in train.family:
+        plain = [j for j, f in enumerate(train.family) if f != "metadata"]
+        model, cols = fit_baseline(train, plain, seed=seed)
+        without = model.predict_proba(test.x[:, cols])[:, 1]
     return {
         "ids": test.ids,
         "labels": test.labels,
         "probs": probs,
+        "probs_without_metadata": without,
         "groups": test.groups,
         "meta": test.meta,
         "height": test.x[:, test.names.index("size.height")],

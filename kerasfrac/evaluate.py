@@ -28,6 +28,8 @@ from sklearn import metrics as skm
 
 #: Metrics that get bootstrap confidence intervals.
 CI_METRICS = ("accuracy", "auroc", "sensitivity", "specificity")
+#: Subgroups of the baseline comparison get AUROCs only with this many images of each class.
+MIN_PER_CLASS_FOR_CI = 10
 #: FracAtlas metadata subgroups evaluated separately when the records carry them.
 SUBGROUP_COLUMNS = ("hand", "leg", "hip", "shoulder", "mixed", "hardware")
 
@@ -568,6 +570,15 @@ def baseline_comparison(
             f"The model does NOT clearly beat a model that never sees a bone: AUROC difference "
             f"{diff['difference']:+.3f}{shown}, an interval that reaches 0 or below."
         )
+    without = None
+    if base["probs_without_metadata"] is not None:
+        w = base["probs_without_metadata"][pick]
+        without = {
+            "baseline_auroc": auroc_ci(labels, w, groups=groups, n_resamples=n, seed=seed),
+            "difference": paired_auroc_difference(
+                labels, probs, w, groups=groups, n_resamples=n, seed=seed
+            ),
+        }
     subgroups = {}
     bands = size_band(base["height"][pick], base["width"][pick])
     masks = {f"size={band}": bands == band for band in ("small", "medium", "large")}
@@ -579,12 +590,14 @@ def baseline_comparison(
         if not mask.any():
             continue
         g = None if group_arr is None else list(group_arr[mask])
-        subgroups[name] = {
-            "n": int(mask.sum()),
-            "fractured": int(labels[mask].sum()),
-            "model": auroc_ci(labels[mask], probs[mask], groups=g, n_resamples=n, seed=seed),
-            "baseline": auroc_ci(labels[mask], b[mask], groups=g, n_resamples=n, seed=seed),
-        }
+        y = labels[mask]
+        row = {"n": int(mask.sum()), "fractured": int(y.sum())}
+        if min(int(y.sum()), int((y == 0).sum())) < MIN_PER_CLASS_FOR_CI:
+            row["note"] = f"fewer than {MIN_PER_CLASS_FOR_CI} images of a class: no AUROC reported"
+        else:
+            row["model"] = auroc_ci(y, probs[mask], groups=g, n_resamples=n, seed=seed)
+            row["baseline"] = auroc_ci(y, b[mask], groups=g, n_resamples=n, seed=seed)
+        subgroups[name] = row
     return {
         "features": "size, file bytes and JPEG flags, thumbnail intensity statistics, metadata "
         "columns (kerasfrac audit); fitted on train",
@@ -593,8 +606,13 @@ def baseline_comparison(
         "difference": diff,
         "beats_baseline": beats,
         "sentence": sentence,
+        "without_metadata": without,
         "subgroups": subgroups,
     }
+
+
+def _signed(x) -> str:
+    return "n/a" if x is None else f"{x:+.3f}"
 
 
 def baseline_lines(m: dict) -> list[str]:
@@ -614,7 +632,19 @@ def baseline_lines(m: dict) -> list[str]:
         f" (same images; CIs resample {c['difference']['resampled']})",
         f"  {c['sentence']}",
     ]
+    w = c.get("without_metadata")
+    if w:
+        d = w["difference"]
+        shown = f" [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d.get("ci95") else ""
+        lines.append(
+            f"  the baseline without the metadata columns (image and file statistics only): "
+            f"AUROC {auc(w['baseline_auroc'])}; the model's lead over it "
+            f"{_signed(d['difference'])}{shown}"
+        )
     for name, g in c["subgroups"].items():
+        if "model" not in g:
+            lines.append(f"  subgroup {name}: n {g['n']} ({g['fractured']} fractured): {g['note']}")
+            continue
         lines.append(
             f"  subgroup {name}: n {g['n']} ({g['fractured']} fractured), model AUROC "
             f"{auc(g['model'])}, baseline {auc(g['baseline'])}"
