@@ -7,7 +7,9 @@ called fractured when ``probability >= threshold``.
 ``metrics(labels, probs)`` gives, at a threshold (0.5 by default): accuracy, mean binary
 cross-entropy, AUROC, average precision, sensitivity, specificity, balanced accuracy, F1,
 precision, the confusion matrix ``[[tn, fp], [fn, tp]]``, the majority baseline and the class
-counts, plus seeded percentile-bootstrap 95% confidence intervals. Metrics a split cannot
+counts, plus seeded percentile-bootstrap 95% confidence intervals (resampling the build's
+duplicate groups where a split holds any, with the share of resamples where a metric was
+undefined). Metrics a split cannot
 define (AUROC with one class, sensitivity without fractured images, ...) are ``None`` and
 listed in ``undefined`` with the reason. ``val=(labels, probs)`` adds a second operating
 point at the Youden-J threshold chosen on those validation predictions (``youden``).
