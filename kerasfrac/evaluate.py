@@ -15,7 +15,8 @@ listed in ``undefined`` with the reason. ``val=(labels, probs)`` adds a second o
 point at the Youden-J threshold chosen on those validation predictions (``youden``).
 
 ``evaluate_run(run_dir)`` does the whole job for a training run directory: predictions for
-the split (and for val, to choose the threshold), metrics.json, plots, TensorBoard images.
+the split (and for val, to choose the threshold), metrics.json, plots, TensorBoard images, and
+the no-anatomy baseline of ``kerasfrac.audit`` beside the model (``baseline_comparison``).
 """
 
 from __future__ import annotations
