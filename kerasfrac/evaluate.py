@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from sklearn import metrics as skm
 
+from kerasfrac.metrics import sensitivity_at_specificity
+
 #: Metrics that get bootstrap confidence intervals.
 CI_METRICS = ("accuracy", "auroc", "sensitivity", "specificity")
 #: Subgroups of the baseline comparison get AUROCs only with this many images of each class.
@@ -259,6 +261,7 @@ def metrics(
         "loss": bce_loss(labels, probs),
         "auroc": float(skm.roc_auc_score(labels, probs)) if both else None,
         "average_precision": float(skm.average_precision_score(labels, probs)) if has_pos else None,
+        "sensitivity_at_90_specificity": sensitivity_at_specificity(labels, probs, 0.9),
         **at,
         "majority_class": "normal" if counts["normal"] >= counts["fractured"] else "fractured",
         "majority_baseline_accuracy": max(counts.values()) / labels.size,
@@ -694,7 +697,8 @@ def summary(m: dict) -> str:
         f"  majority baseline (always '{m.get('majority_class', 'normal')}'): "
         f"accuracy {_pct(m['majority_baseline_accuracy'])}",
         f"  AUROC {_num(m['auroc'])}{_ci(ci, 'auroc', False)}   "
-        f"average precision {_num(m.get('average_precision'))}   loss {m['loss']:.4f}",
+        f"average precision {_num(m.get('average_precision'))}   sensitivity at 90% "
+        f"specificity {_pct(m.get('sensitivity_at_90_specificity'))}   loss {m['loss']:.4f}",
     ]
 
     def point(name: str, d: dict, ci) -> str:

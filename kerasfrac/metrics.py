@@ -29,6 +29,19 @@ def auroc(labels, scores) -> float | None:
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def sensitivity_at_specificity(labels, scores, specificity: float = 0.9) -> float | None:
+    """The highest sensitivity of any threshold whose specificity is at least
+    ``specificity`` (exact, from the ROC curve); None with one class."""
+    from sklearn.metrics import roc_curve
+
+    y = np.asarray(labels).astype(int)
+    if y.min() == y.max():
+        return None
+    fpr, tpr, _ = roc_curve(y, np.asarray(scores, dtype=np.float64))
+    ok = fpr <= 1.0 - specificity + 1e-12
+    return float(tpr[ok].max())
+
+
 def has_groups(groups) -> bool:
     """Whether ``groups`` (one id per image) puts any two images together."""
     return groups is not None and len(set(groups)) < len(groups)

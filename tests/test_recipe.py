@@ -402,3 +402,31 @@ def test_box_supervision_moves_grad_cam_onto_the_fracture(tmp_path):
     assert boxed["auroc"] > max(0.95, plain["auroc"]), (plain, boxed)
     assert boxed["hit_rate"] > max(0.3, 5 * boxed["chance_rate"]), boxed
     assert boxed["hit_rate"] >= plain["hit_rate"] + 0.25, (plain, boxed)
+
+
+def test_sensitivity_at_90_specificity_is_exact():
+    from kerasfrac.metrics import sensitivity_at_specificity
+
+    y = np.array([0] * 10 + [1] * 5)
+    p = np.array([*np.linspace(0, 0.5, 10), 0.45, 0.6, 0.7, 0.2, 0.9])
+    # at most one of the ten normals above the threshold: 0.45, 0.6, 0.7, 0.9 found
+    assert sensitivity_at_specificity(y, p, 0.9) == pytest.approx(0.8)
+    assert sensitivity_at_specificity(y, p, 1.0) == pytest.approx(0.6)  # above 0.5 only
+    assert sensitivity_at_specificity(np.zeros(4), np.arange(4)) is None
+    from kerasfrac.evaluate import metrics
+
+    assert metrics(y, p, n_bootstrap=0)["sensitivity_at_90_specificity"] == pytest.approx(0.8)
+
+
+def test_evaluate_predict_with_flip_tta(separable_tfrecord_dir):
+    from kerasfrac.evaluate import predict
+
+    cfg = config.DataConfig(dir=str(separable_tfrecord_dir), image_size=32)
+    m = model.build_model(ModelConfig("paper_cnn"), (32, 32, 1))
+    ds = data.make_eval_dataset(None, "test", cfg, 4, with_ids=True)
+    ids, y, plain = predict(m, ds)
+    ids2, y2, flipped = predict(m, ds, "flip")
+    images = np.concatenate([x.numpy() for x, _, _ in ds])
+    mirrored = np.asarray(m(images[:, :, ::-1])).reshape(-1)
+    assert ids == ids2 and np.array_equal(y, y2)
+    np.testing.assert_allclose(flipped, (plain + mirrored) / 2, rtol=1e-5)
