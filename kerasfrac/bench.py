@@ -153,7 +153,14 @@ def _model_and_step(cfg, precision: str):
     model = build_model(model_cfg, data.image_shape(cfg.data), fused_batchnorm=cfg.train.fast)
     model.compile(optimizer=train.make_optimizer(cfg, model), loss="binary_crossentropy")
     strategy = tf.distribute.get_strategy()
-    return model, train.make_train_step(model, strategy, cfg.train.batch_size)
+    # The config's own loss: label smoothing, class weights (their values cost nothing), and
+    # with model.box_head the heat-map loss, fed masks as in training.
+    weights = (1.0, 1.0) if cfg.train.class_weight != "none" else None
+    step = train.make_train_step(
+        model, strategy, cfg.train.batch_size, label_smoothing=cfg.train.label_smoothing,
+        weights=weights, box_loss_weight=cfg.train.box_loss_weight,
+    )  # fmt: skip
+    return model, step
 
 
 def train_settings(cfg, precisions: list[str]) -> list[tuple[str, bool, str]]:
@@ -183,6 +190,9 @@ def measure_train_step(cfg, steps: int, repeats: int) -> dict:
         tf.constant(rng.random(shape, dtype=np.float32)),
         tf.constant(rng.integers(0, 2, shape[0]).astype(np.float32)),
     )
+    if cfg.model.box_head:  # (image, label, box mask, box weight), as make_dataset gives
+        masks = (rng.random((*shape[:3], 1)) > 0.95).astype(np.float32)
+        batch += (tf.constant(masks), tf.ones([shape[0]], tf.float32))
     try:
         model, step = _model_and_step(cfg, cfg.train.precision)
         it = iter(tf.data.Dataset.from_tensors(batch).repeat())
@@ -247,7 +257,7 @@ def bench_fit(cfg, steps: int, repeats: int) -> dict:
         _, step = _model_and_step(cfg, cfg.train.precision)
         ds, epoch_steps = data.make_dataset(
             None, "train", cfg.data, cfg.train.batch_size, cfg.train.seed, training=True,
-            dataset=cfg.dataset,
+            dataset=cfg.dataset, with_boxes=cfg.model.box_head,
         )  # fmt: skip
         it = iter(ds.repeat())
         flag = tf.constant(0, tf.int32)

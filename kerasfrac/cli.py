@@ -32,11 +32,30 @@ def build_parser() -> argparse.ArgumentParser:
     add_train(sub)
     add_bench(sub)
     add_demo(sub)
+    add_audit(sub)
     add_evaluate(sub)
     add_report(sub)
     add_predict(sub)
     add_explain(sub)
     return parser
+
+
+def add_audit(sub) -> None:
+    p = sub.add_parser(
+        "audit",
+        help="data card of a build and its no-anatomy baseline (Markdown, JSON, figure)",
+        description="Counts by class and split, image sizes by class, duplicates and "
+        "near-duplicates, and the no-anatomy baseline: a gradient-boosted classifier "
+        "(scikit-learn) on the train split's non-anatomical features only (size, file bytes "
+        "and JPEG flags, thumbnail intensity statistics, metadata columns), its test AUROC "
+        "with a bootstrap CI, each feature family alone, and per-feature AUROCs. Writes "
+        "audit.md, audit.json and audit.png into --out (default DATA_DIR/audit).",
+    )
+    p.add_argument("data_dir", metavar="DATA_DIR", help="TFRecord directory (kerasfrac build)")
+    p.add_argument("--out", help="output folder (default DATA_DIR/audit)")
+    p.add_argument("--seed", type=int, default=0, help="classifier and bootstrap seed")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    p.set_defaults(func=lambda args: __import__("kerasfrac.audit").audit.main(args))
 
 
 def add_evaluate(sub) -> None:
@@ -58,6 +77,11 @@ def add_evaluate(sub) -> None:
         "--recompute", action="store_true", help="predict again even if predictions exist"
     )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the no-anatomy baseline (kerasfrac audit) beside the model's AUROC",
+    )
     p.set_defaults(func=run_evaluate)
 
 
@@ -66,7 +90,7 @@ def run_evaluate(args) -> int:
 
     m = evaluate.evaluate_run(
         args.run_dir, args.split, args.model, n_bootstrap=args.bootstrap, seed=args.seed,
-        recompute=args.recompute, plots=not args.no_plots,
+        recompute=args.recompute, plots=not args.no_plots, baseline=not args.no_baseline,
     )  # fmt: skip
     print(evaluate.summary(m))
     print(f"written: {evaluate.metrics_path(args.run_dir, args.split)}")
@@ -276,8 +300,17 @@ def add_explain(sub) -> None:
         "--vis-images", type=int, default=2,
         help="real images also used as ascent starts (default 2)",
     )  # fmt: skip
-    p.add_argument("--layer", help="Grad-CAM layer (default: the last conv block)")
-    p.add_argument("--cam-method", choices=("gradcam", "hirescam"), default="gradcam")
+    p.add_argument(
+        "--layer",
+        help="Grad-CAM layer (default: for a Flatten -> Dense head such as paper_cnn's, the "
+        "last block's map after its activation (relu3); else the last conv block)",
+    )
+    p.add_argument(
+        "--cam-method",
+        choices=("gradcam", "hirescam"),
+        default=None,
+        help="default: hirescam for Flatten -> Dense heads (exact there), gradcam otherwise",
+    )
     p.add_argument(
         "--cam-target", choices=("label", "predicted", "fractured", "normal"), default="label",
         help="class each map explains (default: the image's label)",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -25,8 +26,14 @@ from tfrecords_builder.defaults import DATASETS
 
 FLIPS = ("none", "expand", "random")
 RESIZES = ("stretch", "pad")
-MODEL_NAMES = ("paper_cnn", "vgg16")  # kerasfrac.model.MODELS holds the builders (tested equal)
-OPTIMIZERS = ("sgd", "adam")
+# kerasfrac.model.MODELS holds the builders (tested equal)
+MODEL_NAMES = ("paper_cnn", "vgg16", "resnet_small", "resnet50v2", "efficientnetv2b0")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine")
+CLASS_WEIGHTS = ("none", "balanced")
+SELECTS = ("last", "best")
+TTAS = ("none", "flip")
+HEADS = ("gap", "heatmap")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 DISTRIBUTES = ("auto", "none", "mirrored", "multi_worker")
 
@@ -54,14 +61,37 @@ class DataConfig:
     resize: str = "stretch"
     #: Shuffle buffer (images) of the training stream; each class stream gets one.
     shuffle_buffer: int = 1024
+    #: Training augmentation after the cache, drawn per image and epoch from seeded stateless
+    #: streams (0 = off, the report's setting). One affine warp: rotation by up to
+    #: ``rotation`` degrees, zoom by a factor in [1 - zoom, 1 + zoom], shift by up to
+    #: ``translate`` x the image size (black fill, as the X-ray background); then, on the
+    #: image only: gamma exp(+-gamma), contrast x [1 - contrast, 1 + contrast] about the mean,
+    #: brightness +- brightness. Fracture boxes (model.box_head) move with the warp.
+    rotation: float = 0.0
+    zoom: float = 0.0
+    translate: float = 0.0
+    gamma: float = 0.0
+    contrast: float = 0.0
+    brightness: float = 0.0
 
 
 @dataclass
 class ModelConfig:
-    #: Architecture from kerasfrac.model.MODELS: paper_cnn | vgg16.
+    #: Architecture from kerasfrac.model.MODELS: paper_cnn | vgg16 | resnet_small (a compact
+    #: pre-activation ResNet for CPUs) | resnet50v2 | efficientnetv2b0 (keras.applications).
     name: str = "paper_cnn"
-    #: none | imagenet (vgg16 only; needs a download) | path to a weights file.
+    #: none | imagenet (vgg16, resnet50v2, efficientnetv2b0; needs a download) | a weights
+    #: file (the whole model's for paper_cnn/resnet_small, the backbone's for the others).
     weights: str = "none"
+    #: Box supervision: a second output, a coarse heat map on the last feature map, trained
+    #: to be 1 on cells holding a fracture box and 0 elsewhere and on normal images
+    #: (resnet_small and the keras.applications backbones; weight: train.box_loss_weight).
+    box_head: bool = False
+    #: Classifier head (resnet_small and the keras.applications backbones): gap (global
+    #: average pooling of the last feature map -> dropout -> Dense) | heatmap (the maximum of
+    #: per-cell fracture logits, the cells that model.box_head supervises: the classifier
+    #: then reads what the box supervision shapes).
+    head: str = "gap"
     #: BatchNormalization momentum of the moving statistics used at inference. 0.9 equals
     #: PyTorch's default (momentum=0.1), whose SGD(weight_decay=...) the report's recipe reads
     #: like; Keras' own default 0.99 needs ~500 steps before the statistics settle, so short
@@ -79,8 +109,27 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = 5
     batch_size: int = 16
+    #: sgd | adam | adamw (Keras' AdamW; its weight decay is the same decoupled decay).
     optimizer: str = "sgd"
+    #: The peak learning rate (after warm-up with the cosine schedule).
     learning_rate: float = 1e-4
+    #: constant | cosine (linear warm-up over warmup_epochs, then cosine decay to 0 at the
+    #: last epoch; keras.optimizers.schedules.CosineDecay).
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    #: Binary label smoothing: targets 1 -> 1 - s/2, 0 -> s/2.
+    label_smoothing: float = 0.0
+    #: none | balanced (each class's loss weighted by n / (2 n_class) of the train split: an
+    #: alternative to data.oversample; use one of the two).
+    class_weight: str = "none"
+    #: Weight of the box heat-map loss (model.box_head): mean pixel BCE per image, counted
+    #: for normal images and for fractured images that have boxes.
+    box_loss_weight: float = 1.0
+    #: Stop when val AUROC has not improved for this many epochs (None: never).
+    early_stopping_patience: int | None = None
+    #: Which weights become model.keras and are tested: last (the report) | best (the epoch
+    #: with the best val AUROC, checkpoints/best.keras). Chosen on val only, never on test.
+    select: str = "last"
     momentum: float = 0.0
     #: Keras 3 weight decay is decoupled and applies to every trainable variable ...
     weight_decay: float = 0.2
@@ -102,6 +151,13 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    #: Test-time augmentation in validation, evaluate and predict: none | flip (the mean
+    #: probability of the image and its left-right mirror).
+    tta: str = "none"
+
+
+@dataclass
 class Config:
     #: Which dataset the run is for; must match the TFRecord manifest's "source".
     dataset: str = "fracatlas"
@@ -109,6 +165,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -118,7 +175,9 @@ class Config:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         header = "# Resolved kerasfrac configuration (defaults + YAML + overrides).\n"
-        path.write_text(header + yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(header + yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.replace(path)  # one rename: a kill never leaves a truncated config
         return path
 
 
@@ -267,7 +326,7 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
 def _positive(key: str, value: int | float | None, *, optional: bool = False) -> None:
     if value is None and optional:
         return
-    if value is None or value <= 0:
+    if value is None or not 0 < value < math.inf:  # nan and inf are no positive numbers
         raise ConfigError(f"config key {key!r} must be a positive number; got {value!r}")
 
 
@@ -288,7 +347,15 @@ def validate(cfg: Config) -> None:
     if not d.cache:
         raise ConfigError("config key 'data.cache' must be memory, none or a directory; got ''")
     _positive("data.shuffle_buffer", d.shuffle_buffer)
+    for key, upper in (("rotation", 180.0), ("zoom", 0.9), ("translate", 0.5), ("gamma", 2.0),
+                       ("contrast", 0.9), ("brightness", 1.0)):  # fmt: skip
+        value = getattr(d, key)
+        if not (math.isfinite(value) and 0.0 <= value <= upper):
+            raise ConfigError(
+                f"config key 'data.{key}' must be between 0 (off) and {upper}; got {value!r}"
+            )
     _one_of("model.name", cfg.model.name, MODEL_NAMES)
+    _one_of("model.head", cfg.model.head, HEADS)
     if not cfg.model.weights:
         raise ConfigError("config key 'model.weights' must be none, imagenet or a file path")
     t = cfg.train
@@ -303,8 +370,26 @@ def validate(cfg: Config) -> None:
     _positive("train.learning_rate", t.learning_rate)
     if not 0.0 <= t.momentum < 1.0:
         raise ConfigError(f"config key 'train.momentum' must be in [0, 1); got {t.momentum!r}")
-    if t.weight_decay < 0:
+    if not 0 <= t.weight_decay < math.inf:
         raise ConfigError(f"config key 'train.weight_decay' must be >= 0; got {t.weight_decay!r}")
+    _one_of("train.schedule", t.schedule, SCHEDULES)
+    if not (math.isfinite(t.warmup_epochs) and 0.0 <= t.warmup_epochs < t.epochs):
+        raise ConfigError(
+            f"config key 'train.warmup_epochs' must be >= 0 and below train.epochs "
+            f"({t.epochs}); got {t.warmup_epochs!r}"
+        )
+    if not (math.isfinite(t.label_smoothing) and 0.0 <= t.label_smoothing < 1.0):
+        raise ConfigError(
+            f"config key 'train.label_smoothing' must be in [0, 1); got {t.label_smoothing!r}"
+        )
+    _one_of("train.class_weight", t.class_weight, CLASS_WEIGHTS)
+    if not (math.isfinite(t.box_loss_weight) and t.box_loss_weight >= 0):
+        raise ConfigError(
+            f"config key 'train.box_loss_weight' must be >= 0; got {t.box_loss_weight!r}"
+        )
+    _positive("train.early_stopping_patience", t.early_stopping_patience, optional=True)
+    _one_of("train.select", t.select, SELECTS)
+    _one_of("eval.tta", cfg.eval.tta, TTAS)
     _one_of("train.precision", t.precision, PRECISIONS)
     _one_of("train.distribute", t.distribute, DISTRIBUTES)
     _positive("train.steps_per_epoch", t.steps_per_epoch, optional=True)

@@ -42,6 +42,8 @@ __all__ = [
     "BuildOutputError",
     "check_build",
     "class_counts",
+    "augment",
+    "box_mask",
     "decode_resize",
     "flip_expand",
     "image_shape",
@@ -180,6 +182,96 @@ def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     return tf.image.stateless_random_flip_up_down(image, seeds[1])
 
 
+def box_mask(
+    boxes: tf.Tensor, height: tf.Tensor, width: tf.Tensor, image_size: int, resize: str = "stretch"
+) -> tf.Tensor:
+    """Fracture boxes -> float32 [image_size, image_size, 1] mask in the model's input frame.
+
+    ``boxes`` [N, 4] are (ymin, xmin, ymax, xmax) normalised to the original ``height`` x
+    ``width`` image; the mask is 1 on every output pixel a box overlaps (so a box never
+    vanishes at low resolution), following ``preprocess``'s geometry: ``stretch`` maps [0, 1]
+    onto the whole square, ``pad`` onto the centred content area of ``resize_with_pad``.
+    No boxes: all zeros.
+    """
+    s = float(image_size)
+    boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
+    if resize == "pad":
+        h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+        ratio = tf.maximum(w / s, h / s)  # as tf.image.resize_with_pad
+        rh, rw = tf.floor(h / ratio), tf.floor(w / ratio)
+        top, left = tf.floor((s - h / ratio) / 2.0), tf.floor((s - w / ratio) / 2.0)
+        scale = tf.stack([rh, rw, rh, rw])
+        offset = tf.stack([top, left, top, left])
+        boxes = (boxes * scale + offset) / s
+    edges = tf.range(image_size, dtype=tf.float32) / s  # pixel i spans [i/s, (i+1)/s)
+    rows = tf.cast(
+        (edges[None, :] + 1.0 / s > boxes[:, 0:1]) & (edges[None, :] < boxes[:, 2:3]), tf.float32
+    )  # [N, S]
+    cols = tf.cast(
+        (edges[None, :] + 1.0 / s > boxes[:, 1:2]) & (edges[None, :] < boxes[:, 3:4]), tf.float32
+    )
+    mask = tf.minimum(tf.einsum("ny,nx->yx", rows, cols), 1.0)
+    return mask[..., None]
+
+
+def _affine(size: int, angle, zoom, shift_y, shift_x) -> tf.Tensor:
+    """ImageProjectiveTransform row (output pixel -> input pixel) for a rotation by ``angle``
+    (radians) and a zoom by ``zoom`` about the centre, then a shift by (shift_y, shift_x)."""
+    c = (size - 1) / 2.0
+    cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
+    return tf.stack([
+        cos, -sin, c - cos * c + sin * c - shift_x * size,
+        sin, cos, c - sin * c - cos * c - shift_y * size,
+        0.0, 0.0,
+    ])[None]  # fmt: skip
+
+
+def augment(image: tf.Tensor, seed: tf.Tensor, data_cfg, channels: int) -> tf.Tensor:
+    """Random affine warp (rotation, zoom, shift: ``data.rotation/zoom/translate``) of all
+    channels, then gamma, contrast and brightness (``data.gamma/contrast/brightness``) of the
+    first ``channels`` (the image; further channels, the box mask, only move with the warp).
+
+    Stateless: the same ``seed`` (int [2]) gives the same result, eagerly and in tf.data.
+    Values stay in [0, 1]; areas shifted in from outside the image are black (0).
+    """
+    d = data_cfg
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=7)
+
+    def uniform(i, low, high):
+        return tf.random.stateless_uniform([], seeds[i], low, high)
+
+    if d.rotation or d.zoom or d.translate:
+        size = int(image.shape[0])
+        angle = uniform(0, -d.rotation, d.rotation) * (math.pi / 180.0) if d.rotation else 0.0
+        zoom = uniform(1, 1.0 - d.zoom, 1.0 + d.zoom) if d.zoom else 1.0
+        dy = uniform(2, -d.translate, d.translate) if d.translate else 0.0
+        dx = uniform(3, -d.translate, d.translate) if d.translate else 0.0
+        warped = tf.raw_ops.ImageProjectiveTransformV3(
+            images=image[None], transforms=_affine(size, angle, zoom, dy, dx),
+            output_shape=tf.constant([size, size]), fill_value=0.0,
+            interpolation="BILINEAR", fill_mode="CONSTANT",
+        )  # fmt: skip
+        image = tf.ensure_shape(warped[0], image.shape)
+    if not (d.gamma or d.contrast or d.brightness):
+        return image
+    x, rest = image[..., :channels], image[..., channels:]
+    if d.gamma:
+        x = tf.pow(tf.maximum(x, 1e-6), tf.exp(uniform(4, -d.gamma, d.gamma)))
+    if d.contrast:
+        mean = tf.reduce_mean(x)
+        x = (x - mean) * uniform(5, 1.0 - d.contrast, 1.0 + d.contrast) + mean
+    if d.brightness:
+        x = x + uniform(6, -d.brightness, d.brightness)
+    x = tf.clip_by_value(x, 0.0, 1.0)
+    return tf.concat([x, rest], axis=-1)
+
+
+def augments(data_cfg) -> bool:
+    """Whether ``data_cfg`` asks for any ``augment`` step."""
+    d = data_cfg
+    return bool(d.rotation or d.zoom or d.translate or d.gamma or d.contrast or d.brightness)
+
+
 # --------------------------------------------------------------------------- manifest checks
 
 
@@ -189,13 +281,17 @@ def image_shape(data_cfg) -> tuple[int, int, int]:
 
 
 def check_build(
-    build_dir: str | Path, dataset: str | None = None, batch_size: int | None = None
+    build_dir: str | Path,
+    dataset: str | None = None,
+    batch_size: int | None = None,
+    needs_val: bool = False,
 ) -> dict:
     """Load and check a build's manifest before any heavy work; return it.
 
     Errors (``BuildOutputError``, a ValueError) name what is wrong and how to fix it: no
     data dir configured, a missing directory or manifest, a manifest of another dataset than
-    ``dataset``, a ``batch_size`` larger than the training split.
+    ``dataset``, a ``batch_size`` larger than the training split, no val split
+    (``needs_val``).
     """
     if build_dir is None or str(build_dir) == "":
         raise BuildOutputError(
@@ -216,6 +312,12 @@ def check_build(
                 f"train.batch_size={batch_size} is larger than the training split of "
                 f"{str(build_dir)!r} ({n_train} images); use a smaller batch size"
             )
+    if needs_val and sum(class_counts(manifest, "val").values()) == 0:
+        raise BuildOutputError(
+            f"{str(build_dir)!r} has no images in its val split, which training needs (it "
+            "reports val AUROC each epoch and keeps the best epoch by it); rebuild with a "
+            "val share, e.g. `kerasfrac build ... --split 0.7,0.15,0.15`"
+        )
     return manifest
 
 
@@ -265,6 +367,11 @@ def _parse(serialized):
     return ex["encoded"], ex["label"], ex["image_id"]
 
 
+def _parse_with_boxes(serialized):
+    ex = schema.parse_example(serialized)
+    return ex["encoded"], ex["label"], ex["image_id"], ex["boxes"], ex["height"], ex["width"]
+
+
 def _parse_image_label_id(serialized):
     """Only the three features evaluation needs (the full record also parses boxes and 12
     metadata columns, 40 % more parse time)."""
@@ -296,6 +403,25 @@ def _decode(data_cfg):
     def fn(encoded, label, image_id):
         image = decode_resize(encoded, data_cfg.image_size, data_cfg.grayscale, data_cfg.resize)
         return image, tf.cast(label, tf.float32), image_id
+
+    return fn
+
+
+def _decode_with_boxes(data_cfg):
+    """(image with the box mask as an extra last channel, label, id, box-loss weight).
+
+    The mask rides along as a channel so that every geometric step after the cache (flips,
+    flip-expand, the affine warp) moves image and boxes together. The weight is 0 for a
+    fractured image without boxes (its mask would wrongly say "no fracture"), else 1.
+    """
+
+    def fn(encoded, label, image_id, boxes, height, width):
+        image = decode_resize(encoded, data_cfg.image_size, data_cfg.grayscale, data_cfg.resize)
+        mask = box_mask(boxes, height, width, data_cfg.image_size, data_cfg.resize)
+        mask = tf.cast(mask * 255.0, tf.uint8)  # 0/255: exactly 0/1 again after to_float
+        has_boxes = tf.shape(boxes)[0] > 0
+        weight = tf.cast(tf.logical_or(tf.equal(label, 0), has_boxes), tf.float32)
+        return tf.concat([image, mask], -1), tf.cast(label, tf.float32), image_id, weight
 
     return fn
 
@@ -394,8 +520,12 @@ def make_dataset(
     training: bool | None = None,
     *,
     dataset: str | None = None,
+    with_boxes: bool = False,
 ) -> tuple[tf.data.Dataset, int | None]:
     """``(dataset of (image, label) batches, steps_per_epoch or None)``.
+
+    ``with_boxes`` (training only, for ``model.box_head``): batches of ``(image, label,
+    box_mask, box_weight)``, the mask [S, S, 1] transformed with the image (``box_mask``).
 
     ``training`` defaults to ``split == "train"``. Training with ``data_cfg.oversample``
     gives an infinite, class-balanced stream and its steps per epoch; without, the finite
@@ -422,7 +552,10 @@ def make_dataset(
     files = shard_files(build_dir, split)
     expand = data_cfg.flips == "expand"
     buffer = data_cfg.shuffle_buffer
-    decode = _decode(data_cfg)
+    channels = image_shape(data_cfg)[-1]
+    parse = _parse_with_boxes if with_boxes else _parse
+    decode = _decode_with_boxes(data_cfg) if with_boxes else _decode(data_cfg)
+    tag = "-boxes" if with_boxes else ""
 
     if data_cfg.oversample:
         empty = [schema.LABEL_NAMES[c] for c, k in counts.items() if k == 0]
@@ -436,10 +569,10 @@ def make_dataset(
             # Filter on the parsed label BEFORE decoding: each class decodes only its images,
             # and each class stream gets its own cache (two streams filling one file cache
             # at once would collide on its lock).
-            s = _records(files, training=True).map(_parse)
-            s = s.filter(lambda e, y, i, label=label: tf.equal(y, label))
+            s = _records(files, training=True).map(parse)
+            s = s.filter(lambda *el, label=label: tf.equal(el[1], label))
             s = s.map(decode, num_parallel_calls=AUTOTUNE)
-            s = _cache(s, data_cfg, build_dir, manifest, f"{split}-class{label}")
+            s = _cache(s, data_cfg, build_dir, manifest, f"{split}-class{label}{tag}")
             # Flip-expand after the cache (3x the images for 1x the memory) and before the
             # shuffle, so the three versions of an image are spread out, not side by side.
             if expand:
@@ -454,9 +587,9 @@ def make_dataset(
         ds = tf.data.Dataset.sample_from_datasets(streams, weights=[0.5, 0.5], seed=seed)
         steps = steps_per_epoch(manifest, data_cfg, batch_size)
     else:
-        ds = _records(files, training=True).map(_parse)
+        ds = _records(files, training=True).map(parse)
         ds = ds.map(decode, num_parallel_calls=AUTOTUNE)
-        ds = _cache(ds, data_cfg, build_dir, manifest, split)
+        ds = _cache(ds, data_cfg, build_dir, manifest, f"{split}{tag}")
         if expand:
             ds = flip_expand(ds)
         ds = ds.apply(tf.data.experimental.assert_cardinality(n * (3 if expand else 1)))
@@ -471,4 +604,22 @@ def make_dataset(
         ds = tf.data.Dataset.zip(ds, rng).map(
             lambda el, s: (random_flip(el[0], s), *el[1:]), num_parallel_calls=AUTOTUNE
         )
+    if augments(data_cfg):
+        # Its own seeded stream, so that turning augmentation on leaves the flips unchanged.
+        rng = tf.data.Dataset.random(seed=seed + 7919, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip(ds, rng).map(
+            lambda el, s: (augment(el[0], s, data_cfg, channels), *el[1:]),
+            num_parallel_calls=AUTOTUNE,
+        )
+    if with_boxes:
+        ds = ds.map(
+            lambda x, label, image_id, weight: (
+                x[..., :channels],
+                label,
+                x[..., channels:],
+                weight,
+            ),
+            num_parallel_calls=AUTOTUNE,
+        )
+        return ds.batch(batch_size).prefetch(AUTOTUNE), steps
     return _finish(ds, batch_size, with_ids=False), steps

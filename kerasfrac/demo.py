@@ -19,6 +19,57 @@ DEMO_SETTINGS = {
 DEMO_DATA = {"count": 1000, "fractured_fraction": 0.3, "image_size": 128, "seed": 42}
 
 
+#: A file the demo leaves in its --out folder; only there does a rerun replace OWN.
+MARKER = ".kerasfrac-demo"
+OWN = ("synthetic-raw", "tfrecords", "run")
+
+
+class DemoOutError(ValueError):
+    """A --out folder that holds what the demo did not write."""
+
+
+def check_out(out: Path) -> None:
+    """Refuse ``out`` unless it is new or empty, or an earlier demo's folder whose
+    synthetic-raw/, tfrecords/ and run/ are still the demo's own (what a rerun replaces)."""
+    out = Path(out)
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    fix = "Choose a new or empty --out (default demo-out). Nothing was changed."
+    if not out.is_dir():
+        raise DemoOutError(f"--out {str(out)!r} is a file, not a folder. {fix}")
+    if not (out / MARKER).is_file():
+        raise DemoOutError(
+            f"--out {str(out)!r} already holds files that `kerasfrac demo` did not write "
+            f"({', '.join(sorted(p.name for p in out.iterdir())[:8])}); the demo writes and, "
+            f"on a rerun, replaces {', '.join(OWN)} in it. {fix}"
+        )
+    raw, tfr, run_dir = (out / name for name in OWN)
+    manifest = tfr / "manifest.json"
+    if tfr.exists():
+        try:
+            m = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            m = {}
+        if m.get("source") != "synthetic" or m.get("source_path") != str(raw.resolve()):
+            raise DemoOutError(
+                f"{str(tfr)!r} is not the demo's synthetic build (its manifest names "
+                f"source={m.get('source')!r}, source_path={m.get('source_path')!r}); the demo "
+                f"would replace it. {fix}"
+            )
+    if run_dir.exists():
+        import yaml
+
+        try:
+            data_dir = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["dir"]
+        except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+            data_dir = None
+        if data_dir is None or Path(data_dir).resolve() != tfr.resolve():
+            raise DemoOutError(
+                f"{str(run_dir)!r} is not a run of the demo (its config.yaml does not train on "
+                f"{str(tfr)!r}); the demo would replace it. {fix}"
+            )
+
+
 def run(out: str | Path = "demo-out", verbose: int = 1) -> dict:
     from kerasfrac import config, train
     from tfrecords_builder import synthetic
@@ -26,6 +77,9 @@ def run(out: str | Path = "demo-out", verbose: int = 1) -> dict:
 
     out = Path(out).expanduser()
     raw, tfr, run_dir = out / "synthetic-raw", out / "tfrecords", out / "run"
+    check_out(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by `kerasfrac demo`: it replaces " + ", ".join(OWN) + "\n")
     if raw.exists():
         import shutil
 

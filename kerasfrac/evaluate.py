@@ -7,13 +7,16 @@ called fractured when ``probability >= threshold``.
 ``metrics(labels, probs)`` gives, at a threshold (0.5 by default): accuracy, mean binary
 cross-entropy, AUROC, average precision, sensitivity, specificity, balanced accuracy, F1,
 precision, the confusion matrix ``[[tn, fp], [fn, tp]]``, the majority baseline and the class
-counts, plus seeded percentile-bootstrap 95% confidence intervals. Metrics a split cannot
+counts, plus seeded percentile-bootstrap 95% confidence intervals (resampling the build's
+duplicate groups where a split holds any, with the share of resamples where a metric was
+undefined). Metrics a split cannot
 define (AUROC with one class, sensitivity without fractured images, ...) are ``None`` and
 listed in ``undefined`` with the reason. ``val=(labels, probs)`` adds a second operating
 point at the Youden-J threshold chosen on those validation predictions (``youden``).
 
 ``evaluate_run(run_dir)`` does the whole job for a training run directory: predictions for
-the split (and for val, to choose the threshold), metrics.json, plots, TensorBoard images.
+the split (and for val, to choose the threshold), metrics.json, plots, TensorBoard images, and
+the no-anatomy baseline of ``kerasfrac.audit`` beside the model (``baseline_comparison``).
 """
 
 from __future__ import annotations
@@ -26,17 +29,28 @@ from pathlib import Path
 import numpy as np
 from sklearn import metrics as skm
 
+from kerasfrac.metrics import sensitivity_at_specificity
+
 #: Metrics that get bootstrap confidence intervals.
 CI_METRICS = ("accuracy", "auroc", "sensitivity", "specificity")
+#: Subgroups of the baseline comparison get AUROCs only with this many images of each class.
+MIN_PER_CLASS_FOR_CI = 10
 #: FracAtlas metadata subgroups evaluated separately when the records carry them.
 SUBGROUP_COLUMNS = ("hand", "leg", "hip", "shoulder", "mixed", "hardware")
 
 
-def predict(model, dataset) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Run ``model`` over batches of ``(image, label, image_id)``; ids, labels, probabilities."""
+def predict(model, dataset, tta: str = "none") -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Run ``model`` over batches of ``(image, label, image_id)``; ids, labels, probabilities.
+
+    ``tta="flip"``: each probability is the mean over the image and its left-right mirror.
+    """
+    import tensorflow as tf
+
     ids, labels, probs = [], [], []
     for images, y, image_ids in dataset:
         p = model(images, training=False)
+        if tta == "flip":
+            p = (np.asarray(p) + np.asarray(model(tf.image.flip_left_right(images)))) / 2.0
         probs.append(np.asarray(p, dtype=np.float64).reshape(-1))
         labels.append(np.asarray(y).reshape(-1))
         ids.extend(i.decode() for i in image_ids.numpy())
@@ -119,17 +133,23 @@ def _auroc_rows(y: np.ndarray, p: np.ndarray) -> np.ndarray:
 
 def bootstrap_ci(
     labels, probs, threshold: float = 0.5, n_resamples: int = 1000, seed: int = 0,
-    level: float = 0.95,
+    level: float = 0.95, groups=None,
 ) -> dict:  # fmt: skip
-    """Percentile bootstrap CIs of CI_METRICS: resample images with replacement.
+    """Percentile bootstrap CIs of CI_METRICS: resample images with replacement, or, where
+    ``groups`` (one id per image) puts images together, whole groups (``resampled``).
 
-    Returns ``{metric: [low, high] or None, "n_resamples", "seed", "level", "valid"}``;
-    ``valid[metric]`` counts the resamples where the metric was defined (a resample without
-    fractured images has no sensitivity and no AUROC); fewer than half valid gives None.
-    The same ``seed`` gives the same intervals.
+    Returns ``{metric: [low, high] or None, "n_resamples", "seed", "level", "valid",
+    "undefined_share", "resampled"}``; ``valid[metric]`` counts the resamples where the
+    metric was defined (a resample without fractured images has no sensitivity and no
+    AUROC) and ``undefined_share[metric]`` the share where it was not; fewer than half valid
+    gives None. The same ``seed`` gives the same intervals.
     """
+    from kerasfrac.metrics import has_groups
+
     labels = np.asarray(labels).astype(int)
     probs = np.asarray(probs, dtype=np.float64)
+    if has_groups(groups):
+        return _group_bootstrap_ci(labels, probs, threshold, n_resamples, seed, level, groups)
     n = labels.size
     rng = np.random.default_rng(seed)
     values: dict[str, list[np.ndarray]] = {m: [] for m in CI_METRICS}
@@ -150,18 +170,46 @@ def bootstrap_ci(
             values["specificity"].append(np.where(neg > 0, tn / neg, np.nan))
         values["auroc"].append(_auroc_rows(y, p))
         done += b
+    return _percentiles({m: np.concatenate(values[m]) for m in CI_METRICS}, n_resamples, seed,
+                        level, "images")  # fmt: skip
+
+
+def _percentiles(values: dict, n_resamples: int, seed: int, level: float, resampled: str):
     tail = (1 - level) / 2 * 100
-    out: dict = {"n_resamples": int(n_resamples), "seed": int(seed), "level": level, "valid": {}}
+    out: dict = {
+        "n_resamples": int(n_resamples), "seed": int(seed), "level": level, "valid": {},
+        "undefined_share": {}, "resampled": resampled,
+    }  # fmt: skip
     for m in CI_METRICS:
-        v = np.concatenate(values[m])
+        v = np.asarray(values[m], dtype=np.float64)
         v = v[np.isfinite(v)]
         out["valid"][m] = int(v.size)
+        out["undefined_share"][m] = round(1 - v.size / max(1, n_resamples), 4)
         if v.size < n_resamples / 2:
             out[m] = None
         else:
             lo, hi = np.percentile(v, [tail, 100 - tail])
             out[m] = [float(lo), float(hi)]
     return out
+
+
+def _group_bootstrap_ci(labels, probs, threshold, n_resamples, seed, level, groups) -> dict:
+    """``bootstrap_ci`` resampling whole groups (duplicate groups, patients): a resample
+    draws as many groups as there are, with replacement, and keeps all their images."""
+    from kerasfrac.metrics import auroc, resamples
+
+    values: dict[str, list[float]] = {m: [] for m in CI_METRICS}
+    for idx in resamples(labels.size, groups, n_resamples, seed):
+        y, p = labels[idx], probs[idx]
+        pred = p >= threshold
+        pos, neg = int((y == 1).sum()), int((y == 0).sum())
+        tp, tn = int((pred & (y == 1)).sum()), int((~pred & (y == 0)).sum())
+        values["accuracy"].append((tp + tn) / y.size)
+        values["sensitivity"].append(tp / pos if pos else np.nan)
+        values["specificity"].append(tn / neg if neg else np.nan)
+        a = auroc(y, p)
+        values["auroc"].append(np.nan if a is None else a)
+    return _percentiles(values, n_resamples, seed, level, "groups")
 
 
 def _undefined(labels: np.ndarray, at: dict, prefix: str = "") -> dict[str, str]:
@@ -187,14 +235,15 @@ def _undefined(labels: np.ndarray, at: dict, prefix: str = "") -> dict[str, str]
 
 def metrics(
     labels, probs, threshold: float = 0.5, *, val=None, n_bootstrap: int = 1000,
-    seed: int = 0, meta: dict[str, np.ndarray] | None = None,
+    seed: int = 0, meta: dict[str, np.ndarray] | None = None, groups=None,
 ) -> dict:  # fmt: skip
     """All metrics of one split's predictions (see the module docstring).
 
     ``val``: ``(labels, probs)`` of the validation split; adds ``youden`` (the threshold
     chosen there, and every threshold metric plus CIs at it, applied to THESE predictions).
     ``n_bootstrap`` 0 skips the CIs. ``meta``: ``{column: array}`` aligned with ``labels``
-    (FracAtlas metadata, -1 = unknown) adds ``subgroups``.
+    (FracAtlas metadata, -1 = unknown) adds ``subgroups``. ``groups``: one group id per image
+    (the build's duplicate groups): the bootstrap then resamples groups.
     """
     labels = np.asarray(labels).astype(int)
     probs = np.asarray(probs, dtype=np.float64)
@@ -212,13 +261,14 @@ def metrics(
         "loss": bce_loss(labels, probs),
         "auroc": float(skm.roc_auc_score(labels, probs)) if both else None,
         "average_precision": float(skm.average_precision_score(labels, probs)) if has_pos else None,
+        "sensitivity_at_90_specificity": sensitivity_at_specificity(labels, probs, 0.9),
         **at,
         "majority_class": "normal" if counts["normal"] >= counts["fractured"] else "fractured",
         "majority_baseline_accuracy": max(counts.values()) / labels.size,
     }
     undefined = _undefined(labels, at)
     if n_bootstrap:
-        result["ci95"] = bootstrap_ci(labels, probs, threshold, n_bootstrap, seed)
+        result["ci95"] = bootstrap_ci(labels, probs, threshold, n_bootstrap, seed, groups=groups)
     if val is not None:
         val_labels, val_probs = (np.asarray(v) for v in val)
         t = youden_threshold(val_labels, val_probs)
@@ -228,7 +278,7 @@ def metrics(
         else:
             yj = {"chosen_on": "val", **threshold_metrics(labels, probs, t)}
             if n_bootstrap:
-                ci = bootstrap_ci(labels, probs, t, n_bootstrap, seed)
+                ci = bootstrap_ci(labels, probs, t, n_bootstrap, seed, groups=groups)
                 yj["ci95"] = {k: v for k, v in ci.items() if k != "auroc"}
             undefined.update(_undefined(labels, {**at, **yj}, prefix="youden."))
             undefined.pop("youden.auroc", None)
@@ -354,7 +404,7 @@ def load_run_model(run_dir: Path, model_path: str | Path | None = None):
     """``(cfg, model, model_path)`` of a run, checking the model's input against the config."""
     from kerasfrac import data
     from kerasfrac.config import load_config
-    from kerasfrac.model import load_model
+    from kerasfrac.model import classifier, load_model
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -371,7 +421,7 @@ def load_run_model(run_dir: Path, model_path: str | Path | None = None):
             f"no model at {str(path)!r}: the run has not finished or the file was moved; "
             f"pass --model FILE{hint}"
         )
-    model = load_model(path)
+    model = classifier(load_model(path))  # a checkpoint may carry the box head
     check_input_shape(model, data.image_shape(cfg.data), path)
     return cfg, model, path
 
@@ -401,7 +451,7 @@ def _split_predictions(run_dir, cfg, model, split, batch_size, recompute, write)
         ds = data.make_eval_dataset(
             cfg.data.dir, split, cfg.data, batch_size, with_ids=True, dataset=cfg.dataset
         )
-        ids, labels, probs = predict(model, ds)
+        ids, labels, probs = predict(model, ds, cfg.eval.tta)
         # Metrics of exactly what predictions.csv holds (6 decimals), computed or read back.
         probs = np.round(probs, 6)
         if write:
@@ -415,7 +465,7 @@ def _split_predictions(run_dir, cfg, model, split, batch_size, recompute, write)
 def evaluate_run(
     run_dir: str | Path, split: str = "test", model_path: str | Path | None = None, *,
     n_bootstrap: int = 1000, seed: int = 0, recompute: bool = False, plots: bool = True,
-    batch_size: int | None = None,
+    batch_size: int | None = None, baseline: bool = True,
 ) -> dict:  # fmt: skip
     """Evaluate a training run on ``split`` (test or val); write metrics, plots, predictions.
 
@@ -424,7 +474,9 @@ def evaluate_run(
     computed with the model and written. ``model_path`` (another model than the run's
     model.keras) always recomputes and writes no predictions files. Writes
     ``metrics.json`` (test) or ``metrics_<split>.json`` and ``plots/<split>_*.png``, and logs
-    the plots to ``tensorboard/evaluation``. Returns the metrics dict.
+    the plots to ``tensorboard/evaluation``. Bootstrap CIs resample the build's duplicate
+    groups where the split holds any. ``baseline`` adds ``no_anatomy_baseline`` (see
+    ``baseline_comparison``). Returns the metrics dict.
     """
     if split not in ("test", "val"):
         raise ValueError(f"split must be 'test' or 'val'; got {split!r}")
@@ -446,6 +498,7 @@ def evaluate_run(
         )
         val = (vl, vp)
     has_meta = any(np.any(v >= 0) for v in meta.values())
+    groups = split_groups(cfg.data.dir, split, ids)
     result = {
         "split": split,
         "model": str(path),
@@ -453,8 +506,13 @@ def evaluate_run(
         "data_dir": str(cfg.data.dir),
         "predictions": source,
         **metrics(labels, probs, 0.5, val=val, n_bootstrap=n_bootstrap, seed=seed,
-                  meta=meta if has_meta else None),
+                  meta=meta if has_meta else None, groups=groups),
     }  # fmt: skip
+    if baseline:
+        result["no_anatomy_baseline"] = baseline_comparison(
+            cfg.data.dir, split, ids, labels, probs, groups=groups, n_bootstrap=n_bootstrap,
+            seed=seed,
+        )  # fmt: skip
     if split == "val" and result.get("youden"):
         result["youden"]["chosen_on"] = "val (the same split: optimistic)"
     if plots:
@@ -466,6 +524,148 @@ def evaluate_run(
         ]
     metrics_path(run_dir, split).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def split_groups(build_dir, split: str, ids) -> list[str]:
+    """The build's group (``image/group``) of each of ``ids`` in ``split``, in that order."""
+    from tfrecords_builder.reader import read_split
+
+    group_of = {
+        ex["image_id"].decode(): ex["group"].decode()
+        for ex in read_split(build_dir, split, decode=False).as_numpy_iterator()
+    }
+    return [group_of.get(i, i) for i in ids]
+
+
+def baseline_comparison(
+    build_dir, split: str, ids, labels, probs, *, groups=None, n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict:  # fmt: skip
+    """The model beside the no-anatomy baseline of ``kerasfrac.audit`` on the same images.
+
+    ``{"model_auroc", "baseline_auroc" (each with ci95), "difference" with a paired bootstrap
+    ci95 (groups resampled where the split holds them), "beats_baseline", "sentence",
+    "subgroups": {"size=small|medium|large", "hardware=0": model and baseline AUROC with
+    CIs}}``, or ``{"unavailable": reason}`` where the baseline cannot be fitted.
+    """
+    from kerasfrac import audit
+    from kerasfrac.metrics import auroc_ci, paired_auroc_difference, size_band
+
+    try:
+        base = audit.baseline_probabilities(build_dir, split, seed=seed)
+    except ValueError as err:
+        return {"unavailable": str(err)}
+    order = {i: k for k, i in enumerate(base["ids"])}
+    missing = [i for i in ids if i not in order]
+    if missing:
+        return {"unavailable": f"{len(missing)} images (e.g. {missing[0]!r}) not in the build"}
+    pick = np.array([order[i] for i in ids])
+    b = base["probs"][pick]
+    labels = np.asarray(labels).astype(int)
+    probs = np.asarray(probs, dtype=np.float64)
+    n = max(n_bootstrap, 1)
+    diff = paired_auroc_difference(labels, probs, b, groups=groups, n_resamples=n, seed=seed)
+    m_ci = auroc_ci(labels, probs, groups=groups, n_resamples=n, seed=seed)
+    b_ci = auroc_ci(labels, b, groups=groups, n_resamples=n, seed=seed)
+    lo = (diff["ci95"] or [None, None])[0]
+    beats = lo is not None and lo > 0
+    if diff["difference"] is None:
+        sentence = "AUROC undefined on this split (one class): no comparison."
+    elif beats:
+        sentence = (
+            f"The model beats a model that never sees a bone by {diff['difference']:+.3f} "
+            f"[{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}] AUROC."
+        )
+    else:
+        ci = diff["ci95"]
+        shown = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
+        sentence = (
+            f"The model does NOT clearly beat a model that never sees a bone: AUROC difference "
+            f"{diff['difference']:+.3f}{shown}, an interval that reaches 0 or below."
+        )
+    without = None
+    if base["probs_without_metadata"] is not None:
+        w = base["probs_without_metadata"][pick]
+        without = {
+            "baseline_auroc": auroc_ci(labels, w, groups=groups, n_resamples=n, seed=seed),
+            "difference": paired_auroc_difference(
+                labels, probs, w, groups=groups, n_resamples=n, seed=seed
+            ),
+        }
+    subgroups = {}
+    bands = size_band(base["height"][pick], base["width"][pick])
+    masks = {f"size={band}": bands == band for band in ("small", "medium", "large")}
+    hardware = base["meta"]["hardware"][pick]
+    if np.any(hardware >= 0):
+        masks["hardware=0"] = hardware == 0
+    group_arr = None if groups is None else np.asarray(groups, dtype=object)
+    for name, mask in masks.items():
+        if not mask.any():
+            continue
+        g = None if group_arr is None else list(group_arr[mask])
+        y = labels[mask]
+        row = {"n": int(mask.sum()), "fractured": int(y.sum())}
+        if min(int(y.sum()), int((y == 0).sum())) < MIN_PER_CLASS_FOR_CI:
+            row["note"] = f"fewer than {MIN_PER_CLASS_FOR_CI} images of a class: no AUROC reported"
+        else:
+            row["model"] = auroc_ci(y, probs[mask], groups=g, n_resamples=n, seed=seed)
+            row["baseline"] = auroc_ci(y, b[mask], groups=g, n_resamples=n, seed=seed)
+        subgroups[name] = row
+    return {
+        "features": "size, file bytes and JPEG flags, thumbnail intensity statistics, metadata "
+        "columns (kerasfrac audit); fitted on train",
+        "model_auroc": m_ci,
+        "baseline_auroc": b_ci,
+        "difference": diff,
+        "beats_baseline": beats,
+        "sentence": sentence,
+        "without_metadata": without,
+        "subgroups": subgroups,
+    }
+
+
+def _signed(x) -> str:
+    return "n/a" if x is None else f"{x:+.3f}"
+
+
+def baseline_lines(m: dict) -> list[str]:
+    """Summary lines of ``no_anatomy_baseline`` (none where absent)."""
+    c = m.get("no_anatomy_baseline")
+    if not c:
+        return []
+    if "unavailable" in c:
+        return [f"  no-anatomy baseline: unavailable ({c['unavailable']})"]
+
+    def auc(d: dict) -> str:
+        ci = d.get("ci95")
+        return _num(d.get("auroc")) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+    lines = [
+        f"  no-anatomy baseline AUROC {auc(c['baseline_auroc'])} vs model {auc(c['model_auroc'])}"
+        f" (same images; CIs resample {c['difference']['resampled']})",
+        f"  {c['sentence']}",
+    ]
+    w = c.get("without_metadata")
+    if w:
+        d = w["difference"]
+        shown = f" [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d.get("ci95") else ""
+        lines.append(
+            f"  the baseline without the metadata columns (image and file statistics only): "
+            f"AUROC {auc(w['baseline_auroc'])}; the model's lead over it "
+            f"{_signed(d['difference'])}{shown}"
+        )
+    for name, g in c["subgroups"].items():
+        if "model" not in g:
+            lines.append(f"  subgroup {name}: n {g['n']} ({g['fractured']} fractured): {g['note']}")
+            continue
+        lines.append(
+            f"  subgroup {name}: n {g['n']} ({g['fractured']} fractured), model AUROC "
+            f"{auc(g['model'])}, baseline {auc(g['baseline'])}"
+        )
+    share = c["difference"].get("undefined_share")
+    if share:
+        lines.append(f"  ({100 * share:.1f}% of resamples left the difference undefined)")
+    return lines
 
 
 # --------------------------------------------------------------------------- summary
@@ -497,7 +697,8 @@ def summary(m: dict) -> str:
         f"  majority baseline (always '{m.get('majority_class', 'normal')}'): "
         f"accuracy {_pct(m['majority_baseline_accuracy'])}",
         f"  AUROC {_num(m['auroc'])}{_ci(ci, 'auroc', False)}   "
-        f"average precision {_num(m.get('average_precision'))}   loss {m['loss']:.4f}",
+        f"average precision {_num(m.get('average_precision'))}   sensitivity at 90% "
+        f"specificity {_pct(m.get('sensitivity_at_90_specificity'))}   loss {m['loss']:.4f}",
     ]
 
     def point(name: str, d: dict, ci) -> str:
@@ -522,7 +723,8 @@ def summary(m: dict) -> str:
     )
     if ci:
         lines.append(
-            f"  (95% CIs: percentile bootstrap, {ci['n_resamples']} resamples, seed {ci['seed']})"
+            f"  (95% CIs: percentile bootstrap, {ci['n_resamples']} resamples of "
+            f"{ci.get('resampled', 'images')}, seed {ci['seed']})"
         )
     for name, g in (m.get("subgroups") or {}).items():
         if "counts" in g:
@@ -532,6 +734,11 @@ def summary(m: dict) -> str:
             )
         else:
             lines.append(f"  subgroup {name}: n {g['n']}")
+    lines += baseline_lines(m)
+    shares = (ci or {}).get("undefined_share") or {}
+    undefined = {k: v for k, v in shares.items() if v}
+    if undefined:
+        lines.append(f"  bootstrap resamples where a metric was undefined: {undefined}")
     for name, why in (m.get("undefined") or {}).items():
         lines.append(f"  undefined: {name} ({why})")
     for p in m.get("plots", []):

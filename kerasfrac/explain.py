@@ -417,8 +417,8 @@ class ExplainOptions:
     what: tuple[str, ...] = WHAT
     n_images: int = 8  # images in the figures (from the split unless image files are given)
     vis_images: int = 2  # real images used as ascent starts
-    cam_layer: str | None = None  # default: the last conv block
-    cam_method: str = "gradcam"
+    cam_layer: str | None = None  # default: gradcam.default_cam (follows the model's head)
+    cam_method: str | None = None  # default: hirescam for Flatten -> Dense heads, else gradcam
     cam_target: str = "label"  # label | predicted | fractured | normal
     feature_layers: list[str] | None = None  # default: every conv block output
     max_channels: int = 16
@@ -435,7 +435,7 @@ class ExplainOptions:
                 f"--what {','.join(self.what)!r}: unknown part {unknown[0] if unknown else ''!r};"
                 f" choose a comma-separated subset of {','.join(WHAT)}"
             )
-        if self.cam_method not in gradcam.METHODS:
+        if self.cam_method is not None and self.cam_method not in gradcam.METHODS:
             raise ValueError(
                 f"cam method must be one of {gradcam.METHODS}; got {self.cam_method!r}"
             )
@@ -496,7 +496,7 @@ def audit_split(
                 counts[key] += 1
     result = audit.result(has_boxes)
     result.update(
-        split=split, cam_layer=cam.layer_name, cam_method=opts.cam_method,
+        split=split, cam_layer=cam.layer_name, cam_method=cam.method,
         cam_target=opts.cam_target,
     )  # fmt: skip
     means = {k: sums[k] / counts[k] for k in sums if counts[k]}
@@ -523,10 +523,17 @@ def summary(result: dict) -> str:
     if not pg["available"]:
         lines.append(f"  pointing game: not available: {pg['reason']}")
     else:
+        ci = pg.get("hit_rate_ci95")
+        cci = pg.get("centre_baseline_ci95")
         lines.append(
-            f"  pointing game ({pg['n_played']} fractured images with boxes): hit rate "
-            f"{_fmt(pg['hit_rate'])} vs chance {_fmt(pg['chance_rate'])}; Grad-CAM mass in "
-            f"boxes {_fmt(pg['box_mass_share'])}"
+            f"  pointing game ({pg['n_played']} fractured images with boxes, "
+            f"{pg.get('n_empty_maps_counted_as_misses', 0)} empty maps counted as misses): hit "
+            f"rate {_fmt(pg['hit_rate'])}"
+            + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+            + f" vs chance {_fmt(pg['chance_rate'])} and a map peaking at the image centre "
+            f"{_fmt(pg.get('centre_baseline_hit_rate'))}"
+            + (f" [{cci[0]:.3f}, {cci[1]:.3f}]" if cci else "")
+            + f"; Grad-CAM mass in boxes {_fmt(pg['box_mass_share'])}"
         )
     return "\n".join(lines)
 
@@ -634,9 +641,32 @@ def explain_run(
         log_to_tensorboard(run_dir / "tensorboard" / "explain", pngs)
     result["figures"] = [str(p) for p in pngs]
     json_path = out / "explain.json"
+    result["audits"] = _earlier_audits(json_path)
+    if "audit" in result:  # side by side: one entry per split, model, layer, method, target
+        a = result["audit"]
+        key = f"{a['split']}|{path}|{a['cam_layer']}|{a['cam_method']}|{a['cam_target']}"
+        result["audits"][key] = a
     json_path.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
     result["json"] = str(json_path)
     return result
+
+
+def _earlier_audits(json_path: Path) -> dict:
+    """The ``audits`` an earlier explain.json in this folder kept (its own ``audit`` too, for
+    files written before ``audits`` existed), so that runs of other splits, models or layers
+    are kept beside this one instead of overwritten."""
+    if not json_path.is_file():
+        return {}
+    try:
+        old = json.loads(json_path.read_text())
+    except json.JSONDecodeError:
+        return {}
+    audits = dict(old.get("audits") or {})
+    a = old.get("audit")
+    if a and not audits:
+        key = f"{a.get('split')}|{old.get('model')}|{a.get('cam_layer')}|{a.get('cam_method')}|"
+        audits[key + str(a.get("cam_target"))] = a
+    return audits
 
 
 def _json_default(x):

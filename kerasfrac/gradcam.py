@@ -18,8 +18,18 @@ The audit numbers are pure numpy on the upsampled maps:
   box (optionally grown by ``tolerance`` pixels); chance = the boxes' share of the image;
   ``box_mass_share``: the map's mass inside the boxes.
 
+The default layer and method follow the head (``default_cam``): where the last feature map
+feeds Flatten -> Dense (paper_cnn), Grad-CAM's averaged gradient is the Dense kernel itself,
+the same for every image, and the BatchNorm after the ReLU adds a constant offset to every
+position; so the map is taken after the activation (``relu3``, before that BatchNorm) with
+HiResCAM, which is there exactly each position's contribution to the logit (up to the
+BatchNorm's constant). Heads that pool (GlobalAveragePooling) keep Grad-CAM on the last block.
+
 Maps that are zero everywhere (the ReLU removed all evidence) carry no location: they are
-counted and left out of the averages.
+left out of the share averages, and in the pointing game they count as misses (an
+explanation that points nowhere did not point at the fracture). The hit rate gets a Wilson
+95% CI, beside the chance rate (the boxes' area) and a centre-of-image baseline (a map that
+always peaks at the centre).
 """
 
 from __future__ import annotations
@@ -102,6 +112,23 @@ def cam_model(model: keras.Model, layer_name: str | None = None) -> keras.Model:
     return keras.Model(model.inputs[0], [fmap, logit], name=f"cam_{name}")
 
 
+def default_cam(model: keras.Model) -> tuple[str, str]:
+    """(layer, method) that measure this model's head (see the module docstring): for a last
+    feature map that feeds Flatten, the activation before its BatchNorm (if any) and
+    ``hirescam``; otherwise the last conv block and ``gradcam``."""
+    name = last_conv_block_name(model)
+    layers = list(model.layers)
+    k = [layer.name for layer in layers].index(name)
+    following = layers[k + 1] if k + 1 < len(layers) else None
+    if not isinstance(following, keras.layers.Flatten):
+        return name, "gradcam"
+    while k > 0 and isinstance(layers[k], keras.layers.BatchNormalization):
+        k -= 1
+    if isinstance(layers[k], keras.layers.ReLU | keras.layers.Activation):
+        name = layers[k].name
+    return name, "hirescam"
+
+
 def _block_names(model) -> list[str]:
     from kerasfrac.model import block_output_names
 
@@ -110,16 +137,21 @@ def _block_names(model) -> list[str]:
 
 class GradCam:
     """Heatmaps of one model and layer; call with a batch of images and target signs.
+    ``layer_name`` and ``method`` None: ``default_cam``.
 
     ``cam(images, signs)`` -> float32 numpy [B, H, W], non-negative, not normalised (the
     shares are ratios, so the scale does not matter). ``signs``: +1 explains "fractured",
     -1 explains "normal". Also returns the logits: ``cam.last_logits``.
     """
 
-    def __init__(self, model: keras.Model, layer_name: str | None = None, method: str = "gradcam"):
+    def __init__(
+        self, model: keras.Model, layer_name: str | None = None, method: str | None = None
+    ):
+        default_layer, default_method = default_cam(model)
+        method = method or default_method
         if method not in METHODS:
             raise ValueError(f"unknown CAM method {method!r}; expected one of {METHODS}")
-        self.layer_name = layer_name or last_conv_block_name(model)
+        self.layer_name = layer_name or default_layer
         self.model = cam_model(model, self.layer_name)
         self.method = method
         self.input_hw = tuple(model.inputs[0].shape[1:3])
@@ -245,15 +277,34 @@ def box_mask(boxes, shape: tuple[int, int], tolerance: float = 0.0) -> np.ndarra
 
 
 def pointing(cam: np.ndarray, mask: np.ndarray) -> dict:
-    """One image of the pointing game: hit, chance (the mask's area share), mass in the mask."""
+    """One image of the pointing game: hit (an all-zero map points nowhere: a miss, flagged
+    ``empty``), chance (the mask's area share), mass in the mask, and whether the image's
+    centre pixel lies in the mask (the centre baseline)."""
+    h, w = mask.shape
+    centre = bool(mask[h // 2, w // 2])
     if float(cam.max()) <= 0:
-        return {"hit": None, "chance": float(mask.mean()), "mass_share": math.nan}
+        return {
+            "hit": False, "empty": True, "chance": float(mask.mean()), "mass_share": math.nan,
+            "centre_hit": centre,
+        }  # fmt: skip
     peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
     return {
         "hit": bool(mask[peak]),
+        "empty": False,
         "chance": float(mask.mean()),
         "mass_share": mass_share(cam, mask),
+        "centre_hit": centre,
     }
+
+
+def wilson_ci(hits: int, n: int, level: float = 0.95) -> list[float] | None:
+    """Wilson score interval of a rate (scipy's ``binomtest``); None for n = 0."""
+    if n == 0:
+        return None
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(hits), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return [float(ci.low), float(ci.high)]
 
 
 def _mean(values) -> float | None:
@@ -315,17 +366,22 @@ class Audit:
                 "builds carry them), so the pointing game cannot be played",
             }
             return out
-        boxed = [r for r in self.rows if "hit" in r]
-        played = [r for r in boxed if r["hit"] is not None]
+        played = [r for r in self.rows if "hit" in r]  # every fractured image with boxes
+        hits = sum(r["hit"] for r in played)
+        centre = sum(r["centre_hit"] for r in played)
         out["pointing_game"] = {
             "available": True,
-            "n_fractured_with_boxes": len(boxed),
+            "n_fractured_with_boxes": len(played),
             "n_played": len(played),
+            "n_empty_maps_counted_as_misses": sum(r["empty"] for r in played),
             "tolerance_px": self.tolerance,
-            "hit_rate": _mean(float(r["hit"]) for r in played),
+            "hit_rate": hits / len(played) if played else None,
+            "hit_rate_ci95": wilson_ci(hits, len(played)),
             "chance_rate": _mean(r["chance"] for r in played),
+            "centre_baseline_hit_rate": centre / len(played) if played else None,
+            "centre_baseline_ci95": wilson_ci(centre, len(played)),
             "box_mass_share": _mean(r["mass_share"] for r in played),
         }
-        if not boxed:
+        if not played:
             out["pointing_game"]["note"] = "no fractured image of this split has a box"
         return out

@@ -1,4 +1,6 @@
-"""Models by name: the report's CNN (``paper_cnn``) and a VGG16 backbone (``vgg16``).
+"""Models by name: the report's CNN (``paper_cnn``), a compact residual CNN for CPUs
+(``resnet_small``) and ``keras.applications`` backbones (``vgg16``, ``resnet50v2``,
+``efficientnetv2b0``).
 
 Every model maps float32 images in [0, 1] of shape ``input_shape`` to one fracture
 probability, through a layer named ``logit`` (Dense(1)) and a float32 sigmoid named ``prob``
@@ -11,6 +13,7 @@ optional weights file.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +22,12 @@ import tensorflow as tf
 
 LOGIT = "logit"
 PROB = "prob"
+#: Optional second output (``model.box_head``): a coarse fracture heat map, sigmoid, trained
+#: against the fracture boxes; the classifier saved as model.keras does not carry it.
+BOX_HEATMAP = "box_heatmap"
+HEADS = ("gap", "heatmap")
+#: The last feature map of the models with a global-average-pooling head (Grad-CAM's layer).
+FEATURES = "features"
 
 # ImageNet channel means (BGR, 0-255) of the Caffe-style VGG16 weights; grayscale input is
 # repeated to three identical channels, so the channel order does not matter.
@@ -77,7 +86,19 @@ def uses_fused_batchnorm(model: keras.Model) -> bool:
 
 
 def load_model(path: str | Path) -> keras.Model:
-    """``keras.saving.load_model`` with kerasfrac's layers registered (this module's import)."""
+    """``keras.saving.load_model`` with kerasfrac's layers registered (this module's import);
+    a missing or damaged file is named as such (Keras says "File not found" for both)."""
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"model file {str(path)!r} does not exist")
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"model file {str(path)!r} is damaged: a .keras file is a zip archive, this one is "
+            f"not ({path.stat().st_size:,} bytes; truncated by a full disk or a killed copy?). "
+            "Use another checkpoint (checkpoints/best.keras) or retrain."
+        )
     return keras.saving.load_model(path)
 
 
@@ -164,6 +185,143 @@ def vgg16(input_shape: tuple[int, int, int], weights: str | None = None) -> kera
     return keras.Model(inputs, prob, name="vgg16")
 
 
+def _bn(bn_momentum: float, sync: bool, fused: bool, name: str):
+    cls = FusedBatchNormalization if fused and not sync else keras.layers.BatchNormalization
+    return cls(momentum=bn_momentum, synchronized=sync, name=name)
+
+
+def _outputs(features, box_head: bool, dropout: float, head: str = "gap"):
+    """The heads on the last feature map ``features``.
+
+    ``gap``: global average pooling -> dropout -> ``logit``; the box head (``box_head``) is a
+    1x1 conv beside it. ``heatmap``: the classifier reads the heat map itself: per-cell
+    fracture logits (1x1 conv, ``box_logits``) -> global max pooling -> ``logit`` (a scale
+    and a bias): an image is as fractured as its most fractured cell, so box supervision of
+    the cells shapes what the classifier looks at (multiple-instance pooling).
+    """
+    if head not in HEADS:
+        raise ValueError(f"model.head must be one of {HEADS}; got {head!r}")
+    cells = keras.layers.Conv2D(1, 1, name="box_logits")(features)
+    heat = keras.layers.Activation("sigmoid", dtype="float32", name=BOX_HEATMAP)(cells)
+    if head == "heatmap":
+        x = keras.layers.GlobalMaxPooling2D(name="gmp")(cells)
+    else:
+        x = keras.layers.GlobalAveragePooling2D(name="gap")(features)
+        x = keras.layers.Dropout(dropout, name="dropout")(x) if dropout else x
+    _, prob = _head(x)
+    return [prob, heat] if box_head else prob
+
+
+def resnet_small(
+    input_shape: tuple[int, int, int],
+    widths: tuple[int, ...] = (32, 64, 128, 256),
+    blocks_per_stage: int = 2,
+    dropout: float = 0.2,
+    bn_momentum: float = 0.9,
+    sync_batchnorm: bool = True,
+    fused_batchnorm: bool = False,
+    box_head: bool = False,
+    head: str = "gap",
+) -> keras.Model:
+    """A compact pre-activation ResNet (He et al. 2016, "Identity mappings") for X-rays.
+
+    One-channel (or three-channel) stem: 5x5 conv stride 2 + 3x3 max-pool (a 320 px image
+    becomes 80x80), then four stages of ``blocks_per_stage`` basic pre-activation blocks
+    (BN -> ReLU -> 3x3 conv, twice, plus identity or 1x1 projection), halving the resolution
+    at each new stage, then BN -> ReLU (``features``, stride 32) -> global average pooling ->
+    dropout -> ``logit``/``prob``. About 2.8 M parameters with the default widths; sized for a
+    2-core CPU at 320-384 px. ``box_head`` adds the heat-map output ``box_heatmap`` on
+    ``features``. Stage outputs are named ``stage1`` .. ``stage4`` (feature maps).
+    """
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    sync, fused = sync_batchnorm, fused_batchnorm
+    # [0, 1] -> [-1, 1]: centred inputs for the first conv (no per-dataset statistics needed).
+    x = keras.layers.Rescaling(2.0, offset=-1.0, name="centre")(inputs)
+    x = keras.layers.Conv2D(widths[0], 5, strides=2, padding="same", use_bias=False,
+                            name="stem_conv")(x)  # fmt: skip
+    x = _bn(bn_momentum, sync, fused, "stem_bn")(x)
+    x = keras.layers.ReLU(name="stem_relu")(x)
+    x = keras.layers.MaxPool2D(3, strides=2, padding="same", name="stem_pool")(x)
+    channels = widths[0]
+    for s, width in enumerate(widths, start=1):
+        for b in range(1, blocks_per_stage + 1):
+            name = f"s{s}b{b}"
+            stride = 2 if (s > 1 and b == 1) else 1
+            pre = _bn(bn_momentum, sync, fused, f"{name}_bn1")(x)
+            pre = keras.layers.ReLU(name=f"{name}_relu1")(pre)
+            if stride == 1 and channels == width:
+                shortcut = x
+            else:
+                shortcut = keras.layers.Conv2D(width, 1, strides=stride, use_bias=False,
+                                               name=f"{name}_proj")(pre)  # fmt: skip
+            y = keras.layers.Conv2D(width, 3, strides=stride, padding="same", use_bias=False,
+                                    name=f"{name}_conv1")(pre)  # fmt: skip
+            y = _bn(bn_momentum, sync, fused, f"{name}_bn2")(y)
+            y = keras.layers.ReLU(name=f"{name}_relu2")(y)
+            y = keras.layers.Conv2D(width, 3, padding="same", use_bias=False,
+                                    name=f"{name}_conv2")(y)  # fmt: skip
+            last = b == blocks_per_stage
+            x = keras.layers.Add(name=f"stage{s}" if last else f"{name}_add")([shortcut, y])
+            channels = width
+    x = _bn(bn_momentum, sync, fused, "post_bn")(x)
+    features = keras.layers.ReLU(name=FEATURES)(x)
+    return keras.Model(inputs, _outputs(features, box_head, dropout, head), name="resnet_small")
+
+
+#: keras.applications backbones: name -> (constructor, input scaling of its ImageNet weights).
+#: "caffe" = 0-255 minus channel means, "tf" = [-1, 1], "raw255" = 0-255 (the model rescales
+#: inside, EfficientNetV2's include_preprocessing).
+_APPLICATIONS = {
+    "resnet50v2": ("ResNet50V2", "tf"),
+    "efficientnetv2b0": ("EfficientNetV2B0", "raw255"),
+}
+
+
+def application(
+    name: str,
+    input_shape: tuple[int, int, int],
+    weights: str | None = None,
+    box_head: bool = False,
+    dropout: float = 0.2,
+    head: str = "gap",
+) -> keras.Model:
+    """A ``keras.applications`` backbone (``resnet50v2`` or ``efficientnetv2b0``) + our head.
+
+    Grayscale input is repeated to three identical channels, then scaled as the backbone's
+    ImageNet weights expect (ResNet50V2: [-1, 1]; EfficientNetV2: 0-255, its own
+    preprocessing layers inside). ``weights``: None, "imagenet" (downloaded once into
+    ~/.keras by Keras) or a weights file of the backbone without its top
+    (``keras.applications.<Backbone>(include_top=False).save_weights(...)``). The backbone's
+    layers live in this graph (built on our tensor), so every layer is reachable by name.
+    """
+    if name not in _APPLICATIONS:
+        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(_APPLICATIONS)}")
+    constructor_name, scaling = _APPLICATIONS[name]
+    constructor = getattr(keras.applications, constructor_name)
+    input_shape = tuple(input_shape)
+    if input_shape[-1] not in (1, 3):
+        raise ValueError(f"{name} expects 1 or 3 input channels; got input_shape {input_shape}")
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = inputs
+    if input_shape[-1] == 1:
+        x = keras.layers.Concatenate(axis=-1, name="gray_to_rgb")([x, x, x])
+    if scaling == "tf":
+        x = keras.layers.Rescaling(2.0, offset=-1.0, name="to_pm1")(x)
+    else:
+        x = keras.layers.Rescaling(255.0, name="to_255")(x)
+    kwargs = {"include_preprocessing": True} if scaling == "raw255" else {}
+    base = constructor(include_top=False, weights=None, input_tensor=x, **kwargs)
+    if weights is not None:
+        pretrained = constructor(
+            include_top=False, weights=weights, input_shape=(*input_shape[:2], 3), **kwargs
+        )
+        for layer in pretrained.layers:
+            if layer.weights:
+                base.get_layer(layer.name).set_weights(layer.get_weights())
+    features = keras.layers.Activation("linear", name=FEATURES)(base.output)
+    return keras.Model(inputs, _outputs(features, box_head, dropout, head), name=name)
+
+
 def _weights_file(weights: str) -> Path:
     path = Path(weights).expanduser()
     if not path.is_file():
@@ -174,13 +332,20 @@ def _weights_file(weights: str) -> Path:
     return path
 
 
+def _no_box_head(name: str, box_head: bool, head: str = "gap") -> None:
+    if box_head or head != "gap":
+        raise ValueError(
+            f"model.box_head and model.head=heatmap are not available for {name} (its "
+            "Flatten/VGG head has no global-pooling feature map to supervise); use "
+            "model.name=resnet_small, resnet50v2 or efficientnetv2b0"
+        )
+
+
 def _build_paper_cnn(
-    input_shape,
-    weights: str,
-    bn_momentum: float = 0.9,
-    sync_batchnorm: bool = True,
-    fused_batchnorm: bool = False,
-) -> keras.Model:
+    input_shape, weights: str, bn_momentum=0.9, sync_batchnorm=True, fused_batchnorm=False,
+    box_head=False, head="gap",
+) -> keras.Model:  # fmt: skip
+    _no_box_head("paper_cnn", box_head, head)
     if weights == "imagenet":
         raise ValueError(
             "paper_cnn has no ImageNet weights; use model.weights=none, a weights file, "
@@ -193,13 +358,11 @@ def _build_paper_cnn(
 
 
 def _build_vgg16(
-    input_shape,
-    weights: str,
-    bn_momentum: float = 0.9,
-    sync_batchnorm: bool = True,
-    fused_batchnorm: bool = False,
-):
+    input_shape, weights: str, bn_momentum=0.9, sync_batchnorm=True, fused_batchnorm=False,
+    box_head=False, head="gap",
+):  # fmt: skip
     """VGG16 has no BatchNorm: the three BatchNorm arguments do not apply."""
+    _no_box_head("vgg16", box_head, head)
     if weights == "none":
         return vgg16(input_shape, None)
     if weights == "imagenet":
@@ -207,10 +370,45 @@ def _build_vgg16(
     return vgg16(input_shape, str(_weights_file(weights)))
 
 
-#: name -> builder(input_shape, weights) ; config.MODEL_NAMES lists the same names.
+def _build_resnet_small(
+    input_shape, weights: str, bn_momentum=0.9, sync_batchnorm=True, fused_batchnorm=False,
+    box_head=False, head="gap",
+) -> keras.Model:  # fmt: skip
+    if weights == "imagenet":
+        raise ValueError(
+            "resnet_small is trained from scratch and has no ImageNet weights; use "
+            "model.weights=none, a weights file, or model.name=resnet50v2/efficientnetv2b0"
+        )
+    model = resnet_small(
+        input_shape, bn_momentum=bn_momentum, sync_batchnorm=sync_batchnorm,
+        fused_batchnorm=fused_batchnorm, box_head=box_head, head=head,
+    )  # fmt: skip
+    if weights != "none":
+        model.load_weights(str(_weights_file(weights)))
+    return model
+
+
+def _application_builder(name: str):
+    def build(
+        input_shape, weights: str, bn_momentum=0.9, sync_batchnorm=True,
+        fused_batchnorm=False, box_head=False, head="gap",
+    ) -> keras.Model:  # fmt: skip
+        """The backbone keeps Keras' own BatchNorm layers and momenta."""
+        if weights not in ("none", "imagenet"):
+            weights = str(_weights_file(weights))
+        weights = None if weights == "none" else weights
+        return application(name, input_shape, weights, box_head, head=head)
+
+    return build
+
+
+#: name -> builder(input_shape, weights, bn_momentum, sync_batchnorm, fused_batchnorm,
+#: box_head); config.MODEL_NAMES lists the same names.
 MODELS: dict[str, Callable[..., keras.Model]] = {
     "paper_cnn": _build_paper_cnn,
     "vgg16": _build_vgg16,
+    "resnet_small": _build_resnet_small,
+    **{name: _application_builder(name) for name in _APPLICATIONS},
 }
 
 
@@ -218,7 +416,9 @@ def build_model(
     cfg_model, input_shape: tuple[int, int, int], fused_batchnorm: bool = False
 ) -> keras.Model:
     """Build ``cfg_model.name`` (a ``config.ModelConfig``) for images of ``input_shape``;
-    ``fused_batchnorm`` is set by ``train.fast`` (see ``FusedBatchNormalization``)."""
+    ``fused_batchnorm`` is set by ``train.fast`` (see ``FusedBatchNormalization``). With
+    ``cfg_model.box_head`` the model has two outputs, ``[prob, box_heatmap]``; ``classifier``
+    gives the one-output model that is saved and evaluated."""
     name = cfg_model.name
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
@@ -228,7 +428,22 @@ def build_model(
         getattr(cfg_model, "bn_momentum", 0.9),
         getattr(cfg_model, "sync_batchnorm", True),
         fused_batchnorm,
+        getattr(cfg_model, "box_head", False),
+        head=getattr(cfg_model, "head", "gap"),
     )
+
+
+def has_box_head(model: keras.Model) -> bool:
+    """Whether ``model`` outputs the heat map beside the probability (``[prob, heatmap]``)."""
+    return len(model.outputs) == 2
+
+
+def classifier(model: keras.Model) -> keras.Model:
+    """The one-output model (image -> ``prob``): ``model`` itself, or, for a model with a box
+    head, a model of the same layers (shared weights) without the heat-map output."""
+    if len(model.outputs) == 1:
+        return model
+    return keras.Model(model.inputs, model.get_layer(PROB).output, name=model.name)
 
 
 # --------------------------------------------------------------------------- layer lookups
@@ -252,7 +467,11 @@ def conv_layer_names(model: keras.Model) -> list[str]:
 
 def block_output_names(model: keras.Model) -> list[str]:
     """Output layer of each convolutional block, before pooling: bn1, bn2, bn3 for paper_cnn,
-    block1_conv2 .. block5_conv3 for vgg16 (the last conv layer of each block)."""
+    block1_conv2 .. block5_conv3 for vgg16 (the last conv layer of each block), stage1 ..
+    stage4 and ``features`` for resnet_small, ``features`` for the other backbones."""
+    stages = [layer.name for layer in model.layers if re.fullmatch(r"stage\d+", layer.name)]
+    if stages or any(layer.name == FEATURES for layer in model.layers):
+        return stages + [FEATURES]
     names = []
     layers = model.layers
     for i, layer in enumerate(layers):

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tfrecords_builder.defaults import DEFAULT_MAX_PIXELS
+
 _MAGIC = (
     (b"\xff\xd8\xff", "jpeg"),
     (b"\x89PNG\r\n\x1a\n", "png"),
@@ -97,12 +99,46 @@ def expand_paths(paths) -> list[Path]:
     return out
 
 
+def pixel_limit_problem(data: bytes, kind: str, max_pixels: int) -> str | None:
+    """Why an image is too large to decode (the builder's decompression-bomb guard, read
+    from its header, before any pixel), or None."""
+    if kind == "dicom":
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+            width, height = int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0)
+        except Exception:  # noqa: BLE001 - the decode step names what is wrong with it
+            return None
+    else:
+        from tfrecords_builder.validation import image_size
+
+        size = image_size(data, kind) if kind in ("jpeg", "png") else None
+        if size is None:
+            from PIL import Image
+
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    size = im.size
+            except Image.DecompressionBombError as err:
+                return f"too large (decompression-bomb guard): {err}"
+            except Exception:  # noqa: BLE001 - the decode step names what is wrong with it
+                return None
+        width, height = size
+    if width * height > max_pixels:
+        return (
+            f"too large: {width}x{height} = {width * height:,} pixels exceeds the limit of "
+            f"{max_pixels:,} (decompression-bomb guard, as the builder's --max-pixels)"
+        )
+    return None
+
+
 def load_predictor(model_path: str | Path):
     """``(cfg, model, threshold, threshold_source)`` of the run that holds ``model_path``."""
     from kerasfrac import data
     from kerasfrac.config import load_config
     from kerasfrac.evaluate import check_input_shape
-    from kerasfrac.model import load_model
+    from kerasfrac.model import classifier, load_model
 
     model_path = Path(model_path)
     if not model_path.is_file():
@@ -118,12 +154,18 @@ def load_predictor(model_path: str | Path):
             "training: use a model inside its run directory"
         )
     cfg = load_config(config_file)
-    model = load_model(model_path)
+    model = classifier(load_model(model_path))  # a checkpoint may carry the box head
     check_input_shape(model, data.image_shape(cfg.data), model_path)
     threshold, source = 0.5, "default 0.5 (no Youden-J threshold in the run's metrics.json)"
     metrics_file = run_dir / "metrics.json"
     if metrics_file.is_file():
-        youden = json.loads(metrics_file.read_text()).get("youden")
+        try:
+            youden = json.loads(metrics_file.read_text()).get("youden")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as err:
+            raise ValueError(
+                f"cannot read the run's metrics {str(metrics_file)!r} ({err}); rerun "
+                "`kerasfrac evaluate` on the run, or pass --threshold"
+            ) from err
         if youden and youden.get("threshold") is not None:
             threshold = float(youden["threshold"])
             source = f"the run's Youden-J threshold chosen on val ({metrics_file})"
@@ -131,13 +173,19 @@ def load_predictor(model_path: str | Path):
 
 
 def predict_files(
-    model_path, paths, threshold: float | None = None, batch_size: int = 16
+    model_path,
+    paths,
+    threshold: float | None = None,
+    batch_size: int = 16,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[list[Prediction], list[tuple[str, str]], float, str]:
     """``(predictions, skipped [(path, reason)], threshold, threshold source)``."""
     import tensorflow as tf
 
     from kerasfrac.data import preprocess
 
+    if threshold is not None and not 0.0 <= threshold <= 1.0:  # also catches nan
+        raise ValueError(f"--threshold must be a probability in [0, 1]; got {threshold!r}")
     cfg, model, run_threshold, source = load_predictor(model_path)
     if threshold is None:
         threshold = run_threshold
@@ -152,6 +200,10 @@ def predict_files(
         kind = sniff(data, path)
         if kind is None:
             skipped.append((str(path), "not an image (JPEG, PNG or DICOM)"))
+            continue
+        too_large = pixel_limit_problem(data, kind, max_pixels)
+        if too_large:
+            skipped.append((str(path), too_large))
             continue
         try:
             encoded = dicom_to_png(data) if kind == "dicom" else data
@@ -170,6 +222,9 @@ def predict_files(
     for start in range(0, len(prepared), batch_size):
         batch = tf.stack(prepared[start : start + batch_size])
         probs = np.asarray(model(batch, training=False), dtype=np.float64).reshape(-1)
+        if cfg.eval.tta == "flip":  # the run's test-time augmentation, as in evaluate
+            mirrored = model(tf.image.flip_left_right(batch), training=False)
+            probs = (probs + np.asarray(mirrored, dtype=np.float64).reshape(-1)) / 2.0
         for path, p in zip(kept[start : start + batch_size], probs):
             results.append(Prediction(path, float(p), bool(p >= threshold)))
     for w in warnings:

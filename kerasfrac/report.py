@@ -1,6 +1,8 @@
 """A table over evaluated runs: the report's layout (dataset x pipeline: test accuracy and
-loss) extended with AUROC (95% CI), average precision, sensitivity, specificity and the
-majority baseline; optionally the report's published numbers beside ours.
+loss) extended with AUROC (95% CI), the no-anatomy baseline's AUROC on the same images and the
+model's lead over it (paired bootstrap CI; ``kerasfrac evaluate`` computes both), average
+precision, sensitivity, specificity and the majority baseline; optionally the report's
+published numbers beside ours.
 
 Each run directory needs ``metrics.json`` (``kerasfrac evaluate``; train.py's own, older
 metrics.json also works, with n/a where a metric is missing) and ``config.yaml``, from which
@@ -28,6 +30,8 @@ COLUMNS = (
     ("loss", "Loss"),
     ("majority_baseline_accuracy", "Majority baseline"),
     ("auroc", "AUROC [95% CI]"),
+    ("baseline_auroc", "No-anatomy baseline AUROC"),
+    ("auroc_minus_baseline", "Model - baseline [95% CI]"),
     ("average_precision", "AP"),
     ("sensitivity", "Sensitivity"),
     ("specificity", "Specificity"),
@@ -63,7 +67,15 @@ def run_row(run_dir: str | Path) -> dict:
         )
     if not config_file.is_file():
         raise ValueError(f"{str(run_dir)!r} has no config.yaml: it is not a kerasfrac run")
-    m = json.loads(metrics_file.read_text())
+    try:
+        m = json.loads(metrics_file.read_text())
+        if not isinstance(m, dict):
+            raise ValueError(f"expected a JSON object, got {type(m).__name__}")
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(
+            f"cannot read {str(metrics_file)!r} ({err}); rerun `kerasfrac evaluate --run-dir "
+            f"{run_dir}`"
+        ) from err
     if m.get("split", "test") != "test":
         raise ValueError(
             f"{str(metrics_file)!r} holds metrics of the {m['split']!r} split, not test; "
@@ -71,6 +83,9 @@ def run_row(run_dir: str | Path) -> dict:
         )
     cfg = yaml.safe_load(config_file.read_text()) or {}
     ci = (m.get("ci95") or {}).get("auroc")
+    base = m.get("no_anatomy_baseline") or {}
+    diff = base.get("difference") or {}
+    diff_ci = diff.get("ci95")
     return {
         "dataset": cfg.get("dataset", "?"),
         "pipeline": pipeline_name(cfg),
@@ -85,6 +100,11 @@ def run_row(run_dir: str | Path) -> dict:
         "average_precision": m.get("average_precision"),
         "sensitivity": m.get("sensitivity"),
         "specificity": m.get("specificity"),
+        "baseline_auroc": (base.get("baseline_auroc") or {}).get("auroc"),
+        "auroc_minus_baseline": diff.get("difference"),
+        "auroc_minus_baseline_ci_low": diff_ci[0] if diff_ci else None,
+        "auroc_minus_baseline_ci_high": diff_ci[1] if diff_ci else None,
+        "beats_baseline": base.get("beats_baseline"),
     }
 
 
@@ -119,8 +139,15 @@ def _fmt(key: str, row: dict) -> str:
         if row.get("auroc_ci_low") is None:
             return f"{x:.3f}"
         return f"{x:.3f} [{row['auroc_ci_low']:.3f}, {row['auroc_ci_high']:.3f}]"
-    if key == "average_precision":
+    if key in ("average_precision", "baseline_auroc"):
         return f"{x:.3f}"
+    if key == "auroc_minus_baseline":
+        if row.get("auroc_minus_baseline_ci_low") is None:
+            return f"{x:+.3f}"
+        return (
+            f"{x:+.3f} [{row['auroc_minus_baseline_ci_low']:+.3f}, "
+            f"{row['auroc_minus_baseline_ci_high']:+.3f}]"
+        )
     return _pct(x)
 
 
@@ -141,6 +168,13 @@ def markdown(table: list[dict], paper: bool = False) -> str:
             + ", ".join(below)
             + "."
         )
+    not_beating = [r["run"] for r in table if r.get("beats_baseline") is False]
+    if not_beating:
+        lines.append("")
+        lines.append(
+            "Not clearly better than a model that never sees a bone (the no-anatomy baseline of "
+            "`kerasfrac audit`; the difference's CI reaches 0): " + ", ".join(not_beating) + "."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -152,8 +186,9 @@ def _below(row: dict) -> bool:
 def write_csv(path: str | Path, table: list[dict], paper: bool = False) -> None:
     keys = [
         "dataset", "pipeline", "run", "n", "accuracy", "loss", "majority_baseline_accuracy",
-        "auroc", "auroc_ci_low", "auroc_ci_high", "average_precision", "sensitivity",
-        "specificity",
+        "auroc", "auroc_ci_low", "auroc_ci_high", "baseline_auroc", "auroc_minus_baseline",
+        "auroc_minus_baseline_ci_low", "auroc_minus_baseline_ci_high", "average_precision",
+        "sensitivity", "specificity",
     ] + (["paper_accuracy", "paper_loss"] if paper else [])  # fmt: skip
     buf = io.StringIO()
     out = csv.writer(buf)

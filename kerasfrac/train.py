@@ -11,9 +11,11 @@ Run directory::
     config.yaml            the resolved configuration
     tensorboard/           scalars per epoch (train/ and validation/) + hyperparameters
     history.csv            one row per epoch: loss, accuracy, auroc, val_*
-    checkpoints/last.keras model + optimizer state after the last finished epoch (resume)
+    checkpoints/state.json epochs/steps done, best val AUROC, finished flag, and the name of
+                           the committed checkpoint (replacing it is the commit: checkpoint.py)
+    checkpoints/gen-NNNNNN/ that checkpoint: model.keras (+ optimizer state), partial_epoch.npz
+                           (mid-epoch), copies of history.csv and best.keras as they stood
     checkpoints/best.keras the epoch with the best validation AUROC
-    checkpoints/state.json epochs done, best val AUROC, finished flag
     model.keras            the final model
     predictions.csv        test split: image_id, label, probability
     metrics.json           test split: accuracy, loss, auroc, counts, majority baseline
@@ -30,8 +32,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import shutil
 import signal
 import threading
 import time
@@ -42,75 +42,50 @@ import numpy as np
 import tensorflow as tf
 from sklearn.metrics import roc_auc_score
 
+from kerasfrac import checkpoint as ckpt
 from kerasfrac import data, distribute, evaluate, kernels
+from kerasfrac.checkpoint import RunDirError, has_unfinished_run, prepare_run_dir
 from kerasfrac.config import Config
-from kerasfrac.model import build_model, load_model, uses_fused_batchnorm
-
-
-class RunDirError(ValueError):
-    """A run directory that cannot be used as asked (finished, unfinished, not a run)."""
+from kerasfrac.model import (
+    build_model,
+    classifier,
+    has_box_head,
+    load_model,
+    uses_fused_batchnorm,
+)
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
 
 
-def _state_path(run_dir: Path) -> Path:
-    return run_dir / "checkpoints" / "state.json"
+def learning_rate(cfg: Config, steps_per_epoch: int):
+    """``train.learning_rate``, or the cosine schedule with linear warm-up over the run."""
+    t = cfg.train
+    if t.schedule == "constant":
+        return t.learning_rate
+    total = max(1, t.epochs * steps_per_epoch)
+    warmup = min(int(round(t.warmup_epochs * steps_per_epoch)), total - 1)
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=t.learning_rate / 100.0 if warmup else t.learning_rate,
+        decay_steps=total - warmup,
+        warmup_target=t.learning_rate if warmup else None,
+        warmup_steps=warmup,
+    )
 
 
-def read_state(run_dir: Path) -> dict | None:
-    path = _state_path(run_dir)
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> dict | None:
-    """Check what ``run_dir`` holds against --resume/--overwrite; return the state to resume."""
-    state = read_state(run_dir)
-    looks_like_run = (run_dir / "config.yaml").is_file() or state is not None
-    occupied = run_dir.is_dir() and any(run_dir.iterdir())
-    if resume:
-        if state is None or not (run_dir / "checkpoints" / "last.keras").is_file():
-            raise RunDirError(
-                f"--resume: {str(run_dir)!r} has no checkpoint to resume from "
-                "(checkpoints/last.keras and checkpoints/state.json are written after each "
-                "epoch); start it without --resume."
-            )
-        if state.get("finished"):
-            raise RunDirError(
-                f"--resume: the run in {str(run_dir)!r} already finished all its "
-                f"{state['epoch']} epochs; raise train.epochs to continue it, or use --overwrite."
-            )
-        return state
-    if occupied and not overwrite:
-        what = (
-            "a finished run"
-            if state and state.get("finished")
-            else "an unfinished run (continue it with --resume)"
-            if looks_like_run
-            else "files that are not a kerasfrac run"
-        )
-        raise RunDirError(
-            f"run directory {str(run_dir)!r} already holds {what}; pass --overwrite to replace "
-            "it or choose another --run-dir. Nothing was changed."
-        )
-    if occupied and overwrite:
-        if not looks_like_run:
-            raise RunDirError(
-                f"refusing to --overwrite {str(run_dir)!r}: it is not a kerasfrac run "
-                "directory (no config.yaml). Choose an empty or new --run-dir."
-            )
-        shutil.rmtree(run_dir)
-    return None
-
-
-def make_optimizer(cfg: Config, model: keras.Model) -> keras.optimizers.Optimizer:
+def make_optimizer(
+    cfg: Config, model: keras.Model, steps_per_epoch: int = 1
+) -> keras.optimizers.Optimizer:
     t = cfg.train
     wd = t.weight_decay or None
+    lr = learning_rate(cfg, steps_per_epoch)
     if t.optimizer == "sgd":
-        opt = keras.optimizers.SGD(t.learning_rate, momentum=t.momentum, weight_decay=wd)
+        opt = keras.optimizers.SGD(lr, momentum=t.momentum, weight_decay=wd)
+    elif t.optimizer == "adamw":
+        opt = keras.optimizers.AdamW(lr, weight_decay=t.weight_decay)
     else:
-        opt = keras.optimizers.Adam(t.learning_rate, weight_decay=wd)
+        opt = keras.optimizers.Adam(lr, weight_decay=wd)
     if wd and t.exclude_from_weight_decay:
         excluded = [
             v
@@ -122,6 +97,15 @@ def make_optimizer(cfg: Config, model: keras.Model) -> keras.optimizers.Optimize
     if t.precision == "mixed_float16":
         opt = keras.optimizers.LossScaleOptimizer(opt)
     return opt
+
+
+def class_weights(cfg: Config, manifest: dict) -> tuple[float, float] | None:
+    """(normal, fractured) loss weights n / (2 n_class) of the train split, or None."""
+    if cfg.train.class_weight == "none":
+        return None
+    counts = data.class_counts(manifest, "train")
+    n = sum(counts.values())
+    return (n / (2.0 * counts[0]), n / (2.0 * counts[1]))
 
 
 def _epoch_metrics(per_example_loss, probs, labels, prefix: str = "") -> dict:
@@ -178,11 +162,6 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def has_unfinished_run(run_dir: Path) -> bool:
-    state = read_state(run_dir)
-    return bool(state and not state.get("finished"))
-
-
 def weights_digest(model: keras.Model) -> str:
     """sha256 over all weights: equal digests = bit-identical models (workers in sync)."""
     h = hashlib.sha256()
@@ -191,19 +170,46 @@ def weights_digest(model: keras.Model) -> str:
     return h.hexdigest()
 
 
-def make_train_step(model: keras.Model, strategy: tf.distribute.Strategy, global_batch: int):
+def make_train_step(
+    model: keras.Model,
+    strategy: tf.distribute.Strategy,
+    global_batch: int,
+    *,
+    label_smoothing: float = 0.0,
+    weights: tuple[float, float] | None = None,
+    box_loss_weight: float = 0.0,
+):
     """The one training step for every strategy: ``step(iterator, stop_flag)`` runs a global
-    batch through ``strategy.run`` (forward, BCE, gradients, the compiled Keras optimizer's
+    batch through ``strategy.run`` (forward, loss, gradients, the compiled Keras optimizer's
     ``apply``) and returns per-example losses, probabilities, labels and the stop flags of
-    all replicas, gathered. ``kerasfrac bench`` times this same function."""
+    all replicas, gathered. ``kerasfrac bench`` times this same function.
+
+    The per-example loss is the binary cross-entropy against the (``label_smoothing``)
+    smoothed label, times the class weight (``weights`` = (normal, fractured)), plus, for a
+    model with a box head fed batches of ``(image, label, box_mask, box_weight)``,
+    ``box_loss_weight`` x box_weight x the mean pixel BCE between the heat map and the
+    cells of the heat-map grid that a fracture box touches.
+    """
     optimizer = model.optimizer
+    box_head = has_box_head(model)
 
     @tf.function
     def train_step(iterator, stop_flag):
-        def step_fn(images, labels):
+        def step_fn(images, labels, masks=None, box_weights=None):
             with tf.GradientTape() as tape:
-                probs = tf.cast(model(images, training=True), tf.float32)
-                per_example = keras.losses.binary_crossentropy(tf.reshape(labels, [-1, 1]), probs)
+                outputs = model(images, training=True)
+                probs = tf.cast(outputs[0] if box_head else outputs, tf.float32)
+                y = tf.reshape(labels, [-1, 1])
+                if label_smoothing:
+                    y = y * (1.0 - label_smoothing) + 0.5 * label_smoothing
+                per_example = keras.losses.binary_crossentropy(y, probs)
+                if weights is not None:
+                    per_example *= tf.where(labels > 0.5, weights[1], weights[0])
+                if box_head and masks is not None:
+                    heat = tf.cast(outputs[1], tf.float32)
+                    cells = tf.image.resize(masks, heat.shape[1:3], "area") > 0.0
+                    pixel = keras.losses.binary_crossentropy(tf.cast(cells, tf.float32), heat)
+                    per_example += box_loss_weight * box_weights * tf.reduce_mean(pixel, [1, 2])
                 loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
                 scaled = optimizer.scale_loss(loss)
             grads = tape.gradient(scaled, model.trainable_variables)
@@ -215,6 +221,31 @@ def make_train_step(model: keras.Model, strategy: tf.distribute.Strategy, global
         return tuple(strategy.gather(r, axis=0) for r in results)
 
     return train_step
+
+
+def predict_probs(model: keras.Model, images, tta: str = "none") -> tf.Tensor:
+    """Probabilities [B] of the classifier ``model``; ``tta="flip"`` averages the image and
+    its left-right mirror (test-time augmentation, ``eval.tta``)."""
+    p = tf.reshape(tf.cast(model(images, training=False), tf.float32), [-1])
+    if tta == "flip":
+        mirrored = model(tf.image.flip_left_right(images), training=False)
+        p = (p + tf.reshape(tf.cast(mirrored, tf.float32), [-1])) / 2.0
+    return p
+
+
+def _restore_early_stopping(stopper, run_dir: Path) -> None:
+    """Best val AUROC and epochs without improvement so far, from history.csv (resume)."""
+    path = run_dir / "history.csv"
+    if stopper is None or not path.is_file():
+        return
+    import csv
+
+    with path.open(newline="") as f:
+        values = [float(row["val_auroc"]) for row in csv.DictReader(f) if row.get("val_auroc")]
+    values = [v for v in values if math.isfinite(v)]
+    if values:
+        best = int(np.argmax(values))
+        stopper.best, stopper.best_epoch, stopper.wait = values[best], best, len(values) - 1 - best
 
 
 def _print_kernels(model: keras.Model, fast: bool) -> None:
@@ -248,17 +279,21 @@ def train(
     run_dir = Path(cfg.run_dir)
     t = cfg.train
     # Cheap checks first: the data, before TensorFlow builds anything.
-    manifest = data.check_build(cfg.data.dir, cfg.dataset, t.batch_size)
+    manifest = data.check_build(cfg.data.dir, cfg.dataset, t.batch_size, needs_val=True)
     # The strategy next: MultiWorkerMirroredStrategy must exist before other TF ops run.
     strategy = distribute.make_strategy(t.distribute)
     chief = distribute.is_chief(strategy)
     task = distribute.task_name(strategy)
     if auto_resume:
+        done = ckpt.finished_metrics(run_dir, t.epochs)
+        if done is not None:  # e.g. a job requeued after its run finished: nothing to do
+            print(f"{run_dir}: this run already finished its {t.epochs} epochs.", flush=True)
+            return done
         resume = has_unfinished_run(run_dir)
     if chief:
-        state = prepare_run_dir(run_dir, resume, overwrite)
+        state = prepare_run_dir(run_dir, resume, overwrite, protect=[cfg.data.dir])
     else:  # workers only read: the chief owns the run directory
-        state = read_state(run_dir) if resume else None
+        state = ckpt.resumable_state(run_dir) if resume else None
     global_batch = t.batch_size * strategy.num_replicas_in_sync
     if global_batch != t.batch_size:  # several replicas: the global batch must fit too
         data.check_build(cfg.data.dir, cfg.dataset, global_batch)
@@ -269,8 +304,9 @@ def train(
     keras.mixed_precision.set_global_policy(t.precision)
 
     train_ds, steps = data.make_dataset(
-        cfg.data.dir, "train", cfg.data, global_batch, t.seed, training=True, dataset=cfg.dataset
-    )
+        cfg.data.dir, "train", cfg.data, global_batch, t.seed, training=True,
+        dataset=cfg.dataset, with_boxes=cfg.model.box_head,
+    )  # fmt: skip
     if steps is None:  # no oversampling: one pass over the (expanded) split per epoch
         steps = math.ceil(data.epoch_images(manifest, cfg.data) / global_batch)
         train_ds = train_ds.repeat()
@@ -289,10 +325,8 @@ def train(
                     f"--resume: the run in {str(run_dir)!r} has {state['steps_per_epoch']} "
                     f"steps per epoch, this config {steps}; resume with the run's own config."
                 )
-            model = load_model(run_dir / "checkpoints" / "last.keras")
+            model, partial = ckpt.load(run_dir, state)
             initial_epoch, initial_step = int(state["epoch"]), int(state.get("step", 0))
-            if initial_step:
-                partial = _load_partial(run_dir)
         else:
             # Synchronized BatchNorm only where there is something to synchronise: on one
             # replica Keras' sync path still computes a ones-tensor the size of each input.
@@ -301,8 +335,10 @@ def train(
             # train.fast: TensorFlow's fused BatchNorm kernel (paper_cnn keeps Keras' layer
             # where statistics are synchronised).
             model = build_model(model_cfg, data.image_shape(cfg.data), fused_batchnorm=t.fast)
-            model.compile(optimizer=make_optimizer(cfg, model), loss="binary_crossentropy")
+            model.compile(optimizer=make_optimizer(cfg, model, steps), loss="binary_crossentropy")
     if chief:
+        if state is None:  # state.json first: from here on a kill leaves a resumable run
+            ckpt.begin(run_dir)
         cfg.save(run_dir / "config.yaml")
         if state is None:
             _log_hparams(run_dir, cfg)
@@ -318,13 +354,17 @@ def train(
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     train_iter = iter(strategy.experimental_distribute_dataset(train_ds.with_options(options)))
 
-    train_step = make_train_step(model, strategy, global_batch)
+    train_step = make_train_step(
+        model, strategy, global_batch, label_smoothing=t.label_smoothing,
+        weights=class_weights(cfg, manifest), box_loss_weight=t.box_loss_weight,
+    )  # fmt: skip
+    scorer = classifier(model)
 
     @tf.function
     def eval_step(images):
         # Evaluation runs locally on every worker over the whole split (no collectives, so
         # uneven last batches cannot deadlock workers); it is small next to training.
-        return tf.reshape(tf.cast(model(images, training=False), tf.float32), [-1])
+        return predict_probs(scorer, images, cfg.eval.tta)
 
     cbs: list[keras.callbacks.Callback] = [keras.callbacks.TerminateOnNaN()]
     best = None
@@ -340,6 +380,13 @@ def train(
             keras.callbacks.CSVLogger(run_dir / "history.csv", append=state is not None),
             best,
         ]
+    stopper = None
+    if t.early_stopping_patience:
+        # val AUROC only (the test split is never looked at before training ends).
+        stopper = keras.callbacks.EarlyStopping(
+            monitor="val_auroc", mode="max", patience=t.early_stopping_patience
+        )
+        cbs.append(stopper)
     callbacks = keras.callbacks.CallbackList(
         cbs, add_history=True, add_progbar=verbose > 0 and chief, model=model,
         verbose=verbose, epochs=t.epochs, steps=steps,
@@ -347,13 +394,18 @@ def train(
 
     def checkpoint(epoch: int, step: int, accum=None) -> None:
         if chief:
-            _save_checkpoint(run_dir, model, epoch, step, steps, best, accum)
+            ckpt.save(run_dir, model, epoch, step, steps, best, accum)
 
     model.stop_training = False
     callbacks.on_train_begin()
+    if state is not None:
+        _restore_early_stopping(stopper, run_dir)
     logs: dict = {}
+    epochs_done = initial_epoch
     with _SigtermFlag() as sigterm:
         for epoch in range(initial_epoch, t.epochs):
+            if stopper is not None and stopper.wait >= stopper.patience:
+                break  # stopped early before an interruption: nothing left to train
             callbacks.on_epoch_begin(epoch)
             started = time.perf_counter()
             accum = partial if (partial is not None and epoch == initial_epoch) else ([], [], [])
@@ -394,60 +446,35 @@ def train(
             logs["images_per_second"] = seen / (time.perf_counter() - started)
             callbacks.on_epoch_end(epoch, logs)
             checkpoint(epoch + 1, 0)
+            epochs_done = epoch + 1
+            if model.stop_training:  # EarlyStopping: val AUROC stopped improving
+                print(f"early stopping after epoch {epoch + 1}: val AUROC best at epoch "
+                      f"{stopper.best_epoch + 1} ({stopper.best:.4f})", flush=True)  # fmt: skip
+                break
     callbacks.on_train_end(logs)
 
     digest = weights_digest(model)
     print(f"final weights sha256: {digest} (task {task})", flush=True)
     result = {}
     if chief:
-        model.save(run_dir / "model.keras")
+        final = scorer
+        best_path = run_dir / "checkpoints" / "best.keras"
+        if t.select == "best" and best_path.is_file():
+            # The epoch with the best val AUROC (chosen on val, before test is looked at).
+            final = classifier(load_model(best_path))
+            print(f"model.keras = the best epoch on val AUROC ({best_path})", flush=True)
+        ckpt.save_model(final, run_dir / "model.keras")
+        ckpt.crash_point("model.keras")
         test_ds = data.make_eval_dataset(
             cfg.data.dir, "test", cfg.data, global_batch, with_ids=True, dataset=cfg.dataset
         )
-        ids, y, p = evaluate.predict(model, test_ds)
+        ids, y, p = evaluate.predict(final, test_ds, cfg.eval.tta)
         evaluate.write_predictions(run_dir / "predictions.csv", ids, y, p)
-        result = {"split": "test", **evaluate.metrics(y, p)}
-        (run_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-        _write_state(run_dir, t.epochs, 0, steps, best, finished=True, digest=digest)
+        result = {"split": "test", "epochs": epochs_done, **evaluate.metrics(y, p)}
+        ckpt.write_text(run_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
+        ckpt.crash_point("metrics.json")
+        ckpt.write_state(
+            run_dir, epochs_done, 0, steps, best, finished=True, digest=digest,
+            stopped_early=epochs_done < t.epochs,
+        )  # fmt: skip
     return result
-
-
-def _save_checkpoint(run_dir, model, epoch, step, steps, best, accum) -> None:
-    """last.keras (+ the in-progress epoch's predictions when mid-epoch), then state.json.
-
-    Each file is written beside its final name and renamed into place, and state.json goes
-    last: a job killed while saving leaves the previous consistent checkpoint.
-    """
-    ckpt = run_dir / "checkpoints"
-    tmp = ckpt / "last.tmp.keras"
-    model.save(tmp)
-    os.replace(tmp, ckpt / "last.keras")
-    if step:
-        arrays = {f"{name}_{i}": a for name, parts in zip(("loss", "prob", "label"), accum)
-                  for i, a in enumerate(parts)}  # fmt: skip
-        with open(ckpt / "partial.tmp.npz", "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(ckpt / "partial.tmp.npz", ckpt / "partial_epoch.npz")
-    _write_state(run_dir, epoch, step, steps, best, finished=False)
-
-
-def _load_partial(run_dir: Path) -> tuple[list, list, list]:
-    with np.load(run_dir / "checkpoints" / "partial_epoch.npz") as z:
-        parts = {name: [] for name in ("loss", "prob", "label")}
-        for key in sorted(z.files, key=lambda k: (k.split("_")[0], int(k.split("_")[1]))):
-            parts[key.split("_")[0]].append(z[key])
-    return parts["loss"], parts["prob"], parts["label"]
-
-
-def _write_state(run_dir, epoch, step, steps, best, finished, digest=None) -> None:
-    # ModelCheckpoint.best is None until the first epoch ends, +-inf in some Keras versions.
-    value = getattr(best, "best", None)
-    value = float(value) if isinstance(value, int | float) and math.isfinite(value) else None
-    state = {"epoch": epoch, "step": step, "steps_per_epoch": steps, "best_val_auroc": value,
-             "finished": finished}  # fmt: skip
-    if digest:
-        state["weights_sha256"] = digest
-    path = _state_path(run_dir)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state) + "\n")
-    tmp.replace(path)  # atomic: a preempted write never leaves a half state file

@@ -63,6 +63,10 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
 def make_tfrecord_dir(
     path: str | Path,
     n_per_class_per_split: Counts = 8,
@@ -73,19 +77,20 @@ def make_tfrecord_dir(
     num_shards: int = 2,
     channels: int = 1,
     seed: int = 0,
+    size_by_label: dict[int, int | tuple[int, int]] | None = None,
 ) -> Path:
     """Write a small build directory at ``path`` and return it.
 
     ``n_per_class_per_split``: an int (that many fractured and normal images in each of
     train/val/test), or ``{split: n}``, or ``{split: {"fractured": n, "normal": m}}``.
-    ``size``: side or (height, width). Records are written in a seeded shuffled order,
+    ``size``: side or (height, width); ``size_by_label`` ({label: size}) overrides it per
+    class (a planted size shortcut). Records are written in a seeded shuffled order,
     round-robin over ``num_shards`` shards per split, with ids like ``train_fractured_0003.png``.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     counts = _split_counts(n_per_class_per_split)
-    h, w = (size, size) if isinstance(size, int) else size
     manifest = {"source": source, "splits": counts, "shards": {}, "fixture": True}
     for split in schema.SPLITS:
         items = [
@@ -99,6 +104,7 @@ def make_tfrecord_dir(
         writers = [tf.io.TFRecordWriter(str(path / n)) for n in names]
         for k, idx in enumerate(order):
             label, i = items[idx]
+            h, w = _hw((size_by_label or {}).get(label, size))
             image = fixture_image(rng, label, (h, w), channels, separable)
             encoded = encode_png(image)
             image_id = f"{split}_{schema.LABEL_NAMES[label]}_{i:04d}.png"

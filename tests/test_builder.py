@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from tests import sources
-from tfrecords_builder import load_manifest, read_split, writer
+from tfrecords_builder import load_manifest, read_split, validation, writer
 from tfrecords_builder.archive import SourceError
 from tfrecords_builder.build import BuildOptions, build
 
@@ -206,24 +206,115 @@ def test_too_large_image_is_quarantined_not_a_crash(tmp_path):
     assert m["quarantined"][0]["reason"].startswith("too large")
 
 
-def test_near_duplicates_reported_and_optionally_grouped(tmp_path):
+def test_near_duplicates_grouped_by_default_and_reported_only_when_asked(tmp_path):
     sources.make_tibia(tmp_path / "src", "mendeley", n_fractured=30, n_normal=6, copies=0)
     frac = tmp_path / "src" / "fracture"
     originals = sorted(frac.iterdir())
     for i, src in enumerate(originals[:10]):  # re-encoded copies: different bytes, same picture
         Image.open(src).save(frac / f"reenc{i}.jpg", quality=90)
-    m = build("tibia-fibula", tmp_path / "src", tmp_path / "a", BuildOptions(**OPTS))
+    m = build(
+        "tibia-fibula",
+        tmp_path / "src",
+        tmp_path / "a",
+        BuildOptions(group_near_duplicates=False, **OPTS),
+    )
     assert m["near_duplicate_pairs"] >= 10
     assert m["duplicate_summary"]["groups"] == 0
     across = m["near_duplicates_across_splits"]
     assert across, "10 near-duplicate pairs should not all land together by chance"
-    m = build(
-        "tibia-fibula",
-        tmp_path / "src",
-        tmp_path / "b",
-        BuildOptions(group_near_duplicates=True, **OPTS),
-    )
+    assert m["near_duplicates"]["grouped"] is False
+    m = build("tibia-fibula", tmp_path / "src", tmp_path / "b", BuildOptions(**OPTS))
     assert m["near_duplicates_across_splits"] == []
+    n = m["near_duplicates"]
+    assert n["grouped"] is True and n["same_image_pairs"] >= 10
+    assert n["groups_merged"] >= 10 and n["images_in_merged_groups"] >= 20
+    split_of = {r["file"]: r["split"] for r in index_rows(tmp_path / "b")}
+    for i, src in enumerate(originals[:10]):
+        assert split_of[f"fracture/reenc{i}.jpg"] == split_of[f"fracture/{src.name}"]
+
+
+def _portrait(rng) -> np.ndarray:
+    """A 64x48 image with structure at every scale (blocks and a gradient)."""
+    blocks = np.kron(rng.integers(0, 160, size=(8, 6)), np.ones((8, 8)))
+    return (blocks + np.linspace(0, 80, 64)[:, None]).astype(np.uint8)
+
+
+def test_near_duplicate_label_conflicts_need_the_pixel_check(tmp_path):
+    """A re-encoded copy under the other label is quarantined (both files, naming each
+    other); an image the hash cannot tell apart but whose pixels differ (brightness +40) is
+    kept and grouped; a landscape image of the same hash (another aspect) is no pair at all."""
+    rng = np.random.default_rng(5)
+    src = tmp_path / "src"
+    sources.make_tibia(src, "mendeley", n_fractured=8, n_normal=8, copies=0)
+    same, bright = _portrait(rng), _portrait(rng)
+    blocks = rng.integers(0, 256, size=(8, 8))  # 8x8 blocks as 64x48 and as 48x64: one hash
+    tall = np.kron(blocks, np.ones((8, 6))).astype(np.uint8)
+    wide = np.kron(blocks, np.ones((6, 8))).astype(np.uint8)
+    (src / "fracture" / "same_a.png").write_bytes(sources.encode(same, "PNG"))
+    (src / "normal" / "same_b.jpg").write_bytes(sources.encode(same, "JPEG"))
+    (src / "fracture" / "bright_a.png").write_bytes(sources.encode(bright, "PNG"))
+    lighter = np.clip(bright.astype(int) + 40, 0, 255).astype(np.uint8)
+    (src / "normal" / "bright_b.png").write_bytes(sources.encode(lighter, "PNG"))
+    (src / "fracture" / "tall.png").write_bytes(sources.encode(tall, "PNG"))
+    (src / "normal" / "wide.png").write_bytes(sources.encode(wide, "PNG"))
+
+    m = build("tibia-fibula", src, tmp_path / "out", BuildOptions(**OPTS))
+    reasons = {q["file"]: q["reason"] for q in m["quarantined"]}
+    assert set(reasons) == {"fracture/same_a.png", "normal/same_b.jpg"}
+    assert "normal/same_b.jpg" in reasons["fracture/same_a.png"]
+    assert "fracture/same_a.png" in reasons["normal/same_b.jpg"]
+    n = m["near_duplicates"]
+    assert n["conflicts_quarantined"] == 2
+    [conflict] = n["conflict_pairs"]
+    assert {conflict["a"], conflict["b"]} == {"fracture/same_a.png", "normal/same_b.jpg"}
+    pairs = {frozenset((p["a"], p["b"])): p for p in n["pair_list"]}
+    bright_pair = pairs[frozenset(("fracture/bright_a.png", "normal/bright_b.png"))]
+    assert bright_pair["distance"] <= n["distance"] and not bright_pair["same_image"]
+    rows = {r["file"]: r for r in index_rows(tmp_path / "out")}
+    assert rows["fracture/bright_a.png"]["group"] == rows["normal/bright_b.png"]["group"]
+    assert validation.perceptual_hash(tall[..., None]) == validation.perceptual_hash(
+        wide[..., None]
+    )
+    assert frozenset(("fracture/tall.png", "normal/wide.png")) not in pairs
+    assert n["pairs_left_out_for_aspect"] >= 1
+    assert n["mixed_label_groups"] >= 1
+    for name in ("fractured", "normal", "total"):
+        assert m["accounting"][name]["balanced"]
+
+    # --no-group-near-duplicates: today's behaviour, nothing quarantined for it.
+    m = build(
+        "tibia-fibula", src, tmp_path / "off", BuildOptions(group_near_duplicates=False, **OPTS)
+    )
+    assert m["quarantined"] == []
+    assert m["near_duplicates"]["conflict_pairs"][0]["quarantined"] is False
+
+
+def test_groups_file_keeps_a_users_groups_in_one_split(tmp_path):
+    src = tmp_path / "src"
+    sources.make_tibia(src, "mendeley", n_fractured=20, n_normal=20, copies=0)
+    files = sorted(p.relative_to(src).as_posix() for p in src.rglob("*.png"))
+    patients = {f: f"patient{i % 4}" for i, f in enumerate(files)}  # 4 patients, 10 images each
+    table = tmp_path / "groups.csv"
+    table.write_text("file,group\n" + "".join(f"{f},{g}\n" for f, g in patients.items()))
+    m = build("tibia-fibula", src, tmp_path / "out", BuildOptions(groups_file=str(table), **OPTS))
+    assert m["user_groups"]["groups"] == 4 and m["user_groups"]["images_matched"] == 40
+    rows = index_rows(tmp_path / "out")
+    for patient in set(patients.values()):
+        members = [r for r in rows if patients[r["file"]] == patient]
+        assert len({r["split"] for r in members}) == 1
+        assert len({r["group"] for r in members}) == 1
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("filename,patient\nx.png,1\n")
+    with pytest.raises(ValueError, match="expected a 'group' column"):
+        build("tibia-fibula", src, tmp_path / "b1", BuildOptions(groups_file=str(bad), **OPTS))
+    bad.write_text("file,group\nnot/there.png,p1\n")
+    with pytest.raises(ValueError, match="not/there.png"):
+        build("tibia-fibula", src, tmp_path / "b2", BuildOptions(groups_file=str(bad), **OPTS))
+    with pytest.raises(ValueError, match="no such file"):
+        build(
+            "tibia-fibula", src, tmp_path / "b3", BuildOptions(groups_file="/no/such.csv", **OPTS)
+        )
 
 
 def test_zip_source_equals_folder(tmp_path):
@@ -318,6 +409,25 @@ def test_bad_split_ratios_rejected():
     for bad in ("0.7,0.2", "0.5,0.5,0.5", "a,b,c", "0,0.5,0.5"):
         with pytest.raises(ValueError, match="--split"):
             parse_ratios(bad)
+
+
+def test_groups_of_several_images_spread_over_the_splits():
+    """Multi-image groups (duplicates) land in every split in proportion, not all in train;
+    the singletons still fill each quota exactly."""
+    from tfrecords_builder.splits import assign
+
+    groups = {f"pair{i}": (0, 2) for i in range(40)}
+    groups.update({f"one{i}": (0, 1) for i in range(120)})
+    out = assign(groups, (0.7, 0.15, 0.15), seed=0)
+    pairs = {
+        s: sum(1 for g, v in out.items() if g.startswith("pair") and v == s)
+        for s in ("train", "val", "test")
+    }
+    assert pairs["train"] >= 20 and pairs["val"] >= 4 and pairs["test"] >= 4, pairs
+    images = {
+        s: sum(groups[g][1] for g, v in out.items() if v == s) for s in ("train", "val", "test")
+    }
+    assert images == {"train": 140, "val": 30, "test": 30}
 
 
 def test_split_quotas_exact_for_singletons():

@@ -182,3 +182,31 @@ def test_the_six_experiments_exist():
         for variant in ("orig", "aug", "small"):
             assert f"{dataset}_{variant}.yaml" in names
     assert "demo.yaml" in names
+
+
+# The report's six experiments: dataset x pipeline (original, augmented = flip-expanded,
+# downsized = 224 px); everything else is the report's recipe.
+SIX = {
+    "fracatlas_orig": ("fracatlas", "fracatlas", 512, "none"),
+    "fracatlas_aug": ("fracatlas", "fracatlas", 512, "expand"),
+    "fracatlas_small": ("fracatlas", "fracatlas", 224, "none"),
+    "tibia_orig": ("tibia-fibula", "tibia-fibula", 512, "none"),
+    "tibia_aug": ("tibia-fibula", "tibia-fibula", 512, "expand"),
+    "tibia_small": ("tibia-fibula", "tibia-fibula", 224, "none"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SIX))
+def test_each_report_config_holds_the_reports_settings(name, monkeypatch, tmp_path):
+    monkeypatch.setenv("KERASFRAC_DATA", str(tmp_path))
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    dataset, folder, size, flips = SIX[name]
+    assert cfg.dataset == dataset
+    assert Path(cfg.data.dir) == tmp_path / folder
+    assert cfg.run_dir.rstrip("/").endswith(f"runs/{name}")
+    assert (cfg.data.image_size, cfg.data.flips) == (size, flips)
+    assert (cfg.data.grayscale, cfg.data.oversample, cfg.data.resize) == (True, True, "stretch")
+    t = cfg.train
+    assert (t.optimizer, t.learning_rate, t.weight_decay) == ("sgd", 1e-4, 0.2)
+    assert (t.batch_size, t.epochs, t.steps_per_epoch) == (16, 5, None)
+    assert (cfg.model.name, cfg.model.weights) == ("paper_cnn", "none")

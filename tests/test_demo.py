@@ -11,7 +11,11 @@ def test_demo_learns_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out)]) == 0
     metrics = json.loads((out / "run" / "metrics.json").read_text())
-    assert metrics["n"] == 150
+    manifest = json.loads((out / "tfrecords" / "manifest.json").read_text())
+    # 15% of 1,000; look-alike phantoms of both labels share a group (near-duplicates are
+    # grouped by default), which moves a class quota by an image or two
+    assert metrics["n"] == sum(manifest["splits"]["test"].values())
+    assert abs(metrics["n"] - 150) <= 2
     assert metrics["auroc"] > 0.9
     assert metrics["accuracy"] > metrics["majority_baseline_accuracy"] + 0.1
     assert (out / "tfrecords" / "manifest.json").is_file()

@@ -46,6 +46,11 @@ def state(run_dir: Path) -> dict:
     return json.loads((run_dir / "checkpoints" / "state.json").read_text())
 
 
+def has_checkpoint(run_dir: Path) -> bool:
+    path = run_dir / "checkpoints" / "state.json"
+    return path.is_file() and json.loads(path.read_text()).get("checkpoint") is not None
+
+
 def history(run_dir: Path) -> list[dict]:
     with (run_dir / "history.csv").open() as f:
         return [{k: v for k, v in row.items() if k != "images_per_second"}
@@ -63,7 +68,7 @@ def test_sigterm_checkpoint_then_resume_gives_identical_weights(tmp_path, separa
         env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.time() + 240
-    while not (cut / "checkpoints" / "state.json").exists():
+    while not has_checkpoint(cut):  # state.json exists from the start; a checkpoint later
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.05)

@@ -160,6 +160,14 @@ def test_evaluate_run_writes_everything(run_dir, capsys):
         assert m[key] == again[key], key
     assert m["youden"]["threshold"] == pytest.approx(evaluate.youden_threshold(vl, vp))
     assert "subgroups" not in m  # the fixture records carry no FracAtlas metadata
+    # the no-anatomy baseline on the same test images, with a paired difference
+    base = m["no_anatomy_baseline"]
+    assert base["model_auroc"]["auroc"] == pytest.approx(m["auroc"])
+    assert base["difference"]["difference"] == pytest.approx(
+        m["auroc"] - base["baseline_auroc"]["auroc"]
+    )
+    assert base["sentence"] in out and "no-anatomy baseline AUROC" in out
+    assert set(base["subgroups"]) == {"size=small"}  # 32x32 fixture images, no metadata
     for rel in m["plots"]:
         data = (run_dir / rel).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, rel

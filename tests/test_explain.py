@@ -164,10 +164,74 @@ def test_masks_and_pointing():
     cam = np.zeros((10, 10))
     cam[7, 8] = 3.0
     cam[0, 0] = 1.0
-    assert gradcam.pointing(cam, box) == {"hit": True, "chance": 0.25, "mass_share": 0.75}
-    assert gradcam.pointing(np.zeros((10, 10)), box)["hit"] is None
+    assert gradcam.pointing(cam, box) == {
+        "hit": True, "empty": False, "chance": 0.25, "mass_share": 0.75, "centre_hit": True,
+    }  # fmt: skip
+    empty = gradcam.pointing(np.zeros((10, 10)), box)
+    assert empty["hit"] is False and empty["empty"] is True  # an empty map is a miss
     with pytest.raises(ValueError, match="border width"):
         gradcam.border_mask((8, 8), 0.7)
+
+
+def test_pointing_game_counts_empty_maps_as_misses_with_ci_and_centre_baseline():
+    audit = gradcam.Audit((10, 10))
+    centre_box = np.array([[0.3, 0.3, 0.7, 0.7]])
+    peak = np.zeros((10, 10))
+    peak[5, 5] = 1.0
+    for _ in range(6):
+        audit.add(peak, 1, centre_box)  # hits
+    for _ in range(4):
+        audit.add(np.zeros((10, 10)), 1, centre_box)  # empty: misses, not left out
+    audit.add(peak, 0)  # a normal image plays no pointing game
+    pg = audit.result(has_boxes=True)["pointing_game"]
+    assert pg["n_played"] == 10 and pg["n_empty_maps_counted_as_misses"] == 4
+    assert pg["hit_rate"] == 0.6
+    lo, hi = pg["hit_rate_ci95"]
+    assert lo < 0.6 < hi and hi - lo > 0.4  # ten images: a wide interval
+    assert pg["centre_baseline_hit_rate"] == 1.0 and pg["chance_rate"] == pytest.approx(0.16)
+
+
+def test_default_cam_follows_the_head():
+    m = paper_cnn((32, 32, 1))
+    assert gradcam.default_cam(m) == ("relu3", "hirescam")
+    cam = gradcam.GradCam(m)
+    assert (cam.layer_name, cam.method) == ("relu3", "hirescam")
+    pooled = keras.Sequential(
+        [
+            keras.Input((32, 32, 1)),
+            keras.layers.Conv2D(4, 3, activation="relu", name="c1"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(1, name="logit"),
+        ]
+    )
+    assert gradcam.default_cam(pooled) == ("c1", "gradcam")
+
+
+def test_bn3_gradient_is_the_same_for_every_image_and_hirescam_on_relu3_is_exact():
+    """Why the default moved: under Flatten -> Dense, the gradient at bn3 is the Dense kernel
+    (image-independent), while HiResCAM at relu3 sums exactly to the logit minus a constant."""
+    m = paper_cnn((32, 32, 1))
+    x = np.random.default_rng(0).random((2, 32, 32, 1), dtype="float32")
+    x[1] = x[1] ** 3  # a different image
+
+    def grads_and_maps(layer):
+        sub = gradcam.cam_model(m, layer)
+        with tf.GradientTape() as tape:
+            fmap, logit = sub(x, training=False)
+            tape.watch(fmap)
+            total = tf.reduce_sum(logit)
+        return tape.gradient(total, fmap).numpy(), fmap.numpy(), logit.numpy()[:, 0]
+
+    g_bn, _, _ = grads_and_maps("bn3")
+    np.testing.assert_allclose(g_bn[0], g_bn[1], atol=1e-7)
+    g, fmap, logit = grads_and_maps("relu3")
+    np.testing.assert_allclose(g[0], g[1], atol=1e-7)  # linear after relu3 too...
+    # ...so HiResCAM's per-position terms add up to the logit up to one constant (BatchNorm's
+    # shift through the Dense layer), the same for every image: exact attribution.
+    contributions = (g * fmap).sum(axis=(1, 2, 3))
+    constant = logit - contributions
+    assert abs(constant[0] - constant[1]) < 1e-4 * max(1.0, float(np.abs(logit).max()))
+    assert not np.allclose(fmap[0], fmap[1])
 
 
 def test_boxes_follow_pad_resize():
@@ -277,3 +341,16 @@ def test_pointing_game_without_boxes_says_so(tmp_path, separable_tfrecord_dir, c
     result = json.loads((run_dir / "explain" / "explain.json").read_text())
     assert result["audit"]["pointing_game"]["available"] is False
     assert result["audit"]["n_images"] == 16
+    # another split and another layer: kept beside the first, not overwritten
+    assert main(["explain", "--run-dir", str(run_dir), "--what", "audit", "--split", "val"]) == 0
+    args = ["--what", "audit", "--layer", "bn3", "--cam-method", "gradcam"]
+    assert main(["explain", "--run-dir", str(run_dir), *args]) == 0
+    result = json.loads((run_dir / "explain" / "explain.json").read_text())
+    keys = sorted(result["audits"])
+    assert len(keys) == 3, keys
+    assert {k.split("|")[0] for k in keys} == {"test", "val"}
+    assert {(a["cam_layer"], a["cam_method"]) for a in result["audits"].values()} == {
+        ("relu3", "hirescam"),
+        ("bn3", "gradcam"),
+    }
+    assert result["audit"]["cam_layer"] == "bn3"  # the latest, as before

@@ -87,3 +87,24 @@ def test_header_sizes_equal_pillows_for_every_real_file():
         data = path.read_bytes()
         size = validation.image_size(data, validation.sniff(data))
         assert size == Image.open(io.BytesIO(data)).size, path.name
+
+
+def test_every_reencoded_pair_shares_a_split_and_conflicts_are_quarantined(mini_build):
+    """The default build groups near-duplicates: every pair the pixel check calls one image
+    sits in one split (or is quarantined as a label conflict), and no pair straddles splits."""
+    out, m = mini_build
+    n = m["near_duplicates"]
+    assert n["grouped"] and n["same_image_pairs"] >= 1
+    assert m["near_duplicates_across_splits"] == []
+    with (out / "index.csv").open() as f:
+        rows = {r["file"]: r for r in csv.DictReader(f)}
+    quarantined = {q["file"]: q["reason"] for q in m["quarantined"]}
+    for p in n["pair_list"]:
+        if p["a"] in quarantined or p["b"] in quarantined:
+            continue
+        assert rows[p["a"]]["split"] == rows[p["b"]]["split"], p
+        assert rows[p["a"]]["group"] == rows[p["b"]]["group"], p
+    for c in n["conflict_pairs"]:
+        assert c["labels"][0] != c["labels"][1] and c["agreement"] >= 0.9
+        for f in (c["a"], c["b"]):
+            assert quarantined[f].startswith("conflict: near-duplicate")

@@ -204,7 +204,8 @@ def test_fused_paper_cnn_saves_reloads_and_trains_like_the_plain_one(tmp_path):
     for name, m in (("plain", plain), ("fused", fused)):
         m.compile(optimizer=keras.optimizers.SGD(0.05), loss="binary_crossentropy")
         losses[name] = [float(m.train_on_batch(x, y)) for _ in range(5)]
-    np.testing.assert_allclose(losses["fused"], losses["plain"], rtol=1e-4)
+    # atol: the last losses are ~1e-4, where float32 kernel order alone moves the 4th digit
+    np.testing.assert_allclose(losses["fused"], losses["plain"], rtol=1e-4, atol=1e-7)
     assert losses["fused"][-1] < losses["fused"][0]  # it learns the batch
     for a, b in zip(fused.get_weights(), plain.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)

@@ -28,26 +28,39 @@ FULL = {
 }  # fmt: skip
 
 
+def baseline(base: float, diff: float, lo: float, hi: float) -> dict:
+    """``no_anatomy_baseline`` as ``kerasfrac evaluate`` writes it."""
+    return {
+        "baseline_auroc": {"auroc": base, "ci95": [base - 0.05, base + 0.05]},
+        "difference": {"difference": diff, "ci95": [lo, hi]},
+        "beats_baseline": lo > 0,
+    }
+
+
 @pytest.fixture
 def runs(tmp_path):
-    a = fake_run(tmp_path, "fa_small", "fracatlas", {"image_size": 224}, FULL)
+    beaten = {**FULL, "no_anatomy_baseline": baseline(0.6312, 0.07, 0.0123, 0.1301)}
+    a = fake_run(tmp_path, "fa_small", "fracatlas", {"image_size": 224}, beaten)
     # train.py's older metrics.json: no CI, AP, sensitivity or specificity
     b = fake_run(tmp_path, "fa_orig", "fracatlas", {"image_size": 512},
                  {"n": 10, "accuracy": 0.9, "loss": 0.3, "majority_baseline_accuracy": 0.6,
                   "auroc": 0.95})  # fmt: skip
     c = fake_run(tmp_path, "tib_aug", "tibia-fibula", {"image_size": 512, "flips": "expand"},
-                 {**FULL, "accuracy": 0.5, "ci95": {}})  # fmt: skip
+                 {**FULL, "accuracy": 0.5, "ci95": {},
+                  "no_anatomy_baseline": baseline(0.69, 0.0112, -0.04, 0.061)})  # fmt: skip
     return [a, b, c]
 
 
 EXPECTED = """\
-| Dataset | Pipeline | Run | Test images | Accuracy | Loss | Majority baseline | AUROC [95% CI] | AP | Sensitivity | Specificity | Paper accuracy | Paper loss |
-|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|
-| fracatlas | original | fa_orig | 10 | 90.0% | 0.3000 | 60.0% | 0.950 | n/a | n/a | n/a | 78.0% | 0.5521 |
-| fracatlas | downsized | fa_small | 87 | 73.6% | 0.5521 | 71.3% | 0.701 [0.588, 0.812] | 0.457 | 40.0% | 87.1% | 74.0% | 0.5554 |
-| tibia-fibula | augmented | tib_aug | 87 | 50.0% | 0.5521 | 71.3% | 0.701 | 0.457 | 40.0% | 87.1% | 98.0% | 0.0377 |
+| Dataset | Pipeline | Run | Test images | Accuracy | Loss | Majority baseline | AUROC [95% CI] | No-anatomy baseline AUROC | Model - baseline [95% CI] | AP | Sensitivity | Specificity | Paper accuracy | Paper loss |
+|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|
+| fracatlas | original | fa_orig | 10 | 90.0% | 0.3000 | 60.0% | 0.950 | n/a | n/a | n/a | n/a | n/a | 78.0% | 0.5521 |
+| fracatlas | downsized | fa_small | 87 | 73.6% | 0.5521 | 71.3% | 0.701 [0.588, 0.812] | 0.631 | +0.070 [+0.012, +0.130] | 0.457 | 40.0% | 87.1% | 74.0% | 0.5554 |
+| tibia-fibula | augmented | tib_aug | 87 | 50.0% | 0.5521 | 71.3% | 0.701 | 0.690 | +0.011 [-0.040, +0.061] | 0.457 | 40.0% | 87.1% | 98.0% | 0.0377 |
 
 Accuracy at or below the majority baseline (always answering the larger class): tib_aug.
+
+Not clearly better than a model that never sees a bone (the no-anatomy baseline of `kerasfrac audit`; the difference's CI reaches 0): tib_aug.
 """  # noqa: E501
 
 
@@ -62,7 +75,10 @@ def test_markdown_table_with_paper_numbers(runs, tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert [r["run"] for r in rows] == ["fa_orig", "fa_small", "tib_aug"]
     assert rows[1]["auroc_ci_low"] == "0.5876" and rows[1]["paper_loss"] == "0.5554"
-    assert rows[0]["sensitivity"] == ""
+    assert rows[0]["sensitivity"] == "" and rows[0]["baseline_auroc"] == ""
+    assert (
+        rows[1]["baseline_auroc"] == "0.6312" and rows[1]["auroc_minus_baseline_ci_low"] == "0.0123"
+    )
     # stdout without --paper: no paper columns
     assert main(["report", *map(str, runs)]) == 0
     text = capsys.readouterr().out

@@ -297,7 +297,9 @@ def test_train_sbatch_sigterm_requeues_and_resumes(cluster, synthetic, tmp_path)
     state = run_dir / "checkpoints" / "state.json"
     job = cluster.submit("train.sbatch", "--array=0", CONFIGS=str(config))
     deadline = time.monotonic() + JOB_TIMEOUT_S
-    while not state.is_file():  # epoch 1 done: the signal lands inside epoch 2
+    # epoch 1 done (state.json exists from the start and names a checkpoint from epoch 1's end;
+    # with no checkpoint_every_steps it is the first): the signal lands inside epoch 2
+    while not (state.is_file() and json.loads(state.read_text()).get("checkpoint")):
         assert time.monotonic() < deadline, _log_tail(cluster.logs, job)
         job_state = _job_fields(job).get("JobState")
         assert job_state in {"PENDING", "RUNNING"}, f"{job_state}\n{_log_tail(cluster.logs, job)}"

@@ -64,7 +64,7 @@ def test_run_dir_artifacts(trained_run):
         "history.csv",
         "predictions.csv",
         "metrics.json",
-        "checkpoints/last.keras",
+        "checkpoints/gen-000004/model.keras",
         "checkpoints/best.keras",
         "checkpoints/state.json",
     ):
@@ -193,3 +193,49 @@ def test_demo_settings_equal_configs_demo_yaml(monkeypatch):
         a = {k: v for k, v in from_yaml[section].items() if k != "dir"}
         b = {k: v for k, v in embedded[section].items() if k != "dir"}
         assert a == b, section
+
+
+def test_checkpoint_selection_and_stopping_never_see_the_test_split(
+    tmp_path, separable_tfrecord_dir, monkeypatch
+):
+    """The best checkpoint is chosen (and any early stopping decided) on val metrics; the
+    test split is read once, after the last epoch. Reading test for selection fails here."""
+    import keras
+
+    from kerasfrac import data
+
+    events: list[tuple] = []
+    real_eval = data.make_eval_dataset
+
+    def spy_eval(build_dir, split, *args, **kwargs):
+        events.append(("read", split))
+        return real_eval(build_dir, split, *args, **kwargs)
+
+    monitors = []
+    for cls in (keras.callbacks.ModelCheckpoint, keras.callbacks.EarlyStopping):
+        real_init, real_end = cls.__init__, cls.on_epoch_end
+
+        def init(self, *args, _init=real_init, _cls=cls, **kwargs):
+            _init(self, *args, **kwargs)
+            monitors.append((_cls.__name__, self.monitor))
+
+        def end(self, epoch, logs=None, _end=real_end):
+            events.append(("epoch_end", epoch, sorted(logs or {})))
+            return _end(self, epoch, logs)
+
+        monkeypatch.setattr(cls, "__init__", init)
+        monkeypatch.setattr(cls, "on_epoch_end", end)
+    monkeypatch.setattr(data, "make_eval_dataset", spy_eval)
+    cfg = fast_config(separable_tfrecord_dir, tmp_path / "run", epochs=2, steps_per_epoch=3)
+    train.train(cfg, verbose=0)
+
+    assert monitors and all(m.startswith("val_") for _, m in monitors), monitors
+    reads = [e[1] for e in events if e[0] == "read"]
+    assert reads.count("test") == 1 and "val" in reads
+    ends = [k for k, e in enumerate(events) if e[0] == "epoch_end"]
+    assert len(ends) == 2
+    assert events.index(("read", "test")) > ends[-1], events
+    assert events.index(("read", "val")) < ends[0]
+    for e in events:
+        if e[0] == "epoch_end":
+            assert "val_auroc" in e[2] and not any(k.startswith("test") for k in e[2])

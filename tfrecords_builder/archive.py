@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import zipfile
 from pathlib import Path, PurePosixPath
 
@@ -36,6 +37,45 @@ def safe_members(archive: zipfile.ZipFile, zip_path: Path) -> list[zipfile.ZipIn
     return members
 
 
+#: Limits on a .zip source, checked on its directory before anything is extracted. JPEG and
+#: PNG X-rays hardly compress (FracAtlas' zip: about 1.0x), so an entry that expands more
+#: than MAX_RATIO times (above RATIO_FLOOR bytes) is a zip bomb, not an image dataset.
+MAX_RATIO = 100
+RATIO_FLOOR = 1 << 20
+MAX_TOTAL_BYTES = 64 << 30
+MAX_MEMBERS = 1_000_000
+
+
+def check_sizes(members: list[zipfile.ZipInfo], zip_path: Path, free_bytes: int) -> int:
+    """Refuse, by the sizes the archive declares, what would be too big to extract; returns
+    the total. (zipfile stops every entry at its declared size and checks its CRC, so a
+    header that understates a size fails instead of filling the disk.)"""
+    advice = "If you trust the archive, extract it yourself and pass the folder with --source."
+    if len(members) > MAX_MEMBERS:
+        raise SourceError(
+            f"refusing {str(zip_path)!r}: {len(members):,} entries, more than {MAX_MEMBERS:,}. "
+            + advice
+        )
+    total = 0
+    for info in members:
+        ratio = info.file_size / max(info.compress_size, 1)
+        if info.file_size > RATIO_FLOOR and ratio > MAX_RATIO:
+            raise SourceError(
+                f"refusing {str(zip_path)!r}: entry {info.filename!r} expands from "
+                f"{info.compress_size:,} to {info.file_size:,} bytes ({ratio:,.0f}x, the limit "
+                f"is {MAX_RATIO}x for X-ray images): a zip bomb or not an image dataset. " + advice
+            )
+        total += info.file_size
+    limit = min(MAX_TOTAL_BYTES, free_bytes)
+    if total > limit:
+        why = "free on the disk" if free_bytes < MAX_TOTAL_BYTES else "the limit"
+        raise SourceError(
+            f"refusing {str(zip_path)!r}: its entries hold {total:,} bytes uncompressed, more "
+            f"than the {limit:,} bytes {why} for extracting it. " + advice
+        )
+    return total
+
+
 def open_source(source: str | Path, scratch: Path) -> Path:
     """Return a folder with the source's files: ``source`` itself, or the .zip extracted into
     ``scratch`` (which the caller deletes afterwards)."""
@@ -55,5 +95,13 @@ def open_source(source: str | Path, scratch: Path) -> Path:
     with zipfile.ZipFile(source) as archive:
         members = safe_members(archive, source)
         scratch.mkdir(parents=True, exist_ok=True)
-        archive.extractall(scratch, members=members)
+        check_sizes(members, source, shutil.disk_usage(scratch).free)
+        for info in members:
+            try:
+                archive.extract(info, scratch)
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError) as err:
+                raise SourceError(
+                    f"cannot extract entry {info.filename!r} of {str(source)!r}: {err}. "
+                    "Extract the archive yourself, check it, and pass the folder."
+                ) from err
     return scratch

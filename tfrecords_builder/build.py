@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import datetime
 import hashlib
+import os
 import platform
 import shutil
 import sys
@@ -27,7 +28,14 @@ from tfrecords_builder import (
 )
 from tfrecords_builder.archive import SourceError, open_source
 from tfrecords_builder.candidates import Candidate
-from tfrecords_builder.defaults import DATASETS, DEFAULT_NEAR_DISTANCE
+from tfrecords_builder.defaults import (
+    ASPECT_TOLERANCE,
+    DATASETS,
+    DEFAULT_NEAR_DISTANCE,
+    PIXEL_AGREEMENT,
+    PIXEL_CHECK_SIZE,
+    PIXEL_TOLERANCE,
+)
 
 FINDERS = {
     "fracatlas": fracatlas.find,
@@ -45,7 +53,8 @@ class BuildOptions:
     recover_truncated: bool = False
     overwrite: bool = False
     near_duplicate_distance: int = DEFAULT_NEAR_DISTANCE
-    group_near_duplicates: bool = False
+    group_near_duplicates: bool = True  # False: today's reports only (pairs may straddle splits)
+    groups_file: str | None = None  # CSV (file or image_id, group): e.g. patient ids
     max_pixels: int = validation.DEFAULT_MAX_PIXELS
     workers: int | None = None
     progress: bool = True
@@ -91,19 +100,25 @@ def build(dataset: str, source: str | Path, out: str | Path, opts: BuildOptions)
     if opts.shards < 1:
         raise ValueError(f"--shards {opts.shards}: expected a positive number of shards per split")
     out = Path(out).expanduser()
-    writer.check_output(out, opts.overwrite)  # refuse before any heavy work
-    started = time.perf_counter()
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.extract-", dir=_parent(out)))
-    try:
-        root = open_source(source, scratch)
-        found = FINDERS[dataset](root)
-        with writer.staging(out, opts.overwrite) as stage:
-            manifest = _build_into(stage, dataset, found, opts)
-            manifest["source_path"] = str(Path(source).expanduser().resolve())
-            manifest["build_seconds"] = round(time.perf_counter() - started, 3)
-            writer.write_manifest(stage, manifest)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    source = Path(source).expanduser()
+    writer.check_output(out, opts.overwrite, source)  # refuse before any heavy work
+    _parent(out)
+    with writer.locked(out):  # a second build of the same --out fails here, at once
+        for line in writer.clean_stale(out):
+            print(f"note: {line}", file=sys.stderr)
+        writer.check_output(out, opts.overwrite, source)  # a restored build counts too
+        started = time.perf_counter()
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.extract-", dir=out.parent))
+        try:
+            root = open_source(source, scratch)
+            found = FINDERS[dataset](root)
+            with writer.staging(out, opts.overwrite, source) as stage:
+                manifest = _build_into(stage, dataset, found, opts)
+                manifest["source_path"] = str(source.resolve())
+                manifest["build_seconds"] = round(time.perf_counter() - started, 3)
+                writer.write_manifest(stage, manifest)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     return manifest
 
 
@@ -122,8 +137,45 @@ def _source_bytes(paths: list[Path]) -> int:
     return total
 
 
+def _utf8_name(cand: Candidate) -> bool:
+    """Whether the file's name can go into the manifest, index.csv and TFRecords (UTF-8)."""
+    try:
+        cand.rel.encode("utf-8")
+        cand.image_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _unread_reason(cand: Candidate, root: Path) -> str | None:
+    """Why a file is quarantined without being read: a name that is not UTF-8 (its bytes
+    shown), a dangling symbolic link, a link to a folder, a link out of the source."""
+    if not _utf8_name(cand):
+        raw = os.fsencode(cand.rel)
+        return f"file name is not valid UTF-8: {raw!r}; rename the file to include it"
+    path = cand.path
+    if not path.is_symlink():
+        return None
+    target = os.readlink(path)
+    if not path.exists():
+        return f"dangling symbolic link (to {target!r})"
+    if path.is_dir():
+        return f"symbolic link to a folder ({target!r}): not followed; link or copy the files"
+    if root.resolve() not in path.resolve().parents:
+        return f"symbolic link to {str(path.resolve())!r}, outside the source: not read"
+    return None
+
+
 def _build_into(stage: Path, dataset: str, found, opts: BuildOptions) -> dict:
-    cands = found.candidates
+    # Quarantined unread: names that are not UTF-8, dangling links, links out of the source.
+    unread = [(c, _unread_reason(c, found.root)) for c in found.candidates]
+    bad_names = [
+        {"file": os.fsencode(c.rel).decode("utf-8", "backslashreplace"), "label": c.label,
+         "reason": reason}
+        for c, reason in unread
+        if reason
+    ]  # fmt: skip
+    cands = [c for c, reason in unread if not reason]
     paths = [c.path for c in cands]
     checks = validation.check_all(
         paths,
@@ -135,7 +187,7 @@ def _build_into(stage: Path, dataset: str, found, opts: BuildOptions) -> dict:
         # GB); above it each file is read again and its sha256 checked against validation's.
         keep_bytes=_source_bytes(paths) <= opts.hold_bytes,
     )
-    quarantined = [
+    quarantined = bad_names + [
         {"file": c.rel, "label": c.label, "reason": k.reason}
         for c, k in zip(cands, checks)
         if k.reason
@@ -183,40 +235,141 @@ def _build_into(stage: Path, dataset: str, found, opts: BuildOptions) -> dict:
             keep.extend(members)
     keep.sort(key=lambda i: cands[i].rel)
 
-    # Near-duplicates between distinct files (different sha256), by perceptual hash.
+    # Near-duplicates between distinct files (different sha256): perceptual hash within the
+    # distance, one aspect, then a pixel-level check of each pair (is it the same X-ray?).
     reps = sorted({checks[i].sha256: i for i in keep}.values(), key=lambda i: cands[i].rel)
-    pairs = duplicates.near_duplicate_pairs(
-        [checks[i].phash for i in reps], opts.near_duplicate_distance
-    )
-    group_of_hash = {checks[i].sha256: checks[i].sha256 for i in reps}
-    if opts.group_near_duplicates:  # only images of one label can share a group
-        same_label = [p for p in pairs if cands[reps[p[0]]].label == cands[reps[p[1]]].label]
-        roots = duplicates.connected_components(len(reps), same_label)
-        for k, i in enumerate(reps):
-            group_of_hash[checks[i].sha256] = checks[reps[roots[k]]].sha256
+    pairs, other_aspect = _near_duplicate_pairs(reps, cands, checks, opts)
+    conflict_pairs = [
+        p
+        for p in pairs
+        if p["same_image"] and cands[reps[p["k"]]].label != cands[reps[p["m"]]].label
+    ]
+    conflict_reps: set[int] = set()
+    if opts.group_near_duplicates:
+        conflict_reps = {k for p in conflict_pairs for k in (p["k"], p["m"])}
+        conflict_shas = {checks[reps[k]].sha256: k for k in conflict_reps}
+        for i in keep:
+            if checks[i].sha256 in conflict_shas:
+                other = [
+                    cands[reps[p["m"] if p["k"] == conflict_shas[checks[i].sha256] else p["k"]]].rel
+                    for p in conflict_pairs
+                    if conflict_shas[checks[i].sha256] in (p["k"], p["m"])
+                ]
+                quarantined.append(
+                    {
+                        "file": cands[i].rel,
+                        "label": cands[i].label,
+                        "reason": "conflict: near-duplicate (the same image re-encoded, pixel "
+                        f"check) of {other} with a different label",
+                    }
+                )
+        keep = [i for i in keep if checks[i].sha256 not in conflict_shas]
+    linked = [
+        (p["k"], p["m"], p["distance"])
+        for p in pairs
+        if opts.group_near_duplicates
+        and p["k"] not in conflict_reps
+        and p["m"] not in conflict_reps
+    ]
+    near_roots = duplicates.connected_components(len(reps), linked)
+    user = _read_groups(opts.groups_file, cands) if opts.groups_file else None
+    if user is not None:  # a user's groups (patients) join whatever they link
+        rep_of_sha = {checks[i].sha256: k for k, i in enumerate(reps)}
+        first_of: dict[str, int] = {}
+        for i in keep:
+            g = user["group_of"].get(i)
+            if g is not None:
+                k = rep_of_sha[checks[i].sha256]
+                linked.append((first_of.setdefault(g, k), k, -1))
+    roots = duplicates.connected_components(len(reps), linked)
+    group_of_hash = {checks[i].sha256: checks[reps[roots[k]]].sha256 for k, i in enumerate(reps)}
     group_of = {i: group_of_hash[checks[i].sha256] for i in keep}
-    groups: dict[str, tuple[int, int]] = {}
+    members_of: dict[str, list[int]] = {}
     for i in keep:
-        groups[group_of[i]] = (cands[i].label, groups.get(group_of[i], (0, 0))[1] + 1)
+        members_of.setdefault(group_of[i], []).append(i)
+    groups: dict[str, tuple[int, int]] = {}
+    for g, members in members_of.items():
+        n_fractured = sum(cands[i].label for i in members)
+        # A group of mixed labels (similar images the pixel check calls distinct, or one
+        # patient's images) is stratified by its majority label, ties as fractured.
+        groups[g] = (int(2 * n_fractured >= len(members)), len(members))
     split_of_group = splits.assign(groups, opts.split, opts.seed)
     split_of = {i: split_of_group[group_of[i]] for i in keep}
+    kept_reps = {k for k, i in enumerate(reps) if k not in conflict_reps}
+    merged = Counter(near_roots[k] for k in kept_reps)
+    merged_roots = {r for r, n in merged.items() if n > 1}
+    rep_root = {checks[i].sha256: near_roots[k] for k, i in enumerate(reps)}
+    near_summary = {
+        "grouped": opts.group_near_duplicates,
+        "distance": opts.near_duplicate_distance,
+        "pixel_check": {
+            "size": PIXEL_CHECK_SIZE,
+            "tolerance_grey_levels": PIXEL_TOLERANCE,
+            "min_agreement": PIXEL_AGREEMENT,
+        },
+        "pairs": len(pairs),
+        "pairs_left_out_for_aspect": other_aspect,
+        "same_image_pairs": sum(p["same_image"] for p in pairs),
+        "groups_merged": len(merged_roots),
+        "images_in_merged_groups": sum(
+            1 for i in keep if rep_root[checks[i].sha256] in merged_roots
+        ),
+        "mixed_label_groups": sum(
+            1 for m in members_of.values() if len({cands[i].label for i in m}) > 1
+        ),
+        "conflicts_quarantined": sum(
+            1 for q in quarantined if q["reason"].startswith("conflict: near-duplicate")
+        ),
+        "conflict_pairs": [
+            {
+                "a": cands[reps[p["k"]]].rel,
+                "b": cands[reps[p["m"]]].rel,
+                "labels": [cands[reps[p["k"]]].label, cands[reps[p["m"]]].label],
+                "distance": p["distance"],
+                "agreement": p["agreement"],
+                "quarantined": opts.group_near_duplicates,
+            }
+            for p in conflict_pairs
+        ],
+        "pair_list": [
+            {
+                "a": cands[reps[p["k"]]].rel,
+                "b": cands[reps[p["m"]]].rel,
+                "labels": [cands[reps[p["k"]]].label, cands[reps[p["m"]]].label],
+                "distance": p["distance"],
+                "agreement": p["agreement"],
+                "same_image": p["same_image"],
+            }
+            for p in pairs
+        ],
+    }
+    if user is not None:
+        user_summary = {k: v for k, v in user.items() if k != "group_of"}
+        user_summary["groups_holding_several_images"] = sum(
+            1 for m in members_of.values() if len(m) > 1
+        )
+    else:
+        user_summary = None
 
     near_across = []
-    for a, b, dist in pairs:
-        sa, sb = split_of[reps[a]], split_of[reps[b]]
-        if sa != sb:
+    for p in pairs:
+        a, b = reps[p["k"]], reps[p["m"]]
+        if a not in split_of or b not in split_of:
+            continue  # quarantined as a conflict
+        if split_of[a] != split_of[b]:
             near_across.append(
                 {
-                    "a": cands[reps[a]].rel,
-                    "b": cands[reps[b]].rel,
-                    "distance": dist,
-                    "splits": [sa, sb],
+                    "a": cands[a].rel,
+                    "b": cands[b].rel,
+                    "distance": p["distance"],
+                    "agreement": p["agreement"],
+                    "splits": [split_of[a], split_of[b]],
                 }
             )
     for g in duplicate_groups:
         if not g["conflict"]:
-            first = next(i for i in keep if cands[i].rel in g["files"])
-            g["split"] = split_of[first]
+            first = next((i for i in keep if cands[i].rel in g["files"]), None)
+            g["split"] = split_of[first] if first is not None else None  # None: quarantined
 
     shard_names, split_counts = {}, {}
     for split in schema.SPLITS:
@@ -228,7 +381,7 @@ def _build_into(stage: Path, dataset: str, found, opts: BuildOptions) -> dict:
         shard_names[split] = writer.write_split(stage, split, examples, len(members), opts.shards)
     _write_index(stage, keep, cands, checks, split_of, group_of)
 
-    found_counts = _by_label(cands, lambda c: c.label)
+    found_counts = _by_label(found.candidates, lambda c: c.label)
     written = _by_label(keep, lambda i: cands[i].label)
     q_counts = _by_label(quarantined, lambda q: q["label"])
     d_counts = _by_label(dropped, lambda d: d["label"])
@@ -255,7 +408,7 @@ def _build_into(stage: Path, dataset: str, found, opts: BuildOptions) -> dict:
         "options": {
             k: v
             for k, v in dataclasses.asdict(opts).items()
-            if k not in ("progress", "workers", "overwrite", "hold_bytes")
+            if k not in ("progress", "workers", "overwrite", "hold_bytes", "groups_file")
         },
         "found": found_counts,
         "written": written,
@@ -273,7 +426,9 @@ def _build_into(stage: Path, dataset: str, found, opts: BuildOptions) -> dict:
         "duplicate_groups": duplicate_groups,
         "near_duplicate_distance": opts.near_duplicate_distance,
         "near_duplicate_pairs": len(pairs),
+        "near_duplicates": near_summary,
         "near_duplicates_across_splits": near_across,
+        "user_groups": user_summary,
         "label_disagreements": found.notes.get("label_disagreements", []),
         "notes": {k: v for k, v in found.notes.items() if k != "label_disagreements"},
         "splits": split_counts,
@@ -286,6 +441,95 @@ def _build_into(stage: Path, dataset: str, found, opts: BuildOptions) -> dict:
             "tensorflow": tf.__version__,
             "argv": sys.argv[1:],
         },
+    }
+
+
+def _near_duplicate_pairs(reps, cands, checks, opts: BuildOptions) -> tuple[list[dict], int]:
+    """Pairs of distinct images (indices ``k < m`` into ``reps``) within the hash distance and of
+    one aspect, each with its pixel agreement and whether that makes it the same image; plus
+    how many hash pairs were left out for their aspect."""
+    hash_pairs = duplicates.near_duplicate_pairs(
+        [checks[i].phash for i in reps], opts.near_duplicate_distance
+    )
+    samples: dict[int, object] = {}
+
+    def sample(k: int):
+        if k not in samples:
+            chk = checks[reps[k]]
+            data = chk.recovered or chk.data or cands[reps[k]].path.read_bytes()
+            samples[k] = validation.pixel_sample(data, PIXEL_CHECK_SIZE)
+        return samples[k]
+
+    pairs, other_aspect = [], 0
+    for k, m, dist in hash_pairs:
+        a, b = checks[reps[k]], checks[reps[m]]
+        if not duplicates.same_aspect((a.height, a.width), (b.height, b.width), ASPECT_TOLERANCE):
+            other_aspect += 1
+            continue
+        agreement = duplicates.pixel_agreement(sample(k), sample(m), PIXEL_TOLERANCE)
+        pairs.append(
+            {
+                "k": k,
+                "m": m,
+                "distance": dist,
+                "agreement": round(agreement, 4),
+                "same_image": agreement >= PIXEL_AGREEMENT,
+            }
+        )
+    return pairs, other_aspect
+
+
+def _read_groups(path, cands) -> dict:
+    """``--groups FILE``: a CSV with a ``group`` column and a ``file`` (path under the dataset
+    root, or file name) or ``image_id`` column. Returns ``{"file", "rows", "groups",
+    "images_matched", "group_of": {candidate index: group}}``; images it does not list keep
+    their own groups."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"--groups {str(path)!r}: no such file; expected a CSV of file,group")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in reader.fieldnames or []]
+        key = next((k for k in ("file", "image_id") if k in header), None)
+        if "group" not in header or key is None:
+            raise ValueError(
+                f"--groups {str(path)!r} has columns {header}; expected a 'group' column and a "
+                "'file' (path under the dataset root, e.g. images/Fractured/IMG0000019.jpg, or "
+                "file name) or 'image_id' column, e.g. the header 'file,group'"
+            )
+        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+    by_name: dict[str, list[int]] = {}
+    for i, c in enumerate(cands):
+        names = {c.image_id} if key == "image_id" else {c.rel, c.path.name}
+        for name in names:
+            by_name.setdefault(name, []).append(i)
+    group_of: dict[int, str] = {}
+    unknown = []
+    for line, row in enumerate(rows, start=2):
+        name, group = row.get(key, ""), row.get("group", "")
+        if not group:
+            raise ValueError(f"--groups {str(path)!r} line {line}: empty group for {name!r}")
+        if name not in by_name:
+            unknown.append(name)
+            continue
+        for i in by_name[name]:
+            if group_of.setdefault(i, group) != group:
+                raise ValueError(
+                    f"--groups {str(path)!r} line {line}: {name!r} is given two groups "
+                    f"({group_of[i]!r} and {group!r}); an image belongs to one group"
+                )
+    if unknown:
+        raise ValueError(
+            f"--groups {str(path)!r} names {len(unknown)} image(s) the source does not hold, "
+            f"e.g. {unknown[:3]}; its {key!r} column must match the dataset's "
+            + ("image ids (file names)" if key == "image_id" else f"files (e.g. {cands[0].rel!r})")
+        )
+    return {
+        "file": str(path),
+        "rows": len(rows),
+        "groups": len(set(group_of.values())),
+        "images_matched": len(group_of),
+        "group_of": group_of,
     }
 
 

@@ -32,6 +32,7 @@ class Found:
 
 
 def files_under(folder: Path) -> list[Path]:
-    """Every regular file below ``folder`` (recursively), sorted; nothing is filtered out here,
-    so that non-images are found and quarantined rather than silently ignored."""
-    return sorted(p for p in folder.rglob("*") if p.is_file())
+    """Every regular file and every symbolic link below ``folder`` (recursively), sorted;
+    nothing is filtered out here, so that non-images, dangling links and links to folders
+    are found and quarantined rather than silently ignored."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink())

@@ -8,7 +8,9 @@ import sys
 DESCRIPTION = """Turn a dataset, as its users download it (extracted folder or original .zip),
 into sharded TFRecords with leakage-safe stratified splits and a manifest.json.
 Every image is decoded once: bad files are quarantined with a reason, never written;
-byte-identical copies share a split (or are dropped with --drop-duplicates)."""
+byte-identical copies share a split (or are dropped with --drop-duplicates), and so do
+near-duplicates (perceptual hash, one aspect); near-duplicates that a pixel-level check calls
+the same image but that carry different labels are quarantined, like byte-identical conflicts."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +44,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--group-near-duplicates",
-        action="store_true",
-        help="also keep near-duplicates (of one label) in one split",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep near-duplicates in one split whatever their labels, and quarantine those the "
+        "pixel check calls one image with two labels (default); --no-group-near-duplicates only "
+        "reports them (they may then straddle splits)",
+    )
+    parser.add_argument(
+        "--groups",
+        metavar="FILE",
+        help="CSV with columns file (or image_id) and group, e.g. patient ids: images of one "
+        "group share a split (merged with the duplicate groups)",
     )
     parser.add_argument(
         "--max-pixels",
@@ -82,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         near_duplicate_distance=args.near_duplicate_distance,
         group_near_duplicates=args.group_near_duplicates,
+        groups_file=args.groups,
         max_pixels=args.max_pixels,
         workers=args.workers,
         progress=not args.no_progress,
@@ -130,6 +142,21 @@ def summary(m: dict, out) -> str:
         f"{len(m['near_duplicates_across_splits'])}; label disagreements csv/folder "
         f"{len(m['label_disagreements'])}"
     )
+    n = m.get("near_duplicates")
+    if n:
+        lines.append(
+            f"  near-duplicates ({'grouped' if n['grouped'] else 'NOT grouped'}, distance "
+            f"<= {n['distance']}): {n['pairs']} pairs of one aspect, {n['same_image_pairs']} the "
+            f"same image by the pixel check; {n['groups_merged']} groups merged "
+            f"({n['images_in_merged_groups']} images); label conflicts quarantined "
+            f"{n['conflicts_quarantined']} images ({len(n['conflict_pairs'])} pairs)"
+        )
+    if m.get("user_groups"):
+        u = m["user_groups"]
+        lines.append(
+            f"  --groups {u['file']}: {u['rows']} rows, {u['groups']} groups, "
+            f"{u['images_matched']} images matched"
+        )
     for split, c in m["splits"].items():
         lines.append(
             f"  {split:5s} fractured {c['fractured']:5d}  normal {c['normal']:5d}  "

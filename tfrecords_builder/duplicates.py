@@ -28,6 +28,23 @@ def near_duplicate_pairs(hashes: list[int], max_distance: int) -> list[tuple[int
     return pairs
 
 
+def same_aspect(a: tuple[int, int], b: tuple[int, int], tolerance: float) -> bool:
+    """Whether images of (height, width) ``a`` and ``b`` have one orientation and aspect ratio
+    (height/width within ``tolerance``, relative): a perceptual hash squashes both to a square,
+    so a portrait and a landscape image can hash alike."""
+    ratio_a, ratio_b = a[0] / a[1], b[0] / b[1]
+    return abs(ratio_a / ratio_b - 1) <= tolerance
+
+
+def pixel_agreement(a: np.ndarray, b: np.ndarray, tolerance: float) -> float:
+    """The share of pixels of two equally sized grayscale samples that differ by at most
+    ``tolerance`` grey levels: near 1 for a re-encoded or resized copy, even one with a band
+    lost to truncation; far lower for two X-rays of one framing (the hash's false pairs)."""
+    if a.shape != b.shape:
+        raise ValueError(f"pixel samples differ in shape: {a.shape} vs {b.shape}")
+    return float(np.mean(np.abs(a.astype(np.float32) - b.astype(np.float32)) <= tolerance))
+
+
 def connected_components(n: int, pairs: list[tuple[int, int, int]]) -> list[int]:
     """Union-find: the representative (smallest index) of each item's component."""
     parent = list(range(n))
@@ -38,7 +55,7 @@ def connected_components(n: int, pairs: list[tuple[int, int, int]]) -> list[int]
             i = parent[i]
         return i
 
-    for i, j, _ in pairs:
+    for i, j, *_ in pairs:
         ri, rj = root(i), root(j)
         if ri != rj:
             parent[max(ri, rj)] = min(ri, rj)

@@ -45,7 +45,17 @@ def find_root(top: Path) -> Path:
 
 
 def read_csv(path: Path) -> dict[str, dict[str, int]]:
-    with path.open(newline="") as f:
+    try:
+        return _read_csv(path)
+    except UnicodeDecodeError as err:
+        raise SourceError(
+            f"{str(path)!r} is not UTF-8 text ({err}); save it as UTF-8 (FracAtlas' own "
+            "dataset.csv is ASCII)."
+        ) from err
+
+
+def _read_csv(path: Path) -> dict[str, dict[str, int]]:
+    with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
         missing = [c for c in ("image_id", *schema.META_COLUMNS) if c not in header]
@@ -65,20 +75,45 @@ def read_csv(path: Path) -> dict[str, dict[str, int]]:
     return rows
 
 
-def read_coco_boxes(path: Path) -> dict[str, tuple[tuple[int, int], list[tuple]]]:
-    """file_name -> ((height, width), [(ymin, xmin, ymax, xmax) normalised, clipped to [0,1]])."""
-    with path.open() as f:
-        coco = json.load(f)
-    images = {im["id"]: im for im in coco.get("images", [])}
-    out: dict[str, tuple[tuple[int, int], list[tuple]]] = {
-        im["file_name"]: ((int(im["height"]), int(im["width"])), []) for im in images.values()
-    }
-    for ann in coco.get("annotations", []):
-        im = images.get(ann["image_id"])
+def read_coco_boxes(
+    path: Path, skipped: list | None = None
+) -> dict[str, tuple[tuple[int, int], list[tuple]]]:
+    """file_name -> ((height, width), [(ymin, xmin, ymax, xmax) normalised, clipped to [0,1]]).
+
+    Annotations without a usable box (no ``bbox``, zero or negative width or height, an image
+    without a positive size) are left out and listed in ``skipped``."""
+    skipped = [] if skipped is None else skipped
+    try:
+        with path.open(encoding="utf-8") as f:
+            coco = json.load(f)
+        images = {im["id"]: im for im in coco.get("images", [])}
+        out: dict[str, tuple[tuple[int, int], list[tuple]]] = {
+            im["file_name"]: ((int(im["height"]), int(im["width"])), []) for im in images.values()
+        }
+        annotations = list(coco.get("annotations", []))
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise SourceError(
+            f"{str(path)!r} is not a COCO annotation file this builder can read "
+            f"({type(err).__name__}: {err}); expected JSON with 'images' (id, file_name, "
+            "height, width) and 'annotations' (image_id, bbox). Fix or remove the file (boxes "
+            "are optional)."
+        ) from err
+    for ann in annotations:
+        im = images.get(ann.get("image_id")) if isinstance(ann, dict) else None
         if im is None:
             continue
-        x, y, w, h = (float(v) for v in ann["bbox"])
-        height, width = float(im["height"]), float(im["width"])
+        try:
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            height, width = float(im["height"]), float(im["width"])
+        except (KeyError, TypeError, ValueError) as err:
+            skipped.append({"file": im["file_name"], "annotation": ann.get("id"),
+                            "reason": f"no usable bbox ({type(err).__name__}: {err})"})  # fmt: skip
+            continue
+        if not (w > 0 and h > 0 and height > 0 and width > 0):
+            skipped.append({"file": im["file_name"], "annotation": ann.get("id"),
+                            "reason": f"empty box: bbox {ann['bbox']} on a {width:g}x{height:g} "
+                                      "image"})  # fmt: skip
+            continue
 
         def clip(v: float) -> float:
             return min(1.0, max(0.0, v))
@@ -103,7 +138,8 @@ def find(top: Path) -> Found:
         )
     rows = read_csv(root / "dataset.csv")
     coco_file = root / COCO_PATH
-    boxes = read_coco_boxes(coco_file) if coco_file.is_file() else {}
+    skipped_boxes: list[dict] = []
+    boxes = read_coco_boxes(coco_file, skipped_boxes) if coco_file.is_file() else {}
 
     candidates, disagreements, missing_from_csv = [], [], []
     seen_ids: set[str] = set()
@@ -130,5 +166,6 @@ def find(top: Path) -> Found:
         "coco_file": str(COCO_PATH) if coco_file.is_file() else None,
         "images_with_boxes": sum(1 for c in candidates if c.boxes),
         "boxes": sum(len(c.boxes) for c in candidates),
+        "boxes_skipped": skipped_boxes,
     }
     return Found(root, candidates, notes)

@@ -3,9 +3,12 @@
 Stratified: each class is allocated on its own, so every split gets its share of each class.
 Group-aware: a group (copies of one image) is never divided. Exact: per class, the image quota of
 each split is the largest-remainder rounding of count x ratio, and groups are placed in a seeded
-random order into the split furthest below its quota, so with singleton groups every split is
-within one image of its ideal share. (scikit-learn's StratifiedGroupKFold only makes equal
-1/k folds and balances class ratios approximately; StratifiedShuffleSplit ignores groups.)
+random order into the split furthest below its quota *relative to that quota* (so groups of
+several images spread over the splits in proportion; by absolute deficit they all went to
+train, which then held every duplicated image and val/test none), and with singleton groups
+every split is within one image of its ideal share. (scikit-learn's StratifiedGroupKFold
+only makes equal 1/k folds and balances class ratios approximately; StratifiedShuffleSplit
+ignores groups.)
 Deterministic on any machine: groups are sorted by id before a NumPy PCG64 permutation.
 """
 
@@ -64,7 +67,14 @@ def assign(
         order.sort(key=lambda g: -groups[g][1])
         open_splits = [s for s in range(3) if ratios[s] > 0]
         for g in order:
-            s = max(open_splits, key=lambda k: (target[k] - filled[k], -k))
+            s = max(
+                open_splits,
+                key=lambda k: (
+                    (target[k] - filled[k]) / max(target[k], 1),
+                    target[k] - filled[k],
+                    -k,
+                ),
+            )
             filled[s] += groups[g][1]
             out[g] = SPLITS[s]
     return out

@@ -251,6 +251,14 @@ def check_file(
     return out
 
 
+def pixel_sample(data: bytes, size: int) -> np.ndarray:
+    """The image in ``data`` (as the builder stores it) in grayscale, area-resized to ``size`` x
+    ``size``, float32: what the near-duplicate pixel check compares."""
+    pixels = tf.io.decode_image(data, channels=1, expand_animations=False)
+    small = tf.image.resize(tf.cast(pixels, tf.float32), (size, size), method="area")
+    return small.numpy()[..., 0]
+
+
 def tf_message(err: Exception) -> str:
     """TF's error text without its ``{{function_node ...}}`` and ``[Op:...]`` decorations."""
     text = re.sub(r"\{\{.*?\}\}\s*", "", str(err)).split("[Op:")[0].strip()

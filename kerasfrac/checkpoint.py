@@ -1,0 +1,388 @@
+"""The run directory's checkpoints, committed as one unit, and what --overwrite may delete.
+
+A checkpoint is the model with its optimizer state (``model.keras``), the in-progress epoch's
+per-example results when it is saved mid-epoch (``partial_epoch.npz``), ``history.csv`` as it
+stood and ``best.keras`` as it stood. All of it is written into a hidden folder, which is
+renamed to ``checkpoints/gen-NNNNNN/``; then ``checkpoints/state.json`` is replaced (one
+atomic rename, the commit) by a state that names that folder; only then are older generations
+deleted. A kill at any instant therefore leaves a state.json that names a complete
+generation, and resuming loads it and puts its history.csv and best.keras back: no epoch is
+lost, none is logged twice, and a deterministic run ends with the weights it would have had
+uninterrupted (tests/test_crash.py kills training at every commit step and at random
+instants to check this).
+
+state.json is written when a run starts, with no checkpoint yet: a run killed before its
+first checkpoint is still recognised as a kerasfrac run, and ``--resume``/``--auto-resume``
+start it over. ``--overwrite`` deletes a folder only when it holds ``checkpoints/state.json``
+and does not contain the training data.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+STATE = "state.json"
+GEN_PREFIX = "gen-"
+#: Test-only fault injection: ``KERASFRAC_CRASH_AT=N`` SIGKILLs the process at the Nth
+#: crash point (each step of a checkpoint commit and of the final writes).
+CRASH_ENV = "KERASFRAC_CRASH_AT"
+_crash_points = itertools.count(1)
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be used as asked (finished, unfinished, not a run)."""
+
+
+def crash() -> None:
+    """What a crash point does when its turn comes: die as ``kill -9`` would (no cleanup)."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def crash_point(where: str = "") -> None:
+    """A place where a kill must leave a resumable run (see CRASH_ENV); ``where`` names it
+    for tests."""
+    at = os.environ.get(CRASH_ENV)
+    if at and next(_crash_points) == int(at):
+        crash()
+
+
+# --------------------------------------------------------------------------- durable writes
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some network file systems cannot fsync a folder; the renames still order it
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def replace_file(tmp: Path, path: Path) -> None:
+    """Move the finished ``tmp`` onto ``path`` in one rename, durably (contents, then name)."""
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_text(path: Path, text: str) -> None:
+    """``path`` gets ``text`` or keeps its old content, never a truncated mix."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    replace_file(Path(tmp), path)
+
+
+def save_model(model, path: Path) -> None:
+    """``model.save(path)`` that a kill or a full disk cannot leave half-written."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.keras", dir=path.parent)
+    os.close(fd)
+    try:
+        model.save(tmp)
+        replace_file(Path(tmp), path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- state
+
+
+def state_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints" / STATE
+
+
+def read_state(run_dir: Path) -> dict | None:
+    path = state_path(run_dir)
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        state = err
+    if not isinstance(state, dict):
+        raise RunDirError(
+            f"{str(path)!r} is not a kerasfrac run state ({state}); it was edited or damaged "
+            "outside kerasfrac. Pass --overwrite to start this run over, or choose another "
+            "--run-dir."
+        )
+    return state
+
+
+def has_checkpoint(state: dict | None, run_dir: Path) -> bool:
+    """Whether ``state`` names a checkpoint to resume from (runs of older kerasfrac versions
+    kept it in checkpoints/last.keras, without a generation)."""
+    if not state:
+        return False
+    if "checkpoint" in state:
+        return state["checkpoint"] is not None
+    return (Path(run_dir) / "checkpoints" / "last.keras").is_file()
+
+
+def write_state(run_dir, epoch, step, steps, best, finished, digest=None, **extra) -> None:
+    """Replace state.json in one rename; the generation fields carry over unless given."""
+    previous = read_state(run_dir) or {}
+    # ModelCheckpoint.best is None until the first epoch ends, +-inf in some Keras versions.
+    value = getattr(best, "best", best)
+    value = float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+    state = {"epoch": epoch, "step": step, "steps_per_epoch": steps, "best_val_auroc": value,
+             "finished": finished}  # fmt: skip
+    for key in ("checkpoint", "generation", "best_stat"):
+        state[key] = extra.get(key, previous.get(key))
+    if "stopped_early" in extra:  # train.early_stopping_patience ended the run
+        state["stopped_early"] = bool(extra["stopped_early"])
+    if digest:
+        state["weights_sha256"] = digest
+    write_text(state_path(run_dir), json.dumps(state) + "\n")
+
+
+def begin(run_dir: Path) -> None:
+    """Mark ``run_dir`` as a run that started and has no checkpoint yet."""
+    (Path(run_dir) / "checkpoints").mkdir(parents=True, exist_ok=True)
+    write_state(run_dir, 0, 0, None, None, finished=False, checkpoint=None, generation=0)
+    crash_point("begin")
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _stat(path: Path) -> list[int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def save(run_dir: Path, model, epoch: int, step: int, steps: int, best, accum=None) -> None:
+    """Commit a checkpoint after ``step`` steps of epoch ``epoch`` (step 0: epoch finished)."""
+    run_dir = Path(run_dir)
+    ckpt = run_dir / "checkpoints"
+    previous = read_state(run_dir) or {}
+    generation = int(previous.get("generation") or 0) + 1
+    name = f"{GEN_PREFIX}{generation:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ckpt))
+    model.save(tmp / "model.keras")
+    if step:
+        arrays = {f"{key}_{i}": a for key, parts in zip(("loss", "prob", "label"), accum)
+                  for i, a in enumerate(parts)}  # fmt: skip
+        with open(tmp / "partial_epoch.npz", "wb") as f:
+            np.savez(f, **arrays)
+    if (run_dir / "history.csv").is_file():
+        shutil.copyfile(run_dir / "history.csv", tmp / "history.csv")
+    best_file, best_stat = ckpt / "best.keras", _stat(ckpt / "best.keras")
+    if best_stat is not None:
+        kept = ckpt / str(previous.get("checkpoint")) / "best.keras"
+        try:  # unchanged since the last generation: link it (generations are never rewritten)
+            if best_stat != previous.get("best_stat") or not kept.is_file():
+                raise FileNotFoundError(kept)
+            os.link(kept, tmp / "best.keras")
+        except OSError:  # changed, or a file system without hard links
+            shutil.copyfile(best_file, tmp / "best.keras")
+    for f in tmp.iterdir():
+        _fsync_file(f)
+    _fsync_dir(tmp)
+    crash_point(f"{name} written")
+    if (ckpt / name).exists():  # written by a run killed before it committed it
+        shutil.rmtree(ckpt / name)
+    os.rename(tmp, ckpt / name)
+    _fsync_dir(ckpt)
+    crash_point(f"{name} renamed")
+    write_state(run_dir, epoch, step, steps, best, finished=False, checkpoint=name,
+                generation=generation, best_stat=best_stat)  # fmt: skip
+    crash_point(f"{name} committed")
+    remove_stale(ckpt, keep=name)
+    crash_point(f"{name} cleaned")
+
+
+def remove_stale(ckpt: Path, keep: str | None) -> None:
+    """Delete generations other than ``keep`` and unfinished ones (``.gen-*``)."""
+    for p in ckpt.iterdir():
+        if p.is_dir() and p.name != keep and p.name.lstrip(".").startswith(GEN_PREFIX):
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.is_file() and p.name.startswith(".") and p.name.endswith(".tmp"):
+            p.unlink(missing_ok=True)
+
+
+def _folder(run_dir: Path, state: dict) -> Path:
+    ckpt = Path(run_dir) / "checkpoints"
+    if "checkpoint" not in state:  # older kerasfrac: checkpoints/last.keras
+        return ckpt
+    folder = ckpt / state["checkpoint"]
+    if not (folder / "model.keras").is_file():
+        raise RunDirError(
+            f"{str(state_path(run_dir))!r} names the checkpoint {str(folder)!r}, which is "
+            "missing or incomplete (removed outside kerasfrac?); pass --overwrite to start "
+            "this run over."
+        )
+    return folder
+
+
+def load(run_dir: Path, state: dict):
+    """``(model, partial)`` of the checkpoint ``state`` names; read-only (every worker)."""
+    from kerasfrac.model import load_model
+
+    folder = _folder(run_dir, state)
+    legacy = "checkpoint" not in state
+    model = load_model(folder / ("last.keras" if legacy else "model.keras"))
+    partial = None
+    if state.get("step"):
+        with np.load(folder / "partial_epoch.npz") as z:
+            parts = {key: [] for key in ("loss", "prob", "label")}
+            for key in sorted(z.files, key=lambda k: (k.split("_")[0], int(k.split("_")[1]))):
+                parts[key.split("_")[0]].append(z[key])
+        partial = parts["loss"], parts["prob"], parts["label"]
+    return model, partial
+
+
+def rewind(run_dir: Path, state: dict) -> None:
+    """Put the run directory back to the committed checkpoint (chief only): its history.csv
+    and best.keras replace what an interrupted epoch may have written after the commit."""
+    if "checkpoint" not in state:
+        return  # older kerasfrac: nothing was kept to rewind to
+    folder = _folder(run_dir, state)
+    for name, target in (("history.csv", run_dir / "history.csv"),
+                         ("best.keras", run_dir / "checkpoints" / "best.keras")):  # fmt: skip
+        if (folder / name).is_file():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=target.parent)
+            os.close(fd)
+            shutil.copyfile(folder / name, tmp)
+            replace_file(Path(tmp), target)
+        else:
+            target.unlink(missing_ok=True)
+    stat = _stat(run_dir / "checkpoints" / "best.keras")
+    if stat is not None:  # the copy is a new file: record it, so the next save may link it
+        write_state(
+            run_dir, state["epoch"], state["step"], state["steps_per_epoch"],
+            state["best_val_auroc"], state["finished"], best_stat=stat,
+        )  # fmt: skip
+    remove_stale(run_dir / "checkpoints", keep=state["checkpoint"])
+    # what a kill left of model.keras, metrics.json, history.csv, config.yaml being replaced
+    for pattern in (".model.*.tmp.keras", ".metrics.json.*.tmp", ".history.csv.*.tmp",
+                    ".config.yaml.tmp"):  # fmt: skip
+        for p in run_dir.glob(pattern):
+            p.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- the run directory
+
+
+def _occupied(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds anything (an empty checkpoints/ of a start is nothing)."""
+    if not run_dir.is_dir():
+        return False
+    return any(
+        not (p.name == "checkpoints" and p.is_dir() and not any(p.iterdir()))
+        for p in run_dir.iterdir()
+    )
+
+
+def _refuse_if_holds(run_dir: Path, protect) -> None:
+    here = run_dir.resolve()
+    for p in protect:
+        if p is None or str(p) == "":
+            continue
+        other = Path(p).expanduser().resolve()
+        if other == here or here in other.parents:
+            raise RunDirError(
+                f"refusing to delete {str(run_dir)!r}: it holds {str(p)!r}, which this run "
+                "needs (the training data). Choose a --run-dir outside it. Nothing was changed."
+            )
+
+
+def _delete_run(run_dir: Path, protect) -> None:
+    _refuse_if_holds(run_dir, protect)
+    shutil.rmtree(run_dir)
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, protect=()) -> dict | None:
+    """Check what ``run_dir`` holds against --resume/--overwrite; return the state to resume
+    (None: start fresh). ``protect``: paths (the data) that must not be deleted with it."""
+    run_dir = Path(run_dir)
+    is_run = state_path(run_dir).is_file()
+    occupied = _occupied(run_dir)
+    if occupied and overwrite and not resume:
+        if not is_run:
+            raise RunDirError(
+                f"refusing to --overwrite {str(run_dir)!r}: it is not a kerasfrac run directory "
+                "(no checkpoints/state.json), and --overwrite deletes only runs. Choose an empty "
+                "or new --run-dir, or delete it yourself. Nothing was changed."
+            )
+        _delete_run(run_dir, protect)
+        return None
+    state = read_state(run_dir)
+    if resume:
+        if state is None:
+            raise RunDirError(
+                f"--resume: {str(run_dir)!r} holds no kerasfrac run to resume (no "
+                "checkpoints/state.json); start it without --resume."
+            )
+        if state.get("finished"):
+            raise RunDirError(
+                f"--resume: the run in {str(run_dir)!r} already finished all its "
+                f"{state['epoch']} epochs; raise train.epochs to continue it, or use --overwrite."
+            )
+        if not has_checkpoint(state, run_dir):
+            print(
+                f"note: the run in {run_dir} stopped before its first checkpoint; starting it "
+                "over.",
+                flush=True,
+            )
+            _delete_run(run_dir, protect)
+            return None
+        rewind(run_dir, state)
+        return read_state(run_dir)
+    if occupied:
+        what = (
+            "a finished run"
+            if state and state.get("finished")
+            else "an unfinished run (continue it with --resume or --auto-resume)"
+            if state
+            else "files that are not a kerasfrac run (no checkpoints/state.json)"
+        )
+        raise RunDirError(
+            f"run directory {str(run_dir)!r} already holds {what}; pass --overwrite to replace "
+            "it or choose another --run-dir. Nothing was changed."
+        )
+    return None
+
+
+def has_unfinished_run(run_dir: Path) -> bool:
+    state = read_state(run_dir)
+    return bool(state and not state.get("finished"))
+
+
+def finished_metrics(run_dir: Path, epochs: int) -> dict | None:
+    """The test metrics of a run that finished ``epochs`` epochs or stopped early (a requeued
+    job that has nothing left to do), else None."""
+    state = read_state(run_dir)
+    metrics = Path(run_dir) / "metrics.json"
+    done = state and (state.get("epoch") == epochs or state.get("stopped_early"))
+    if not (done and state.get("finished")):
+        return None
+    try:
+        return json.loads(metrics.read_text())
+    except (OSError, ValueError):
+        return None  # then the usual refusal names the run
+
+
+def resumable_state(run_dir: Path) -> dict | None:
+    """The state to resume from on a worker (read-only), None where there is no checkpoint."""
+    state = read_state(run_dir)
+    return state if has_checkpoint(state, run_dir) else None
