@@ -2,6 +2,11 @@
 
 - input: the training pipeline alone (no model): uncached (decode from TFRecords every time)
   and cached (after one epoch filled the cache), with the config's oversampling and flips;
+  then kerasfrac's uncached pipeline in evaluation order (``make_eval_dataset``) beside the
+  plain keras-io style pipeline a user writes by hand (records -> ``decode_jpeg`` ->
+  bilinear resize -> batch) over the same shards of the train split, fresh iterators,
+  repeats interleaved, in wall-clock and in CPU time (the ratio that holds on a shared
+  machine), and the bytes per image the cache holds;
 - train: the training step alone (the same ``train.make_train_step`` the trainer runs) on a
   batch already in memory: plain float32 (Keras' own layers, TensorFlow's default kernels:
   the reference), the config's own setting, and ``train.fast`` with each precision asked;
@@ -48,6 +53,71 @@ def _time_batches(iterator, steps: int, batch_size_of) -> float:
     for _ in range(steps):
         images += batch_size_of(next(iterator))
     return images / (time.perf_counter() - start)
+
+
+def plain_pipeline(build_dir, split: str, data_cfg, batch_size: int):
+    """The pipeline a user writes by hand, keras-io style, over the same shards: read the
+    records, ``decode_jpeg`` straight to the channels wanted, plain bilinear resize (no
+    antialiasing), batch, prefetch. The yardstick for kerasfrac's own input speed."""
+    import tensorflow as tf
+
+    from tfrecords_builder import schema
+    from tfrecords_builder.reader import shard_files
+
+    spec = {
+        schema.ENCODED: tf.io.FixedLenFeature([], tf.string),
+        schema.LABEL: tf.io.FixedLenFeature([], tf.int64),
+    }
+    size, channels = data_cfg.image_size, 1 if data_cfg.grayscale else 3
+
+    def fn(record):
+        ex = tf.io.parse_single_example(record, spec)
+        image = tf.io.decode_jpeg(ex[schema.ENCODED], channels=channels)
+        return tf.image.resize(image, [size, size]) / 255.0, tf.cast(ex[schema.LABEL], tf.float32)
+
+    ds = tf.data.TFRecordDataset(shard_files(build_dir, split))
+    return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(-1)
+
+
+def _rates(make_ds, steps: int) -> tuple[float, float]:
+    """(images per wall second, images per CPU second of this process) over ``steps`` batches
+    of a fresh iterator (startup included, as every epoch of an uncached pipeline pays it)."""
+    it = iter(make_ds().repeat())
+    wall, cpu = time.perf_counter(), time.process_time()
+    images = sum(int(next(it)[0].shape[0]) for _ in range(steps))
+    return images / (time.perf_counter() - wall), images / (time.process_time() - cpu)
+
+
+def bench_input_vs_plain(cfg, steps: int, repeats: int) -> dict:
+    """kerasfrac's uncached pipeline (evaluation order, no augmentation) against
+    ``plain_pipeline`` on the train split, repeats interleaved, medians and ratios."""
+    from kerasfrac import data
+
+    data_cfg = dataclasses.replace(cfg.data, cache="none")
+    batch, build = cfg.train.batch_size, cfg.data.dir
+    makers = {
+        "plain keras-io": lambda: plain_pipeline(build, "train", data_cfg, batch),
+        "kerasfrac": lambda: data.make_eval_dataset(build, "train", data_cfg, batch),
+    }
+    for make in makers.values():  # trace and warm the page cache
+        _rates(make, 2)
+    wall = {k: [] for k in makers}
+    cpu = {k: [] for k in makers}
+    for r in range(repeats):
+        for k in list(makers)[r % 2 :] + list(makers)[: r % 2]:  # alternate who goes first
+            w, c = _rates(makers[k], steps)
+            wall[k].append(w)
+            cpu[k].append(c)
+    out = {k: {**_spread(wall[k]), "images_per_cpu_second": statistics.median(cpu[k])}
+           for k in makers}  # fmt: skip
+    out["ratio"] = (
+        out["kerasfrac"]["images_per_second"] / out["plain keras-io"]["images_per_second"]
+    )
+    out["cpu_ratio"] = (
+        out["kerasfrac"]["images_per_cpu_second"] / out["plain keras-io"]["images_per_cpu_second"]
+    )
+    out["images"] = steps * batch
+    return out
 
 
 def bench_input(cfg, steps: int, repeats: int) -> dict:
@@ -318,6 +388,11 @@ def run(cfg, what=WHAT, steps: int = 20, repeats: int = 3, precisions=None, sour
         data.check_build(cfg.data.dir, cfg.dataset, cfg.train.batch_size)
     if "input" in what:
         result["input"] = bench_input(cfg, steps, repeats)
+        _progress("input: kerasfrac against the plain keras-io pipeline")
+        result["input_vs_plain"] = bench_input_vs_plain(cfg, steps, repeats)
+        per_image = data.cache_bytes_per_image(cfg.data)
+        result["cache"] = {"dtype": "uint8", "bytes_per_image": per_image,
+                           "float32_bytes_per_image": 4 * per_image}  # fmt: skip
     if "train" in what:
         result["train"] = bench_train(cfg, steps, repeats, precisions)
     if "fit" in what:
@@ -349,6 +424,11 @@ def table(result: dict) -> str:
     for k, v in result.get("input", {}).items():
         ratio = result.get("input_over_train", {}).get(k)
         add(f"input {k}", v, f"{ratio:.1f}x the train step" if ratio else "")
+    if "input_vs_plain" in result:
+        p = result["input_vs_plain"]
+        add("input plain keras-io", p["plain keras-io"], "decode_jpeg + bilinear, same shards")
+        add("input kerasfrac uncached", p["kerasfrac"], f"{p['ratio']:.2f}x the plain pipeline "
+            f"({p['cpu_ratio']:.2f}x in CPU time)")  # fmt: skip
     for k, v in result.get("train", {}).items():
         kernels = f"oneDNN {'on' if v['onednn'] else 'off'}, " if v["onednn"] is not None else ""
         bn = "fused BN" if v["fused_batchnorm"] else "Keras BN"
@@ -366,7 +446,12 @@ def table(result: dict) -> str:
     head = (f"kerasfrac bench: {c['dataset']} {c['image_size']}px batch {c['batch_size']} "
             f"flips={c['flips']} model={c['model']}, {result['cpu_count']} CPUs, "
             f"GPU: {', '.join(result.get('gpus') or ['none'])}")  # fmt: skip
-    return "\n".join([head] + ["  ".join(x.ljust(w) for x, w in zip(r, widths)) for r in rows])
+    lines = [head] + ["  ".join(x.ljust(w) for x, w in zip(r, widths)) for r in rows]
+    if "cache" in result:
+        cache = result["cache"]
+        lines.append(f"cache: {cache['bytes_per_image']:,} bytes per image ({cache['dtype']}; "
+                     f"float32 would be {cache['float32_bytes_per_image']:,})")  # fmt: skip
+    return "\n".join(lines)
 
 
 def write_json(result: dict, path: str | Path) -> None:

@@ -32,6 +32,19 @@ def test_bench_reports_positive_figures(tmp_path, separable_tfrecord_dir):
         assert fast["onednn"] is True and plain["onednn"] in (False, True)
     assert result["config"]["fast"] is True
     assert set(result["input_over_train"]) == {"uncached", "cached"}
+    # kerasfrac's uncached input beside the plain keras-io pipeline, same shards, same run
+    vs = result["input_vs_plain"]
+    for figure in (vs["kerasfrac"], vs["plain keras-io"]):
+        assert figure["repeats"] == 2 and figure["images_per_cpu_second"] > 0
+        assert figure["min"] <= figure["images_per_second"] <= figure["max"]
+    assert (
+        vs["ratio"]
+        == vs["kerasfrac"]["images_per_second"] / (vs["plain keras-io"]["images_per_second"])
+    )
+    assert vs["cpu_ratio"] > 0 and vs["images"] == 3 * 8
+    # the cache holds uint8: 32 x 32 x 1 bytes per image, a quarter of float32
+    assert result["cache"] == {"dtype": "uint8", "bytes_per_image": 1024,
+                               "float32_bytes_per_image": 4096}  # fmt: skip
     # An epoch without oversampling is the whole training split, x3 with flip-expand.
     manifest = json.loads((separable_tfrecord_dir / "manifest.json").read_text())
     train = sum(manifest["splits"]["train"].values())
@@ -47,6 +60,8 @@ def test_bench_reports_positive_figures(tmp_path, separable_tfrecord_dir):
         "input cached" in text and "train fast mixed_bfloat16" in text and "plain float32" in text
     )
     assert f"{fit['epoch_images']} img/epoch" in text and "min for 5 epochs" in text
+    assert "input plain keras-io" in text and f"{vs['ratio']:.2f}x the plain pipeline" in text
+    assert "cache: 1,024 bytes per image (uint8; float32 would be 4,096)" in text
 
 
 def test_bench_build_against_decode_floor_via_cli(tmp_path, separable_tfrecord_dir):
