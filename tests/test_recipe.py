@@ -377,7 +377,9 @@ def _pointing_after_training(root, box_head: bool) -> dict:
     })  # fmt: skip
     result = train.train(cfg, verbose=0)
     cfg, m, _ = load_run_model(run_dir)
-    opts = explain.ExplainOptions()  # Grad-CAM on the default layer, `features`
+    # Grad-CAM on the default layer (`features`, 4x4 cells at 128 px); the pointing game with
+    # the 15-pixel tolerance of its original definition (Zhang et al. 2016).
+    opts = explain.ExplainOptions(tolerance=15.0)
     audit, _ = explain.audit_split(m, cfg.data, cfg.data.dir, "test", opts)
     return {"auroc": result["auroc"], **audit["pointing_game"]}
 
@@ -387,9 +389,9 @@ def test_box_supervision_moves_grad_cam_onto_the_fracture(tmp_path):
     """Phantoms with a corner letter that agrees with the label 90% of the time (the report's
     shortcut), the same network (heat-map head) and recipe with and without box supervision.
     Without boxes the model reads the letter (test AUROC about the letter's 0.9) and its
-    Grad-CAM peak never falls in a fracture box; with boxes it finds the fracture line
-    (AUROC above the letter's ceiling) and its peak falls inside the box on about half of the
-    fractured test images, against a chance rate of 2-3% (measured: 0.52 vs 0.00)."""
+    Grad-CAM peak lands within 15 px of a fracture box no more often than chance; with boxes it
+    finds the fracture line (AUROC above the letter's ceiling) and its peak lands there on
+    nearly every fractured test image (measured: 0.97 against 0.14, chance 0.15)."""
     from tfrecords_builder import synthetic
     from tfrecords_builder.build import BuildOptions, build
 
@@ -400,8 +402,8 @@ def test_box_supervision_moves_grad_cam_onto_the_fracture(tmp_path):
     boxed = _pointing_after_training(tmp_path, box_head=True)
     assert boxed["n_played"] >= 25
     assert boxed["auroc"] > max(0.95, plain["auroc"]), (plain, boxed)
-    assert boxed["hit_rate"] > max(0.3, 5 * boxed["chance_rate"]), boxed
-    assert boxed["hit_rate"] >= plain["hit_rate"] + 0.25, (plain, boxed)
+    assert boxed["hit_rate"] > max(0.6, 3 * boxed["chance_rate"]), boxed
+    assert boxed["hit_rate"] >= plain["hit_rate"] + 0.4, (plain, boxed)
 
 
 def test_sensitivity_at_90_specificity_is_exact():
