@@ -44,13 +44,11 @@ def predict(model, dataset, tta: str = "none") -> tuple[list[str], np.ndarray, n
 
     ``tta="flip"``: each probability is the mean over the image and its left-right mirror.
     """
-    import tensorflow as tf
+    from kerasfrac.model import predict_probs
 
     ids, labels, probs = [], [], []
     for images, y, image_ids in dataset:
-        p = model(images, training=False)
-        if tta == "flip":
-            p = (np.asarray(p) + np.asarray(model(tf.image.flip_left_right(images)))) / 2.0
+        p = predict_probs(model, images, tta)
         probs.append(np.asarray(p, dtype=np.float64).reshape(-1))
         labels.append(np.asarray(y).reshape(-1))
         ids.extend(i.decode() for i in image_ids.numpy())

@@ -201,15 +201,18 @@ def _outputs(features, box_head: bool, dropout: float, head: str = "gap"):
     """
     if head not in HEADS:
         raise ValueError(f"model.head must be one of {HEADS}; got {head!r}")
-    cells = keras.layers.Conv2D(1, 1, name="box_logits")(features)
-    heat = keras.layers.Activation("sigmoid", dtype="float32", name=BOX_HEATMAP)(cells)
+    cells = None
+    if box_head or head == "heatmap":
+        cells = keras.layers.Conv2D(1, 1, name="box_logits")(features)
     if head == "heatmap":
         x = keras.layers.GlobalMaxPooling2D(name="gmp")(cells)
     else:
         x = keras.layers.GlobalAveragePooling2D(name="gap")(features)
         x = keras.layers.Dropout(dropout, name="dropout")(x) if dropout else x
     _, prob = _head(x)
-    return [prob, heat] if box_head else prob
+    if not box_head:
+        return prob
+    return [prob, keras.layers.Activation("sigmoid", dtype="float32", name=BOX_HEATMAP)(cells)]
 
 
 def resnet_small(
@@ -431,6 +434,16 @@ def build_model(
         getattr(cfg_model, "box_head", False),
         head=getattr(cfg_model, "head", "gap"),
     )
+
+
+def predict_probs(model: keras.Model, images, tta: str = "none") -> tf.Tensor:
+    """Probabilities [B] of the one-output ``model``; ``tta="flip"`` averages the image and
+    its left-right mirror (test-time augmentation, ``eval.tta``)."""
+    p = tf.reshape(tf.cast(model(images, training=False), tf.float32), [-1])
+    if tta == "flip":
+        mirrored = model(tf.image.flip_left_right(images), training=False)
+        p = (p + tf.reshape(tf.cast(mirrored, tf.float32), [-1])) / 2.0
+    return p
 
 
 def has_box_head(model: keras.Model) -> bool:

@@ -183,6 +183,7 @@ def predict_files(
     import tensorflow as tf
 
     from kerasfrac.data import preprocess
+    from kerasfrac.model import predict_probs
 
     if threshold is not None and not 0.0 <= threshold <= 1.0:  # also catches nan
         raise ValueError(f"--threshold must be a probability in [0, 1]; got {threshold!r}")
@@ -221,10 +222,8 @@ def predict_files(
     results = []
     for start in range(0, len(prepared), batch_size):
         batch = tf.stack(prepared[start : start + batch_size])
-        probs = np.asarray(model(batch, training=False), dtype=np.float64).reshape(-1)
-        if cfg.eval.tta == "flip":  # the run's test-time augmentation, as in evaluate
-            mirrored = model(tf.image.flip_left_right(batch), training=False)
-            probs = (probs + np.asarray(mirrored, dtype=np.float64).reshape(-1)) / 2.0
+        # the run's test-time augmentation (eval.tta), as in evaluate
+        probs = np.asarray(predict_probs(model, batch, cfg.eval.tta), dtype=np.float64)
         for path, p in zip(kept[start : start + batch_size], probs):
             results.append(Prediction(path, float(p), bool(p >= threshold)))
     for w in warnings:

@@ -51,6 +51,7 @@ from kerasfrac.model import (
     classifier,
     has_box_head,
     load_model,
+    predict_probs,
     uses_fused_batchnorm,
 )
 
@@ -221,16 +222,6 @@ def make_train_step(
         return tuple(strategy.gather(r, axis=0) for r in results)
 
     return train_step
-
-
-def predict_probs(model: keras.Model, images, tta: str = "none") -> tf.Tensor:
-    """Probabilities [B] of the classifier ``model``; ``tta="flip"`` averages the image and
-    its left-right mirror (test-time augmentation, ``eval.tta``)."""
-    p = tf.reshape(tf.cast(model(images, training=False), tf.float32), [-1])
-    if tta == "flip":
-        mirrored = model(tf.image.flip_left_right(images), training=False)
-        p = (p + tf.reshape(tf.cast(mirrored, tf.float32), [-1])) / 2.0
-    return p
 
 
 def _restore_early_stopping(stopper, run_dir: Path) -> None:

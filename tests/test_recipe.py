@@ -312,9 +312,9 @@ def test_flip_tta_averages_the_image_and_its_mirror():
     x = np.random.default_rng(3).random((3, 16, 16, 1), dtype="float32")
     plain = np.asarray(m(x)).reshape(-1)
     mirrored = np.asarray(m(x[:, :, ::-1])).reshape(-1)
-    np.testing.assert_allclose(train.predict_probs(m, x, "none").numpy(), plain, rtol=1e-6)
+    np.testing.assert_allclose(model.predict_probs(m, x, "none").numpy(), plain, rtol=1e-6)
     np.testing.assert_allclose(
-        train.predict_probs(m, x, "flip").numpy(), (plain + mirrored) / 2, rtol=1e-5
+        model.predict_probs(m, x, "flip").numpy(), (plain + mirrored) / 2, rtol=1e-5
     )
 
 
