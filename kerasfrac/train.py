@@ -105,6 +105,12 @@ def class_weights(cfg: Config, manifest: dict) -> tuple[float, float] | None:
     if cfg.train.class_weight == "none":
         return None
     counts = data.class_counts(manifest, "train")
+    if not (counts[0] and counts[1]):
+        raise data.BuildOutputError(
+            f"train.class_weight=balanced needs both classes in the train split; it has "
+            f"{counts[1]} fractured and {counts[0]} normal images. Rebuild the TFRecords with "
+            "both classes or set train.class_weight=none"
+        )
     n = sum(counts.values())
     return (n / (2.0 * counts[0]), n / (2.0 * counts[1]))
 

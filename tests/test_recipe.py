@@ -254,6 +254,9 @@ def test_class_weights_balance_the_train_split():
     assert (w0, w1) == pytest.approx((100 / 150, 100 / 50))
     assert 75 * w0 == pytest.approx(25 * w1)
     assert train.class_weights(config.Config(), manifest) is None
+    one_class = {"splits": {"train": {"fractured": 0, "normal": 75}}}
+    with pytest.raises(ValueError, match="needs both classes"):
+        train.class_weights(cfg, one_class)
 
 
 def _compiled(name, box_head=False, size=32):
