@@ -230,7 +230,8 @@ def test_training_stream_with_boxes_carries_masks_of_fractured_images(synthetic_
     y = labels.numpy()
     assert np.all(covered[y == 0] == 0) and np.all(covered[y == 1] > 0)
     assert np.all(weights.numpy() == 1.0)  # every synthetic fractured phantom has a box
-    assert set(np.unique(masks.numpy())) <= {0.0, 1.0} or masks.numpy().max() <= 1.0
+    # the warp interpolates the mask bilinearly: values stay within [0, 1]
+    assert masks.numpy().min() >= 0.0 and masks.numpy().max() <= 1.0
 
 
 # --------------------------------------------------------------------------- training pieces
