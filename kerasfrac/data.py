@@ -415,13 +415,15 @@ def _decode_with_boxes(data_cfg):
     fractured image without boxes (its mask would wrongly say "no fracture"), else 1.
     """
 
+    decode = _decode(data_cfg)
+
     def fn(encoded, label, image_id, boxes, height, width):
-        image = decode_resize(encoded, data_cfg.image_size, data_cfg.grayscale, data_cfg.resize)
+        image, y, image_id = decode(encoded, label, image_id)
         mask = box_mask(boxes, height, width, data_cfg.image_size, data_cfg.resize)
         mask = tf.cast(mask * 255.0, tf.uint8)  # 0/255: exactly 0/1 again after to_float
         has_boxes = tf.shape(boxes)[0] > 0
         weight = tf.cast(tf.logical_or(tf.equal(label, 0), has_boxes), tf.float32)
-        return tf.concat([image, mask], -1), tf.cast(label, tf.float32), image_id, weight
+        return tf.concat([image, mask], -1), y, image_id, weight
 
     return fn
 

@@ -20,12 +20,13 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from kerasfrac.config import HEADS
+
 LOGIT = "logit"
 PROB = "prob"
 #: Optional second output (``model.box_head``): a coarse fracture heat map, sigmoid, trained
 #: against the fracture boxes; the classifier saved as model.keras does not carry it.
 BOX_HEATMAP = "box_heatmap"
-HEADS = ("gap", "heatmap")
 #: The last feature map of the models with a global-average-pooling head (Grad-CAM's layer).
 FEATURES = "features"
 

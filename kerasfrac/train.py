@@ -365,11 +365,11 @@ def train(
 
     cbs: list[keras.callbacks.Callback] = [keras.callbacks.TerminateOnNaN()]
     best = None
+    best_path = run_dir / "checkpoints" / "best.keras"
     if chief:
         best = keras.callbacks.ModelCheckpoint(
-            run_dir / "checkpoints" / "best.keras", monitor="val_auroc", mode="max",
-            save_best_only=True,
-        )  # fmt: skip
+            best_path, monitor="val_auroc", mode="max", save_best_only=True
+        )
         if state is not None and state.get("best_val_auroc") is not None:
             best.best = state["best_val_auroc"]
         cbs += [
@@ -455,7 +455,6 @@ def train(
     result = {}
     if chief:
         final = scorer
-        best_path = run_dir / "checkpoints" / "best.keras"
         if t.select == "best" and best_path.is_file():
             # The epoch with the best val AUROC (chosen on val, before test is looked at).
             final = classifier(load_model(best_path))
