@@ -67,7 +67,7 @@ def _by_label(items, label_of) -> dict[str, int]:
 
 
 def _example(
-    dataset: str, cand: Candidate, chk: validation.Checked, group: str
+    dataset: str, cand: Candidate, chk: validation.Checked, group: str, with_meta: bool
 ) -> tf.train.Example:
     if chk.recovered is not None:
         encoded = chk.recovered
@@ -90,15 +90,23 @@ def _example(
         label=cand.label,
         boxes=cand.boxes,
         meta=cand.meta,
+        file=cand.rel,
+        with_meta=with_meta,
     )
 
 
 def build(dataset: str, source: str | Path, out: str | Path, opts: BuildOptions) -> dict:
-    """Build ``dataset`` from ``source`` (folder or .zip) into ``out``; returns the manifest."""
+    """Build ``dataset`` from ``source`` (folder or .zip) into ``out``; returns the manifest.
+
+    ``out`` becomes a tensorflow-datasets dataset directory: the dataset's registered TFDS
+    builder (``tfrecords_builder.tfds_builders``) prepares it, writing through
+    ``prepare_into``, in a staging folder renamed into place when complete."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
     if opts.shards < 1:
         raise ValueError(f"--shards {opts.shards}: expected a positive number of shards per split")
+    from tfrecords_builder import tfds_builders
+
     out = Path(out).expanduser()
     source = Path(source).expanduser()
     writer.check_output(out, opts.overwrite, source)  # refuse before any heavy work
@@ -107,19 +115,30 @@ def build(dataset: str, source: str | Path, out: str | Path, opts: BuildOptions)
         for line in writer.clean_stale(out):
             print(f"note: {line}", file=sys.stderr)
         writer.check_output(out, opts.overwrite, source)  # a restored build counts too
-        started = time.perf_counter()
-        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.extract-", dir=out.parent))
-        try:
-            root = open_source(source, scratch)
-            found = FINDERS[dataset](root)
-            with writer.staging(out, opts.overwrite, source) as stage:
-                manifest = _build_into(stage, dataset, found, opts)
-                manifest["source_path"] = str(source.resolve())
-                manifest["build_seconds"] = round(time.perf_counter() - started, 3)
-                writer.write_manifest(stage, manifest)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        with writer.staging(out, opts.overwrite, source) as stage:
+            manifest = tfds_builders.prepare(dataset, source, stage, opts)
     return manifest
+
+
+def prepare_into(
+    stage: Path, dataset: str, source: Path, opts: BuildOptions, tfds_name: str, with_meta: bool
+) -> tuple[dict, dict[str, writer.WrittenSplit]]:
+    """The one writing path of ``kerasfrac build`` and the TFDS builders: find -> validate ->
+    group -> split -> write the TFDS shards of ``tfds_name``, index.csv and manifest.json into
+    ``stage``. Returns the manifest and what each split wrote."""
+    started = time.perf_counter()
+    source = Path(source)
+    scratch = Path(tempfile.mkdtemp(prefix=".extract-", dir=stage))
+    try:
+        root = open_source(source, scratch)
+        found = FINDERS[dataset](root)
+        manifest, written = _build_into(stage, dataset, found, opts, tfds_name, with_meta)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    manifest["source_path"] = str(source.resolve())
+    manifest["build_seconds"] = round(time.perf_counter() - started, 3)
+    writer.write_manifest(stage, manifest)
+    return manifest, written
 
 
 def _parent(out: Path) -> Path:
@@ -166,7 +185,9 @@ def _unread_reason(cand: Candidate, root: Path) -> str | None:
     return None
 
 
-def _build_into(stage: Path, dataset: str, found, opts: BuildOptions) -> dict:
+def _build_into(
+    stage: Path, dataset: str, found, opts: BuildOptions, tfds_name: str, with_meta: bool
+) -> tuple[dict, dict[str, writer.WrittenSplit]]:
     # Quarantined unread: names that are not UTF-8, dangling links, links out of the source.
     unread = [(c, _unread_reason(c, found.root)) for c in found.candidates]
     bad_names = [
@@ -371,14 +392,16 @@ def _build_into(stage: Path, dataset: str, found, opts: BuildOptions) -> dict:
             first = next((i for i in keep if cands[i].rel in g["files"]), None)
             g["split"] = split_of[first] if first is not None else None  # None: quarantined
 
-    shard_names, split_counts = {}, {}
+    wrote, split_counts = {}, {}
     for split in schema.SPLITS:
         members = [i for i in keep if split_of[i] == split]
         split_counts[split] = {
             k: v for k, v in _by_label(members, lambda i: cands[i].label).items() if k != "total"
         }
-        examples = (_example(dataset, cands[i], checks[i], group_of[i]) for i in members)
-        shard_names[split] = writer.write_split(stage, split, examples, len(members), opts.shards)
+        examples = (_example(dataset, cands[i], checks[i], group_of[i], with_meta) for i in members)
+        wrote[split] = writer.write_split(
+            stage, split, examples, len(members), opts.shards, tfds_name
+        )
     _write_index(stage, keep, cands, checks, split_of, group_of)
 
     found_counts = _by_label(found.candidates, lambda c: c.label)
@@ -399,9 +422,10 @@ def _build_into(stage: Path, dataset: str, found, opts: BuildOptions) -> dict:
         raise RuntimeError(f"internal error: images lost in the build: {accounting}")
     files_in_groups = sum(len(g["files"]) for g in duplicate_groups)
     reasons = Counter(q["reason"].split(":")[0] for q in quarantined)
-    return {
-        "format_version": 1,
+    manifest = {
+        "format_version": schema.FORMAT_VERSION,
         "source": dataset,
+        "tfds_name": tfds_name,
         "root": found.root.name,
         "seed": opts.seed,
         "split_ratios": dict(zip(schema.SPLITS, opts.split)),
@@ -432,16 +456,24 @@ def _build_into(stage: Path, dataset: str, found, opts: BuildOptions) -> dict:
         "label_disagreements": found.notes.get("label_disagreements", []),
         "notes": {k: v for k, v in found.notes.items() if k != "label_disagreements"},
         "splits": split_counts,
-        "shards": shard_names,
+        "shards": {split: w.names for split, w in wrote.items()},
         "accounting": accounting,
         "index": "index.csv",
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "versions": {
             "python": platform.python_version(),
             "tensorflow": tf.__version__,
+            "tensorflow_datasets": _tfds_version(),
             "argv": sys.argv[1:],
         },
     }
+    return manifest, wrote
+
+
+def _tfds_version() -> str:
+    import tensorflow_datasets as tfds
+
+    return tfds.__version__
 
 
 def _near_duplicate_pairs(reps, cands, checks, opts: BuildOptions) -> tuple[list[dict], int]:

@@ -2,7 +2,9 @@
 
 ``read_split(DIR, split)`` is the contract every later stage uses. It returns a
 ``tf.data.Dataset`` of dicts (see ``schema.parse_example``) with ``image`` decoded to uint8
-[H, W, C], in a deterministic order (shards in name order, records in file order).
+[H, W, C], in a deterministic order (shards in name order, records in file order): the order
+of ``tfds.builder_from_directory(DIR).as_dataset(split)``, which reads the same TFDS shards with
+the same parse spec (the build's info sets ``disable_shuffling``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,14 @@ def load_manifest(directory: str | Path) -> dict:
             " --overwrite`."
         )
     with path.open() as f:
-        return json.load(f)
+        manifest = json.load(f)
+    if manifest.get("format_version") == 1:
+        raise BuildOutputError(
+            f"{str(directory)!r} was built by an older kerasfrac (format 1: Model Garden-style "
+            f"shards; format {schema.FORMAT_VERSION} is a tensorflow-datasets dataset). Rebuild it "
+            f"with `kerasfrac build ... --out {directory} --overwrite`."
+        )
+    return manifest
 
 
 def shard_files(directory: str | Path, split: str) -> list[str]:

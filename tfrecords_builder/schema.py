@@ -1,43 +1,52 @@
-"""The TFRecord contract: feature keys, how to write them and how to parse them.
+"""The record contract: a tensorflow-datasets feature dict, how to write it, how to parse it.
 
-This is the ONE module that both the writer (tfrecords_builder.writer) and every reader
-(tfrecords_builder.read_split, kerasfrac.data) import, so the two sides cannot drift apart
-(the pattern of TF Model Garden's tfrecord_lib / decoders).
+This is the ONE module that both the writer (tfrecords_builder.build) and every reader
+(tfrecords_builder.read_split, kerasfrac.data) import, so the two sides cannot drift apart.
+The features are a ``tfds.features.FeaturesDict`` (``features()``): the build directory is a
+tensorflow-datasets dataset (``dataset_info.json``, ``features.json``, TFDS shard names), and
+records are encoded and parsed by TFDS' own serializer and parse spec.
 
-One tf.train.Example per image:
+One tf.train.Example per image; its keys (TFDS flattens nested features with ``/``):
 
-    image/encoded        bytes   the original file bytes (JPEG or PNG); a truncated JPEG kept
-                                 with --recover-truncated is stored as a lossless PNG re-encode
-    image/format         bytes   b"jpeg" or b"png" (format of image/encoded)
-    image/height, image/width, image/channels   int64, of the decoded image
-    image/id             bytes   the file name as the dataset names it (e.g. IMG0000025.jpg)
-    image/source         bytes   dataset name: fracatlas | tibia-fibula | synthetic
-    image/sha256         bytes   hex sha256 of the ORIGINAL file bytes (duplicate detection)
-    image/group          bytes   split group: images of one group always land in one split
-    label                int64   1 = fractured, 0 = normal (from the class folder)
-    image/object/bbox/{ymin,xmin,ymax,xmax}  float lists, fracture boxes normalised to [0, 1]
-    meta/<column>        int64   FracAtlas dataset.csv columns (META_COLUMNS); -1 = unknown
+    image            bytes   the original file bytes (JPEG or PNG), never re-encoded; a
+                             truncated JPEG kept with --recover-truncated is stored as a lossless
+                             PNG re-encode (TFDS' Image feature decodes both)
+    image_format     text    "jpeg" or "png" (format of ``image``)
+    height, width, channels  int64, of the decoded image
+    image_id         text    the file name as the dataset names it (e.g. IMG0000025.jpg)
+    file             text    the source path under the dataset root
+                             (e.g. images/Fractured/IMG0000025.jpg)
+    source           text    dataset name: fracatlas | tibia-fibula | synthetic
+    sha256           text    hex sha256 of the ORIGINAL file bytes (duplicate detection)
+    group            text    split group: images of one group always land in one split
+    label            ClassLabel(names=["normal", "fractured"]): 0 normal, 1 fractured
+    objects/bbox     float   Sequence of BBoxFeature: fracture boxes (ymin, xmin, ymax, xmax)
+                             normalised to [0, 1] (converted from FracAtlas' COCO x, y, w, h)
+    meta/<column>    int64   FracAtlas dataset.csv columns (META_COLUMNS); -1 = unknown. Only
+                             in datasets that have them; the parse spec defaults them to -1
 """
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import tensorflow as tf
 
-ENCODED = "image/encoded"
-FORMAT = "image/format"
-HEIGHT = "image/height"
-WIDTH = "image/width"
-CHANNELS = "image/channels"
-IMAGE_ID = "image/id"
-SOURCE = "image/source"
-SHA256 = "image/sha256"
-GROUP = "image/group"
+ENCODED = "image"
+FORMAT = "image_format"
+HEIGHT = "height"
+WIDTH = "width"
+CHANNELS = "channels"
+IMAGE_ID = "image_id"
+FILE = "file"
+SOURCE = "source"
+SHA256 = "sha256"
+GROUP = "group"
 LABEL = "label"
-BBOX_YMIN = "image/object/bbox/ymin"
-BBOX_XMIN = "image/object/bbox/xmin"
-BBOX_YMAX = "image/object/bbox/ymax"
-BBOX_XMAX = "image/object/bbox/xmax"
-BBOX_KEYS = (BBOX_YMIN, BBOX_XMIN, BBOX_YMAX, BBOX_XMAX)
+OBJECTS = "objects"
+BBOX = "bbox"
+BOXES = f"{OBJECTS}/{BBOX}"
 
 #: FracAtlas' dataset.csv columns kept per image (all 0/1 flags except fracture_count).
 #: ``fractured`` is the csv's own opinion; the record's ``label`` comes from the folder.
@@ -65,6 +74,41 @@ def meta_key(column: str) -> str:
     return f"meta/{column}"
 
 
+@functools.cache
+def features(image_channels: int = 3, encoding_format: str | None = None, meta: bool = True):
+    """The TFDS feature dict of a build. ``image_channels``/``encoding_format`` only say how
+    TFDS decodes ``image`` for its users (kerasfrac decodes the bytes itself); ``meta``: with
+    the FracAtlas metadata columns. Every combination parses with ``feature_spec()``."""
+    import tensorflow_datasets as tfds
+
+    feats = {
+        ENCODED: tfds.features.Image(
+            shape=(None, None, image_channels), encoding_format=encoding_format
+        ),
+        FORMAT: tfds.features.Text(),
+        HEIGHT: tfds.features.Scalar(np.int64),
+        WIDTH: tfds.features.Scalar(np.int64),
+        CHANNELS: tfds.features.Scalar(np.int64),
+        IMAGE_ID: tfds.features.Text(),
+        FILE: tfds.features.Text(),
+        SOURCE: tfds.features.Text(),
+        SHA256: tfds.features.Text(),
+        GROUP: tfds.features.Text(),
+        LABEL: tfds.features.ClassLabel(names=[LABEL_NAMES[0], LABEL_NAMES[1]]),
+        OBJECTS: tfds.features.Sequence({BBOX: tfds.features.BBoxFeature()}),
+    }
+    if meta:
+        feats["meta"] = {c: tfds.features.Scalar(np.int64) for c in META_COLUMNS}
+    return tfds.features.FeaturesDict(feats)
+
+
+@functools.cache
+def _serializer(meta: bool):
+    from tensorflow_datasets.core import example_serializer
+
+    return example_serializer.ExampleSerializer(features(meta=meta).get_serialized_info())
+
+
 def make_example(
     *,
     encoded: bytes,
@@ -79,52 +123,51 @@ def make_example(
     label: int,
     boxes: list[tuple[float, float, float, float]] = (),
     meta: dict[str, int] | None = None,
+    file: str = "",
+    with_meta: bool = True,
 ) -> tf.train.Example:
-    """Build one record. ``boxes`` are (ymin, xmin, ymax, xmax) normalised to [0, 1]."""
+    """Build one record through TFDS' encoder and serializer. ``boxes`` are (ymin, xmin, ymax,
+    xmax) normalised to [0, 1]; ``with_meta``: write the metadata columns (unknown ones -1)."""
     meta = meta or {}
     unknown = set(meta) - set(META_COLUMNS)
     if unknown:
         raise ValueError(f"unknown metadata columns {sorted(unknown)}; allowed: {META_COLUMNS}")
-    # Filled in place: half the time of building a Feature message per key (the builder
-    # writes every image through here).
-    example = tf.train.Example()
-    feature = example.features.feature
-    for key, value in (
-        (ENCODED, encoded),
-        (FORMAT, image_format.encode()),
-        (IMAGE_ID, image_id.encode()),
-        (SOURCE, source.encode()),
-        (SHA256, sha256.encode()),
-        (GROUP, group.encode()),
-    ):
-        feature[key].bytes_list.value.append(value)
-    for key, value in ((HEIGHT, height), (WIDTH, width), (CHANNELS, channels), (LABEL, label)):
-        feature[key].int64_list.value.append(int(value))
-    for i, key in enumerate(BBOX_KEYS):
-        feature[key].float_list.value.extend(float(b[i]) for b in boxes)
-    for column in META_COLUMNS:
-        feature[meta_key(column)].int64_list.value.append(int(meta.get(column, META_UNKNOWN)))
-    return example
-
-
-def feature_spec() -> dict:
-    """Parse spec for tf.io.parse_single_example, built from the keys above with defaults."""
-    spec = {
-        ENCODED: tf.io.FixedLenFeature([], tf.string),
-        FORMAT: tf.io.FixedLenFeature([], tf.string, default_value=b"jpeg"),
-        HEIGHT: tf.io.FixedLenFeature([], tf.int64),
-        WIDTH: tf.io.FixedLenFeature([], tf.int64),
-        CHANNELS: tf.io.FixedLenFeature([], tf.int64),
-        IMAGE_ID: tf.io.FixedLenFeature([], tf.string),
-        SOURCE: tf.io.FixedLenFeature([], tf.string, default_value=b""),
-        SHA256: tf.io.FixedLenFeature([], tf.string, default_value=b""),
-        GROUP: tf.io.FixedLenFeature([], tf.string, default_value=b""),
-        LABEL: tf.io.FixedLenFeature([], tf.int64),
+    example = {
+        ENCODED: encoded,  # bytes: TFDS' Image stores them as they are (no re-encode)
+        FORMAT: image_format,
+        HEIGHT: height,
+        WIDTH: width,
+        CHANNELS: channels,
+        IMAGE_ID: image_id,
+        FILE: file,
+        SOURCE: source,
+        SHA256: sha256,
+        GROUP: group,
+        LABEL: int(label),
+        OBJECTS: {BBOX: np.asarray(boxes, np.float32).reshape(-1, 4)},
     }
-    for key in BBOX_KEYS:
-        spec[key] = tf.io.VarLenFeature(tf.float32)
+    if with_meta:
+        example["meta"] = {c: int(meta.get(c, META_UNKNOWN)) for c in META_COLUMNS}
+    feats = features(meta=with_meta)
+    return _serializer(with_meta).get_tf_example(feats.encode_example(example))
+
+
+def serialize(example: tf.train.Example) -> bytes:
+    """Deterministic bytes: map entries sorted by key, so that the same source gives the same
+    shard bytes in every run (checksums of a build can be compared)."""
+    return example.SerializeToString(deterministic=True)
+
+
+@functools.cache
+def feature_spec() -> dict:
+    """Parse spec for tf.io.parse_single_example: TFDS' own spec of ``features()`` (what
+    ``tfds.builder_from_directory(...).as_dataset`` parses with), the metadata columns
+    defaulting to -1 (datasets without them)."""
+    from tensorflow_datasets.core import example_parser
+
+    spec = dict(example_parser.ExampleParser(features().get_serialized_info()).flat_feature_specs)
     for column in META_COLUMNS:
-        spec[meta_key(column)] = tf.io.FixedLenFeature([], tf.int64, default_value=META_UNKNOWN)
+        spec[meta_key(column)] = spec[meta_key(column)]._replace(default_value=META_UNKNOWN)
     return spec
 
 
@@ -132,12 +175,11 @@ def parse_example(serialized: tf.Tensor) -> dict:
     """Parse one serialized record into a flat dict WITHOUT decoding the image.
 
     Keys: ``encoded`` (string), ``format``, ``height``, ``width``, ``channels``, ``image_id``,
-    ``source``, ``sha256``, ``group``, ``label`` (int64), ``boxes`` (float32 [N, 4] as
+    ``file``, ``source``, ``sha256``, ``group``, ``label`` (int64), ``boxes`` (float32 [N, 4] as
     ymin, xmin, ymax, xmax), and ``meta`` (dict column -> int64).
     Decoding is left to the caller so that a pipeline can decode, convert and resize in one map.
     """
     parsed = tf.io.parse_single_example(serialized, feature_spec())
-    boxes = tf.stack([tf.sparse.to_dense(parsed[k]) for k in BBOX_KEYS], axis=-1)
     return {
         "encoded": parsed[ENCODED],
         "format": parsed[FORMAT],
@@ -145,11 +187,12 @@ def parse_example(serialized: tf.Tensor) -> dict:
         "width": parsed[WIDTH],
         "channels": parsed[CHANNELS],
         "image_id": parsed[IMAGE_ID],
+        "file": parsed[FILE],
         "source": parsed[SOURCE],
         "sha256": parsed[SHA256],
         "group": parsed[GROUP],
         "label": parsed[LABEL],
-        "boxes": tf.reshape(boxes, [-1, 4]),
+        "boxes": tf.reshape(parsed[BOXES], [-1, 4]),
         "meta": {c: parsed[meta_key(c)] for c in META_COLUMNS},
     }
 
@@ -159,9 +202,27 @@ def decode_image(encoded: tf.Tensor) -> tf.Tensor:
     return tf.io.decode_image(encoded, channels=0, expand_animations=False, dtype=tf.uint8)
 
 
-def shard_name(split: str, index: int, count: int) -> str:
-    """Model Garden's naming: ``{split}-{i:05d}-of-{n:05d}.tfrecord``."""
-    return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+def shard_name(split: str, index: int, count: int, name: str = "kerasfrac_synthetic") -> str:
+    """TFDS' naming (``tfds.core.naming``): ``{name}-{split}.tfrecord-{i:05d}-of-{n:05d}``,
+    ``name`` the TFDS dataset name (``TFDS_NAMES``)."""
+    return _template(name, split).sharded_filepath(shard_index=index, num_shards=count).name
 
 
+def _template(name: str, split: str, data_dir: str = "."):
+    from tensorflow_datasets.core import naming
+
+    return naming.ShardedFileTemplate(
+        data_dir=data_dir, dataset_name=name, split=split, filetype_suffix="tfrecord"
+    )
+
+
+#: kerasfrac's dataset names -> the names of their registered TFDS builders
+#: (tfrecords_builder.tfds_builders), which name the shard files.
+TFDS_NAMES = {
+    "fracatlas": "fracatlas",
+    "tibia-fibula": "tibia_fibula",
+    "synthetic": "kerasfrac_synthetic",
+}
 MANIFEST = "manifest.json"
+#: 2: the build is a tensorflow-datasets dataset (1: Model Garden-style shards, own keys).
+FORMAT_VERSION = 2

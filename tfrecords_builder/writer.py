@@ -8,6 +8,7 @@ that staging folder, which has no manifest at the output path and never looks co
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import json
 import os
@@ -143,25 +144,42 @@ def shard_count(requested: int, records: int) -> int:
     return max(1, min(requested, records))
 
 
+@dataclasses.dataclass
+class WrittenSplit:
+    """What ``write_split`` wrote: shard file names, records per shard (in name order, as
+    TFDS' ``SplitInfo.shard_lengths``) and serialized record bytes (``SplitInfo.num_bytes``)."""
+
+    names: list[str]
+    lengths: list[int]
+    num_bytes: int
+
+
 def write_split(
-    stage: Path, split: str, examples: Iterable[tf.train.Example], count: int, shards: int
-) -> list[str]:
-    """Round-robin ``count`` streamed ``examples`` over shard files (Model Garden's
-    tfrecord_lib pattern), so a split never has to be held in memory."""
+    stage: Path,
+    split: str,
+    examples: Iterable[tf.train.Example],
+    count: int,
+    shards: int,
+    name: str,
+) -> WrittenSplit:
+    """Round-robin ``count`` streamed ``examples`` over TFDS-named shard files of dataset
+    ``name`` (Model Garden's tfrecord_lib pattern), so a split never has to be held in memory."""
     if count == 0:
-        return []
+        return WrittenSplit([], [], 0)
     n = shard_count(shards, count)
-    names = [schema.shard_name(split, i, n) for i in range(n)]
+    names = [schema.shard_name(split, i, n, name) for i in range(n)]
+    lengths, num_bytes = [0] * n, 0
     writers = [tf.io.TFRecordWriter(str(stage / name)) for name in names]
     try:
         for i, example in enumerate(examples):
-            # Deterministic: map entries sorted by key, so that the same source gives the
-            # same shard bytes in every run (checksums of a build can be compared).
-            writers[i % n].write(example.SerializeToString(deterministic=True))
+            record = schema.serialize(example)
+            writers[i % n].write(record)
+            lengths[i % n] += 1
+            num_bytes += len(record)
     finally:
         for w in writers:
             w.close()
-    return names
+    return WrittenSplit(names, lengths, num_bytes)
 
 
 def write_manifest(stage: Path, manifest: dict) -> None:
