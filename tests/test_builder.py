@@ -136,9 +136,12 @@ def test_same_seed_same_splits_other_seed_differs(tmp_path):
     a, b, c = (index_rows(tmp_path / n) for n in "abc")
     assert a == b
     assert [r["split"] for r in a] != [r["split"] for r in c]
-    shards_a = sorted((tmp_path / "a").glob("*.tfrecord"))
-    shards_b = sorted((tmp_path / "b").glob("*.tfrecord"))
+    shards_a = sorted((tmp_path / "a").glob("fracatlas-*.tfrecord-*-of-*"))
+    shards_b = sorted((tmp_path / "b").glob("fracatlas-*.tfrecord-*-of-*"))
+    assert len(shards_a) == 9 and [p.name for p in shards_a] == [p.name for p in shards_b]
     assert [p.read_bytes() for p in shards_a] == [p.read_bytes() for p in shards_b]
+    for name in ("dataset_info.json", "features.json"):  # TFDS' metadata: deterministic too
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
 def test_drop_duplicates_keeps_one(tmp_path):

@@ -1,0 +1,195 @@
+"""The build is a tensorflow-datasets dataset: TFDS reads it as read_split does, and the
+registered builders prepare the same dataset offline from the user's copy.
+
+Synthetic phantoms here; the real FracAtlas subset in test_fracatlas_mini.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+import tfrecords_builder.tfds_builders  # noqa: F401  (registers the builders)
+from tfrecords_builder import read_split, schema, synthetic
+from tfrecords_builder.build import BuildOptions, build
+
+OPTS = dict(progress=False, shards=3)
+
+
+def _no_network(*args, **kwargs):
+    raise OSError("network access is disabled in this test")
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Any connection attempt from Python fails; TFDS' GCS look-ups are off."""
+    from tensorflow_datasets.core.utils import gcs_utils
+
+    for name in ("create_connection", "getaddrinfo"):
+        monkeypatch.setattr(socket, name, _no_network)
+    monkeypatch.setattr(socket.socket, "connect", _no_network)
+    monkeypatch.setattr(gcs_utils, "_is_gcs_disabled", True)
+    with pytest.raises(OSError, match="disabled"):
+        socket.create_connection(("tensorflow.org", 443), timeout=1)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    src = tmp_path_factory.mktemp("tfds") / "raw"
+    synthetic.generate(src, count=60, image_size=48, seed=3)
+    return src
+
+
+@pytest.fixture(scope="module")
+def built(phantoms):
+    out = phantoms.parent / "built"
+    return out, build("synthetic", phantoms, out, BuildOptions(**OPTS))
+
+
+def records(ds) -> list[dict]:
+    return list(tfds.as_numpy(ds))
+
+
+def assert_same_examples(tfds_examples: list[dict], ours: list[dict]) -> None:
+    """TFDS' nested examples against read_split's flat ones, in order, field by field."""
+    assert len(tfds_examples) == len(ours) > 0
+    for t, r in zip(tfds_examples, ours, strict=True):
+        for key in ("image_id", "file", "source", "sha256", "group", "label", "height", "width"):
+            assert t[key] == r[key], key
+        assert t["image_format"] == r["format"]
+        np.testing.assert_array_equal(t["objects"]["bbox"], r["boxes"])
+        if "meta" in t:
+            assert t["meta"] == r["meta"]
+        # TFDS decodes to the feature's channel count; the pixels are the same.
+        channels = t["image"].shape[-1]
+        expect = r["image"] if r["image"].shape[-1] == channels else r["image"][..., :1]
+        np.testing.assert_array_equal(t["image"][..., : expect.shape[-1]], expect)
+
+
+def test_tfds_reads_the_build_as_read_split_does(built):
+    out, m = built
+    builder = tfds.builder_from_directory(out)
+    assert builder.info.features["label"].names == ["normal", "fractured"]
+    assert builder.info.disable_shuffling
+    for split in schema.SPLITS:
+        n = sum(m["splits"][split].values())
+        assert builder.info.splits[split].num_examples == n
+        assert_same_examples(
+            records(builder.as_dataset(split=split)),
+            list(read_split(out, split).as_numpy_iterator()),
+        )
+    info = json.loads((out / "dataset_info.json").read_text())
+    assert info["name"] == "kerasfrac_synthetic"
+    assert {s["name"] for s in info["splits"]} == set(schema.SPLITS)
+    shards = sorted(p.name for p in out.iterdir() if ".tfrecord-" in p.name)
+    assert shards == sorted(n for names in m["shards"].values() for n in names)
+    assert "kerasfrac_synthetic-test.tfrecord-00000-of-00003" in shards
+
+
+def test_image_bytes_are_the_source_files(built, phantoms):
+    out, _ = built
+    rows = {}
+    for ex in tfds.as_numpy(
+        tfds.builder_from_directory(out).as_dataset(
+            split="train", decoders={"image": tfds.decode.SkipDecoding()}
+        )
+    ):
+        rows[ex["file"].decode()] = ex["image"]
+    assert len(rows) > 10
+    for rel, encoded in rows.items():
+        assert encoded == (phantoms / rel).read_bytes()
+
+
+def test_split_slicing_and_even_splits_follow_the_stratified_counts(built):
+    out, m = built
+    builder = tfds.builder_from_directory(out)
+    n_train = sum(m["splits"]["train"].values())
+    labels = Counter(int(ex["label"]) for ex in records(builder.as_dataset(split="train")))
+    assert labels == {1: m["splits"]["train"]["fractured"], 0: m["splits"]["train"]["normal"]}
+    tenth = records(builder.as_dataset(split="train[:10%]"))
+    assert len(tenth) == round(n_train / 10)
+    halves = tfds.even_splits("train", n=2)
+    sizes = [len(records(builder.as_dataset(split=s))) for s in halves]
+    assert sum(sizes) == n_train and abs(sizes[0] - sizes[1]) <= 1
+    # Per-worker sharding: two input contexts see disjoint halves of the files.
+    ids = []
+    for worker in range(2):
+        ctx = tf.distribute.InputContext(2, worker, 1)
+        ds = builder.as_dataset(split="train", read_config=tfds.ReadConfig(input_context=ctx))
+        ids.append({ex["image_id"] for ex in records(ds)})
+    assert ids[0] and ids[1] and not ids[0] & ids[1]
+    assert len(ids[0] | ids[1]) == n_train
+
+
+def test_as_dataframe_shows_the_metadata(built):
+    out, _ = built
+    builder = tfds.builder_from_directory(out)
+    frame = tfds.as_dataframe(builder.as_dataset(split="test[:3]"), builder.info)
+    assert len(frame) == 3
+    for column in ("image_id", "file", "sha256", "group", "label", "meta/hardware", "height"):
+        assert column in frame.columns, column
+
+
+def test_tfds_load_prepares_the_same_dataset_offline(built, phantoms, tmp_path, offline):
+    out, m = built
+    ds = tfds.load(
+        "kerasfrac_synthetic",
+        split="test",
+        data_dir=tmp_path / "tfds",
+        builder_kwargs={"options": BuildOptions(**OPTS)},
+        download_and_prepare_kwargs={
+            "download_config": tfds.download.DownloadConfig(manual_dir=phantoms)
+        },
+    )
+    assert_same_examples(records(ds), list(read_split(out, "test").as_numpy_iterator()))
+    prepared = tmp_path / "tfds" / "kerasfrac_synthetic" / "1.0.0"
+    there = json.loads((prepared / "manifest.json").read_text())
+    assert there["shards"] == m["shards"] and there["splits"] == m["splits"]
+    assert there["accounting"] == m["accounting"]
+    for names in m["shards"].values():
+        for name in names:
+            assert (prepared / name).read_bytes() == (out / name).read_bytes()
+    assert (prepared / "features.json").read_bytes() == (out / "features.json").read_bytes()
+
+
+def test_manual_dir_may_hold_the_zip_as_downloaded(built, phantoms, tmp_path, offline):
+    out, m = built
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    with zipfile.ZipFile(manual / "phantoms.zip", "w") as z:
+        for path in sorted(phantoms.rglob("*")):
+            z.write(path, Path("raw") / path.relative_to(phantoms))
+    builder = tfds.builder(
+        "kerasfrac_synthetic", data_dir=tmp_path / "tfds", options=BuildOptions(**OPTS)
+    )
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual, try_download_gcs=False)
+    )
+    for split in schema.SPLITS:
+        got = [ex["sha256"] for ex in records(builder.as_dataset(split=split))]
+        assert got == [r["sha256"] for r in read_split(out, split).as_numpy_iterator()]
+    (manual / "notes.txt").write_text("a second entry beside the zip")
+    other = tfds.builder("kerasfrac_synthetic", data_dir=tmp_path / "tfds2")
+    with pytest.raises(ValueError, match="holds 1 zip file"):
+        other.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
+    shutil.rmtree(manual)
+
+
+def test_an_old_format_build_is_refused_with_the_fix(built, tmp_path):
+    out, _ = built
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="older kerasfrac.*--overwrite"):
+        read_split(old, "test")
