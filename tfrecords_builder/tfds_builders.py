@@ -17,9 +17,9 @@ Builder options (seed, split ratios, shards, ...) go in as ``options=BuildOption
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import tensorflow_datasets as tfds
@@ -202,8 +202,9 @@ def prepare(dataset: str, source: Path, stage: Path, opts: build.BuildOptions) -
     work = stage / ".tfds"
     builder = BUILDERS[dataset](data_dir=os.fspath(work), options=opts, source=source)
     config = tfds.download.DownloadConfig(try_download_gcs=False)
-    # TFDS prints its progress lines on stdout; kerasfrac keeps stdout for results.
-    with contextlib.redirect_stdout(sys.stderr):
+    # TFDS prints "Downloading and preparing ... to <staging path>" and "Subsequent calls will
+    # reuse this data" on stdout: wrong here (kerasfrac build reports its own summary).
+    with contextlib.redirect_stdout(io.StringIO()):
         builder.download_and_prepare(download_config=config)
     prepared = Path(os.fspath(builder.data_dir))
     for path in sorted(prepared.iterdir()):
