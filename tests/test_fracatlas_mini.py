@@ -108,3 +108,57 @@ def test_every_reencoded_pair_shares_a_split_and_conflicts_are_quarantined(mini_
         assert c["labels"][0] != c["labels"][1] and c["agreement"] >= 0.9
         for f in (c["a"], c["b"]):
             assert quarantined[f].startswith("conflict: near-duplicate")
+
+
+def test_tfds_reads_the_real_build_as_read_split_does(mini_build):
+    """The real subset through TFDS: same records in the same order (bytes compared, not
+    decoded: 584 X-rays up to 2880 px), boxes as BBoxFeature, metadata in as_dataframe,
+    slices of the stratified split counts."""
+    import tensorflow_datasets as tfds
+
+    from tests.test_tfds import assert_same_examples
+
+    out, m = mini_build
+    builder = tfds.builder_from_directory(out)
+    skip = {"image": tfds.decode.SkipDecoding()}
+    for split in ("train", "val", "test"):
+        assert builder.info.splits[split].num_examples == sum(m["splits"][split].values())
+        assert_same_examples(
+            list(tfds.as_numpy(builder.as_dataset(split=split, decoders=skip))),
+            list(read_split(out, split, decode=False).as_numpy_iterator()),
+        )
+    n_test = sum(m["splits"]["test"].values())
+    assert len(list(builder.as_dataset(split="test[:50%]", decoders=skip))) == round(n_test / 2)
+    assert "Abedeen" in builder.info.citation and "Scientific Data" in builder.info.citation
+    assert builder.info.redistribution_info.license == "CC BY 4.0"
+    frame = tfds.as_dataframe(builder.as_dataset(split="test[:20]", decoders=skip), builder.info)
+    for column in ("meta/hand", "meta/hardware", "meta/fracture_count", "file", "group"):
+        assert column in frame.columns, column
+    assert set(frame["meta/hand"]) <= {0, 1} and len(frame) == 20
+
+
+def test_tfds_load_prepares_the_same_real_build_offline(mini_build, tmp_path, monkeypatch):
+    import socket
+
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.utils import gcs_utils
+
+    import tfrecords_builder.tfds_builders  # noqa: F401  (registers fracatlas)
+    from tests.test_tfds import _no_network
+
+    monkeypatch.setattr(socket, "create_connection", _no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", _no_network)
+    monkeypatch.setattr(socket.socket, "connect", _no_network)
+    monkeypatch.setattr(gcs_utils, "_is_gcs_disabled", True)
+    out, m = mini_build
+    builder = tfds.builder(
+        "fracatlas", data_dir=tmp_path / "tfds", options=BuildOptions(progress=False)
+    )
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=MINI))
+    prepared = tmp_path / "tfds" / "fracatlas" / "1.0.0"
+    there = json.loads((prepared / "manifest.json").read_text())
+    assert there["shards"] == m["shards"] and there["quarantined"] == m["quarantined"]
+    names = [n for names in m["shards"].values() for n in names]
+    assert len(names) == 24
+    for name in names:
+        assert (prepared / name).read_bytes() == (out / name).read_bytes(), name
