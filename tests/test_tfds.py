@@ -23,6 +23,8 @@ from tfrecords_builder import read_split, schema, synthetic
 from tfrecords_builder.build import BuildOptions, build
 
 OPTS = dict(progress=False, shards=3)
+#: TFDS reads the shards one after the other: read_split's order.
+IN_ORDER = tfds.ReadConfig(interleave_cycle_length=1)
 
 
 def _no_network(*args, **kwargs):
@@ -83,14 +85,16 @@ def test_tfds_reads_the_build_as_read_split_does(built):
     out, m = built
     builder = tfds.builder_from_directory(out)
     assert builder.info.features["label"].names == ["normal", "fractured"]
-    assert builder.info.disable_shuffling
     for split in schema.SPLITS:
         n = sum(m["splits"][split].values())
         assert builder.info.splits[split].num_examples == n
-        assert_same_examples(
-            records(builder.as_dataset(split=split)),
-            list(read_split(out, split).as_numpy_iterator()),
-        )
+        ours = list(read_split(out, split).as_numpy_iterator())
+        assert_same_examples(records(builder.as_dataset(split=split, read_config=IN_ORDER)), ours)
+        # TFDS' default read interleaves the shards: the same records, as a set.
+        by_id = {ex["image_id"]: ex for ex in records(builder.as_dataset(split=split))}
+        assert_same_examples([by_id[r["image_id"]] for r in ours], ours)
+    shuffled = builder.as_dataset(split="train", shuffle_files=True)  # not an ordered dataset
+    assert len(records(shuffled)) == sum(m["splits"]["train"].values())
     info = json.loads((out / "dataset_info.json").read_text())
     assert info["name"] == "kerasfrac_synthetic"
     assert {s["name"] for s in info["splits"]} == set(schema.SPLITS)
@@ -148,6 +152,7 @@ def test_tfds_load_prepares_the_same_dataset_offline(built, phantoms, tmp_path, 
     ds = tfds.load(
         "kerasfrac_synthetic",
         split="test",
+        read_config=IN_ORDER,
         data_dir=tmp_path / "tfds",
         builder_kwargs={"options": BuildOptions(**OPTS)},
         download_and_prepare_kwargs={
@@ -179,7 +184,9 @@ def test_manual_dir_may_hold_the_zip_as_downloaded(built, phantoms, tmp_path, of
         download_config=tfds.download.DownloadConfig(manual_dir=manual, try_download_gcs=False)
     )
     for split in schema.SPLITS:
-        got = [ex["sha256"] for ex in records(builder.as_dataset(split=split))]
+        got = [
+            ex["sha256"] for ex in records(builder.as_dataset(split=split, read_config=IN_ORDER))
+        ]
         assert got == [r["sha256"] for r in read_split(out, split).as_numpy_iterator()]
     (manual / "notes.txt").write_text("a second entry beside the zip")
     other = tfds.builder("kerasfrac_synthetic", data_dir=tmp_path / "tfds2")

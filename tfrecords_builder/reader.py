@@ -3,8 +3,9 @@
 ``read_split(DIR, split)`` is the contract every later stage uses. It returns a
 ``tf.data.Dataset`` of dicts (see ``schema.parse_example``) with ``image`` decoded to uint8
 [H, W, C], in a deterministic order (shards in name order, records in file order): the order
-of ``tfds.builder_from_directory(DIR).as_dataset(split)``, which reads the same TFDS shards with
-the same parse spec (the build's info sets ``disable_shuffling``).
+of ``tfds.builder_from_directory(DIR).as_dataset(split, read_config=tfds.ReadConfig(
+interleave_cycle_length=1))``, which reads the same TFDS shards with the same parse spec (by
+default TFDS interleaves 16 shards: the same records, another order).
 """
 
 from __future__ import annotations

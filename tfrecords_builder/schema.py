@@ -158,11 +158,15 @@ def serialize(example: tf.train.Example) -> bytes:
     return example.SerializeToString(deterministic=True)
 
 
-@functools.cache
 def feature_spec() -> dict:
     """Parse spec for tf.io.parse_single_example: TFDS' own spec of ``features()`` (what
     ``tfds.builder_from_directory(...).as_dataset`` parses with), the metadata columns
-    defaulting to -1 (datasets without them)."""
+    defaulting to -1 (datasets without them). A fresh dict per call."""
+    return dict(_feature_spec())
+
+
+@functools.cache
+def _feature_spec() -> dict:
     from tensorflow_datasets.core import example_parser
 
     spec = dict(example_parser.ExampleParser(features().get_serialized_info()).flat_feature_specs)

@@ -85,9 +85,9 @@ class _KerasfracBuilder(tfds.core.dataset_builder.FileReaderBuilder):
             description=self.DESCRIPTION + _SPLITS_NOTE,
             features=schema.features(self.IMAGE_CHANNELS, self.ENCODING_FORMAT, self.HAS_META),
             supervised_keys=(schema.ENCODED, schema.LABEL),
-            # Records are stored in kerasfrac's order (shards round-robin over the split's
-            # sorted files): read in that order, as read_split does.
-            disable_shuffling=True,
+            # Not an ordered dataset: TFDS users may shuffle files (shuffle_files=True). Read
+            # with ReadConfig(interleave_cycle_length=1), TFDS gives read_split's order.
+            disable_shuffling=False,
             homepage=self.HOMEPAGE,
             citation=self.CITATION,
             license=self.LICENSE,
