@@ -204,3 +204,43 @@ def test_an_old_format_build_is_refused_with_the_fix(built, tmp_path):
     (old / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="older kerasfrac.*--overwrite"):
         read_split(old, "test")
+
+
+def _can_unshare_network() -> bool:
+    import subprocess
+
+    try:
+        return subprocess.run(["unshare", "-rn", "true"], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _can_unshare_network(), reason="no `unshare -rn` (network namespace)")
+def test_tfds_load_in_a_process_without_any_network(phantoms, tmp_path):
+    """Below Python too (TensorFlow's C++ file systems): an empty network namespace."""
+    import subprocess
+    import sys
+
+    code = f"""
+import socket, tensorflow_datasets as tfds, tfrecords_builder.tfds_builders
+from tfrecords_builder.build import BuildOptions
+try:
+    socket.create_connection(("8.8.8.8", 53), timeout=2)
+    raise SystemExit("the network is reachable: the test would prove nothing")
+except OSError:
+    pass
+ds = tfds.load("kerasfrac_synthetic", split="train[:50%]", data_dir={str(tmp_path)!r},
+               builder_kwargs={{"options": BuildOptions(progress=False, shards=3)}},
+               download_and_prepare_kwargs={{"download_config":
+                   tfds.download.DownloadConfig(manual_dir={str(phantoms)!r})}})
+print("examples", len(list(ds)))
+"""
+    run = subprocess.run(
+        ["unshare", "-rn", sys.executable, "-c", code], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    manifest = json.loads(
+        (tmp_path / "kerasfrac_synthetic" / "1.0.0" / "manifest.json").read_text()
+    )
+    n_train = sum(manifest["splits"]["train"].values())
+    assert f"examples {round(n_train / 2)}" in run.stdout

@@ -112,7 +112,7 @@ def clean_stale(out: Path) -> list[str]:
             done.append(f"restored the previous build {str(out)!r} from {str(old)!r}")
         shutil.rmtree(old, ignore_errors=True)
         done.append(f"removed {str(old)!r} (left by a killed build)")
-    for kind in ("incomplete", "extract"):
+    for kind in ("incomplete", "extract"):  # extract-*: from builds before format 2
         for stale in sorted(parent.glob(f".{glob.escape(out.name)}.{kind}-*")):
             shutil.rmtree(stale, ignore_errors=True)
             done.append(f"removed {str(stale)!r} (left by a killed build)")
