@@ -195,6 +195,27 @@ def test_manual_dir_may_hold_the_zip_as_downloaded(built, phantoms, tmp_path, of
     shutil.rmtree(manual)
 
 
+def test_tibia_fibula_build_has_no_metadata_columns_and_round_trips(tmp_path):
+    from tests import sources
+
+    sources.make_tibia(tmp_path / "src", "mirror", copies=2)
+    out = tmp_path / "out"
+    m = build("tibia-fibula", tmp_path / "src", out, BuildOptions(**OPTS))
+    builder = tfds.builder_from_directory(out)
+    assert builder.info.name == "tibia_fibula" and "meta" not in builder.info.features
+    assert "2h62x9xzyd" in builder.info.citation
+    for split in schema.SPLITS:
+        ours = list(read_split(out, split).as_numpy_iterator())
+        assert all(r["meta"]["hand"] == schema.META_UNKNOWN for r in ours)  # parse default
+        assert_same_examples(records(builder.as_dataset(split=split, read_config=IN_ORDER)), ours)
+    # Copies of one file share a group, and TFDS carries it.
+    assert m["duplicate_summary"]["groups"] == 2
+    groups = Counter(
+        ex["group"] for split in schema.SPLITS for ex in records(builder.as_dataset(split=split))
+    )
+    assert sorted(groups.values())[-2:] == [2, 2]
+
+
 def test_an_old_format_build_is_refused_with_the_fix(built, tmp_path):
     out, _ = built
     old = tmp_path / "old"

@@ -1,4 +1,6 @@
-"""Turn FracAtlas, Tibia/Fibula or synthetic phantoms into sharded TFRecords with a manifest.
+"""Turn FracAtlas, Tibia/Fibula or synthetic phantoms into tensorflow-datasets datasets
+(sharded TFRecords, dataset_info.json) with a manifest; ``tfrecords_builder.tfds_builders``
+registers them as TFDS builders.
 
 ``read_split``, ``load_manifest`` and ``shard_files`` are the contract later stages use; they
 are imported lazily so that ``kerasfrac --help`` does not pay for importing TensorFlow.

@@ -6,7 +6,8 @@ import argparse
 import sys
 
 DESCRIPTION = """Turn a dataset, as its users download it (extracted folder or original .zip),
-into sharded TFRecords with leakage-safe stratified splits and a manifest.json.
+into a tensorflow-datasets dataset (TFRecord shards, dataset_info.json; readable with
+tfds.builder_from_directory) with leakage-safe stratified splits and a manifest.json.
 Every image is decoded once: bad files are quarantined with a reason, never written;
 byte-identical copies share a split (or are dropped with --drop-duplicates), and so do
 near-duplicates (perceptual hash, one aspect); near-duplicates that a pixel-level check calls
