@@ -193,6 +193,10 @@ def add_train(sub) -> None:
         "(for requeued Slurm jobs); exit code 75 means SIGTERM arrived and a checkpoint was saved",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument(
+        "--list-keys", action="store_true",
+        help="list every config key with its type, default and allowed values, and exit",
+    )  # fmt: skip
     p.set_defaults(func=run_train)
 
 
@@ -203,6 +207,9 @@ def run_train(args) -> int:
 
     from kerasfrac import config, kernels
 
+    if args.list_keys:
+        print(config.keys_table())
+        return 0
     overrides = list(args.overrides)
     if args.run_dir:
         overrides.append(f"run_dir={args.run_dir}")
@@ -221,7 +228,9 @@ def run_train(args) -> int:
     except train.Preempted as err:
         print(f"kerasfrac train: {err}", file=sys.stderr)
         return train.Preempted.exit_code
-    print(f"test metrics: {metrics}\nrun directory: {cfg.run_dir}")
+    from kerasfrac import console
+
+    print(console.run_summary(metrics, cfg.run_dir))
     return 0
 
 
@@ -273,16 +282,19 @@ def run_bench(args) -> int:
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="build synthetic data, train briefly, evaluate (minutes)")
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
-    p.set_defaults(func=lambda args: _run_demo(args.out))
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier demo's run in --out"
+    )
+    p.set_defaults(func=lambda args: _run_demo(args.out, args.overwrite))
 
 
-def _run_demo(out) -> int:
+def _run_demo(out, overwrite: bool = False) -> int:
     from kerasfrac import kernels
 
     kernels.request_onednn(fast=True)  # the demo runs with train.fast's default
     from kerasfrac import demo
 
-    demo.run(out)
+    demo.run(out, overwrite=overwrite)
     return 0
 
 

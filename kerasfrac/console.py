@@ -24,7 +24,7 @@ def duration(seconds: float) -> str:
 
 
 def _value(v) -> str:
-    return "nan" if v is None or not math.isfinite(v) else f"{v:.4g}"
+    return "nan" if v is None or not math.isfinite(v) else f"{v:.3f}"
 
 
 def epoch_line(epoch: int, epochs: int, logs: dict, seconds: float) -> str:
@@ -137,6 +137,11 @@ def run_summary(m: dict, run_dir, title: str = "test split") -> str:
         f"  run directory  {run_dir}",
         f"  model          {run_dir / 'model.keras'}",
         f"  metrics        {run_dir / 'metrics.json'}",
+    ]
+    if m.get("plots"):
+        names = ", ".join(Path(p).name for p in m["plots"])
+        lines.append(f"  plots          {run_dir / 'plots'} ({names})")
+    lines += [
         "next:",
         f"  kerasfrac evaluate --run-dir {run_dir}   (CIs, thresholds, no-anatomy baseline, plots)",
         f"  kerasfrac explain --run-dir {run_dir}    (Grad-CAM, feature maps, shortcut audit)",
