@@ -88,9 +88,11 @@ def _pct(x) -> str:
 
 
 def _auroc(m: dict) -> str:
+    """``m``: a metrics dict (``ci95`` maps metrics to CIs) or ``metrics.auroc_ci``'s."""
     if m.get("auroc") is None:
         return "n/a"
-    ci = (m.get("ci95") or {}).get("auroc")
+    ci = m.get("ci95")
+    ci = ci.get("auroc") if isinstance(ci, dict) else ci
     return f"{m['auroc']:.3f}" + (f" [95% CI {ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 

@@ -61,9 +61,9 @@ def roc_plot(path: Path, labels, probs, m: dict, name: str = "", groups=None) ->
     else:
         ax.text(0.5, 0.5, "AUROC undefined: one class", ha="center")
     ax.plot([0, 1], [0, 1], "--", color="grey", label="chance")
-    for (name, d), marker in zip(_points(m), "os"):
+    for (point, d), marker in zip(_points(m), "os"):
         if d["sensitivity"] is not None and d["specificity"] is not None:
-            ax.plot(1 - d["specificity"], d["sensitivity"], marker, ms=8, label=name)
+            ax.plot(1 - d["specificity"], d["sensitivity"], marker, ms=8, label=point)
     ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity",
            xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), title=_title("ROC", name))  # fmt: skip
     ax.legend(loc="lower right", fontsize=8)
@@ -77,9 +77,9 @@ def pr_plot(path: Path, labels, probs, m: dict, name: str = "") -> Path:
         precision, recall, _ = skm.precision_recall_curve(labels, probs)
         ax.plot(recall, precision, label=f"PR (AP {m['average_precision']:.3f})")
     ax.axhline(prevalence, ls="--", color="grey", label=f"prevalence {prevalence:.2f}")
-    for (name, d), marker in zip(_points(m), "os"):
+    for (point, d), marker in zip(_points(m), "os"):
         if d["sensitivity"] is not None and d["precision"] is not None:
-            ax.plot(d["sensitivity"], d["precision"], marker, ms=8, label=name)
+            ax.plot(d["sensitivity"], d["precision"], marker, ms=8, label=point)
     ax.set(xlabel="recall (sensitivity)", ylabel="precision", xlim=(-0.02, 1.02),
            ylim=(-0.02, 1.02), title=_title("Precision-recall", name))  # fmt: skip
     ax.legend(loc="lower left", fontsize=8)

@@ -35,6 +35,10 @@ _NOISE_TEXT = (
     # cpu_feature_guard's second line
     "To enable the following instructions:",
 )
+#: ERROR-level lines that are notices, not errors: (source file, text in the line).
+_BENIGN_ERRORS = (
+    ("util.cc", "Falling back to the default Eigen-based implementation"),  # oneDNN, uint8
+)
 
 
 def nvidia_driver_present() -> bool:
@@ -55,6 +59,8 @@ def is_startup_noise(line: str, gpu_expected: bool = False) -> bool:
         return False
     severity, source = m.groups()
     if severity in "IW":
+        return True
+    if any(source == f and text_in in text for f, text_in in _BENIGN_ERRORS):
         return True
     return not gpu_expected and source == "cuda_platform.cc" and "failed call to cuInit" in text
 
