@@ -21,6 +21,7 @@ import atexit
 import contextlib
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -49,8 +50,9 @@ def nvidia_driver_present() -> bool:
 def is_startup_noise(line: str, gpu_expected: bool = False) -> bool:
     """Whether ``line`` (from stderr) is TensorFlow start-up chatter: a C++ INFO or WARNING
     line (what ``TF_CPP_MIN_LOG_LEVEL=2`` means, also for lines printed before TensorFlow
-    reads it), absl's pre-initialisation notice, cpu_feature_guard's second line, or, on a
-    machine without an NVIDIA driver (``gpu_expected`` False), the failed ``cuInit``."""
+    reads it), absl's pre-initialisation notice, cpu_feature_guard's second line, oneDNN's
+    uint8 fall-back notice, or, on a machine without an NVIDIA driver (``gpu_expected``
+    False), the failed ``cuInit``."""
     text = line.rstrip("\r\n")
     if text.startswith(_NOISE_TEXT):
         return True
@@ -96,14 +98,21 @@ def _filter_stderr() -> None:
     gpu_expected = nvidia_driver_present()
     pid = os.fork()
     if pid == 0:  # the filter: keeps only the pipe and the real stderr
+        # Slurm's SIGTERM (preemption) and a terminal's Ctrl-C reach the whole process group:
+        # the filter outlives them and ends at EOF, when the command itself has ended, so the
+        # command's last words (the checkpoint it saved, a traceback) still get through.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         os.close(write_fd)
         for fd in (0, 1):
             devnull = os.open(os.devnull, os.O_RDWR)
             os.dup2(devnull, fd)
             os.close(devnull)
-        os.closerange(3, read_fd)
-        os.closerange(read_fd + 1, real)
-        os.closerange(real + 1, 1 << 16)
+        lo = 3
+        for keep in sorted((read_fd, real)):
+            os.closerange(lo, keep)
+            lo = keep + 1
+        os.closerange(lo, 1 << 16)
         os.dup2(real, 2)
         try:
             _filter_loop(read_fd, real, gpu_expected)
