@@ -57,9 +57,9 @@ def progress_callback(epochs: int, steps: int, tty: bool | None = None):
             print(line, flush=True)
 
     class RunningMeanBar(keras.callbacks.ProgbarLogger):
-        """Keras' ProgbarLogger; the loop hands it each batch's mean loss and the number of
-        examples, and it shows the mean over the epoch so far (Progbar's stateful metrics
-        are the ones it does not average, so ``loss`` is averaged here with the weights)."""
+        """Keras' ProgbarLogger, which shows each value as it is given (``fit`` gives it
+        running means); the loop gives each batch's mean loss and size, so the mean over the
+        epoch so far, weighted by batch size, is computed here."""
 
         def on_epoch_begin(self, epoch, logs=None):
             self._sum, self._n = 0.0, 0
