@@ -134,6 +134,14 @@ def _filter_stderr() -> None:
     atexit.register(restore)
 
 
+def _open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:  # e.g. started with stderr closed: nothing to filter
+        return False
+    return True
+
+
 def quiet_tensorflow(verbose: bool = False, filter_stderr: bool = False) -> str:
     """Keep TensorFlow's start-up chatter out of the output (see the module docstring);
     returns what was done. ``filter_stderr`` only for the command's own process (it forks)."""
@@ -142,7 +150,7 @@ def quiet_tensorflow(verbose: bool = False, filter_stderr: bool = False) -> str:
     if LEVEL_ENV in os.environ:
         return f"{LEVEL_ENV}={os.environ[LEVEL_ENV]} (set by the environment): left alone"
     os.environ[LEVEL_ENV] = "2"
-    if filter_stderr and hasattr(os, "fork") and "tensorflow" not in sys.modules:
+    if filter_stderr and hasattr(os, "fork") and "tensorflow" not in sys.modules and _open(2):
         _filter_stderr()
         return f"{LEVEL_ENV}=2 and start-up lines filtered"
     return f"{LEVEL_ENV}=2"
