@@ -241,6 +241,18 @@ def _save(fig, path: Path, name: str = "", **adjust) -> Path:
     return path
 
 
+def _colorbar(fig, shown, ax, label: str, size: int = 7):
+    """A colour bar for ``shown`` in a slot cut from the right of ``ax`` (kept in place when
+    ``_save`` sets the margins, unlike ``fig.colorbar(ax=...)``)."""
+    from mpl_toolkits.axes_grid1 import make_axes_locatable
+
+    cax = make_axes_locatable(ax).append_axes("right", size="6%", pad=0.04)
+    bar = fig.colorbar(shown, cax=cax)
+    bar.set_label(label, fontsize=size)
+    bar.ax.tick_params(labelsize=size - 1)
+    return bar
+
+
 def _show(ax, image, title: str = "", stretch: bool = False, **kw) -> None:
     ax.imshow(deprocess_image(image, stretch), cmap="gray", vmin=0, vmax=255, **kw)
     ax.set_title(title, fontsize=8)
@@ -249,7 +261,7 @@ def _show(ax, image, title: str = "", stretch: bool = False, **kw) -> None:
 
 def class_vis_figure(path: Path, rows: list[tuple[str, ClassVis]], name: str = "") -> Path:
     """One row per ascent: start | result | result - start (colour bar) | logit per step."""
-    fig, axes = plt.subplots(len(rows), 4, figsize=(11, 2.8 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 4, figsize=(12.5, 2.8 * len(rows)), squeeze=False)
     for (label, vis), ax in zip(rows, axes):
         _show(ax[0], vis.start, f"{label}\nstart, logit {vis.logit_before:+.2f}")
         _show(ax[1], vis.result, f"-> {vis.target}, logit {vis.logit_after:+.2f}", stretch=True)
@@ -259,13 +271,15 @@ def class_vis_figure(path: Path, rows: list[tuple[str, ClassVis]], name: str = "
         shown = ax[2].imshow(diff, cmap="coolwarm", vmin=-lim, vmax=lim)
         ax[2].set_title("change (red brighter)", fontsize=8)
         ax[2].axis("off")
-        bar = fig.colorbar(shown, ax=ax[2], fraction=0.046, pad=0.04)
-        bar.set_label("pixel change", fontsize=7)
-        bar.ax.tick_params(labelsize=6)
+        _colorbar(fig, shown, ax[2], "pixel change")
         ax[3].plot(vis.logits)
         ax[3].set(xlabel="step", ylabel="logit")
         ax[3].tick_params(labelsize=7)
-    return _save(fig, path, name, wspace=0.3, hspace=0.6, bottom=0.06)
+    height = 2.8 * len(rows)  # inches: margins for the suptitle and the last "step"
+    return _save(
+        fig, path, name, wspace=0.75, hspace=0.6, bottom=0.5 / height, top=1 - 0.85 / height,
+        left=0.04,
+    )  # fmt: skip
 
 
 def feature_maps_figure(
@@ -290,10 +304,8 @@ def feature_maps_figure(
         for j in range(len(order) + 1, k + 1):
             ax[j].axis("off")
         if shown is not None:
-            bar = fig.colorbar(shown, ax=list(ax[1:]), fraction=0.02, pad=0.01)
-            bar.set_label("activation", fontsize=6)
-            bar.ax.tick_params(labelsize=5)
-    return _save(fig, path, name, wspace=0.15, hspace=0.45, right=0.95)
+            _colorbar(fig, shown, ax[len(order)], "activation", size=6)
+    return _save(fig, path, name, wspace=0.15, hspace=0.45)
 
 
 def _draw_boxes(ax, boxes, shape) -> None:
@@ -333,9 +345,9 @@ def grad_cam_figure(path: Path, images, cams, titles, boxes=None, name: str = ""
             _draw_boxes(a0, boxes[i], cam.shape)
             _draw_boxes(a1, boxes[i], cam.shape)
     if n:
-        bar = fig.colorbar(shown, ax=list(axes.flat), fraction=0.02, pad=0.01)
-        bar.set_label("Grad-CAM (fraction of the image's peak)", fontsize=8)
-    return _save(fig, path, name, wspace=0.15, hspace=0.45, right=0.93)
+        last = axes[(n - 1) // cols, 2 * ((n - 1) % cols) + 1]
+        _colorbar(fig, shown, last, "Grad-CAM (share of peak)")
+    return _save(fig, path, name, wspace=0.15, hspace=0.45, top=1 - 0.75 / (2.8 * rows))
 
 
 def mean_cam_figure(
@@ -345,8 +357,7 @@ def mean_cam_figure(
     fig, axes = plt.subplots(1, len(means), figsize=(3.4 * len(means), 3.4), squeeze=False)
     for ax, (cls, m) in zip(axes[0], means.items()):
         shown = ax.imshow(m, cmap="jet")
-        bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
-        bar.set_label("mean Grad-CAM (per-image peak = 1)", fontsize=7)
+        _colorbar(fig, shown, ax, "share of the map's mass per pixel")
         h, w = m.shape
         by, bx = max(1, round(border * h)), max(1, round(border * w))
         ax.add_patch(
@@ -355,7 +366,7 @@ def mean_cam_figure(
         )  # fmt: skip
         ax.set_title(f"mean Grad-CAM: {cls}", fontsize=9)
         ax.axis("off")
-    return _save(fig, path, name, wspace=0.15, hspace=0.45, top=0.82)
+    return _save(fig, path, name, wspace=0.45, hspace=0.45, top=0.82, right=0.9)
 
 
 # --------------------------------------------------------------------------- images to explain
@@ -577,7 +588,7 @@ def explain_run(
 ) -> dict:
     """Run the chosen parts on a run directory; return what explain.json holds."""
     from kerasfrac.evaluate import load_run_model
-    from kerasfrac.plots import log_to_tensorboard
+    from kerasfrac.plots import log_to_tensorboard, run_name
 
     opts = opts or ExplainOptions()
     opts.check()
@@ -609,7 +620,7 @@ def explain_run(
     pngs: list[Path] = []
     # Every figure names the run and where its images come from.
     where = f"{len(image_files)} image files" if image_files else f"{opts.split} split"
-    figure_name = f"run {run_dir.resolve().name}, {where}"
+    figure_name = f"{run_name(run_dir)}, {where}"
     images = np.stack([e.image for e in examples]) if examples else None
     cam = None
     if {"grad-cam", "audit"} & set(opts.what):
@@ -673,7 +684,7 @@ def explain_run(
                     out / "grad_cam_mean.png",
                     means,
                     opts.border,
-                    f"run {run_dir.resolve().name}, {opts.split} split",
+                    f"{run_name(run_dir)}, {opts.split} split",
                 )  # fmt: skip
             )
         log(summary(audit))

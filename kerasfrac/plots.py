@@ -135,8 +135,8 @@ def log_to_tensorboard(logdir: Path, images: list[Path], step: int = 0) -> None:
 
 
 def run_name(run_dir: Path) -> str:
-    """The name figures give a run: its directory's name."""
-    return Path(run_dir).resolve().name
+    """How figure titles name a run: ``run 'NAME'``, NAME its directory's name."""
+    return f"run {Path(run_dir).resolve().name!r}"
 
 
 def write_run_plots(run_dir: Path, split: str, labels, probs, m: dict, groups=None) -> list[Path]:
@@ -144,15 +144,13 @@ def write_run_plots(run_dir: Path, split: str, labels, probs, m: dict, groups=No
     every title names the run and the split."""
     run_dir = Path(run_dir)
     out = run_dir / "plots"
-    name = f"run {run_name(run_dir)}, {split} split (n={m['n']})"
+    name = f"{run_name(run_dir)}, {split} split (n={m['n']})"
     paths = [
         roc_plot(out / f"{split}_roc.png", labels, probs, m, name, groups=groups),
         pr_plot(out / f"{split}_pr.png", labels, probs, m, name),
         confusion_plot(out / f"{split}_confusion.png", m, name),
     ]
-    hist = history_plot(
-        out / "training_curves.png", run_dir / "history.csv", f"run {run_name(run_dir)}"
-    )
+    hist = history_plot(out / "training_curves.png", run_dir / "history.csv", run_name(run_dir))
     if hist is not None:
         paths.append(hist)
     log_to_tensorboard(run_dir / "tensorboard" / "evaluation", paths)

@@ -283,9 +283,9 @@ def test_run_plots_name_run_and_split_with_a_roc_band_and_labels(tmp_path, figur
     roc, pr, confusion, history = figures
     for fig in (roc, pr, confusion):
         ax = fig.axes[0]
-        assert "run my-run, test split (n=200)" in ax.get_title()
+        assert "run 'my-run', test split (n=200)" in ax.get_title()
         assert ax.get_xlabel() and ax.get_ylabel()
-    assert "run my-run" in history._suptitle.get_text()
+    assert "run 'my-run'" in history._suptitle.get_text()
     assert all(ax.get_xlabel() and ax.get_ylabel() for ax in history.axes)
     assert len(confusion.axes) == 2  # the matrix and its colour bar
     # The ROC band: drawn, and around the curve it is the band of.
@@ -317,7 +317,7 @@ def test_explain_figures_have_colour_bars_and_say_label_vs_prediction(tmp_path, 
     explain.feature_maps_figure(tmp_path / "f.png", "block1", images, maps, titles, 4, "run r")
     assert sum("activation" in ax.get_ylabel() for ax in figures[1].axes) == 2  # one per row
     explain.mean_cam_figure(tmp_path / "m.png", {"fractured": cams[0]}, 0.1, "run r, val split")
-    assert any("mean Grad-CAM" in ax.get_ylabel() for ax in figures[2].axes)
+    assert any("share of the map's mass" in ax.get_ylabel() for ax in figures[2].axes)
     assert figures[2]._suptitle.get_text() == "run r, val split"
     vis = explain.ClassVis("fractured", images[0], images[1], np.array([0.1, 0.5, 0.9]))
     explain.class_vis_figure(tmp_path / "c.png", [("noise", vis)], "run r, test split")
