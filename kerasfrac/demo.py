@@ -102,7 +102,11 @@ def run(out: str | Path = "demo-out", verbose: int = 1, overwrite: bool = False)
         shutil.rmtree(raw)
     synthetic.generate(raw, **DEMO_DATA)
     manifest = build("synthetic", raw, tfr, BuildOptions(overwrite=True, progress=verbose > 0))
-    print(f"built {manifest['written']['total']} synthetic X-rays into {tfr}: {manifest['splits']}")
+    splits = ", ".join(
+        f"{name} {c['fractured']} fractured + {c['normal']} normal"
+        for name, c in manifest["splits"].items()
+    )
+    print(f"built {manifest['written']['total']} synthetic X-rays into {tfr}: {splits}")
     cfg = config.from_dict(
         {
             **DEMO_SETTINGS,
