@@ -422,6 +422,7 @@ def _figure(path: Path, tables: dict[str, Table], r: dict) -> Path:
     ax[0].set_yticks(y, [f"{s['size']} ({s['fractured_share']:.0%})" for s in sizes], fontsize=7)
     ax[0].invert_yaxis()
     ax[0].set_title("image sizes by class (fractured share)")
+    ax[0].set(xlabel="images", ylabel="image size (fractured share)")
     ax[0].legend(fontsize=7)
     feats = r["feature_auroc_test"][:12]
     ax[1].barh(range(len(feats)), [f["auroc"] - 0.5 for f in feats], left=0.5, color="gray")
@@ -429,6 +430,7 @@ def _figure(path: Path, tables: dict[str, Table], r: dict) -> Path:
     ax[1].invert_yaxis()
     ax[1].axvline(0.5, color="k", lw=0.8)
     ax[1].set_xlim(0.2, 0.8)
+    ax[1].set(xlabel="test AUROC of the feature alone", ylabel="feature")
     allf = r["baseline"]["auroc"]["all"]
     ax[1].set_title(f"single-feature test AUROC; baseline (all): {_fmt_ci(allf)}", fontsize=8)
     fig.tight_layout()

@@ -7,11 +7,7 @@ Each subcommand is registered by the module that owns its stage (``add_arguments
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-# Keep TensorFlow's C++ INFO/WARNING chatter out of the user's terminal (errors still show).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +17,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kerasfrac",
         description="Bone-fracture classification on X-rays with TensorFlow/Keras.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="show TensorFlow's own start-up and INFO/WARNING log lines (hidden by default; "
+        "an exported TF_CPP_MIN_LOG_LEVEL is always respected)",
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     builder_cli.add_arguments(
         sub.add_parser(
@@ -38,6 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_predict(sub)
     add_explain(sub)
     return parser
+
+
+def version() -> str:
+    """The installed package's version (its metadata), else the source tree's."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("kerasfrac")
+    except metadata.PackageNotFoundError:
+        from kerasfrac import __version__
+
+        return __version__
 
 
 def add_audit(sub) -> None:
@@ -64,7 +78,7 @@ def add_evaluate(sub) -> None:
         help="exact metrics with CIs, baseline, thresholds, plots for a run",
         description="Evaluate a training run on a split: accuracy and loss, AUROC, average "
         "precision, sensitivity, specificity, balanced accuracy, F1, confusion matrix at 0.5 "
-        "and at the Youden-J threshold chosen on val, the majority baseline, bootstrap 95%% "
+        "and at the Youden-J threshold chosen on val, the majority baseline, bootstrap 95% "
         "CIs and FracAtlas subgroups. Writes metrics.json (metrics_val.json for --split val), "
         "predictions and plots/ into the run directory and prints a summary.",
     )
@@ -103,7 +117,7 @@ def add_report(sub) -> None:
         help="table over runs: accuracy/loss beside AUROC (CI), AP, sens/spec, baseline",
         description="One row per run directory (its metrics.json, written by `kerasfrac "
         "evaluate`): the report's layout (dataset x pipeline: test accuracy and loss) "
-        "extended with AUROC (95%% CI), average precision, sensitivity, specificity and the "
+        "extended with AUROC (95% CI), average precision, sensitivity, specificity and the "
         "majority baseline. Markdown to stdout (or --out), CSV with --csv.",
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
@@ -179,6 +193,10 @@ def add_train(sub) -> None:
         "(for requeued Slurm jobs); exit code 75 means SIGTERM arrived and a checkpoint was saved",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument(
+        "--list-keys", action="store_true",
+        help="list every config key with its type, default and allowed values, and exit",
+    )  # fmt: skip
     p.set_defaults(func=run_train)
 
 
@@ -189,6 +207,9 @@ def run_train(args) -> int:
 
     from kerasfrac import config, kernels
 
+    if args.list_keys:
+        print(config.keys_table())
+        return 0
     overrides = list(args.overrides)
     if args.run_dir:
         overrides.append(f"run_dir={args.run_dir}")
@@ -207,7 +228,9 @@ def run_train(args) -> int:
     except train.Preempted as err:
         print(f"kerasfrac train: {err}", file=sys.stderr)
         return train.Preempted.exit_code
-    print(f"test metrics: {metrics}\nrun directory: {cfg.run_dir}")
+    from kerasfrac import console
+
+    print(console.run_summary(metrics, cfg.run_dir))
     return 0
 
 
@@ -259,16 +282,19 @@ def run_bench(args) -> int:
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="build synthetic data, train briefly, evaluate (minutes)")
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
-    p.set_defaults(func=lambda args: _run_demo(args.out))
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier demo's run in --out"
+    )
+    p.set_defaults(func=lambda args: _run_demo(args.out, args.overwrite))
 
 
-def _run_demo(out) -> int:
+def _run_demo(out, overwrite: bool = False) -> int:
     from kerasfrac import kernels
 
     kernels.request_onednn(fast=True)  # the demo runs with train.fast's default
     from kerasfrac import demo
 
-    demo.run(out)
+    demo.run(out, overwrite=overwrite)
     return 0
 
 
@@ -344,7 +370,13 @@ def run_explain(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; ``argv`` None (the console script, ``python -m kerasfrac.cli``) also
+    filters TensorFlow's start-up lines out of this process' stderr
+    (``tfrecords_builder.quiet``)."""
     args = build_parser().parse_args(argv)
+    from tfrecords_builder.quiet import quiet_tensorflow
+
+    quiet_tensorflow(args.verbose, filter_stderr=argv is None)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileExistsError, FileNotFoundError) as err:

@@ -36,6 +36,22 @@ TTAS = ("none", "flip")
 HEADS = ("gap", "heatmap")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 DISTRIBUTES = ("auto", "none", "mirrored", "multi_worker")
+#: The allowed values of each config key that takes one of a few names (``validate``
+#: checks them, ``kerasfrac train --list-keys`` shows them).
+CHOICES = {
+    "dataset": DATASETS,
+    "data.flips": FLIPS,
+    "data.resize": RESIZES,
+    "model.name": MODEL_NAMES,
+    "model.head": HEADS,
+    "train.optimizer": OPTIMIZERS,
+    "train.schedule": SCHEDULES,
+    "train.class_weight": CLASS_WEIGHTS,
+    "train.select": SELECTS,
+    "eval.tta": TTAS,
+    "train.precision": PRECISIONS,
+    "train.distribute": DISTRIBUTES,
+}
 
 
 class ConfigError(ValueError):
@@ -330,9 +346,17 @@ def _positive(key: str, value: int | float | None, *, optional: bool = False) ->
         raise ConfigError(f"config key {key!r} must be a positive number; got {value!r}")
 
 
+def _get(cfg: Config, key: str) -> Any:
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def validate(cfg: Config) -> None:
     """Value checks that types alone do not catch; raises ConfigError naming the key."""
-    _one_of("dataset", cfg.dataset, DATASETS)
+    for key, allowed in CHOICES.items():
+        _one_of(key, _get(cfg, key), allowed)
     if not cfg.run_dir:
         raise ConfigError("config key 'run_dir' must not be empty")
     d = cfg.data
@@ -342,8 +366,6 @@ def validate(cfg: Config) -> None:
             f"config key 'data.image_size' must be a positive integer of at least 8 (pixels); "
             f"got {d.image_size!r}"
         )
-    _one_of("data.flips", d.flips, FLIPS)
-    _one_of("data.resize", d.resize, RESIZES)
     if not d.cache:
         raise ConfigError("config key 'data.cache' must be memory, none or a directory; got ''")
     _positive("data.shuffle_buffer", d.shuffle_buffer)
@@ -354,8 +376,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"config key 'data.{key}' must be between 0 (off) and {upper}; got {value!r}"
             )
-    _one_of("model.name", cfg.model.name, MODEL_NAMES)
-    _one_of("model.head", cfg.model.head, HEADS)
     if not cfg.model.weights:
         raise ConfigError("config key 'model.weights' must be none, imagenet or a file path")
     t = cfg.train
@@ -366,13 +386,11 @@ def validate(cfg: Config) -> None:
         )
     _positive("train.epochs", t.epochs)
     _positive("train.batch_size", t.batch_size)
-    _one_of("train.optimizer", t.optimizer, OPTIMIZERS)
     _positive("train.learning_rate", t.learning_rate)
     if not 0.0 <= t.momentum < 1.0:
         raise ConfigError(f"config key 'train.momentum' must be in [0, 1); got {t.momentum!r}")
     if not 0 <= t.weight_decay < math.inf:
         raise ConfigError(f"config key 'train.weight_decay' must be >= 0; got {t.weight_decay!r}")
-    _one_of("train.schedule", t.schedule, SCHEDULES)
     if not (math.isfinite(t.warmup_epochs) and 0.0 <= t.warmup_epochs < t.epochs):
         raise ConfigError(
             f"config key 'train.warmup_epochs' must be >= 0 and below train.epochs "
@@ -382,16 +400,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"config key 'train.label_smoothing' must be in [0, 1); got {t.label_smoothing!r}"
         )
-    _one_of("train.class_weight", t.class_weight, CLASS_WEIGHTS)
     if not (math.isfinite(t.box_loss_weight) and t.box_loss_weight >= 0):
         raise ConfigError(
             f"config key 'train.box_loss_weight' must be >= 0; got {t.box_loss_weight!r}"
         )
     _positive("train.early_stopping_patience", t.early_stopping_patience, optional=True)
-    _one_of("train.select", t.select, SELECTS)
-    _one_of("eval.tta", cfg.eval.tta, TTAS)
-    _one_of("train.precision", t.precision, PRECISIONS)
-    _one_of("train.distribute", t.distribute, DISTRIBUTES)
     _positive("train.steps_per_epoch", t.steps_per_epoch, optional=True)
     _positive("train.checkpoint_every_steps", t.checkpoint_every_steps, optional=True)
 
@@ -410,3 +423,65 @@ def allowed_keys() -> list[str]:
 
     walk(Config(), "")
     return keys
+
+
+@dataclass
+class KeyInfo:
+    """One config key as ``kerasfrac train --list-keys`` shows it."""
+
+    key: str
+    type: str
+    default: Any
+    allowed: tuple[str, ...] | None
+    doc: str
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The ``#:`` comment lines above each field of a config dataclass, joined."""
+    import inspect
+
+    docs: dict[str, str] = {}
+    pending: list[str] = []
+    for line in inspect.getsource(cls).splitlines():
+        text = line.strip()
+        if text.startswith("#:"):
+            pending.append(text[2:].strip())
+        elif re.match(r"^\w+\s*:", text) and not text.startswith(("class", "def")):
+            docs[text.split(":")[0].strip()] = " ".join(pending)
+            pending = []
+        elif text and not text.startswith("#"):
+            pending = []
+    return docs
+
+
+def describe_keys() -> list[KeyInfo]:
+    """Every config key with its type, default, allowed values and comment, read from the
+    dataclasses above (and ``CHOICES``)."""
+    rows: list[KeyInfo] = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        docs = _field_docs(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{key}.")
+            else:
+                rows.append(
+                    KeyInfo(key, str(f.type), value, CHOICES.get(key), docs.get(f.name, ""))
+                )
+
+    walk(Config(), "")
+    return rows
+
+
+def keys_table() -> str:
+    """``describe_keys`` as text: one key a line, then its comment indented."""
+    lines = ["Config keys (set in a YAML file or with --set KEY=VALUE):"]
+    for k in describe_keys():
+        allowed = f"  one of: {', '.join(k.allowed)}" if k.allowed else ""
+        default = "null" if k.default is None else repr(k.default)
+        lines.append(f"{k.key}  ({k.type}, default {default}){allowed}")
+        if k.doc:
+            lines.append(f"    {k.doc}")
+    return "\n".join(lines)

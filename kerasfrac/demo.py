@@ -1,7 +1,9 @@
 """`kerasfrac demo`: the whole flow on a fresh machine, no dataset needed, in a few minutes.
 
 Builds the synthetic phantom dataset, trains the paper CNN briefly at 64x64, evaluates on the
-test split and prints where everything is. The settings are those of ``configs/demo.yaml``
+test split (metrics.json with CIs, ROC/PR/confusion/training-curve plots) and prints a short
+summary: where everything is and what to run next. An earlier demo's run is replaced only
+with ``--overwrite``. The settings are those of ``configs/demo.yaml``
 (a test keeps the two equal).
 """
 
@@ -70,14 +72,28 @@ def check_out(out: Path) -> None:
             )
 
 
-def run(out: str | Path = "demo-out", verbose: int = 1) -> dict:
-    from kerasfrac import config, train
+def check_no_run(out: Path, overwrite: bool) -> None:
+    """Refuse to replace an earlier demo's run (its model and metrics) without ``overwrite``."""
+    run_dir = Path(out) / "run"
+    if run_dir.exists() and not overwrite:
+        raise DemoOutError(
+            f"{str(run_dir)!r} holds an earlier demo run (model.keras, metrics.json, plots); "
+            "the demo would replace it. Pass --overwrite to replace it, or choose another "
+            "--out. Nothing was changed."
+        )
+
+
+def run(out: str | Path = "demo-out", verbose: int = 1, overwrite: bool = False) -> dict:
+    """Build, train, evaluate (metrics.json with CIs, plots) into ``out``; returns the test
+    metrics. An earlier demo's run in ``out`` is replaced only with ``overwrite``."""
+    from kerasfrac import config, console, evaluate, train
     from tfrecords_builder import synthetic
     from tfrecords_builder.build import BuildOptions, build
 
     out = Path(out).expanduser()
     raw, tfr, run_dir = out / "synthetic-raw", out / "tfrecords", out / "run"
     check_out(out)
+    check_no_run(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by `kerasfrac demo`: it replaces " + ", ".join(OWN) + "\n")
     if raw.exists():
@@ -86,7 +102,11 @@ def run(out: str | Path = "demo-out", verbose: int = 1) -> dict:
         shutil.rmtree(raw)
     synthetic.generate(raw, **DEMO_DATA)
     manifest = build("synthetic", raw, tfr, BuildOptions(overwrite=True, progress=verbose > 0))
-    print(f"built {manifest['written']['total']} synthetic X-rays into {tfr}: {manifest['splits']}")
+    splits = ", ".join(
+        f"{name} {c['fractured']} fractured + {c['normal']} normal"
+        for name, c in manifest["splits"].items()
+    )
+    print(f"built {manifest['written']['total']} synthetic X-rays into {tfr}: {splits}")
     cfg = config.from_dict(
         {
             **DEMO_SETTINGS,
@@ -94,10 +114,11 @@ def run(out: str | Path = "demo-out", verbose: int = 1) -> dict:
             "data": {**DEMO_SETTINGS["data"], "dir": str(tfr)},
         }
     )
-    metrics = train.train(cfg, overwrite=True, verbose=verbose)
-    print(json.dumps(metrics, indent=2))
+    train.train(cfg, overwrite=True, verbose=verbose)
+    metrics = evaluate.evaluate_run(run_dir, "test")  # metrics.json with CIs, and the plots
+    print("\n" + console.run_summary(metrics, run_dir, title="demo, test split"))
     print(
         f"\nDone. Data: {tfr}\nRun:  {run_dir} (model.keras, metrics.json, predictions.csv, "
-        f"history.csv)\nTensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}"
+        f"history.csv, plots/)\nTensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}"
     )
     return metrics

@@ -518,7 +518,7 @@ def evaluate_run(
 
         result["plots"] = [
             str(p.relative_to(run_dir))
-            for p in plotting.write_run_plots(run_dir, split, labels, probs, result)
+            for p in plotting.write_run_plots(run_dir, split, labels, probs, result, groups)
         ]
     metrics_path(run_dir, split).write_text(json.dumps(result, indent=2) + "\n")
     return result

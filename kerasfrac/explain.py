@@ -229,14 +229,28 @@ def feature_maps(model: keras.Model, images, names: list[str] | None = None) -> 
 # --------------------------------------------------------------------------- figures
 
 
-def _save(fig, path: Path, **adjust) -> Path:
+def _save(fig, path: Path, name: str = "", **adjust) -> Path:
     # Fixed margins instead of bbox_inches="tight": the tight box draws every figure twice,
     # which doubled the time of the feature-map grids (hundreds of axes).
+    if name:  # the run and split (or image files) the figure is of
+        fig.suptitle(name, fontsize=10)
     fig.subplots_adjust(**{"left": 0.02, "right": 0.98, "bottom": 0.03, "top": 0.9, **adjust})
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def _colorbar(fig, shown, ax, label: str, size: int = 7):
+    """A colour bar for ``shown`` in a slot cut from the right of ``ax`` (kept in place when
+    ``_save`` sets the margins, unlike ``fig.colorbar(ax=...)``)."""
+    from mpl_toolkits.axes_grid1 import make_axes_locatable
+
+    cax = make_axes_locatable(ax).append_axes("right", size="6%", pad=0.04)
+    bar = fig.colorbar(shown, cax=cax)
+    bar.set_label(label, fontsize=size)
+    bar.ax.tick_params(labelsize=size - 1)
+    return bar
 
 
 def _show(ax, image, title: str = "", stretch: bool = False, **kw) -> None:
@@ -245,28 +259,35 @@ def _show(ax, image, title: str = "", stretch: bool = False, **kw) -> None:
     ax.axis("off")
 
 
-def class_vis_figure(path: Path, rows: list[tuple[str, ClassVis]]) -> Path:
-    """One row per ascent: start | result | result - start | logit per step."""
-    fig, axes = plt.subplots(len(rows), 4, figsize=(11, 2.8 * len(rows)), squeeze=False)
+def class_vis_figure(path: Path, rows: list[tuple[str, ClassVis]], name: str = "") -> Path:
+    """One row per ascent: start | result | result - start (colour bar) | logit per step."""
+    fig, axes = plt.subplots(len(rows), 4, figsize=(12.5, 2.8 * len(rows)), squeeze=False)
     for (label, vis), ax in zip(rows, axes):
         _show(ax[0], vis.start, f"{label}\nstart, logit {vis.logit_before:+.2f}")
         _show(ax[1], vis.result, f"-> {vis.target}, logit {vis.logit_after:+.2f}", stretch=True)
         diff = (vis.result - vis.start)[..., 0] if vis.result.shape[-1] == 1 else (
             (vis.result - vis.start).mean(-1))  # fmt: skip
         lim = float(np.abs(diff).max()) or 1.0
-        ax[2].imshow(diff, cmap="coolwarm", vmin=-lim, vmax=lim)
+        shown = ax[2].imshow(diff, cmap="coolwarm", vmin=-lim, vmax=lim)
         ax[2].set_title("change (red brighter)", fontsize=8)
         ax[2].axis("off")
+        _colorbar(fig, shown, ax[2], "pixel change")
         ax[3].plot(vis.logits)
         ax[3].set(xlabel="step", ylabel="logit")
         ax[3].tick_params(labelsize=7)
-    return _save(fig, path, wspace=0.3, hspace=0.6, bottom=0.06)
+    height = 2.8 * len(rows)  # inches: margins for the suptitle and the last "step"
+    return _save(
+        fig, path, name, wspace=0.75, hspace=0.6, bottom=0.5 / height, top=1 - 0.85 / height,
+        left=0.04,
+    )  # fmt: skip
 
 
 def feature_maps_figure(
-    path: Path, layer: str, images, maps: np.ndarray, titles: list[str], max_channels: int = 16
-) -> Path:
-    """Rows = images; columns = the input and the ``max_channels`` most active channels."""
+    path: Path, layer: str, images, maps: np.ndarray, titles: list[str], max_channels: int = 16,
+    name: str = "",
+) -> Path:  # fmt: skip
+    """Rows = images; columns = the input and the ``max_channels`` most active channels, on
+    one colour scale per row (its colour bar: the activation)."""
     k = min(max_channels, maps.shape[-1])
     fig, axes = plt.subplots(
         len(images), k + 1, figsize=(1.3 * (k + 1), 1.5 * len(images)), squeeze=False
@@ -274,13 +295,17 @@ def feature_maps_figure(
     for img, fmap, title, ax in zip(images, maps, titles, axes):
         _show(ax[0], img, title)
         order = np.argsort(-fmap.mean(axis=(0, 1)))[:k]
+        lo, hi = float(fmap[..., order].min()), float(fmap[..., order].max())
+        shown = None
         for j, c in enumerate(order):
-            ax[j + 1].imshow(fmap[..., c], cmap="viridis")
+            shown = ax[j + 1].imshow(fmap[..., c], cmap="viridis", vmin=lo, vmax=hi)
             ax[j + 1].set_title(f"{layer}:{c}", fontsize=6)
             ax[j + 1].axis("off")
         for j in range(len(order) + 1, k + 1):
             ax[j].axis("off")
-    return _save(fig, path, wspace=0.15, hspace=0.45)
+        if shown is not None:
+            _colorbar(fig, shown, ax[len(order)], "activation", size=6)
+    return _save(fig, path, name, wspace=0.15, hspace=0.45)
 
 
 def _draw_boxes(ax, boxes, shape) -> None:
@@ -298,8 +323,9 @@ def _draw_boxes(ax, boxes, shape) -> None:
         )
 
 
-def grad_cam_figure(path: Path, images, cams, titles, boxes=None) -> Path:
-    """Per image: the image (boxes in green) | Grad-CAM overlay with its maximum marked."""
+def grad_cam_figure(path: Path, images, cams, titles, boxes=None, name: str = "") -> Path:
+    """Per image: the image (boxes in green) | Grad-CAM overlay with its maximum marked; one
+    colour bar (the map as a fraction of its image's peak)."""
     n = len(images)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
@@ -311,30 +337,36 @@ def grad_cam_figure(path: Path, images, cams, titles, boxes=None) -> Path:
         _show(a0, img, title)
         _show(a1, img, "Grad-CAM")
         peak = float(cam.max())
-        a1.imshow(cam / peak if peak > 0 else cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        shown = a1.imshow(cam / peak if peak > 0 else cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
         if peak > 0:
             y, x = np.unravel_index(int(np.argmax(cam)), cam.shape)
             a1.plot([x], [y], "w+", markersize=10, markeredgewidth=2)
         if boxes is not None and boxes[i] is not None:
             _draw_boxes(a0, boxes[i], cam.shape)
             _draw_boxes(a1, boxes[i], cam.shape)
-    return _save(fig, path, wspace=0.15, hspace=0.45)
+    if n:
+        last = axes[(n - 1) // cols, 2 * ((n - 1) % cols) + 1]
+        _colorbar(fig, shown, last, "Grad-CAM (share of peak)")
+    return _save(fig, path, name, wspace=0.15, hspace=0.45, top=1 - 0.75 / (2.8 * rows))
 
 
-def mean_cam_figure(path: Path, means: dict[str, np.ndarray], border: float) -> Path:
+def mean_cam_figure(
+    path: Path, means: dict[str, np.ndarray], border: float, name: str = ""
+) -> Path:
     """The average (per-image normalised) Grad-CAM per class, the border band outlined."""
     fig, axes = plt.subplots(1, len(means), figsize=(3.4 * len(means), 3.4), squeeze=False)
-    for ax, (name, m) in zip(axes[0], means.items()):
-        ax.imshow(m, cmap="jet")
+    for ax, (cls, m) in zip(axes[0], means.items()):
+        shown = ax.imshow(m, cmap="jet")
+        _colorbar(fig, shown, ax, "share of the map's mass per pixel")
         h, w = m.shape
         by, bx = max(1, round(border * h)), max(1, round(border * w))
         ax.add_patch(
             patches.Rectangle((bx - 0.5, by - 0.5), w - 2 * bx, h - 2 * by,
                               fill=False, edgecolor="white", linestyle="--")
         )  # fmt: skip
-        ax.set_title(f"mean Grad-CAM: {name}", fontsize=9)
+        ax.set_title(f"mean Grad-CAM: {cls}", fontsize=9)
         ax.axis("off")
-    return _save(fig, path, wspace=0.15, hspace=0.45)
+    return _save(fig, path, name, wspace=0.45, hspace=0.45, top=0.82, right=0.9)
 
 
 # --------------------------------------------------------------------------- images to explain
@@ -450,10 +482,18 @@ class ExplainOptions:
         self.ascent.check()
 
 
+CLASS_NAMES = {1: "fractured", 0: "normal", -1: "?"}
+
+
 def _title(ex: Example, prob: float | None = None) -> str:
-    name = {1: "fractured", 0: "normal", -1: "?"}[ex.label]
-    p = "" if prob is None else f" p={prob:.2f}"
-    return f"{ex.image_id[:18]}\n{name}{p}"
+    """The image and its label; with ``prob``, the prediction (at 0.5) and its probability."""
+    name = CLASS_NAMES[ex.label]
+    if prob is None:
+        return f"{ex.image_id[:18]}\nlabel {name}"
+    return (
+        f"{ex.image_id[:18]}\nlabel {name}, predicted {CLASS_NAMES[int(prob >= 0.5)]}\n"
+        f"p(fractured) {prob:.2f}"
+    )
 
 
 def _signs(target: str, labels, logits) -> np.ndarray:
@@ -548,7 +588,7 @@ def explain_run(
 ) -> dict:
     """Run the chosen parts on a run directory; return what explain.json holds."""
     from kerasfrac.evaluate import load_run_model
-    from kerasfrac.plots import log_to_tensorboard
+    from kerasfrac.plots import log_to_tensorboard, run_name
 
     opts = opts or ExplainOptions()
     opts.check()
@@ -578,6 +618,9 @@ def explain_run(
         "images": [e.image_id for e in examples],
     }
     pngs: list[Path] = []
+    # Every figure names the run and where its images come from.
+    where = f"{len(image_files)} image files" if image_files else f"{opts.split} split"
+    figure_name = f"{run_name(run_dir)}, {where}"
     images = np.stack([e.image for e in examples]) if examples else None
     cam = None
     if {"grad-cam", "audit"} & set(opts.what):
@@ -595,7 +638,7 @@ def explain_run(
                     {"start": name, "target": target, "logit_before": vis.logit_before,
                      "logit_after": vis.logit_after}
                 )  # fmt: skip
-        pngs.append(class_vis_figure(out / "class_vis.png", rows))
+        pngs.append(class_vis_figure(out / "class_vis.png", rows, figure_name))
         result["class_vis"] = {"ascent": asdict(opts.ascent), "runs": vis_json}
         changed = any(not np.array_equal(a, b) for a, b in zip(weights_before, model.get_weights()))
         if changed:  # pragma: no cover - a bug guard, not a user error
@@ -613,6 +656,7 @@ def explain_run(
                     m,
                     [_title(e) for e in shown],
                     opts.max_channels,
+                    f"{figure_name}: feature maps of {name}",
                 )  # fmt: skip
             )
         result["feature_maps"] = {n: list(m.shape[1:]) for n, m in maps.items()}
@@ -627,6 +671,7 @@ def explain_run(
                 maps,
                 [_title(e, p) for e, p in zip(examples, probs)],
                 [e.boxes for e in examples],
+                f"{figure_name}: Grad-CAM ({opts.cam_target} class)",
             )  # fmt: skip
         )
 
@@ -634,7 +679,14 @@ def explain_run(
         audit, means = audit_split(model, cfg.data, build_dir, opts.split, opts, cam)
         result["audit"] = audit
         if means:
-            pngs.append(mean_cam_figure(out / "grad_cam_mean.png", means, opts.border))
+            pngs.append(
+                mean_cam_figure(
+                    out / "grad_cam_mean.png",
+                    means,
+                    opts.border,
+                    f"{run_name(run_dir)}, {opts.split} split",
+                )  # fmt: skip
+            )
         log(summary(audit))
 
     if pngs:

@@ -130,3 +130,41 @@ def size_band(height, width) -> np.ndarray:
     ``large`` (>= 4 MP; FracAtlas' 2304x2880 and 2880x2304 images)."""
     pixels = np.asarray(height, dtype=np.float64) * np.asarray(width, dtype=np.float64)
     return np.where(pixels < 0.5e6, "small", np.where(pixels < 4e6, "medium", "large"))
+
+
+def _tpr_at(labels: np.ndarray, scores: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """The ROC curve's sensitivity at each false-positive rate of ``grid``: the highest
+    sensitivity of any threshold whose false-positive rate is at most the grid value (as
+    ``sensitivity_at_specificity``)."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return tpr[np.searchsorted(fpr, grid + 1e-12, side="right") - 1]
+
+
+def roc_band(
+    labels, scores, *, groups=None, n_resamples: int = 1000, seed: int = 0,
+    level: float = 0.95, points: int = 101,
+) -> dict | None:  # fmt: skip
+    """The ROC curve on a grid of false-positive rates with a pointwise percentile-bootstrap
+    band (``resamples``: groups where ``groups`` puts images together): ``{"fpr", "tpr",
+    "low", "high", "undefined_share"}`` (arrays), or None with one class."""
+    y = np.asarray(labels).astype(int)
+    s = np.asarray(scores, dtype=np.float64)
+    if y.min() == y.max():
+        return None
+    grid = np.linspace(0.0, 1.0, points)
+    curves = [
+        _tpr_at(y[idx], s[idx], grid)
+        for idx in resamples(y.size, groups, n_resamples, seed)
+        if 0 < y[idx].sum() < idx.size
+    ]
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(np.array(curves), [tail, 100 - tail], axis=0)
+    return {
+        "fpr": grid,
+        "tpr": _tpr_at(y, s, grid),
+        "low": low,
+        "high": high,
+        "undefined_share": round(1 - len(curves) / max(1, n_resamples), 4),
+    }

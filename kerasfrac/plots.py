@@ -1,8 +1,9 @@
 """Evaluation plots as PNG files (matplotlib, Agg backend) and as TensorBoard images.
 
-ROC and precision-recall curves with the operating points (threshold 0.5 and the Youden-J
-threshold chosen on val) marked, the confusion matrix, and the training curves of
-history.csv. Each function writes one PNG and returns its path.
+ROC (with a 95% bootstrap band) and precision-recall curves with the operating points
+(threshold 0.5 and the Youden-J threshold chosen on val) marked, the confusion matrix, and
+the training curves of history.csv. Each function writes one PNG and returns its path; titles
+name the run and the split.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
+
+from kerasfrac.metrics import roc_band  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
@@ -32,53 +35,72 @@ def _points(m: dict) -> list[tuple[str, dict]]:
     return pts
 
 
-def roc_plot(path: Path, labels, probs, m: dict) -> Path:
+def _title(what: str, name: str) -> str:
+    """``what``, and the run and split the figure is of (``name``) on a second line."""
+    return f"{what}\n{name}" if name else what
+
+
+def roc_plot(path: Path, labels, probs, m: dict, name: str = "", groups=None) -> Path:
+    """The ROC curve with a pointwise 95% bootstrap band (``metrics.roc_band``, with the
+    resamples and seed of ``m``'s CIs; groups resampled where ``groups`` has any)."""
     fig, ax = plt.subplots(figsize=(5, 5))
     if m.get("auroc") is not None:
         fpr, tpr, _ = skm.roc_curve(labels, probs)
-        ax.plot(fpr, tpr, label=f"ROC (AUROC {m['auroc']:.3f})")
+        ci = (m.get("ci95") or {}).get("auroc")
+        shown = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+        ax.plot(fpr, tpr, label=f"ROC (AUROC {m['auroc']:.3f}{shown})")
+        boot = m.get("ci95") or {}
+        band = roc_band(
+            labels, probs, groups=groups, n_resamples=boot.get("n_resamples", 1000),
+            seed=boot.get("seed", 0),
+        )  # fmt: skip
+        ax.fill_between(
+            band["fpr"], band["low"], band["high"], step="post", alpha=0.25,
+            label="95% CI (bootstrap)",
+        )  # fmt: skip
     else:
         ax.text(0.5, 0.5, "AUROC undefined: one class", ha="center")
     ax.plot([0, 1], [0, 1], "--", color="grey", label="chance")
-    for (name, d), marker in zip(_points(m), "os"):
+    for (point, d), marker in zip(_points(m), "os"):
         if d["sensitivity"] is not None and d["specificity"] is not None:
-            ax.plot(1 - d["specificity"], d["sensitivity"], marker, ms=8, label=name)
+            ax.plot(1 - d["specificity"], d["sensitivity"], marker, ms=8, label=point)
     ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity",
-           xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), title="ROC")  # fmt: skip
+           xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), title=_title("ROC", name))  # fmt: skip
     ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
 
 
-def pr_plot(path: Path, labels, probs, m: dict) -> Path:
+def pr_plot(path: Path, labels, probs, m: dict, name: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(5, 5))
     prevalence = m["counts"]["fractured"] / m["n"]
     if m.get("average_precision") is not None:
         precision, recall, _ = skm.precision_recall_curve(labels, probs)
         ax.plot(recall, precision, label=f"PR (AP {m['average_precision']:.3f})")
     ax.axhline(prevalence, ls="--", color="grey", label=f"prevalence {prevalence:.2f}")
-    for (name, d), marker in zip(_points(m), "os"):
+    for (point, d), marker in zip(_points(m), "os"):
         if d["sensitivity"] is not None and d["precision"] is not None:
-            ax.plot(d["sensitivity"], d["precision"], marker, ms=8, label=name)
+            ax.plot(d["sensitivity"], d["precision"], marker, ms=8, label=point)
     ax.set(xlabel="recall (sensitivity)", ylabel="precision", xlim=(-0.02, 1.02),
-           ylim=(-0.02, 1.02), title="Precision-recall")  # fmt: skip
+           ylim=(-0.02, 1.02), title=_title("Precision-recall", name))  # fmt: skip
     ax.legend(loc="lower left", fontsize=8)
     return _save(fig, path)
 
 
-def confusion_plot(path: Path, m: dict) -> Path:
+def confusion_plot(path: Path, m: dict, name: str = "") -> Path:
     cm = np.array(m["confusion_matrix"])
     fig, ax = plt.subplots(figsize=(4, 4))
-    ax.imshow(cm, cmap="Blues")
+    shown = ax.imshow(cm, cmap="Blues")
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="images")
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center", fontsize=14,
                 color="white" if v > cm.max() / 2 else "black")  # fmt: skip
     ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["normal", "fractured"],
            yticklabels=["normal", "fractured"], xlabel="predicted", ylabel="true",
-           title=f"Confusion matrix at {m['threshold']:.2f}")  # fmt: skip
+           title=_title(f"Confusion matrix at {m['threshold']:.2f}", name))  # fmt: skip
     return _save(fig, path)
 
 
-def history_plot(path: Path, history_csv: Path) -> Path | None:
+def history_plot(path: Path, history_csv: Path, name: str = "") -> Path | None:
     """Loss, accuracy and AUROC per epoch (train and val); None without a history."""
     if not Path(history_csv).is_file():
         return None
@@ -93,8 +115,10 @@ def history_plot(path: Path, history_csv: Path) -> Path | None:
         for prefix, label in (("", "train"), ("val_", "val")):
             if prefix + key in rows[0]:
                 ax.plot(epochs, [float(r[prefix + key]) for r in rows], "o-", label=label)
-        ax.set(xlabel="epoch", title=key)
+        ax.set(xlabel="epoch", ylabel=key, title=key)
         ax.legend(fontsize=8)
+    if name:
+        fig.suptitle(f"Training curves: {name}", fontsize=10)
     return _save(fig, path)
 
 
@@ -110,16 +134,23 @@ def log_to_tensorboard(logdir: Path, images: list[Path], step: int = 0) -> None:
     writer.close()
 
 
-def write_run_plots(run_dir: Path, split: str, labels, probs, m: dict) -> list[Path]:
-    """All plots of one evaluation into run_dir/plots, also logged to the run's TensorBoard."""
+def run_name(run_dir: Path) -> str:
+    """How figure titles name a run: ``run 'NAME'``, NAME its directory's name."""
+    return f"run {Path(run_dir).resolve().name!r}"
+
+
+def write_run_plots(run_dir: Path, split: str, labels, probs, m: dict, groups=None) -> list[Path]:
+    """All plots of one evaluation into run_dir/plots, also logged to the run's TensorBoard;
+    every title names the run and the split."""
     run_dir = Path(run_dir)
     out = run_dir / "plots"
+    name = f"{run_name(run_dir)}, {split} split (n={m['n']})"
     paths = [
-        roc_plot(out / f"{split}_roc.png", labels, probs, m),
-        pr_plot(out / f"{split}_pr.png", labels, probs, m),
-        confusion_plot(out / f"{split}_confusion.png", m),
+        roc_plot(out / f"{split}_roc.png", labels, probs, m, name, groups=groups),
+        pr_plot(out / f"{split}_pr.png", labels, probs, m, name),
+        confusion_plot(out / f"{split}_confusion.png", m, name),
     ]
-    hist = history_plot(out / "training_curves.png", run_dir / "history.csv")
+    hist = history_plot(out / "training_curves.png", run_dir / "history.csv", run_name(run_dir))
     if hist is not None:
         paths.append(hist)
     log_to_tensorboard(run_dir / "tensorboard" / "evaluation", paths)

@@ -43,7 +43,7 @@ import tensorflow as tf
 from sklearn.metrics import roc_auc_score
 
 from kerasfrac import checkpoint as ckpt
-from kerasfrac import data, distribute, evaluate, kernels
+from kerasfrac import console, data, distribute, evaluate, kernels
 from kerasfrac.checkpoint import RunDirError, has_unfinished_run, prepare_run_dir
 from kerasfrac.config import Config
 from kerasfrac.model import (
@@ -384,8 +384,10 @@ def train(
             monitor="val_auroc", mode="max", patience=t.early_stopping_patience
         )
         cbs.append(stopper)
+    if verbose > 0 and chief:  # a bar on a terminal, one line per epoch in a log file
+        cbs.append(console.progress_callback(t.epochs, steps))
     callbacks = keras.callbacks.CallbackList(
-        cbs, add_history=True, add_progbar=verbose > 0 and chief, model=model,
+        cbs, add_history=True, add_progbar=False, model=model,
         verbose=verbose, epochs=t.epochs, steps=steps,
     )  # fmt: skip
 
@@ -415,7 +417,9 @@ def train(
                 for acc, r in zip(accum, (per_example, p, y)):
                     acc.append(r)
                 seen += len(y)
-                callbacks.on_train_batch_end(step, {"loss": float(np.mean(per_example))})
+                callbacks.on_train_batch_end(
+                    step, {"loss": float(np.mean(per_example)), "size": len(per_example)}
+                )
                 if model.stop_training:  # TerminateOnNaN: the last good checkpoint stays
                     raise TrainingDiverged(
                         f"loss became NaN/inf in epoch {epoch + 1}, step {step + 1}; training "

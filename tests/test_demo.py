@@ -20,4 +20,17 @@ def test_demo_learns_end_to_end(tmp_path, capsys):
     assert metrics["accuracy"] > metrics["majority_baseline_accuracy"] + 0.1
     assert (out / "tfrecords" / "manifest.json").is_file()
     assert (out / "run" / "model.keras").is_file()
-    assert "Done." in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Done." in printed
+    # The demo evaluates (plots) and says what to run next, without a raw metrics dump.
+    for name in ("test_roc.png", "test_pr.png", "test_confusion.png", "training_curves.png"):
+        assert (out / "run" / "plots" / name).is_file(), name
+    assert f"kerasfrac explain --run-dir {out / 'run'}" in printed
+    assert f"kerasfrac evaluate --run-dir {out / 'run'}" in printed
+    assert '"auroc":' not in printed
+    # A second demo into the same folder refuses to replace the run, naming it and the flag.
+    before = (out / "run" / "model.keras").stat().st_mtime_ns
+    assert main(["demo", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(out / "run") in err and "--overwrite" in err
+    assert (out / "run" / "model.keras").stat().st_mtime_ns == before

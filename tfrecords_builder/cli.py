@@ -123,6 +123,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def summary(m: dict, out) -> str:
+    from pathlib import Path
+
+    from tfrecords_builder.schema import MANIFEST
+
     lines = [f"built {m['source']} into {out} in {m['build_seconds']} s"]
     lines.append(
         f"  found {m['found']['total']} files ({m['found']['fractured']} fractured, "
@@ -163,13 +167,23 @@ def summary(m: dict, out) -> str:
             f"  {split:5s} fractured {c['fractured']:5d}  normal {c['normal']:5d}  "
             f"shards {len(m['shards'][split])}"
         )
+    if m["quarantined"]:
+        lines.append(f"  quarantined files ({len(m['quarantined'])}), not written:")
+        lines += [f"    {q['file']}: {q['reason']}" for q in m["quarantined"]]
+    lines.append(f"  manifest (counts, splits, every quarantined file): {Path(out) / MANIFEST}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tfrecords_builder", description=DESCRIPTION)
     add_arguments(parser)
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show TensorFlow's own log lines"
+    )
     args = parser.parse_args(argv)
+    from tfrecords_builder.quiet import quiet_tensorflow
+
+    quiet_tensorflow(args.verbose, filter_stderr=argv is None)  # argv None: the command
     try:
         return args.func(args)
     except (ValueError, FileExistsError) as err:

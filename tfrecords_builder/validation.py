@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from tfrecords_builder.defaults import DEFAULT_MAX_PIXELS
+from tfrecords_builder.quiet import without_lines
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -47,6 +48,7 @@ class Checked:
     channels: int = 0
     phash: int | None = None  # 64-bit perceptual hash of the decoded image
     recovered: bytes | None = None  # lossless re-encode of a recovered truncated JPEG
+    truncated: bool = False  # a truncated JPEG (quarantined, or recovered)
     data: bytes | None = dataclasses.field(default=None, repr=False)  # kept for the writer
     sample: np.ndarray | None = dataclasses.field(default=None, repr=False)  # for the thumb
     thumb: np.ndarray | None = dataclasses.field(default=None, repr=False)  # for the phash
@@ -230,6 +232,7 @@ def check_file(
     except tf.errors.InvalidArgumentError as err:
         first = tf_message(err)
         recovered = _recover_jpeg(data) if fmt == "jpeg" else None
+        out.truncated = recovered is not None
         if recovered is None:
             out.reason = f"undecodable {fmt}: tf.io.decode_image failed ({first})"
             return out
@@ -274,6 +277,22 @@ def _recover_jpeg(data: bytes) -> tf.Tensor | None:
         return None
 
 
+#: What libjpeg (and TensorFlow's jpeg_mem.cc) print to stderr, naming no file, when a JPEG
+#: is truncated: the builder's quarantine names each such file with its reason instead.
+TRUNCATION_MESSAGES = (
+    "Premature end of JPEG file",
+    "Premature end of JPEG data",
+    "Input file read error",
+)
+
+
+def is_truncation_message(line: str) -> bool:
+    text = line.strip()
+    return text.startswith(TRUNCATION_MESSAGES) or (
+        "jpeg_mem.cc" in text and any(m in text for m in TRUNCATION_MESSAGES)
+    )
+
+
 def check_all(
     paths: list[Path],
     recover_truncated: bool = False,
@@ -296,11 +315,18 @@ def check_all(
             c.thumb, c.sample = thumb, None
         sampled.clear()
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    def explained(line: str) -> bool:  # libjpeg's nameless lines about the truncated files
+        return any(c.truncated for c in checks) and is_truncation_message(line)
+
+    with without_lines(explained) as stderr, ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(
             lambda p: check_file(p, recover_truncated, max_pixels, keep_bytes), paths
         )
-        for c in tqdm(results, total=len(paths), desc="validate", unit="img", disable=not progress):
+        bar = tqdm(
+            results, total=len(paths), desc="validate", unit="img", disable=not progress,
+            file=stderr,
+        )  # fmt: skip
+        for c in bar:
             checks.append(c)
             if c.sample is not None:
                 sampled.append(c)
