@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kerasfrac.options import AuditOptions
 from tfrecords_builder import schema
 
 #: Metadata columns that are (or count) the label: never features.
@@ -277,7 +278,10 @@ def size_table(tables: dict[str, Table], top: int = 8) -> list[dict]:
     return rows
 
 
-def audit(build_dir, out_dir=None, *, seed: int = 0, n_bootstrap: int = 1000) -> dict:
+def audit(
+    build_dir, out_dir=None, *, seed: int = AuditOptions.seed,
+    n_bootstrap: int = AuditOptions.n_bootstrap,
+) -> dict:  # fmt: skip
     """Audit a build: writes ``audit.json``, ``audit.md`` and ``audit.png`` into ``out_dir``
     (default ``BUILD_DIR/audit``) and returns the JSON dict."""
     from kerasfrac.metrics import auroc_ci
@@ -437,9 +441,10 @@ def _figure(path: Path, tables: dict[str, Table], r: dict) -> Path:
     return path
 
 
-def main(args) -> int:
-    r = audit(args.data_dir, args.out, seed=args.seed, n_bootstrap=args.bootstrap)
+def main(data_dir, opts: AuditOptions) -> int:
+    """``kerasfrac audit``: see ``cli.add_audit``."""
+    r = audit(data_dir, opts.out, seed=opts.seed, n_bootstrap=opts.n_bootstrap)
     print(markdown(r))
-    out = Path(args.out) if args.out else Path(args.data_dir) / "audit"
+    out = Path(opts.out) if opts.out else Path(data_dir) / "audit"
     print(f"written: {out / 'audit.md'}, {out / 'audit.json'}, {out / 'audit.png'}")
     return 0

@@ -22,20 +22,20 @@ from typing import Any
 
 import yaml
 
-from tfrecords_builder.defaults import DATASETS
-
-FLIPS = ("none", "expand", "random")
-RESIZES = ("stretch", "pad")
-# kerasfrac.model.MODELS holds the builders (tested equal)
-MODEL_NAMES = ("paper_cnn", "vgg16", "resnet_small", "resnet50v2", "efficientnetv2b0")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "cosine")
-CLASS_WEIGHTS = ("none", "balanced")
-SELECTS = ("last", "best")
-TTAS = ("none", "flip")
-HEADS = ("gap", "heatmap")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-DISTRIBUTES = ("auto", "none", "mirrored", "multi_worker")
+from kerasfrac.names import (
+    CLASS_WEIGHTS,
+    DATASETS,
+    DISTRIBUTES,
+    FLIPS,
+    HEADS,
+    MODEL_NAMES,
+    OPTIMIZERS,
+    PRECISIONS,
+    RESIZES,
+    SCHEDULES,
+    SELECTS,
+    TTAS,
+)
 
 
 class ConfigError(ValueError):

@@ -20,7 +20,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from kerasfrac.config import HEADS
+from kerasfrac.names import HEADS, MODEL_NAMES
 
 LOGIT = "logit"
 PROB = "prob"
@@ -42,12 +42,12 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     Same variables, arguments and maths as the parent (batch mean and biased variance,
     ``momentum`` moving averages, ``epsilon``); training runs one ``FusedBatchNormV3`` op
     (oneDNN / cuDNN have fused kernels and gradients for it) instead of Keras' separate
-    moments and normalisation ops: about 1.2x the paper CNN's training step on its own
-    (``kerasfrac bench``). Inference, masks, renorm, synchronised statistics and other
+    moments and normalisation ops: a faster training step (README, "Speed"; ``kerasfrac
+    bench`` measures it). Inference, masks, renorm, synchronised statistics and other
     layouts than channels-last 4-D use the parent's path. Registered as
     ``kerasfrac>FusedBatchNormalization``: ``load_model`` below (or importing this module)
-    makes saved models loadable; the weights are interchangeable with a plain
-    BatchNormalization's.
+    loads checkpoints that hold it; the final model.keras holds plain BatchNormalization
+    layers instead (``plain_keras``), with the same weights.
     """
 
     def _fused_ok(self, inputs, training, mask) -> bool:
@@ -84,6 +84,40 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
 def uses_fused_batchnorm(model: keras.Model) -> bool:
     """Whether ``model`` trains with ``FusedBatchNormalization`` (``train.fast``)."""
     return any(isinstance(layer, FusedBatchNormalization) for layer in model.layers)
+
+
+def plain_keras(model: keras.Model) -> keras.Model:
+    """``model`` with each ``FusedBatchNormalization`` replaced by Keras' own
+    BatchNormalization (same config and weights, same inference): a file saved from it loads
+    with plain ``keras.saving.load_model`` in a process that never imports kerasfrac. A model
+    without the fused layer is returned as it is."""
+    if not uses_fused_batchnorm(model):
+        return model
+
+    def clone(layer):
+        cls = (
+            keras.layers.BatchNormalization if isinstance(layer, FusedBatchNormalization) else None
+        )
+        return (cls or type(layer)).from_config(layer.get_config())
+
+    plain = keras.models.clone_model(model, clone_function=clone)
+    plain.set_weights(model.get_weights())
+    return plain
+
+
+def functional(model: keras.Model) -> keras.Model:
+    """A ``keras.Sequential`` (paper_cnn as kerasfrac saved it before it was functional) as
+    the same layers in a functional graph with the same weights, so that
+    ``get_layer(name).output`` is a tensor the logit depends on (on a reloaded Sequential it
+    is a dead end that Keras creates while rebuilding it). Other models are returned as is."""
+    if not isinstance(model, keras.Sequential):
+        return model
+    inputs = x = keras.Input(shape=model.input_shape[1:], name="image")
+    for layer in model.layers:
+        x = type(layer).from_config(layer.get_config())(x)
+    rebuilt = keras.Model(inputs, x, name=model.name)
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
 
 
 def load_model(path: str | Path) -> keras.Model:
@@ -127,28 +161,19 @@ def paper_cnn(
         else keras.layers.BatchNormalization
     )
 
-    def block(i: int, filters: int, pool: bool) -> list:
-        layers = [
-            keras.layers.Conv2D(filters, 3, strides=1, padding="same", name=f"conv{i}"),
-            keras.layers.ReLU(name=f"relu{i}"),
-            bn_class(momentum=bn_momentum, synchronized=sync_batchnorm, name=f"bn{i}"),
-        ]
-        if pool:
-            layers.append(keras.layers.MaxPool2D(2, name=f"pool{i}"))
-        return layers
+    def block(x, i: int, filters: int, pool: bool):
+        x = keras.layers.Conv2D(filters, 3, strides=1, padding="same", name=f"conv{i}")(x)
+        x = keras.layers.ReLU(name=f"relu{i}")(x)
+        x = bn_class(momentum=bn_momentum, synchronized=sync_batchnorm, name=f"bn{i}")(x)
+        return keras.layers.MaxPool2D(2, name=f"pool{i}")(x) if pool else x
 
-    return keras.Sequential(
-        [
-            keras.Input(shape=tuple(input_shape), name="image"),
-            *block(1, 32, pool=True),
-            *block(2, 64, pool=True),
-            *block(3, 128, pool=False),
-            keras.layers.Flatten(name="flatten"),
-            keras.layers.Dense(1, name=LOGIT),
-            keras.layers.Activation("sigmoid", dtype="float32", name=PROB),
-        ],
-        name="paper_cnn",
-    )
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    x = block(inputs, 1, 32, pool=True)
+    x = block(x, 2, 64, pool=True)
+    x = block(x, 3, 128, pool=False)
+    x = keras.layers.Flatten(name="flatten")(x)
+    _, prob = _head(x)
+    return keras.Model(inputs, prob, name="paper_cnn")
 
 
 def vgg16(input_shape: tuple[int, int, int], weights: str | None = None) -> keras.Model:
@@ -406,14 +431,15 @@ def _application_builder(name: str):
     return build
 
 
-#: name -> builder(input_shape, weights, bn_momentum, sync_batchnorm, fused_batchnorm,
-#: box_head); config.MODEL_NAMES lists the same names.
-MODELS: dict[str, Callable[..., keras.Model]] = {
+_BUILDERS = {
     "paper_cnn": _build_paper_cnn,
     "vgg16": _build_vgg16,
     "resnet_small": _build_resnet_small,
     **{name: _application_builder(name) for name in _APPLICATIONS},
 }
+#: name -> builder(input_shape, weights, bn_momentum, sync_batchnorm, fused_batchnorm,
+#: box_head), for each of ``names.MODEL_NAMES`` (a name without a builder fails at import).
+MODELS: dict[str, Callable[..., keras.Model]] = {name: _BUILDERS[name] for name in MODEL_NAMES}
 
 
 def build_model(

@@ -112,15 +112,17 @@ def log_to_tensorboard(logdir: Path, images: list[Path], step: int = 0) -> None:
 
 def write_run_plots(run_dir: Path, split: str, labels, probs, m: dict) -> list[Path]:
     """All plots of one evaluation into run_dir/plots, also logged to the run's TensorBoard."""
+    from kerasfrac import runs
+
     run_dir = Path(run_dir)
-    out = run_dir / "plots"
+    out = run_dir / runs.PLOTS
     paths = [
         roc_plot(out / f"{split}_roc.png", labels, probs, m),
         pr_plot(out / f"{split}_pr.png", labels, probs, m),
         confusion_plot(out / f"{split}_confusion.png", m),
     ]
-    hist = history_plot(out / "training_curves.png", run_dir / "history.csv")
+    hist = history_plot(out / "training_curves.png", runs.history_path(run_dir))
     if hist is not None:
         paths.append(hist)
-    log_to_tensorboard(run_dir / "tensorboard" / "evaluation", paths)
+    log_to_tensorboard(runs.tensorboard_dir(run_dir, "evaluation"), paths)
     return paths

@@ -442,13 +442,6 @@ def test_split_quotas_exact_for_singletons():
     assert out == assign(groups, (0.7, 0.15, 0.15), seed=3)
 
 
-def test_synthetic_csv_columns_follow_the_schema():
-    # synthetic.py keeps its own copy so that it imports without TensorFlow; keep them equal.
-    from tfrecords_builder import schema, synthetic
-
-    assert synthetic.CSV_COLUMNS == ("image_id", *schema.META_COLUMNS)
-
-
 def test_perceptual_hash_equals_imagehash_phash():
     """validation hashes all thumbnails in one matrix product; imagehash is the reference."""
     imagehash = pytest.importorskip("imagehash")

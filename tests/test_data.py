@@ -256,7 +256,7 @@ def test_source_mismatch_and_batch_too_large(imbalanced_dir):
         data.make_dataset(imbalanced_dir, "train", cfg(), 71, dataset="synthetic")
     with pytest.raises(BuildOutputError, match="batch_size=71"):
         data.check_build(imbalanced_dir, batch_size=71)
-    assert data.check_build(imbalanced_dir, "synthetic", 70)["source"] == "synthetic"
+    assert data.check_build(imbalanced_dir, "synthetic", 70).manifest["source"] == "synthetic"
 
 
 def test_oversample_needs_both_classes(tfrecord_dir_factory):

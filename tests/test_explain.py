@@ -19,8 +19,8 @@ from PIL import Image
 
 from kerasfrac import config, explain, gradcam, train
 from kerasfrac.cli import main
-from kerasfrac.evaluate import load_run_model
 from kerasfrac.model import paper_cnn
+from kerasfrac.runs import load_model as load_run_model
 from tfrecords_builder import synthetic
 from tfrecords_builder.build import BuildOptions, build
 
@@ -131,8 +131,8 @@ def test_feature_maps_fresh_and_reloaded(tmp_path):
     again = explain.feature_maps(reloaded, x)
     for name in maps:
         np.testing.assert_allclose(again[name], maps[name], rtol=1e-5, atol=1e-6)
-    # Grad-CAM needs the fmap -> logit path: on a reloaded Sequential, layer.output is a dead
-    # end (gradient None); graph_outputs finds the real one, so both models agree.
+    # Grad-CAM needs the fmap -> logit path: the reloaded functional model has it, so both
+    # models agree.
     cams = [gradcam.GradCam(m)(x, 1.0) for m in (fresh, reloaded)]
     np.testing.assert_allclose(cams[1], cams[0], rtol=1e-4, atol=1e-6)
     some = explain.feature_maps(reloaded, x, ["relu2"])

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from kerasfrac import data, evaluate, predict
+from kerasfrac import data, predict, runs
 from kerasfrac.cli import main
 from kerasfrac.config import load_config
 from tests.test_evaluate import make_run
@@ -67,7 +67,7 @@ def test_same_probability_as_the_test_pipeline(run_dir, separable_tfrecord_dir, 
     cfg = load_config(run_dir / "config.yaml")
     model = keras.saving.load_model(run_dir / "model.keras")
     ds = data.make_eval_dataset(separable_tfrecord_dir, "test", cfg.data, 8, with_ids=True)
-    ids, _, probs = evaluate.predict(model, ds)
+    ids, _, probs = runs.predict(model, ds)
     folder = tmp_path / "images"
     folder.mkdir()
     for ex in read_split(separable_tfrecord_dir, "test", decode=False):

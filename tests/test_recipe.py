@@ -4,6 +4,7 @@ cosine schedule, early stopping with best-epoch selection and test-time augmenta
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -250,12 +251,12 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
 
 def test_class_weights_balance_the_train_split():
     cfg = config.load_config(None, ["train.class_weight=balanced"])
-    manifest = {"splits": {"train": {"fractured": 25, "normal": 75}}}
+    manifest = data.Build(Path("."), {"splits": {"train": {"fractured": 25, "normal": 75}}})
     w0, w1 = train.class_weights(cfg, manifest)
     assert (w0, w1) == pytest.approx((100 / 150, 100 / 50))
     assert 75 * w0 == pytest.approx(25 * w1)
     assert train.class_weights(config.Config(), manifest) is None
-    one_class = {"splits": {"train": {"fractured": 0, "normal": 75}}}
+    one_class = data.Build(Path("."), {"splits": {"train": {"fractured": 0, "normal": 75}}})
     with pytest.raises(ValueError, match="needs both classes"):
         train.class_weights(cfg, one_class)
 
@@ -369,7 +370,7 @@ def test_early_stopping_and_best_epoch_selection(tmp_path, separable_tfrecord_di
 
 def _pointing_after_training(root, box_head: bool) -> dict:
     from kerasfrac import explain
-    from kerasfrac.evaluate import load_run_model
+    from kerasfrac.runs import load_model as load_run_model
 
     run_dir = root / f"run_box{int(box_head)}"
     cfg = config.from_dict({
@@ -419,13 +420,13 @@ def test_sensitivity_at_90_specificity_is_exact():
     assert sensitivity_at_specificity(y, p, 0.9) == pytest.approx(0.8)
     assert sensitivity_at_specificity(y, p, 1.0) == pytest.approx(0.6)  # above 0.5 only
     assert sensitivity_at_specificity(np.zeros(4), np.arange(4)) is None
-    from kerasfrac.evaluate import metrics
+    from kerasfrac.metrics import split_metrics as metrics
 
     assert metrics(y, p, n_bootstrap=0)["sensitivity_at_90_specificity"] == pytest.approx(0.8)
 
 
 def test_evaluate_predict_with_flip_tta(separable_tfrecord_dir):
-    from kerasfrac.evaluate import predict
+    from kerasfrac.runs import predict
 
     cfg = config.DataConfig(dir=str(separable_tfrecord_dir), image_size=32)
     m = model.build_model(ModelConfig("paper_cnn"), (32, 32, 1))

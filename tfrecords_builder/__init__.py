@@ -1,10 +1,11 @@
 """Turn FracAtlas, Tibia/Fibula or synthetic phantoms into sharded TFRecords with a manifest.
 
-``read_split``, ``load_manifest`` and ``shard_files`` are the contract later stages use; they
-are imported lazily so that ``kerasfrac --help`` does not pay for importing TensorFlow.
+``Build``, ``read_split``, ``load_manifest`` and ``shard_files`` are the contract later stages
+use; they are imported lazily so that ``kerasfrac --help`` does not pay for importing
+TensorFlow.
 """
 
-__all__ = ["BuildOutputError", "load_manifest", "read_split", "shard_files"]
+__all__ = ["Build", "BuildOutputError", "load_manifest", "read_split", "shard_files"]
 
 
 def __getattr__(name: str):
