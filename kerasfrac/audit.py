@@ -192,9 +192,12 @@ def fit_baseline(train: Table, columns: list[int] | None = None, seed: int = 0):
 
     cols = list(range(train.x.shape[1])) if columns is None else columns
     model = HistGradientBoostingClassifier(
-        max_iter=200, learning_rate=0.05, max_leaf_nodes=15, l2_regularization=1.0,
+        max_iter=200,
+        learning_rate=0.05,
+        max_leaf_nodes=15,
+        l2_regularization=1.0,
         random_state=seed,
-    )  # fmt: skip
+    )
     # One OpenMP thread: on a few thousand rows threads only wait for each other (on a busy
     # 2-core machine a 120-row fit took 11 s with the default threads).
     with threadpool_limits(limits=1, user_api="openmp"):
@@ -272,16 +275,23 @@ def size_table(tables: dict[str, Table], top: int = 8) -> list[dict]:
         n0 = sum(r["normal"] for r in rest)
         n1 = sum(r["fractured"] for r in rest)
         rows = rows[:top] + [
-            {"size": f"other ({len(rest)} sizes)", "normal": n0, "fractured": n1,
-             "fractured_share": n1 / max(1, n0 + n1)}
-        ]  # fmt: skip
+            {
+                "size": f"other ({len(rest)} sizes)",
+                "normal": n0,
+                "fractured": n1,
+                "fractured_share": n1 / max(1, n0 + n1),
+            }
+        ]
     return rows
 
 
 def audit(
-    build_dir, out_dir=None, *, seed: int = AuditOptions.seed,
+    build_dir,
+    out_dir=None,
+    *,
+    seed: int = AuditOptions.seed,
     n_bootstrap: int = AuditOptions.n_bootstrap,
-) -> dict:  # fmt: skip
+) -> dict:
     """Audit a build: writes ``audit.json``, ``audit.md`` and ``audit.png`` into ``out_dir``
     (default ``BUILD_DIR/audit``) and returns the JSON dict."""
     from kerasfrac.metrics import auroc_ci
@@ -420,9 +430,12 @@ def _figure(path: Path, tables: dict[str, Table], r: dict) -> Path:
     y = np.arange(len(sizes))
     ax[0].barh(y, [s["normal"] for s in sizes], label="normal", color="tab:blue")
     ax[0].barh(
-        y, [s["fractured"] for s in sizes], left=[s["normal"] for s in sizes], label="fractured",
+        y,
+        [s["fractured"] for s in sizes],
+        left=[s["normal"] for s in sizes],
+        label="fractured",
         color="tab:red",
-    )  # fmt: skip
+    )
     ax[0].set_yticks(y, [f"{s['size']} ({s['fractured_share']:.0%})" for s in sizes], fontsize=7)
     ax[0].invert_yaxis()
     ax[0].set_title("image sizes by class (fractured share)")

@@ -143,8 +143,13 @@ def write_state(run_dir, epoch, step, steps, best, finished, digest=None, **extr
     # ModelCheckpoint.best is None until the first epoch ends, +-inf in some Keras versions.
     value = getattr(best, "best", best)
     value = float(value) if isinstance(value, int | float) and math.isfinite(value) else None
-    state = {"epoch": epoch, "step": step, "steps_per_epoch": steps, "best_val_auroc": value,
-             "finished": finished}  # fmt: skip
+    state = {
+        "epoch": epoch,
+        "step": step,
+        "steps_per_epoch": steps,
+        "best_val_auroc": value,
+        "finished": finished,
+    }
     for key in ("checkpoint", "generation", "best_stat"):
         state[key] = extra.get(key, previous.get(key))
     if "stopped_early" in extra:  # train.early_stopping_patience ended the run
@@ -182,8 +187,11 @@ def save(run_dir: Path, model, epoch: int, step: int, steps: int, best, accum=No
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ckpt))
     model.save(tmp / runs.MODEL)
     if step:
-        arrays = {f"{key}_{i}": a for key, parts in zip(("loss", "prob", "label"), accum)
-                  for i, a in enumerate(parts)}  # fmt: skip
+        arrays = {
+            f"{key}_{i}": a
+            for key, parts in zip(("loss", "prob", "label"), accum)
+            for i, a in enumerate(parts)
+        }
         with open(tmp / "partial_epoch.npz", "wb") as f:
             np.savez(f, **arrays)
     if runs.history_path(run_dir).is_file():
@@ -206,8 +214,17 @@ def save(run_dir: Path, model, epoch: int, step: int, steps: int, best, accum=No
     os.rename(tmp, ckpt / name)
     _fsync_dir(ckpt)
     crash_point(f"{name} renamed")
-    write_state(run_dir, epoch, step, steps, best, finished=False, checkpoint=name,
-                generation=generation, best_stat=best_stat)  # fmt: skip
+    write_state(
+        run_dir,
+        epoch,
+        step,
+        steps,
+        best,
+        finished=False,
+        checkpoint=name,
+        generation=generation,
+        best_stat=best_stat,
+    )
     crash_point(f"{name} committed")
     remove_stale(ckpt, keep=name)
     crash_point(f"{name} cleaned")
@@ -273,13 +290,22 @@ def rewind(run_dir: Path, state: dict) -> None:
     stat = _stat(runs.best_path(run_dir))
     if stat is not None:  # the copy is a new file: record it, so the next save may link it
         write_state(
-            run_dir, state["epoch"], state["step"], state["steps_per_epoch"],
-            state["best_val_auroc"], state["finished"], best_stat=stat,
-        )  # fmt: skip
+            run_dir,
+            state["epoch"],
+            state["step"],
+            state["steps_per_epoch"],
+            state["best_val_auroc"],
+            state["finished"],
+            best_stat=stat,
+        )
     remove_stale(runs.checkpoints_dir(run_dir), keep=state["checkpoint"])
     # what a kill left of model.keras, metrics.json, history.csv, config.yaml being replaced
-    for pattern in (".model.*.tmp.keras", ".metrics.json.*.tmp", ".history.csv.*.tmp",
-                    ".config.yaml.tmp"):  # fmt: skip
+    for pattern in (
+        ".model.*.tmp.keras",
+        ".metrics.json.*.tmp",
+        ".history.csv.*.tmp",
+        ".config.yaml.tmp",
+    ):
         for p in run_dir.glob(pattern):
             p.unlink(missing_ok=True)
 

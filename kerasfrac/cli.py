@@ -209,10 +209,11 @@ def add_bench(sub) -> None:
     p.add_argument("--steps", type=int, default=20, help="batches timed per repeat")
     p.add_argument("--repeats", type=int, default=3, help="repeats (median, min, max)")
     p.add_argument(
-        "--precisions", help="precisions tried with train.fast, e.g. float32,mixed_bfloat16 "
+        "--precisions",
+        help="precisions tried with train.fast, e.g. float32,mixed_bfloat16 "
         "(default: the config's, and mixed_float16 on a GPU or mixed_bfloat16 on a CPU with "
         "bfloat16 units)",
-    )  # fmt: skip
+    )
     p.add_argument("--source", help="build: dataset folder (default: synthetic phantoms)")
     p.add_argument("--source-dataset", help="build: layout of --source (default: config's)")
     p.add_argument("--workers", type=int, help="build: threads (default: all cores)")
@@ -228,9 +229,15 @@ def run_bench(args) -> int:
     what = bench.WHAT if args.what == "all" else tuple(w.strip() for w in args.what.split(","))
     precisions = args.precisions.split(",") if args.precisions else None
     result = bench.run(
-        cfg, what, args.steps, args.repeats, precisions, args.source, args.source_dataset,
+        cfg,
+        what,
+        args.steps,
+        args.repeats,
+        precisions,
+        args.source,
+        args.source_dataset,
         args.workers,
-    )  # fmt: skip
+    )
     print(bench.table(result))
     if args.json:
         bench.write_json(result, args.json)
@@ -268,9 +275,11 @@ def add_explain(sub) -> None:
     p.add_argument("--run-dir", required=True, help="run directory written by `kerasfrac train`")
     p.add_argument("--model", help="model file (default RUN_DIR/model.keras)")
     p.add_argument(
-        "--images", nargs="+", metavar="FILE",
+        "--images",
+        nargs="+",
+        metavar="FILE",
         help="image files for the figures (default: images of the split)",
-    )  # fmt: skip
+    )
     p.add_argument("--out", help="output folder (default RUN_DIR/explain)")
     options.add_arguments(p, options.ExplainOptions)
     p.set_defaults(func=run_explain)

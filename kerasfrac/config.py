@@ -347,8 +347,14 @@ def validate(cfg: Config) -> None:
     if not d.cache:
         raise ConfigError("config key 'data.cache' must be memory, none or a directory; got ''")
     _positive("data.shuffle_buffer", d.shuffle_buffer)
-    for key, upper in (("rotation", 180.0), ("zoom", 0.9), ("translate", 0.5), ("gamma", 2.0),
-                       ("contrast", 0.9), ("brightness", 1.0)):  # fmt: skip
+    for key, upper in (
+        ("rotation", 180.0),
+        ("zoom", 0.9),
+        ("translate", 0.5),
+        ("gamma", 2.0),
+        ("contrast", 0.9),
+        ("brightness", 1.0),
+    ):
         value = getattr(d, key)
         if not (math.isfinite(value) and 0.0 <= value <= upper):
             raise ConfigError(

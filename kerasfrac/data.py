@@ -219,11 +219,18 @@ def _affine(size: int, angle, zoom, shift_y, shift_x) -> tf.Tensor:
     (radians) and a zoom by ``zoom`` about the centre, then a shift by (shift_y, shift_x)."""
     c = (size - 1) / 2.0
     cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
-    return tf.stack([
-        cos, -sin, c - cos * c + sin * c - shift_x * size,
-        sin, cos, c - sin * c - cos * c - shift_y * size,
-        0.0, 0.0,
-    ])[None]  # fmt: skip
+    return tf.stack(
+        [
+            cos,
+            -sin,
+            c - cos * c + sin * c - shift_x * size,
+            sin,
+            cos,
+            c - sin * c - cos * c - shift_y * size,
+            0.0,
+            0.0,
+        ]
+    )[None]
 
 
 def augment(image: tf.Tensor, seed: tf.Tensor, data_cfg, channels: int) -> tf.Tensor:
@@ -247,10 +254,13 @@ def augment(image: tf.Tensor, seed: tf.Tensor, data_cfg, channels: int) -> tf.Te
         dy = uniform(2, -d.translate, d.translate) if d.translate else 0.0
         dx = uniform(3, -d.translate, d.translate) if d.translate else 0.0
         warped = tf.raw_ops.ImageProjectiveTransformV3(
-            images=image[None], transforms=_affine(size, angle, zoom, dy, dx),
-            output_shape=tf.constant([size, size]), fill_value=0.0,
-            interpolation="BILINEAR", fill_mode="CONSTANT",
-        )  # fmt: skip
+            images=image[None],
+            transforms=_affine(size, angle, zoom, dy, dx),
+            output_shape=tf.constant([size, size]),
+            fill_value=0.0,
+            interpolation="BILINEAR",
+            fill_mode="CONSTANT",
+        )
         image = tf.ensure_shape(warped[0], image.shape)
     if not (d.gamma or d.contrast or d.brightness):
         return image
@@ -364,10 +374,14 @@ def split_records(build: Build | str | Path, split: str) -> SplitRecords:
         for column, value in ex["meta"].items():
             meta.setdefault(column, []).append(int(value))
     return SplitRecords(
-        ids, np.array(labels, dtype=int), groups,
-        {c: np.array(v, dtype=int) for c, v in meta.items()}, boxes,
-        np.array(heights, dtype=int), np.array(widths, dtype=int),
-    )  # fmt: skip
+        ids,
+        np.array(labels, dtype=int),
+        groups,
+        {c: np.array(v, dtype=int) for c, v in meta.items()},
+        boxes,
+        np.array(heights, dtype=int),
+        np.array(widths, dtype=int),
+    )
 
 
 # --------------------------------------------------------------------------- pipelines
@@ -466,10 +480,16 @@ def _cache(ds: tf.data.Dataset, data_cfg, build: Build, name: str, as_float=True
         directory = Path(data_cfg.cache).expanduser()
         directory.mkdir(parents=True, exist_ok=True)
         key = json.dumps(
-            [str(build.dir.resolve()), build.manifest, data_cfg.image_size, data_cfg.grayscale,
-             data_cfg.resize, CACHE_FORMAT],
+            [
+                str(build.dir.resolve()),
+                build.manifest,
+                data_cfg.image_size,
+                data_cfg.grayscale,
+                data_cfg.resize,
+                CACHE_FORMAT,
+            ],
             sort_keys=True,
-        )  # fmt: skip
+        )
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
         ds = ds.cache(str(directory / f"{name}-{data_cfg.image_size}-{digest}"))
     if not as_float:

@@ -96,8 +96,11 @@ def evaluate_run(
     opts = dataclasses.replace(opts or EvaluateOptions(), **changes)
     split, n_bootstrap, seed = opts.split, opts.n_bootstrap, opts.seed
     recompute, plots, baseline, batch_size = (
-        opts.recompute, opts.plots, opts.baseline, opts.batch_size
-    )  # fmt: skip
+        opts.recompute,
+        opts.plots,
+        opts.baseline,
+        opts.batch_size,
+    )
     if split not in ("test", "val"):
         raise ValueError(f"split must be 'test' or 'val'; got {split!r}")
     run_dir = Path(run_dir)
@@ -121,14 +124,26 @@ def evaluate_run(
     has_meta = any(np.any(v >= 0) for v in meta.values())
     result = {"split": split}
     result |= split_metrics(
-        labels, probs, 0.5, val=val, n_bootstrap=n_bootstrap, seed=seed,
-        meta=meta if has_meta else None, groups=groups,
-    )  # fmt: skip
+        labels,
+        probs,
+        0.5,
+        val=val,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        meta=meta if has_meta else None,
+        groups=groups,
+    )
     if baseline:
         result["no_anatomy_baseline"] = baseline_comparison(
-            cfg.data.dir, split, ids, labels, probs, groups=groups, n_bootstrap=n_bootstrap,
+            cfg.data.dir,
+            split,
+            ids,
+            labels,
+            probs,
+            groups=groups,
+            n_bootstrap=n_bootstrap,
             seed=seed,
-        )  # fmt: skip
+        )
     if split == "val" and result.get("youden"):
         result["youden"]["chosen_on"] = "val (the same split: optimistic)"
     if plots:
@@ -142,9 +157,16 @@ def evaluate_run(
 
 
 def baseline_comparison(
-    build_dir, split: str, ids, labels, probs, *, groups=None, n_bootstrap: int = 1000,
+    build_dir,
+    split: str,
+    ids,
+    labels,
+    probs,
+    *,
+    groups=None,
+    n_bootstrap: int = 1000,
     seed: int = 0,
-) -> dict:  # fmt: skip
+) -> dict:
     """The model beside the no-anatomy baseline of ``kerasfrac.audit`` on the same images.
 
     ``{"model_auroc", "baseline_auroc" (each with ci95), "difference" with a paired bootstrap

@@ -227,8 +227,11 @@ def class_vis_figure(path: Path, rows: list[tuple[str, ClassVis]]) -> Path:
     for (label, vis), ax in zip(rows, axes):
         _show(ax[0], vis.start, f"{label}\nstart, logit {vis.logit_before:+.2f}")
         _show(ax[1], vis.result, f"-> {vis.target}, logit {vis.logit_after:+.2f}", stretch=True)
-        diff = (vis.result - vis.start)[..., 0] if vis.result.shape[-1] == 1 else (
-            (vis.result - vis.start).mean(-1))  # fmt: skip
+        diff = (
+            (vis.result - vis.start)[..., 0]
+            if vis.result.shape[-1] == 1
+            else ((vis.result - vis.start).mean(-1))
+        )
         lim = float(np.abs(diff).max()) or 1.0
         ax[2].imshow(diff, cmap="coolwarm", vmin=-lim, vmax=lim)
         ax[2].set_title("change (red brighter)", fontsize=8)
@@ -270,7 +273,7 @@ def _draw_boxes(ax, boxes, shape) -> None:
                 fill=False,
                 edgecolor="lime",
                 linewidth=1.2,
-            )  # fmt: skip
+            )
         )
 
 
@@ -305,9 +308,15 @@ def mean_cam_figure(path: Path, means: dict[str, np.ndarray], border: float) -> 
         h, w = m.shape
         by, bx = max(1, round(border * h)), max(1, round(border * w))
         ax.add_patch(
-            patches.Rectangle((bx - 0.5, by - 0.5), w - 2 * bx, h - 2 * by,
-                              fill=False, edgecolor="white", linestyle="--")
-        )  # fmt: skip
+            patches.Rectangle(
+                (bx - 0.5, by - 0.5),
+                w - 2 * bx,
+                h - 2 * by,
+                fill=False,
+                edgecolor="white",
+                linestyle="--",
+            )
+        )
         ax.set_title(f"mean Grad-CAM: {name}", fontsize=9)
         ax.axis("off")
     return _save(fig, path, wspace=0.15, hspace=0.45)
@@ -432,9 +441,11 @@ def audit_split(
                 counts[key] += 1
     result = audit.result(has_boxes)
     result.update(
-        split=split, cam_layer=cam.layer_name, cam_method=cam.method,
+        split=split,
+        cam_layer=cam.layer_name,
+        cam_method=cam.method,
         cam_target=opts.cam_target,
-    )  # fmt: skip
+    )
     means = {k: sums[k] / counts[k] for k in sums if counts[k]}
     return result, means
 
@@ -528,9 +539,13 @@ def explain_run(
                 vis = visualize_class(model, target, start, opts.ascent, step)
                 rows.append((name[:24], vis))
                 vis_json.append(
-                    {"start": name, "target": target, "logit_before": vis.logit_before,
-                     "logit_after": vis.logit_after}
-                )  # fmt: skip
+                    {
+                        "start": name,
+                        "target": target,
+                        "logit_before": vis.logit_before,
+                        "logit_after": vis.logit_after,
+                    }
+                )
         pngs.append(class_vis_figure(out / "class_vis.png", rows))
         result["class_vis"] = {"ascent": asdict(opts.ascent), "runs": vis_json}
         changed = any(not np.array_equal(a, b) for a, b in zip(weights_before, model.get_weights()))
@@ -549,7 +564,7 @@ def explain_run(
                     m,
                     [_title(e) for e in shown],
                     opts.max_channels,
-                )  # fmt: skip
+                )
             )
         result["feature_maps"] = {n: list(m.shape[1:]) for n, m in maps.items()}
 
@@ -563,7 +578,7 @@ def explain_run(
                 maps,
                 [_title(e, p) for e, p in zip(examples, probs)],
                 [e.boxes for e in examples],
-            )  # fmt: skip
+            )
         )
 
     if "audit" in opts.what:
@@ -616,9 +631,13 @@ def _json_default(x):
 def main(run_dir, opts: ExplainOptions, image_files=None, out=None, model_path=None) -> int:
     """``kerasfrac explain``: see ``cli.add_explain``."""
     result = explain_run(
-        run_dir, opts, image_files, out, model_path,
+        run_dir,
+        opts,
+        image_files,
+        out,
+        model_path,
         log=lambda m: print(m, file=sys.stderr if m.startswith("skipped") else sys.stdout),
-    )  # fmt: skip
+    )
     for f in result["figures"]:
         print(f"figure: {f}")
     print(f"written: {result['json']}")

@@ -249,9 +249,12 @@ def pointing(cam: np.ndarray, mask: np.ndarray) -> dict:
     centre = bool(mask[h // 2, w // 2])
     if float(cam.max()) <= 0:
         return {
-            "hit": False, "empty": True, "chance": float(mask.mean()), "mass_share": math.nan,
+            "hit": False,
+            "empty": True,
+            "chance": float(mask.mean()),
+            "mass_share": math.nan,
             "centre_hit": centre,
-        }  # fmt: skip
+        }
     peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
     return {
         "hit": bool(mask[peak]),

@@ -101,9 +101,15 @@ def auroc_ci(
 
 
 def paired_auroc_difference(
-    labels, scores_a, scores_b, *, groups=None, n_resamples: int = 1000, seed: int = 0,
+    labels,
+    scores_a,
+    scores_b,
+    *,
+    groups=None,
+    n_resamples: int = 1000,
+    seed: int = 0,
     level: float = 0.95,
-) -> dict:  # fmt: skip
+) -> dict:
     """AUROC of ``scores_a`` minus AUROC of ``scores_b`` on the same images, with a paired
     percentile-bootstrap CI (both scored on each resample) and the share of resamples above
     0 (``share_above_zero``: how often a beats b)."""
@@ -213,9 +219,14 @@ def _auroc_rows(y: np.ndarray, p: np.ndarray) -> np.ndarray:
 
 
 def bootstrap_ci(
-    labels, probs, threshold: float = 0.5, n_resamples: int = 1000, seed: int = 0,
-    level: float = 0.95, groups=None,
-) -> dict:  # fmt: skip
+    labels,
+    probs,
+    threshold: float = 0.5,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    groups=None,
+) -> dict:
     """Percentile bootstrap CIs of CI_METRICS: resample images with replacement, or, where
     ``groups`` (one id per image) puts images together, whole groups (``resampled``).
 
@@ -249,16 +260,21 @@ def bootstrap_ci(
             values["specificity"].append(np.where(neg > 0, tn / neg, np.nan))
         values["auroc"].append(_auroc_rows(y, p))
         done += b
-    return _percentiles({m: np.concatenate(values[m]) for m in CI_METRICS}, n_resamples, seed,
-                        level, "images")  # fmt: skip
+    return _percentiles(
+        {m: np.concatenate(values[m]) for m in CI_METRICS}, n_resamples, seed, level, "images"
+    )
 
 
 def _percentiles(values: dict, n_resamples: int, seed: int, level: float, resampled: str):
     tail = (1 - level) / 2 * 100
     out: dict = {
-        "n_resamples": int(n_resamples), "seed": int(seed), "level": level, "valid": {},
-        "undefined_share": {}, "resampled": resampled,
-    }  # fmt: skip
+        "n_resamples": int(n_resamples),
+        "seed": int(seed),
+        "level": level,
+        "valid": {},
+        "undefined_share": {},
+        "resampled": resampled,
+    }
     for m in CI_METRICS:
         v = np.asarray(values[m], dtype=np.float64)
         v = v[np.isfinite(v)]
@@ -311,9 +327,16 @@ def _undefined(labels: np.ndarray, at: dict, prefix: str = "") -> dict[str, str]
 
 
 def split_metrics(
-    labels, probs, threshold: float = 0.5, *, val=None, n_bootstrap: int = 1000,
-    seed: int = 0, meta: dict[str, np.ndarray] | None = None, groups=None,
-) -> dict:  # fmt: skip
+    labels,
+    probs,
+    threshold: float = 0.5,
+    *,
+    val=None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    meta: dict[str, np.ndarray] | None = None,
+    groups=None,
+) -> dict:
     """All metrics of one split's predictions (see the module docstring).
 
     ``val``: ``(labels, probs)`` of the validation split; adds ``youden`` (the threshold

@@ -68,9 +68,13 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
             return super().call(inputs, training=training, mask=mask)
         x = tf.cast(inputs, "float32")  # as the parent: statistics in float32
         y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-            x, tf.cast(self.gamma, "float32"), tf.cast(self.beta, "float32"),
-            epsilon=self.epsilon, data_format="NHWC", is_training=True,
-        )[:3]  # fmt: skip
+            x,
+            tf.cast(self.gamma, "float32"),
+            tf.cast(self.beta, "float32"),
+            epsilon=self.epsilon,
+            data_format="NHWC",
+            is_training=True,
+        )[:3]
         # The fused op returns the Bessel-corrected variance; Keras averages the biased one.
         n = tf.cast(tf.size(x) // tf.shape(x)[-1], "float32")
         variance = variance * (n - 1.0) / n
@@ -266,8 +270,9 @@ def resnet_small(
     sync, fused = sync_batchnorm, fused_batchnorm
     # [0, 1] -> [-1, 1]: centred inputs for the first conv (no per-dataset statistics needed).
     x = keras.layers.Rescaling(2.0, offset=-1.0, name="centre")(inputs)
-    x = keras.layers.Conv2D(widths[0], 5, strides=2, padding="same", use_bias=False,
-                            name="stem_conv")(x)  # fmt: skip
+    x = keras.layers.Conv2D(
+        widths[0], 5, strides=2, padding="same", use_bias=False, name="stem_conv"
+    )(x)
     x = _bn(bn_momentum, sync, fused, "stem_bn")(x)
     x = keras.layers.ReLU(name="stem_relu")(x)
     x = keras.layers.MaxPool2D(3, strides=2, padding="same", name="stem_pool")(x)
@@ -281,14 +286,17 @@ def resnet_small(
             if stride == 1 and channels == width:
                 shortcut = x
             else:
-                shortcut = keras.layers.Conv2D(width, 1, strides=stride, use_bias=False,
-                                               name=f"{name}_proj")(pre)  # fmt: skip
-            y = keras.layers.Conv2D(width, 3, strides=stride, padding="same", use_bias=False,
-                                    name=f"{name}_conv1")(pre)  # fmt: skip
+                shortcut = keras.layers.Conv2D(
+                    width, 1, strides=stride, use_bias=False, name=f"{name}_proj"
+                )(pre)
+            y = keras.layers.Conv2D(
+                width, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv1"
+            )(pre)
             y = _bn(bn_momentum, sync, fused, f"{name}_bn2")(y)
             y = keras.layers.ReLU(name=f"{name}_relu2")(y)
-            y = keras.layers.Conv2D(width, 3, padding="same", use_bias=False,
-                                    name=f"{name}_conv2")(y)  # fmt: skip
+            y = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"{name}_conv2")(
+                y
+            )
             last = b == blocks_per_stage
             x = keras.layers.Add(name=f"stage{s}" if last else f"{name}_add")([shortcut, y])
             channels = width
@@ -371,9 +379,14 @@ def _no_box_head(name: str, box_head: bool, head: str = "gap") -> None:
 
 
 def _build_paper_cnn(
-    input_shape, weights: str, bn_momentum=0.9, sync_batchnorm=True, fused_batchnorm=False,
-    box_head=False, head="gap",
-) -> keras.Model:  # fmt: skip
+    input_shape,
+    weights: str,
+    bn_momentum=0.9,
+    sync_batchnorm=True,
+    fused_batchnorm=False,
+    box_head=False,
+    head="gap",
+) -> keras.Model:
     _no_box_head("paper_cnn", box_head, head)
     if weights == "imagenet":
         raise ValueError(
@@ -387,9 +400,14 @@ def _build_paper_cnn(
 
 
 def _build_vgg16(
-    input_shape, weights: str, bn_momentum=0.9, sync_batchnorm=True, fused_batchnorm=False,
-    box_head=False, head="gap",
-):  # fmt: skip
+    input_shape,
+    weights: str,
+    bn_momentum=0.9,
+    sync_batchnorm=True,
+    fused_batchnorm=False,
+    box_head=False,
+    head="gap",
+):
     """VGG16 has no BatchNorm: the three BatchNorm arguments do not apply."""
     _no_box_head("vgg16", box_head, head)
     if weights == "none":
@@ -400,18 +418,27 @@ def _build_vgg16(
 
 
 def _build_resnet_small(
-    input_shape, weights: str, bn_momentum=0.9, sync_batchnorm=True, fused_batchnorm=False,
-    box_head=False, head="gap",
-) -> keras.Model:  # fmt: skip
+    input_shape,
+    weights: str,
+    bn_momentum=0.9,
+    sync_batchnorm=True,
+    fused_batchnorm=False,
+    box_head=False,
+    head="gap",
+) -> keras.Model:
     if weights == "imagenet":
         raise ValueError(
             "resnet_small is trained from scratch and has no ImageNet weights; use "
             "model.weights=none, a weights file, or model.name=resnet50v2/efficientnetv2b0"
         )
     model = resnet_small(
-        input_shape, bn_momentum=bn_momentum, sync_batchnorm=sync_batchnorm,
-        fused_batchnorm=fused_batchnorm, box_head=box_head, head=head,
-    )  # fmt: skip
+        input_shape,
+        bn_momentum=bn_momentum,
+        sync_batchnorm=sync_batchnorm,
+        fused_batchnorm=fused_batchnorm,
+        box_head=box_head,
+        head=head,
+    )
     if weights != "none":
         model.load_weights(str(_weights_file(weights)))
     return model
@@ -419,9 +446,14 @@ def _build_resnet_small(
 
 def _application_builder(name: str):
     def build(
-        input_shape, weights: str, bn_momentum=0.9, sync_batchnorm=True,
-        fused_batchnorm=False, box_head=False, head="gap",
-    ) -> keras.Model:  # fmt: skip
+        input_shape,
+        weights: str,
+        bn_momentum=0.9,
+        sync_batchnorm=True,
+        fused_batchnorm=False,
+        box_head=False,
+        head="gap",
+    ) -> keras.Model:
         """The backbone keeps Keras' own BatchNorm layers and momenta."""
         if weights not in ("none", "imagenet"):
             weights = str(_weights_file(weights))

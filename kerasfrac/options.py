@@ -235,9 +235,10 @@ class EvaluateOptions:
 @dataclass
 class PredictOptions:
     threshold: float | None = option(
-        None, "call fractured at probability >= T",
+        None,
+        "call fractured at probability >= T",
         default_text="the run's Youden-J threshold in metrics.json, else 0.5",
-    )  # fmt: skip
+    )
     csv: str | None = option(None, "also write path, probability, class to this CSV")
     batch_size: int = option(TrainConfig.batch_size, "images per batch")
     #: Images above this many pixels are skipped unread (the builder's --max-pixels).

@@ -43,8 +43,13 @@ def roc_plot(path: Path, labels, probs, m: dict) -> Path:
     for (name, d), marker in zip(_points(m), "os"):
         if d["sensitivity"] is not None and d["specificity"] is not None:
             ax.plot(1 - d["specificity"], d["sensitivity"], marker, ms=8, label=name)
-    ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity",
-           xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), title="ROC")  # fmt: skip
+    ax.set(
+        xlabel="1 - specificity (false positive rate)",
+        ylabel="sensitivity",
+        xlim=(-0.02, 1.02),
+        ylim=(-0.02, 1.02),
+        title="ROC",
+    )
     ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
 
@@ -59,8 +64,13 @@ def pr_plot(path: Path, labels, probs, m: dict) -> Path:
     for (name, d), marker in zip(_points(m), "os"):
         if d["sensitivity"] is not None and d["precision"] is not None:
             ax.plot(d["sensitivity"], d["precision"], marker, ms=8, label=name)
-    ax.set(xlabel="recall (sensitivity)", ylabel="precision", xlim=(-0.02, 1.02),
-           ylim=(-0.02, 1.02), title="Precision-recall")  # fmt: skip
+    ax.set(
+        xlabel="recall (sensitivity)",
+        ylabel="precision",
+        xlim=(-0.02, 1.02),
+        ylim=(-0.02, 1.02),
+        title="Precision-recall",
+    )
     ax.legend(loc="lower left", fontsize=8)
     return _save(fig, path)
 
@@ -70,11 +80,24 @@ def confusion_plot(path: Path, m: dict) -> Path:
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.imshow(cm, cmap="Blues")
     for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center", fontsize=14,
-                color="white" if v > cm.max() / 2 else "black")  # fmt: skip
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["normal", "fractured"],
-           yticklabels=["normal", "fractured"], xlabel="predicted", ylabel="true",
-           title=f"Confusion matrix at {m['threshold']:.2f}")  # fmt: skip
+        ax.text(
+            j,
+            i,
+            str(v),
+            ha="center",
+            va="center",
+            fontsize=14,
+            color="white" if v > cm.max() / 2 else "black",
+        )
+    ax.set(
+        xticks=[0, 1],
+        yticks=[0, 1],
+        xticklabels=["normal", "fractured"],
+        yticklabels=["normal", "fractured"],
+        xlabel="predicted",
+        ylabel="true",
+        title=f"Confusion matrix at {m['threshold']:.2f}",
+    )
     return _save(fig, path)
 
 

@@ -169,9 +169,10 @@ def markdown(table: list[dict], paper: bool = False) -> str:
     cols = COLUMNS + (PAPER_COLUMNS if paper else ())
     lines = [
         "| " + " | ".join(title for _, title in cols) + " |",
-        "|" + "|".join("---" if k in ("dataset", "pipeline", "run") else "--:" for k, _ in cols)
+        "|"
+        + "|".join("---" if k in ("dataset", "pipeline", "run") else "--:" for k, _ in cols)
         + "|",
-    ]  # fmt: skip
+    ]
     for row in table:
         lines.append("| " + " | ".join(_fmt(k, row) for k, _ in cols) + " |")
     below = [r["run"] for r in table if _below(r)]
@@ -199,11 +200,24 @@ def _below(row: dict) -> bool:
 
 def write_csv(path: str | Path, table: list[dict], paper: bool = False) -> None:
     keys = [
-        "dataset", "pipeline", "run", "n", "accuracy", "loss", "majority_baseline_accuracy",
-        "auroc", "auroc_ci_low", "auroc_ci_high", "baseline_auroc", "auroc_minus_baseline",
-        "auroc_minus_baseline_ci_low", "auroc_minus_baseline_ci_high", "average_precision",
-        "sensitivity", "specificity",
-    ] + (["paper_accuracy", "paper_loss"] if paper else [])  # fmt: skip
+        "dataset",
+        "pipeline",
+        "run",
+        "n",
+        "accuracy",
+        "loss",
+        "majority_baseline_accuracy",
+        "auroc",
+        "auroc_ci_low",
+        "auroc_ci_high",
+        "baseline_auroc",
+        "auroc_minus_baseline",
+        "auroc_minus_baseline_ci_low",
+        "auroc_minus_baseline_ci_high",
+        "average_precision",
+        "sensitivity",
+        "specificity",
+    ] + (["paper_accuracy", "paper_loss"] if paper else [])
     buf = io.StringIO()
     out = csv.writer(buf)
     out.writerow(keys)

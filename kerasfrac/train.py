@@ -315,9 +315,13 @@ class TrainingTask:
             _print_kernels(self.model, t.fast)
         self.train_iter = self.distribute_inputs(train_ds)
         self.train_step = make_train_step(
-            self.model, self.strategy, self.global_batch, label_smoothing=t.label_smoothing,
-            weights=class_weights(cfg, self.build), box_loss_weight=t.box_loss_weight,
-        )  # fmt: skip
+            self.model,
+            self.strategy,
+            self.global_batch,
+            label_smoothing=t.label_smoothing,
+            weights=class_weights(cfg, self.build),
+            box_loss_weight=t.box_loss_weight,
+        )
         self.scorer = classifier(self.model)
         scorer, tta = self.scorer, cfg.eval.tta
 
@@ -335,9 +339,14 @@ class TrainingTask:
         validation batches ``self.val_ds``."""
         cfg, t = self.cfg, self.cfg.train
         train_ds, steps = data.make_dataset(
-            self.build, "train", cfg.data, self.global_batch, t.seed, training=True,
+            self.build,
+            "train",
+            cfg.data,
+            self.global_batch,
+            t.seed,
+            training=True,
             with_boxes=cfg.model.box_head,
-        )  # fmt: skip
+        )
         if steps is None:  # no oversampling: one pass over the (expanded) split per epoch
             steps = math.ceil(data.epoch_images(self.build, cfg.data) / self.global_batch)
             train_ds = train_ds.repeat()
@@ -415,9 +424,14 @@ class TrainingTask:
             )
             cbs.append(self.stopper)
         return keras.callbacks.CallbackList(
-            cbs, add_history=True, add_progbar=verbose > 0 and self.chief, model=self.model,
-            verbose=verbose, epochs=t.epochs, steps=self.steps,
-        )  # fmt: skip
+            cbs,
+            add_history=True,
+            add_progbar=verbose > 0 and self.chief,
+            model=self.model,
+            verbose=verbose,
+            epochs=t.epochs,
+            steps=self.steps,
+        )
 
     # ----------------------------------------------------------------------- loop
 
@@ -449,8 +463,11 @@ class TrainingTask:
                 self.checkpoint(epoch + 1, 0)
                 epochs_done = epoch + 1
                 if model.stop_training:  # EarlyStopping: val AUROC stopped improving
-                    print(f"early stopping after epoch {epoch + 1}: val AUROC best at epoch "
-                          f"{stopper.best_epoch + 1} ({stopper.best:.4f})", flush=True)  # fmt: skip
+                    print(
+                        f"early stopping after epoch {epoch + 1}: val AUROC best at epoch "
+                        f"{stopper.best_epoch + 1} ({stopper.best:.4f})",
+                        flush=True,
+                    )
                     break
         callbacks.on_train_end(logs)
         return epochs_done
@@ -524,12 +541,22 @@ class TrainingTask:
         ids, y, p = runs.predict(final, test_ds, cfg.eval.tta)
         runs.write_predictions(runs.predictions_path(run_dir, "test"), ids, y, p)
         result = runs.write_metrics(
-            run_dir, "test", split_metrics(y, p), cfg=cfg, model=runs.model_path(run_dir),
+            run_dir,
+            "test",
+            split_metrics(y, p),
+            cfg=cfg,
+            model=runs.model_path(run_dir),
             predictions="computed",
-        )  # fmt: skip
+        )
         ckpt.crash_point("metrics.json")
         ckpt.write_state(
-            run_dir, epochs_done, 0, self.steps, self.best, finished=True, digest=digest,
+            run_dir,
+            epochs_done,
+            0,
+            self.steps,
+            self.best,
+            finished=True,
+            digest=digest,
             stopped_early=epochs_done < t.epochs,
-        )  # fmt: skip
+        )
         return result

@@ -126,9 +126,13 @@ def make_run(run_dir: Path, build_dir: Path, model_size: int = 32, seed: int = 0
     from kerasfrac.model import build_model
 
     cfg = config.from_dict(
-        {"dataset": "synthetic", "run_dir": str(run_dir),
-         "data": {"dir": str(build_dir), "image_size": 32}, "train": {"batch_size": 8}}
-    )  # fmt: skip
+        {
+            "dataset": "synthetic",
+            "run_dir": str(run_dir),
+            "data": {"dir": str(build_dir), "image_size": 32},
+            "train": {"batch_size": 8},
+        }
+    )
     run_dir.mkdir(parents=True)
     cfg.save(run_dir / "config.yaml")
     keras.utils.set_random_seed(seed)
@@ -238,12 +242,21 @@ def make_meta_build(path: Path) -> Path:
     with tf.io.TFRecordWriter(str(path / schema.shard_name("test", 0, 1))) as w:
         for k, (label, hand, hardware) in enumerate(rows):
             encoded = encode_png(fixture_image(rng, label, 32))
-            w.write(schema.make_example(
-                encoded=encoded, image_format="png", height=32, width=32, channels=1,
-                image_id=f"t{k}.png", source="synthetic", group=f"t{k}",
-                sha256=hashlib.sha256(encoded).hexdigest(), label=label,
-                meta={"hand": hand, "hardware": hardware},
-            ).SerializeToString())  # fmt: skip
+            w.write(
+                schema.make_example(
+                    encoded=encoded,
+                    image_format="png",
+                    height=32,
+                    width=32,
+                    channels=1,
+                    image_id=f"t{k}.png",
+                    source="synthetic",
+                    group=f"t{k}",
+                    sha256=hashlib.sha256(encoded).hexdigest(),
+                    label=label,
+                    meta={"hand": hand, "hardware": hardware},
+                ).SerializeToString()
+            )
     manifest = json.loads((path / schema.MANIFEST).read_text())
     manifest["splits"]["test"] = {"fractured": 3, "normal": 3}
     manifest["shards"]["test"] = [schema.shard_name("test", 0, 1)]

@@ -198,8 +198,11 @@ def test_fused_paper_cnn_saves_reloads_and_trains_like_the_plain_one(tmp_path):
         test = f"{__file__}::test_fused_paper_cnn_saves_reloads_and_trains_like_the_plain_one"
         proc = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
-            env={**os.environ, kernels.ENV: "0"}, capture_output=True, text=True, check=False,
-        )  # fmt: skip
+            env={**os.environ, kernels.ENV: "0"},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
         return
 

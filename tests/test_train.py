@@ -252,9 +252,12 @@ def test_model_keras_loads_with_plain_keras_without_kerasfrac(trained_run):
         "print('ok', p.shape, [type(layer).__name__ for layer in m.layers if 'bn' in layer.name])\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=False,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
         cwd=run_dir.parent,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ok (2, 1)" in proc.stdout and "BatchNormalization" in proc.stdout
     assert "Fused" not in proc.stdout and n == 16
@@ -280,8 +283,17 @@ def test_run_config_paths_are_absolute_and_evaluate_works_from_another_folder(
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     assert os.getcwd() == str(elsewhere)
-    code = main(["evaluate", "--run-dir", str(work / "runs" / "rel"), "--no-plots",
-                 "--no-baseline", "--bootstrap", "0"])  # fmt: skip
+    code = main(
+        [
+            "evaluate",
+            "--run-dir",
+            str(work / "runs" / "rel"),
+            "--no-plots",
+            "--no-baseline",
+            "--bootstrap",
+            "0",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert json.loads((work / "runs" / "rel" / "metrics.json").read_text())["n"] == 16
 

@@ -179,8 +179,9 @@ def _build_into(stage: Path, dataset: str, found, opts: BuildOptions) -> dict:
         if not d["conflict"]:
             first = next((i for i in keep if cands[i].rel in d["files"]), None)
             d["split"] = split_of[first] if first is not None else None  # None: quarantined
-    shard_names, split_counts = _write_splits(stage, dataset, keep, cands, checks, split_of,
-                                              g.group_of, opts)  # fmt: skip
+    shard_names, split_counts = _write_splits(
+        stage, dataset, keep, cands, checks, split_of, g.group_of, opts
+    )
     found_counts, written, q_counts, accounting = _accounting(
         found, keep, cands, quarantined, dropped
     )
@@ -238,11 +239,14 @@ def _validate(found, opts: BuildOptions):
     # Quarantined unread: names that are not UTF-8, dangling links, links out of the source.
     unread = [(c, _unread_reason(c, found.root)) for c in found.candidates]
     bad_names = [
-        {"file": os.fsencode(c.rel).decode("utf-8", "backslashreplace"), "label": c.label,
-         "reason": reason}
+        {
+            "file": os.fsencode(c.rel).decode("utf-8", "backslashreplace"),
+            "label": c.label,
+            "reason": reason,
+        }
         for c, reason in unread
         if reason
-    ]  # fmt: skip
+    ]
     cands = [c for c, reason in unread if not reason]
     paths = [c.path for c in cands]
     checks = validation.check_all(
@@ -388,8 +392,19 @@ def _group(keep, cands, checks, opts: BuildOptions, quarantined: list) -> _Group
         # A group of mixed labels (similar images the pixel check calls distinct, or one
         # patient's images) is stratified by its majority label, ties as fractured.
         groups[g] = (int(2 * n_fractured >= len(members)), len(members))
-    return _Grouping(keep, reps, pairs, other_aspect, conflict_pairs, conflict_reps, near_roots,
-                     user, group_of, members_of, groups)  # fmt: skip
+    return _Grouping(
+        keep,
+        reps,
+        pairs,
+        other_aspect,
+        conflict_pairs,
+        conflict_reps,
+        near_roots,
+        user,
+        group_of,
+        members_of,
+        groups,
+    )
 
 
 def _near_summary(g: _Grouping, cands, checks, opts: BuildOptions, quarantined) -> dict:
