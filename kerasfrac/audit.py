@@ -136,12 +136,18 @@ def _thumbnail(encoded: bytes, fmt: str) -> np.ndarray:
     return small.numpy()[..., 0]
 
 
-def features(build_dir, split: str) -> Table:
-    """The non-anatomical features of every image of ``split`` (records in read order)."""
-    from tfrecords_builder.reader import read_split
+def _build(build):
+    """``build`` itself, or the build in that directory (``tfrecords_builder.reader.Build``)."""
+    from tfrecords_builder.reader import Build
 
+    return build if isinstance(build, Build) else Build.load(build)
+
+
+def features(build, split: str) -> Table:
+    """The non-anatomical features of every image of ``split`` of ``build`` (a ``Build`` or
+    its directory), records in read order."""
     ids, labels, rows, meta, groups = [], [], [], {c: [] for c in schema.META_COLUMNS}, []
-    for ex in read_split(build_dir, split, decode=False).as_numpy_iterator():
+    for ex in _build(build).read(split, decode=False).as_numpy_iterator():
         encoded, fmt = ex["encoded"], ex["format"].decode()
         h, w, c = int(ex["height"]), int(ex["width"]), int(ex["channels"])
         size = {"height": h, "width": w, "aspect": h / w, "pixels": h * w, "channels": c}
@@ -213,13 +219,14 @@ def predict(model, x: np.ndarray) -> np.ndarray:
         return model.predict_proba(x)[:, 1]
 
 
-def baseline_probabilities(build_dir, split: str = "test", seed: int = 0) -> dict:
+def baseline_probabilities(build, split: str = "test", seed: int = AuditOptions.seed) -> dict:
     """``{"ids", "labels", "probs", "probs_without_metadata", "groups", "meta", "height",
     "width"}``: the no-anatomy baseline (all feature families, fitted on train) applied to
     ``split``; ``probs_without_metadata`` (None where the records carry no metadata): the
     same without the dataset's metadata columns (image and file statistics only)."""
-    train = features(build_dir, "train")
-    test = features(build_dir, split)
+    build = _build(build)
+    train = features(build, "train")
+    test = features(build, split)
     model, cols = fit_baseline(train, seed=seed)
     probs = predict(model, test.x[:, cols])
     without = None
@@ -295,12 +302,12 @@ def audit(
     """Audit a build: writes ``audit.json``, ``audit.md`` and ``audit.png`` into ``out_dir``
     (default ``BUILD_DIR/audit``) and returns the JSON dict."""
     from kerasfrac.metrics import auroc_ci
-    from tfrecords_builder.reader import load_manifest
 
     build_dir = Path(build_dir)
-    manifest = load_manifest(build_dir)
+    build = _build(build_dir)
+    manifest = build.manifest
     out_dir = Path(out_dir) if out_dir else build_dir / "audit"
-    tables = {s: features(build_dir, s) for s in schema.SPLITS}
+    tables = {s: features(build, s) for s in schema.SPLITS}
     train, test = tables["train"], tables["test"]
     if test.labels.size == 0:
         raise ValueError(f"the test split of {str(build_dir)!r} is empty: nothing to audit")

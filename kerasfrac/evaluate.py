@@ -135,7 +135,7 @@ def evaluate_run(
     )
     if baseline:
         result["no_anatomy_baseline"] = baseline_comparison(
-            cfg.data.dir,
+            build,
             split,
             ids,
             labels,
@@ -157,15 +157,15 @@ def evaluate_run(
 
 
 def baseline_comparison(
-    build_dir,
+    build,
     split: str,
     ids,
     labels,
     probs,
     *,
     groups=None,
-    n_bootstrap: int = 1000,
-    seed: int = 0,
+    n_bootstrap: int = EvaluateOptions.n_bootstrap,
+    seed: int = EvaluateOptions.seed,
 ) -> dict:
     """The model beside the no-anatomy baseline of ``kerasfrac.audit`` on the same images.
 
@@ -178,7 +178,7 @@ def baseline_comparison(
     from kerasfrac.metrics import auroc_ci, paired_auroc_difference, size_band
 
     try:
-        base = audit.baseline_probabilities(build_dir, split, seed=seed)
+        base = audit.baseline_probabilities(build, split, seed=seed)
     except ValueError as err:
         return {"unavailable": str(err)}
     order = {i: k for k, i in enumerate(base["ids"])}

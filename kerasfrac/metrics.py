@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn import metrics as skm
 
+from kerasfrac.names import N_BOOTSTRAP
+
 #: Metrics that get bootstrap confidence intervals.
 CI_METRICS = ("accuracy", "auroc", "sensitivity", "specificity")
 #: Subgroups of the baseline comparison get AUROCs only with this many images of each class.
@@ -55,7 +57,7 @@ def has_groups(groups) -> bool:
     return groups is not None and len(set(groups)) < len(groups)
 
 
-def resamples(n: int, groups=None, n_resamples: int = 1000, seed: int = 0):
+def resamples(n: int, groups=None, n_resamples: int = N_BOOTSTRAP, seed: int = 0):
     """Yield ``n_resamples`` index arrays: images drawn with replacement, or, where ``groups``
     puts images together, whole groups drawn with replacement (as many groups as there are)."""
     rng = np.random.default_rng(seed)
@@ -84,7 +86,13 @@ def _interval(values: list[float | None], n_resamples: int, level: float) -> dic
 
 
 def auroc_ci(
-    labels, scores, *, groups=None, n_resamples: int = 1000, seed: int = 0, level: float = 0.95
+    labels,
+    scores,
+    *,
+    groups=None,
+    n_resamples: int = N_BOOTSTRAP,
+    seed: int = 0,
+    level: float = 0.95,
 ) -> dict:
     """``{"auroc", "ci95", "undefined_share", "resampled", "n_resamples", "seed"}``; ``ci95``
     is None when fewer than half of the resamples define the AUROC."""
@@ -106,7 +114,7 @@ def paired_auroc_difference(
     scores_b,
     *,
     groups=None,
-    n_resamples: int = 1000,
+    n_resamples: int = N_BOOTSTRAP,
     seed: int = 0,
     level: float = 0.95,
 ) -> dict:
@@ -222,7 +230,7 @@ def bootstrap_ci(
     labels,
     probs,
     threshold: float = 0.5,
-    n_resamples: int = 1000,
+    n_resamples: int = N_BOOTSTRAP,
     seed: int = 0,
     level: float = 0.95,
     groups=None,
@@ -332,7 +340,7 @@ def split_metrics(
     threshold: float = 0.5,
     *,
     val=None,
-    n_bootstrap: int = 1000,
+    n_bootstrap: int = N_BOOTSTRAP,
     seed: int = 0,
     meta: dict[str, np.ndarray] | None = None,
     groups=None,

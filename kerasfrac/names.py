@@ -14,6 +14,7 @@ __all__ = [
     "FLIPS",
     "HEADS",
     "MODEL_NAMES",
+    "N_BOOTSTRAP",
     "OPTIMIZERS",
     "PRECISIONS",
     "RESIZES",
@@ -37,6 +38,8 @@ TTAS = ("none", "flip")
 HEADS = ("gap", "heatmap")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 DISTRIBUTES = ("auto", "none", "mirrored", "multi_worker")
+#: Bootstrap resamples of every confidence interval (evaluate, audit, kerasfrac.metrics).
+N_BOOTSTRAP = 1000
 #: Class-activation maps (kerasfrac.gradcam): the methods, and the class a map explains.
 CAM_METHODS = ("gradcam", "hirescam")
 CAM_TARGETS = ("label", "predicted", "fractured", "normal")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kerasfrac.config import TrainConfig
-from kerasfrac.names import CAM_METHODS, CAM_TARGETS, SPLITS
+from kerasfrac.names import CAM_METHODS, CAM_TARGETS, N_BOOTSTRAP, SPLITS
 from tfrecords_builder.defaults import DEFAULT_MAX_PIXELS
 
 
@@ -217,7 +217,7 @@ class ExplainOptions:
 class EvaluateOptions:
     split: str = option("test", "split to evaluate", choices=("test", "val"))
     n_bootstrap: int = option(
-        1000, "bootstrap resamples (0: no CIs)", flag="--bootstrap", metavar="N"
+        N_BOOTSTRAP, "bootstrap resamples (0: no CIs)", flag="--bootstrap", metavar="N"
     )
     seed: int = option(0, "bootstrap seed")
     recompute: bool = option(False, "predict again even if predictions exist")
@@ -265,4 +265,4 @@ class ReportOptions:
 class AuditOptions:
     out: str | None = option(None, "output folder", default_text="DATA_DIR/audit")
     seed: int = option(0, "classifier and bootstrap seed")
-    n_bootstrap: int = option(1000, "bootstrap resamples", flag="--bootstrap", metavar="N")
+    n_bootstrap: int = option(N_BOOTSTRAP, "bootstrap resamples", flag="--bootstrap", metavar="N")
