@@ -35,6 +35,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from kerasfrac.options import BenchOptions
+
 WHAT = ("input", "train", "fit", "build")
 
 
@@ -392,8 +394,8 @@ def default_precisions(cfg) -> list[str]:
 def run(
     cfg,
     what=WHAT,
-    steps: int = 20,
-    repeats: int = 3,
+    steps: int = BenchOptions.steps,
+    repeats: int = BenchOptions.repeats,
     precisions=None,
     source=None,
     source_dataset=None,

@@ -205,19 +205,7 @@ def add_bench(sub) -> None:
     )
     p.add_argument("--config", help="YAML config (its data.dir must be a build)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--what", default="all", help="input,train,fit,build or all (default)")
-    p.add_argument("--steps", type=int, default=20, help="batches timed per repeat")
-    p.add_argument("--repeats", type=int, default=3, help="repeats (median, min, max)")
-    p.add_argument(
-        "--precisions",
-        help="precisions tried with train.fast, e.g. float32,mixed_bfloat16 "
-        "(default: the config's, and mixed_float16 on a GPU or mixed_bfloat16 on a CPU with "
-        "bfloat16 units)",
-    )
-    p.add_argument("--source", help="build: dataset folder (default: synthetic phantoms)")
-    p.add_argument("--source-dataset", help="build: layout of --source (default: config's)")
-    p.add_argument("--workers", type=int, help="build: threads (default: all cores)")
-    p.add_argument("--json", help="also write the figures to this JSON file")
+    options.add_arguments(p, options.BenchOptions)
     p.set_defaults(func=run_bench)
 
 
@@ -226,22 +214,15 @@ def run_bench(args) -> int:
 
     cfg = config.load_config(args.config, args.overrides)
     print(f"CPU kernels (input, fit): {kernels.request_onednn(cfg.train.fast)}")
-    what = bench.WHAT if args.what == "all" else tuple(w.strip() for w in args.what.split(","))
-    precisions = args.precisions.split(",") if args.precisions else None
+    o = options.from_args(options.BenchOptions, args)
+    what = bench.WHAT if o.what == ("all",) else o.what
     result = bench.run(
-        cfg,
-        what,
-        args.steps,
-        args.repeats,
-        precisions,
-        args.source,
-        args.source_dataset,
-        args.workers,
+        cfg, what, o.steps, o.repeats, o.precisions, o.source, o.source_dataset, o.workers
     )
     print(bench.table(result))
-    if args.json:
-        bench.write_json(result, args.json)
-        print(f"figures written to {args.json}")
+    if o.json:
+        bench.write_json(result, o.json)
+        print(f"figures written to {o.json}")
     return 0
 
 

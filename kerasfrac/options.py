@@ -266,3 +266,25 @@ class AuditOptions:
     out: str | None = option(None, "output folder", default_text="DATA_DIR/audit")
     seed: int = option(0, "classifier and bootstrap seed")
     n_bootstrap: int = option(N_BOOTSTRAP, "bootstrap resamples", flag="--bootstrap", metavar="N")
+
+
+# --------------------------------------------------------------------------- bench
+
+
+@dataclass
+class BenchOptions:
+    what: tuple[str, ...] = option(("all",), "input,train,fit,build or all")
+    steps: int = option(20, "batches timed per repeat")
+    repeats: int = option(3, "repeats (median, min, max)")
+    precisions: list[str] | None = option(
+        None,
+        "precisions tried with train.fast, e.g. float32,mixed_bfloat16",
+        default_text="the config's, and mixed_float16 on a GPU or mixed_bfloat16 on a CPU "
+        "with bfloat16 units",
+    )
+    source: str | None = option(None, "build: dataset folder", default_text="synthetic phantoms")
+    source_dataset: str | None = option(
+        None, "build: layout of --source", default_text="the config's dataset"
+    )
+    workers: int | None = option(None, "build: threads", default_text="all cores")
+    json: str | None = option(None, "also write the figures to this JSON file")
