@@ -132,16 +132,6 @@ def pixel_limit_problem(data: bytes, kind: str, max_pixels: int) -> str | None:
     return None
 
 
-def load_predictor(model_path: str | Path):
-    """``(cfg, model, threshold, threshold_source)`` of the run that holds ``model_path``."""
-    from kerasfrac import runs
-
-    if not Path(model_path).is_file():
-        raise ValueError(f"model file {str(model_path)!r} does not exist")
-    cfg, model, _ = runs.load_model(model_file=model_path)
-    return (cfg, model, *runs.youden_threshold(runs.run_dir_of(model_path)))
-
-
 def predict_files(
     model_path,
     paths,
@@ -152,12 +142,14 @@ def predict_files(
     """``(predictions, skipped [(path, reason)], threshold, threshold source)``."""
     import tensorflow as tf
 
+    from kerasfrac import runs
     from kerasfrac.data import preprocess
     from kerasfrac.model import predict_probs
 
     if threshold is not None and not 0.0 <= threshold <= 1.0:  # also catches nan
         raise ValueError(f"--threshold must be a probability in [0, 1]; got {threshold!r}")
-    cfg, model, run_threshold, source = load_predictor(model_path)
+    cfg, model, _ = runs.load_model(model_file=model_path)
+    run_threshold, source = runs.youden_threshold(runs.run_dir_of(model_path))
     if threshold is None:
         threshold = run_threshold
     else:

@@ -137,8 +137,10 @@ def load_model(run_dir=None, model_file=None):
         if model_file is None:
             raise ValueError("pass a run directory or a model file")
         run_dir = run_dir_of(model_file)
-    cfg = load_config(run_dir)
     path = Path(model_file) if model_file else model_path(run_dir)
+    if model_file is not None and not path.is_file():
+        raise ValueError(f"model file {str(path)!r} does not exist")
+    cfg = load_config(run_dir)
     if not path.is_file():
         best = best_path(run_dir)
         hint = f" (a checkpoint exists: --model {best})" if best.is_file() else ""
