@@ -152,7 +152,10 @@ def add_train(sub) -> None:
     p.add_argument("--run-dir", help="run directory (overrides run_dir)")
     resume = p.add_mutually_exclusive_group()
     resume.add_argument(
-        "--resume", action="store_true", help="continue an interrupted run from its last checkpoint"
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from its last checkpoint, or a finished one to more "
+        "epochs (--set train.epochs=N); without --config the run's own config.yaml is used",
     )
     resume.add_argument(
         "--auto-resume",
