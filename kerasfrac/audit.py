@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kerasfrac.options import AuditOptions
 from tfrecords_builder import schema
 
 #: Metadata columns that are (or count) the label: never features.
@@ -135,12 +136,18 @@ def _thumbnail(encoded: bytes, fmt: str) -> np.ndarray:
     return small.numpy()[..., 0]
 
 
-def features(build_dir, split: str) -> Table:
-    """The non-anatomical features of every image of ``split`` (records in read order)."""
-    from tfrecords_builder.reader import read_split
+def _build(build):
+    """``build`` itself, or the build in that directory (``tfrecords_builder.reader.Build``)."""
+    from tfrecords_builder.reader import Build
 
+    return build if isinstance(build, Build) else Build.load(build)
+
+
+def features(build, split: str) -> Table:
+    """The non-anatomical features of every image of ``split`` of ``build`` (a ``Build`` or
+    its directory), records in read order."""
     ids, labels, rows, meta, groups = [], [], [], {c: [] for c in schema.META_COLUMNS}, []
-    for ex in read_split(build_dir, split, decode=False).as_numpy_iterator():
+    for ex in _build(build).read(split, decode=False).as_numpy_iterator():
         encoded, fmt = ex["encoded"], ex["format"].decode()
         h, w, c = int(ex["height"]), int(ex["width"]), int(ex["channels"])
         size = {"height": h, "width": w, "aspect": h / w, "pixels": h * w, "channels": c}
@@ -191,9 +198,12 @@ def fit_baseline(train: Table, columns: list[int] | None = None, seed: int = 0):
 
     cols = list(range(train.x.shape[1])) if columns is None else columns
     model = HistGradientBoostingClassifier(
-        max_iter=200, learning_rate=0.05, max_leaf_nodes=15, l2_regularization=1.0,
+        max_iter=200,
+        learning_rate=0.05,
+        max_leaf_nodes=15,
+        l2_regularization=1.0,
         random_state=seed,
-    )  # fmt: skip
+    )
     # One OpenMP thread: on a few thousand rows threads only wait for each other (on a busy
     # 2-core machine a 120-row fit took 11 s with the default threads).
     with threadpool_limits(limits=1, user_api="openmp"):
@@ -209,13 +219,14 @@ def predict(model, x: np.ndarray) -> np.ndarray:
         return model.predict_proba(x)[:, 1]
 
 
-def baseline_probabilities(build_dir, split: str = "test", seed: int = 0) -> dict:
+def baseline_probabilities(build, split: str = "test", seed: int = AuditOptions.seed) -> dict:
     """``{"ids", "labels", "probs", "probs_without_metadata", "groups", "meta", "height",
     "width"}``: the no-anatomy baseline (all feature families, fitted on train) applied to
     ``split``; ``probs_without_metadata`` (None where the records carry no metadata): the
     same without the dataset's metadata columns (image and file statistics only)."""
-    train = features(build_dir, "train")
-    test = features(build_dir, split)
+    build = _build(build)
+    train = features(build, "train")
+    test = features(build, split)
     model, cols = fit_baseline(train, seed=seed)
     probs = predict(model, test.x[:, cols])
     without = None
@@ -271,22 +282,32 @@ def size_table(tables: dict[str, Table], top: int = 8) -> list[dict]:
         n0 = sum(r["normal"] for r in rest)
         n1 = sum(r["fractured"] for r in rest)
         rows = rows[:top] + [
-            {"size": f"other ({len(rest)} sizes)", "normal": n0, "fractured": n1,
-             "fractured_share": n1 / max(1, n0 + n1)}
-        ]  # fmt: skip
+            {
+                "size": f"other ({len(rest)} sizes)",
+                "normal": n0,
+                "fractured": n1,
+                "fractured_share": n1 / max(1, n0 + n1),
+            }
+        ]
     return rows
 
 
-def audit(build_dir, out_dir=None, *, seed: int = 0, n_bootstrap: int = 1000) -> dict:
+def audit(
+    build_dir,
+    out_dir=None,
+    *,
+    seed: int = AuditOptions.seed,
+    n_bootstrap: int = AuditOptions.n_bootstrap,
+) -> dict:
     """Audit a build: writes ``audit.json``, ``audit.md`` and ``audit.png`` into ``out_dir``
     (default ``BUILD_DIR/audit``) and returns the JSON dict."""
     from kerasfrac.metrics import auroc_ci
-    from tfrecords_builder.reader import load_manifest
 
     build_dir = Path(build_dir)
-    manifest = load_manifest(build_dir)
+    build = _build(build_dir)
+    manifest = build.manifest
     out_dir = Path(out_dir) if out_dir else build_dir / "audit"
-    tables = {s: features(build_dir, s) for s in schema.SPLITS}
+    tables = {s: features(build, s) for s in schema.SPLITS}
     train, test = tables["train"], tables["test"]
     if test.labels.size == 0:
         raise ValueError(f"the test split of {str(build_dir)!r} is empty: nothing to audit")
@@ -416,9 +437,12 @@ def _figure(path: Path, tables: dict[str, Table], r: dict) -> Path:
     y = np.arange(len(sizes))
     ax[0].barh(y, [s["normal"] for s in sizes], label="normal", color="tab:blue")
     ax[0].barh(
-        y, [s["fractured"] for s in sizes], left=[s["normal"] for s in sizes], label="fractured",
+        y,
+        [s["fractured"] for s in sizes],
+        left=[s["normal"] for s in sizes],
+        label="fractured",
         color="tab:red",
-    )  # fmt: skip
+    )
     ax[0].set_yticks(y, [f"{s['size']} ({s['fractured_share']:.0%})" for s in sizes], fontsize=7)
     ax[0].invert_yaxis()
     ax[0].set_title("image sizes by class (fractured share)")
@@ -439,9 +463,10 @@ def _figure(path: Path, tables: dict[str, Table], r: dict) -> Path:
     return path
 
 
-def main(args) -> int:
-    r = audit(args.data_dir, args.out, seed=args.seed, n_bootstrap=args.bootstrap)
+def main(data_dir, opts: AuditOptions) -> int:
+    """``kerasfrac audit``: see ``cli.add_audit``."""
+    r = audit(data_dir, opts.out, seed=opts.seed, n_bootstrap=opts.n_bootstrap)
     print(markdown(r))
-    out = Path(args.out) if args.out else Path(args.data_dir) / "audit"
+    out = Path(opts.out) if opts.out else Path(data_dir) / "audit"
     print(f"written: {out / 'audit.md'}, {out / 'audit.json'}, {out / 'audit.png'}")
     return 0

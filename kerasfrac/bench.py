@@ -35,6 +35,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from kerasfrac.options import BenchOptions
+
 WHAT = ("input", "train", "fit", "build")
 
 
@@ -108,8 +110,9 @@ def bench_input_vs_plain(cfg, steps: int, repeats: int) -> dict:
             w, c = _rates(makers[k], steps)
             wall[k].append(w)
             cpu[k].append(c)
-    out = {k: {**_spread(wall[k]), "images_per_cpu_second": statistics.median(cpu[k])}
-           for k in makers}  # fmt: skip
+    out = {
+        k: {**_spread(wall[k]), "images_per_cpu_second": statistics.median(cpu[k])} for k in makers
+    }
     out["ratio"] = (
         out["kerasfrac"]["images_per_second"] / out["plain keras-io"]["images_per_second"]
     )
@@ -128,9 +131,14 @@ def bench_input(cfg, steps: int, repeats: int) -> dict:
         _progress(f"input {label}")
         data_cfg = dataclasses.replace(cfg.data, cache=cache)
         ds, epoch_steps = data.make_dataset(
-            None, "train", data_cfg, cfg.train.batch_size, cfg.train.seed, training=True,
+            None,
+            "train",
+            data_cfg,
+            cfg.train.batch_size,
+            cfg.train.seed,
+            training=True,
             dataset=cfg.dataset,
-        )  # fmt: skip
+        )
         it = iter(ds.repeat())
         warm = 2 if cache == "none" else (epoch_steps or steps)  # one epoch fills the cache
         for _ in range(warm):
@@ -157,9 +165,13 @@ def _model_and_step(cfg, precision: str):
     # with model.box_head the heat-map loss, fed masks as in training.
     weights = (1.0, 1.0) if cfg.train.class_weight != "none" else None
     step = train.make_train_step(
-        model, strategy, cfg.train.batch_size, label_smoothing=cfg.train.label_smoothing,
-        weights=weights, box_loss_weight=cfg.train.box_loss_weight,
-    )  # fmt: skip
+        model,
+        strategy,
+        cfg.train.batch_size,
+        label_smoothing=cfg.train.label_smoothing,
+        weights=weights,
+        box_loss_weight=cfg.train.box_loss_weight,
+    )
     return model, step
 
 
@@ -208,8 +220,11 @@ def measure_train_step(cfg, steps: int, repeats: int) -> dict:
             rates.append(steps * shape[0] / (time.perf_counter() - start))
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    return {**_spread(rates), "onednn": kernels.onednn_enabled(),
-            "fused_batchnorm": uses_fused_batchnorm(model)}  # fmt: skip
+    return {
+        **_spread(rates),
+        "onednn": kernels.onednn_enabled(),
+        "fused_batchnorm": uses_fused_batchnorm(model),
+    }
 
 
 def bench_train(cfg, steps: int, repeats: int, precisions: list[str]) -> dict:
@@ -233,8 +248,11 @@ def bench_train(cfg, steps: int, repeats: int, precisions: list[str]) -> dict:
         }
         proc = subprocess.run(
             [sys.executable, "-m", "kerasfrac.bench", "--train-step", json.dumps(spec)],
-            env=env, capture_output=True, text=True, check=False,
-        )  # fmt: skip
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if proc.returncode != 0:
             raise RuntimeError(
                 f"bench: the training-step measurement for {label!r} failed "
@@ -256,9 +274,15 @@ def bench_fit(cfg, steps: int, repeats: int) -> dict:
     try:
         _, step = _model_and_step(cfg, cfg.train.precision)
         ds, epoch_steps = data.make_dataset(
-            None, "train", cfg.data, cfg.train.batch_size, cfg.train.seed, training=True,
-            dataset=cfg.dataset, with_boxes=cfg.model.box_head,
-        )  # fmt: skip
+            None,
+            "train",
+            cfg.data,
+            cfg.train.batch_size,
+            cfg.train.seed,
+            training=True,
+            dataset=cfg.dataset,
+            with_boxes=cfg.model.box_head,
+        )
         it = iter(ds.repeat())
         flag = tf.constant(0, tf.int32)
         for _ in range(min(epoch_steps or steps, 4 * steps)):  # warm the cache and the trace
@@ -274,8 +298,11 @@ def bench_fit(cfg, steps: int, repeats: int) -> dict:
         keras.mixed_precision.set_global_policy("float32")
     out = _spread(rates)
     epoch = epoch_images(cfg, epoch_steps)
-    out.update(epoch_images=epoch, epochs=cfg.train.epochs,
-               train_minutes=cfg.train.epochs * epoch / out["images_per_second"] / 60)  # fmt: skip
+    out.update(
+        epoch_images=epoch,
+        epochs=cfg.train.epochs,
+        train_minutes=cfg.train.epochs * epoch / out["images_per_second"] / 60,
+    )
     return out
 
 
@@ -364,8 +391,16 @@ def default_precisions(cfg) -> list[str]:
     return [cfg.train.precision]
 
 
-def run(cfg, what=WHAT, steps: int = 20, repeats: int = 3, precisions=None, source=None,
-        source_dataset=None, workers=None) -> dict:  # fmt: skip
+def run(
+    cfg,
+    what=WHAT,
+    steps: int = BenchOptions.steps,
+    repeats: int = BenchOptions.repeats,
+    precisions=None,
+    source=None,
+    source_dataset=None,
+    workers=None,
+) -> dict:
     unknown = set(what) - set(WHAT)
     if unknown:
         raise ValueError(f"--what {sorted(unknown)}: expected some of {','.join(WHAT)}")
@@ -373,15 +408,21 @@ def run(cfg, what=WHAT, steps: int = 20, repeats: int = 3, precisions=None, sour
         raise ValueError(f"--steps {steps} / --repeats {repeats}: both must be at least 1")
     precisions = list(dict.fromkeys(precisions or default_precisions(cfg)))
     result = {
-        "config": {"dataset": cfg.dataset, "image_size": cfg.data.image_size,
-                   "batch_size": cfg.train.batch_size, "flips": cfg.data.flips,
-                   "oversample": cfg.data.oversample, "model": cfg.model.name,
-                   "precision": cfg.train.precision, "fast": cfg.train.fast},
+        "config": {
+            "dataset": cfg.dataset,
+            "image_size": cfg.data.image_size,
+            "batch_size": cfg.train.batch_size,
+            "flips": cfg.data.flips,
+            "oversample": cfg.data.oversample,
+            "model": cfg.model.name,
+            "precision": cfg.train.precision,
+            "fast": cfg.train.fast,
+        },
         "steps": steps,
         "repeats": repeats,
         "cpu_count": os.cpu_count(),
         "gpus": gpu_names(),
-    }  # fmt: skip
+    }
     if "input" in what or "fit" in what:
         from kerasfrac import data
 
@@ -391,8 +432,11 @@ def run(cfg, what=WHAT, steps: int = 20, repeats: int = 3, precisions=None, sour
         _progress("input: kerasfrac against the plain keras-io pipeline")
         result["input_vs_plain"] = bench_input_vs_plain(cfg, steps, repeats)
         per_image = data.cache_bytes_per_image(cfg.data)
-        result["cache"] = {"dtype": "uint8", "bytes_per_image": per_image,
-                           "float32_bytes_per_image": 4 * per_image}  # fmt: skip
+        result["cache"] = {
+            "dtype": "uint8",
+            "bytes_per_image": per_image,
+            "float32_bytes_per_image": 4 * per_image,
+        }
     if "train" in what:
         result["train"] = bench_train(cfg, steps, repeats, precisions)
     if "fit" in what:
@@ -418,8 +462,9 @@ def table(result: dict) -> str:
     rows = [("measure", "images/s (median)", "min", "max", "note")]
 
     def add(name, s, note=""):
-        rows.append((name, f"{s['images_per_second']:.1f}", f"{s['min']:.1f}", f"{s['max']:.1f}",
-                     note))  # fmt: skip
+        rows.append(
+            (name, f"{s['images_per_second']:.1f}", f"{s['min']:.1f}", f"{s['max']:.1f}", note)
+        )
 
     for k, v in result.get("input", {}).items():
         ratio = result.get("input_over_train", {}).get(k)
@@ -427,30 +472,41 @@ def table(result: dict) -> str:
     if "input_vs_plain" in result:
         p = result["input_vs_plain"]
         add("input plain keras-io", p["plain keras-io"], "decode_jpeg + bilinear, same shards")
-        add("input kerasfrac uncached", p["kerasfrac"], f"{p['ratio']:.2f}x the plain pipeline "
-            f"({p['cpu_ratio']:.2f}x in CPU time)")  # fmt: skip
+        add(
+            "input kerasfrac uncached",
+            p["kerasfrac"],
+            f"{p['ratio']:.2f}x the plain pipeline ({p['cpu_ratio']:.2f}x in CPU time)",
+        )
     for k, v in result.get("train", {}).items():
         kernels = f"oneDNN {'on' if v['onednn'] else 'off'}, " if v["onednn"] is not None else ""
         bn = "fused BN" if v["fused_batchnorm"] else "Keras BN"
         add(f"train {k}", v, f"{v['speedup']:.2f}x plain float32 ({kernels}{bn})")
     if "fit" in result:
         f = result["fit"]
-        add("fit (input + train)", f, f"{f['epoch_images']} img/epoch: {f['train_minutes']:.1f} "
-            f"min for {f['epochs']} epochs (training steps only)")  # fmt: skip
+        add(
+            "fit (input + train)",
+            f,
+            f"{f['epoch_images']} img/epoch: {f['train_minutes']:.1f} "
+            f"min for {f['epochs']} epochs (training steps only)",
+        )
     if "build" in result:
         b = result["build"]
         add("decode floor", b["decode_floor"], f"{b['files']} files, {b['workers']} threads")
         add("build", b["build"], f"{b['build_over_floor']:.2f}x the floor's time")
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     c = result["config"]
-    head = (f"kerasfrac bench: {c['dataset']} {c['image_size']}px batch {c['batch_size']} "
-            f"flips={c['flips']} model={c['model']}, {result['cpu_count']} CPUs, "
-            f"GPU: {', '.join(result.get('gpus') or ['none'])}")  # fmt: skip
+    head = (
+        f"kerasfrac bench: {c['dataset']} {c['image_size']}px batch {c['batch_size']} "
+        f"flips={c['flips']} model={c['model']}, {result['cpu_count']} CPUs, "
+        f"GPU: {', '.join(result.get('gpus') or ['none'])}"
+    )
     lines = [head] + ["  ".join(x.ljust(w) for x, w in zip(r, widths)) for r in rows]
     if "cache" in result:
         cache = result["cache"]
-        lines.append(f"cache: {cache['bytes_per_image']:,} bytes per image ({cache['dtype']}; "
-                     f"float32 would be {cache['float32_bytes_per_image']:,})")  # fmt: skip
+        lines.append(
+            f"cache: {cache['bytes_per_image']:,} bytes per image ({cache['dtype']}; "
+            f"float32 would be {cache['float32_bytes_per_image']:,})"
+        )
     return "\n".join(lines)
 
 

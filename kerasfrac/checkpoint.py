@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kerasfrac import runs
+
 STATE = "state.json"
 GEN_PREFIX = "gen-"
 #: Test-only fault injection: ``KERASFRAC_CRASH_AT=N`` SIGKILLs the process at the Nth
@@ -105,7 +107,7 @@ def save_model(model, path: Path) -> None:
 
 
 def state_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints" / STATE
+    return runs.checkpoints_dir(run_dir) / STATE
 
 
 def read_state(run_dir: Path) -> dict | None:
@@ -132,7 +134,7 @@ def has_checkpoint(state: dict | None, run_dir: Path) -> bool:
         return False
     if "checkpoint" in state:
         return state["checkpoint"] is not None
-    return (Path(run_dir) / "checkpoints" / "last.keras").is_file()
+    return (runs.checkpoints_dir(run_dir) / "last.keras").is_file()
 
 
 def write_state(run_dir, epoch, step, steps, best, finished, digest=None, **extra) -> None:
@@ -141,8 +143,13 @@ def write_state(run_dir, epoch, step, steps, best, finished, digest=None, **extr
     # ModelCheckpoint.best is None until the first epoch ends, +-inf in some Keras versions.
     value = getattr(best, "best", best)
     value = float(value) if isinstance(value, int | float) and math.isfinite(value) else None
-    state = {"epoch": epoch, "step": step, "steps_per_epoch": steps, "best_val_auroc": value,
-             "finished": finished}  # fmt: skip
+    state = {
+        "epoch": epoch,
+        "step": step,
+        "steps_per_epoch": steps,
+        "best_val_auroc": value,
+        "finished": finished,
+    }
     for key in ("checkpoint", "generation", "best_stat"):
         state[key] = extra.get(key, previous.get(key))
     if "stopped_early" in extra:  # train.early_stopping_patience ended the run
@@ -154,7 +161,7 @@ def write_state(run_dir, epoch, step, steps, best, finished, digest=None, **extr
 
 def begin(run_dir: Path) -> None:
     """Mark ``run_dir`` as a run that started and has no checkpoint yet."""
-    (Path(run_dir) / "checkpoints").mkdir(parents=True, exist_ok=True)
+    runs.checkpoints_dir(run_dir).mkdir(parents=True, exist_ok=True)
     write_state(run_dir, 0, 0, None, None, finished=False, checkpoint=None, generation=0)
     crash_point("begin")
 
@@ -173,28 +180,31 @@ def _stat(path: Path) -> list[int] | None:
 def save(run_dir: Path, model, epoch: int, step: int, steps: int, best, accum=None) -> None:
     """Commit a checkpoint after ``step`` steps of epoch ``epoch`` (step 0: epoch finished)."""
     run_dir = Path(run_dir)
-    ckpt = run_dir / "checkpoints"
+    ckpt = runs.checkpoints_dir(run_dir)
     previous = read_state(run_dir) or {}
     generation = int(previous.get("generation") or 0) + 1
     name = f"{GEN_PREFIX}{generation:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ckpt))
-    model.save(tmp / "model.keras")
+    model.save(tmp / runs.MODEL)
     if step:
-        arrays = {f"{key}_{i}": a for key, parts in zip(("loss", "prob", "label"), accum)
-                  for i, a in enumerate(parts)}  # fmt: skip
+        arrays = {
+            f"{key}_{i}": a
+            for key, parts in zip(("loss", "prob", "label"), accum)
+            for i, a in enumerate(parts)
+        }
         with open(tmp / "partial_epoch.npz", "wb") as f:
             np.savez(f, **arrays)
-    if (run_dir / "history.csv").is_file():
-        shutil.copyfile(run_dir / "history.csv", tmp / "history.csv")
-    best_file, best_stat = ckpt / "best.keras", _stat(ckpt / "best.keras")
+    if runs.history_path(run_dir).is_file():
+        shutil.copyfile(runs.history_path(run_dir), tmp / runs.HISTORY)
+    best_file, best_stat = runs.best_path(run_dir), _stat(runs.best_path(run_dir))
     if best_stat is not None:
-        kept = ckpt / str(previous.get("checkpoint")) / "best.keras"
+        kept = ckpt / str(previous.get("checkpoint")) / runs.BEST
         try:  # unchanged since the last generation: link it (generations are never rewritten)
             if best_stat != previous.get("best_stat") or not kept.is_file():
                 raise FileNotFoundError(kept)
-            os.link(kept, tmp / "best.keras")
+            os.link(kept, tmp / runs.BEST)
         except OSError:  # changed, or a file system without hard links
-            shutil.copyfile(best_file, tmp / "best.keras")
+            shutil.copyfile(best_file, tmp / runs.BEST)
     for f in tmp.iterdir():
         _fsync_file(f)
     _fsync_dir(tmp)
@@ -204,8 +214,17 @@ def save(run_dir: Path, model, epoch: int, step: int, steps: int, best, accum=No
     os.rename(tmp, ckpt / name)
     _fsync_dir(ckpt)
     crash_point(f"{name} renamed")
-    write_state(run_dir, epoch, step, steps, best, finished=False, checkpoint=name,
-                generation=generation, best_stat=best_stat)  # fmt: skip
+    write_state(
+        run_dir,
+        epoch,
+        step,
+        steps,
+        best,
+        finished=False,
+        checkpoint=name,
+        generation=generation,
+        best_stat=best_stat,
+    )
     crash_point(f"{name} committed")
     remove_stale(ckpt, keep=name)
     crash_point(f"{name} cleaned")
@@ -221,11 +240,11 @@ def remove_stale(ckpt: Path, keep: str | None) -> None:
 
 
 def _folder(run_dir: Path, state: dict) -> Path:
-    ckpt = Path(run_dir) / "checkpoints"
+    ckpt = runs.checkpoints_dir(run_dir)
     if "checkpoint" not in state:  # older kerasfrac: checkpoints/last.keras
         return ckpt
     folder = ckpt / state["checkpoint"]
-    if not (folder / "model.keras").is_file():
+    if not (folder / runs.MODEL).is_file():
         raise RunDirError(
             f"{str(state_path(run_dir))!r} names the checkpoint {str(folder)!r}, which is "
             "missing or incomplete (removed outside kerasfrac?); pass --overwrite to start "
@@ -240,7 +259,7 @@ def load(run_dir: Path, state: dict):
 
     folder = _folder(run_dir, state)
     legacy = "checkpoint" not in state
-    model = load_model(folder / ("last.keras" if legacy else "model.keras"))
+    model = load_model(folder / ("last.keras" if legacy else runs.MODEL))
     partial = None
     if state.get("step"):
         with np.load(folder / "partial_epoch.npz") as z:
@@ -257,8 +276,10 @@ def rewind(run_dir: Path, state: dict) -> None:
     if "checkpoint" not in state:
         return  # older kerasfrac: nothing was kept to rewind to
     folder = _folder(run_dir, state)
-    for name, target in (("history.csv", run_dir / "history.csv"),
-                         ("best.keras", run_dir / "checkpoints" / "best.keras")):  # fmt: skip
+    for name, target in (
+        (runs.HISTORY, runs.history_path(run_dir)),
+        (runs.BEST, runs.best_path(run_dir)),
+    ):
         if (folder / name).is_file():
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=target.parent)
             os.close(fd)
@@ -266,16 +287,25 @@ def rewind(run_dir: Path, state: dict) -> None:
             replace_file(Path(tmp), target)
         else:
             target.unlink(missing_ok=True)
-    stat = _stat(run_dir / "checkpoints" / "best.keras")
+    stat = _stat(runs.best_path(run_dir))
     if stat is not None:  # the copy is a new file: record it, so the next save may link it
         write_state(
-            run_dir, state["epoch"], state["step"], state["steps_per_epoch"],
-            state["best_val_auroc"], state["finished"], best_stat=stat,
-        )  # fmt: skip
-    remove_stale(run_dir / "checkpoints", keep=state["checkpoint"])
+            run_dir,
+            state["epoch"],
+            state["step"],
+            state["steps_per_epoch"],
+            state["best_val_auroc"],
+            state["finished"],
+            best_stat=stat,
+        )
+    remove_stale(runs.checkpoints_dir(run_dir), keep=state["checkpoint"])
     # what a kill left of model.keras, metrics.json, history.csv, config.yaml being replaced
-    for pattern in (".model.*.tmp.keras", ".metrics.json.*.tmp", ".history.csv.*.tmp",
-                    ".config.yaml.tmp"):  # fmt: skip
+    for pattern in (
+        ".model.*.tmp.keras",
+        ".metrics.json.*.tmp",
+        ".history.csv.*.tmp",
+        ".config.yaml.tmp",
+    ):
         for p in run_dir.glob(pattern):
             p.unlink(missing_ok=True)
 
@@ -288,7 +318,7 @@ def _occupied(run_dir: Path) -> bool:
     if not run_dir.is_dir():
         return False
     return any(
-        not (p.name == "checkpoints" and p.is_dir() and not any(p.iterdir()))
+        not (p.name == runs.CHECKPOINTS and p.is_dir() and not any(p.iterdir()))
         for p in run_dir.iterdir()
     )
 
@@ -311,9 +341,26 @@ def _delete_run(run_dir: Path, protect) -> None:
     shutil.rmtree(run_dir)
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, protect=()) -> dict | None:
+def can_continue(state: dict | None, epochs: int | None) -> bool:
+    """Whether a finished run (``state``) has a checkpoint and fewer than ``epochs`` epochs
+    (and did not stop early): --resume with a larger train.epochs continues it."""
+    return bool(
+        state
+        and state.get("finished")
+        and "checkpoint" in state
+        and state.get("checkpoint")
+        and not state.get("stopped_early")
+        and epochs is not None
+        and int(state.get("epoch") or 0) < epochs
+    )
+
+
+def prepare_run_dir(
+    run_dir: Path, resume: bool, overwrite: bool, protect=(), epochs: int | None = None
+) -> dict | None:
     """Check what ``run_dir`` holds against --resume/--overwrite; return the state to resume
-    (None: start fresh). ``protect``: paths (the data) that must not be deleted with it."""
+    (None: start fresh). ``protect``: paths (the data) that must not be deleted with it.
+    ``epochs``: the epochs asked for; a finished run with fewer is continued by --resume."""
     run_dir = Path(run_dir)
     is_run = state_path(run_dir).is_file()
     occupied = _occupied(run_dir)
@@ -333,10 +380,15 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, protect=()) ->
                 f"--resume: {str(run_dir)!r} holds no kerasfrac run to resume (no "
                 "checkpoints/state.json); start it without --resume."
             )
-        if state.get("finished"):
+        if state.get("finished") and not can_continue(state, epochs):
+            why = (
+                "stopped early (val AUROC stopped improving)"
+                if state.get("stopped_early")
+                else f"already finished all its {state['epoch']} epochs"
+            )
             raise RunDirError(
-                f"--resume: the run in {str(run_dir)!r} already finished all its "
-                f"{state['epoch']} epochs; raise train.epochs to continue it, or use --overwrite."
+                f"--resume: the run in {str(run_dir)!r} {why}; to continue it, resume with "
+                f"more epochs (--set train.epochs=N, N > {state['epoch']}), or use --overwrite."
             )
         if not has_checkpoint(state, run_dir):
             print(
@@ -372,13 +424,12 @@ def finished_metrics(run_dir: Path, epochs: int) -> dict | None:
     """The test metrics of a run that finished ``epochs`` epochs or stopped early (a requeued
     job that has nothing left to do), else None."""
     state = read_state(run_dir)
-    metrics = Path(run_dir) / "metrics.json"
     done = state and (state.get("epoch") == epochs or state.get("stopped_early"))
     if not (done and state.get("finished")):
         return None
     try:
-        return json.loads(metrics.read_text())
-    except (OSError, ValueError):
+        return runs.read_metrics(run_dir)
+    except ValueError:
         return None  # then the usual refusal names the run
 
 

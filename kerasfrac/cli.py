@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kerasfrac import options
+
 
 def build_parser() -> argparse.ArgumentParser:
     from tfrecords_builder import cli as builder_cli
@@ -19,10 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     parser.add_argument(
-        "-v", "--verbose", action="store_true",
+        "-v",
+        "--verbose",
+        action="store_true",
         help="show TensorFlow's own start-up and INFO/WARNING log lines (hidden by default; "
         "an exported TF_CPP_MIN_LOG_LEVEL is always respected)",
-    )  # fmt: skip
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     builder_cli.add_arguments(
         sub.add_parser(
@@ -66,10 +70,14 @@ def add_audit(sub) -> None:
         "audit.md, audit.json and audit.png into --out (default DATA_DIR/audit).",
     )
     p.add_argument("data_dir", metavar="DATA_DIR", help="TFRecord directory (kerasfrac build)")
-    p.add_argument("--out", help="output folder (default DATA_DIR/audit)")
-    p.add_argument("--seed", type=int, default=0, help="classifier and bootstrap seed")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
-    p.set_defaults(func=lambda args: __import__("kerasfrac.audit").audit.main(args))
+    options.add_arguments(p, options.AuditOptions)
+    p.set_defaults(func=run_audit)
+
+
+def run_audit(args) -> int:
+    from kerasfrac import audit
+
+    return audit.main(args.data_dir, options.from_args(options.AuditOptions, args))
 
 
 def add_evaluate(sub) -> None:
@@ -83,31 +91,18 @@ def add_evaluate(sub) -> None:
         "predictions and plots/ into the run directory and prints a summary.",
     )
     p.add_argument("--run-dir", required=True, help="run directory written by `kerasfrac train`")
-    p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--model", help="model file (default RUN_DIR/model.keras)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
-    p.add_argument(
-        "--recompute", action="store_true", help="predict again even if predictions exist"
-    )
-    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument(
-        "--no-baseline",
-        action="store_true",
-        help="skip the no-anatomy baseline (kerasfrac audit) beside the model's AUROC",
-    )
+    options.add_arguments(p, options.EvaluateOptions)
     p.set_defaults(func=run_evaluate)
 
 
 def run_evaluate(args) -> int:
-    from kerasfrac import evaluate
+    from kerasfrac import evaluate, runs
 
-    m = evaluate.evaluate_run(
-        args.run_dir, args.split, args.model, n_bootstrap=args.bootstrap, seed=args.seed,
-        recompute=args.recompute, plots=not args.no_plots, baseline=not args.no_baseline,
-    )  # fmt: skip
+    opts = options.from_args(options.EvaluateOptions, args)
+    m = evaluate.evaluate_run(args.run_dir, model_path=args.model, opts=opts)
     print(evaluate.summary(m))
-    print(f"written: {evaluate.metrics_path(args.run_dir, args.split)}")
+    print(f"written: {runs.metrics_path(args.run_dir, opts.split)}")
     return 0
 
 
@@ -121,21 +116,14 @@ def add_report(sub) -> None:
         "majority baseline. Markdown to stdout (or --out), CSV with --csv.",
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--out", help="write the Markdown table to this file")
-    p.add_argument("--csv", help="also write the table as CSV")
-    p.add_argument(
-        "--paper", action="store_true", help="add the report's published numbers beside ours"
-    )
-    p.add_argument(
-        "--paper-results", help="published numbers (default configs/published/paper_results.yaml)"
-    )
+    options.add_arguments(p, options.ReportOptions)
     p.set_defaults(func=run_report)
 
 
 def run_report(args) -> int:
     from kerasfrac import report
 
-    return report.main(args)
+    return report.main(args.run_dirs, options.from_args(options.ReportOptions, args))
 
 
 def add_predict(sub) -> None:
@@ -150,19 +138,15 @@ def add_predict(sub) -> None:
     )
     p.add_argument("--model", required=True, help="model file (a run's model.keras)")
     p.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR")
-    p.add_argument(
-        "--threshold", type=float,
-        help="call fractured at probability >= T (default: the run's Youden-J threshold in "
-        "metrics.json, else 0.5)",
-    )  # fmt: skip
-    p.add_argument("--csv", help="also write path, probability, class to this CSV")
+    options.add_arguments(p, options.PredictOptions)
     p.set_defaults(func=run_predict)
 
 
 def run_predict(args) -> int:
     from kerasfrac import predict
 
-    return predict.main(args)
+    opts = options.from_args(options.PredictOptions, args)
+    return predict.main(args.model, args.paths, opts)
 
 
 def add_train(sub) -> None:
@@ -184,7 +168,10 @@ def add_train(sub) -> None:
     p.add_argument("--run-dir", help="run directory (overrides run_dir)")
     resume = p.add_mutually_exclusive_group()
     resume.add_argument(
-        "--resume", action="store_true", help="continue an interrupted run from its last checkpoint"
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from its last checkpoint, or a finished one to more "
+        "epochs (--set train.epochs=N); without --config the run's own config.yaml is used",
     )
     resume.add_argument(
         "--auto-resume",
@@ -194,9 +181,10 @@ def add_train(sub) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument(
-        "--list-keys", action="store_true",
+        "--list-keys",
+        action="store_true",
         help="list every config key with its type, default and allowed values, and exit",
-    )  # fmt: skip
+    )
     p.set_defaults(func=run_train)
 
 
@@ -246,18 +234,7 @@ def add_bench(sub) -> None:
     )
     p.add_argument("--config", help="YAML config (its data.dir must be a build)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--what", default="all", help="input,train,fit,build or all (default)")
-    p.add_argument("--steps", type=int, default=20, help="batches timed per repeat")
-    p.add_argument("--repeats", type=int, default=3, help="repeats (median, min, max)")
-    p.add_argument(
-        "--precisions", help="precisions tried with train.fast, e.g. float32,mixed_bfloat16 "
-        "(default: the config's, and mixed_float16 on a GPU or mixed_bfloat16 on a CPU with "
-        "bfloat16 units)",
-    )  # fmt: skip
-    p.add_argument("--source", help="build: dataset folder (default: synthetic phantoms)")
-    p.add_argument("--source-dataset", help="build: layout of --source (default: config's)")
-    p.add_argument("--workers", type=int, help="build: threads (default: all cores)")
-    p.add_argument("--json", help="also write the figures to this JSON file")
+    options.add_arguments(p, options.BenchOptions)
     p.set_defaults(func=run_bench)
 
 
@@ -266,16 +243,15 @@ def run_bench(args) -> int:
 
     cfg = config.load_config(args.config, args.overrides)
     print(f"CPU kernels (input, fit): {kernels.request_onednn(cfg.train.fast)}")
-    what = bench.WHAT if args.what == "all" else tuple(w.strip() for w in args.what.split(","))
-    precisions = args.precisions.split(",") if args.precisions else None
+    o = options.from_args(options.BenchOptions, args)
+    what = bench.WHAT if o.what == ("all",) else o.what
     result = bench.run(
-        cfg, what, args.steps, args.repeats, precisions, args.source, args.source_dataset,
-        args.workers,
-    )  # fmt: skip
+        cfg, what, o.steps, o.repeats, o.precisions, o.source, o.source_dataset, o.workers
+    )
     print(bench.table(result))
-    if args.json:
-        bench.write_json(result, args.json)
-        print(f"figures written to {args.json}")
+    if o.json:
+        bench.write_json(result, o.json)
+        print(f"figures written to {o.json}")
     return 0
 
 
@@ -311,62 +287,22 @@ def add_explain(sub) -> None:
     )
     p.add_argument("--run-dir", required=True, help="run directory written by `kerasfrac train`")
     p.add_argument("--model", help="model file (default RUN_DIR/model.keras)")
-    p.add_argument("--split", choices=("test", "val", "train"), default="test")
     p.add_argument(
-        "--images", nargs="+", metavar="FILE",
+        "--images",
+        nargs="+",
+        metavar="FILE",
         help="image files for the figures (default: images of the split)",
-    )  # fmt: skip
-    p.add_argument(
-        "--what", default="class-vis,feature-maps,grad-cam,audit",
-        help="comma-separated parts (default: all of class-vis,feature-maps,grad-cam,audit)",
-    )  # fmt: skip
+    )
     p.add_argument("--out", help="output folder (default RUN_DIR/explain)")
-    p.add_argument("--n-images", type=int, default=8, help="images in the figures (default 8)")
-    p.add_argument(
-        "--vis-images", type=int, default=2,
-        help="real images also used as ascent starts (default 2)",
-    )  # fmt: skip
-    p.add_argument(
-        "--layer",
-        help="Grad-CAM layer (default: for a Flatten -> Dense head such as paper_cnn's, the "
-        "last block's map after its activation (relu3); else the last conv block)",
-    )
-    p.add_argument(
-        "--cam-method",
-        choices=("gradcam", "hirescam"),
-        default=None,
-        help="default: hirescam for Flatten -> Dense heads (exact there), gradcam otherwise",
-    )
-    p.add_argument(
-        "--cam-target", choices=("label", "predicted", "fractured", "normal"), default="label",
-        help="class each map explains (default: the image's label)",
-    )  # fmt: skip
-    p.add_argument("--feature-layers", help="comma-separated layers (default: conv block outputs)")
-    p.add_argument("--max-channels", type=int, default=16, help="channels per feature-map row")
-    p.add_argument(
-        "--border", type=float, default=0.1, help="border band width, fraction of side (0.1)"
-    )
-    p.add_argument("--corner", type=float, default=0.25, help="corner square, fraction (0.25)")
-    p.add_argument(
-        "--tolerance", type=float, default=0.0, help="pointing game: grow boxes by N pixels"
-    )
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=100, help="ascent steps (default 100)")
-    p.add_argument(
-        "--step-size", type=float, default=0.01, help="ascent RMS change per pixel and step"
-    )
-    p.add_argument("--l2", type=float, default=0.0, help="ascent L2 penalty weight")
-    p.add_argument("--jitter", type=int, default=0, help="ascent random shift, pixels")
-    p.add_argument("--blur-every", type=int, default=0, help="blur every N ascent steps")
-    p.add_argument("--blur-sigma", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
+    options.add_arguments(p, options.ExplainOptions)
     p.set_defaults(func=run_explain)
 
 
 def run_explain(args) -> int:
     from kerasfrac import explain
 
-    return explain.main(args)
+    opts = options.from_args(options.ExplainOptions, args)
+    return explain.main(args.run_dir, opts, args.images, args.out, args.model)
 
 
 def main(argv: list[str] | None = None) -> int:

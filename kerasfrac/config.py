@@ -22,20 +22,21 @@ from typing import Any
 
 import yaml
 
-from tfrecords_builder.defaults import DATASETS
+from kerasfrac.names import (
+    CLASS_WEIGHTS,
+    DATASETS,
+    DISTRIBUTES,
+    FLIPS,
+    HEADS,
+    MODEL_NAMES,
+    OPTIMIZERS,
+    PRECISIONS,
+    RESIZES,
+    SCHEDULES,
+    SELECTS,
+    TTAS,
+)
 
-FLIPS = ("none", "expand", "random")
-RESIZES = ("stretch", "pad")
-# kerasfrac.model.MODELS holds the builders (tested equal)
-MODEL_NAMES = ("paper_cnn", "vgg16", "resnet_small", "resnet50v2", "efficientnetv2b0")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "cosine")
-CLASS_WEIGHTS = ("none", "balanced")
-SELECTS = ("last", "best")
-TTAS = ("none", "flip")
-HEADS = ("gap", "heatmap")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-DISTRIBUTES = ("auto", "none", "mirrored", "multi_worker")
 #: The allowed values of each config key that takes one of a few names (``validate``
 #: checks them, ``kerasfrac train --list-keys`` shows them).
 CHOICES = {
@@ -369,8 +370,14 @@ def validate(cfg: Config) -> None:
     if not d.cache:
         raise ConfigError("config key 'data.cache' must be memory, none or a directory; got ''")
     _positive("data.shuffle_buffer", d.shuffle_buffer)
-    for key, upper in (("rotation", 180.0), ("zoom", 0.9), ("translate", 0.5), ("gamma", 2.0),
-                       ("contrast", 0.9), ("brightness", 1.0)):  # fmt: skip
+    for key, upper in (
+        ("rotation", 180.0),
+        ("zoom", 0.9),
+        ("translate", 0.5),
+        ("gamma", 2.0),
+        ("contrast", 0.9),
+        ("brightness", 1.0),
+    ):
         value = getattr(d, key)
         if not (math.isfinite(value) and 0.0 <= value <= upper):
             raise ConfigError(

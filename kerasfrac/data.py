@@ -26,22 +26,22 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 
+from kerasfrac.names import FLIPS, RESIZES
 from tfrecords_builder import schema
-from tfrecords_builder.reader import BuildOutputError, load_manifest, shard_files
+from tfrecords_builder.reader import Build, BuildOutputError
 
 AUTOTUNE = tf.data.AUTOTUNE
-FLIPS = ("none", "expand", "random")
-RESIZES = ("stretch", "pad")
-_LABELS = {name: label for label, name in schema.LABEL_NAMES.items()}  # "fractured" -> 1
 
 __all__ = [
+    "Build",
     "BuildOutputError",
     "check_build",
-    "class_counts",
     "augment",
     "box_mask",
     "decode_resize",
@@ -219,11 +219,18 @@ def _affine(size: int, angle, zoom, shift_y, shift_x) -> tf.Tensor:
     (radians) and a zoom by ``zoom`` about the centre, then a shift by (shift_y, shift_x)."""
     c = (size - 1) / 2.0
     cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
-    return tf.stack([
-        cos, -sin, c - cos * c + sin * c - shift_x * size,
-        sin, cos, c - sin * c - cos * c - shift_y * size,
-        0.0, 0.0,
-    ])[None]  # fmt: skip
+    return tf.stack(
+        [
+            cos,
+            -sin,
+            c - cos * c + sin * c - shift_x * size,
+            sin,
+            cos,
+            c - sin * c - cos * c - shift_y * size,
+            0.0,
+            0.0,
+        ]
+    )[None]
 
 
 def augment(image: tf.Tensor, seed: tf.Tensor, data_cfg, channels: int) -> tf.Tensor:
@@ -247,10 +254,13 @@ def augment(image: tf.Tensor, seed: tf.Tensor, data_cfg, channels: int) -> tf.Te
         dy = uniform(2, -d.translate, d.translate) if d.translate else 0.0
         dx = uniform(3, -d.translate, d.translate) if d.translate else 0.0
         warped = tf.raw_ops.ImageProjectiveTransformV3(
-            images=image[None], transforms=_affine(size, angle, zoom, dy, dx),
-            output_shape=tf.constant([size, size]), fill_value=0.0,
-            interpolation="BILINEAR", fill_mode="CONSTANT",
-        )  # fmt: skip
+            images=image[None],
+            transforms=_affine(size, angle, zoom, dy, dx),
+            output_shape=tf.constant([size, size]),
+            fill_value=0.0,
+            interpolation="BILINEAR",
+            fill_mode="CONSTANT",
+        )
         image = tf.ensure_shape(warped[0], image.shape)
     if not (d.gamma or d.contrast or d.brightness):
         return image
@@ -281,82 +291,97 @@ def image_shape(data_cfg) -> tuple[int, int, int]:
 
 
 def check_build(
-    build_dir: str | Path,
+    build: Build | str | Path | None,
     dataset: str | None = None,
     batch_size: int | None = None,
     needs_val: bool = False,
-) -> dict:
-    """Load and check a build's manifest before any heavy work; return it.
+) -> Build:
+    """The build (loaded once: a ``Build`` passes through), checked before any heavy work.
 
     Errors (``BuildOutputError``, a ValueError) name what is wrong and how to fix it: no
     data dir configured, a missing directory or manifest, a manifest of another dataset than
     ``dataset``, a ``batch_size`` larger than the training split, no val split
     (``needs_val``).
     """
-    if build_dir is None or str(build_dir) == "":
-        raise BuildOutputError(
-            "no TFRecord directory configured: set data.dir in the config or pass "
-            "--set data.dir=DIR (a directory written by `kerasfrac build`)"
-        )
-    manifest = load_manifest(build_dir)
-    source = manifest.get("source")
-    if dataset is not None and source != dataset:
-        raise BuildOutputError(
-            f"{str(build_dir)!r} holds the {source!r} dataset but the config says "
-            f"dataset={dataset!r}; point data.dir at a {dataset} build or set dataset={source}"
-        )
+    if not isinstance(build, Build):
+        build = Build.load(build, dataset)
+    elif dataset is not None and build.source != dataset:
+        build = Build.load(build.dir, dataset)  # raises the error that names both
     if batch_size is not None:
-        n_train = sum(class_counts(manifest, "train").values())
-        if batch_size > n_train:
-            raise BuildOutputError(
-                f"train.batch_size={batch_size} is larger than the training split of "
-                f"{str(build_dir)!r} ({n_train} images); use a smaller batch size"
-            )
-    if needs_val and sum(class_counts(manifest, "val").values()) == 0:
+        build.check_batch(batch_size)
+    if needs_val and build.size("val") == 0:
         raise BuildOutputError(
-            f"{str(build_dir)!r} has no images in its val split, which training needs (it "
+            f"{str(build.dir)!r} has no images in its val split, which training needs (it "
             "reports val AUROC each epoch and keeps the best epoch by it); rebuild with a "
             "val share, e.g. `kerasfrac build ... --split 0.7,0.15,0.15`"
         )
-    return manifest
+    return build
 
 
-def _resolve_dir(build_dir: str | Path | None, data_cfg) -> Path:
-    """``build_dir``, or ``data_cfg.dir`` when None; empty is an error (Path("") is ".")."""
-    raw = data_cfg.dir if build_dir is None else build_dir
-    if raw is None or str(raw) == "":
-        check_build("")  # raises the "no TFRecord directory configured" error
-    return Path(raw)
+def _as_build(build: Build | str | Path | None, data_cfg, dataset: str | None) -> Build:
+    """``build`` itself, or the build in that directory (``data_cfg.dir`` when None)."""
+    if build is None:
+        build = data_cfg.dir
+    return check_build(build, dataset)
 
 
-def class_counts(manifest: dict, split: str) -> dict[int, int]:
-    """``{label: count}`` of ``split`` from the manifest (0 = normal, 1 = fractured)."""
-    try:
-        counts = manifest["splits"][split]
-        return {label: int(counts.get(name, 0)) for name, label in _LABELS.items()}
-    except (KeyError, TypeError, AttributeError) as e:
-        raise BuildOutputError(
-            f"manifest has no per-class counts for split {split!r} (expected "
-            f'"splits": {{"{split}": {{"fractured": n, "normal": n}}}}); rebuild the TFRecords'
-        ) from e
-
-
-def epoch_images(manifest: dict, data_cfg) -> int:
+def epoch_images(build: Build, data_cfg) -> int:
     """Training images per epoch before batching: 2 x the majority class with oversampling,
     else the whole train split; x3 with flip-expand (each image and its two flips)."""
-    counts = class_counts(manifest, "train")
+    counts = build.counts("train")
     n = 2 * max(counts.values()) if data_cfg.oversample else sum(counts.values())
     return n * (3 if data_cfg.flips == "expand" else 1)
 
 
-def steps_per_epoch(manifest: dict, data_cfg, batch_size: int) -> int | None:
+def steps_per_epoch(build: Build, data_cfg, batch_size: int) -> int | None:
     """Batches per training epoch with oversampling: ceil(2 x majority (x3 expand) / batch).
 
     None without oversampling (the finite train split ends the epoch by itself).
     """
     if not data_cfg.oversample:
         return None
-    return math.ceil(epoch_images(manifest, data_cfg) / batch_size)
+    return math.ceil(epoch_images(build, data_cfg) / batch_size)
+
+
+@dataclass
+class SplitRecords:
+    """What a split's records hold besides the image, in read order (the order of
+    ``make_eval_dataset``): ids, labels (0/1), duplicate groups, metadata columns
+    (``{column: int array}``, -1 = unknown), fracture boxes ([N, 4] ymin, xmin, ymax, xmax,
+    normalised) and the stored image sizes."""
+
+    ids: list[str]
+    labels: np.ndarray
+    groups: list[str]
+    meta: dict[str, np.ndarray]
+    boxes: list[np.ndarray]
+    heights: np.ndarray
+    widths: np.ndarray
+
+
+def split_records(build: Build | str | Path, split: str) -> SplitRecords:
+    """One pass over ``split`` without decoding an image (see ``SplitRecords``)."""
+    build = check_build(build)
+    ids, labels, groups, boxes, heights, widths = [], [], [], [], [], []
+    meta: dict[str, list[int]] = {}
+    for ex in build.read(split, decode=False).as_numpy_iterator():
+        ids.append(ex["image_id"].decode())
+        labels.append(int(ex["label"]))
+        groups.append(ex["group"].decode())
+        boxes.append(np.asarray(ex["boxes"], dtype=np.float32).reshape(-1, 4))
+        heights.append(int(ex["height"]))
+        widths.append(int(ex["width"]))
+        for column, value in ex["meta"].items():
+            meta.setdefault(column, []).append(int(value))
+    return SplitRecords(
+        ids,
+        np.array(labels, dtype=int),
+        groups,
+        {c: np.array(v, dtype=int) for c, v in meta.items()},
+        boxes,
+        np.array(heights, dtype=int),
+        np.array(widths, dtype=int),
+    )
 
 
 # --------------------------------------------------------------------------- pipelines
@@ -438,9 +463,7 @@ def cache_bytes_per_image(data_cfg) -> int:
     return math.prod(image_shape(data_cfg))
 
 
-def _cache(
-    ds: tf.data.Dataset, data_cfg, build_dir: Path, manifest: dict, name: str, as_float=True
-):
+def _cache(ds: tf.data.Dataset, data_cfg, build: Build, name: str, as_float=True):
     """Cache decoded, resized uint8 images, then convert to float32 (``to_float``) after it.
 
     Before augmentation, so flips stay fresh and cheap. uint8 is what the JPEG held, so the
@@ -457,10 +480,16 @@ def _cache(
         directory = Path(data_cfg.cache).expanduser()
         directory.mkdir(parents=True, exist_ok=True)
         key = json.dumps(
-            [str(build_dir.resolve()), manifest, data_cfg.image_size, data_cfg.grayscale,
-             data_cfg.resize, CACHE_FORMAT],
+            [
+                str(build.dir.resolve()),
+                build.manifest,
+                data_cfg.image_size,
+                data_cfg.grayscale,
+                data_cfg.resize,
+                CACHE_FORMAT,
+            ],
             sort_keys=True,
-        )  # fmt: skip
+        )
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
         ds = ds.cache(str(directory / f"{name}-{data_cfg.image_size}-{digest}"))
     if not as_float:
@@ -482,7 +511,7 @@ def _finish(
 
 
 def make_eval_dataset(
-    build_dir: str | Path | None,
+    build: Build | str | Path | None,
     split: str,
     data_cfg,
     batch_size: int,
@@ -493,12 +522,12 @@ def make_eval_dataset(
     """Deterministic batches of ``split``: ``(image, label)`` or ``(image, label, image_id)``.
 
     Same decode/grayscale/resize as training; no oversampling, augmentation, shuffle or
-    repeat; order = ``read_split`` order. ``build_dir`` None means ``data_cfg.dir``.
+    repeat; order = ``Build.read`` order. ``build``: a ``Build`` or its directory (None:
+    ``data_cfg.dir``).
     """
-    build_dir = _resolve_dir(build_dir, data_cfg)
-    manifest = check_build(build_dir, dataset)
-    files = shard_files(build_dir, split)
-    n = sum(class_counts(manifest, split).values())
+    build = _as_build(build, data_cfg, dataset)
+    files = build.shard_files(split)
+    n = build.size(split)
     decode = _decode(data_cfg)
     # Parse and decode in one parallel map, order kept (deterministic=True), so predictions
     # line up with ids.
@@ -509,12 +538,12 @@ def make_eval_dataset(
     )
     # Tells Keras the epoch length (progress bar) and fails loudly if the manifest lies.
     ds = ds.apply(tf.data.experimental.assert_cardinality(n))
-    ds = _cache(ds, data_cfg, build_dir, manifest, split, as_float=False)
+    ds = _cache(ds, data_cfg, build, split, as_float=False)
     return _finish(ds, batch_size, with_ids, uint8=True)
 
 
 def make_dataset(
-    build_dir: str | Path | None,
+    build: Build | str | Path | None,
     split: str,
     data_cfg,
     batch_size: int,
@@ -539,19 +568,14 @@ def make_dataset(
     if training is None:
         training = split == "train"
     if not training:
-        return make_eval_dataset(build_dir, split, data_cfg, batch_size, dataset=dataset), None
+        return make_eval_dataset(build, split, data_cfg, batch_size, dataset=dataset), None
     if data_cfg.flips not in FLIPS:
         raise ValueError(f"data.flips must be one of {FLIPS}; got {data_cfg.flips!r}")
-    build_dir = _resolve_dir(build_dir, data_cfg)
-    manifest = check_build(build_dir, dataset)
-    counts = class_counts(manifest, split)
+    build = _as_build(build, data_cfg, dataset)
+    build.check_batch(batch_size, split)
+    counts = build.counts(split)
     n = sum(counts.values())
-    if batch_size > n:
-        raise BuildOutputError(
-            f"train.batch_size={batch_size} is larger than the {split!r} split of "
-            f"{str(build_dir)!r} ({n} images); use a smaller batch size"
-        )
-    files = shard_files(build_dir, split)
+    files = build.shard_files(split)
     expand = data_cfg.flips == "expand"
     buffer = data_cfg.shuffle_buffer
     channels = image_shape(data_cfg)[-1]
@@ -563,7 +587,7 @@ def make_dataset(
         empty = [schema.LABEL_NAMES[c] for c, k in counts.items() if k == 0]
         if empty:
             raise BuildOutputError(
-                f"cannot oversample: the {split!r} split of {str(build_dir)!r} has no "
+                f"cannot oversample: the {split!r} split of {str(build.dir)!r} has no "
                 f"{empty[0]!r} images; rebuild with both classes or set data.oversample=false"
             )
         streams = []
@@ -574,7 +598,7 @@ def make_dataset(
             s = _records(files, training=True).map(parse)
             s = s.filter(lambda *el, label=label: tf.equal(el[1], label))
             s = s.map(decode, num_parallel_calls=AUTOTUNE)
-            s = _cache(s, data_cfg, build_dir, manifest, f"{split}-class{label}{tag}")
+            s = _cache(s, data_cfg, build, f"{split}-class{label}{tag}")
             # Flip-expand after the cache (3x the images for 1x the memory) and before the
             # shuffle, so the three versions of an image are spread out, not side by side.
             if expand:
@@ -587,11 +611,11 @@ def make_dataset(
         # report's upsampling of the minority class without storing copies. Infinite, so the
         # epoch length is explicit: 2 x majority count (x3 with flip-expand) images.
         ds = tf.data.Dataset.sample_from_datasets(streams, weights=[0.5, 0.5], seed=seed)
-        steps = steps_per_epoch(manifest, data_cfg, batch_size)
+        steps = steps_per_epoch(build, data_cfg, batch_size)
     else:
         ds = _records(files, training=True).map(parse)
         ds = ds.map(decode, num_parallel_calls=AUTOTUNE)
-        ds = _cache(ds, data_cfg, build_dir, manifest, f"{split}{tag}")
+        ds = _cache(ds, data_cfg, build, f"{split}{tag}")
         if expand:
             ds = flip_expand(ds)
         ds = ds.apply(tf.data.experimental.assert_cardinality(n * (3 if expand else 1)))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import keras
@@ -33,12 +33,12 @@ import tensorflow as tf
 from kerasfrac import gradcam
 from kerasfrac.gradcam import layer_output
 from kerasfrac.model import block_output_names, logit_layer_name
+from kerasfrac.options import AscentOptions, ExplainOptions
 
 matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import patches  # noqa: E402
 
-WHAT = ("class-vis", "feature-maps", "grad-cam", "audit")
 CLASS_SIGN = {"fractured": 1.0, "normal": -1.0}
 
 
@@ -89,30 +89,6 @@ def make_ascent_step(model: keras.Model):
         return tf.clip_by_value(image + step_size * grads, 0.0, 1.0), logit
 
     return step
-
-
-@dataclass
-class AscentOptions:
-    steps: int = 100
-    step_size: float = 0.01
-    l2: float = 0.0
-    jitter: int = 0  # random shift (pixels) before each step, undone after
-    blur_every: int = 0  # blur the image every N steps (0: never)
-    blur_sigma: float = 0.5
-    seed: int = 0
-
-    def check(self) -> None:
-        if self.steps < 1 or self.step_size <= 0:
-            raise ValueError(
-                f"ascent needs steps >= 1 and step_size > 0; got steps={self.steps}, "
-                f"step_size={self.step_size}"
-            )
-        if self.l2 < 0 or self.jitter < 0 or self.blur_every < 0 or self.blur_sigma <= 0:
-            raise ValueError(
-                f"ascent regularisers must be non-negative (blur_sigma positive); got "
-                f"l2={self.l2}, jitter={self.jitter}, blur_every={self.blur_every}, "
-                f"blur_sigma={self.blur_sigma}"
-            )
 
 
 @dataclass
@@ -265,8 +241,11 @@ def class_vis_figure(path: Path, rows: list[tuple[str, ClassVis]], name: str = "
     for (label, vis), ax in zip(rows, axes):
         _show(ax[0], vis.start, f"{label}\nstart, logit {vis.logit_before:+.2f}")
         _show(ax[1], vis.result, f"-> {vis.target}, logit {vis.logit_after:+.2f}", stretch=True)
-        diff = (vis.result - vis.start)[..., 0] if vis.result.shape[-1] == 1 else (
-            (vis.result - vis.start).mean(-1))  # fmt: skip
+        diff = (
+            (vis.result - vis.start)[..., 0]
+            if vis.result.shape[-1] == 1
+            else ((vis.result - vis.start).mean(-1))
+        )
         lim = float(np.abs(diff).max()) or 1.0
         shown = ax[2].imshow(diff, cmap="coolwarm", vmin=-lim, vmax=lim)
         ax[2].set_title("change (red brighter)", fontsize=8)
@@ -277,15 +256,26 @@ def class_vis_figure(path: Path, rows: list[tuple[str, ClassVis]], name: str = "
         ax[3].tick_params(labelsize=7)
     height = 2.8 * len(rows)  # inches: margins for the suptitle and the last "step"
     return _save(
-        fig, path, name, wspace=0.75, hspace=0.6, bottom=0.5 / height, top=1 - 0.85 / height,
+        fig,
+        path,
+        name,
+        wspace=0.75,
+        hspace=0.6,
+        bottom=0.5 / height,
+        top=1 - 0.85 / height,
         left=0.04,
-    )  # fmt: skip
+    )
 
 
 def feature_maps_figure(
-    path: Path, layer: str, images, maps: np.ndarray, titles: list[str], max_channels: int = 16,
+    path: Path,
+    layer: str,
+    images,
+    maps: np.ndarray,
+    titles: list[str],
+    max_channels: int = 16,
     name: str = "",
-) -> Path:  # fmt: skip
+) -> Path:
     """Rows = images; columns = the input and the ``max_channels`` most active channels, on
     one colour scale per row (its colour bar: the activation)."""
     k = min(max_channels, maps.shape[-1])
@@ -319,7 +309,7 @@ def _draw_boxes(ax, boxes, shape) -> None:
                 fill=False,
                 edgecolor="lime",
                 linewidth=1.2,
-            )  # fmt: skip
+            )
         )
 
 
@@ -361,9 +351,15 @@ def mean_cam_figure(
         h, w = m.shape
         by, bx = max(1, round(border * h)), max(1, round(border * w))
         ax.add_patch(
-            patches.Rectangle((bx - 0.5, by - 0.5), w - 2 * bx, h - 2 * by,
-                              fill=False, edgecolor="white", linestyle="--")
-        )  # fmt: skip
+            patches.Rectangle(
+                (bx - 0.5, by - 0.5),
+                w - 2 * bx,
+                h - 2 * by,
+                fill=False,
+                edgecolor="white",
+                linestyle="--",
+            )
+        )
         ax.set_title(f"mean Grad-CAM: {cls}", fontsize=9)
         ax.axis("off")
     return _save(fig, path, name, wspace=0.45, hspace=0.45, top=0.82, right=0.9)
@@ -399,24 +395,22 @@ def load_image_files(paths, data_cfg, log=print) -> list[Example]:
     return out
 
 
-def split_batches(data_cfg, build_dir, split: str, batch_size: int = 16):
-    """Batches of ``(images, labels, ids, boxes)`` of a split in read order; ``boxes`` is a
-    list of [N, 4] arrays in the model's input frame (mapped through ``data.resize``)."""
-    from kerasfrac.data import preprocess
-    from tfrecords_builder.reader import read_split
+def split_batches(data_cfg, build, split: str, batch_size: int):
+    """Batches of ``(images, labels, ids, boxes)`` of a split in read order: the images of
+    ``data.make_eval_dataset``, the boxes of ``data.split_records`` as a list of [N, 4] arrays
+    in the model's input frame (mapped through ``data.resize``)."""
+    from kerasfrac import data
 
-    def prep(ex):
-        image = preprocess(ex["encoded"], data_cfg.image_size, data_cfg.grayscale, data_cfg.resize)
-        return image, ex["label"], ex["image_id"], ex["boxes"], ex["height"], ex["width"]
-
-    ds = read_split(build_dir, split, decode=False)
-    ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    for images, labels, ids, boxes, heights, widths in ds.ragged_batch(batch_size):
+    build = data.check_build(build)
+    records = data.split_records(build, split)
+    start = 0
+    for images, labels, ids in data.make_eval_dataset(build, split, data_cfg, batch_size, True):
+        end = start + len(ids)
         frame_boxes = [
-            gradcam.boxes_to_input_frame(
-                b.numpy(), int(h), int(w), data_cfg.image_size, data_cfg.resize
+            gradcam.boxes_to_input_frame(b, int(h), int(w), data_cfg.image_size, data_cfg.resize)
+            for b, h, w in zip(
+                records.boxes[start:end], records.heights[start:end], records.widths[start:end]
             )
-            for b, h, w in zip(boxes, heights.numpy(), widths.numpy())
         ]
         yield (
             images.numpy(),
@@ -424,13 +418,14 @@ def split_batches(data_cfg, build_dir, split: str, batch_size: int = 16):
             [i.decode() for i in ids.numpy()],
             frame_boxes,
         )
+        start = end
 
 
-def pick_examples(data_cfg, build_dir, split: str, n: int) -> list[Example]:
+def pick_examples(data_cfg, build, split: str, n: int) -> list[Example]:
     """The first ``n`` images of a split, half fractured (those with boxes first) and half
     normal where the split has them."""
     fractured, boxed, normal = [], [], []
-    for images, labels, ids, boxes in split_batches(data_cfg, build_dir, split, 32):
+    for images, labels, ids, boxes in split_batches(data_cfg, build, split, 32):
         for img, y, i, b in zip(images, labels, ids, boxes):
             ex = Example(img, i, int(y), b if len(b) else None)
             (normal if y == 0 else boxed if len(b) else fractured).append(ex)
@@ -441,45 +436,6 @@ def pick_examples(data_cfg, build_dir, split: str, n: int) -> list[Example]:
 
 
 # --------------------------------------------------------------------------- the command
-
-
-@dataclass
-class ExplainOptions:
-    split: str = "test"
-    what: tuple[str, ...] = WHAT
-    n_images: int = 8  # images in the figures (from the split unless image files are given)
-    vis_images: int = 2  # real images used as ascent starts
-    cam_layer: str | None = None  # default: gradcam.default_cam (follows the model's head)
-    cam_method: str | None = None  # default: hirescam for Flatten -> Dense heads, else gradcam
-    cam_target: str = "label"  # label | predicted | fractured | normal
-    feature_layers: list[str] | None = None  # default: every conv block output
-    max_channels: int = 16
-    border: float = 0.1  # border band width, fraction of the side
-    corner: float = 0.25  # corner square side, fraction of the side
-    tolerance: float = 0.0  # pointing game: boxes grown by this many pixels
-    batch_size: int = 16
-    ascent: AscentOptions = field(default_factory=AscentOptions)
-
-    def check(self) -> None:
-        unknown = [w for w in self.what if w not in WHAT]
-        if unknown or not self.what:
-            raise ValueError(
-                f"--what {','.join(self.what)!r}: unknown part {unknown[0] if unknown else ''!r};"
-                f" choose a comma-separated subset of {','.join(WHAT)}"
-            )
-        if self.cam_method is not None and self.cam_method not in gradcam.METHODS:
-            raise ValueError(
-                f"cam method must be one of {gradcam.METHODS}; got {self.cam_method!r}"
-            )
-        if self.cam_target not in gradcam.TARGETS:
-            raise ValueError(
-                f"cam target must be one of {gradcam.TARGETS}; got {self.cam_target!r}"
-            )
-        if self.n_images < 1 or self.batch_size < 1:
-            raise ValueError("n_images and batch_size must be >= 1")
-        gradcam.border_mask((8, 8), self.border)
-        gradcam.corner_masks((8, 8), self.corner)
-        self.ascent.check()
 
 
 CLASS_NAMES = {1: "fractured", 0: "normal", -1: "?"}
@@ -516,7 +472,7 @@ def _cams(cam: gradcam.GradCam, images, labels, target: str) -> tuple[np.ndarray
 
 
 def audit_split(
-    model, data_cfg, build_dir, split: str, opts: ExplainOptions, cam: gradcam.GradCam = None
+    model, data_cfg, build, split: str, opts: ExplainOptions, cam: gradcam.GradCam = None
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """The audit block of explain.json and the mean normalised map per class."""
     cam = cam or gradcam.GradCam(model, opts.cam_layer, opts.cam_method)
@@ -525,7 +481,7 @@ def audit_split(
     sums = {"fractured": np.zeros(shape), "normal": np.zeros(shape)}
     counts = {"fractured": 0, "normal": 0}
     has_boxes = False
-    for images, labels, ids, boxes in split_batches(data_cfg, build_dir, split, opts.batch_size):
+    for images, labels, ids, boxes in split_batches(data_cfg, build, split, opts.batch_size):
         maps, _ = _cams(cam, images, labels, opts.cam_target)
         for m, y, i, b in zip(maps, labels, ids, boxes):
             has_boxes |= len(b) > 0
@@ -536,9 +492,11 @@ def audit_split(
                 counts[key] += 1
     result = audit.result(has_boxes)
     result.update(
-        split=split, cam_layer=cam.layer_name, cam_method=cam.method,
+        split=split,
+        cam_layer=cam.layer_name,
+        cam_method=cam.method,
         cam_target=opts.cam_target,
-    )  # fmt: skip
+    )
     means = {k: sums[k] / counts[k] for k in sums if counts[k]}
     return result, means
 
@@ -587,17 +545,17 @@ def explain_run(
     log=print,
 ) -> dict:
     """Run the chosen parts on a run directory; return what explain.json holds."""
-    from kerasfrac.evaluate import load_run_model
+    from kerasfrac import data, runs
     from kerasfrac.plots import log_to_tensorboard, run_name
 
     opts = opts or ExplainOptions()
     opts.check()
     run_dir = Path(run_dir)
-    cfg, model, path = load_run_model(run_dir, model_path)
+    cfg, model, path = runs.load_model(run_dir, model_path)
     weights_before = [w.copy() for w in model.get_weights()] if "class-vis" in opts.what else None
-    out = Path(out) if out else run_dir / "explain"
+    out = Path(out) if out else run_dir / runs.EXPLAIN
     out.mkdir(parents=True, exist_ok=True)
-    build_dir = cfg.data.dir
+    build = data.check_build(cfg.data.dir, cfg.dataset)  # the manifest, read once
 
     needs_examples = {"class-vis", "feature-maps", "grad-cam"} & set(opts.what)
     examples: list[Example] = []
@@ -610,7 +568,7 @@ def explain_run(
                     "JPEG/PNG/BMP/GIF files"
                 )
         else:
-            examples = pick_examples(cfg.data, build_dir, opts.split, opts.n_images)
+            examples = pick_examples(cfg.data, build, opts.split, opts.n_images)
     result: dict = {
         "run_dir": str(run_dir),
         "model": str(path),
@@ -635,9 +593,13 @@ def explain_run(
                 vis = visualize_class(model, target, start, opts.ascent, step)
                 rows.append((name[:24], vis))
                 vis_json.append(
-                    {"start": name, "target": target, "logit_before": vis.logit_before,
-                     "logit_after": vis.logit_after}
-                )  # fmt: skip
+                    {
+                        "start": name,
+                        "target": target,
+                        "logit_before": vis.logit_before,
+                        "logit_after": vis.logit_after,
+                    }
+                )
         pngs.append(class_vis_figure(out / "class_vis.png", rows, figure_name))
         result["class_vis"] = {"ascent": asdict(opts.ascent), "runs": vis_json}
         changed = any(not np.array_equal(a, b) for a, b in zip(weights_before, model.get_weights()))
@@ -657,7 +619,7 @@ def explain_run(
                     [_title(e) for e in shown],
                     opts.max_channels,
                     f"{figure_name}: feature maps of {name}",
-                )  # fmt: skip
+                )
             )
         result["feature_maps"] = {n: list(m.shape[1:]) for n, m in maps.items()}
 
@@ -672,11 +634,11 @@ def explain_run(
                 [_title(e, p) for e, p in zip(examples, probs)],
                 [e.boxes for e in examples],
                 f"{figure_name}: Grad-CAM ({opts.cam_target} class)",
-            )  # fmt: skip
+            )
         )
 
     if "audit" in opts.what:
-        audit, means = audit_split(model, cfg.data, build_dir, opts.split, opts, cam)
+        audit, means = audit_split(model, cfg.data, build, opts.split, opts, cam)
         result["audit"] = audit
         if means:
             pngs.append(
@@ -685,12 +647,12 @@ def explain_run(
                     means,
                     opts.border,
                     f"{run_name(run_dir)}, {opts.split} split",
-                )  # fmt: skip
+                )
             )
         log(summary(audit))
 
     if pngs:
-        log_to_tensorboard(run_dir / "tensorboard" / "explain", pngs)
+        log_to_tensorboard(runs.tensorboard_dir(run_dir, "explain"), pngs)
     result["figures"] = [str(p) for p in pngs]
     json_path = out / "explain.json"
     result["audits"] = _earlier_audits(json_path)
@@ -729,27 +691,16 @@ def _json_default(x):
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def options_from_args(args) -> ExplainOptions:
-    what = tuple(w.strip() for w in args.what.split(",") if w.strip())
-    return ExplainOptions(
-        split=args.split, what=what, n_images=args.n_images, vis_images=args.vis_images,
-        cam_layer=args.layer, cam_method=args.cam_method, cam_target=args.cam_target,
-        feature_layers=args.feature_layers.split(",") if args.feature_layers else None,
-        max_channels=args.max_channels, border=args.border, corner=args.corner,
-        tolerance=args.tolerance, batch_size=args.batch_size,
-        ascent=AscentOptions(
-            steps=args.steps, step_size=args.step_size, l2=args.l2, jitter=args.jitter,
-            blur_every=args.blur_every, blur_sigma=args.blur_sigma, seed=args.seed,
-        ),
-    )  # fmt: skip
-
-
-def main(args) -> int:
+def main(run_dir, opts: ExplainOptions, image_files=None, out=None, model_path=None) -> int:
     """``kerasfrac explain``: see ``cli.add_explain``."""
     result = explain_run(
-        args.run_dir, options_from_args(args), args.images, args.out, args.model,
+        run_dir,
+        opts,
+        image_files,
+        out,
+        model_path,
         log=lambda m: print(m, file=sys.stderr if m.startswith("skipped") else sys.stdout),
-    )  # fmt: skip
+    )
     for f in result["figures"]:
         print(f"figure: {f}")
     print(f"written: {result['json']}")

@@ -40,10 +40,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kerasfrac.model import LOGIT, last_conv_block_name, logit_layer_name
+from kerasfrac.model import block_output_names, last_conv_block_name, logit_layer_name
+from kerasfrac.names import CAM_METHODS, CAM_TARGETS
 
-METHODS = ("gradcam", "hirescam")
-TARGETS = ("label", "predicted", "fractured", "normal")
+METHODS = CAM_METHODS
+TARGETS = CAM_TARGETS
 CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
 
 
@@ -57,39 +58,11 @@ def find_layer(model: keras.Model, name: str) -> keras.layers.Layer:
     return model.get_layer(name)
 
 
-def graph_outputs(model: keras.Model) -> dict:
-    """``{layer name: its output tensor}`` on the graph from ``model.inputs`` to
-    ``model.outputs``.
-
-    ``model.get_layer(name).output`` is the layer's FIRST call, which for a Sequential
-    reloaded with ``keras.saving.load_model`` (Keras 3.15) is a dead-end branch created while
-    rebuilding: a sub-model to it runs, but the logit does not depend on it (Grad-CAM
-    gradients come back None). Walking back from the model's outputs finds the tensors the
-    model really computes with, for fresh and reloaded models alike.
-    """
-    found: dict = {}
-    stack = list(model.outputs)
-    seen = set()
-    while stack:
-        tensor = stack.pop()
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        history = getattr(tensor, "_keras_history", None)
-        if history is None:
-            continue
-        operation, node_index, _ = history
-        found.setdefault(operation.name, tensor)
-        node = operation._inbound_nodes[node_index]
-        stack.extend(node.input_tensors)
-    return found
-
-
 def layer_output(model: keras.Model, name: str):
-    """The output tensor of layer ``name`` in the model's own graph (see ``graph_outputs``);
-    an unknown name is an error listing the layers."""
-    layer = find_layer(model, name)
-    return graph_outputs(model).get(name, layer.output)
+    """The output tensor of layer ``name`` (``model.get_layer(name).output``: models are
+    functional graphs, see ``kerasfrac.model.functional``); an unknown name is an error
+    listing the layers."""
+    return find_layer(model, name).output
 
 
 def cam_model(model: keras.Model, layer_name: str | None = None) -> keras.Model:
@@ -104,12 +77,10 @@ def cam_model(model: keras.Model, layer_name: str | None = None) -> keras.Model:
         raise ValueError(
             f"layer {name!r} outputs shape {tuple(layer.output.shape)}, not a 4-D feature map; "
             "Grad-CAM needs a convolutional layer such as "
-            f"{', '.join(_block_names(model)) or 'a Conv2D'}"
+            f"{', '.join(block_output_names(model)) or 'a Conv2D'}"
         )
-    outputs = graph_outputs(model)
-    fmap = outputs.get(name, layer.output)
-    logit = outputs.get(logit_layer_name(model), model.get_layer(LOGIT).output)
-    return keras.Model(model.inputs[0], [fmap, logit], name=f"cam_{name}")
+    logit = layer_output(model, logit_layer_name(model))
+    return keras.Model(model.inputs[0], [layer.output, logit], name=f"cam_{name}")
 
 
 def default_cam(model: keras.Model) -> tuple[str, str]:
@@ -127,12 +98,6 @@ def default_cam(model: keras.Model) -> tuple[str, str]:
     if isinstance(layers[k], keras.layers.ReLU | keras.layers.Activation):
         name = layers[k].name
     return name, "hirescam"
-
-
-def _block_names(model) -> list[str]:
-    from kerasfrac.model import block_output_names
-
-    return block_output_names(model)
 
 
 class GradCam:
@@ -284,9 +249,12 @@ def pointing(cam: np.ndarray, mask: np.ndarray) -> dict:
     centre = bool(mask[h // 2, w // 2])
     if float(cam.max()) <= 0:
         return {
-            "hit": False, "empty": True, "chance": float(mask.mean()), "mass_share": math.nan,
+            "hit": False,
+            "empty": True,
+            "chance": float(mask.mean()),
+            "mass_share": math.nan,
             "centre_hit": centre,
-        }  # fmt: skip
+        }
     peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
     return {
         "hit": bool(mask[peak]),

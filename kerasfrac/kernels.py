@@ -3,9 +3,10 @@
 TensorFlow reads ``TF_ENABLE_ONEDNN_OPTS`` once, when it is first imported, and turns its
 oneDNN kernels on by default only on x86 CPUs with the newest vector extensions (AVX512
 VNNI/BF16, AMX). On other CPUs, such as this project's 2-core AVX machines, the default is
-TensorFlow's own Eigen kernels, and oneDNN makes the paper CNN's float32 training step about
-1.8x faster (``kerasfrac bench``): same float32 maths, only the summation order differs
-(TensorFlow says so when it starts: "slightly different numerical results").
+TensorFlow's own Eigen kernels, and oneDNN makes the paper CNN's float32 training step
+faster (README, "Speed"; ``kerasfrac bench`` measures it): same float32 maths, only the
+summation order differs (TensorFlow says so when it starts: "slightly different numerical
+results").
 
 So the ``kerasfrac`` command calls ``request_onednn(cfg.train.fast)`` before anything
 imports TensorFlow. A value the user exported always wins (``TF_ENABLE_ONEDNN_OPTS=0``

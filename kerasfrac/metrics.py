@@ -14,6 +14,16 @@ and scores both on it, so the CI is of the difference itself.
 from __future__ import annotations
 
 import numpy as np
+from sklearn import metrics as skm
+
+from kerasfrac.names import N_BOOTSTRAP
+
+#: Metrics that get bootstrap confidence intervals.
+CI_METRICS = ("accuracy", "auroc", "sensitivity", "specificity")
+#: Subgroups of the baseline comparison get AUROCs only with this many images of each class.
+MIN_PER_CLASS_FOR_CI = 10
+#: FracAtlas metadata subgroups evaluated separately when the records carry them.
+SUBGROUP_COLUMNS = ("hand", "leg", "hip", "shoulder", "mixed", "hardware")
 
 
 def auroc(labels, scores) -> float | None:
@@ -47,7 +57,7 @@ def has_groups(groups) -> bool:
     return groups is not None and len(set(groups)) < len(groups)
 
 
-def resamples(n: int, groups=None, n_resamples: int = 1000, seed: int = 0):
+def resamples(n: int, groups=None, n_resamples: int = N_BOOTSTRAP, seed: int = 0):
     """Yield ``n_resamples`` index arrays: images drawn with replacement, or, where ``groups``
     puts images together, whole groups drawn with replacement (as many groups as there are)."""
     rng = np.random.default_rng(seed)
@@ -76,7 +86,13 @@ def _interval(values: list[float | None], n_resamples: int, level: float) -> dic
 
 
 def auroc_ci(
-    labels, scores, *, groups=None, n_resamples: int = 1000, seed: int = 0, level: float = 0.95
+    labels,
+    scores,
+    *,
+    groups=None,
+    n_resamples: int = N_BOOTSTRAP,
+    seed: int = 0,
+    level: float = 0.95,
 ) -> dict:
     """``{"auroc", "ci95", "undefined_share", "resampled", "n_resamples", "seed"}``; ``ci95``
     is None when fewer than half of the resamples define the AUROC."""
@@ -93,9 +109,15 @@ def auroc_ci(
 
 
 def paired_auroc_difference(
-    labels, scores_a, scores_b, *, groups=None, n_resamples: int = 1000, seed: int = 0,
+    labels,
+    scores_a,
+    scores_b,
+    *,
+    groups=None,
+    n_resamples: int = N_BOOTSTRAP,
+    seed: int = 0,
     level: float = 0.95,
-) -> dict:  # fmt: skip
+) -> dict:
     """AUROC of ``scores_a`` minus AUROC of ``scores_b`` on the same images, with a paired
     percentile-bootstrap CI (both scored on each resample) and the share of resamples above
     0 (``share_above_zero``: how often a beats b)."""
@@ -132,6 +154,295 @@ def size_band(height, width) -> np.ndarray:
     return np.where(pixels < 0.5e6, "small", np.where(pixels < 4e6, "medium", "large"))
 
 
+# --------------------------------------------------------------------------- one split
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return float(num / den) if den else None
+
+
+def threshold_metrics(labels, probs, threshold: float = 0.5) -> dict:
+    """Metrics of the decisions ``probs >= threshold``; ``None`` where a ratio is 0/0."""
+    labels = np.asarray(labels).astype(int)
+    pred = np.asarray(probs, dtype=np.float64) >= threshold
+    pos = labels == 1
+    tp = int(np.sum(pred & pos))
+    fn = int(np.sum(~pred & pos))
+    fp = int(np.sum(pred & ~pos))
+    tn = int(np.sum(~pred & ~pos))
+    sens = _ratio(tp, tp + fn)
+    spec = _ratio(tn, tn + fp)
+    return {
+        "threshold": float(threshold),
+        "accuracy": _ratio(tp + tn, labels.size),
+        "sensitivity": sens,
+        "specificity": spec,
+        "balanced_accuracy": None if sens is None or spec is None else (sens + spec) / 2,
+        "precision": _ratio(tp, tp + fp),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        # rows = true class (normal, fractured), columns = predicted class (normal, fractured)
+        "confusion_matrix": [[tn, fp], [fn, tp]],
+    }
+
+
+def bce_per_example(labels, probs, eps: float = 1e-7) -> np.ndarray:
+    """Binary cross-entropy per example, probabilities clipped to [eps, 1 - eps] (as Keras)."""
+    labels = np.asarray(labels).astype(int)
+    p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1 - eps)
+    return -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+
+
+def bce_loss(labels, probs, eps: float = 1e-7) -> float:
+    """Mean binary cross-entropy (the report's test loss)."""
+    return float(np.mean(bce_per_example(labels, probs, eps)))
+
+
+def youden_threshold(labels, probs) -> float | None:
+    """The threshold maximising sensitivity + specificity - 1 on these predictions.
+
+    The candidates are the predicted probabilities themselves (``probs >= t`` is positive);
+    on a tie in J the highest threshold wins (fewest positive calls). None with one class.
+    """
+    labels = np.asarray(labels).astype(int)
+    if len(np.unique(labels)) < 2:
+        return None
+    fpr, tpr, thresholds = skm.roc_curve(labels, probs, drop_intermediate=False)
+    j = tpr - fpr
+    finite = np.isfinite(thresholds)
+    best = int(np.argmax(np.where(finite, j, -np.inf)))  # first max = highest threshold
+    return float(thresholds[best])
+
+
+def _auroc_rows(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Exact AUROC per row (Mann-Whitney with average ranks for ties); NaN for one class."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(p, axis=1)
+    n_pos = y.sum(axis=1)
+    n_neg = y.shape[1] - n_pos
+    rank_sum = np.where(y == 1, ranks, 0.0).sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        auc = (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
+
+
+def bootstrap_ci(
+    labels,
+    probs,
+    threshold: float = 0.5,
+    n_resamples: int = N_BOOTSTRAP,
+    seed: int = 0,
+    level: float = 0.95,
+    groups=None,
+) -> dict:
+    """Percentile bootstrap CIs of CI_METRICS: resample images with replacement, or, where
+    ``groups`` (one id per image) puts images together, whole groups (``resampled``).
+
+    Returns ``{metric: [low, high] or None, "n_resamples", "seed", "level", "valid",
+    "undefined_share", "resampled"}``; ``valid[metric]`` counts the resamples where the
+    metric was defined (a resample without fractured images has no sensitivity and no
+    AUROC) and ``undefined_share[metric]`` the share where it was not; fewer than half valid
+    gives None. The same ``seed`` gives the same intervals.
+    """
+    labels = np.asarray(labels).astype(int)
+    probs = np.asarray(probs, dtype=np.float64)
+    if has_groups(groups):
+        return _group_bootstrap_ci(labels, probs, threshold, n_resamples, seed, level, groups)
+    n = labels.size
+    rng = np.random.default_rng(seed)
+    values: dict[str, list[np.ndarray]] = {m: [] for m in CI_METRICS}
+    chunk = max(1, min(n_resamples, 4_000_000 // max(n, 1)))
+    done = 0
+    while done < n_resamples:
+        b = min(chunk, n_resamples - done)
+        idx = rng.integers(0, n, size=(b, n))
+        y, p = labels[idx], probs[idx]
+        pred = p >= threshold
+        pos = (y == 1).sum(axis=1)
+        neg = n - pos
+        tp = (pred & (y == 1)).sum(axis=1)
+        tn = (~pred & (y == 0)).sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            values["accuracy"].append((tp + tn) / n)
+            values["sensitivity"].append(np.where(pos > 0, tp / pos, np.nan))
+            values["specificity"].append(np.where(neg > 0, tn / neg, np.nan))
+        values["auroc"].append(_auroc_rows(y, p))
+        done += b
+    return _percentiles(
+        {m: np.concatenate(values[m]) for m in CI_METRICS}, n_resamples, seed, level, "images"
+    )
+
+
+def _percentiles(values: dict, n_resamples: int, seed: int, level: float, resampled: str):
+    tail = (1 - level) / 2 * 100
+    out: dict = {
+        "n_resamples": int(n_resamples),
+        "seed": int(seed),
+        "level": level,
+        "valid": {},
+        "undefined_share": {},
+        "resampled": resampled,
+    }
+    for m in CI_METRICS:
+        v = np.asarray(values[m], dtype=np.float64)
+        v = v[np.isfinite(v)]
+        out["valid"][m] = int(v.size)
+        out["undefined_share"][m] = round(1 - v.size / max(1, n_resamples), 4)
+        if v.size < n_resamples / 2:
+            out[m] = None
+        else:
+            lo, hi = np.percentile(v, [tail, 100 - tail])
+            out[m] = [float(lo), float(hi)]
+    return out
+
+
+def _group_bootstrap_ci(labels, probs, threshold, n_resamples, seed, level, groups) -> dict:
+    """``bootstrap_ci`` resampling whole groups (duplicate groups, patients): a resample
+    draws as many groups as there are, with replacement, and keeps all their images."""
+    values: dict[str, list[float]] = {m: [] for m in CI_METRICS}
+    for idx in resamples(labels.size, groups, n_resamples, seed):
+        y, p = labels[idx], probs[idx]
+        pred = p >= threshold
+        pos, neg = int((y == 1).sum()), int((y == 0).sum())
+        tp, tn = int((pred & (y == 1)).sum()), int((~pred & (y == 0)).sum())
+        values["accuracy"].append((tp + tn) / y.size)
+        values["sensitivity"].append(tp / pos if pos else np.nan)
+        values["specificity"].append(tn / neg if neg else np.nan)
+        a = auroc(y, p)
+        values["auroc"].append(np.nan if a is None else a)
+    return _percentiles(values, n_resamples, seed, level, "groups")
+
+
+def _undefined(labels: np.ndarray, at: dict, prefix: str = "") -> dict[str, str]:
+    n_pos = int(labels.sum())
+    n_neg = int(labels.size - n_pos)
+    why: dict[str, str] = {}
+    if n_pos == 0 or n_neg == 0:
+        missing = "fractured" if n_pos == 0 else "normal"
+        why[f"{prefix}auroc"] = f"needs both classes; the split has no {missing} images"
+    if n_pos == 0:
+        why[f"{prefix}average_precision"] = "needs fractured images; the split has none"
+    for name, reason in (
+        ("sensitivity", "no fractured images"),
+        ("specificity", "no normal images"),
+        ("balanced_accuracy", "needs both sensitivity and specificity"),
+        ("precision", "no image was called fractured"),
+        ("f1", "no fractured images and none called fractured"),
+    ):
+        if at[name] is None:
+            why[f"{prefix}{name}"] = reason
+    return why
+
+
+def split_metrics(
+    labels,
+    probs,
+    threshold: float = 0.5,
+    *,
+    val=None,
+    n_bootstrap: int = N_BOOTSTRAP,
+    seed: int = 0,
+    meta: dict[str, np.ndarray] | None = None,
+    groups=None,
+) -> dict:
+    """All metrics of one split's predictions (see the module docstring).
+
+    ``val``: ``(labels, probs)`` of the validation split; adds ``youden`` (the threshold
+    chosen there, and every threshold metric plus CIs at it, applied to THESE predictions).
+    ``n_bootstrap`` 0 skips the CIs. ``meta``: ``{column: array}`` aligned with ``labels``
+    (FracAtlas metadata, -1 = unknown) adds ``subgroups``. ``groups``: one group id per image
+    (the build's duplicate groups): the bootstrap then resamples groups.
+    """
+    labels = np.asarray(labels).astype(int)
+    probs = np.asarray(probs, dtype=np.float64)
+    if labels.size == 0:
+        raise ValueError("no predictions to evaluate: the split is empty")
+    if labels.shape != probs.shape:
+        raise ValueError(f"labels {labels.shape} and probabilities {probs.shape} differ in shape")
+    both = len(np.unique(labels)) == 2
+    has_pos = bool(labels.sum() > 0)
+    counts = {"fractured": int(labels.sum()), "normal": int((labels == 0).sum())}
+    at = threshold_metrics(labels, probs, threshold)
+    result = {
+        "n": int(labels.size),
+        "counts": counts,
+        "loss": bce_loss(labels, probs),
+        "auroc": float(skm.roc_auc_score(labels, probs)) if both else None,
+        "average_precision": float(skm.average_precision_score(labels, probs)) if has_pos else None,
+        "sensitivity_at_90_specificity": sensitivity_at_specificity(labels, probs, 0.9),
+        **at,
+        "majority_class": "normal" if counts["normal"] >= counts["fractured"] else "fractured",
+        "majority_baseline_accuracy": max(counts.values()) / labels.size,
+    }
+    undefined = _undefined(labels, at)
+    if n_bootstrap:
+        result["ci95"] = bootstrap_ci(labels, probs, threshold, n_bootstrap, seed, groups=groups)
+    if val is not None:
+        val_labels, val_probs = (np.asarray(v) for v in val)
+        t = youden_threshold(val_labels, val_probs)
+        if t is None:
+            undefined["youden"] = "the validation split has one class; no threshold chosen"
+            result["youden"] = None
+        else:
+            yj = {"chosen_on": "val", **threshold_metrics(labels, probs, t)}
+            if n_bootstrap:
+                ci = bootstrap_ci(labels, probs, t, n_bootstrap, seed, groups=groups)
+                yj["ci95"] = {k: v for k, v in ci.items() if k != "auroc"}
+            undefined.update(_undefined(labels, {**at, **yj}, prefix="youden."))
+            undefined.pop("youden.auroc", None)
+            undefined.pop("youden.average_precision", None)
+            result["youden"] = yj
+    if meta is not None:
+        result["subgroups"] = subgroup_metrics(labels, probs, meta, threshold)
+    result["undefined"] = undefined
+    return result
+
+
+def subgroup_metrics(labels, probs, meta: dict[str, np.ndarray], threshold: float = 0.5) -> dict:
+    """Per FracAtlas subgroup (``column=1`` and ``column=0``): counts, accuracy, AUROC.
+
+    Columns whose values are all unknown (-1) are left out; {} when none is known.
+    """
+    labels = np.asarray(labels).astype(int)
+    probs = np.asarray(probs, dtype=np.float64)
+    out: dict = {}
+    for column in SUBGROUP_COLUMNS:
+        values = meta.get(column)
+        if values is None:
+            continue
+        values = np.asarray(values)
+        if not np.any(values >= 0):
+            continue
+        for v in (1, 0):
+            mask = values == v
+            if not mask.any():
+                continue
+            y, p = labels[mask], probs[mask]
+            out[f"{column}={v}"] = {
+                "n": int(mask.sum()),
+                "counts": {"fractured": int(y.sum()), "normal": int((y == 0).sum())},
+                "accuracy": float(np.mean((p >= threshold) == y)),
+                "auroc": float(skm.roc_auc_score(y, p)) if len(np.unique(y)) == 2 else None,
+            }
+        unknown = int(np.sum(values < 0))
+        if unknown:
+            out[f"{column}=unknown"] = {"n": unknown}
+    return out
+
+
+def epoch_metrics(per_example_loss, probs, labels, prefix: str = "") -> dict:
+    """Loss (mean of the per-example losses), accuracy at 0.5 and AUROC (NaN with one class)
+    of one epoch's batches (lists of arrays), keys prefixed (``val_``) for Keras' logs."""
+    loss = np.concatenate(per_example_loss) if per_example_loss else np.array([np.nan])
+    p, y = np.concatenate(probs), np.concatenate(labels).astype(int)
+    a = float(skm.roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
+    return {
+        f"{prefix}loss": float(np.mean(loss)),
+        f"{prefix}accuracy": float(np.mean((p >= 0.5) == y)),
+        f"{prefix}auroc": a,
+    }
+
+
 def _tpr_at(labels: np.ndarray, scores: np.ndarray, grid: np.ndarray) -> np.ndarray:
     """The ROC curve's sensitivity at each false-positive rate of ``grid``: the highest
     sensitivity of any threshold whose false-positive rate is at most the grid value (as
@@ -143,9 +454,15 @@ def _tpr_at(labels: np.ndarray, scores: np.ndarray, grid: np.ndarray) -> np.ndar
 
 
 def roc_band(
-    labels, scores, *, groups=None, n_resamples: int = 1000, seed: int = 0,
-    level: float = 0.95, points: int = 101,
-) -> dict | None:  # fmt: skip
+    labels,
+    scores,
+    *,
+    groups=None,
+    n_resamples: int = N_BOOTSTRAP,
+    seed: int = 0,
+    level: float = 0.95,
+    points: int = 101,
+) -> dict | None:
     """The ROC curve on a grid of false-positive rates with a pointwise percentile-bootstrap
     band (``resamples``: groups where ``groups`` puts images together): ``{"fpr", "tpr",
     "low", "high", "undefined_share"}`` (arrays), or None with one class."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from kerasfrac.config import HEADS
+from kerasfrac.names import HEADS, MODEL_NAMES
 
 LOGIT = "logit"
 PROB = "prob"
@@ -42,12 +42,12 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     Same variables, arguments and maths as the parent (batch mean and biased variance,
     ``momentum`` moving averages, ``epsilon``); training runs one ``FusedBatchNormV3`` op
     (oneDNN / cuDNN have fused kernels and gradients for it) instead of Keras' separate
-    moments and normalisation ops: about 1.2x the paper CNN's training step on its own
-    (``kerasfrac bench``). Inference, masks, renorm, synchronised statistics and other
+    moments and normalisation ops: a faster training step (README, "Speed"; ``kerasfrac
+    bench`` measures it). Inference, masks, renorm, synchronised statistics and other
     layouts than channels-last 4-D use the parent's path. Registered as
     ``kerasfrac>FusedBatchNormalization``: ``load_model`` below (or importing this module)
-    makes saved models loadable; the weights are interchangeable with a plain
-    BatchNormalization's.
+    loads checkpoints that hold it; the final model.keras holds plain BatchNormalization
+    layers instead (``plain_keras``), with the same weights.
     """
 
     def _fused_ok(self, inputs, training, mask) -> bool:
@@ -68,9 +68,13 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
             return super().call(inputs, training=training, mask=mask)
         x = tf.cast(inputs, "float32")  # as the parent: statistics in float32
         y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-            x, tf.cast(self.gamma, "float32"), tf.cast(self.beta, "float32"),
-            epsilon=self.epsilon, data_format="NHWC", is_training=True,
-        )[:3]  # fmt: skip
+            x,
+            tf.cast(self.gamma, "float32"),
+            tf.cast(self.beta, "float32"),
+            epsilon=self.epsilon,
+            data_format="NHWC",
+            is_training=True,
+        )[:3]
         # The fused op returns the Bessel-corrected variance; Keras averages the biased one.
         n = tf.cast(tf.size(x) // tf.shape(x)[-1], "float32")
         variance = variance * (n - 1.0) / n
@@ -84,6 +88,40 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
 def uses_fused_batchnorm(model: keras.Model) -> bool:
     """Whether ``model`` trains with ``FusedBatchNormalization`` (``train.fast``)."""
     return any(isinstance(layer, FusedBatchNormalization) for layer in model.layers)
+
+
+def plain_keras(model: keras.Model) -> keras.Model:
+    """``model`` with each ``FusedBatchNormalization`` replaced by Keras' own
+    BatchNormalization (same config and weights, same inference): a file saved from it loads
+    with plain ``keras.saving.load_model`` in a process that never imports kerasfrac. A model
+    without the fused layer is returned as it is."""
+    if not uses_fused_batchnorm(model):
+        return model
+
+    def clone(layer):
+        cls = (
+            keras.layers.BatchNormalization if isinstance(layer, FusedBatchNormalization) else None
+        )
+        return (cls or type(layer)).from_config(layer.get_config())
+
+    plain = keras.models.clone_model(model, clone_function=clone)
+    plain.set_weights(model.get_weights())
+    return plain
+
+
+def functional(model: keras.Model) -> keras.Model:
+    """A ``keras.Sequential`` (paper_cnn as kerasfrac saved it before it was functional) as
+    the same layers in a functional graph with the same weights, so that
+    ``get_layer(name).output`` is a tensor the logit depends on (on a reloaded Sequential it
+    is a dead end that Keras creates while rebuilding it). Other models are returned as is."""
+    if not isinstance(model, keras.Sequential):
+        return model
+    inputs = x = keras.Input(shape=model.input_shape[1:], name="image")
+    for layer in model.layers:
+        x = type(layer).from_config(layer.get_config())(x)
+    rebuilt = keras.Model(inputs, x, name=model.name)
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
 
 
 def load_model(path: str | Path) -> keras.Model:
@@ -127,28 +165,19 @@ def paper_cnn(
         else keras.layers.BatchNormalization
     )
 
-    def block(i: int, filters: int, pool: bool) -> list:
-        layers = [
-            keras.layers.Conv2D(filters, 3, strides=1, padding="same", name=f"conv{i}"),
-            keras.layers.ReLU(name=f"relu{i}"),
-            bn_class(momentum=bn_momentum, synchronized=sync_batchnorm, name=f"bn{i}"),
-        ]
-        if pool:
-            layers.append(keras.layers.MaxPool2D(2, name=f"pool{i}"))
-        return layers
+    def block(x, i: int, filters: int, pool: bool):
+        x = keras.layers.Conv2D(filters, 3, strides=1, padding="same", name=f"conv{i}")(x)
+        x = keras.layers.ReLU(name=f"relu{i}")(x)
+        x = bn_class(momentum=bn_momentum, synchronized=sync_batchnorm, name=f"bn{i}")(x)
+        return keras.layers.MaxPool2D(2, name=f"pool{i}")(x) if pool else x
 
-    return keras.Sequential(
-        [
-            keras.Input(shape=tuple(input_shape), name="image"),
-            *block(1, 32, pool=True),
-            *block(2, 64, pool=True),
-            *block(3, 128, pool=False),
-            keras.layers.Flatten(name="flatten"),
-            keras.layers.Dense(1, name=LOGIT),
-            keras.layers.Activation("sigmoid", dtype="float32", name=PROB),
-        ],
-        name="paper_cnn",
-    )
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    x = block(inputs, 1, 32, pool=True)
+    x = block(x, 2, 64, pool=True)
+    x = block(x, 3, 128, pool=False)
+    x = keras.layers.Flatten(name="flatten")(x)
+    _, prob = _head(x)
+    return keras.Model(inputs, prob, name="paper_cnn")
 
 
 def vgg16(input_shape: tuple[int, int, int], weights: str | None = None) -> keras.Model:
@@ -241,8 +270,9 @@ def resnet_small(
     sync, fused = sync_batchnorm, fused_batchnorm
     # [0, 1] -> [-1, 1]: centred inputs for the first conv (no per-dataset statistics needed).
     x = keras.layers.Rescaling(2.0, offset=-1.0, name="centre")(inputs)
-    x = keras.layers.Conv2D(widths[0], 5, strides=2, padding="same", use_bias=False,
-                            name="stem_conv")(x)  # fmt: skip
+    x = keras.layers.Conv2D(
+        widths[0], 5, strides=2, padding="same", use_bias=False, name="stem_conv"
+    )(x)
     x = _bn(bn_momentum, sync, fused, "stem_bn")(x)
     x = keras.layers.ReLU(name="stem_relu")(x)
     x = keras.layers.MaxPool2D(3, strides=2, padding="same", name="stem_pool")(x)
@@ -256,14 +286,17 @@ def resnet_small(
             if stride == 1 and channels == width:
                 shortcut = x
             else:
-                shortcut = keras.layers.Conv2D(width, 1, strides=stride, use_bias=False,
-                                               name=f"{name}_proj")(pre)  # fmt: skip
-            y = keras.layers.Conv2D(width, 3, strides=stride, padding="same", use_bias=False,
-                                    name=f"{name}_conv1")(pre)  # fmt: skip
+                shortcut = keras.layers.Conv2D(
+                    width, 1, strides=stride, use_bias=False, name=f"{name}_proj"
+                )(pre)
+            y = keras.layers.Conv2D(
+                width, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv1"
+            )(pre)
             y = _bn(bn_momentum, sync, fused, f"{name}_bn2")(y)
             y = keras.layers.ReLU(name=f"{name}_relu2")(y)
-            y = keras.layers.Conv2D(width, 3, padding="same", use_bias=False,
-                                    name=f"{name}_conv2")(y)  # fmt: skip
+            y = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"{name}_conv2")(
+                y
+            )
             last = b == blocks_per_stage
             x = keras.layers.Add(name=f"stage{s}" if last else f"{name}_add")([shortcut, y])
             channels = width
@@ -346,9 +379,14 @@ def _no_box_head(name: str, box_head: bool, head: str = "gap") -> None:
 
 
 def _build_paper_cnn(
-    input_shape, weights: str, bn_momentum=0.9, sync_batchnorm=True, fused_batchnorm=False,
-    box_head=False, head="gap",
-) -> keras.Model:  # fmt: skip
+    input_shape,
+    weights: str,
+    bn_momentum=0.9,
+    sync_batchnorm=True,
+    fused_batchnorm=False,
+    box_head=False,
+    head="gap",
+) -> keras.Model:
     _no_box_head("paper_cnn", box_head, head)
     if weights == "imagenet":
         raise ValueError(
@@ -362,9 +400,14 @@ def _build_paper_cnn(
 
 
 def _build_vgg16(
-    input_shape, weights: str, bn_momentum=0.9, sync_batchnorm=True, fused_batchnorm=False,
-    box_head=False, head="gap",
-):  # fmt: skip
+    input_shape,
+    weights: str,
+    bn_momentum=0.9,
+    sync_batchnorm=True,
+    fused_batchnorm=False,
+    box_head=False,
+    head="gap",
+):
     """VGG16 has no BatchNorm: the three BatchNorm arguments do not apply."""
     _no_box_head("vgg16", box_head, head)
     if weights == "none":
@@ -375,18 +418,27 @@ def _build_vgg16(
 
 
 def _build_resnet_small(
-    input_shape, weights: str, bn_momentum=0.9, sync_batchnorm=True, fused_batchnorm=False,
-    box_head=False, head="gap",
-) -> keras.Model:  # fmt: skip
+    input_shape,
+    weights: str,
+    bn_momentum=0.9,
+    sync_batchnorm=True,
+    fused_batchnorm=False,
+    box_head=False,
+    head="gap",
+) -> keras.Model:
     if weights == "imagenet":
         raise ValueError(
             "resnet_small is trained from scratch and has no ImageNet weights; use "
             "model.weights=none, a weights file, or model.name=resnet50v2/efficientnetv2b0"
         )
     model = resnet_small(
-        input_shape, bn_momentum=bn_momentum, sync_batchnorm=sync_batchnorm,
-        fused_batchnorm=fused_batchnorm, box_head=box_head, head=head,
-    )  # fmt: skip
+        input_shape,
+        bn_momentum=bn_momentum,
+        sync_batchnorm=sync_batchnorm,
+        fused_batchnorm=fused_batchnorm,
+        box_head=box_head,
+        head=head,
+    )
     if weights != "none":
         model.load_weights(str(_weights_file(weights)))
     return model
@@ -394,9 +446,14 @@ def _build_resnet_small(
 
 def _application_builder(name: str):
     def build(
-        input_shape, weights: str, bn_momentum=0.9, sync_batchnorm=True,
-        fused_batchnorm=False, box_head=False, head="gap",
-    ) -> keras.Model:  # fmt: skip
+        input_shape,
+        weights: str,
+        bn_momentum=0.9,
+        sync_batchnorm=True,
+        fused_batchnorm=False,
+        box_head=False,
+        head="gap",
+    ) -> keras.Model:
         """The backbone keeps Keras' own BatchNorm layers and momenta."""
         if weights not in ("none", "imagenet"):
             weights = str(_weights_file(weights))
@@ -406,14 +463,15 @@ def _application_builder(name: str):
     return build
 
 
-#: name -> builder(input_shape, weights, bn_momentum, sync_batchnorm, fused_batchnorm,
-#: box_head); config.MODEL_NAMES lists the same names.
-MODELS: dict[str, Callable[..., keras.Model]] = {
+_BUILDERS = {
     "paper_cnn": _build_paper_cnn,
     "vgg16": _build_vgg16,
     "resnet_small": _build_resnet_small,
     **{name: _application_builder(name) for name in _APPLICATIONS},
 }
+#: name -> builder(input_shape, weights, bn_momentum, sync_batchnorm, fused_batchnorm,
+#: box_head), for each of ``names.MODEL_NAMES`` (a name without a builder fails at import).
+MODELS: dict[str, Callable[..., keras.Model]] = {name: _BUILDERS[name] for name in MODEL_NAMES}
 
 
 def build_model(

@@ -51,21 +51,33 @@ def roc_plot(path: Path, labels, probs, m: dict, name: str = "", groups=None) ->
         ax.plot(fpr, tpr, label=f"ROC (AUROC {m['auroc']:.3f}{shown})")
         boot = m.get("ci95") or {}
         band = roc_band(
-            labels, probs, groups=groups, n_resamples=boot.get("n_resamples", 1000),
+            labels,
+            probs,
+            groups=groups,
+            n_resamples=boot.get("n_resamples", 1000),
             seed=boot.get("seed", 0),
-        )  # fmt: skip
+        )
         ax.fill_between(
-            band["fpr"], band["low"], band["high"], step="post", alpha=0.25,
+            band["fpr"],
+            band["low"],
+            band["high"],
+            step="post",
+            alpha=0.25,
             label="95% CI (bootstrap)",
-        )  # fmt: skip
+        )
     else:
         ax.text(0.5, 0.5, "AUROC undefined: one class", ha="center")
     ax.plot([0, 1], [0, 1], "--", color="grey", label="chance")
     for (point, d), marker in zip(_points(m), "os"):
         if d["sensitivity"] is not None and d["specificity"] is not None:
             ax.plot(1 - d["specificity"], d["sensitivity"], marker, ms=8, label=point)
-    ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity",
-           xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), title=_title("ROC", name))  # fmt: skip
+    ax.set(
+        xlabel="1 - specificity (false positive rate)",
+        ylabel="sensitivity",
+        xlim=(-0.02, 1.02),
+        ylim=(-0.02, 1.02),
+        title=_title("ROC", name),
+    )
     ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
 
@@ -80,8 +92,13 @@ def pr_plot(path: Path, labels, probs, m: dict, name: str = "") -> Path:
     for (point, d), marker in zip(_points(m), "os"):
         if d["sensitivity"] is not None and d["precision"] is not None:
             ax.plot(d["sensitivity"], d["precision"], marker, ms=8, label=point)
-    ax.set(xlabel="recall (sensitivity)", ylabel="precision", xlim=(-0.02, 1.02),
-           ylim=(-0.02, 1.02), title=_title("Precision-recall", name))  # fmt: skip
+    ax.set(
+        xlabel="recall (sensitivity)",
+        ylabel="precision",
+        xlim=(-0.02, 1.02),
+        ylim=(-0.02, 1.02),
+        title=_title("Precision-recall", name),
+    )
     ax.legend(loc="lower left", fontsize=8)
     return _save(fig, path)
 
@@ -92,11 +109,24 @@ def confusion_plot(path: Path, m: dict, name: str = "") -> Path:
     shown = ax.imshow(cm, cmap="Blues")
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="images")
     for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center", fontsize=14,
-                color="white" if v > cm.max() / 2 else "black")  # fmt: skip
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["normal", "fractured"],
-           yticklabels=["normal", "fractured"], xlabel="predicted", ylabel="true",
-           title=_title(f"Confusion matrix at {m['threshold']:.2f}", name))  # fmt: skip
+        ax.text(
+            j,
+            i,
+            str(v),
+            ha="center",
+            va="center",
+            fontsize=14,
+            color="white" if v > cm.max() / 2 else "black",
+        )
+    ax.set(
+        xticks=[0, 1],
+        yticks=[0, 1],
+        xticklabels=["normal", "fractured"],
+        yticklabels=["normal", "fractured"],
+        xlabel="predicted",
+        ylabel="true",
+        title=_title(f"Confusion matrix at {m['threshold']:.2f}", name),
+    )
     return _save(fig, path)
 
 
@@ -142,16 +172,18 @@ def run_name(run_dir: Path) -> str:
 def write_run_plots(run_dir: Path, split: str, labels, probs, m: dict, groups=None) -> list[Path]:
     """All plots of one evaluation into run_dir/plots, also logged to the run's TensorBoard;
     every title names the run and the split."""
+    from kerasfrac import runs
+
     run_dir = Path(run_dir)
-    out = run_dir / "plots"
+    out = run_dir / runs.PLOTS
     name = f"{run_name(run_dir)}, {split} split (n={m['n']})"
     paths = [
         roc_plot(out / f"{split}_roc.png", labels, probs, m, name, groups=groups),
         pr_plot(out / f"{split}_pr.png", labels, probs, m, name),
         confusion_plot(out / f"{split}_confusion.png", m, name),
     ]
-    hist = history_plot(out / "training_curves.png", run_dir / "history.csv", run_name(run_dir))
+    hist = history_plot(out / "training_curves.png", runs.history_path(run_dir), run_name(run_dir))
     if hist is not None:
         paths.append(hist)
-    log_to_tensorboard(run_dir / "tensorboard" / "evaluation", paths)
+    log_to_tensorboard(runs.tensorboard_dir(run_dir, "evaluation"), paths)
     return paths

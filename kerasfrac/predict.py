@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from tfrecords_builder.defaults import DEFAULT_MAX_PIXELS
+from kerasfrac.options import PredictOptions
 
 _MAGIC = (
     (b"\xff\xd8\xff", "jpeg"),
@@ -133,61 +132,24 @@ def pixel_limit_problem(data: bytes, kind: str, max_pixels: int) -> str | None:
     return None
 
 
-def load_predictor(model_path: str | Path):
-    """``(cfg, model, threshold, threshold_source)`` of the run that holds ``model_path``."""
-    from kerasfrac import data
-    from kerasfrac.config import load_config
-    from kerasfrac.evaluate import check_input_shape
-    from kerasfrac.model import classifier, load_model
-
-    model_path = Path(model_path)
-    if not model_path.is_file():
-        raise ValueError(f"model file {str(model_path)!r} does not exist")
-    run_dir = model_path.parent
-    if model_path.parent.name == "checkpoints":
-        run_dir = model_path.parent.parent
-    config_file = run_dir / "config.yaml"
-    if not config_file.is_file():
-        raise ValueError(
-            f"no config.yaml next to {str(model_path)!r} (looked in {str(run_dir)!r}); predict "
-            "needs the run's settings (image size, grayscale, resize) to prepare images as in "
-            "training: use a model inside its run directory"
-        )
-    cfg = load_config(config_file)
-    model = classifier(load_model(model_path))  # a checkpoint may carry the box head
-    check_input_shape(model, data.image_shape(cfg.data), model_path)
-    threshold, source = 0.5, "default 0.5 (no Youden-J threshold in the run's metrics.json)"
-    metrics_file = run_dir / "metrics.json"
-    if metrics_file.is_file():
-        try:
-            youden = json.loads(metrics_file.read_text()).get("youden")
-        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as err:
-            raise ValueError(
-                f"cannot read the run's metrics {str(metrics_file)!r} ({err}); rerun "
-                "`kerasfrac evaluate` on the run, or pass --threshold"
-            ) from err
-        if youden and youden.get("threshold") is not None:
-            threshold = float(youden["threshold"])
-            source = f"the run's Youden-J threshold chosen on val ({metrics_file})"
-    return cfg, model, threshold, source
-
-
 def predict_files(
     model_path,
     paths,
-    threshold: float | None = None,
-    batch_size: int = 16,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    threshold: float | None = PredictOptions.threshold,
+    batch_size: int = PredictOptions.batch_size,
+    max_pixels: int = PredictOptions.max_pixels,
 ) -> tuple[list[Prediction], list[tuple[str, str]], float, str]:
     """``(predictions, skipped [(path, reason)], threshold, threshold source)``."""
     import tensorflow as tf
 
+    from kerasfrac import runs
     from kerasfrac.data import preprocess
     from kerasfrac.model import predict_probs
 
     if threshold is not None and not 0.0 <= threshold <= 1.0:  # also catches nan
         raise ValueError(f"--threshold must be a probability in [0, 1]; got {threshold!r}")
-    cfg, model, run_threshold, source = load_predictor(model_path)
+    cfg, model, _ = runs.load_model(model_file=model_path)
+    run_threshold, source = runs.youden_threshold(runs.run_dir_of(model_path))
     if threshold is None:
         threshold = run_threshold
     else:
@@ -250,22 +212,25 @@ def _recover_truncated(data: bytes, path, warnings: list[str]) -> bytes:
     return tf.io.encode_png(pixels).numpy()
 
 
-def main(args) -> int:
-    results, skipped, threshold, source = predict_files(args.model, args.paths, args.threshold)
+def main(model_path, paths, opts: PredictOptions) -> int:
+    """``kerasfrac predict``: see ``cli.add_predict``."""
+    results, skipped, threshold, source = predict_files(
+        model_path, paths, opts.threshold, opts.batch_size, opts.max_pixels
+    )
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     print(f"# threshold {threshold:.4f} ({source})")
     for r in results:
         label = "fractured" if r.fractured else "normal"
         print(f"{r.path}\t{r.probability:.6f}\t{label}")
-    if args.csv:
-        with Path(args.csv).open("w", newline="") as f:
+    if opts.csv:
+        with Path(opts.csv).open("w", newline="") as f:
             out = csv.writer(f)
             out.writerow(["path", "probability", "class", "threshold"])
             for r in results:
                 label = "fractured" if r.fractured else "normal"
                 out.writerow([r.path, f"{r.probability:.6f}", label, f"{threshold:.6f}"])
-        print(f"written: {args.csv}")
+        print(f"written: {opts.csv}")
     if not results:
         raise ValueError("no image could be read from the given paths")
     return 0

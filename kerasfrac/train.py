@@ -1,24 +1,13 @@
 """Train a model from a config into a run directory, with one loop for every strategy.
 
-Keras 3.15's ``model.fit`` fails under MultiWorkerMirroredStrategy (see DESIGN.md), so the
-training step is a custom ``strategy.run`` + Keras optimizer ``apply`` loop that serves the
-default, mirrored and multi-worker strategies alike, while the standard Keras callbacks
+Keras 3.15's ``model.fit`` fails under MultiWorkerMirroredStrategy ("Attempt to convert a
+value (PerReplica...)" with two workers), so the training step is a custom ``strategy.run``
++ Keras optimizer ``apply`` loop that serves the default, mirrored and multi-worker
+strategies alike (``TrainingTask``), while the standard Keras callbacks
 (progress bar, TensorBoard, CSVLogger, ModelCheckpoint, TerminateOnNaN) are driven through
 ``keras.callbacks.CallbackList``.
 
-Run directory::
-
-    config.yaml            the resolved configuration
-    tensorboard/           scalars per epoch (train/ and validation/) + hyperparameters
-    history.csv            one row per epoch: loss, accuracy, auroc, val_*
-    checkpoints/state.json epochs/steps done, best val AUROC, finished flag, and the name of
-                           the committed checkpoint (replacing it is the commit: checkpoint.py)
-    checkpoints/gen-NNNNNN/ that checkpoint: model.keras (+ optimizer state), partial_epoch.npz
-                           (mid-epoch), copies of history.csv and best.keras as they stood
-    checkpoints/best.keras the epoch with the best validation AUROC
-    model.keras            the final model
-    predictions.csv        test split: image_id, label, probability
-    metrics.json           test split: accuracy, loss, auroc, counts, majority baseline
+The run directory's layout is in ``kerasfrac.runs``.
 
 Weight decay: Keras 3's ``weight_decay`` is decoupled (AdamW-style: w -= lr * wd * w each
 step) and applies to every trainable variable, BatchNorm's gamma/beta and all biases
@@ -40,17 +29,18 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
-from sklearn.metrics import roc_auc_score
 
 from kerasfrac import checkpoint as ckpt
-from kerasfrac import console, data, distribute, evaluate, kernels
+from kerasfrac import console, data, distribute, kernels, runs
 from kerasfrac.checkpoint import RunDirError, has_unfinished_run, prepare_run_dir
 from kerasfrac.config import Config
+from kerasfrac.metrics import bce_per_example, epoch_metrics, split_metrics
 from kerasfrac.model import (
     build_model,
     classifier,
     has_box_head,
     load_model,
+    plain_keras,
     predict_probs,
     uses_fused_batchnorm,
 )
@@ -100,11 +90,11 @@ def make_optimizer(
     return opt
 
 
-def class_weights(cfg: Config, manifest: dict) -> tuple[float, float] | None:
+def class_weights(cfg: Config, build: data.Build) -> tuple[float, float] | None:
     """(normal, fractured) loss weights n / (2 n_class) of the train split, or None."""
     if cfg.train.class_weight == "none":
         return None
-    counts = data.class_counts(manifest, "train")
+    counts = build.counts("train")
     if not (counts[0] and counts[1]):
         raise data.BuildOutputError(
             f"train.class_weight=balanced needs both classes in the train split; it has "
@@ -113,17 +103,6 @@ def class_weights(cfg: Config, manifest: dict) -> tuple[float, float] | None:
         )
     n = sum(counts.values())
     return (n / (2.0 * counts[0]), n / (2.0 * counts[1]))
-
-
-def _epoch_metrics(per_example_loss, probs, labels, prefix: str = "") -> dict:
-    loss = np.concatenate(per_example_loss) if per_example_loss else np.array([np.nan])
-    p, y = np.concatenate(probs), np.concatenate(labels).astype(int)
-    auroc = float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
-    return {
-        f"{prefix}loss": float(np.mean(loss)),
-        f"{prefix}accuracy": float(np.mean((p >= 0.5) == y)),
-        f"{prefix}auroc": auroc,
-    }
 
 
 def _log_hparams(run_dir: Path, cfg: Config) -> None:
@@ -136,7 +115,7 @@ def _log_hparams(run_dir: Path, cfg: Config) -> None:
                 flat[f"{section}.{k}"] = v if isinstance(v, int | float | str | bool) else str(v)
         else:
             flat[section] = values
-    writer = tf.summary.create_file_writer(str(run_dir / "tensorboard" / "hparams"))
+    writer = tf.summary.create_file_writer(str(runs.tensorboard_dir(run_dir, "hparams")))
     with writer.as_default():
         hp.hparams(flat)
         tf.summary.text("config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```", 0)
@@ -232,7 +211,7 @@ def make_train_step(
 
 def _restore_early_stopping(stopper, run_dir: Path) -> None:
     """Best val AUROC and epochs without improvement so far, from history.csv (resume)."""
-    path = run_dir / "history.csv"
+    path = runs.history_path(run_dir)
     if stopper is None or not path.is_file():
         return
     import csv
@@ -269,212 +248,319 @@ def train(
 ) -> dict:
     """Train ``cfg`` into ``cfg.run_dir``; returns the test metrics (also in metrics.json).
 
-    ``resume`` continues an unfinished run (error if there is none); ``auto_resume`` continues
-    one if there is one and starts fresh otherwise (for requeued Slurm jobs). On SIGTERM the
-    loop saves a checkpoint after the current step and raises ``Preempted``.
+    ``resume`` continues an unfinished run (error if there is none), or a finished one whose
+    ``train.epochs`` was raised; ``auto_resume`` continues one if there is one and starts
+    fresh otherwise (for requeued Slurm jobs). On SIGTERM the loop saves a checkpoint after
+    the current step and raises ``Preempted``.
     """
-    run_dir = Path(cfg.run_dir)
-    t = cfg.train
-    # Cheap checks first: the data, before TensorFlow builds anything.
-    manifest = data.check_build(cfg.data.dir, cfg.dataset, t.batch_size, needs_val=True)
-    # The strategy next: MultiWorkerMirroredStrategy must exist before other TF ops run.
-    strategy = distribute.make_strategy(t.distribute)
-    chief = distribute.is_chief(strategy)
-    task = distribute.task_name(strategy)
-    if auto_resume:
-        done = ckpt.finished_metrics(run_dir, t.epochs)
-        if done is not None:  # e.g. a job requeued after its run finished: nothing to do
-            print(f"{run_dir}: this run already finished its {t.epochs} epochs.", flush=True)
-            return done
-        resume = has_unfinished_run(run_dir)
-    if chief:
-        state = prepare_run_dir(run_dir, resume, overwrite, protect=[cfg.data.dir])
-    else:  # workers only read: the chief owns the run directory
-        state = ckpt.resumable_state(run_dir) if resume else None
-    global_batch = t.batch_size * strategy.num_replicas_in_sync
-    if global_batch != t.batch_size:  # several replicas: the global batch must fit too
-        data.check_build(cfg.data.dir, cfg.dataset, global_batch)
+    task = TrainingTask(cfg)
+    finished = task.setup(resume, overwrite, auto_resume)
+    if finished is not None:  # e.g. a job requeued after its run finished: nothing to do
+        return finished
+    epochs_done = task.loop(verbose)
+    return task.finish(epochs_done)
 
-    keras.utils.set_random_seed(t.seed)
-    if t.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    keras.mixed_precision.set_global_policy(t.precision)
 
-    train_ds, steps = data.make_dataset(
-        cfg.data.dir, "train", cfg.data, global_batch, t.seed, training=True,
-        dataset=cfg.dataset, with_boxes=cfg.model.box_head,
-    )  # fmt: skip
-    if steps is None:  # no oversampling: one pass over the (expanded) split per epoch
-        steps = math.ceil(data.epoch_images(manifest, cfg.data) / global_batch)
-        train_ds = train_ds.repeat()
-    steps = t.steps_per_epoch or steps
-    val_ds = data.make_eval_dataset(
-        cfg.data.dir, "val", cfg.data, global_batch, dataset=cfg.dataset
-    )
+class TrainingTask:
+    """One training run in three parts: ``setup`` (run directory, strategy, inputs, model,
+    step functions), ``loop`` (epochs of ``train_epoch`` then ``validation_step``, with the
+    callbacks and checkpoints) and ``finish`` (model.keras, test predictions and metrics)."""
 
-    initial_epoch, initial_step, partial = 0, 0, None
-    if chief:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    with strategy.scope():
-        if state is not None:
-            if state.get("steps_per_epoch", steps) != steps:
-                raise RunDirError(
-                    f"--resume: the run in {str(run_dir)!r} has {state['steps_per_epoch']} "
-                    f"steps per epoch, this config {steps}; resume with the run's own config."
-                )
-            model, partial = ckpt.load(run_dir, state)
-            initial_epoch, initial_step = int(state["epoch"]), int(state.get("step", 0))
-        else:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = runs.absolute(cfg)  # config.yaml then works from any folder
+        self.run_dir = Path(self.cfg.run_dir)
+        self.best = None  # the ModelCheckpoint of checkpoints/best.keras (chief only)
+
+    # ----------------------------------------------------------------------- setup
+
+    def setup(self, resume: bool, overwrite: bool, auto_resume: bool) -> dict | None:
+        """Everything before the first step; the metrics of a finished run that
+        ``auto_resume`` has nothing left to do for, else None."""
+        cfg, t, run_dir = self.cfg, self.cfg.train, self.run_dir
+        # Cheap checks first: the data, before TensorFlow builds anything.
+        self.build = data.check_build(cfg.data.dir, cfg.dataset, t.batch_size, needs_val=True)
+        # The strategy next: MultiWorkerMirroredStrategy must exist before other TF ops run.
+        self.strategy = distribute.make_strategy(t.distribute)
+        self.chief = distribute.is_chief(self.strategy)
+        self.task = distribute.task_name(self.strategy)
+        if auto_resume:
+            done = ckpt.finished_metrics(run_dir, t.epochs)
+            if done is not None:
+                print(f"{run_dir}: this run already finished its {t.epochs} epochs.", flush=True)
+                return done
+            resume = has_unfinished_run(run_dir)
+        if self.chief:
+            self.state = prepare_run_dir(
+                run_dir, resume, overwrite, protect=[cfg.data.dir], epochs=t.epochs
+            )
+        else:  # workers only read: the chief owns the run directory
+            self.state = ckpt.resumable_state(run_dir) if resume else None
+        self.global_batch = t.batch_size * self.strategy.num_replicas_in_sync
+        if self.global_batch != t.batch_size:  # several replicas: the global batch must fit
+            self.build.check_batch(self.global_batch)
+
+        keras.utils.set_random_seed(t.seed)
+        if t.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        keras.mixed_precision.set_global_policy(t.precision)
+
+        train_ds = self.build_inputs()
+        self.model, self.partial = self.build_model()
+        if self.chief:
+            if self.state is None:  # state.json first: from here on a kill leaves a resumable run
+                ckpt.begin(run_dir)
+            runs.save_config(run_dir, cfg)
+            if self.state is None:
+                _log_hparams(run_dir, cfg)
+            _print_kernels(self.model, t.fast)
+        self.train_iter = self.distribute_inputs(train_ds)
+        self.train_step = make_train_step(
+            self.model,
+            self.strategy,
+            self.global_batch,
+            label_smoothing=t.label_smoothing,
+            weights=class_weights(cfg, self.build),
+            box_loss_weight=t.box_loss_weight,
+        )
+        self.scorer = classifier(self.model)
+        scorer, tta = self.scorer, cfg.eval.tta
+
+        @tf.function
+        def eval_step(images):
+            # Evaluation runs locally on every worker over the whole split (no collectives,
+            # so uneven last batches cannot deadlock workers); it is small next to training.
+            return predict_probs(scorer, images, tta)
+
+        self.eval_step = eval_step
+        return None
+
+    def build_inputs(self) -> tf.data.Dataset:
+        """The infinite training stream (returned), ``self.steps`` per epoch and the
+        validation batches ``self.val_ds``."""
+        cfg, t = self.cfg, self.cfg.train
+        train_ds, steps = data.make_dataset(
+            self.build,
+            "train",
+            cfg.data,
+            self.global_batch,
+            t.seed,
+            training=True,
+            with_boxes=cfg.model.box_head,
+        )
+        if steps is None:  # no oversampling: one pass over the (expanded) split per epoch
+            steps = math.ceil(data.epoch_images(self.build, cfg.data) / self.global_batch)
+            train_ds = train_ds.repeat()
+        self.steps = t.steps_per_epoch or steps
+        self.val_ds = data.make_eval_dataset(self.build, "val", cfg.data, self.global_batch)
+        return train_ds
+
+    def build_model(self):
+        """``(model, partial epoch)``: the checkpoint's model to resume, or a new compiled
+        one; sets ``initial_epoch`` and ``initial_step``."""
+        cfg, t, state = self.cfg, self.cfg.train, self.state
+        self.initial_epoch, self.initial_step, partial = 0, 0, None
+        if self.chief:
+            runs.checkpoints_dir(self.run_dir).mkdir(parents=True, exist_ok=True)
+        with self.strategy.scope():
+            if state is not None:
+                if state.get("steps_per_epoch", self.steps) != self.steps:
+                    raise RunDirError(
+                        f"--resume: the run in {str(self.run_dir)!r} has "
+                        f"{state['steps_per_epoch']} steps per epoch, this config "
+                        f"{self.steps}; resume with the run's own config."
+                    )
+                model, partial = ckpt.load(self.run_dir, state)
+                self.initial_epoch = int(state["epoch"])
+                self.initial_step = int(state.get("step", 0))
+                return model, partial
             # Synchronized BatchNorm only where there is something to synchronise: on one
             # replica Keras' sync path still computes a ones-tensor the size of each input.
-            sync = cfg.model.sync_batchnorm and strategy.num_replicas_in_sync > 1
+            sync = cfg.model.sync_batchnorm and self.strategy.num_replicas_in_sync > 1
             model_cfg = dataclasses.replace(cfg.model, sync_batchnorm=sync)
             # train.fast: TensorFlow's fused BatchNorm kernel (paper_cnn keeps Keras' layer
             # where statistics are synchronised).
             model = build_model(model_cfg, data.image_shape(cfg.data), fused_batchnorm=t.fast)
-            model.compile(optimizer=make_optimizer(cfg, model, steps), loss="binary_crossentropy")
-    if chief:
-        if state is None:  # state.json first: from here on a kill leaves a resumable run
-            ckpt.begin(run_dir)
-        cfg.save(run_dir / "config.yaml")
-        if state is None:
-            _log_hparams(run_dir, cfg)
-        _print_kernels(model, t.fast)
+            optimizer = make_optimizer(cfg, model, self.steps)
+            model.compile(optimizer=optimizer, loss="binary_crossentropy")
+        return model, partial
 
-    # The training stream is a pure function of the seed: a resumed run skips the batches
-    # the interrupted one consumed and then sees exactly the batches it would have seen.
-    # DATA sharding: every worker reads the (cached) stream and keeps its share of each
-    # global batch; file sharding could leave a worker without one class in a small split.
-    done = initial_epoch * steps + initial_step
-    train_ds = train_ds.skip(done) if done else train_ds
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    train_iter = iter(strategy.experimental_distribute_dataset(train_ds.with_options(options)))
+    def distribute_inputs(self, train_ds: tf.data.Dataset):
+        """An iterator over global batches of the training stream, from where it stopped.
 
-    train_step = make_train_step(
-        model, strategy, global_batch, label_smoothing=t.label_smoothing,
-        weights=class_weights(cfg, manifest), box_loss_weight=t.box_loss_weight,
-    )  # fmt: skip
-    scorer = classifier(model)
+        The training stream is a pure function of the seed: a resumed run skips the batches
+        the interrupted one consumed and then sees exactly the batches it would have seen.
+        DATA sharding: every worker reads the (cached) stream and keeps its share of each
+        global batch; file sharding could leave a worker without one class in a small split.
+        """
+        done = self.initial_epoch * self.steps + self.initial_step
+        train_ds = train_ds.skip(done) if done else train_ds
+        options = tf.data.Options()
+        policy = tf.data.experimental.AutoShardPolicy.DATA
+        options.experimental_distribute.auto_shard_policy = policy
+        dist = self.strategy.experimental_distribute_dataset(train_ds.with_options(options))
+        return iter(dist)
 
-    @tf.function
-    def eval_step(images):
-        # Evaluation runs locally on every worker over the whole split (no collectives, so
-        # uneven last batches cannot deadlock workers); it is small next to training.
-        return predict_probs(scorer, images, cfg.eval.tta)
-
-    cbs: list[keras.callbacks.Callback] = [keras.callbacks.TerminateOnNaN()]
-    best = None
-    best_path = run_dir / "checkpoints" / "best.keras"
-    if chief:
-        best = keras.callbacks.ModelCheckpoint(
-            best_path, monitor="val_auroc", mode="max", save_best_only=True
+    def build_callbacks(self, verbose: int) -> keras.callbacks.CallbackList:
+        """TerminateOnNaN, and on the chief TensorBoard, CSVLogger and ModelCheckpoint of the
+        best val AUROC; EarlyStopping on val AUROC where asked (``self.stopper``)."""
+        t, run_dir, state = self.cfg.train, self.run_dir, self.state
+        cbs: list[keras.callbacks.Callback] = [keras.callbacks.TerminateOnNaN()]
+        if self.chief:
+            self.best = keras.callbacks.ModelCheckpoint(
+                runs.best_path(run_dir), monitor="val_auroc", mode="max", save_best_only=True
+            )
+            if state is not None and state.get("best_val_auroc") is not None:
+                self.best.best = state["best_val_auroc"]
+            cbs += [
+                keras.callbacks.TensorBoard(runs.tensorboard_dir(run_dir), write_graph=False),
+                keras.callbacks.CSVLogger(runs.history_path(run_dir), append=state is not None),
+                self.best,
+            ]
+        self.stopper = None
+        if t.early_stopping_patience:
+            # val AUROC only (the test split is never looked at before training ends).
+            self.stopper = keras.callbacks.EarlyStopping(
+                monitor="val_auroc", mode="max", patience=t.early_stopping_patience
+            )
+            cbs.append(self.stopper)
+        if verbose > 0 and self.chief:  # a bar on a terminal, one line per epoch in a log file
+            cbs.append(console.progress_callback(t.epochs, self.steps))
+        return keras.callbacks.CallbackList(
+            cbs,
+            add_history=True,
+            add_progbar=False,
+            model=self.model,
+            verbose=verbose,
+            epochs=t.epochs,
+            steps=self.steps,
         )
-        if state is not None and state.get("best_val_auroc") is not None:
-            best.best = state["best_val_auroc"]
-        cbs += [
-            keras.callbacks.TensorBoard(run_dir / "tensorboard", write_graph=False),
-            keras.callbacks.CSVLogger(run_dir / "history.csv", append=state is not None),
-            best,
-        ]
-    stopper = None
-    if t.early_stopping_patience:
-        # val AUROC only (the test split is never looked at before training ends).
-        stopper = keras.callbacks.EarlyStopping(
-            monitor="val_auroc", mode="max", patience=t.early_stopping_patience
-        )
-        cbs.append(stopper)
-    if verbose > 0 and chief:  # a bar on a terminal, one line per epoch in a log file
-        cbs.append(console.progress_callback(t.epochs, steps))
-    callbacks = keras.callbacks.CallbackList(
-        cbs, add_history=True, add_progbar=False, model=model,
-        verbose=verbose, epochs=t.epochs, steps=steps,
-    )  # fmt: skip
 
-    def checkpoint(epoch: int, step: int, accum=None) -> None:
-        if chief:
-            ckpt.save(run_dir, model, epoch, step, steps, best, accum)
+    # ----------------------------------------------------------------------- loop
 
-    model.stop_training = False
-    callbacks.on_train_begin()
-    if state is not None:
-        _restore_early_stopping(stopper, run_dir)
-    logs: dict = {}
-    epochs_done = initial_epoch
-    with _SigtermFlag() as sigterm:
-        for epoch in range(initial_epoch, t.epochs):
-            if stopper is not None and stopper.wait >= stopper.patience:
-                break  # stopped early before an interruption: nothing left to train
-            callbacks.on_epoch_begin(epoch)
-            started = time.perf_counter()
-            accum = partial if (partial is not None and epoch == initial_epoch) else ([], [], [])
-            first = initial_step if epoch == initial_epoch else 0
-            seen = 0
-            for step in range(first, steps):
-                callbacks.on_train_batch_begin(step)
-                flag = tf.constant(1 if sigterm.raised else 0, tf.int32)
-                per_example, p, y, stop = (r.numpy() for r in train_step(train_iter, flag))
-                for acc, r in zip(accum, (per_example, p, y)):
-                    acc.append(r)
-                seen += len(y)
-                callbacks.on_train_batch_end(
-                    step, {"loss": float(np.mean(per_example)), "size": len(per_example)}
+    def checkpoint(self, epoch: int, step: int, accum=None) -> None:
+        if self.chief:
+            ckpt.save(self.run_dir, self.model, epoch, step, self.steps, self.best, accum)
+
+    def loop(self, verbose: int) -> int:
+        """Train the epochs left; returns the number of epochs done."""
+        callbacks = self.build_callbacks(verbose)
+        model, stopper = self.model, self.stopper
+        model.stop_training = False
+        callbacks.on_train_begin()
+        if self.state is not None:
+            _restore_early_stopping(stopper, self.run_dir)
+        logs: dict = {}
+        epochs_done = self.initial_epoch
+        with _SigtermFlag() as sigterm:
+            for epoch in range(self.initial_epoch, self.cfg.train.epochs):
+                if stopper is not None and stopper.wait >= stopper.patience:
+                    break  # stopped early before an interruption: nothing left to train
+                callbacks.on_epoch_begin(epoch)
+                started = time.perf_counter()
+                accum, seen = self.train_epoch(epoch, callbacks, sigterm)
+                logs = epoch_metrics(*accum)
+                logs.update(self.validation_step())
+                logs["images_per_second"] = seen / (time.perf_counter() - started)
+                callbacks.on_epoch_end(epoch, logs)
+                self.checkpoint(epoch + 1, 0)
+                epochs_done = epoch + 1
+                if model.stop_training:  # EarlyStopping: val AUROC stopped improving
+                    print(
+                        f"early stopping after epoch {epoch + 1}: val AUROC best at epoch "
+                        f"{stopper.best_epoch + 1} ({stopper.best:.4f})",
+                        flush=True,
+                    )
+                    break
+        callbacks.on_train_end(logs)
+        return epochs_done
+
+    def train_epoch(self, epoch: int, callbacks, sigterm) -> tuple[tuple, int]:
+        """The steps of one epoch (from where a resumed run stopped); returns the epoch's
+        per-example ``(losses, probabilities, labels)`` and the number of images seen."""
+        run_dir, steps, model = self.run_dir, self.steps, self.model
+        resumed = self.partial is not None and epoch == self.initial_epoch
+        accum = self.partial if resumed else ([], [], [])
+        first = self.initial_step if epoch == self.initial_epoch else 0
+        seen = 0
+        for step in range(first, steps):
+            callbacks.on_train_batch_begin(step)
+            flag = tf.constant(1 if sigterm.raised else 0, tf.int32)
+            per_example, p, y, stop = (r.numpy() for r in self.train_step(self.train_iter, flag))
+            for acc, r in zip(accum, (per_example, p, y)):
+                acc.append(r)
+            seen += len(y)
+            callbacks.on_train_batch_end(
+                step, {"loss": float(np.mean(per_example)), "size": len(per_example)}
+            )
+            if model.stop_training:  # TerminateOnNaN: the last good checkpoint stays
+                raise TrainingDiverged(
+                    f"loss became NaN/inf in epoch {epoch + 1}, step {step + 1}; training "
+                    f"stopped. The last good checkpoint is in {runs.checkpoints_dir(run_dir)}. "
+                    "Lower train.learning_rate or check the data."
                 )
-                if model.stop_training:  # TerminateOnNaN: the last good checkpoint stays
-                    raise TrainingDiverged(
-                        f"loss became NaN/inf in epoch {epoch + 1}, step {step + 1}; training "
-                        f"stopped. The last good checkpoint is in {run_dir / 'checkpoints'}. "
-                        "Lower train.learning_rate or check the data."
-                    )
-                if stop.any():
-                    checkpoint(epoch, step + 1, accum)
-                    raise Preempted(
-                        f"SIGTERM received: stopped after epoch {epoch + 1}, step {step + 1} "
-                        f"and saved a checkpoint in {run_dir / 'checkpoints'}; continue with "
-                        "--resume (or --auto-resume)."
-                    )
-                every = t.checkpoint_every_steps
-                if every and (epoch * steps + step + 1) % every == 0 and step + 1 < steps:
-                    checkpoint(epoch, step + 1, accum)
-            logs = _epoch_metrics(*accum)
-            val = [[], [], []]
-            for images, y in val_ds:
-                probs = eval_step(images).numpy()
-                val[0].append(evaluate.bce_per_example(y.numpy(), probs))
-                val[1].append(probs)
-                val[2].append(y.numpy())
-            logs.update(_epoch_metrics(*val, prefix="val_"))
-            logs["images_per_second"] = seen / (time.perf_counter() - started)
-            callbacks.on_epoch_end(epoch, logs)
-            checkpoint(epoch + 1, 0)
-            epochs_done = epoch + 1
-            if model.stop_training:  # EarlyStopping: val AUROC stopped improving
-                print(f"early stopping after epoch {epoch + 1}: val AUROC best at epoch "
-                      f"{stopper.best_epoch + 1} ({stopper.best:.4f})", flush=True)  # fmt: skip
-                break
-    callbacks.on_train_end(logs)
+            if stop.any():
+                self.checkpoint(epoch, step + 1, accum)
+                raise Preempted(
+                    f"SIGTERM received: stopped after epoch {epoch + 1}, step {step + 1} "
+                    f"and saved a checkpoint in {runs.checkpoints_dir(run_dir)}; continue with "
+                    "--resume (or --auto-resume)."
+                )
+            every = self.cfg.train.checkpoint_every_steps
+            if every and (epoch * steps + step + 1) % every == 0 and step + 1 < steps:
+                self.checkpoint(epoch, step + 1, accum)
+        return accum, seen
 
-    digest = weights_digest(model)
-    print(f"final weights sha256: {digest} (task {task})", flush=True)
-    result = {}
-    if chief:
-        final = scorer
+    def validation_step(self) -> dict:
+        """``val_loss``, ``val_accuracy`` and ``val_auroc`` of the model on the val split."""
+        val = [[], [], []]
+        for images, y in self.val_ds:
+            probs = self.eval_step(images).numpy()
+            val[0].append(bce_per_example(y.numpy(), probs))
+            val[1].append(probs)
+            val[2].append(y.numpy())
+        return epoch_metrics(*val, prefix="val_")
+
+    # ----------------------------------------------------------------------- finish
+
+    def finish(self, epochs_done: int) -> dict:
+        """model.keras (the last or the best epoch), the test predictions and metrics, and
+        the finished state (chief only); returns the test metrics ({} on other workers)."""
+        cfg, t, run_dir = self.cfg, self.cfg.train, self.run_dir
+        digest = weights_digest(self.model)
+        print(f"final weights sha256: {digest} (task {self.task})", flush=True)
+        if not self.chief:
+            return {}
+        final = self.scorer
+        best_path = runs.best_path(run_dir)
         if t.select == "best" and best_path.is_file():
             # The epoch with the best val AUROC (chosen on val, before test is looked at).
             final = classifier(load_model(best_path))
             print(f"model.keras = the best epoch on val AUROC ({best_path})", flush=True)
-        ckpt.save_model(final, run_dir / "model.keras")
+        # Plain Keras layers: model.keras loads with keras.saving.load_model anywhere.
+        ckpt.save_model(plain_keras(final), runs.model_path(run_dir))
         ckpt.crash_point("model.keras")
         test_ds = data.make_eval_dataset(
-            cfg.data.dir, "test", cfg.data, global_batch, with_ids=True, dataset=cfg.dataset
+            self.build, "test", cfg.data, self.global_batch, with_ids=True
         )
-        ids, y, p = evaluate.predict(final, test_ds, cfg.eval.tta)
-        evaluate.write_predictions(run_dir / "predictions.csv", ids, y, p)
-        result = {"split": "test", "epochs": epochs_done, **evaluate.metrics(y, p)}
-        ckpt.write_text(run_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
+        ids, y, p = runs.predict(final, test_ds, cfg.eval.tta)
+        runs.write_predictions(runs.predictions_path(run_dir, "test"), ids, y, p)
+        result = runs.write_metrics(
+            run_dir,
+            "test",
+            split_metrics(y, p),
+            cfg=cfg,
+            model=runs.model_path(run_dir),
+            predictions="computed",
+        )
         ckpt.crash_point("metrics.json")
         ckpt.write_state(
-            run_dir, epochs_done, 0, steps, best, finished=True, digest=digest,
+            run_dir,
+            epochs_done,
+            0,
+            self.steps,
+            self.best,
+            finished=True,
+            digest=digest,
             stopped_early=epochs_done < t.epochs,
-        )  # fmt: skip
-    return result
+        )
+        return result

@@ -38,9 +38,12 @@ def _split_counts(n_per_class_per_split: Counts) -> dict[str, dict[str, int]]:
 
 
 def fixture_image(
-    rng: np.random.Generator, label: int, size: int | tuple[int, int], channels: int = 1,
+    rng: np.random.Generator,
+    label: int,
+    size: int | tuple[int, int],
+    channels: int = 1,
     separable: bool = True,
-) -> np.ndarray:  # fmt: skip
+) -> np.ndarray:
     """uint8 [H, W, C]: dark noise; fractured (label 1, separable) adds a bright vertical bar."""
     h, w = (size, size) if isinstance(size, int) else size
     image = rng.integers(0, 90, size=(h, w), dtype=np.uint8)

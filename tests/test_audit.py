@@ -87,15 +87,13 @@ def test_group_bootstrap_is_wider_and_counts_undefined_resamples():
 
 
 def test_evaluate_bootstrap_resamples_groups_and_reports_undefined():
-    from kerasfrac import evaluate
-
     y = np.repeat(np.array([0, 1] * 5), 10)
     p = np.repeat(np.linspace(0.1, 0.9, 10), 10)
     groups = np.repeat(np.arange(10), 10).tolist()
-    ci = evaluate.bootstrap_ci(y, p, n_resamples=300, groups=groups)
+    ci = metrics.bootstrap_ci(y, p, n_resamples=300, groups=groups)
     assert ci["resampled"] == "groups" and set(ci["undefined_share"]) == set(ci["valid"])
-    assert evaluate.bootstrap_ci(y, p, n_resamples=300)["resampled"] == "images"
-    one = evaluate.bootstrap_ci(np.array([1] + [0] * 19), np.linspace(0, 1, 20), n_resamples=500)
+    assert metrics.bootstrap_ci(y, p, n_resamples=300)["resampled"] == "images"
+    one = metrics.bootstrap_ci(np.array([1] + [0] * 19), np.linspace(0, 1, 20), n_resamples=500)
     assert one["undefined_share"]["sensitivity"] > 0.25
     assert one["undefined_share"]["specificity"] == 0
 

@@ -11,13 +11,16 @@ from tests import sources
 
 
 def test_bench_reports_positive_figures(tmp_path, separable_tfrecord_dir):
-    cfg = config.from_dict({
-        "dataset": "synthetic", "data": {"dir": str(separable_tfrecord_dir), "image_size": 32,
-                                         "flips": "expand"},
-        "train": {"batch_size": 8},
-    })  # fmt: skip
-    result = bench.run(cfg, ("input", "train", "fit"), steps=3, repeats=2,
-                       precisions=["float32", "mixed_bfloat16"])  # fmt: skip
+    cfg = config.from_dict(
+        {
+            "dataset": "synthetic",
+            "data": {"dir": str(separable_tfrecord_dir), "image_size": 32, "flips": "expand"},
+            "train": {"batch_size": 8},
+        }
+    )
+    result = bench.run(
+        cfg, ("input", "train", "fit"), steps=3, repeats=2, precisions=["float32", "mixed_bfloat16"]
+    )
     for figure in (*result["input"].values(), *result["train"].values(), result["fit"]):
         assert figure["images_per_second"] > 0
         assert figure["min"] <= figure["images_per_second"] <= figure["max"]
@@ -43,8 +46,11 @@ def test_bench_reports_positive_figures(tmp_path, separable_tfrecord_dir):
     )
     assert vs["cpu_ratio"] > 0 and vs["images"] == 3 * 8
     # the cache holds uint8: 32 x 32 x 1 bytes per image, a quarter of float32
-    assert result["cache"] == {"dtype": "uint8", "bytes_per_image": 1024,
-                               "float32_bytes_per_image": 4096}  # fmt: skip
+    assert result["cache"] == {
+        "dtype": "uint8",
+        "bytes_per_image": 1024,
+        "float32_bytes_per_image": 4096,
+    }
     # An epoch without oversampling is the whole training split, x3 with flip-expand.
     manifest = json.loads((separable_tfrecord_dir / "manifest.json").read_text())
     train = sum(manifest["splits"]["train"].values())
@@ -67,9 +73,25 @@ def test_bench_reports_positive_figures(tmp_path, separable_tfrecord_dir):
 def test_bench_build_against_decode_floor_via_cli(tmp_path, separable_tfrecord_dir):
     sources.make_tibia(tmp_path / "src", "mendeley", n_fractured=10, n_normal=6, copies=0)
     out = tmp_path / "bench.json"
-    code = main(["bench", "--what", "build", "--repeats", "1", "--source", str(tmp_path / "src"),
-                 "--source-dataset", "tibia-fibula", "--set", "dataset=synthetic", "--set",
-                 f"data.dir={separable_tfrecord_dir}", "--json", str(out)])  # fmt: skip
+    code = main(
+        [
+            "bench",
+            "--what",
+            "build",
+            "--repeats",
+            "1",
+            "--source",
+            str(tmp_path / "src"),
+            "--source-dataset",
+            "tibia-fibula",
+            "--set",
+            "dataset=synthetic",
+            "--set",
+            f"data.dir={separable_tfrecord_dir}",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     b = json.loads(out.read_text())["build"]
     assert b["files"] == 16
@@ -78,7 +100,16 @@ def test_bench_build_against_decode_floor_via_cli(tmp_path, separable_tfrecord_d
 
 
 def test_bench_rejects_unknown_measure(separable_tfrecord_dir, capsys):
-    code = main(["bench", "--what", "input,speed", "--set", "dataset=synthetic",
-                 "--set", f"data.dir={separable_tfrecord_dir}"])  # fmt: skip
+    code = main(
+        [
+            "bench",
+            "--what",
+            "input,speed",
+            "--set",
+            "dataset=synthetic",
+            "--set",
+            f"data.dir={separable_tfrecord_dir}",
+        ]
+    )
     assert code == 2
     assert "speed" in capsys.readouterr().err

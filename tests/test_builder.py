@@ -445,13 +445,6 @@ def test_split_quotas_exact_for_singletons():
     assert out == assign(groups, (0.7, 0.15, 0.15), seed=3)
 
 
-def test_synthetic_csv_columns_follow_the_schema():
-    # synthetic.py keeps its own copy so that it imports without TensorFlow; keep them equal.
-    from tfrecords_builder import schema, synthetic
-
-    assert synthetic.CSV_COLUMNS == ("image_id", *schema.META_COLUMNS)
-
-
 def test_perceptual_hash_equals_imagehash_phash():
     """validation hashes all thumbnails in one matrix product; imagehash is the reference."""
     imagehash = pytest.importorskip("imagehash")
@@ -501,9 +494,13 @@ def _jpeg_header_only(width: int, height: int) -> bytes:
 
 @pytest.mark.parametrize(
     ("header", "size"),
-    [(_png_header_only, (20_000, 10_000)), (_png_header_only, (9_000, 8_000)),
-     (_jpeg_header_only, (65_000, 60_000)), (_jpeg_header_only, (9_000, 8_000))],
-)  # fmt: skip
+    [
+        (_png_header_only, (20_000, 10_000)),
+        (_png_header_only, (9_000, 8_000)),
+        (_jpeg_header_only, (65_000, 60_000)),
+        (_jpeg_header_only, (9_000, 8_000)),
+    ],
+)
 def test_decompression_bombs_are_refused_from_the_header(tmp_path, header, size):
     """--max-pixels stops a file whose header claims too many pixels before any decoding."""
     from tfrecords_builder import validation
@@ -533,8 +530,12 @@ def _encoded_variants() -> list[tuple[str, bytes]]:
         if mode in ("L", "RGB"):
             exif = Image.Exif()
             exif[0x0112] = 6  # orientation: the size is still the stored one
-            for kwargs in ({}, {"progressive": True}, {"exif": exif.tobytes()},
-                           {"icc_profile": b"\0" * 3000, "restart_marker_blocks": 1}):  # fmt: skip
+            for kwargs in (
+                {},
+                {"progressive": True},
+                {"exif": exif.tobytes()},
+                {"icc_profile": b"\0" * 3000, "restart_marker_blocks": 1},
+            ):
                 buf = io.BytesIO()
                 image.save(buf, "JPEG", quality=90, **kwargs)
                 out.append((f"jpeg {mode} {size} {sorted(kwargs)}", buf.getvalue()))
@@ -623,11 +624,22 @@ def test_same_source_gives_the_same_shard_bytes_in_another_process(tmp_path):
     sources.make_fracatlas(tmp_path / "src", n_fractured=6, n_normal=9)
     here = build("fracatlas", tmp_path / "src", tmp_path / "here", BuildOptions(**OPTS))
     subprocess.run(
-        [sys.executable, "-m", "tfrecords_builder", "fracatlas", "--source",
-         str(tmp_path / "src"), "--out", str(tmp_path / "there"), "--shards", "3",
-         "--no-progress"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "tfrecords_builder",
+            "fracatlas",
+            "--source",
+            str(tmp_path / "src"),
+            "--out",
+            str(tmp_path / "there"),
+            "--shards",
+            "3",
+            "--no-progress",
+        ],
+        check=True,
+        capture_output=True,
+    )
     there = json.loads((tmp_path / "there" / "manifest.json").read_text())
     assert here["shards"] == there["shards"]
     names = [name for names in here["shards"].values() for name in names]

@@ -66,8 +66,16 @@ def _command_env(**extra) -> dict:
 
 
 def _predict(run_dir: Path, image: Path, *flags: str, env=None):
-    cmd = [sys.executable, "-m", "kerasfrac.cli", *flags, "predict", "--model",
-           str(run_dir / "model.keras"), str(image)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "kerasfrac.cli",
+        *flags,
+        "predict",
+        "--model",
+        str(run_dir / "model.keras"),
+        str(image),
+    ]
     return subprocess.run(
         cmd, env=env or _command_env(), capture_output=True, text=True, timeout=300
     )
@@ -91,8 +99,13 @@ def test_commands_start_without_tensorflows_noise(predict_run):
     assert "x.png" in proc.stdout
     leaked = [line for line in proc.stderr.splitlines() if quiet.is_startup_noise(line)]
     assert not leaked, proc.stderr
-    for text in ("absl::InitializeLog", "oneDNN custom operations", "cudart_stub", "cuInit",
-                 "cpu_feature_guard"):  # fmt: skip
+    for text in (
+        "absl::InitializeLog",
+        "oneDNN custom operations",
+        "cudart_stub",
+        "cuInit",
+        "cpu_feature_guard",
+    ):
         assert text not in proc.stderr, proc.stderr
     loud = _predict(run_dir, image, "--verbose")
     assert loud.returncode == 0, loud.stderr
@@ -136,10 +149,14 @@ def test_help_texts_version_and_list_keys(capsys):
         defaults.train.learning_rate
     )
     leaves = sum(
-        1 for section in dataclasses.fields(defaults)
-        for _ in (dataclasses.fields(getattr(defaults, section.name))
-                  if dataclasses.is_dataclass(getattr(defaults, section.name)) else [0])
-    )  # fmt: skip
+        1
+        for section in dataclasses.fields(defaults)
+        for _ in (
+            dataclasses.fields(getattr(defaults, section.name))
+            if dataclasses.is_dataclass(getattr(defaults, section.name))
+            else [0]
+        )
+    )
     assert len(rows) == leaves
 
 
@@ -149,8 +166,18 @@ def test_help_texts_version_and_list_keys(capsys):
 def test_builder_names_quarantined_files_and_keeps_libjpeg_quiet(tmp_path, capfd):
     expect = sources.make_fracatlas(tmp_path / "src")
     out = tmp_path / "out"
-    code = build_main(["fracatlas", "--source", str(tmp_path / "src"), "--out", str(out),
-                       "--shards", "2", "--no-progress"])  # fmt: skip
+    code = build_main(
+        [
+            "fracatlas",
+            "--source",
+            str(tmp_path / "src"),
+            "--out",
+            str(out),
+            "--shards",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     printed = capfd.readouterr()
     for file, reason in expect["quarantined"].items():
@@ -183,8 +210,13 @@ def _drive(cb, epochs=2, steps=3, losses=(1.0, 3.0, 5.0)):
             callbacks.on_train_batch_begin(step)
             callbacks.on_train_batch_end(step, {"loss": losses[step], "size": 2 + 2 * step})
             time.sleep(0.06)  # past Progbar's update interval
-        logs = {"loss": 0.5, "auroc": 0.77, "val_loss": 0.6, "val_auroc": 0.7,
-                "images_per_second": 62.0}  # fmt: skip
+        logs = {
+            "loss": 0.5,
+            "auroc": 0.77,
+            "val_loss": 0.6,
+            "val_auroc": 0.7,
+            "images_per_second": 62.0,
+        }
         callbacks.on_epoch_end(epoch, logs)
     callbacks.on_train_end()
 
@@ -243,9 +275,21 @@ def test_summary_warns_below_the_majority_baseline_or_at_chance(tmp_path):
 
 def test_cli_train_prints_the_summary_and_epoch_lines(tmp_path, separable_tfrecord_dir, capsys):
     run_dir = tmp_path / "run"
-    args = ["train", "--set", "dataset=synthetic", "--set", f"data.dir={separable_tfrecord_dir}",
-            "--set", "data.image_size=32", "--set", "train.epochs=2", "--set",
-            "train.batch_size=8", "--run-dir", str(run_dir)]  # fmt: skip
+    args = [
+        "train",
+        "--set",
+        "dataset=synthetic",
+        "--set",
+        f"data.dir={separable_tfrecord_dir}",
+        "--set",
+        "data.image_size=32",
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "train.batch_size=8",
+        "--run-dir",
+        str(run_dir),
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     epoch_lines = [line for line in out.splitlines() if line.startswith("epoch ")]

@@ -256,7 +256,7 @@ def test_source_mismatch_and_batch_too_large(imbalanced_dir):
         data.make_dataset(imbalanced_dir, "train", cfg(), 71, dataset="synthetic")
     with pytest.raises(BuildOutputError, match="batch_size=71"):
         data.check_build(imbalanced_dir, batch_size=71)
-    assert data.check_build(imbalanced_dir, "synthetic", 70)["source"] == "synthetic"
+    assert data.check_build(imbalanced_dir, "synthetic", 70).manifest["source"] == "synthetic"
 
 
 def test_oversample_needs_both_classes(tfrecord_dir_factory):
@@ -351,8 +351,9 @@ def test_jpeg_ratio_keeps_the_margin():
     assert eighth.shape[:2] == (144, 116)
     expected = np.floor(tf.image.resize(eighth, [size, size], "area").numpy() + 0.5)
     np.testing.assert_array_equal(got, expected)
-    full = tf.image.resize(tf.cast(tf.io.decode_jpeg(encoded, channels=1), tf.float32),
-                           [size, size], "area").numpy()  # fmt: skip
+    full = tf.image.resize(
+        tf.cast(tf.io.decode_jpeg(encoded, channels=1), tf.float32), [size, size], "area"
+    ).numpy()
     assert np.abs(got - full).mean() < 1.0
 
 
@@ -399,11 +400,20 @@ def jpeg_build(path, n: int, size: tuple[int, int]) -> Path:
         with tf.io.TFRecordWriter(str(path / name)) as writer:
             for i in range(n):
                 encoded = jpeg(phantom(*size, channels=3 if i % 3 else 1, seed=i))
-                writer.write(schema.make_example(
-                    encoded=encoded, image_format="jpeg", height=size[0], width=size[1],
-                    channels=3 if i % 3 else 1, image_id=f"{split}{i}.jpg", source="synthetic",
-                    sha256=str(i), group=f"{split}{i}", label=i % 2,
-                ).SerializeToString())  # fmt: skip
+                writer.write(
+                    schema.make_example(
+                        encoded=encoded,
+                        image_format="jpeg",
+                        height=size[0],
+                        width=size[1],
+                        channels=3 if i % 3 else 1,
+                        image_id=f"{split}{i}.jpg",
+                        source="synthetic",
+                        sha256=str(i),
+                        group=f"{split}{i}",
+                        label=i % 2,
+                    ).SerializeToString()
+                )
         counts[split] = {"fractured": n // 2, "normal": n - n // 2}
     counts["val"] = {"fractured": 0, "normal": 0}
     manifest = {"source": "synthetic", "splits": counts, "shards": shards, "fixture": True}

@@ -25,11 +25,18 @@ KERASFRAC = [sys.executable, "-m", "kerasfrac.cli"]
 
 def train_args(build_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     settings = {
-        "dataset": "synthetic", "data.dir": str(build_dir), "data.image_size": 32,
-        "data.flips": "random", "train.epochs": 2, "train.steps_per_epoch": 40,
-        "train.batch_size": 8, "train.optimizer": "adam", "train.learning_rate": 1e-3,
-        "train.weight_decay": 0.0, "train.deterministic": "true",
-    }  # fmt: skip
+        "dataset": "synthetic",
+        "data.dir": str(build_dir),
+        "data.image_size": 32,
+        "data.flips": "random",
+        "train.epochs": 2,
+        "train.steps_per_epoch": 40,
+        "train.batch_size": 8,
+        "train.optimizer": "adam",
+        "train.learning_rate": 1e-3,
+        "train.weight_decay": 0.0,
+        "train.deterministic": "true",
+    }
     args = [*KERASFRAC, "train", "--run-dir", str(run_dir)]
     for key, value in settings.items():
         args += ["--set", f"{key}={value}"]
@@ -53,20 +60,29 @@ def has_checkpoint(run_dir: Path) -> bool:
 
 def history(run_dir: Path) -> list[dict]:
     with (run_dir / "history.csv").open() as f:
-        return [{k: v for k, v in row.items() if k != "images_per_second"}
-                for row in csv.DictReader(f)]  # fmt: skip
+        return [
+            {k: v for k, v in row.items() if k != "images_per_second"} for row in csv.DictReader(f)
+        ]
 
 
 def test_sigterm_checkpoint_then_resume_gives_identical_weights(tmp_path, separable_tfrecord_dir):
     ref, cut = tmp_path / "reference", tmp_path / "interrupted"
-    done = subprocess.run(train_args(separable_tfrecord_dir, ref), env=env(),
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        train_args(separable_tfrecord_dir, ref),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     proc = subprocess.Popen(
         train_args(separable_tfrecord_dir, cut, "train.checkpoint_every_steps=5"),
-        env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 240
     while not has_checkpoint(cut):  # state.json exists from the start; a checkpoint later
         assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -81,8 +97,13 @@ def test_sigterm_checkpoint_then_resume_gives_identical_weights(tmp_path, separa
     assert not interrupted["finished"] and 5 <= steps_done < 80
     assert not (cut / "model.keras").exists()
 
-    resumed = subprocess.run([*train_args(separable_tfrecord_dir, cut), "--resume"], env=env(),
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    resumed = subprocess.run(
+        [*train_args(separable_tfrecord_dir, cut), "--resume"],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert state(cut)["finished"]
     assert state(cut)["weights_sha256"] == state(ref)["weights_sha256"]
@@ -121,8 +142,12 @@ def test_two_workers_on_localhost_end_identical(tmp_path, separable_tfrecord_dir
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    digests = [line.split()[3] for out, _ in outs for line in out.splitlines()
-               if line.startswith("final weights sha256:")]  # fmt: skip
+    digests = [
+        line.split()[3]
+        for out, _ in outs
+        for line in out.splitlines()
+        if line.startswith("final weights sha256:")
+    ]
     assert len(digests) == 2 and digests[0] == digests[1]
     assert "(task worker:1)" in outs[1][0]
     assert state(run_dir)["finished"] and state(run_dir)["weights_sha256"] == digests[0]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from kerasfrac import config, evaluate
+from kerasfrac import config, evaluate, metrics, runs
 from kerasfrac.cli import main
 from tests.conftest import make_tfrecord_dir
 
@@ -21,7 +21,7 @@ PROBS = np.array([0.1, 0.4, 0.6, 0.4, 0.8, 0.9])
 
 
 def test_hand_computed_metrics_with_ties():
-    m = evaluate.metrics(LABELS, PROBS, n_bootstrap=0)
+    m = metrics.split_metrics(LABELS, PROBS, n_bootstrap=0)
     # at 0.5: predicted [0, 0, 1, 0, 1, 1] -> TN 2, FP 1, FN 1, TP 2
     assert m["confusion_matrix"] == [[2, 1], [1, 2]]
     for key in ("accuracy", "sensitivity", "specificity", "balanced_accuracy", "precision", "f1"):
@@ -38,17 +38,17 @@ def test_hand_computed_metrics_with_ties():
 
 
 def test_loss_by_hand():
-    assert evaluate.bce_loss([1, 0], [0.8, 0.4]) == pytest.approx(
+    assert metrics.bce_loss([1, 0], [0.8, 0.4]) == pytest.approx(
         -(math.log(0.8) + math.log(0.6)) / 2
     )
 
 
 def test_youden_threshold_chosen_on_val_applied_to_test():
     # J per candidate on LABELS/PROBS: 0.9 -> 1/3, 0.8 -> 2/3, 0.6 -> 1/3, 0.4 -> 1/3, 0.1 -> 0
-    assert evaluate.youden_threshold(LABELS, PROBS) == pytest.approx(0.8)
+    assert metrics.youden_threshold(LABELS, PROBS) == pytest.approx(0.8)
     test_labels = np.array([0, 1, 1, 0])
     test_probs = np.array([0.7, 0.85, 0.5, 0.3])
-    m = evaluate.metrics(test_labels, test_probs, val=(LABELS, PROBS), n_bootstrap=0)
+    m = metrics.split_metrics(test_labels, test_probs, val=(LABELS, PROBS), n_bootstrap=0)
     # at 0.5: predicted [1, 1, 1, 0]
     assert m["confusion_matrix"] == [[1, 1], [0, 2]]
     assert (m["sensitivity"], m["specificity"]) == (1.0, 0.5)
@@ -61,11 +61,11 @@ def test_youden_threshold_chosen_on_val_applied_to_test():
 
 def test_tied_j_prefers_the_higher_threshold():
     # both 0.7 and 0.3 give J = 0.5
-    assert evaluate.youden_threshold([0, 1, 0, 1], [0.2, 0.7, 0.5, 0.3]) == pytest.approx(0.7)
+    assert metrics.youden_threshold([0, 1, 0, 1], [0.2, 0.7, 0.5, 0.3]) == pytest.approx(0.7)
 
 
 def test_single_class_split_defined_metrics_and_undefined_list():
-    m = evaluate.metrics([1, 1, 1], [0.2, 0.7, 0.9], val=([1, 1], [0.3, 0.6]), n_bootstrap=200)
+    m = metrics.split_metrics([1, 1, 1], [0.2, 0.7, 0.9], val=([1, 1], [0.3, 0.6]), n_bootstrap=200)
     assert m["accuracy"] == pytest.approx(2 / 3) and m["sensitivity"] == pytest.approx(2 / 3)
     assert m["f1"] == pytest.approx(4 / 5)  # 2TP / (2TP + FP + FN) = 4 / 5
     assert m["average_precision"] == pytest.approx(1.0)
@@ -85,9 +85,9 @@ def test_bootstrap_reproducible_and_exact_auroc():
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 2, 60)
     probs = np.round(np.clip(labels * 0.3 + rng.random(60) * 0.7, 0, 1), 1)  # many ties
-    a = evaluate.bootstrap_ci(labels, probs, n_resamples=1000, seed=7)
-    b = evaluate.bootstrap_ci(labels, probs, n_resamples=1000, seed=7)
-    c = evaluate.bootstrap_ci(labels, probs, n_resamples=1000, seed=8)
+    a = metrics.bootstrap_ci(labels, probs, n_resamples=1000, seed=7)
+    b = metrics.bootstrap_ci(labels, probs, n_resamples=1000, seed=7)
+    c = metrics.bootstrap_ci(labels, probs, n_resamples=1000, seed=8)
     assert a == b and a != c
     assert a["n_resamples"] == 1000 and a["valid"]["accuracy"] == 1000
     point = roc_auc_score(labels, probs)
@@ -95,7 +95,7 @@ def test_bootstrap_reproducible_and_exact_auroc():
     assert lo < point < hi and 0 < hi - lo < 0.5
     # the vectorised AUROC equals scikit-learn's on resampled rows with ties
     idx = rng.integers(0, 60, size=(5, 60))
-    rows = evaluate._auroc_rows(labels[idx], probs[idx])
+    rows = metrics._auroc_rows(labels[idx], probs[idx])
     for k in range(5):
         assert rows[k] == pytest.approx(roc_auc_score(labels[idx[k]], probs[idx[k]]))
 
@@ -106,7 +106,7 @@ def test_subgroups_by_hand():
         "hardware": np.array([0, 0, 0, 0, 1, 1]),
         "leg": np.full(6, -1),
     }
-    g = evaluate.subgroup_metrics(LABELS, PROBS, meta)
+    g = metrics.subgroup_metrics(LABELS, PROBS, meta)
     # hand=1: labels [0, 0, 1], probs [0.1, 0.4, 0.4] -> AUROC (1 + 0.5) / 2
     assert g["hand=1"]["n"] == 3 and g["hand=1"]["auroc"] == pytest.approx(0.75)
     assert g["hand=unknown"] == {"n": 1}
@@ -126,9 +126,13 @@ def make_run(run_dir: Path, build_dir: Path, model_size: int = 32, seed: int = 0
     from kerasfrac.model import build_model
 
     cfg = config.from_dict(
-        {"dataset": "synthetic", "run_dir": str(run_dir),
-         "data": {"dir": str(build_dir), "image_size": 32}, "train": {"batch_size": 8}}
-    )  # fmt: skip
+        {
+            "dataset": "synthetic",
+            "run_dir": str(run_dir),
+            "data": {"dir": str(build_dir), "image_size": 32},
+            "train": {"batch_size": 8},
+        }
+    )
     run_dir.mkdir(parents=True)
     cfg.save(run_dir / "config.yaml")
     keras.utils.set_random_seed(seed)
@@ -151,14 +155,14 @@ def test_evaluate_run_writes_everything(run_dir, capsys):
     assert "majority baseline" in out and "AUROC" in out and "Youden-J" in out
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["split"] == "test" and m["n"] == 16 and m["predictions"] == "computed"
-    ids, labels, probs = evaluate.read_predictions(run_dir / "predictions.csv")
-    _, vl, vp = evaluate.read_predictions(run_dir / "predictions_val.csv")
+    ids, labels, probs = runs.read_predictions(run_dir / "predictions.csv")
+    _, vl, vp = runs.read_predictions(run_dir / "predictions_val.csv")
     assert len(ids) == 16 and len(vl) == 16
     # metrics are those of the saved predictions; threshold from val applied to test
-    again = evaluate.metrics(labels, probs, val=(vl, vp), n_bootstrap=1000, seed=0)
+    again = metrics.split_metrics(labels, probs, val=(vl, vp), n_bootstrap=1000, seed=0)
     for key in ("accuracy", "auroc", "average_precision", "confusion_matrix", "ci95", "youden"):
         assert m[key] == again[key], key
-    assert m["youden"]["threshold"] == pytest.approx(evaluate.youden_threshold(vl, vp))
+    assert m["youden"]["threshold"] == pytest.approx(metrics.youden_threshold(vl, vp))
     assert "subgroups" not in m  # the fixture records carry no FracAtlas metadata
     # the no-anatomy baseline on the same test images, with a paired difference
     base = m["no_anatomy_baseline"]
@@ -238,12 +242,21 @@ def make_meta_build(path: Path) -> Path:
     with tf.io.TFRecordWriter(str(path / schema.shard_name("test", 0, 1))) as w:
         for k, (label, hand, hardware) in enumerate(rows):
             encoded = encode_png(fixture_image(rng, label, 32))
-            w.write(schema.make_example(
-                encoded=encoded, image_format="png", height=32, width=32, channels=1,
-                image_id=f"t{k}.png", source="synthetic", group=f"t{k}",
-                sha256=hashlib.sha256(encoded).hexdigest(), label=label,
-                meta={"hand": hand, "hardware": hardware},
-            ).SerializeToString())  # fmt: skip
+            w.write(
+                schema.make_example(
+                    encoded=encoded,
+                    image_format="png",
+                    height=32,
+                    width=32,
+                    channels=1,
+                    image_id=f"t{k}.png",
+                    source="synthetic",
+                    group=f"t{k}",
+                    sha256=hashlib.sha256(encoded).hexdigest(),
+                    label=label,
+                    meta={"hand": hand, "hardware": hardware},
+                ).SerializeToString()
+            )
     manifest = json.loads((path / schema.MANIFEST).read_text())
     manifest["splits"]["test"] = {"fractured": 3, "normal": 3}
     manifest["shards"]["test"] = [schema.shard_name("test", 0, 1)]
@@ -254,7 +267,7 @@ def make_meta_build(path: Path) -> Path:
 def test_evaluate_run_subgroups_from_record_metadata(tmp_path):
     run = make_run(tmp_path / "run", make_meta_build(tmp_path / "build"))
     m = evaluate.evaluate_run(run, n_bootstrap=0, plots=False)
-    ids, labels, probs = evaluate.read_predictions(run / "predictions.csv")
+    ids, labels, probs = runs.read_predictions(run / "predictions.csv")
     p = dict(zip(ids, probs))
     g = m["subgroups"]
     assert g["hand=1"]["n"] == 3 and g["hand=1"]["counts"] == {"fractured": 2, "normal": 1}

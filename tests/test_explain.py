@@ -19,8 +19,8 @@ from PIL import Image
 
 from kerasfrac import config, explain, gradcam, train
 from kerasfrac.cli import main
-from kerasfrac.evaluate import load_run_model
 from kerasfrac.model import paper_cnn
+from kerasfrac.runs import load_model as load_run_model
 from tfrecords_builder import synthetic
 from tfrecords_builder.build import BuildOptions, build
 
@@ -30,9 +30,14 @@ SIZE = 48
 def _train_synthetic(root: Path, marker: bool) -> tuple[Path, Path]:
     raw, tfr, run_dir = root / "raw", root / "tfr", root / "run"
     synthetic.generate(
-        raw, count=160, fractured_fraction=0.5, image_size=SIZE, seed=1, marker=marker,
+        raw,
+        count=160,
+        fractured_fraction=0.5,
+        image_size=SIZE,
+        seed=1,
+        marker=marker,
         marker_correlation=1.0,
-    )  # fmt: skip
+    )
     build("synthetic", raw, tfr, BuildOptions(progress=False, shards=2))
     cfg = config.from_dict(
         {
@@ -46,7 +51,7 @@ def _train_synthetic(root: Path, marker: bool) -> tuple[Path, Path]:
                 "optimizer": "adam",
                 "learning_rate": 1e-3,
                 "weight_decay": 0.0,
-            },  # fmt: skip
+            },
         }
     )
     train.train(cfg, verbose=0)
@@ -124,15 +129,17 @@ def test_feature_maps_fresh_and_reloaded(tmp_path):
     x = np.random.default_rng(0).random((2, 32, 32, 1), dtype="float32")
     maps = explain.feature_maps(fresh, x)
     assert {k: v.shape for k, v in maps.items()} == {
-        "bn1": (2, 32, 32, 32), "bn2": (2, 16, 16, 64), "bn3": (2, 8, 8, 128),
-    }  # fmt: skip
+        "bn1": (2, 32, 32, 32),
+        "bn2": (2, 16, 16, 64),
+        "bn3": (2, 8, 8, 128),
+    }
     fresh.save(tmp_path / "model.keras")
     reloaded = keras.saving.load_model(tmp_path / "model.keras")
     again = explain.feature_maps(reloaded, x)
     for name in maps:
         np.testing.assert_allclose(again[name], maps[name], rtol=1e-5, atol=1e-6)
-    # Grad-CAM needs the fmap -> logit path: on a reloaded Sequential, layer.output is a dead
-    # end (gradient None); graph_outputs finds the real one, so both models agree.
+    # Grad-CAM needs the fmap -> logit path: the reloaded functional model has it, so both
+    # models agree.
     cams = [gradcam.GradCam(m)(x, 1.0) for m in (fresh, reloaded)]
     np.testing.assert_allclose(cams[1], cams[0], rtol=1e-4, atol=1e-6)
     some = explain.feature_maps(reloaded, x, ["relu2"])
@@ -165,8 +172,12 @@ def test_masks_and_pointing():
     cam[7, 8] = 3.0
     cam[0, 0] = 1.0
     assert gradcam.pointing(cam, box) == {
-        "hit": True, "empty": False, "chance": 0.25, "mass_share": 0.75, "centre_hit": True,
-    }  # fmt: skip
+        "hit": True,
+        "empty": False,
+        "chance": 0.25,
+        "mass_share": 0.75,
+        "centre_hit": True,
+    }
     empty = gradcam.pointing(np.zeros((10, 10)), box)
     assert empty["hit"] is False and empty["empty"] is True  # an empty map is a miss
     with pytest.raises(ValueError, match="border width"):
@@ -279,10 +290,25 @@ def test_explain_command_end_to_end(runs, tmp_path, capsys):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     out = tmp_path / "explain"
-    code = main([
-        "explain", "--run-dir", str(run_dir), "--out", str(out), "--steps", "4",
-        "--vis-images", "1", "--max-channels", "4", "--border", "0.15", "--n-images", "4",
-    ])  # fmt: skip
+    code = main(
+        [
+            "explain",
+            "--run-dir",
+            str(run_dir),
+            "--out",
+            str(out),
+            "--steps",
+            "4",
+            "--vis-images",
+            "1",
+            "--max-channels",
+            "4",
+            "--border",
+            "0.15",
+            "--n-images",
+            "4",
+        ]
+    )
     assert code == 0
     result = json.loads((out / "explain.json").read_text())
     assert result["audit"]["border_width"] == 0.15
@@ -290,9 +316,13 @@ def test_explain_command_end_to_end(runs, tmp_path, capsys):
     assert len(result["class_vis"]["runs"]) == 4  # noise and one image, two targets each
     names = {Path(f).name for f in result["figures"]}
     assert names == {
-        "class_vis.png", "feature_maps_bn1.png", "feature_maps_bn2.png", "feature_maps_bn3.png",
-        "grad_cam.png", "grad_cam_mean.png",
-    }  # fmt: skip
+        "class_vis.png",
+        "feature_maps_bn1.png",
+        "feature_maps_bn2.png",
+        "feature_maps_bn3.png",
+        "grad_cam.png",
+        "grad_cam_mean.png",
+    }
     for f in result["figures"]:
         assert Image.open(f).size[0] > 100
     printed = capsys.readouterr().out
@@ -305,10 +335,20 @@ def test_explain_command_end_to_end(runs, tmp_path, capsys):
     assert {"class_vis", "grad_cam", "grad_cam_mean"} <= set(acc.Tags()["tensors"])
 
     # Files given with --images: the undecodable one is reported and skipped.
-    code = main([
-        "explain", "--run-dir", str(run_dir), "--out", str(tmp_path / "files"),
-        "--what", "grad-cam,feature-maps", "--images", str(good), str(bad),
-    ])  # fmt: skip
+    code = main(
+        [
+            "explain",
+            "--run-dir",
+            str(run_dir),
+            "--out",
+            str(tmp_path / "files"),
+            "--what",
+            "grad-cam,feature-maps",
+            "--images",
+            str(good),
+            str(bad),
+        ]
+    )
     assert code == 0
     err = capsys.readouterr().err
     assert "skipped" in err and "bad.png" in err
@@ -330,9 +370,12 @@ def test_bad_requests(runs, tmp_path, capsys):
 def test_pointing_game_without_boxes_says_so(tmp_path, separable_tfrecord_dir, capsys):
     run_dir = tmp_path / "run"
     cfg = config.from_dict(
-        {"dataset": "synthetic", "run_dir": str(run_dir),
-         "data": {"dir": str(separable_tfrecord_dir), "image_size": 32}}
-    )  # fmt: skip
+        {
+            "dataset": "synthetic",
+            "run_dir": str(run_dir),
+            "data": {"dir": str(separable_tfrecord_dir), "image_size": 32},
+        }
+    )
     cfg.save(run_dir / "config.yaml")
     paper_cnn((32, 32, 1)).save(run_dir / "model.keras")
     assert main(["explain", "--run-dir", str(run_dir), "--what", "audit"]) == 0

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from kerasfrac import config, model
+from kerasfrac import model
 from kerasfrac.config import ModelConfig
 
 
@@ -15,13 +15,9 @@ def bfloat16_policy():
     keras.mixed_precision.set_dtype_policy("float32")
 
 
-def test_registry_matches_config_names():
-    assert tuple(model.MODELS) == config.MODEL_NAMES
-
-
 def test_paper_cnn_layers_and_shapes():
     m = model.paper_cnn((64, 64, 1))
-    names = [layer.name for layer in m.layers]
+    names = [layer.name for layer in m.layers if not isinstance(layer, keras.layers.InputLayer)]
     assert names == [
         "conv1", "relu1", "bn1", "pool1",
         "conv2", "relu2", "bn2", "pool2",
@@ -37,7 +33,7 @@ def test_paper_cnn_layers_and_shapes():
     }
     conv = m.get_layer("conv2")
     assert (conv.kernel_size, conv.strides, conv.padding) == ((3, 3), (1, 1), "same")
-    assert tuple(m.outputs[0].shape) == (None, 1)  # Sequential has .outputs, not .output
+    assert tuple(m.outputs[0].shape) == (None, 1)
     out = m(np.random.default_rng(0).random((2, 64, 64, 1), dtype="float32"))
     assert out.shape == (2, 1) and np.all((out > 0) & (out < 1))
 
@@ -202,8 +198,11 @@ def test_fused_paper_cnn_saves_reloads_and_trains_like_the_plain_one(tmp_path):
         test = f"{__file__}::test_fused_paper_cnn_saves_reloads_and_trains_like_the_plain_one"
         proc = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
-            env={**os.environ, kernels.ENV: "0"}, capture_output=True, text=True, check=False,
-        )  # fmt: skip
+            env={**os.environ, kernels.ENV: "0"},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
         return
 
@@ -234,3 +233,51 @@ def test_fused_paper_cnn_saves_reloads_and_trains_like_the_plain_one(tmp_path):
     np.testing.assert_allclose(
         reloaded.predict(x, verbose=0), fused.predict(x, verbose=0), rtol=1e-5
     )
+
+
+def test_plain_keras_swaps_the_fused_layers_and_keeps_the_outputs():
+    fused = model.build_model(
+        ModelConfig("resnet_small", sync_batchnorm=False), (32, 32, 1), fused_batchnorm=True
+    )
+    x = np.random.default_rng(3).random((2, 32, 32, 1), dtype="float32")
+    fused(x, training=True)  # move the moving statistics away from their initial values
+    plain = model.plain_keras(fused)
+    assert model.uses_fused_batchnorm(fused) and not model.uses_fused_batchnorm(plain)
+    assert [layer.name for layer in plain.layers] == [layer.name for layer in fused.layers]
+    np.testing.assert_allclose(plain(x, training=False), fused(x, training=False), rtol=1e-6)
+    unfused = model.paper_cnn((16, 16, 1))
+    assert model.plain_keras(unfused) is unfused
+
+
+def test_functional_rebuilds_an_older_sequential_paper_cnn(tmp_path):
+    old = keras.Sequential(
+        [keras.Input((16, 16, 1), name="image"), *_old_layers()],
+        name="paper_cnn",
+    )
+    old.save(tmp_path / "old.keras")
+    reloaded = model.functional(keras.saving.load_model(tmp_path / "old.keras"))
+    assert not isinstance(reloaded, keras.Sequential)
+    x = np.random.default_rng(2).random((2, 16, 16, 1), dtype="float32")
+    np.testing.assert_allclose(reloaded(x), old(x), rtol=1e-6)
+    assert model.block_output_names(reloaded) == ["bn1", "bn2"]
+    sub = keras.Model(reloaded.inputs[0], [reloaded.get_layer("relu2").output, reloaded.output])
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        fmap, logit = sub(x)
+    assert tape.gradient(logit, fmap) is not None  # the feature map feeds the output
+
+
+def _old_layers():
+    return [
+        keras.layers.Conv2D(4, 3, padding="same", name="conv1"),
+        keras.layers.ReLU(name="relu1"),
+        keras.layers.BatchNormalization(name="bn1"),
+        keras.layers.MaxPool2D(2, name="pool1"),
+        keras.layers.Conv2D(4, 3, padding="same", name="conv2"),
+        keras.layers.ReLU(name="relu2"),
+        keras.layers.BatchNormalization(name="bn2"),
+        keras.layers.Flatten(name="flatten"),
+        keras.layers.Dense(1, name="logit"),
+        keras.layers.Activation("sigmoid", name="prob"),
+    ]

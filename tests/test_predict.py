@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from kerasfrac import data, evaluate, predict
+from kerasfrac import data, predict, runs
 from kerasfrac.cli import main
 from kerasfrac.config import load_config
 from tests.test_evaluate import make_run
@@ -51,9 +51,13 @@ def write_dicom(path, pixels: np.ndarray, photometric="MONOCHROME1", **tags):
 def test_dicom_rescale_window_and_monochrome1_by_hand(tmp_path):
     pixels = np.array([[0, 50], [100, 150]])
     path = write_dicom(
-        tmp_path / "a.dcm", pixels, RescaleSlope=2, RescaleIntercept=-100,
-        WindowCenter=50, WindowWidth=201,
-    )  # fmt: skip
+        tmp_path / "a.dcm",
+        pixels,
+        RescaleSlope=2,
+        RescaleIntercept=-100,
+        WindowCenter=50,
+        WindowWidth=201,
+    )
     # rescale: [[-100, 0], [100, 200]]; window: (x - 49.5) / 200 + 0.5, clipped to [0, 1]:
     # [[0, 0.2525], [0.7525, 1]]; MONOCHROME1 inverts: [[1, 0.7475], [0.2475, 0]]; x 255
     got = predict.dicom_to_uint8(path.read_bytes())
@@ -67,7 +71,7 @@ def test_same_probability_as_the_test_pipeline(run_dir, separable_tfrecord_dir, 
     cfg = load_config(run_dir / "config.yaml")
     model = keras.saving.load_model(run_dir / "model.keras")
     ds = data.make_eval_dataset(separable_tfrecord_dir, "test", cfg.data, 8, with_ids=True)
-    ids, _, probs = evaluate.predict(model, ds)
+    ids, _, probs = runs.predict(model, ds)
     folder = tmp_path / "images"
     folder.mkdir()
     for ex in read_split(separable_tfrecord_dir, "test", decode=False):
@@ -99,10 +103,25 @@ def test_jpeg_png_dicom_via_cli(run_dir, tmp_path, capsys):
     recovered = tf.io.decode_jpeg(jpeg[: int(len(jpeg) * 0.8)], try_recover_truncated=True)
     (tmp_path / "cut_as.png").write_bytes(tf.io.encode_png(recovered).numpy())
     out_csv = tmp_path / "p.csv"
-    args = ["predict", "--model", str(run_dir / "model.keras"), "--threshold", "0.5",
-            "--csv", str(out_csv)]  # fmt: skip
-    names = ["x.png", "x.jpg", "x.dcm", "dicom_as.png", "bad.jpg", "missing.png", "cut.jpg",
-             "cut_as.png"]  # fmt: skip
+    args = [
+        "predict",
+        "--model",
+        str(run_dir / "model.keras"),
+        "--threshold",
+        "0.5",
+        "--csv",
+        str(out_csv),
+    ]
+    names = [
+        "x.png",
+        "x.jpg",
+        "x.dcm",
+        "dicom_as.png",
+        "bad.jpg",
+        "missing.png",
+        "cut.jpg",
+        "cut_as.png",
+    ]
     assert main([*args, *(str(tmp_path / n) for n in names)]) == 0
     captured = capsys.readouterr()
     assert "skipped" in captured.err and "bad.jpg" in captured.err and "missing.png" in captured.err

@@ -4,6 +4,7 @@ cosine schedule, early stopping with best-epoch selection and test-time augmenta
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -69,8 +70,9 @@ def test_application_backbones_take_grayscale_and_a_weights_file(tmp_path, name)
     kwargs = {"include_preprocessing": True} if name == "efficientnetv2b0" else {}
     reference = constructor(include_top=False, weights=None, input_shape=(64, 64, 3), **kwargs)
     rng = np.random.default_rng(1)
-    reference.set_weights([rng.normal(0, 0.05, w.shape).astype("float32") for w in
-                           reference.get_weights()])  # fmt: skip
+    reference.set_weights(
+        [rng.normal(0, 0.05, w.shape).astype("float32") for w in reference.get_weights()]
+    )
     path = tmp_path / "backbone.weights.h5"
     reference.save_weights(path)
 
@@ -90,9 +92,13 @@ def test_application_backbones_take_grayscale_and_a_weights_file(tmp_path, name)
 
 @pytest.mark.parametrize(
     "name,box_head",
-    [("resnet_small", False), ("resnet_small", True), ("resnet50v2", False),
-     ("efficientnetv2b0", True)],
-)  # fmt: skip
+    [
+        ("resnet_small", False),
+        ("resnet_small", True),
+        ("resnet50v2", False),
+        ("efficientnetv2b0", True),
+    ],
+)
 def test_saved_new_architectures_load_and_predict_identically(tmp_path, name, box_head):
     m = model.build_model(ModelConfig(name, box_head=box_head), (64, 64, 1), fused_batchnorm=True)
     x = np.random.default_rng(2).random((3, 64, 64, 1), dtype="float32")
@@ -109,8 +115,12 @@ def test_saved_new_architectures_load_and_predict_identically(tmp_path, name, bo
 def test_recipe_keys_default_to_the_reports_recipe():
     cfg = config.Config()
     t, d = cfg.train, cfg.data
-    assert (t.optimizer, t.schedule, t.label_smoothing, t.class_weight) == ("sgd", "constant",
-                                                                          0.0, "none")  # fmt: skip
+    assert (t.optimizer, t.schedule, t.label_smoothing, t.class_weight) == (
+        "sgd",
+        "constant",
+        0.0,
+        "none",
+    )
     assert (t.early_stopping_patience, t.select, cfg.eval.tta) == (None, "last", "none")
     assert (d.rotation, d.zoom, d.translate, d.gamma, d.contrast, d.brightness) == (0,) * 6
     assert not data.augments(d) and cfg.model.box_head is False and cfg.model.head == "gap"
@@ -221,8 +231,9 @@ def synthetic_build(tmp_path_factory):
 
 
 def test_training_stream_with_boxes_carries_masks_of_fractured_images(synthetic_build):
-    cfg = config.DataConfig(dir=str(synthetic_build), image_size=64, flips="random",
-                            rotation=10, zoom=0.1)  # fmt: skip
+    cfg = config.DataConfig(
+        dir=str(synthetic_build), image_size=64, flips="random", rotation=10, zoom=0.1
+    )
     ds, steps = data.make_dataset(None, "train", cfg, 8, seed=0, with_boxes=True)
     images, labels, masks, weights = next(iter(ds))
     assert images.shape == (8, 64, 64, 1) and masks.shape == (8, 64, 64, 1)
@@ -238,8 +249,15 @@ def test_training_stream_with_boxes_carries_masks_of_fractured_images(synthetic_
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
-    cfg = config.load_config(None, ["train.schedule=cosine", "train.warmup_epochs=1",
-                                     "train.learning_rate=0.01", "train.epochs=4"])  # fmt: skip
+    cfg = config.load_config(
+        None,
+        [
+            "train.schedule=cosine",
+            "train.warmup_epochs=1",
+            "train.learning_rate=0.01",
+            "train.epochs=4",
+        ],
+    )
     lr = train.learning_rate(cfg, steps_per_epoch=10)
     assert float(lr(0)) == pytest.approx(1e-4)
     assert float(lr(10)) == pytest.approx(0.01)
@@ -250,12 +268,12 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
 
 def test_class_weights_balance_the_train_split():
     cfg = config.load_config(None, ["train.class_weight=balanced"])
-    manifest = {"splits": {"train": {"fractured": 25, "normal": 75}}}
+    manifest = data.Build(Path("."), {"splits": {"train": {"fractured": 25, "normal": 75}}})
     w0, w1 = train.class_weights(cfg, manifest)
     assert (w0, w1) == pytest.approx((100 / 150, 100 / 50))
     assert 75 * w0 == pytest.approx(25 * w1)
     assert train.class_weights(config.Config(), manifest) is None
-    one_class = {"splits": {"train": {"fractured": 0, "normal": 75}}}
+    one_class = data.Build(Path("."), {"splits": {"train": {"fractured": 0, "normal": 75}}})
     with pytest.raises(ValueError, match="needs both classes"):
         train.class_weights(cfg, one_class)
 
@@ -298,8 +316,9 @@ def test_train_step_adds_the_box_loss_only_where_weighted():
     masks[0, 40:64, 40:64] = 1  # the bottom-right cell of the 2x2 heat map
     plain = train.make_train_step(m, strategy, 2)
     boxed = train.make_train_step(m, strategy, 2, box_loss_weight=3.0)
-    loss0, p0, _, _ = plain(iter(tf.data.Dataset.from_tensors((images, labels)).repeat()),
-                            tf.constant(0))  # fmt: skip
+    loss0, p0, _, _ = plain(
+        iter(tf.data.Dataset.from_tensors((images, labels)).repeat()), tf.constant(0)
+    )
     weights = np.array([1.0, 0.0], "float32")
     batch = tf.data.Dataset.from_tensors((images, labels, masks, weights)).repeat()
     loss1, p1, _, _ = boxed(iter(batch), tf.constant(0))
@@ -335,15 +354,27 @@ def test_early_stopping_state_is_restored_from_history(tmp_path):
 
 def test_early_stopping_and_best_epoch_selection(tmp_path, separable_tfrecord_dir):
     run_dir = tmp_path / "run"
-    cfg = config.from_dict({
-        "dataset": "synthetic", "run_dir": str(run_dir),
-        "data": {"dir": str(separable_tfrecord_dir), "image_size": 32},
-        "model": {"name": "resnet_small"},
-        "train": {"epochs": 12, "batch_size": 8, "optimizer": "adamw", "learning_rate": 3e-3,
-                  "weight_decay": 0.01, "steps_per_epoch": 6, "early_stopping_patience": 2,
-                  "select": "best", "schedule": "cosine", "warmup_epochs": 1},
-        "eval": {"tta": "flip"},
-    })  # fmt: skip
+    cfg = config.from_dict(
+        {
+            "dataset": "synthetic",
+            "run_dir": str(run_dir),
+            "data": {"dir": str(separable_tfrecord_dir), "image_size": 32},
+            "model": {"name": "resnet_small"},
+            "train": {
+                "epochs": 12,
+                "batch_size": 8,
+                "optimizer": "adamw",
+                "learning_rate": 3e-3,
+                "weight_decay": 0.01,
+                "steps_per_epoch": 6,
+                "early_stopping_patience": 2,
+                "select": "best",
+                "schedule": "cosine",
+                "warmup_epochs": 1,
+            },
+            "eval": {"tta": "flip"},
+        }
+    )
     result = train.train(cfg, verbose=0)
     with (run_dir / "history.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -369,16 +400,25 @@ def test_early_stopping_and_best_epoch_selection(tmp_path, separable_tfrecord_di
 
 def _pointing_after_training(root, box_head: bool) -> dict:
     from kerasfrac import explain
-    from kerasfrac.evaluate import load_run_model
+    from kerasfrac.runs import load_model as load_run_model
 
     run_dir = root / f"run_box{int(box_head)}"
-    cfg = config.from_dict({
-        "dataset": "synthetic", "run_dir": str(run_dir),
-        "data": {"dir": str(root / "tfr"), "image_size": 128, "flips": "random"},
-        "model": {"name": "resnet_small", "box_head": box_head, "head": "heatmap"},
-        "train": {"epochs": 1, "batch_size": 16, "steps_per_epoch": 150, "optimizer": "adamw",
-                  "learning_rate": 2e-3, "weight_decay": 0.01},
-    })  # fmt: skip
+    cfg = config.from_dict(
+        {
+            "dataset": "synthetic",
+            "run_dir": str(run_dir),
+            "data": {"dir": str(root / "tfr"), "image_size": 128, "flips": "random"},
+            "model": {"name": "resnet_small", "box_head": box_head, "head": "heatmap"},
+            "train": {
+                "epochs": 1,
+                "batch_size": 16,
+                "steps_per_epoch": 150,
+                "optimizer": "adamw",
+                "learning_rate": 2e-3,
+                "weight_decay": 0.01,
+            },
+        }
+    )
     result = train.train(cfg, verbose=0)
     cfg, m, _ = load_run_model(run_dir)
     # Grad-CAM on the default layer (`features`, 4x4 cells at 128 px); the pointing game with
@@ -399,8 +439,15 @@ def test_box_supervision_moves_grad_cam_onto_the_fracture(tmp_path):
     from tfrecords_builder import synthetic
     from tfrecords_builder.build import BuildOptions, build
 
-    synthetic.generate(tmp_path / "raw", count=400, fractured_fraction=0.5, image_size=128,
-                       seed=1, marker=True, marker_correlation=0.9)  # fmt: skip
+    synthetic.generate(
+        tmp_path / "raw",
+        count=400,
+        fractured_fraction=0.5,
+        image_size=128,
+        seed=1,
+        marker=True,
+        marker_correlation=0.9,
+    )
     build("synthetic", tmp_path / "raw", tmp_path / "tfr", BuildOptions(progress=False, shards=2))
     plain = _pointing_after_training(tmp_path, box_head=False)
     boxed = _pointing_after_training(tmp_path, box_head=True)
@@ -419,13 +466,13 @@ def test_sensitivity_at_90_specificity_is_exact():
     assert sensitivity_at_specificity(y, p, 0.9) == pytest.approx(0.8)
     assert sensitivity_at_specificity(y, p, 1.0) == pytest.approx(0.6)  # above 0.5 only
     assert sensitivity_at_specificity(np.zeros(4), np.arange(4)) is None
-    from kerasfrac.evaluate import metrics
+    from kerasfrac.metrics import split_metrics as metrics
 
     assert metrics(y, p, n_bootstrap=0)["sensitivity_at_90_specificity"] == pytest.approx(0.8)
 
 
 def test_evaluate_predict_with_flip_tta(separable_tfrecord_dir):
-    from kerasfrac.evaluate import predict
+    from kerasfrac.runs import predict
 
     cfg = config.DataConfig(dir=str(separable_tfrecord_dir), image_size=32)
     m = model.build_model(ModelConfig("paper_cnn"), (32, 32, 1))

@@ -22,10 +22,16 @@ def fake_run(root: Path, name: str, dataset: str, data: dict, metrics: dict) -> 
 
 
 FULL = {
-    "n": 87, "accuracy": 0.7356, "loss": 0.55214, "majority_baseline_accuracy": 0.7126,
-    "auroc": 0.7012, "ci95": {"auroc": [0.5876, 0.8123]}, "average_precision": 0.4567,
-    "sensitivity": 0.4, "specificity": 0.8710,
-}  # fmt: skip
+    "n": 87,
+    "accuracy": 0.7356,
+    "loss": 0.55214,
+    "majority_baseline_accuracy": 0.7126,
+    "auroc": 0.7012,
+    "ci95": {"auroc": [0.5876, 0.8123]},
+    "average_precision": 0.4567,
+    "sensitivity": 0.4,
+    "specificity": 0.8710,
+}
 
 
 def baseline(base: float, diff: float, lo: float, hi: float) -> dict:
@@ -42,12 +48,25 @@ def runs(tmp_path):
     beaten = {**FULL, "no_anatomy_baseline": baseline(0.6312, 0.07, 0.0123, 0.1301)}
     a = fake_run(tmp_path, "fa_small", "fracatlas", {"image_size": 224}, beaten)
     # train.py's older metrics.json: no CI, AP, sensitivity or specificity
-    b = fake_run(tmp_path, "fa_orig", "fracatlas", {"image_size": 512},
-                 {"n": 10, "accuracy": 0.9, "loss": 0.3, "majority_baseline_accuracy": 0.6,
-                  "auroc": 0.95})  # fmt: skip
-    c = fake_run(tmp_path, "tib_aug", "tibia-fibula", {"image_size": 512, "flips": "expand"},
-                 {**FULL, "accuracy": 0.5, "ci95": {},
-                  "no_anatomy_baseline": baseline(0.69, 0.0112, -0.04, 0.061)})  # fmt: skip
+    b = fake_run(
+        tmp_path,
+        "fa_orig",
+        "fracatlas",
+        {"image_size": 512},
+        {"n": 10, "accuracy": 0.9, "loss": 0.3, "majority_baseline_accuracy": 0.6, "auroc": 0.95},
+    )
+    c = fake_run(
+        tmp_path,
+        "tib_aug",
+        "tibia-fibula",
+        {"image_size": 512, "flips": "expand"},
+        {
+            **FULL,
+            "accuracy": 0.5,
+            "ci95": {},
+            "no_anatomy_baseline": baseline(0.69, 0.0112, -0.04, 0.061),
+        },
+    )
     return [a, b, c]
 
 

@@ -72,11 +72,17 @@ def test_build_overwrite_replaces_only_a_build(tibia, tmp_path):
 def test_second_concurrent_build_fails_at_once(tibia, tmp_path):
     out = tmp_path / "out"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
-         "f.write('pid of the test'); f.flush(); fcntl.flock(f, fcntl.LOCK_EX); print('ok', "
-         "flush=True); time.sleep(60)", str(tmp_path / ".out.lock")],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+            "f.write('pid of the test'); f.flush(); fcntl.flock(f, fcntl.LOCK_EX); print('ok', "
+            "flush=True); time.sleep(60)",
+            str(tmp_path / ".out.lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "ok"
         started = time.perf_counter()
@@ -248,9 +254,13 @@ def test_non_finite_learning_rate_refused():
 def test_build_without_val_split_refused_before_training(tmp_path):
     build_dir = make_tfrecord_dir(tmp_path / "noval", {"train": 8, "val": 0, "test": 4}, size=16)
     cfg = config.from_dict(
-        {"dataset": "synthetic", "run_dir": str(tmp_path / "run"),
-         "data": {"dir": str(build_dir), "image_size": 16}, "train": {"batch_size": 4}}
-    )  # fmt: skip
+        {
+            "dataset": "synthetic",
+            "run_dir": str(tmp_path / "run"),
+            "data": {"dir": str(build_dir), "image_size": 16},
+            "train": {"batch_size": 4},
+        }
+    )
     with pytest.raises(data.BuildOutputError, match="no images in its val split"):
         train.train(cfg, verbose=0)
     assert not (tmp_path / "run").exists()

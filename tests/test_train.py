@@ -180,19 +180,13 @@ def test_cli_train_end_to_end(tmp_path, separable_tfrecord_dir, capsys):
     assert main([*args, "--overwrite"]) == 0
 
 
-def test_demo_settings_equal_configs_demo_yaml(monkeypatch):
+def test_configs_demo_yaml_is_the_packages_demo_config():
+    """One file: the demo reads the config that ships in the package, which configs/ links."""
     from kerasfrac import demo
 
-    monkeypatch.setenv("KERASFRAC_DATA", "/data")
     root = Path(__file__).resolve().parents[1]
-    from_yaml = config.load_config(root / "configs" / "demo.yaml").to_dict()
-    embedded = config.from_dict(demo.DEMO_SETTINGS).to_dict()
-    for key in ("dataset",):
-        assert from_yaml[key] == embedded[key]
-    for section in ("data", "model", "train"):
-        a = {k: v for k, v in from_yaml[section].items() if k != "dir"}
-        b = {k: v for k, v in embedded[section].items() if k != "dir"}
-        assert a == b, section
+    assert (root / "configs" / "demo.yaml").resolve() == demo.DEMO_CONFIG.resolve()
+    assert demo.DEMO_CONFIG.is_file()
 
 
 def test_checkpoint_selection_and_stopping_never_see_the_test_split(
@@ -239,3 +233,101 @@ def test_checkpoint_selection_and_stopping_never_see_the_test_split(
     for e in events:
         if e[0] == "epoch_end":
             assert "val_auroc" in e[2] and not any(k.startswith("test") for k in e[2])
+
+
+def test_model_keras_loads_with_plain_keras_without_kerasfrac(trained_run):
+    """train.fast trains with the fused BatchNorm layer; model.keras holds plain Keras layers,
+    so a process that never imports kerasfrac loads it and gives the run's probabilities."""
+    import subprocess
+    import sys
+
+    run_dir, _ = trained_run
+    with (run_dir / "predictions.csv").open() as f:
+        n = len(list(csv.DictReader(f)))
+    code = (
+        "import sys, keras, numpy as np\n"
+        f"m = keras.saving.load_model({str(run_dir / 'model.keras')!r})\n"
+        "assert not any(k.startswith('kerasfrac') for k in sys.modules), 'kerasfrac imported'\n"
+        "p = m.predict(np.zeros((2,) + tuple(m.input_shape[1:]), 'float32'), verbose=0)\n"
+        "print('ok', p.shape, [type(layer).__name__ for layer in m.layers if 'bn' in layer.name])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=run_dir.parent,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ok (2, 1)" in proc.stdout and "BatchNormalization" in proc.stdout
+    assert "Fused" not in proc.stdout and n == 16
+
+
+def test_run_config_paths_are_absolute_and_evaluate_works_from_another_folder(
+    tmp_path, separable_tfrecord_dir, monkeypatch, capsys
+):
+    """A run started with relative paths stores them absolute; `evaluate --run-dir` from
+    another folder then finds the data."""
+    import os
+    import shutil
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(separable_tfrecord_dir, work / "tfr")
+    monkeypatch.chdir(work)
+    cfg = fast_config(Path("tfr"), Path("runs/rel"), epochs=1, steps_per_epoch=3)
+    train.train(cfg, verbose=0)
+    saved = config.load_config(work / "runs" / "rel" / "config.yaml")
+    assert saved.data.dir == str(work / "tfr") and saved.run_dir == str(work / "runs" / "rel")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert os.getcwd() == str(elsewhere)
+    code = main(
+        [
+            "evaluate",
+            "--run-dir",
+            str(work / "runs" / "rel"),
+            "--no-plots",
+            "--no-baseline",
+            "--bootstrap",
+            "0",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((work / "runs" / "rel" / "metrics.json").read_text())["n"] == 16
+
+
+def test_resume_of_a_finished_run_with_more_epochs_continues_it(
+    tmp_path, separable_tfrecord_dir, capsys
+):
+    run_dir = tmp_path / "run"
+    cfg = fast_config(separable_tfrecord_dir, run_dir, epochs=1, steps_per_epoch=3)
+    train.train(cfg, verbose=0)
+    first = history(run_dir)
+    # the same epochs: nothing to continue, and the error says how
+    assert main(["train", "--run-dir", str(run_dir), "--resume"]) == 2
+    assert "--set train.epochs=N, N > 1" in capsys.readouterr().err
+    assert main(["train", "--run-dir", str(run_dir), "--resume", "--set", "train.epochs=2"]) == 0
+    rows = history(run_dir)
+    assert [r["epoch"] for r in rows] == [0, 1] and rows[:1] == first
+    state = json.loads((run_dir / "checkpoints" / "state.json").read_text())
+    assert state["epoch"] == 2 and state["finished"]
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 2
+
+
+def test_a_training_run_reads_the_manifest_once(tmp_path, separable_tfrecord_dir, monkeypatch):
+    """The build is loaded once (data.Build) and passed down to every pipeline."""
+    from tfrecords_builder import reader
+
+    calls = []
+    real = reader.load_manifest
+
+    def counting(directory):
+        calls.append(str(directory))
+        return real(directory)
+
+    monkeypatch.setattr(reader, "load_manifest", counting)
+    cfg = fast_config(separable_tfrecord_dir, tmp_path / "run", epochs=1, steps_per_epoch=2)
+    train.train(cfg, verbose=0)
+    assert calls == [str(separable_tfrecord_dir)]

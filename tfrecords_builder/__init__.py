@@ -2,11 +2,12 @@
 (sharded TFRecords, dataset_info.json) with a manifest; ``tfrecords_builder.tfds_builders``
 registers them as TFDS builders.
 
-``read_split``, ``load_manifest`` and ``shard_files`` are the contract later stages use; they
-are imported lazily so that ``kerasfrac --help`` does not pay for importing TensorFlow.
+``Build``, ``read_split``, ``load_manifest`` and ``shard_files`` are the contract later stages
+use; they are imported lazily so that ``kerasfrac --help`` does not pay for importing
+TensorFlow.
 """
 
-__all__ = ["BuildOutputError", "load_manifest", "read_split", "shard_files"]
+__all__ = ["Build", "BuildOutputError", "load_manifest", "read_split", "shard_files"]
 
 
 def __getattr__(name: str):

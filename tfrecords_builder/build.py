@@ -188,14 +188,96 @@ def _unread_reason(cand: Candidate, root: Path) -> str | None:
 def _build_into(
     stage: Path, dataset: str, found, opts: BuildOptions, tfds_name: str, with_meta: bool
 ) -> tuple[dict, dict[str, writer.WrittenSplit]]:
+    """Validate, group duplicates, split and write ``found`` into ``stage`` (TFDS shards named
+    for ``tfds_name``); ``(the manifest, what was written per split)``."""
+    cands, checks, quarantined, good = _validate(found, opts)
+    duplicate_groups, dropped, keep = _exact_duplicates(good, cands, checks, opts, quarantined)
+    g = _group(keep, cands, checks, opts, quarantined)
+    keep, pairs = g.keep, g.pairs
+    split_of_group = splits.assign(g.groups, opts.split, opts.seed)
+    split_of = {i: split_of_group[g.group_of[i]] for i in keep}
+    near_across = _near_across(pairs, g.reps, split_of, cands)
+    for d in duplicate_groups:
+        if not d["conflict"]:
+            first = next((i for i in keep if cands[i].rel in d["files"]), None)
+            d["split"] = split_of[first] if first is not None else None  # None: quarantined
+    wrote, split_counts = _write_splits(
+        stage, dataset, keep, cands, checks, split_of, g.group_of, opts, tfds_name, with_meta
+    )
+    found_counts, written, q_counts, accounting = _accounting(
+        found, keep, cands, quarantined, dropped
+    )
+    files_in_groups = sum(len(d["files"]) for d in duplicate_groups)
+    reasons = Counter(q["reason"].split(":")[0] for q in quarantined)
+    manifest = {
+        "format_version": schema.FORMAT_VERSION,
+        "source": dataset,
+        "tfds_name": tfds_name,
+        "root": found.root.name,
+        "seed": opts.seed,
+        "split_ratios": dict(zip(schema.SPLITS, opts.split)),
+        "options": {
+            k: v
+            for k, v in dataclasses.asdict(opts).items()
+            if k not in ("progress", "workers", "overwrite", "hold_bytes", "groups_file")
+        },
+        "found": found_counts,
+        "written": written,
+        "quarantined_count": q_counts,
+        "quarantine_reasons": dict(sorted(reasons.items())),
+        "quarantined": sorted(quarantined, key=lambda q: q["file"]),
+        "recovered_truncated": sorted(cands[i].rel for i in keep if checks[i].recovered),
+        "dropped_duplicates": dropped,
+        "duplicate_summary": {
+            "groups": len(duplicate_groups),
+            "files_in_groups": files_in_groups,
+            "share_of_valid_files_in_groups": round(files_in_groups / max(1, len(good)), 4),
+            "redundant_copies": files_in_groups - len(duplicate_groups),
+        },
+        "duplicate_groups": duplicate_groups,
+        "near_duplicate_distance": opts.near_duplicate_distance,
+        "near_duplicate_pairs": len(pairs),
+        "near_duplicates": _near_summary(g, cands, checks, opts, quarantined),
+        "near_duplicates_across_splits": near_across,
+        "user_groups": _user_summary(g),
+        "label_disagreements": found.notes.get("label_disagreements", []),
+        "notes": {k: v for k, v in found.notes.items() if k != "label_disagreements"},
+        "splits": split_counts,
+        "shards": {split: w.names for split, w in wrote.items()},
+        "accounting": accounting,
+        "index": "index.csv",
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "versions": {
+            "python": platform.python_version(),
+            "tensorflow": tf.__version__,
+            "tensorflow_datasets": _tfds_version(),
+            "argv": sys.argv[1:],
+        },
+    }
+    return manifest, wrote
+
+
+def _tfds_version() -> str:
+    import tensorflow_datasets as tfds
+
+    return tfds.__version__
+
+
+def _validate(found, opts: BuildOptions):
+    """``(candidates, their checks, quarantined, indices of the valid ones)``: files that
+    cannot be read as named (not UTF-8, dangling links, links out of the source) and files
+    that fail validation are quarantined with their reason."""
     # Quarantined unread: names that are not UTF-8, dangling links, links out of the source.
     unread = [(c, _unread_reason(c, found.root)) for c in found.candidates]
     bad_names = [
-        {"file": os.fsencode(c.rel).decode("utf-8", "backslashreplace"), "label": c.label,
-         "reason": reason}
+        {
+            "file": os.fsencode(c.rel).decode("utf-8", "backslashreplace"),
+            "label": c.label,
+            "reason": reason,
+        }
         for c, reason in unread
         if reason
-    ]  # fmt: skip
+    ]
     cands = [c for c, reason in unread if not reason]
     paths = [c.path for c in cands]
     checks = validation.check_all(
@@ -214,8 +296,12 @@ def _build_into(
         if k.reason
     ]
     good = [i for i, k in enumerate(checks) if not k.reason]
+    return cands, checks, quarantined, good
 
-    # Byte-identical copies: one group per sha256.
+
+def _exact_duplicates(good, cands, checks, opts: BuildOptions, quarantined: list):
+    """``(duplicate groups, dropped copies, kept indices)``: one group per sha256; copies of
+    different labels are quarantined as conflicts (appended to ``quarantined``)."""
     by_hash: dict[str, list[int]] = {}
     for i in good:
         by_hash.setdefault(checks[i].sha256, []).append(i)
@@ -255,9 +341,32 @@ def _build_into(
         else:
             keep.extend(members)
     keep.sort(key=lambda i: cands[i].rel)
+    return duplicate_groups, dropped, keep
 
-    # Near-duplicates between distinct files (different sha256): perceptual hash within the
-    # distance, one aspect, then a pixel-level check of each pair (is it the same X-ray?).
+
+@dataclasses.dataclass
+class _Grouping:
+    """What near-duplicate and user grouping decided (see ``_group``)."""
+
+    keep: list[int]
+    reps: list[int]
+    pairs: list[dict]
+    other_aspect: int
+    conflict_pairs: list[dict]
+    conflict_reps: set[int]
+    near_roots: list[int]
+    user: dict | None
+    group_of: dict[int, str]
+    members_of: dict[str, list[int]]
+    groups: dict[str, tuple[int, int]]
+
+
+def _group(keep, cands, checks, opts: BuildOptions, quarantined: list) -> _Grouping:
+    """Near-duplicates between distinct files (different sha256): perceptual hash within the
+    distance, one aspect, then a pixel-level check of each pair (is it the same X-ray?);
+    with ``group_near_duplicates`` same-image pairs of different labels are quarantined and
+    the others grouped; a user's groups (``--groups``) join whatever they link. Each group
+    is stratified by its majority label."""
     reps = sorted({checks[i].sha256: i for i in keep}.values(), key=lambda i: cands[i].rel)
     pairs, other_aspect = _near_duplicate_pairs(reps, cands, checks, opts)
     conflict_pairs = [
@@ -314,13 +423,29 @@ def _build_into(
         # A group of mixed labels (similar images the pixel check calls distinct, or one
         # patient's images) is stratified by its majority label, ties as fractured.
         groups[g] = (int(2 * n_fractured >= len(members)), len(members))
-    split_of_group = splits.assign(groups, opts.split, opts.seed)
-    split_of = {i: split_of_group[group_of[i]] for i in keep}
-    kept_reps = {k for k, i in enumerate(reps) if k not in conflict_reps}
-    merged = Counter(near_roots[k] for k in kept_reps)
+    return _Grouping(
+        keep,
+        reps,
+        pairs,
+        other_aspect,
+        conflict_pairs,
+        conflict_reps,
+        near_roots,
+        user,
+        group_of,
+        members_of,
+        groups,
+    )
+
+
+def _near_summary(g: _Grouping, cands, checks, opts: BuildOptions, quarantined) -> dict:
+    """The manifest's ``near_duplicates`` section."""
+    pairs, reps, keep = g.pairs, g.reps, g.keep
+    kept_reps = {k for k, i in enumerate(reps) if k not in g.conflict_reps}
+    merged = Counter(g.near_roots[k] for k in kept_reps)
     merged_roots = {r for r, n in merged.items() if n > 1}
-    rep_root = {checks[i].sha256: near_roots[k] for k, i in enumerate(reps)}
-    near_summary = {
+    rep_root = {checks[i].sha256: g.near_roots[k] for k, i in enumerate(reps)}
+    return {
         "grouped": opts.group_near_duplicates,
         "distance": opts.near_duplicate_distance,
         "pixel_check": {
@@ -329,14 +454,14 @@ def _build_into(
             "min_agreement": PIXEL_AGREEMENT,
         },
         "pairs": len(pairs),
-        "pairs_left_out_for_aspect": other_aspect,
+        "pairs_left_out_for_aspect": g.other_aspect,
         "same_image_pairs": sum(p["same_image"] for p in pairs),
         "groups_merged": len(merged_roots),
         "images_in_merged_groups": sum(
             1 for i in keep if rep_root[checks[i].sha256] in merged_roots
         ),
         "mixed_label_groups": sum(
-            1 for m in members_of.values() if len({cands[i].label for i in m}) > 1
+            1 for m in g.members_of.values() if len({cands[i].label for i in m}) > 1
         ),
         "conflicts_quarantined": sum(
             1 for q in quarantined if q["reason"].startswith("conflict: near-duplicate")
@@ -350,7 +475,7 @@ def _build_into(
                 "agreement": p["agreement"],
                 "quarantined": opts.group_near_duplicates,
             }
-            for p in conflict_pairs
+            for p in g.conflict_pairs
         ],
         "pair_list": [
             {
@@ -364,14 +489,19 @@ def _build_into(
             for p in pairs
         ],
     }
-    if user is not None:
-        user_summary = {k: v for k, v in user.items() if k != "group_of"}
-        user_summary["groups_holding_several_images"] = sum(
-            1 for m in members_of.values() if len(m) > 1
-        )
-    else:
-        user_summary = None
 
+
+def _user_summary(g: _Grouping) -> dict | None:
+    """The manifest's ``user_groups`` section (``--groups``), None without."""
+    if g.user is None:
+        return None
+    summary = {k: v for k, v in g.user.items() if k != "group_of"}
+    summary["groups_holding_several_images"] = sum(1 for m in g.members_of.values() if len(m) > 1)
+    return summary
+
+
+def _near_across(pairs, reps, split_of, cands) -> list[dict]:
+    """Near-duplicate pairs that the split put into different splits."""
     near_across = []
     for p in pairs:
         a, b = reps[p["k"]], reps[p["m"]]
@@ -387,11 +517,23 @@ def _build_into(
                     "splits": [split_of[a], split_of[b]],
                 }
             )
-    for g in duplicate_groups:
-        if not g["conflict"]:
-            first = next((i for i in keep if cands[i].rel in g["files"]), None)
-            g["split"] = split_of[first] if first is not None else None  # None: quarantined
+    return near_across
 
+
+def _write_splits(
+    stage,
+    dataset,
+    keep,
+    cands,
+    checks,
+    split_of,
+    group_of,
+    opts: BuildOptions,
+    tfds_name,
+    with_meta,
+):
+    """Shards of each split and index.csv; ``(what was written per split, counts per split
+    and class)``."""
     wrote, split_counts = {}, {}
     for split in schema.SPLITS:
         members = [i for i in keep if split_of[i] == split]
@@ -403,7 +545,12 @@ def _build_into(
             stage, split, examples, len(members), opts.shards, tfds_name
         )
     _write_index(stage, keep, cands, checks, split_of, group_of)
+    return wrote, split_counts
 
+
+def _accounting(found, keep, cands, quarantined, dropped):
+    """``(found, written, quarantined counts, accounting)`` per class; every image found is
+    written, quarantined or dropped as a duplicate, or the build stops."""
     found_counts = _by_label(found.candidates, lambda c: c.label)
     written = _by_label(keep, lambda i: cands[i].label)
     q_counts = _by_label(quarantined, lambda q: q["label"])
@@ -420,60 +567,7 @@ def _build_into(
     }
     if not all(a["balanced"] for a in accounting.values()):
         raise RuntimeError(f"internal error: images lost in the build: {accounting}")
-    files_in_groups = sum(len(g["files"]) for g in duplicate_groups)
-    reasons = Counter(q["reason"].split(":")[0] for q in quarantined)
-    manifest = {
-        "format_version": schema.FORMAT_VERSION,
-        "source": dataset,
-        "tfds_name": tfds_name,
-        "root": found.root.name,
-        "seed": opts.seed,
-        "split_ratios": dict(zip(schema.SPLITS, opts.split)),
-        "options": {
-            k: v
-            for k, v in dataclasses.asdict(opts).items()
-            if k not in ("progress", "workers", "overwrite", "hold_bytes", "groups_file")
-        },
-        "found": found_counts,
-        "written": written,
-        "quarantined_count": q_counts,
-        "quarantine_reasons": dict(sorted(reasons.items())),
-        "quarantined": sorted(quarantined, key=lambda q: q["file"]),
-        "recovered_truncated": sorted(cands[i].rel for i in keep if checks[i].recovered),
-        "dropped_duplicates": dropped,
-        "duplicate_summary": {
-            "groups": len(duplicate_groups),
-            "files_in_groups": files_in_groups,
-            "share_of_valid_files_in_groups": round(files_in_groups / max(1, len(good)), 4),
-            "redundant_copies": files_in_groups - len(duplicate_groups),
-        },
-        "duplicate_groups": duplicate_groups,
-        "near_duplicate_distance": opts.near_duplicate_distance,
-        "near_duplicate_pairs": len(pairs),
-        "near_duplicates": near_summary,
-        "near_duplicates_across_splits": near_across,
-        "user_groups": user_summary,
-        "label_disagreements": found.notes.get("label_disagreements", []),
-        "notes": {k: v for k, v in found.notes.items() if k != "label_disagreements"},
-        "splits": split_counts,
-        "shards": {split: w.names for split, w in wrote.items()},
-        "accounting": accounting,
-        "index": "index.csv",
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "versions": {
-            "python": platform.python_version(),
-            "tensorflow": tf.__version__,
-            "tensorflow_datasets": _tfds_version(),
-            "argv": sys.argv[1:],
-        },
-    }
-    return manifest, wrote
-
-
-def _tfds_version() -> str:
-    import tensorflow_datasets as tfds
-
-    return tfds.__version__
+    return found_counts, written, q_counts, accounting
 
 
 def _near_duplicate_pairs(reps, cands, checks, opts: BuildOptions) -> tuple[list[dict], int]:

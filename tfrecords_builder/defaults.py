@@ -6,6 +6,23 @@ TensorFlow.
 """
 
 DATASETS = ("fracatlas", "tibia-fibula", "synthetic")
+SPLITS = ("train", "val", "test")
+#: FracAtlas' dataset.csv columns kept per image (all 0/1 flags except fracture_count).
+#: ``fractured`` is the csv's own opinion; the record's ``label`` comes from the folder.
+META_COLUMNS = (
+    "hand",
+    "leg",
+    "hip",
+    "shoulder",
+    "mixed",
+    "hardware",
+    "multiscan",
+    "fractured",
+    "fracture_count",
+    "frontal",
+    "lateral",
+    "oblique",
+)
 #: Perceptual-hash distance (bits of 64) at or below which two images are near-duplicates.
 #: Validated on the full FracAtlas (README, "Near-duplicates";
 #: ``python -m tfrecords_builder.near_duplicate_study``): of the 88 pixel-confirmed copies

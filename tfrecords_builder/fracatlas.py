@@ -106,13 +106,22 @@ def read_coco_boxes(
             x, y, w, h = (float(v) for v in ann["bbox"])
             height, width = float(im["height"]), float(im["width"])
         except (KeyError, TypeError, ValueError) as err:
-            skipped.append({"file": im["file_name"], "annotation": ann.get("id"),
-                            "reason": f"no usable bbox ({type(err).__name__}: {err})"})  # fmt: skip
+            skipped.append(
+                {
+                    "file": im["file_name"],
+                    "annotation": ann.get("id"),
+                    "reason": f"no usable bbox ({type(err).__name__}: {err})",
+                }
+            )
             continue
         if not (w > 0 and h > 0 and height > 0 and width > 0):
-            skipped.append({"file": im["file_name"], "annotation": ann.get("id"),
-                            "reason": f"empty box: bbox {ann['bbox']} on a {width:g}x{height:g} "
-                                      "image"})  # fmt: skip
+            skipped.append(
+                {
+                    "file": im["file_name"],
+                    "annotation": ann.get("id"),
+                    "reason": f"empty box: bbox {ann['bbox']} on a {width:g}x{height:g} image",
+                }
+            )
             continue
 
         def clip(v: float) -> float:

@@ -1,16 +1,19 @@
-"""Read what the builder wrote: the manifest and the shards of one split.
+"""Read what the builder wrote: a build (its manifest, counts and shard files) and its splits.
 
-``read_split(DIR, split)`` is the contract every later stage uses. It returns a
-``tf.data.Dataset`` of dicts (see ``schema.parse_example``) with ``image`` decoded to uint8
-[H, W, C], in a deterministic order (shards in name order, records in file order): the order
-of ``tfds.builder_from_directory(DIR).as_dataset(split, read_config=tfds.ReadConfig(
-interleave_cycle_length=1))``, which reads the same TFDS shards with the same parse spec (by
-default TFDS interleaves 16 shards: the same records, another order).
+``Build.load(DIR)`` reads ``manifest.json`` once; the stages pass the ``Build`` down.
+``Build.read(split)`` (and ``read_split(DIR, split)``) is the contract every later stage
+uses: a ``tf.data.Dataset`` of dicts (see ``schema.parse_example``), with ``image`` decoded
+to uint8 [H, W, C] when asked, in a deterministic order (shards in name order, records in
+file order): the order of ``tfds.builder_from_directory(DIR).as_dataset(split,
+read_config=tfds.ReadConfig(interleave_cycle_length=1))``, which reads the same TFDS shards
+with the same parse spec (by default TFDS interleaves 16 shards: the same records, another
+order).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import tensorflow as tf
@@ -50,29 +53,89 @@ def load_manifest(directory: str | Path) -> dict:
     return manifest
 
 
+@dataclass(frozen=True)
+class Build:
+    """A build loaded once: its directory and manifest (counts per split and class, shard
+    files). ``Build.load`` checks what the caller needs; errors name the fix."""
+
+    dir: Path
+    manifest: dict
+
+    @classmethod
+    def load(cls, directory: str | Path, dataset: str | None = None) -> Build:
+        """The build in ``directory``; ``dataset`` (the config's dataset name), when given,
+        must be the manifest's source."""
+        if directory is None or str(directory) == "":
+            raise BuildOutputError(
+                "no TFRecord directory configured: set data.dir in the config or pass "
+                "--set data.dir=DIR (a directory written by `kerasfrac build`)"
+            )
+        build = cls(Path(directory), load_manifest(directory))
+        if dataset is not None and build.source != dataset:
+            raise BuildOutputError(
+                f"{str(directory)!r} holds the {build.source!r} dataset but the config says "
+                f"dataset={dataset!r}; point data.dir at a {dataset} build or set "
+                f"dataset={build.source}"
+            )
+        return build
+
+    @property
+    def source(self) -> str | None:
+        return self.manifest.get("source")
+
+    def counts(self, split: str) -> dict[int, int]:
+        """``{label: count}`` of ``split`` (0 = normal, 1 = fractured)."""
+        try:
+            counts = self.manifest["splits"][split]
+            return {label: int(counts.get(name, 0)) for label, name in schema.LABEL_NAMES.items()}
+        except (KeyError, TypeError, AttributeError) as e:
+            raise BuildOutputError(
+                f"manifest has no per-class counts for split {split!r} (expected "
+                f'"splits": {{"{split}": {{"fractured": n, "normal": n}}}}); rebuild the '
+                "TFRecords"
+            ) from e
+
+    def size(self, split: str) -> int:
+        return sum(self.counts(split).values())
+
+    def check_batch(self, batch_size: int, split: str = "train") -> None:
+        """A batch must fit in the split it is drawn from."""
+        n = self.size(split)
+        if batch_size > n:
+            raise BuildOutputError(
+                f"train.batch_size={batch_size} is larger than the {split!r} split of "
+                f"{str(self.dir)!r} ({n} images); use a smaller batch size"
+            )
+
+    def shard_files(self, split: str) -> list[str]:
+        """The shard files of one split, as listed in the manifest, in order."""
+        if split not in schema.SPLITS:
+            raise BuildOutputError(f"unknown split {split!r}; expected one of {schema.SPLITS}")
+        names = self.manifest.get("shards", {}).get(split)
+        if names is None:
+            raise BuildOutputError(f"manifest of {str(self.dir)!r} lists no shards for {split!r}")
+        files = [str(self.dir / n) for n in names]
+        missing = [f for f in files if not Path(f).is_file()]
+        if missing:
+            raise BuildOutputError(
+                f"{len(missing)} shard file(s) of split {split!r} listed in the manifest are "
+                f"missing, e.g. {missing[0]!r}; rebuild with --overwrite."
+            )
+        return files
+
+    def read(self, split: str, decode: bool = True) -> tf.data.Dataset:
+        """Parsed records of ``split``; with ``decode`` each dict also has ``image``."""
+        ds = tf.data.TFRecordDataset(self.shard_files(split)).map(schema.parse_example)
+        if decode:
+            ds = ds.map(lambda ex: {**ex, "image": schema.decode_image(ex["encoded"])})
+        return ds
+
+
 def shard_files(directory: str | Path, split: str) -> list[str]:
     """The shard files of one split, as listed in the manifest, in order."""
-    if split not in schema.SPLITS:
-        raise BuildOutputError(f"unknown split {split!r}; expected one of {schema.SPLITS}")
-    directory = Path(directory)
-    manifest = load_manifest(directory)
-    names = manifest.get("shards", {}).get(split)
-    if names is None:
-        raise BuildOutputError(f"manifest of {str(directory)!r} lists no shards for {split!r}")
-    files = [str(directory / n) for n in names]
-    missing = [f for f in files if not Path(f).is_file()]
-    if missing:
-        raise BuildOutputError(
-            f"{len(missing)} shard file(s) of split {split!r} listed in the manifest are missing, "
-            f"e.g. {missing[0]!r}; rebuild with --overwrite."
-        )
-    return files
+    return Build.load(directory).shard_files(split)
 
 
 def read_split(directory: str | Path, split: str, decode: bool = True) -> tf.data.Dataset:
     """Dataset of parsed records of ``split``; with ``decode`` each dict also has ``image``."""
-    files = shard_files(directory, split)
-    ds = tf.data.TFRecordDataset(files).map(schema.parse_example)
-    if decode:
-        ds = ds.map(lambda ex: {**ex, "image": schema.decode_image(ex["encoded"])})
-    return ds
+    return Build.load(directory).read(split, decode)

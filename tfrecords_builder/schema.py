@@ -33,6 +33,10 @@ import functools
 import numpy as np
 import tensorflow as tf
 
+# The split and metadata names live in the TensorFlow-free defaults; schema.SPLITS and
+# schema.META_COLUMNS stay part of the record contract that writer and reader import.
+from tfrecords_builder.defaults import META_COLUMNS, SPLITS  # noqa: F401
+
 ENCODED = "image"
 FORMAT = "image_format"
 HEIGHT = "height"
@@ -48,26 +52,9 @@ OBJECTS = "objects"
 BBOX = "bbox"
 BOXES = f"{OBJECTS}/{BBOX}"
 
-#: FracAtlas' dataset.csv columns kept per image (all 0/1 flags except fracture_count).
-#: ``fractured`` is the csv's own opinion; the record's ``label`` comes from the folder.
-META_COLUMNS = (
-    "hand",
-    "leg",
-    "hip",
-    "shoulder",
-    "mixed",
-    "hardware",
-    "multiscan",
-    "fractured",
-    "fracture_count",
-    "frontal",
-    "lateral",
-    "oblique",
-)
 META_UNKNOWN = -1
 
 LABEL_NAMES = {0: "normal", 1: "fractured"}
-SPLITS = ("train", "val", "test")
 
 
 def meta_key(column: str) -> str:

@@ -37,21 +37,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-CSV_COLUMNS = (
-    "image_id",
-    "hand",
-    "leg",
-    "hip",
-    "shoulder",
-    "mixed",
-    "hardware",
-    "multiscan",
-    "fractured",
-    "fracture_count",
-    "frontal",
-    "lateral",
-    "oblique",
-)
+from tfrecords_builder.defaults import META_COLUMNS
+
+CSV_COLUMNS = ("image_id", *META_COLUMNS)
 FRACTURED_DIR = "Fractured"
 NORMAL_DIR = "Non_fractured"
 COCO_RELPATH = Path("Annotations") / "COCO JSON" / "COCO_fracture_masks.json"

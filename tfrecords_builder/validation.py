@@ -77,7 +77,7 @@ def _grid(n: int) -> np.ndarray:
 @functools.lru_cache(maxsize=8192)
 def _columns(width: int, channels: int, keep: int) -> np.ndarray:
     """Flat indices, in a row of ``width`` x ``channels`` bytes, of the grid's first ``keep``
-    channels (one ``take`` on a 2-D row block: fancy indexing over three axes is 3x slower)."""
+    channels (one ``take`` on a 2-D row block, cheaper than fancy indexing over three axes)."""
     return (channels * _grid(width)[:, None] + np.arange(keep)).ravel()
 
 
@@ -85,8 +85,8 @@ def hash_sample(pixels: tf.Tensor | np.ndarray) -> np.ndarray:
     """A 64x64 grid of pixel samples of decoded ``pixels`` (H, W, C): (64, 64, 1) for gray,
     (64, 64, 3) for colour, uint8. All a perceptual hash needs, from 64 rows of the image.
 
-    A full-size resize, or Pillow on a strided copy, cost about a tenth of the decoding time
-    here, holding the GIL; this costs ~0.03 ms. ``np.asarray`` views TensorFlow's buffer.
+    No full-size resize and no Pillow copy: those hold the GIL for a good share of the
+    decoding time. ``np.asarray`` views TensorFlow's buffer.
     """
     array = np.asarray(pixels)
     height, width, channels = array.shape
@@ -98,7 +98,7 @@ def hash_sample(pixels: tf.Tensor | np.ndarray) -> np.ndarray:
 def thumbnails(samples: list[np.ndarray]) -> np.ndarray:
     """(N, 32, 32) uint8 grayscale thumbnails of ``hash_sample`` outputs: 2x2 box averages,
     then luma (ITU-R 601-2, as Pillow's "L") for colour; vectorised over all samples (adding
-    pairs in uint16, then one matrix product: 3x faster than luma first in float)."""
+    pairs in uint16, then one matrix product, cheaper than luma first in float)."""
     out = np.empty((len(samples), THUMB_SIZE, THUMB_SIZE), np.uint8)
     for channels, weights in ((1, np.ones(1)), (3, LUMA)):
         index = [i for i, s in enumerate(samples) if s.shape[-1] == channels]
@@ -323,9 +323,13 @@ def check_all(
             lambda p: check_file(p, recover_truncated, max_pixels, keep_bytes), paths
         )
         bar = tqdm(
-            results, total=len(paths), desc="validate", unit="img", disable=not progress,
+            results,
+            total=len(paths),
+            desc="validate",
+            unit="img",
+            disable=not progress,
             file=stderr,
-        )  # fmt: skip
+        )
         for c in bar:
             checks.append(c)
             if c.sample is not None:

@@ -1,0 +1,45 @@
+"""The names kerasfrac's settings may take, importable without TensorFlow.
+
+``config`` validates against them before anything heavy is imported; ``data`` and ``model``
+check the same tuples, so each list of names is written once, here. The builder's names
+(datasets, metadata columns) live in ``tfrecords_builder.defaults``.
+"""
+
+from tfrecords_builder.defaults import DATASETS, SPLITS
+
+__all__ = [
+    "CLASS_WEIGHTS",
+    "DATASETS",
+    "DISTRIBUTES",
+    "FLIPS",
+    "HEADS",
+    "MODEL_NAMES",
+    "N_BOOTSTRAP",
+    "OPTIMIZERS",
+    "PRECISIONS",
+    "RESIZES",
+    "SCHEDULES",
+    "SELECTS",
+    "SPLITS",
+    "CAM_METHODS",
+    "CAM_TARGETS",
+    "TTAS",
+]
+
+FLIPS = ("none", "expand", "random")
+RESIZES = ("stretch", "pad")
+#: The architectures of kerasfrac.model.MODELS, which builds one of each of these names.
+MODEL_NAMES = ("paper_cnn", "vgg16", "resnet_small", "resnet50v2", "efficientnetv2b0")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine")
+CLASS_WEIGHTS = ("none", "balanced")
+SELECTS = ("last", "best")
+TTAS = ("none", "flip")
+HEADS = ("gap", "heatmap")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+DISTRIBUTES = ("auto", "none", "mirrored", "multi_worker")
+#: Bootstrap resamples of every confidence interval (evaluate, audit, kerasfrac.metrics).
+N_BOOTSTRAP = 1000
+#: Class-activation maps (kerasfrac.gradcam): the methods, and the class a map explains.
+CAM_METHODS = ("gradcam", "hirescam")
+CAM_TARGETS = ("label", "predicted", "fractured", "normal")

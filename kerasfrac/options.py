@@ -1,0 +1,290 @@
+"""Option dataclasses own their defaults; the command line is derived from them.
+
+A field made with ``option(default, "help")`` becomes one argparse option (``--field-name``,
+or ``flag``), typed from the field's annotation (int, float, str; a tuple or list of str is
+given comma-separated; ``X | None`` may be left out), its help text ending with the
+dataclass's default. Booleans become switches: ``--name`` where the default is False,
+``--no-name`` where it is True. A nested option dataclass contributes its fields. An option
+not given on the command line is not set on the namespace, so ``from_args`` leaves it to the
+dataclass: every default is written once, in the dataclass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from kerasfrac.config import TrainConfig
+from kerasfrac.names import CAM_METHODS, CAM_TARGETS, N_BOOTSTRAP, SPLITS
+from tfrecords_builder.defaults import DEFAULT_MAX_PIXELS
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",  # noqa: A002 - argparse's own name for it
+    *,
+    flag: str | None = None,
+    choices: tuple | None = None,
+    metavar: str | None = None,
+    default_text: str | None = None,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
+    """A dataclass field that is also a command-line option (see the module docstring);
+    ``default_text`` replaces the default in the help (e.g. where None means "chosen by
+    the model")."""
+    meta = {
+        "help": help,
+        "flag": flag,
+        "choices": choices,
+        "metavar": metavar,
+        "default_text": default_text,
+        "cli": True,
+    }
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
+
+
+def _inner(hint) -> tuple[Any, bool]:
+    """``(type without None, whether None is allowed)``."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], True
+    return hint, False
+
+
+def _comma_list(kind):
+    def parse(text: str):
+        return kind(x.strip() for x in text.split(",") if x.strip())
+
+    return parse
+
+
+def _parser_of(hint):
+    origin = typing.get_origin(hint)
+    if origin in (tuple, list):
+        return _comma_list(origin)
+    if hint in (int, float, str):
+        return hint
+    raise TypeError(f"no command-line type for {hint!r}")
+
+
+def _shown(value) -> str:
+    if isinstance(value, tuple | list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """Add an option for each ``option`` field of ``cls`` (and of nested option classes)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint, _ = _inner(hints[f.name])
+        if dataclasses.is_dataclass(hint):
+            add_arguments(parser, hint)
+            continue
+        meta = f.metadata
+        if not meta.get("cli"):
+            continue
+        default = _default(f)
+        name = f.name.replace("_", "-")
+        help_text = meta["help"].replace("%", "%%")
+        if hint is bool:
+            flag = meta["flag"] or (f"--no-{name}" if default else f"--{name}")
+            action = "store_false" if default else "store_true"
+            parser.add_argument(
+                flag, dest=f.name, action=action, default=argparse.SUPPRESS, help=help_text
+            )
+            continue
+        shown = meta["default_text"] or ("" if default is None else _shown(default))
+        kwargs = {"help": f"{help_text} (default: {shown})" if shown else help_text}
+        if meta["choices"]:
+            kwargs["choices"] = meta["choices"]
+        if meta["metavar"]:
+            kwargs["metavar"] = meta["metavar"]
+        flag = meta["flag"] or f"--{name}"
+        parse = _parser_of(hint)
+        parser.add_argument(flag, dest=f.name, type=parse, default=argparse.SUPPRESS, **kwargs)
+
+
+def from_args(cls, args: argparse.Namespace):
+    """An instance of ``cls`` from the options given on the command line; the others keep
+    the dataclass's defaults."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        hint, _ = _inner(hints[f.name])
+        if dataclasses.is_dataclass(hint):
+            values[f.name] = from_args(hint, args)
+        elif f.metadata.get("cli") and hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
+    return cls(**values)
+
+
+# --------------------------------------------------------------------------- explain
+
+WHAT = ("class-vis", "feature-maps", "grad-cam", "audit")
+
+
+@dataclass
+class AscentOptions:
+    steps: int = option(100, "ascent steps")
+    step_size: float = option(0.01, "ascent RMS change per pixel and step")
+    l2: float = option(0.0, "ascent L2 penalty weight")
+    jitter: int = option(0, "ascent random shift, pixels (before each step, undone after)")
+    blur_every: int = option(0, "blur every N ascent steps (0: never)")
+    blur_sigma: float = option(0.5, "sigma of that blur, pixels")
+    seed: int = option(0, "seed of the noise start and the jitter")
+
+    def check(self) -> None:
+        if self.steps < 1 or self.step_size <= 0:
+            raise ValueError(
+                f"ascent needs steps >= 1 and step_size > 0; got steps={self.steps}, "
+                f"step_size={self.step_size}"
+            )
+        if self.l2 < 0 or self.jitter < 0 or self.blur_every < 0 or self.blur_sigma <= 0:
+            raise ValueError(
+                f"ascent regularisers must be non-negative (blur_sigma positive); got "
+                f"l2={self.l2}, jitter={self.jitter}, blur_every={self.blur_every}, "
+                f"blur_sigma={self.blur_sigma}"
+            )
+
+
+@dataclass
+class ExplainOptions:
+    split: str = option("test", "split whose images are explained", choices=SPLITS)
+    what: tuple[str, ...] = option(WHAT, f"comma-separated parts of {','.join(WHAT)}")
+    n_images: int = option(8, "images in the figures (from the split unless --images)")
+    vis_images: int = option(2, "real images also used as ascent starts")
+    cam_layer: str | None = option(
+        None,
+        "Grad-CAM layer",
+        flag="--layer",
+        default_text="for a Flatten -> Dense head such as paper_cnn's, the last block's map "
+        "after its activation (relu3); else the last conv block",
+    )
+    cam_method: str | None = option(
+        None,
+        "CAM method",
+        choices=CAM_METHODS,
+        default_text="hirescam for Flatten -> Dense heads (exact there), gradcam otherwise",
+    )
+    cam_target: str = option("label", "class each map explains", choices=CAM_TARGETS)
+    feature_layers: list[str] | None = option(
+        None, "comma-separated layers", default_text="conv block outputs"
+    )
+    max_channels: int = option(16, "channels per feature-map row")
+    border: float = option(0.1, "border band width, fraction of the side")
+    corner: float = option(0.25, "corner square side, fraction of the side")
+    tolerance: float = option(0.0, "pointing game: grow boxes by N pixels")
+    batch_size: int = option(TrainConfig.batch_size, "images per batch")
+    ascent: AscentOptions = field(default_factory=AscentOptions)
+
+    def check(self) -> None:
+        unknown = [w for w in self.what if w not in WHAT]
+        if unknown or not self.what:
+            raise ValueError(
+                f"--what {','.join(self.what)!r}: unknown part {unknown[0] if unknown else ''!r};"
+                f" choose a comma-separated subset of {','.join(WHAT)}"
+            )
+        if self.cam_method is not None and self.cam_method not in CAM_METHODS:
+            raise ValueError(f"cam method must be one of {CAM_METHODS}; got {self.cam_method!r}")
+        if self.cam_target not in CAM_TARGETS:
+            raise ValueError(f"cam target must be one of {CAM_TARGETS}; got {self.cam_target!r}")
+        if self.n_images < 1 or self.batch_size < 1:
+            raise ValueError("n_images and batch_size must be >= 1")
+        from kerasfrac import gradcam
+
+        gradcam.border_mask((8, 8), self.border)
+        gradcam.corner_masks((8, 8), self.corner)
+        self.ascent.check()
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+@dataclass
+class EvaluateOptions:
+    split: str = option("test", "split to evaluate", choices=("test", "val"))
+    n_bootstrap: int = option(
+        N_BOOTSTRAP, "bootstrap resamples (0: no CIs)", flag="--bootstrap", metavar="N"
+    )
+    seed: int = option(0, "bootstrap seed")
+    recompute: bool = option(False, "predict again even if predictions exist")
+    plots: bool = option(True, "skip the PNG plots")
+    baseline: bool = option(
+        True, "skip the no-anatomy baseline (kerasfrac audit) beside the model's AUROC"
+    )
+    #: Images per batch when predicting; None: the run's train.batch_size.
+    batch_size: int | None = None
+
+
+# --------------------------------------------------------------------------- predict
+
+
+@dataclass
+class PredictOptions:
+    threshold: float | None = option(
+        None,
+        "call fractured at probability >= T",
+        default_text="the run's Youden-J threshold in metrics.json, else 0.5",
+    )
+    csv: str | None = option(None, "also write path, probability, class to this CSV")
+    batch_size: int = option(TrainConfig.batch_size, "images per batch")
+    #: Images above this many pixels are skipped unread (the builder's --max-pixels).
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class ReportOptions:
+    out: str | None = option(None, "write the Markdown table to this file (else stdout)")
+    csv: str | None = option(None, "also write the table as CSV")
+    paper: bool = option(False, "add the report's published numbers beside ours")
+    paper_results: str | None = option(
+        None, "YAML file of published numbers", default_text="kerasfrac.report.PAPER_RESULTS"
+    )
+
+
+# --------------------------------------------------------------------------- audit
+
+
+@dataclass
+class AuditOptions:
+    out: str | None = option(None, "output folder", default_text="DATA_DIR/audit")
+    seed: int = option(0, "classifier and bootstrap seed")
+    n_bootstrap: int = option(N_BOOTSTRAP, "bootstrap resamples", flag="--bootstrap", metavar="N")
+
+
+# --------------------------------------------------------------------------- bench
+
+
+@dataclass
+class BenchOptions:
+    what: tuple[str, ...] = option(("all",), "input,train,fit,build or all")
+    steps: int = option(20, "batches timed per repeat")
+    repeats: int = option(3, "repeats (median, min, max)")
+    precisions: list[str] | None = option(
+        None,
+        "precisions tried with train.fast, e.g. float32,mixed_bfloat16",
+        default_text="the config's, and mixed_float16 on a GPU or mixed_bfloat16 on a CPU "
+        "with bfloat16 units",
+    )
+    source: str | None = option(None, "build: dataset folder", default_text="synthetic phantoms")
+    source_dataset: str | None = option(
+        None, "build: layout of --source", default_text="the config's dataset"
+    )
+    workers: int | None = option(None, "build: threads", default_text="all cores")
+    json: str | None = option(None, "also write the figures to this JSON file")

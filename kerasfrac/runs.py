@@ -1,0 +1,272 @@
+"""The run directory: its paths, its config, its model, its predictions and its metrics.
+
+Every stage that reads or writes a run directory goes through this module (train, evaluate,
+explain, predict, report); checkpoint.py commits the checkpoints inside it. Layout::
+
+    config.yaml            the resolved configuration (paths absolute)
+    tensorboard/           scalars per epoch (train/ and validation/), hyperparameters, images
+    history.csv            one row per epoch: loss, accuracy, auroc, val_*
+    checkpoints/state.json epochs/steps done, best val AUROC, finished flag, and the name of
+                           the committed checkpoint (replacing it is the commit: checkpoint.py)
+    checkpoints/gen-NNNNNN/ that checkpoint: model.keras (+ optimizer state), partial_epoch.npz
+                           (mid-epoch), copies of history.csv and best.keras as they stood
+    checkpoints/best.keras the epoch with the best validation AUROC
+    model.keras            the final model
+    predictions.csv        test split: image_id, label, probability (predictions_<split>.csv)
+    metrics.json           test split metrics (metrics_<split>.json): see ``write_metrics``
+    plots/                 evaluation plots;  explain/  explain's figures and explain.json
+
+``metrics.json`` has one writer (``write_metrics``) and one schema, whether train or evaluate
+wrote it: ``split``, ``epochs``, ``model``, ``dataset``, ``data_dir``, ``predictions`` (computed
+or read), then the metrics of ``kerasfrac.metrics.split_metrics`` and what evaluate adds
+(``youden``, ``subgroups``, ``no_anatomy_baseline``, ``plots``).
+
+TensorFlow is imported only by the functions that load or run a model.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+CONFIG = "config.yaml"
+MODEL = "model.keras"
+HISTORY = "history.csv"
+CHECKPOINTS = "checkpoints"
+BEST = "best.keras"
+TENSORBOARD = "tensorboard"
+PLOTS = "plots"
+EXPLAIN = "explain"
+
+
+def config_path(run_dir) -> Path:
+    return Path(run_dir) / CONFIG
+
+
+def model_path(run_dir) -> Path:
+    return Path(run_dir) / MODEL
+
+
+def history_path(run_dir) -> Path:
+    return Path(run_dir) / HISTORY
+
+
+def checkpoints_dir(run_dir) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def best_path(run_dir) -> Path:
+    return checkpoints_dir(run_dir) / BEST
+
+
+def tensorboard_dir(run_dir, part: str = "") -> Path:
+    return Path(run_dir) / TENSORBOARD / part if part else Path(run_dir) / TENSORBOARD
+
+
+def predictions_path(run_dir, split: str) -> Path:
+    """``predictions.csv`` for test, ``predictions_<split>.csv`` otherwise."""
+    return Path(run_dir) / ("predictions.csv" if split == "test" else f"predictions_{split}.csv")
+
+
+def metrics_path(run_dir, split: str) -> Path:
+    """``metrics.json`` for test, ``metrics_<split>.json`` otherwise."""
+    return Path(run_dir) / ("metrics.json" if split == "test" else f"metrics_{split}.json")
+
+
+def run_dir_of(model_file) -> Path:
+    """The run directory holding ``model_file`` (RUN/model.keras or RUN/checkpoints/X)."""
+    parent = Path(model_file).parent
+    return parent.parent if parent.name == CHECKPOINTS else parent
+
+
+# --------------------------------------------------------------------------- config
+
+
+def absolute(cfg):
+    """A copy of ``cfg`` whose paths (run_dir, data.dir, a data.cache folder, a model.weights
+    file) are absolute, so a run's config.yaml works from any folder."""
+
+    def resolve(p: str) -> str:
+        return str(Path(p).expanduser().absolute()) if p else p
+
+    data = dataclasses.replace(cfg.data, dir=resolve(cfg.data.dir))
+    if cfg.data.cache not in ("memory", "none"):
+        data.cache = resolve(cfg.data.cache)
+    model = cfg.model
+    if model.weights not in ("none", "imagenet"):
+        model = dataclasses.replace(model, weights=resolve(model.weights))
+    return dataclasses.replace(cfg, run_dir=resolve(cfg.run_dir), data=data, model=model)
+
+
+def save_config(run_dir, cfg) -> Path:
+    """Write ``cfg`` (paths made absolute) as the run's config.yaml."""
+    return absolute(cfg).save(config_path(run_dir))
+
+
+def load_config(run_dir):
+    """The run's resolved configuration; a ValueError where ``run_dir`` is no run."""
+    from kerasfrac.config import load_config as load
+
+    path = config_path(run_dir)
+    if not path.is_file():
+        raise ValueError(
+            f"no config.yaml next to the model in {str(run_dir)!r}: it is not a kerasfrac run "
+            "directory. Pass the --run-dir that `kerasfrac train` wrote, or a model inside its "
+            "run directory (its config.yaml tells how images are prepared: image size, "
+            "grayscale, resize)"
+        )
+    return load(path)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def load_model(run_dir=None, model_file=None):
+    """``(cfg, model, model_file)`` of a run: its model.keras, or ``model_file`` (its run
+    directory is then ``run_dir`` or the folder that holds it). The model is the classifier
+    (a checkpoint may carry the box head) and its input is checked against the config."""
+    from kerasfrac import data
+    from kerasfrac.model import classifier, functional
+    from kerasfrac.model import load_model as load
+
+    if run_dir is None:
+        if model_file is None:
+            raise ValueError("pass a run directory or a model file")
+        run_dir = run_dir_of(model_file)
+    path = Path(model_file) if model_file else model_path(run_dir)
+    if model_file is not None and not path.is_file():
+        raise ValueError(f"model file {str(path)!r} does not exist")
+    cfg = load_config(run_dir)
+    if not path.is_file():
+        best = best_path(run_dir)
+        hint = f" (a checkpoint exists: --model {best})" if best.is_file() else ""
+        raise ValueError(
+            f"no model at {str(path)!r}: the run has not finished or the file was moved; "
+            f"pass --model FILE{hint}"
+        )
+    model = functional(classifier(load(path)))  # an older run's paper_cnn is a Sequential
+    check_input_shape(model, data.image_shape(cfg.data), path)
+    return cfg, model, path
+
+
+def check_input_shape(model, expected: tuple[int, int, int], path) -> None:
+    got = tuple(model.input_shape[1:])
+    if got != tuple(expected):
+        raise ValueError(
+            f"model {str(path)!r} takes input {got} but the run's config prepares images as "
+            f"{tuple(expected)} (data.image_size, data.grayscale); use the model trained with "
+            "this config"
+        )
+
+
+def predict(model, dataset, tta: str = "none") -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Run ``model`` over batches of ``(image, label, image_id)``; ids, labels, probabilities.
+
+    ``tta="flip"``: each probability is the mean over the image and its left-right mirror.
+    """
+    from kerasfrac.model import predict_probs
+
+    ids, labels, probs = [], [], []
+    for images, y, image_ids in dataset:
+        p = predict_probs(model, images, tta)
+        probs.append(np.asarray(p, dtype=np.float64).reshape(-1))
+        labels.append(np.asarray(y).reshape(-1))
+        ids.extend(i.decode() for i in image_ids.numpy())
+    if not ids:
+        raise ValueError("the split to evaluate is empty: it has no images")
+    return ids, np.concatenate(labels).astype(int), np.concatenate(probs)
+
+
+# --------------------------------------------------------------------------- predictions
+
+
+def write_predictions(path, ids, labels, probs) -> None:
+    with Path(path).open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["image_id", "label", "probability"])
+        for i, y, p in zip(ids, labels, probs):
+            out.writerow([i, int(y), f"{p:.6f}"])
+
+
+def read_predictions(path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``(ids, labels, probabilities)`` from a predictions.csv."""
+    with Path(path).open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    missing = {"image_id", "label", "probability"} - set(rows[0] if rows else {})
+    if not rows or missing:
+        raise ValueError(
+            f"{str(path)!r} is not a predictions file (expected columns image_id, label, "
+            f"probability with at least one row); delete it to have it recomputed"
+        )
+    ids = [r["image_id"] for r in rows]
+    return (
+        ids,
+        np.array([int(r["label"]) for r in rows]),
+        np.array([float(r["probability"]) for r in rows]),
+    )
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def write_metrics(
+    run_dir, split: str, metrics: dict, *, cfg, model, predictions: str, **extra
+) -> dict:
+    """The one writer of metrics.json (``metrics_<split>.json``): the run's header, then
+    ``metrics`` (``kerasfrac.metrics.split_metrics``), then ``extra``; written atomically.
+    ``epochs`` is the number of epochs the run's checkpoint state records; ``model`` is
+    relative to the run directory where it lies inside it. Returns the dict."""
+    from kerasfrac import checkpoint
+
+    state = checkpoint.read_state(run_dir) or {}
+    model = Path(model)
+    inside = model.resolve().is_relative_to(Path(run_dir).resolve())
+    record = {
+        "split": split,
+        "epochs": state.get("epoch"),
+        # relative to the run directory where it lies there: the run can be moved
+        "model": str(model.resolve().relative_to(Path(run_dir).resolve()) if inside else model),
+        "dataset": cfg.dataset,
+        "data_dir": str(cfg.data.dir),
+        "predictions": predictions,
+        **metrics,
+        **extra,
+    }
+    checkpoint.write_text(metrics_path(run_dir, split), json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def read_metrics(run_dir, split: str = "test") -> dict | None:
+    """The run's metrics of ``split``, None where there are none; a ValueError naming the
+    file where it cannot be read."""
+    path = metrics_path(run_dir, split)
+    if not path.is_file():
+        return None
+    try:
+        m = json.loads(path.read_text())
+        if not isinstance(m, dict):
+            raise ValueError(f"expected a JSON object, got {type(m).__name__}")
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(
+            f"cannot read the run's metrics {str(path)!r} ({err}); rerun `kerasfrac evaluate "
+            f"--run-dir {run_dir}` to rewrite it"
+        ) from err
+    return m
+
+
+def youden_threshold(run_dir) -> tuple[float, str]:
+    """``(threshold, where it comes from)``: the Youden-J threshold that `kerasfrac evaluate`
+    chose on val (in metrics.json), else 0.5."""
+    try:
+        m = read_metrics(run_dir)
+    except ValueError as err:
+        raise ValueError(f"{err}, or pass --threshold") from err
+    youden = (m or {}).get("youden")
+    if youden and youden.get("threshold") is not None:
+        path = metrics_path(run_dir, "test")
+        return float(youden["threshold"]), f"the run's Youden-J threshold chosen on val ({path})"
+    return 0.5, "default 0.5 (no Youden-J threshold in the run's metrics.json)"
