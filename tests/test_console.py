@@ -19,7 +19,7 @@ from matplotlib.pyplot import close as matplotlib_close
 from PIL import Image
 
 from kerasfrac import config, console, explain, plots
-from kerasfrac import evaluate as ev
+from kerasfrac import metrics as km
 from kerasfrac.cli import build_parser, main
 from tests import sources
 from tests.test_evaluate import make_run
@@ -246,7 +246,7 @@ def test_the_bar_shows_the_epochs_running_mean_loss(capsys, monkeypatch):
 
 
 def _metrics(labels, probs):
-    return ev.metrics(np.asarray(labels), np.asarray(probs), n_bootstrap=200)
+    return km.split_metrics(np.asarray(labels), np.asarray(probs), n_bootstrap=200)
 
 
 def test_summary_says_where_the_files_are_and_what_next(tmp_path):
@@ -318,7 +318,7 @@ def test_run_plots_name_run_and_split_with_a_roc_band_and_labels(tmp_path, figur
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 200)
     p = np.clip(0.3 * y + rng.uniform(0, 0.7, y.size), 0, 1)
-    m = ev.metrics(y, p, val=(y, p), n_bootstrap=200)
+    m = km.split_metrics(y, p, val=(y, p), n_bootstrap=200)
     run_dir = tmp_path / "my-run"
     run_dir.mkdir()
     (run_dir / "history.csv").write_text("epoch,loss,val_loss\n0,0.7,0.72\n1,0.6,0.69\n")
