@@ -144,6 +144,10 @@ class TrainConfig:
     box_loss_weight: float = 1.0
     #: Stop when val AUROC has not improved for this many epochs (None: never).
     early_stopping_patience: int | None = None
+    #: Polyak averaging of the weights (the optimizer's use_ema): each step the average moves
+    #: (1 - ema_momentum) of the way to the weights. Validation, the best checkpoint and
+    #: model.keras use the average; training continues from the raw weights. 0 = off.
+    ema_momentum: float = 0.0
     #: Which weights become model.keras and are tested: last (the report) | best (the epoch
     #: with the best val AUROC, checkpoints/best.keras). Chosen on val only, never on test.
     select: str = "last"
@@ -412,6 +416,11 @@ def validate(cfg: Config) -> None:
             f"config key 'train.box_loss_weight' must be >= 0; got {t.box_loss_weight!r}"
         )
     _positive("train.early_stopping_patience", t.early_stopping_patience, optional=True)
+    if not (math.isfinite(t.ema_momentum) and 0.0 <= t.ema_momentum < 1.0):
+        raise ConfigError(
+            f"config key 'train.ema_momentum' must be in [0, 1) (0 = no weight averaging; "
+            f"0.99-0.999 are usual); got {t.ema_momentum!r}"
+        )
     _positive("train.steps_per_epoch", t.steps_per_epoch, optional=True)
     _positive("train.checkpoint_every_steps", t.checkpoint_every_steps, optional=True)
 

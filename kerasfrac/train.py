@@ -17,6 +17,7 @@ lr 1e-4 shrinks weights by 2e-5 per step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -71,12 +72,14 @@ def make_optimizer(
     t = cfg.train
     wd = t.weight_decay or None
     lr = learning_rate(cfg, steps_per_epoch)
+    # train.ema_momentum: Keras' own weight averaging (the optimizer keeps the average).
+    ema = {"use_ema": True, "ema_momentum": t.ema_momentum} if t.ema_momentum else {}
     if t.optimizer == "sgd":
-        opt = keras.optimizers.SGD(lr, momentum=t.momentum, weight_decay=wd)
+        opt = keras.optimizers.SGD(lr, momentum=t.momentum, weight_decay=wd, **ema)
     elif t.optimizer == "adamw":
-        opt = keras.optimizers.AdamW(lr, weight_decay=t.weight_decay)
+        opt = keras.optimizers.AdamW(lr, weight_decay=t.weight_decay, **ema)
     else:
-        opt = keras.optimizers.Adam(lr, weight_decay=wd)
+        opt = keras.optimizers.Adam(lr, weight_decay=wd, **ema)
     if wd and t.exclude_from_weight_decay:
         excluded = [
             v
@@ -459,9 +462,12 @@ class TrainingTask:
                 started = time.perf_counter()
                 accum, seen = self.train_epoch(epoch, callbacks, sigterm)
                 logs = epoch_metrics(*accum)
-                logs.update(self.validation_step())
-                logs["images_per_second"] = seen / (time.perf_counter() - started)
-                callbacks.on_epoch_end(epoch, logs)
+                # Validation and the best checkpoint see the averaged weights (ema_momentum);
+                # the epoch's checkpoint keeps the raw ones that training continues from.
+                with self.averaged_weights():
+                    logs.update(self.validation_step())
+                    logs["images_per_second"] = seen / (time.perf_counter() - started)
+                    callbacks.on_epoch_end(epoch, logs)
                 self.checkpoint(epoch + 1, 0)
                 epochs_done = epoch + 1
                 if model.stop_training:  # EarlyStopping: val AUROC stopped improving
@@ -473,6 +479,28 @@ class TrainingTask:
                     break
         callbacks.on_train_end(logs)
         return epochs_done
+
+    def _ema_swap(self) -> keras.callbacks.SwapEMAWeights | None:
+        """Keras' SwapEMAWeights on this model (``train.ema_momentum``), or None."""
+        if not self.cfg.train.ema_momentum:
+            return None
+        swap = keras.callbacks.SwapEMAWeights()
+        swap.set_model(self.model)
+        return swap
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """With ``train.ema_momentum``, the optimizer's moving average of the weights is in
+        the model for the block (swapped in place), the raw weights after it."""
+        swap = self._ema_swap()
+        if swap is None:
+            yield
+            return
+        swap.on_test_begin()
+        try:
+            yield
+        finally:
+            swap.on_test_end()
 
     def train_epoch(self, epoch: int, callbacks, sigterm) -> tuple[tuple, int]:
         """The steps of one epoch (from where a resumed run stopped); returns the epoch's
@@ -530,6 +558,10 @@ class TrainingTask:
         print(f"final weights sha256: {digest} (task {self.task})", flush=True)
         if not self.chief:
             return {}
+        swap = self._ema_swap()
+        if swap is not None:  # training is over: the average stays in the model (select last)
+            swap.on_test_begin()
+
         final = self.scorer
         best_path = runs.best_path(run_dir)
         if t.select == "best" and best_path.is_file():
