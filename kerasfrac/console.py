@@ -103,8 +103,10 @@ def warnings_of(m: dict) -> list[str]:
     acc, base = m.get("accuracy"), m.get("majority_baseline_accuracy")
     if acc is not None and base is not None and acc < base:
         out.append(
-            f"accuracy {_pct(acc)} is BELOW the majority baseline {_pct(base)} (always "
-            f"'{m.get('majority_class', 'normal')}'): the model is worse than a constant guess."
+            f"accuracy {_pct(acc)} at threshold {m.get('threshold', 0.5):.2f} is BELOW the "
+            f"majority baseline {_pct(base)} (always '{m.get('majority_class', 'normal')}'): "
+            "at this threshold the model's decisions are worse than a constant guess (after "
+            "class weighting or oversampling, `kerasfrac evaluate` picks a threshold on val)."
         )
     ci = (m.get("ci95") or {}).get("auroc")
     if ci and ci[0] <= 0.5:
