@@ -42,14 +42,21 @@ def auroc(labels, scores) -> float | None:
 def sensitivity_at_specificity(labels, scores, specificity: float = 0.9) -> float | None:
     """The highest sensitivity of any threshold whose specificity is at least
     ``specificity`` (exact, from the ROC curve); None with one class."""
-    from sklearn.metrics import roc_curve
-
     y = np.asarray(labels).astype(int)
     if y.min() == y.max():
         return None
-    fpr, tpr, _ = roc_curve(y, np.asarray(scores, dtype=np.float64))
-    ok = fpr <= 1.0 - specificity + 1e-12
-    return float(tpr[ok].max())
+    fpr = np.array([1.0 - specificity])
+    return float(_tpr_at(y, np.asarray(scores, dtype=np.float64), fpr)[0])
+
+
+def _tpr_at(labels: np.ndarray, scores: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """The ROC curve's sensitivity at each false-positive rate of ``grid``: the highest
+    sensitivity of any threshold whose false-positive rate is at most the grid value (the
+    curve's points are in increasing order of both)."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return tpr[np.searchsorted(fpr, grid + 1e-12, side="right") - 1]
 
 
 def has_groups(groups) -> bool:
@@ -441,16 +448,6 @@ def epoch_metrics(per_example_loss, probs, labels, prefix: str = "") -> dict:
         f"{prefix}accuracy": float(np.mean((p >= 0.5) == y)),
         f"{prefix}auroc": a,
     }
-
-
-def _tpr_at(labels: np.ndarray, scores: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """The ROC curve's sensitivity at each false-positive rate of ``grid``: the highest
-    sensitivity of any threshold whose false-positive rate is at most the grid value (as
-    ``sensitivity_at_specificity``)."""
-    from sklearn.metrics import roc_curve
-
-    fpr, tpr, _ = roc_curve(labels, scores)
-    return tpr[np.searchsorted(fpr, grid + 1e-12, side="right") - 1]
 
 
 def roc_band(
