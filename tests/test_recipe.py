@@ -352,28 +352,41 @@ def test_early_stopping_state_is_restored_from_history(tmp_path):
     assert (stopper.best, stopper.best_epoch, stopper.wait) == (0.8, 1, 2)
 
 
-def test_early_stopping_and_best_epoch_selection(tmp_path, separable_tfrecord_dir):
-    run_dir = tmp_path / "run"
-    cfg = config.from_dict(
+def _resnet_run(run_dir, data_dir, train_keys: dict, **sections):
+    """A resnet_small run on a 32 px synthetic build: AdamW 3e-3, batch 8, 6 steps/epoch,
+    plus ``train_keys`` and other config ``sections``."""
+    base = {
+        "batch_size": 8,
+        "optimizer": "adamw",
+        "learning_rate": 3e-3,
+        "weight_decay": 0.01,
+        "steps_per_epoch": 6,
+    }
+    return config.from_dict(
         {
             "dataset": "synthetic",
             "run_dir": str(run_dir),
-            "data": {"dir": str(separable_tfrecord_dir), "image_size": 32},
+            "data": {"dir": str(data_dir), "image_size": 32},
             "model": {"name": "resnet_small"},
-            "train": {
-                "epochs": 12,
-                "batch_size": 8,
-                "optimizer": "adamw",
-                "learning_rate": 3e-3,
-                "weight_decay": 0.01,
-                "steps_per_epoch": 6,
-                "early_stopping_patience": 2,
-                "select": "best",
-                "schedule": "cosine",
-                "warmup_epochs": 1,
-            },
-            "eval": {"tta": "flip"},
+            "train": {**base, **train_keys},
+            **sections,
         }
+    )
+
+
+def test_early_stopping_and_best_epoch_selection(tmp_path, separable_tfrecord_dir):
+    run_dir = tmp_path / "run"
+    cfg = _resnet_run(
+        run_dir,
+        separable_tfrecord_dir,
+        {
+            "epochs": 12,
+            "early_stopping_patience": 2,
+            "select": "best",
+            "schedule": "cosine",
+            "warmup_epochs": 1,
+        },
+        eval={"tta": "flip"},
     )
     result = train.train(cfg, verbose=0)
     with (run_dir / "history.csv").open() as f:
@@ -401,23 +414,8 @@ def test_weight_averaging_validates_and_saves_the_average_and_trains_on(
     """train.ema_momentum: validation and model.keras use the optimizer's moving average of
     the weights, while the epoch checkpoint keeps the raw weights training continues from."""
     run_dir = tmp_path / "run"
-    cfg = config.from_dict(
-        {
-            "dataset": "synthetic",
-            "run_dir": str(run_dir),
-            "data": {"dir": str(separable_tfrecord_dir), "image_size": 32},
-            "model": {"name": "resnet_small"},
-            "train": {
-                "epochs": 8,
-                "batch_size": 8,
-                "optimizer": "adamw",
-                "learning_rate": 3e-3,
-                "weight_decay": 0.01,
-                "steps_per_epoch": 6,
-                "ema_momentum": 0.8,
-                "fast": False,
-            },
-        }
+    cfg = _resnet_run(
+        run_dir, separable_tfrecord_dir, {"epochs": 8, "ema_momentum": 0.8, "fast": False}
     )
     result = train.train(cfg, verbose=0)
     assert result["auroc"] > 0.9  # separable data: the averaged model separates it
