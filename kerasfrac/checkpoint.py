@@ -341,26 +341,34 @@ def _delete_run(run_dir: Path, protect) -> None:
     shutil.rmtree(run_dir)
 
 
-def can_continue(state: dict | None, epochs: int | None) -> bool:
-    """Whether a finished run (``state``) has a checkpoint and fewer than ``epochs`` epochs
-    (and did not stop early): --resume with a larger train.epochs continues it."""
+def can_continue(state: dict | None, epochs: int | None, patience: int | None = None) -> bool:
+    """Whether a finished run (``state``) has a checkpoint and fewer than ``epochs`` epochs:
+    --resume with a larger train.epochs continues it. A run that stopped early continues
+    only without early stopping (``patience`` None, ``train.early_stopping_patience=null``):
+    with a patience it would stop again before its first step."""
     return bool(
         state
         and state.get("finished")
         and "checkpoint" in state
         and state.get("checkpoint")
-        and not state.get("stopped_early")
+        and (patience is None or not state.get("stopped_early"))
         and epochs is not None
         and int(state.get("epoch") or 0) < epochs
     )
 
 
 def prepare_run_dir(
-    run_dir: Path, resume: bool, overwrite: bool, protect=(), epochs: int | None = None
+    run_dir: Path,
+    resume: bool,
+    overwrite: bool,
+    protect=(),
+    epochs: int | None = None,
+    patience: int | None = None,
 ) -> dict | None:
     """Check what ``run_dir`` holds against --resume/--overwrite; return the state to resume
     (None: start fresh). ``protect``: paths (the data) that must not be deleted with it.
-    ``epochs``: the epochs asked for; a finished run with fewer is continued by --resume."""
+    ``epochs``: the epochs asked for; a finished run with fewer is continued by --resume
+    (one that stopped early only with ``patience`` None: see ``can_continue``)."""
     run_dir = Path(run_dir)
     is_run = state_path(run_dir).is_file()
     occupied = _occupied(run_dir)
@@ -380,15 +388,16 @@ def prepare_run_dir(
                 f"--resume: {str(run_dir)!r} holds no kerasfrac run to resume (no "
                 "checkpoints/state.json); start it without --resume."
             )
-        if state.get("finished") and not can_continue(state, epochs):
-            why = (
-                "stopped early (val AUROC stopped improving)"
-                if state.get("stopped_early")
-                else f"already finished all its {state['epoch']} epochs"
-            )
+        if state.get("finished") and not can_continue(state, epochs, patience):
+            more = f"more epochs (--set train.epochs=N, N > {state['epoch']})"
+            if state.get("stopped_early"):
+                why = f"stopped early after epoch {state['epoch']} (val AUROC stopped improving)"
+                more += " and without early stopping (--set train.early_stopping_patience=null)"
+            else:
+                why = f"already finished all its {state['epoch']} epochs"
             raise RunDirError(
                 f"--resume: the run in {str(run_dir)!r} {why}; to continue it, resume with "
-                f"more epochs (--set train.epochs=N, N > {state['epoch']}), or use --overwrite."
+                f"{more}, or use --overwrite."
             )
         if not has_checkpoint(state, run_dir):
             print(

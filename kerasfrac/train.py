@@ -294,7 +294,12 @@ class TrainingTask:
             resume = has_unfinished_run(run_dir)
         if self.chief:
             self.state = prepare_run_dir(
-                run_dir, resume, overwrite, protect=[cfg.data.dir], epochs=t.epochs
+                run_dir,
+                resume,
+                overwrite,
+                protect=[cfg.data.dir],
+                epochs=t.epochs,
+                patience=t.early_stopping_patience,
             )
         else:  # workers only read: the chief owns the run directory
             self.state = ckpt.resumable_state(run_dir) if resume else None

@@ -406,6 +406,18 @@ def test_early_stopping_and_best_epoch_selection(tmp_path, separable_tfrecord_di
     # A requeued job (--auto-resume) finds an early-stopped run done: same metrics, no training
     again = train.train(cfg, verbose=0, auto_resume=True)
     assert again["auroc"] == result["auroc"] and again["epochs"] == result["epochs"]
+    if not state["stopped_early"]:
+        return
+    # --resume with the same patience would stop again at once: refused, naming the way out
+    with pytest.raises(train.RunDirError, match="early_stopping_patience=null"):
+        train.train(cfg, verbose=0, resume=True)
+    # without early stopping it trains the epochs left of the same schedule
+    cfg.train.early_stopping_patience = None
+    resumed = train.train(cfg, verbose=0, resume=True)
+    assert resumed["epochs"] == 12
+    with (run_dir / "history.csv").open() as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == list(range(12))
+    assert not train.ckpt.read_state(run_dir)["stopped_early"]
 
 
 def test_weight_averaging_validates_and_saves_the_average_and_trains_on(
