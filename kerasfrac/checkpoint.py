@@ -389,15 +389,19 @@ def prepare_run_dir(
                 "checkpoints/state.json); start it without --resume."
             )
         if state.get("finished") and not can_continue(state, epochs, patience):
-            more = f"more epochs (--set train.epochs=N, N > {state['epoch']})"
+            done = int(state["epoch"])
+            needs = []
+            if epochs is None or epochs <= done:
+                needs.append(f"more epochs (--set train.epochs=N, N > {done})")
             if state.get("stopped_early"):
-                why = f"stopped early after epoch {state['epoch']} (val AUROC stopped improving)"
-                more += " and without early stopping (--set train.early_stopping_patience=null)"
+                why = f"stopped early after epoch {done} (val AUROC stopped improving)"
+                if patience is not None:
+                    needs.append("early stopping off (--set train.early_stopping_patience=null)")
             else:
-                why = f"already finished all its {state['epoch']} epochs"
+                why = f"already finished all its {done} epochs"
             raise RunDirError(
                 f"--resume: the run in {str(run_dir)!r} {why}; to continue it, resume with "
-                f"{more}, or use --overwrite."
+                f"{' and '.join(needs)}, or use --overwrite."
             )
         if not has_checkpoint(state, run_dir):
             print(
