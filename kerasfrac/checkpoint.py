@@ -341,19 +341,27 @@ def _delete_run(run_dir: Path, protect) -> None:
     shutil.rmtree(run_dir)
 
 
+def _continue_needs(state: dict, epochs: int | None, patience: int | None) -> list[str]:
+    """What --resume still lacks to continue the finished run ``state`` (empty: nothing):
+    more epochs than it trained, and, for a run that stopped early, early stopping off (with
+    a patience it would stop again before its first step)."""
+    done = int(state.get("epoch") or 0)
+    needs = []
+    if epochs is None or epochs <= done:
+        needs.append(f"more epochs (--set train.epochs=N, N > {done})")
+    if state.get("stopped_early") and patience is not None:
+        needs.append("early stopping off (--set train.early_stopping_patience=null)")
+    return needs
+
+
 def can_continue(state: dict | None, epochs: int | None, patience: int | None = None) -> bool:
-    """Whether a finished run (``state``) has a checkpoint and fewer than ``epochs`` epochs:
-    --resume with a larger train.epochs continues it. A run that stopped early continues
-    only without early stopping (``patience`` None, ``train.early_stopping_patience=null``):
-    with a patience it would stop again before its first step."""
+    """Whether a finished run (``state``) has a checkpoint and --resume with ``epochs`` and
+    ``patience`` continues it (``_continue_needs``)."""
     return bool(
         state
         and state.get("finished")
-        and "checkpoint" in state
         and state.get("checkpoint")
-        and (patience is None or not state.get("stopped_early"))
-        and epochs is not None
-        and int(state.get("epoch") or 0) < epochs
+        and not _continue_needs(state, epochs, patience)
     )
 
 
@@ -389,19 +397,19 @@ def prepare_run_dir(
                 "checkpoints/state.json); start it without --resume."
             )
         if state.get("finished") and not can_continue(state, epochs, patience):
-            done = int(state["epoch"])
-            needs = []
-            if epochs is None or epochs <= done:
-                needs.append(f"more epochs (--set train.epochs=N, N > {done})")
-            if state.get("stopped_early"):
-                why = f"stopped early after epoch {done} (val AUROC stopped improving)"
-                if patience is not None:
-                    needs.append("early stopping off (--set train.early_stopping_patience=null)")
-            else:
-                why = f"already finished all its {done} epochs"
+            done = int(state.get("epoch") or 0)
+            why = (
+                f"stopped early after epoch {done} (val AUROC stopped improving)"
+                if state.get("stopped_early")
+                else f"already finished all its {done} epochs"
+            )
+            needs = _continue_needs(state, epochs, patience)
+            if not needs:  # only the checkpoint is missing: nothing to continue from
+                why += ", and its state names no checkpoint"
+            fix = f"resume with {' and '.join(needs)}, or " if needs else ""
             raise RunDirError(
-                f"--resume: the run in {str(run_dir)!r} {why}; to continue it, resume with "
-                f"{' and '.join(needs)}, or use --overwrite."
+                f"--resume: the run in {str(run_dir)!r} {why}; to continue it, {fix}use "
+                "--overwrite."
             )
         if not has_checkpoint(state, run_dir):
             print(
