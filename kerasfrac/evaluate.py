@@ -17,6 +17,7 @@ import numpy as np
 
 from kerasfrac import runs
 from kerasfrac.metrics import MIN_PER_CLASS_FOR_CI, SUBGROUP_COLUMNS, split_metrics
+from kerasfrac.names import SPLITS
 from kerasfrac.options import EvaluateOptions
 
 
@@ -75,7 +76,8 @@ def evaluate_run(
     opts: EvaluateOptions | None = None,
     **changes,
 ) -> dict:
-    """Evaluate a training run on ``split`` (test or val); write metrics, plots, predictions.
+    """Evaluate a training run on ``split`` (test, val or train); write metrics, plots,
+    predictions.
 
     Predictions of the split and of val (whose Youden-J threshold is applied to the split)
     are read from the run's predictions files when present and matching the split, else
@@ -84,7 +86,10 @@ def evaluate_run(
     ``metrics.json`` (test) or ``metrics_<split>.json`` and ``plots/<split>_*.png``, and logs
     the plots to ``tensorboard/evaluation``. Bootstrap CIs resample the build's duplicate
     groups where the split holds any. ``baseline`` adds ``no_anatomy_baseline`` (see
-    ``baseline_comparison``). Returns the metrics dict.
+    ``baseline_comparison``; not on train, where the baseline was fitted). ``train``
+    measures the fit: the training images as val and test see them (no augmentation,
+    inference mode), so train AUROC below val AUROC means the model underfits. Returns the
+    metrics dict.
 
     Settings: ``opts`` (``EvaluateOptions``, its defaults where None), with ``split`` and
     ``changes`` (EvaluateOptions fields, e.g. ``n_bootstrap=0``) replacing its values.
@@ -101,8 +106,8 @@ def evaluate_run(
         opts.baseline,
         opts.batch_size,
     )
-    if split not in ("test", "val"):
-        raise ValueError(f"split must be 'test' or 'val'; got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
     run_dir = Path(run_dir)
     cfg, model, path = runs.load_model(run_dir, model_path)
     own_model = (
@@ -133,7 +138,11 @@ def evaluate_run(
         meta=meta if has_meta else None,
         groups=groups,
     )
-    if baseline:
+    if baseline and split == "train":
+        result["no_anatomy_baseline"] = {
+            "unavailable": "the baseline is fitted on the train split: no fair comparison there"
+        }
+    elif baseline:
         result["no_anatomy_baseline"] = baseline_comparison(
             build,
             split,
@@ -146,6 +155,11 @@ def evaluate_run(
         )
     if split == "val" and result.get("youden"):
         result["youden"]["chosen_on"] = "val (the same split: optimistic)"
+    if split == "train":
+        result["note"] = (
+            "the images the model was trained on, seen without augmentation in inference "
+            "mode: a measure of fit, not of generalisation"
+        )
     if plots:
         from kerasfrac import plots as plotting
 
@@ -361,6 +375,8 @@ def summary(m: dict) -> str:
         else:
             lines.append(f"  subgroup {name}: n {g['n']}")
     lines += baseline_lines(m)
+    if m.get("note"):
+        lines.append(f"  note: {m['note']}")
     shares = (ci or {}).get("undefined_share") or {}
     undefined = {k: v for k, v in shares.items() if v}
     if undefined:

@@ -215,7 +215,12 @@ class ExplainOptions:
 
 @dataclass
 class EvaluateOptions:
-    split: str = option("test", "split to evaluate", choices=("test", "val"))
+    split: str = option(
+        "test",
+        "split to evaluate; train: the training images in inference mode, no augmentation "
+        "(is the model under- or over-fitting? compare with val)",
+        choices=SPLITS,
+    )
     n_bootstrap: int = option(
         N_BOOTSTRAP, "bootstrap resamples (0: no CIs)", flag="--bootstrap", metavar="N"
     )

@@ -200,6 +200,38 @@ def test_evaluate_val_split_and_tensorboard_images(run_dir):
     assert {"val_roc", "val_confusion"} <= set(acc.Tags()["tensors"])
 
 
+def test_evaluate_train_split_is_the_clean_training_images(run_dir, capsys):
+    """--split train: every training image once, as val and test see them (no augmentation,
+    no oversampling), scored against the val threshold; no baseline (fitted on train)."""
+    from kerasfrac import data
+
+    cfg, model, _ = runs.load_model(run_dir)
+    assert (
+        main(["evaluate", "--run-dir", str(run_dir), "--split", "train", "--bootstrap", "0"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "split train: 48 images (24 fractured, 24 normal)" in out
+    assert "a measure of fit, not of generalisation" in out
+    m = json.loads((run_dir / "metrics_train.json").read_text())
+    assert m["split"] == "train" and m["n"] == 48
+    assert "fitted on the train split" in m["no_anatomy_baseline"]["unavailable"]
+    ids, labels, probs = runs.read_predictions(run_dir / "predictions_train.csv")
+    assert sorted(ids) == sorted(data.split_records(data.check_build(cfg.data.dir), "train").ids)
+    # the model's own inference-mode output on the un-augmented images, nothing else
+    images = np.concatenate(
+        [x.numpy() for x, _ in data.make_eval_dataset(cfg.data.dir, "train", cfg.data, 8)]
+    )
+    direct = model.predict(images, verbose=0)
+    direct = np.asarray(direct[0] if isinstance(direct, list) else direct).ravel()
+    order = data.split_records(data.check_build(cfg.data.dir), "train").ids
+    by_id = dict(zip(ids, probs))
+    assert np.ptp(direct) > 1e-3  # the images are told apart: equality below means something
+    np.testing.assert_allclose([by_id[i] for i in order], direct, atol=2e-6)
+    assert m["auroc"] == pytest.approx(roc_auc_score(labels, probs))
+    _, vl, vp = runs.read_predictions(run_dir / "predictions_val.csv")
+    assert m["youden"]["threshold"] == pytest.approx(metrics.youden_threshold(vl, vp))
+
+
 def test_bad_input(tmp_path, run_dir, separable_tfrecord_dir, capsys):
     with pytest.raises(ValueError, match="no config.yaml"):
         evaluate.evaluate_run(tmp_path)
