@@ -114,6 +114,11 @@ class ModelConfig:
     #: like; Keras' own default 0.99 needs ~500 steps before the statistics settle, so short
     #: runs (the report's 5 epochs, the demo) predicted one class at evaluation time.
     bn_momentum: float = 0.9
+    #: resnet_small only: channels of its first stage, doubled at each of the four stages;
+    #: null = 32 (2.8 M parameters). Compute per image grows about as its square.
+    width: int | None = None
+    #: resnet_small only: pre-activation blocks per stage; null = 2.
+    blocks_per_stage: int | None = None
     #: With several replicas (GPUs/workers): True = BatchNorm normalises with the statistics of
     #: the global batch (an all-reduce per BN layer and step), so every worker keeps identical
     #: moving statistics; False = each replica uses its own local batch (less communication,
@@ -389,6 +394,16 @@ def validate(cfg: Config) -> None:
             )
     if not cfg.model.weights:
         raise ConfigError("config key 'model.weights' must be none, imagenet or a file path")
+    for key in ("width", "blocks_per_stage"):
+        value = getattr(cfg.model, key)
+        if value is None:
+            continue
+        _positive(f"model.{key}", value)
+        if cfg.model.name != "resnet_small":
+            raise ConfigError(
+                f"config key 'model.{key}' sizes resnet_small only; model.name is "
+                f"{cfg.model.name!r}: remove model.{key} or set model.name=resnet_small"
+            )
     t = cfg.train
     if not 0.0 <= cfg.model.bn_momentum < 1.0:
         raise ConfigError(

@@ -425,14 +425,22 @@ def _build_resnet_small(
     fused_batchnorm=False,
     box_head=False,
     head="gap",
+    width=None,
+    blocks_per_stage=None,
 ) -> keras.Model:
     if weights == "imagenet":
         raise ValueError(
             "resnet_small is trained from scratch and has no ImageNet weights; use "
             "model.weights=none, a weights file, or model.name=resnet50v2/efficientnetv2b0"
         )
+    sizes = {}
+    if width is not None:
+        sizes["widths"] = tuple(width * 2**s for s in range(4))
+    if blocks_per_stage is not None:
+        sizes["blocks_per_stage"] = blocks_per_stage
     model = resnet_small(
         input_shape,
+        **sizes,
         bn_momentum=bn_momentum,
         sync_batchnorm=sync_batchnorm,
         fused_batchnorm=fused_batchnorm,
@@ -484,6 +492,12 @@ def build_model(
     name = cfg_model.name
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
+    sizes = {}
+    if name == "resnet_small":
+        sizes = {
+            "width": getattr(cfg_model, "width", None),
+            "blocks_per_stage": getattr(cfg_model, "blocks_per_stage", None),
+        }
     return MODELS[name](
         tuple(input_shape),
         getattr(cfg_model, "weights", "none") or "none",
@@ -492,6 +506,7 @@ def build_model(
         fused_batchnorm,
         getattr(cfg_model, "box_head", False),
         head=getattr(cfg_model, "head", "gap"),
+        **sizes,
     )
 
 

@@ -27,6 +27,29 @@ def test_resnet_small_is_one_channel_and_sized_for_the_cpu():
     assert len(m.outputs) == 1 and not model.has_box_head(m)
 
 
+def test_resnet_small_width_and_depth_are_config_keys(tmp_path):
+    cfg = config.load_config(
+        overrides=["model.name=resnet_small", "model.width=48", "model.blocks_per_stage=1"]
+    )
+    m = model.build_model(cfg.model, (64, 64, 1))
+    assert [m.get_layer(f"stage{s}").output.shape[-1] for s in (1, 2, 3, 4)] == [48, 96, 192, 384]
+    assert not any(layer.name.startswith("s1b2") for layer in m.layers)  # one block per stage
+    # parameters grow about as width squared: 1.5x the width, about 2.25x the parameters
+    base = model.build_model(ModelConfig("resnet_small", blocks_per_stage=1), (64, 64, 1))
+    assert 2.1 < m.count_params() / base.count_params() < 2.3
+    x = np.random.default_rng(5).random((2, 64, 64, 1), dtype="float32")
+    m.save(tmp_path / "wide.keras")
+    np.testing.assert_allclose(
+        model.load_model(tmp_path / "wide.keras").predict(x, verbose=0),
+        m.predict(x, verbose=0),
+        rtol=1e-6,
+    )
+    with pytest.raises(ConfigError, match=r"'model.width' sizes resnet_small only.*paper_cnn"):
+        config.load_config(overrides=["model.width=48"])
+    with pytest.raises(ConfigError, match="model.blocks_per_stage"):
+        config.load_config(overrides=["model.name=resnet_small", "model.blocks_per_stage=0"])
+
+
 def test_box_head_is_a_second_output_and_the_classifier_shares_its_weights():
     m = model.build_model(ModelConfig("resnet_small", box_head=True), (128, 128, 1))
     assert model.has_box_head(m) and len(m.outputs) == 2
