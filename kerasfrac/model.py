@@ -478,7 +478,8 @@ _BUILDERS = {
     **{name: _application_builder(name) for name in _APPLICATIONS},
 }
 #: name -> builder(input_shape, weights, bn_momentum, sync_batchnorm, fused_batchnorm,
-#: box_head), for each of ``names.MODEL_NAMES`` (a name without a builder fails at import).
+#: box_head, head=...; resnet_small also width=, blocks_per_stage=), for each of
+#: ``names.MODEL_NAMES`` (a name without a builder fails at import).
 MODELS: dict[str, Callable[..., keras.Model]] = {name: _BUILDERS[name] for name in MODEL_NAMES}
 
 
