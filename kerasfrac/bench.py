@@ -406,7 +406,15 @@ def run(
         raise ValueError(f"--what {sorted(unknown)}: expected some of {','.join(WHAT)}")
     if steps < 1 or repeats < 1:
         raise ValueError(f"--steps {steps} / --repeats {repeats}: both must be at least 1")
-    precisions = list(dict.fromkeys(precisions or default_precisions(cfg)))
+    from kerasfrac import kernels
+
+    # train.precision / --precisions "auto": measured as what it resolves to on this machine.
+    train_cfg = dataclasses.replace(
+        cfg.train, precision=kernels.resolve_precision(cfg.train.precision)
+    )
+    cfg = dataclasses.replace(cfg, train=train_cfg)
+    asked = precisions or default_precisions(cfg)
+    precisions = list(dict.fromkeys(kernels.resolve_precision(p) for p in asked))
     result = {
         "config": {
             "dataset": cfg.dataset,

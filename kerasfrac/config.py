@@ -164,6 +164,8 @@ class TrainConfig:
     seed: int = 42
     #: tf.config.experimental.enable_op_determinism() (slower; bit-reproducible runs).
     deterministic: bool = False
+    #: float32 | mixed_float16 | mixed_bfloat16 | auto (mixed_float16 on a GPU, mixed_bfloat16
+    #: on a CPU with bfloat16 units, float32 elsewhere). model.keras always computes in float32.
     precision: str = "float32"
     #: Fast float32 kernels, same maths: TensorFlow's fused BatchNorm op (one replica) and,
     #: for the `kerasfrac` command, oneDNN CPU kernels (TF_ENABLE_ONEDNN_OPTS=1 unless set).

@@ -66,3 +66,19 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
 def native_bfloat16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX)."""
     return bool(cpu_flags(cpuinfo) & set(BF16_CPU_FLAGS))
+
+
+def resolve_precision(precision: str, gpu: bool | None = None) -> str:
+    """``train.precision`` as the Keras policy to run: ``auto`` is ``mixed_float16`` on a GPU,
+    ``mixed_bfloat16`` on a CPU with bfloat16 units (1.34x float32's training step on a 2-core
+    AVX512-BF16 EPYC, README "Speed"), ``float32`` elsewhere; other names are returned as
+    they are. ``gpu``: whether a GPU is used (default: whether TensorFlow sees one)."""
+    if precision != "auto":
+        return precision
+    if gpu is None:
+        import tensorflow as tf
+
+        gpu = bool(tf.config.list_physical_devices("GPU"))
+    if gpu:
+        return "mixed_float16"
+    return "mixed_bfloat16" if native_bfloat16() else "float32"

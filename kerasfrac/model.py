@@ -124,6 +124,55 @@ def functional(model: keras.Model) -> keras.Model:
     return rebuilt
 
 
+#: Compute dtypes of mixed precision (``train.precision``) that ``float32_compute`` undoes.
+_MIXED = {"mixed_float16", "mixed_bfloat16", "float16", "bfloat16"}
+
+
+def _float32_policies(obj):
+    """A serialized model with every mixed-precision dtype (layer policies and the tensor
+    dtypes of the graph) replaced by float32."""
+    if isinstance(obj, list):
+        return [_float32_policies(v) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    out = {}
+    for key, value in obj.items():
+        if (
+            key == "dtype"
+            and isinstance(value, dict)
+            and "DTypePolicy" in str(value.get("class_name"))
+        ):
+            if value.get("config", {}).get("name") in _MIXED:
+                value = "float32"
+        elif key == "dtype" and value in _MIXED:
+            value = "float32"
+        out[key] = _float32_policies(value)
+    return out
+
+
+def uses_mixed_precision(model: keras.Model) -> bool:
+    """Whether any layer of ``model`` (nested models included) computes in float16/bfloat16."""
+    return any(
+        layer.dtype_policy.name in _MIXED
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+    )
+
+
+def float32_compute(model: keras.Model) -> keras.Model:
+    """``model`` (trained under ``train.precision: mixed_*``) with the same weights and every
+    layer computing in float32: what inference saves and loads, so that a model trained in
+    mixed precision on a GPU or a bfloat16 CPU predicts at full speed on any machine (TensorFlow
+    emulates float16/bfloat16 on CPUs without those units, 5x slower here) and in full precision.
+    Mixed precision keeps float32 weights, so nothing is lost. A float32 model is returned as is.
+    """
+    if not uses_mixed_precision(model):
+        return model
+    config = _float32_policies(keras.saving.serialize_keras_object(model))
+    rebuilt = keras.saving.deserialize_keras_object(config)
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
+
+
 def load_model(path: str | Path) -> keras.Model:
     """``keras.saving.load_model`` with kerasfrac's layers registered (this module's import);
     a missing or damaged file is named as such (Keras says "File not found" for both)."""

@@ -36,7 +36,7 @@ CLASS_WEIGHTS = ("none", "balanced")
 SELECTS = ("last", "best")
 TTAS = ("none", "flip")
 HEADS = ("gap", "heatmap")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
 DISTRIBUTES = ("auto", "none", "mirrored", "multi_worker")
 #: Bootstrap resamples of every confidence interval (evaluate, audit, kerasfrac.metrics).
 N_BOOTSTRAP = 1000

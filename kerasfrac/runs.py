@@ -128,9 +128,10 @@ def load_config(run_dir):
 def load_model(run_dir=None, model_file=None):
     """``(cfg, model, model_file)`` of a run: its model.keras, or ``model_file`` (its run
     directory is then ``run_dir`` or the folder that holds it). The model is the classifier
-    (a checkpoint may carry the box head) and its input is checked against the config."""
+    (a checkpoint may carry the box head), computing in float32, and its input is checked
+    against the config."""
     from kerasfrac import data
-    from kerasfrac.model import classifier, functional
+    from kerasfrac.model import classifier, float32_compute, functional
     from kerasfrac.model import load_model as load
 
     if run_dir is None:
@@ -148,7 +149,9 @@ def load_model(run_dir=None, model_file=None):
             f"no model at {str(path)!r}: the run has not finished or the file was moved; "
             f"pass --model FILE{hint}"
         )
-    model = functional(classifier(load(path)))  # an older run's paper_cnn is a Sequential
+    # An older run's paper_cnn is a Sequential; a checkpoint of a mixed-precision run predicts
+    # in float32 like its model.keras.
+    model = functional(classifier(float32_compute(load(path))))
     check_input_shape(model, data.image_shape(cfg.data), path)
     return cfg, model, path
 

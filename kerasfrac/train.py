@@ -39,6 +39,7 @@ from kerasfrac.metrics import bce_per_example, epoch_metrics, split_metrics
 from kerasfrac.model import (
     build_model,
     classifier,
+    float32_compute,
     has_box_head,
     load_model,
     plain_keras,
@@ -88,7 +89,7 @@ def make_optimizer(
             if isinstance(layer, keras.layers.BatchNormalization) or v.name == "bias"
         ]
         opt.exclude_from_weight_decay(var_list=excluded)
-    if t.precision == "mixed_float16":
+    if kernels.resolve_precision(t.precision) == "mixed_float16":
         opt = keras.optimizers.LossScaleOptimizer(opt)
     return opt
 
@@ -257,11 +258,15 @@ def train(
     the current step and raises ``Preempted``.
     """
     task = TrainingTask(cfg)
-    finished = task.setup(resume, overwrite, auto_resume)
-    if finished is not None:  # e.g. a job requeued after its run finished: nothing to do
-        return finished
-    epochs_done = task.loop(verbose)
-    return task.finish(epochs_done)
+    policy = keras.mixed_precision.dtype_policy()  # train.precision sets it for the run only
+    try:
+        finished = task.setup(resume, overwrite, auto_resume)
+        if finished is not None:  # e.g. a job requeued after its run finished: nothing to do
+            return finished
+        epochs_done = task.loop(verbose)
+        return task.finish(epochs_done)
+    finally:
+        keras.mixed_precision.set_dtype_policy(policy)
 
 
 class TrainingTask:
@@ -310,7 +315,10 @@ class TrainingTask:
         keras.utils.set_random_seed(t.seed)
         if t.deterministic:
             tf.config.experimental.enable_op_determinism()
-        keras.mixed_precision.set_global_policy(t.precision)
+        precision = kernels.resolve_precision(t.precision)
+        if precision != t.precision:
+            print(f"precision: {t.precision} -> {precision}", flush=True)
+        keras.mixed_precision.set_global_policy(precision)
 
         train_ds = self.build_inputs()
         self.model, self.partial = self.build_model()
@@ -573,7 +581,9 @@ class TrainingTask:
             # The epoch with the best val AUROC (chosen on val, before test is looked at).
             final = classifier(load_model(best_path))
             print(f"model.keras = the best epoch on val AUROC ({best_path})", flush=True)
-        # Plain Keras layers: model.keras loads with keras.saving.load_model anywhere.
+        # Plain Keras layers computing in float32: model.keras loads with
+        # keras.saving.load_model anywhere and predicts at full speed on any machine.
+        final = float32_compute(final)
         ckpt.save_model(plain_keras(final), runs.model_path(run_dir))
         ckpt.crash_point("model.keras")
         test_ds = data.make_eval_dataset(

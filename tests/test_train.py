@@ -331,3 +331,70 @@ def test_a_training_run_reads_the_manifest_once(tmp_path, separable_tfrecord_dir
     cfg = fast_config(separable_tfrecord_dir, tmp_path / "run", epochs=1, steps_per_epoch=2)
     train.train(cfg, verbose=0)
     assert calls == [str(separable_tfrecord_dir)]
+
+
+def test_mixed_bfloat16_run_learns_and_saves_a_float32_model(tmp_path, separable_tfrecord_dir):
+    """train.precision=mixed_bfloat16 trains in bfloat16, yet model.keras computes in float32
+    (full speed on CPUs without bfloat16 units) and gives the run's own test predictions; the
+    process's dtype policy is float32 again afterwards."""
+    import keras
+
+    from kerasfrac import evaluate, model, runs
+
+    run_dir = tmp_path / "bf16"
+    metrics = train.train(
+        fast_config(separable_tfrecord_dir, run_dir, precision="mixed_bfloat16"), verbose=0
+    )
+    assert keras.mixed_precision.dtype_policy().name == "float32"
+    assert metrics["auroc"] > 0.9
+    best = model.load_model(run_dir / "checkpoints" / "best.keras")
+    assert model.uses_mixed_precision(best)  # training itself ran in bfloat16
+    saved = model.load_model(run_dir / "model.keras")
+    assert not model.uses_mixed_precision(saved)
+    assert {layer.dtype_policy.name for layer in saved.layers} == {"float32"}
+    path = runs.predictions_path(run_dir, "test")
+    ids, labels, probs = runs.read_predictions(path)
+    assert len(ids) == 16 and set(labels) == {0, 1}
+    # evaluate predicts again with model.keras (float32): the probabilities the run wrote.
+    again = evaluate.evaluate_run(
+        run_dir, recompute=True, plots=False, n_bootstrap=0, baseline=False
+    )
+    ids2, _, probs2 = runs.read_predictions(path)
+    assert ids2 == ids and again["auroc"] == pytest.approx(metrics["auroc"], abs=1e-6)
+    np.testing.assert_allclose(probs2, probs, atol=2e-6)
+
+
+def test_float32_compute_is_the_same_network_in_float32():
+    """A mixed-precision resnet_small with a box head, rebuilt by float32_compute, equals a
+    float32 model of the same weights exactly, and its bfloat16 original to bfloat16 precision."""
+    import keras
+
+    from kerasfrac import model
+
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    try:
+        mixed = model.resnet_small((64, 64, 1), box_head=True)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    reference = model.resnet_small((64, 64, 1), box_head=True)
+    reference.set_weights(mixed.get_weights())
+    converted = model.float32_compute(mixed)
+    assert model.uses_mixed_precision(mixed) and not model.uses_mixed_precision(converted)
+    assert model.float32_compute(reference) is reference
+    x = np.random.default_rng(0).uniform(0, 1, (4, 64, 64, 1)).astype("float32")
+    got = converted.predict(x, verbose=0)
+    want = reference.predict(x, verbose=0)
+    approx = mixed.predict(x, verbose=0)
+    for g, w, a in zip(got, want, approx, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-6)
+        assert np.abs(a - w).max() < 0.05  # bfloat16 keeps 8 bits of mantissa
+
+
+def test_precision_auto_resolves_by_the_hardware(monkeypatch):
+    assert kernels.resolve_precision("float32", gpu=True) == "float32"
+    assert kernels.resolve_precision("auto", gpu=True) == "mixed_float16"
+    monkeypatch.setattr(kernels, "native_bfloat16", lambda cpuinfo=None: True)
+    assert kernels.resolve_precision("auto", gpu=False) == "mixed_bfloat16"
+    monkeypatch.setattr(kernels, "native_bfloat16", lambda cpuinfo=None: False)
+    assert kernels.resolve_precision("auto", gpu=False) == "float32"
+    assert config.from_dict({"train": {"precision": "auto"}}).train.precision == "auto"
