@@ -152,10 +152,12 @@ def _float32_policies(obj):
 
 def uses_mixed_precision(model: keras.Model) -> bool:
     """Whether any layer of ``model`` (nested models included) computes in float16/bfloat16."""
-    return any(
-        layer.dtype_policy.name in _MIXED
-        for layer in model._flatten_layers(include_self=False, recursive=True)
-    )
+    for layer in model.layers:
+        if layer.dtype_policy.name in _MIXED:
+            return True
+        if isinstance(layer, keras.Model) and uses_mixed_precision(layer):
+            return True
+    return False
 
 
 def float32_compute(model: keras.Model) -> keras.Model:

@@ -398,3 +398,28 @@ def test_precision_auto_resolves_by_the_hardware(monkeypatch):
     monkeypatch.setattr(kernels, "native_bfloat16", lambda cpuinfo=None: False)
     assert kernels.resolve_precision("auto", gpu=False) == "float32"
     assert config.from_dict({"train": {"precision": "auto"}}).train.precision == "auto"
+
+
+def test_float32_compute_reaches_nested_models():
+    """keras.applications backbones sit in our models as nested models: their layers count."""
+    import keras
+
+    from kerasfrac import model
+
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    try:
+        inner_in = keras.Input((16, 16, 1))
+        inner = keras.Model(inner_in, keras.layers.Conv2D(4, 3, name="c")(inner_in), name="inner")
+        outer_in = keras.Input((16, 16, 1))
+        pooled = keras.layers.GlobalAveragePooling2D()(inner(outer_in))
+        outer = keras.Model(outer_in, keras.layers.Dense(1, dtype="float32")(pooled))
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    assert outer.get_layer("inner").get_layer("c").compute_dtype == "bfloat16"
+    assert model.uses_mixed_precision(outer)
+    converted = model.float32_compute(outer)
+    assert not model.uses_mixed_precision(converted)
+    assert converted.get_layer("inner").get_layer("c").compute_dtype == "float32"
+    x = np.random.default_rng(1).uniform(0, 1, (2, 16, 16, 1)).astype("float32")
+    want = outer.predict(x, verbose=0)
+    np.testing.assert_allclose(converted.predict(x, verbose=0), want, atol=0.05)
