@@ -377,18 +377,13 @@ def _progress(what: str) -> None:
 
 
 def default_precisions(cfg) -> list[str]:
-    """The config's precision, and the mixed precision this machine computes natively:
-    ``mixed_float16`` on a GPU, ``mixed_bfloat16`` on a CPU with bfloat16 units; none else
-    (emulated bfloat16 measured 0.2x float32 on this project's AVX CPUs)."""
-    import tensorflow as tf
-
+    """The config's precision, and the mixed precision this machine computes natively
+    (``train.precision: auto``): ``mixed_float16`` on a GPU, ``mixed_bfloat16`` on a CPU with
+    bfloat16 units; none else (emulated bfloat16 measured 0.2x float32 on AVX2 CPUs)."""
     from kerasfrac import kernels
 
-    if tf.config.list_physical_devices("GPU"):
-        return [cfg.train.precision, "mixed_float16"]
-    if kernels.native_bfloat16():
-        return [cfg.train.precision, "mixed_bfloat16"]
-    return [cfg.train.precision]
+    native = kernels.resolve_precision("auto")
+    return [cfg.train.precision] + ([native] if native != "float32" else [])
 
 
 def run(

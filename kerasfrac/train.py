@@ -89,7 +89,7 @@ def make_optimizer(
             if isinstance(layer, keras.layers.BatchNormalization) or v.name == "bias"
         ]
         opt.exclude_from_weight_decay(var_list=excluded)
-    if kernels.resolve_precision(t.precision) == "mixed_float16":
+    if model.dtype_policy.name == "mixed_float16":  # built under train.precision's policy
         opt = keras.optimizers.LossScaleOptimizer(opt)
     return opt
 

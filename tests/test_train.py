@@ -423,3 +423,26 @@ def test_float32_compute_reaches_nested_models():
     x = np.random.default_rng(1).uniform(0, 1, (2, 16, 16, 1)).astype("float32")
     want = outer.predict(x, verbose=0)
     np.testing.assert_allclose(converted.predict(x, verbose=0), want, atol=0.05)
+
+
+def test_loss_scaling_follows_the_models_float16_policy():
+    """make_optimizer wraps the optimizer in loss scaling exactly when the model computes in
+    float16 (train.precision mixed_float16, or auto on a GPU); bfloat16 needs none."""
+    import keras
+
+    from kerasfrac import model
+
+    cfg = config.from_dict({"train": {"precision": "auto", "optimizer": "adamw"}})
+    built = {}
+    for policy in ("mixed_float16", "mixed_bfloat16", "float32"):
+        keras.mixed_precision.set_dtype_policy(policy)
+        try:
+            built[policy] = model.resnet_small((32, 32, 1))
+        finally:
+            keras.mixed_precision.set_dtype_policy("float32")
+    scaled = {p: type(train.make_optimizer(cfg, m)).__name__ for p, m in built.items()}
+    assert scaled == {
+        "mixed_float16": "LossScaleOptimizer",
+        "mixed_bfloat16": "AdamW",
+        "float32": "AdamW",
+    }
