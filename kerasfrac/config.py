@@ -105,7 +105,8 @@ class ModelConfig:
     #: (resnet_small and the keras.applications backbones; weight: train.box_loss_weight).
     box_head: bool = False
     #: Classifier head (resnet_small and the keras.applications backbones): gap (global
-    #: average pooling of the last feature map -> dropout -> Dense) | heatmap (the maximum of
+    #: average pooling of the last feature map -> dropout -> Dense) | avgmax (each channel's
+    #: average and maximum over the map, concatenated -> dropout -> Dense) | heatmap (the maximum of
     #: per-cell fracture logits, the cells that model.box_head supervises: the classifier
     #: then reads what the box supervision shapes).
     head: str = "gap"

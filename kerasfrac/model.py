@@ -275,10 +275,13 @@ def _outputs(features, box_head: bool, dropout: float, head: str = "gap"):
     """The heads on the last feature map ``features``.
 
     ``gap``: global average pooling -> dropout -> ``logit``; the box head (``box_head``) is a
-    1x1 conv beside it. ``heatmap``: the classifier reads the heat map itself: per-cell
-    fracture logits (1x1 conv, ``box_logits``) -> global max pooling -> ``logit`` (a scale
-    and a bias): an image is as fractured as its most fractured cell, so box supervision of
-    the cells shapes what the classifier looks at (multiple-instance pooling).
+    1x1 conv beside it. ``avgmax``: the average and the maximum of each channel over the
+    cells, concatenated (a small finding can dominate a channel's maximum while its average
+    over the image barely moves) -> dropout -> ``logit``. ``heatmap``: the classifier reads
+    the heat map itself: per-cell fracture logits (1x1 conv, ``box_logits``) -> global max
+    pooling -> ``logit`` (a scale and a bias): an image is as fractured as its most fractured
+    cell, so box supervision of the cells shapes what the classifier looks at
+    (multiple-instance pooling).
     """
     if head not in HEADS:
         raise ValueError(f"model.head must be one of {HEADS}; got {head!r}")
@@ -289,6 +292,9 @@ def _outputs(features, box_head: bool, dropout: float, head: str = "gap"):
         x = keras.layers.GlobalMaxPooling2D(name="gmp")(cells)
     else:
         x = keras.layers.GlobalAveragePooling2D(name="gap")(features)
+        if head == "avgmax":
+            peak = keras.layers.GlobalMaxPooling2D(name="gmp")(features)
+            x = keras.layers.Concatenate(name="avgmax")([x, peak])
         x = keras.layers.Dropout(dropout, name="dropout")(x) if dropout else x
     _, prob = _head(x)
     if not box_head:
@@ -423,7 +429,8 @@ def _weights_file(weights: str) -> Path:
 def _no_box_head(name: str, box_head: bool, head: str = "gap") -> None:
     if box_head or head != "gap":
         raise ValueError(
-            f"model.box_head and model.head=heatmap are not available for {name} (its "
+            f"model.box_head and model.head other than gap are not available for {name} "
+            f"(got box_head={box_head}, head={head!r}; its "
             "Flatten/VGG head has no global-pooling feature map to supervise); use "
             "model.name=resnet_small, resnet50v2 or efficientnetv2b0"
         )

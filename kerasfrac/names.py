@@ -35,7 +35,7 @@ SCHEDULES = ("constant", "cosine")
 CLASS_WEIGHTS = ("none", "balanced")
 SELECTS = ("last", "best")
 TTAS = ("none", "flip")
-HEADS = ("gap", "heatmap")
+HEADS = ("gap", "avgmax", "heatmap")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
 DISTRIBUTES = ("auto", "none", "mirrored", "multi_worker")
 #: Bootstrap resamples of every confidence interval (evaluate, audit, kerasfrac.metrics).

@@ -64,8 +64,10 @@ def test_box_head_is_a_second_output_and_the_classifier_shares_its_weights():
 
 @pytest.mark.parametrize("name", ["paper_cnn", "vgg16"])
 def test_box_head_is_refused_where_there_is_no_pooled_feature_map(name):
-    with pytest.raises(ValueError, match="box_head and model.head=heatmap are not available"):
+    with pytest.raises(ValueError, match="box_head and model.head other than gap are not"):
         model.build_model(ModelConfig(name, box_head=True), (64, 64, 1))
+    with pytest.raises(ValueError, match="head='avgmax'"):
+        model.build_model(ModelConfig(name, head="avgmax"), (64, 64, 1))
 
 
 def test_heatmap_head_classifies_by_its_most_fractured_cell():
@@ -80,6 +82,28 @@ def test_heatmap_head_classifies_by_its_most_fractured_cell():
     np.testing.assert_allclose(np.asarray(heat), 1 / (1 + np.exp(-np.asarray(cells))), rtol=1e-5)
     with pytest.raises(ValueError, match="model.head must be one of"):
         model.resnet_small((64, 64, 1), head="attention")
+
+
+def test_avgmax_head_reads_each_channels_average_and_peak():
+    m = model.resnet_small((64, 64, 1), head="avgmax")
+    x = np.random.default_rng(5).random((2, 64, 64, 1), dtype="float32")
+    feats = np.asarray(keras.Model(m.inputs, m.get_layer(model.FEATURES).output)(x, training=False))
+    w, b = m.get_layer(model.LOGIT).get_weights()
+    pooled = np.concatenate([feats.mean(axis=(1, 2)), feats.max(axis=(1, 2))], axis=1)
+    assert pooled.shape[1] == w.shape[0] == 2 * feats.shape[-1]
+    logit = pooled @ w + b
+    prob = np.asarray(m(x, training=False))
+    np.testing.assert_allclose(prob, 1 / (1 + np.exp(-logit)), rtol=1e-4, atol=1e-6)
+    # The peak half is read: a cell raised in one image moves its probability, not the other's.
+    w_peak = np.zeros_like(w)
+    w_peak[feats.shape[-1] :] = w[feats.shape[-1] :]
+    m.get_layer(model.LOGIT).set_weights([w_peak, b])
+    np.testing.assert_allclose(
+        np.asarray(m(x, training=False)),
+        1 / (1 + np.exp(-(feats.max(axis=(1, 2)) @ w[feats.shape[-1] :] + b))),
+        rtol=1e-4,
+        atol=1e-6,
+    )
 
 
 def test_resnet_small_has_no_imagenet_weights():
@@ -114,16 +138,18 @@ def test_application_backbones_take_grayscale_and_a_weights_file(tmp_path, name)
 
 
 @pytest.mark.parametrize(
-    "name,box_head",
+    "name,box_head,head",
     [
-        ("resnet_small", False),
-        ("resnet_small", True),
-        ("resnet50v2", False),
-        ("efficientnetv2b0", True),
+        ("resnet_small", False, "gap"),
+        ("resnet_small", True, "gap"),
+        ("resnet_small", True, "avgmax"),
+        ("resnet50v2", False, "gap"),
+        ("efficientnetv2b0", True, "gap"),
     ],
 )
-def test_saved_new_architectures_load_and_predict_identically(tmp_path, name, box_head):
-    m = model.build_model(ModelConfig(name, box_head=box_head), (64, 64, 1), fused_batchnorm=True)
+def test_saved_new_architectures_load_and_predict_identically(tmp_path, name, box_head, head):
+    cfg = ModelConfig(name, box_head=box_head, head=head)
+    m = model.build_model(cfg, (64, 64, 1), fused_batchnorm=True)
     x = np.random.default_rng(2).random((3, 64, 64, 1), dtype="float32")
     m(x, training=True)  # moves BatchNorm statistics away from their initial values
     m.save(tmp_path / "m.keras")
