@@ -442,14 +442,15 @@ def has_unfinished_run(run_dir: Path) -> bool:
 
 
 def finished_metrics(run_dir: Path, epochs: int) -> dict | None:
-    """The test metrics of a run that finished ``epochs`` epochs or stopped early (a requeued
-    job that has nothing left to do), else None."""
+    """The metrics a run that finished ``epochs`` epochs or stopped early wrote at its end
+    (test's; val's where it held test back), for a requeued job that has nothing left to do;
+    else None."""
     state = read_state(run_dir)
     done = state and (state.get("epoch") == epochs or state.get("stopped_early"))
     if not (done and state.get("finished")):
         return None
     try:
-        return runs.read_metrics(run_dir)
+        return runs.read_metrics(run_dir) or runs.read_metrics(run_dir, "val")
     except ValueError:
         return None  # then the usual refusal names the run
 

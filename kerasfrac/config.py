@@ -184,6 +184,11 @@ class EvalConfig:
     #: Test-time augmentation in validation, evaluate and predict: none | flip (the mean
     #: probability of the image and its left-right mirror).
     tta: str = "none"
+    #: Score the test split when training ends (predictions.csv, metrics.json). false holds
+    #: test back while settings are being chosen: the run ends with the final model's val
+    #: metrics (metrics_val.json), and `kerasfrac evaluate --run-dir RUN` reads test once,
+    #: when the recipe is final.
+    test_at_end: bool = True
 
 
 @dataclass

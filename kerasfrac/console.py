@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from kerasfrac import runs
+
 # --------------------------------------------------------------------------- progress
 
 
@@ -120,9 +122,12 @@ def warnings_of(m: dict) -> list[str]:
     return out
 
 
-def run_summary(m: dict, run_dir, title: str = "test split") -> str:
-    """The short human summary of a finished run (``m``: its metrics.json)."""
+def run_summary(m: dict, run_dir, title: str | None = None) -> str:
+    """The short human summary of a finished run (``m``: its metrics.json, or its
+    metrics_val.json where it held test back)."""
     run_dir = Path(run_dir)
+    split = m.get("split", "test")
+    title = title or f"{split} split"
     c = m.get("counts") or {}
     lines = [
         f"{title}: {m.get('n', '?')} images ({c.get('fractured', '?')} fractured, "
@@ -136,11 +141,16 @@ def run_summary(m: dict, run_dir, title: str = "test split") -> str:
     if b and "unavailable" not in b:
         lines.append(f"  no-anatomy baseline AUROC {_auroc(b['baseline_auroc'])}")
     lines += [f"  WARNING: {w}" for w in warnings_of(m)]
+    if split == "val":
+        lines.append(
+            "  test: held out (eval.test_at_end: false); `kerasfrac evaluate --run-dir "
+            f"{run_dir}` scores it, once the settings are final"
+        )
     lines += [
         "files:",
         f"  run directory  {run_dir}",
         f"  model          {run_dir / 'model.keras'}",
-        f"  metrics        {run_dir / 'metrics.json'}",
+        f"  metrics        {runs.metrics_path(run_dir, split)}",
     ]
     if m.get("plots"):
         names = ", ".join(Path(p).name for p in m["plots"])

@@ -250,7 +250,8 @@ def train(
     verbose: int = 1,
     auto_resume: bool = False,
 ) -> dict:
-    """Train ``cfg`` into ``cfg.run_dir``; returns the test metrics (also in metrics.json).
+    """Train ``cfg`` into ``cfg.run_dir``; returns the test metrics (also in metrics.json;
+    val's, in metrics_val.json, with ``eval.test_at_end: false``).
 
     ``resume`` continues an unfinished run (error if there is none), or a finished one whose
     ``train.epochs`` was raised; ``auto_resume`` continues one if there is one and starts
@@ -564,8 +565,9 @@ class TrainingTask:
     # ----------------------------------------------------------------------- finish
 
     def finish(self, epochs_done: int) -> dict:
-        """model.keras (the last or the best epoch), the test predictions and metrics, and
-        the finished state (chief only); returns the test metrics ({} on other workers)."""
+        """model.keras (the last or the best epoch), the test predictions and metrics (val's
+        with ``eval.test_at_end: false``), and the finished state (chief only); returns those
+        metrics ({} on other workers)."""
         cfg, t, run_dir = self.cfg, self.cfg.train, self.run_dir
         digest = weights_digest(self.model)
         print(f"final weights sha256: {digest} (task {self.task})", flush=True)
@@ -586,14 +588,15 @@ class TrainingTask:
         final = float32_compute(final)
         ckpt.save_model(plain_keras(final), runs.model_path(run_dir))
         ckpt.crash_point("model.keras")
-        test_ds = data.make_eval_dataset(
-            self.build, "test", cfg.data, self.global_batch, with_ids=True
-        )
-        ids, y, p = runs.predict(final, test_ds, cfg.eval.tta)
-        runs.write_predictions(runs.predictions_path(run_dir, "test"), ids, y, p)
+        # eval.test_at_end: false holds test back while settings are chosen; the final
+        # model is then scored on val, and `kerasfrac evaluate` reads test when asked.
+        split = "test" if cfg.eval.test_at_end else "val"
+        ds = data.make_eval_dataset(self.build, split, cfg.data, self.global_batch, with_ids=True)
+        ids, y, p = runs.predict(final, ds, cfg.eval.tta)
+        runs.write_predictions(runs.predictions_path(run_dir, split), ids, y, p)
         result = runs.write_metrics(
             run_dir,
-            "test",
+            split,
             split_metrics(y, p),
             cfg=cfg,
             model=runs.model_path(run_dir),

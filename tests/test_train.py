@@ -82,6 +82,31 @@ def test_run_dir_artifacts(trained_run):
     assert json.loads((run_dir / "checkpoints" / "state.json").read_text())["finished"]
 
 
+def test_test_at_end_false_holds_test_back_until_evaluate(tmp_path, separable_tfrecord_dir):
+    from kerasfrac import console, evaluate
+
+    run_dir = tmp_path / "tuning"
+    cfg = fast_config(separable_tfrecord_dir, run_dir, epochs=2)
+    cfg.eval.test_at_end = False
+    metrics = train.train(cfg, verbose=0)
+    # The run ends with the final model's val metrics; nothing of test was computed.
+    assert metrics["split"] == "val" and metrics["auroc"] > 0.9
+    assert not (run_dir / "metrics.json").exists()
+    assert not (run_dir / "predictions.csv").exists()
+    saved = json.loads((run_dir / "metrics_val.json").read_text())
+    assert saved["auroc"] == pytest.approx(metrics["auroc"])
+    assert saved["n"] == 16 == len((run_dir / "predictions_val.csv").read_text().splitlines()) - 1
+    text = console.run_summary(metrics, run_dir)
+    assert text.startswith("val split: 16 images") and "test: held out" in text
+    assert str(run_dir / "metrics_val.json") in text
+    # A requeued job finds the run done and returns the same val metrics.
+    assert train.train(cfg, auto_resume=True, verbose=0) == metrics
+    # Test is read when asked, once the settings are final.
+    m = evaluate.evaluate_run(run_dir, plots=False, n_bootstrap=0)
+    assert m["split"] == "test" and m["n"] == 16 and m["auroc"] > 0.9
+    assert (run_dir / "metrics.json").is_file() and (run_dir / "predictions.csv").is_file()
+
+
 def test_tensorboard_scalars_readable(trained_run):
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
