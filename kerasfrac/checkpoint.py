@@ -150,7 +150,7 @@ def write_state(run_dir, epoch, step, steps, best, finished, digest=None, **extr
         "best_val_auroc": value,
         "finished": finished,
     }
-    for key in ("checkpoint", "generation", "best_stat"):
+    for key in ("checkpoint", "generation", "best_stat", "precision"):
         state[key] = extra.get(key, previous.get(key))
     if "stopped_early" in extra:  # train.early_stopping_patience ended the run
         state["stopped_early"] = bool(extra["stopped_early"])
@@ -159,10 +159,21 @@ def write_state(run_dir, epoch, step, steps, best, finished, digest=None, **extr
     write_text(state_path(run_dir), json.dumps(state) + "\n")
 
 
-def begin(run_dir: Path) -> None:
-    """Mark ``run_dir`` as a run that started and has no checkpoint yet."""
+def begin(run_dir: Path, precision: str | None = None) -> None:
+    """Mark ``run_dir`` as a run that started and has no checkpoint yet; ``precision`` is
+    the Keras policy it trains in (a resume of ``train.precision: auto`` keeps it)."""
     runs.checkpoints_dir(run_dir).mkdir(parents=True, exist_ok=True)
-    write_state(run_dir, 0, 0, None, None, finished=False, checkpoint=None, generation=0)
+    write_state(
+        run_dir,
+        0,
+        0,
+        None,
+        None,
+        finished=False,
+        checkpoint=None,
+        generation=0,
+        precision=precision,
+    )
     crash_point("begin")
 
 

@@ -317,7 +317,17 @@ class TrainingTask:
         if t.deterministic:
             tf.config.experimental.enable_op_determinism()
         precision = kernels.resolve_precision(t.precision)
-        if precision != t.precision:
+        started = (self.state or {}).get("precision")
+        if t.precision == "auto" and started and started != precision:
+            # A resume on another kind of machine: the run goes on as it began (the same
+            # numerics, and the optimizer's loss scaling its checkpoint holds).
+            print(
+                f"precision: auto -> {started}, the precision this run started in (this "
+                f"machine alone would pick {precision}; set train.precision to change it)",
+                flush=True,
+            )
+            precision = started
+        elif precision != t.precision:
             print(f"precision: {t.precision} -> {precision}", flush=True)
         keras.mixed_precision.set_global_policy(precision)
 
@@ -325,7 +335,7 @@ class TrainingTask:
         self.model, self.partial = self.build_model()
         if self.chief:
             if self.state is None:  # state.json first: from here on a kill leaves a resumable run
-                ckpt.begin(run_dir)
+                ckpt.begin(run_dir, precision)
             runs.save_config(run_dir, cfg)
             if self.state is None:
                 _log_hparams(run_dir, cfg)

@@ -425,6 +425,39 @@ def test_precision_auto_resolves_by_the_hardware(monkeypatch):
     assert config.from_dict({"train": {"precision": "auto"}}).train.precision == "auto"
 
 
+def test_precision_auto_resumes_in_the_precision_the_run_started_in(
+    tmp_path, separable_tfrecord_dir, monkeypatch, capsys
+):
+    """A run begun with train.precision=auto on a CPU with bfloat16 units and resumed on one
+    without goes on in bfloat16 (its checkpoint's numerics), and says so."""
+    from kerasfrac import model
+
+    run_dir = tmp_path / "auto"
+    monkeypatch.setattr(kernels, "native_bfloat16", lambda cpuinfo=None: True)
+    cfg = fast_config(separable_tfrecord_dir, run_dir, epochs=1, precision="auto")
+    train.train(cfg, verbose=0)
+    state = json.loads((run_dir / "checkpoints" / "state.json").read_text())
+    assert state["precision"] == "mixed_bfloat16" and state["finished"]
+    monkeypatch.setattr(kernels, "native_bfloat16", lambda cpuinfo=None: False)
+    capsys.readouterr()
+    cfg.train.epochs = 2
+    train.train(cfg, resume=True, verbose=0)
+    out = capsys.readouterr().out
+    assert "auto -> mixed_bfloat16, the precision this run started in" in out
+    assert "would pick float32" in out
+    state = json.loads((run_dir / "checkpoints" / "state.json").read_text())
+    assert state["epoch"] == 2 and state["precision"] == "mixed_bfloat16"
+    trained = model.load_model(run_dir / "checkpoints" / state["checkpoint"] / "model.keras")
+    assert model.uses_mixed_precision(trained)  # epoch 2 trained in bfloat16
+    # A fresh run on this machine resolves auto by the hardware.
+    train.train(
+        fast_config(separable_tfrecord_dir, tmp_path / "fresh", epochs=1, precision="auto"),
+        verbose=0,
+    )
+    fresh = json.loads((tmp_path / "fresh" / "checkpoints" / "state.json").read_text())
+    assert fresh["precision"] == "float32"
+
+
 def test_float32_compute_reaches_nested_models():
     """keras.applications backbones sit in our models as nested models: their layers count."""
     import keras
