@@ -341,9 +341,10 @@ def grad_cam_figure(path: Path, images, cams, titles, boxes=None, name: str = ""
 
 
 def mean_cam_figure(
-    path: Path, means: dict[str, np.ndarray], border: float, name: str = ""
+    path: Path, means: dict[str, np.ndarray], border: float, name: str = "", what="Grad-CAM"
 ) -> Path:
-    """The average (per-image normalised) Grad-CAM per class, the border band outlined."""
+    """The average (per-image normalised) map per class (``what``: Grad-CAM, or the box
+    head's heat map), the border band outlined."""
     fig, axes = plt.subplots(1, len(means), figsize=(3.4 * len(means), 3.4), squeeze=False)
     for ax, (cls, m) in zip(axes[0], means.items()):
         shown = ax.imshow(m, cmap="jet")
@@ -360,7 +361,7 @@ def mean_cam_figure(
                 linestyle="--",
             )
         )
-        ax.set_title(f"mean Grad-CAM: {cls}", fontsize=9)
+        ax.set_title(f"mean {what}: {cls}", fontsize=9)
         ax.axis("off")
     return _save(fig, path, name, wspace=0.45, hspace=0.45, top=0.82, right=0.9)
 
@@ -639,14 +640,16 @@ def explain_run(
 
     if "audit" in opts.what:
         audit, means = audit_split(model, cfg.data, build, opts.split, opts, cam)
+        boxmap = cam.method == "boxmap"
         result["audit"] = audit
         if means:
             pngs.append(
                 mean_cam_figure(
-                    out / "grad_cam_mean.png",
+                    out / ("boxmap_mean.png" if boxmap else "grad_cam_mean.png"),
                     means,
                     opts.border,
                     f"{run_name(run_dir)}, {opts.split} split",
+                    "box heat map" if boxmap else "Grad-CAM",
                 )
             )
         log(summary(audit))

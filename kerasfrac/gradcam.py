@@ -25,6 +25,11 @@ position; so the map is taken after the activation (``relu3``, before that Batch
 HiResCAM, which is there exactly each position's contribution to the logit (up to the
 BatchNorm's constant). Heads that pool (GlobalAveragePooling) keep Grad-CAM on the last block.
 
+``boxmap`` is not a gradient method: it reads the model's own box heat map (the per-cell
+fracture probabilities of ``model.box_head``, trained on FracAtlas' boxes), upsampled the
+same way. It shows where the model places fractures, whatever class the target names, so
+the pointing game measures the box head itself beside Grad-CAM's view of the classifier.
+
 Maps that are zero everywhere (the ReLU removed all evidence) carry no location: they are
 left out of the share averages, and in the pointing game they count as misses (an
 explanation that points nowhere did not point at the fracture). The hit rate gets a Wilson
@@ -40,7 +45,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kerasfrac.model import block_output_names, last_conv_block_name, logit_layer_name
+from kerasfrac.model import (
+    BOX_LOGITS,
+    block_output_names,
+    last_conv_block_name,
+    logit_layer_name,
+)
 from kerasfrac.names import CAM_METHODS, CAM_TARGETS
 
 METHODS = CAM_METHODS
@@ -116,6 +126,20 @@ class GradCam:
         method = method or default_method
         if method not in METHODS:
             raise ValueError(f"unknown CAM method {method!r}; expected one of {METHODS}")
+        if method == "boxmap":
+            names = [layer.name for layer in model.layers]
+            if BOX_LOGITS not in names:
+                raise ValueError(
+                    f"CAM method 'boxmap' reads the model's box heat map, and model "
+                    f"{model.name!r} has none (no layer {BOX_LOGITS!r}); train with "
+                    "model.box_head: true, or use gradcam / hirescam"
+                )
+            if layer_name not in (None, BOX_LOGITS):
+                raise ValueError(
+                    f"CAM method 'boxmap' reads layer {BOX_LOGITS!r}; got --layer "
+                    f"{layer_name!r} (leave --layer out)"
+                )
+            default_layer = BOX_LOGITS
         self.layer_name = layer_name or default_layer
         self.model = cam_model(model, self.layer_name)
         self.method = method
@@ -124,6 +148,11 @@ class GradCam:
         self._fn = tf.function(self._cam, reduce_retracing=True)
 
     def _cam(self, images, signs):
+        if self.method == "boxmap":  # where the box head places fractures; no gradient
+            cells, logit = self.model(images, training=False)
+            cam = tf.sigmoid(tf.cast(cells, tf.float32))
+            cam = tf.image.resize(cam, self.input_hw, method="bilinear")[..., 0]
+            return tf.nn.relu(cam), tf.cast(logit[:, 0], tf.float32)
         with tf.GradientTape() as tape:
             fmap, logit = self.model(images, training=False)
             fmap = tf.cast(fmap, tf.float32)

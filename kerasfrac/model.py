@@ -27,6 +27,8 @@ PROB = "prob"
 #: Optional second output (``model.box_head``): a coarse fracture heat map, sigmoid, trained
 #: against the fracture boxes; the classifier saved as model.keras does not carry it.
 BOX_HEATMAP = "box_heatmap"
+#: The 1x1 conv giving each cell's fracture logit (model.box_head, model.head: heatmap).
+BOX_LOGITS = "box_logits"
 #: The last feature map of the models with a global-average-pooling head (Grad-CAM's layer).
 FEATURES = "features"
 
@@ -287,7 +289,7 @@ def _outputs(features, box_head: bool, dropout: float, head: str = "gap"):
         raise ValueError(f"model.head must be one of {HEADS}; got {head!r}")
     cells = None
     if box_head or head == "heatmap":
-        cells = keras.layers.Conv2D(1, 1, name="box_logits")(features)
+        cells = keras.layers.Conv2D(1, 1, name=BOX_LOGITS)(features)
     if head == "heatmap":
         x = keras.layers.GlobalMaxPooling2D(name="gmp")(cells)
     else:

@@ -41,5 +41,6 @@ DISTRIBUTES = ("auto", "none", "mirrored", "multi_worker")
 #: Bootstrap resamples of every confidence interval (evaluate, audit, kerasfrac.metrics).
 N_BOOTSTRAP = 1000
 #: Class-activation maps (kerasfrac.gradcam): the methods, and the class a map explains.
-CAM_METHODS = ("gradcam", "hirescam")
+#: ``boxmap`` is no gradient method: the model's own box heat map (model.box_head).
+CAM_METHODS = ("gradcam", "hirescam", "boxmap")
 CAM_TARGETS = ("label", "predicted", "fractured", "normal")

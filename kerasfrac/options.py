@@ -177,7 +177,8 @@ class ExplainOptions:
         None,
         "CAM method",
         choices=CAM_METHODS,
-        default_text="hirescam for Flatten -> Dense heads (exact there), gradcam otherwise",
+        default_text="hirescam for Flatten -> Dense heads (exact there), gradcam otherwise; "
+        "boxmap: the model's own box heat map (model.box_head)",
     )
     cam_target: str = option("label", "class each map explains", choices=CAM_TARGETS)
     feature_layers: list[str] | None = option(

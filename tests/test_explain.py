@@ -156,6 +156,37 @@ def test_unknown_layer_lists_the_layers():
         gradcam.GradCam(m, "flatten")
 
 
+def test_boxmap_is_the_box_heads_own_map_upsampled(tmp_path):
+    """cam method boxmap: the sigmoid of the box head's cell logits, upsampled bilinearly,
+    whatever the target; it peaks in the most fractured cell; a reloaded model gives the
+    same maps; models without a box head, or another --layer, are refused by name."""
+    from kerasfrac import model as km
+
+    m = km.resnet_small((64, 64, 1), box_head=True)
+    x = np.random.default_rng(0).uniform(0, 1, (3, 64, 64, 1)).astype("float32")
+    cam = gradcam.GradCam(m, method="boxmap")
+    assert (cam.layer_name, cam.method) == ("box_logits", "boxmap")
+    maps = cam(x, 1.0)
+    cells = keras.Model(m.inputs[0], m.get_layer("box_logits").output)(x).numpy()
+    want = tf.image.resize(tf.sigmoid(cells), (64, 64), method="bilinear").numpy()[..., 0]
+    np.testing.assert_allclose(maps, want, atol=1e-6)
+    np.testing.assert_allclose(cam(x, -1.0), maps, atol=1e-6)  # the target does not matter
+    logits = keras.Model(m.inputs[0], m.get_layer(km.logit_layer_name(m)).output)(x).numpy()
+    np.testing.assert_allclose(cam.last_logits, logits[:, 0], atol=1e-5)
+    h, w = cells.shape[1:3]
+    for k in range(len(x)):  # the peak lies in (or next to) the cell with the highest logit
+        cy, cx = np.unravel_index(cells[k, ..., 0].argmax(), (h, w))
+        py, px = np.unravel_index(maps[k].argmax(), maps[k].shape)
+        assert abs(py * h / 64 - (cy + 0.5)) <= 1 and abs(px * w / 64 - (cx + 0.5)) <= 1
+    m.save(tmp_path / "m.keras")
+    again = gradcam.GradCam(km.load_model(tmp_path / "m.keras"), method="boxmap")(x, 1.0)
+    np.testing.assert_allclose(again, maps, atol=1e-6)
+    with pytest.raises(ValueError, match="has none.*model.box_head: true"):
+        gradcam.GradCam(paper_cnn((32, 32, 1)), method="boxmap")
+    with pytest.raises(ValueError, match="reads layer 'box_logits'; got --layer 'features'"):
+        gradcam.GradCam(m, "features", "boxmap")
+
+
 # --------------------------------------------------------------------------- audit numbers
 
 
