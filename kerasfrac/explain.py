@@ -32,7 +32,7 @@ import tensorflow as tf
 
 from kerasfrac import gradcam
 from kerasfrac.gradcam import layer_output
-from kerasfrac.model import block_output_names, logit_layer_name
+from kerasfrac.model import block_output_names, classifier, logit_layer_name
 from kerasfrac.options import AscentOptions, ExplainOptions
 
 matplotlib.use("Agg")  # files only; never a display
@@ -552,7 +552,9 @@ def explain_run(
     opts = opts or ExplainOptions()
     opts.check()
     run_dir = Path(run_dir)
-    cfg, model, path = runs.load_model(run_dir, model_path)
+    # boxmap reads the box head, which a checkpoint keeps (model.keras holds the classifier)
+    cfg, full, path = runs.load_model(run_dir, model_path, box_head=opts.cam_method == "boxmap")
+    model = classifier(full)
     weights_before = [w.copy() for w in model.get_weights()] if "class-vis" in opts.what else None
     out = Path(out) if out else run_dir / runs.EXPLAIN
     out.mkdir(parents=True, exist_ok=True)
@@ -583,7 +585,7 @@ def explain_run(
     images = np.stack([e.image for e in examples]) if examples else None
     cam = None
     if {"grad-cam", "audit"} & set(opts.what):
-        cam = gradcam.GradCam(model, opts.cam_layer, opts.cam_method)
+        cam = gradcam.GradCam(full, opts.cam_layer, opts.cam_method)
 
     if "class-vis" in opts.what:
         step = make_ascent_step(model)

@@ -125,11 +125,11 @@ def load_config(run_dir):
 # --------------------------------------------------------------------------- model
 
 
-def load_model(run_dir=None, model_file=None):
+def load_model(run_dir=None, model_file=None, box_head: bool = False):
     """``(cfg, model, model_file)`` of a run: its model.keras, or ``model_file`` (its run
     directory is then ``run_dir`` or the folder that holds it). The model is the classifier
-    (a checkpoint may carry the box head), computing in float32, and its input is checked
-    against the config."""
+    (a checkpoint may carry the box head; ``box_head`` keeps it where there is one),
+    computing in float32, and its input is checked against the config."""
     from kerasfrac import data
     from kerasfrac.model import classifier, float32_compute, functional
     from kerasfrac.model import load_model as load
@@ -151,7 +151,8 @@ def load_model(run_dir=None, model_file=None):
         )
     # An older run's paper_cnn is a Sequential; a checkpoint of a mixed-precision run predicts
     # in float32 like its model.keras.
-    model = functional(classifier(float32_compute(load(path))))
+    model = float32_compute(load(path))
+    model = functional(model if box_head else classifier(model))
     check_input_shape(model, data.image_shape(cfg.data), path)
     return cfg, model, path
 
