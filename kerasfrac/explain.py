@@ -508,8 +508,9 @@ def _fmt(x) -> str:
 
 def summary(result: dict) -> str:
     """Human-readable lines of the audit block."""
+    kind = "box heat map" if result["cam_method"] == "boxmap" else "Grad-CAM"
     lines = [
-        f"Grad-CAM audit ({result['cam_method']} on {result['cam_layer']}, {result['split']} "
+        f"{kind} audit ({result['cam_method']} on {result['cam_layer']}, {result['split']} "
         f"split, {result['n_images']} images, {result['n_zero_maps']} all-zero maps):",
         f"  border share (outer {result['border_width']:.0%} band; uniform map "
         f"{result['border_share_uniform']:.3f}): all {_fmt(result['border_share'])}"
@@ -532,7 +533,7 @@ def summary(result: dict) -> str:
             + f" vs chance {_fmt(pg['chance_rate'])} and a map peaking at the image centre "
             f"{_fmt(pg.get('centre_baseline_hit_rate'))}"
             + (f" [{cci[0]:.3f}, {cci[1]:.3f}]" if cci else "")
-            + f"; Grad-CAM mass in boxes {_fmt(pg['box_mass_share'])}"
+            + f"; {kind} mass in boxes {_fmt(pg['box_mass_share'])}"
         )
     return "\n".join(lines)
 
