@@ -155,9 +155,12 @@ def run_summary(m: dict, run_dir, title: str | None = None) -> str:
     if m.get("plots"):
         names = ", ".join(Path(p).name for p in m["plots"])
         lines.append(f"  plots          {run_dir / 'plots'} ({names})")
+    # Test held out: the next looks stay on val until the settings are final.
+    on = " --split val" if split == "val" else ""
     lines += [
         "next:",
-        f"  kerasfrac evaluate --run-dir {run_dir}   (CIs, thresholds, no-anatomy baseline, plots)",
-        f"  kerasfrac explain --run-dir {run_dir}    (Grad-CAM, feature maps, shortcut audit)",
+        f"  kerasfrac evaluate --run-dir {run_dir}{on}   (CIs, thresholds, no-anatomy baseline, "
+        "plots)",
+        f"  kerasfrac explain --run-dir {run_dir}{on}    (Grad-CAM, feature maps, shortcut audit)",
     ]
     return "\n".join(lines)

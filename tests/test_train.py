@@ -99,6 +99,7 @@ def test_test_at_end_false_holds_test_back_until_evaluate(tmp_path, separable_tf
     text = console.run_summary(metrics, run_dir)
     assert text.startswith("val split: 16 images") and "test: held out" in text
     assert str(run_dir / "metrics_val.json") in text
+    assert f"kerasfrac explain --run-dir {run_dir} --split val" in text
     # A requeued job finds the run done and returns the same val metrics.
     assert train.train(cfg, auto_resume=True, verbose=0) == metrics
     # Test is read when asked, once the settings are final.
