@@ -508,7 +508,7 @@ def _fmt(x) -> str:
 
 def summary(result: dict) -> str:
     """Human-readable lines of the audit block."""
-    kind = "box heat map" if result["cam_method"] == "boxmap" else "Grad-CAM"
+    kind = gradcam.map_kind(result["cam_method"])
     lines = [
         f"{kind} audit ({result['cam_method']} on {result['cam_layer']}, {result['split']} "
         f"split, {result['n_images']} images, {result['n_zero_maps']} all-zero maps):",
@@ -643,16 +643,15 @@ def explain_run(
 
     if "audit" in opts.what:
         audit, means = audit_split(model, cfg.data, build, opts.split, opts, cam)
-        boxmap = cam.method == "boxmap"
         result["audit"] = audit
         if means:
             pngs.append(
                 mean_cam_figure(
-                    out / ("boxmap_mean.png" if boxmap else "grad_cam_mean.png"),
+                    out / ("boxmap_mean.png" if cam.method == "boxmap" else "grad_cam_mean.png"),
                     means,
                     opts.border,
                     f"{run_name(run_dir)}, {opts.split} split",
-                    "box heat map" if boxmap else "Grad-CAM",
+                    gradcam.map_kind(cam.method),
                 )
             )
         log(summary(audit))

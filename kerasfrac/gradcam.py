@@ -181,6 +181,11 @@ class GradCam:
         return cam.numpy()
 
 
+def map_kind(method: str) -> str:
+    """What a map of CAM ``method`` is, for figure titles and summaries."""
+    return "box heat map" if method == "boxmap" else "Grad-CAM"
+
+
 def target_signs(target: str, labels, logits=None) -> np.ndarray:
     """+1 / -1 per image: explain "fractured" or "normal" (``TARGETS``)."""
     labels = np.asarray(labels)
