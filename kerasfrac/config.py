@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from kerasfrac.names import (
+    BOX_STRIDES,
     CLASS_WEIGHTS,
     DATASETS,
     DISTRIBUTES,
@@ -120,6 +121,11 @@ class ModelConfig:
     width: int | None = None
     #: resnet_small only: pre-activation blocks per stage; null = 2.
     blocks_per_stage: int | None = None
+    #: resnet_small with model.box_head (or head: heatmap) only: pixels per cell of the box
+    #: heat map, 32 (the last feature map: 10x10 cells at 320 px) or 16 (stage 3 and the
+    #: upsampled last feature map together: 20x20 cells, finer for finger fractures);
+    #: null = 32.
+    box_stride: int | None = None
     #: With several replicas (GPUs/workers): True = BatchNorm normalises with the statistics of
     #: the global batch (an all-reduce per BN layer and step), so every worker keeps identical
     #: moving statistics; False = each replica uses its own local batch (less communication,
@@ -411,6 +417,24 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"config key 'model.{key}' sizes resnet_small only; model.name is "
                 f"{cfg.model.name!r}: remove model.{key} or set model.name=resnet_small"
+            )
+    stride = cfg.model.box_stride
+    if stride is not None:
+        if stride not in BOX_STRIDES:
+            raise ConfigError(
+                f"config key 'model.box_stride' must be one of {list(BOX_STRIDES)} (pixels per "
+                f"cell of the box heat map); got {stride!r}"
+            )
+        if cfg.model.name != "resnet_small":
+            raise ConfigError(
+                f"config key 'model.box_stride' places resnet_small's box heat map; model.name "
+                f"is {cfg.model.name!r}: remove model.box_stride or set model.name=resnet_small"
+            )
+        if not (cfg.model.box_head or cfg.model.head == "heatmap"):
+            raise ConfigError(
+                "config key 'model.box_stride' sizes the box heat map, which this model does "
+                "not have: set model.box_head=true (or model.head=heatmap), or remove "
+                "model.box_stride"
             )
     t = cfg.train
     if not 0.0 <= cfg.model.bn_momentum < 1.0:

@@ -20,7 +20,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from kerasfrac.names import HEADS, MODEL_NAMES
+from kerasfrac.names import BOX_STRIDES, HEADS, MODEL_NAMES
 
 LOGIT = "logit"
 PROB = "prob"
@@ -273,7 +273,7 @@ def _bn(bn_momentum: float, sync: bool, fused: bool, name: str):
     return cls(momentum=bn_momentum, synchronized=sync, name=name)
 
 
-def _outputs(features, box_head: bool, dropout: float, head: str = "gap"):
+def _outputs(features, box_head: bool, dropout: float, head: str = "gap", fine=None):
     """The heads on the last feature map ``features``.
 
     ``gap``: global average pooling -> dropout -> ``logit``; the box head (``box_head``) is a
@@ -284,12 +284,21 @@ def _outputs(features, box_head: bool, dropout: float, head: str = "gap"):
     pooling -> ``logit`` (a scale and a bias): an image is as fractured as its most fractured
     cell, so box supervision of the cells shapes what the classifier looks at
     (multiple-instance pooling).
+
+    ``fine``: a feature map of twice the resolution (``model.box_stride: 16``); the cells are
+    then read from it and from ``features`` resized to it, concatenated, so the heat map has
+    4x as many cells and its gradient reaches both stages.
     """
     if head not in HEADS:
         raise ValueError(f"model.head must be one of {HEADS}; got {head!r}")
     cells = None
     if box_head or head == "heatmap":
-        cells = keras.layers.Conv2D(1, 1, name=BOX_LOGITS)(features)
+        source = features
+        if fine is not None:
+            height, width = fine.shape[1], fine.shape[2]
+            up = keras.layers.Resizing(height, width, "bilinear", name="box_up")(features)
+            source = keras.layers.Concatenate(name="box_features")([up, fine])
+        cells = keras.layers.Conv2D(1, 1, name=BOX_LOGITS)(source)
     if head == "heatmap":
         x = keras.layers.GlobalMaxPooling2D(name="gmp")(cells)
     else:
@@ -314,6 +323,7 @@ def resnet_small(
     fused_batchnorm: bool = False,
     box_head: bool = False,
     head: str = "gap",
+    box_stride: int = 32,
 ) -> keras.Model:
     """A compact pre-activation ResNet (He et al. 2016, "Identity mappings") for X-rays.
 
@@ -323,8 +333,12 @@ def resnet_small(
     at each new stage, then BN -> ReLU (``features``, stride 32) -> global average pooling ->
     dropout -> ``logit``/``prob``. About 2.8 M parameters with the default widths; sized for a
     2-core CPU at 320-384 px. ``box_head`` adds the heat-map output ``box_heatmap`` on
-    ``features``. Stage outputs are named ``stage1`` .. ``stage4`` (feature maps).
+    ``features`` (``box_stride`` 32: 10x10 cells at 320 px); ``box_stride`` 16 reads the heat
+    map from stage 3 (BN -> ReLU) and the upsampled ``features`` together (20x20 cells).
+    Stage outputs are named ``stage1`` .. ``stage4`` (feature maps).
     """
+    if box_stride not in BOX_STRIDES:
+        raise ValueError(f"model.box_stride must be one of {BOX_STRIDES}; got {box_stride!r}")
     inputs = keras.Input(shape=tuple(input_shape), name="image")
     sync, fused = sync_batchnorm, fused_batchnorm
     # [0, 1] -> [-1, 1]: centred inputs for the first conv (no per-dataset statistics needed).
@@ -335,7 +349,7 @@ def resnet_small(
     x = _bn(bn_momentum, sync, fused, "stem_bn")(x)
     x = keras.layers.ReLU(name="stem_relu")(x)
     x = keras.layers.MaxPool2D(3, strides=2, padding="same", name="stem_pool")(x)
-    channels = widths[0]
+    channels, stage3 = widths[0], None
     for s, width in enumerate(widths, start=1):
         for b in range(1, blocks_per_stage + 1):
             name = f"s{s}b{b}"
@@ -359,9 +373,16 @@ def resnet_small(
             last = b == blocks_per_stage
             x = keras.layers.Add(name=f"stage{s}" if last else f"{name}_add")([shortcut, y])
             channels = width
+            if s == len(widths) - 1 and last:
+                stage3 = x
     x = _bn(bn_momentum, sync, fused, "post_bn")(x)
     features = keras.layers.ReLU(name=FEATURES)(x)
-    return keras.Model(inputs, _outputs(features, box_head, dropout, head), name="resnet_small")
+    fine = None
+    if box_stride == 16 and (box_head or head == "heatmap"):
+        fine = _bn(bn_momentum, sync, fused, "box_fine_bn")(stage3)
+        fine = keras.layers.ReLU(name="box_fine_relu")(fine)
+    outputs = _outputs(features, box_head, dropout, head, fine)
+    return keras.Model(inputs, outputs, name="resnet_small")
 
 
 #: keras.applications backbones: name -> (constructor, input scaling of its ImageNet weights).
@@ -487,6 +508,7 @@ def _build_resnet_small(
     head="gap",
     width=None,
     blocks_per_stage=None,
+    box_stride=None,
 ) -> keras.Model:
     if weights == "imagenet":
         raise ValueError(
@@ -498,6 +520,8 @@ def _build_resnet_small(
         sizes["widths"] = tuple(width * 2**s for s in range(4))
     if blocks_per_stage is not None:
         sizes["blocks_per_stage"] = blocks_per_stage
+    if box_stride is not None:
+        sizes["box_stride"] = box_stride
     model = resnet_small(
         input_shape,
         **sizes,
@@ -538,7 +562,7 @@ _BUILDERS = {
     **{name: _application_builder(name) for name in _APPLICATIONS},
 }
 #: name -> builder(input_shape, weights, bn_momentum, sync_batchnorm, fused_batchnorm,
-#: box_head, head=...; resnet_small also width=, blocks_per_stage=), for each of
+#: box_head, head=...; resnet_small also width=, blocks_per_stage=, box_stride=), for each of
 #: ``names.MODEL_NAMES`` (a name without a builder fails at import).
 MODELS: dict[str, Callable[..., keras.Model]] = {name: _BUILDERS[name] for name in MODEL_NAMES}
 
@@ -558,6 +582,7 @@ def build_model(
         sizes = {
             "width": getattr(cfg_model, "width", None),
             "blocks_per_stage": getattr(cfg_model, "blocks_per_stage", None),
+            "box_stride": getattr(cfg_model, "box_stride", None),
         }
     return MODELS[name](
         tuple(input_shape),

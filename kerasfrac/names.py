@@ -36,6 +36,8 @@ CLASS_WEIGHTS = ("none", "balanced")
 SELECTS = ("last", "best")
 TTAS = ("none", "flip")
 HEADS = ("gap", "avgmax", "heatmap")
+#: resnet_small's box heat map: one cell per 32 px (the last feature map) or per 16 px.
+BOX_STRIDES = (32, 16)
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
 DISTRIBUTES = ("auto", "none", "mirrored", "multi_worker")
 #: Bootstrap resamples of every confidence interval (evaluate, audit, kerasfrac.metrics).
