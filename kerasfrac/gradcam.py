@@ -132,9 +132,10 @@ class GradCam:
                 raise ValueError(
                     f"CAM method 'boxmap' reads the model's box heat map, and model "
                     f"{model.name!r} has none (no layer {BOX_LOGITS!r}). A run's model.keras "
-                    "holds the classifier only: pass --model RUN_DIR/checkpoints/best.keras "
-                    "(the best val epoch with its box head) for a run trained with "
-                    "model.box_head: true, or use gradcam / hirescam"
+                    "holds the classifier only; a run trained with model.box_head: true "
+                    "saves box_model.keras beside it, which explain reads for boxmap (for a "
+                    "run without one, pass --model RUN_DIR/checkpoints/best.keras, the best "
+                    "val epoch with its box head), or use gradcam / hirescam"
                 )
             if layer_name not in (None, BOX_LOGITS):
                 raise ValueError(

@@ -11,7 +11,8 @@ explain, predict, report); checkpoint.py commits the checkpoints inside it. Layo
     checkpoints/gen-NNNNNN/ that checkpoint: model.keras (+ optimizer state), partial_epoch.npz
                            (mid-epoch), copies of history.csv and best.keras as they stood
     checkpoints/best.keras the epoch with the best validation AUROC
-    model.keras            the final model
+    model.keras            the final model (the classifier)
+    box_model.keras        the same epoch with its box head (model.box_head runs only)
     predictions.csv        test split: image_id, label, probability (predictions_<split>.csv)
     metrics.json           test split metrics (metrics_<split>.json): see ``write_metrics``
     plots/                 evaluation plots;  explain/  explain's figures and explain.json
@@ -35,6 +36,9 @@ import numpy as np
 
 CONFIG = "config.yaml"
 MODEL = "model.keras"
+#: The same epoch as model.keras with its box head (model.box_head runs only): what
+#: ``kerasfrac explain --cam-method boxmap`` reads.
+BOX_MODEL = "box_model.keras"
 HISTORY = "history.csv"
 CHECKPOINTS = "checkpoints"
 BEST = "best.keras"
@@ -49,6 +53,10 @@ def config_path(run_dir) -> Path:
 
 def model_path(run_dir) -> Path:
     return Path(run_dir) / MODEL
+
+
+def box_model_path(run_dir) -> Path:
+    return Path(run_dir) / BOX_MODEL
 
 
 def history_path(run_dir) -> Path:
@@ -128,7 +136,8 @@ def load_config(run_dir):
 def load_model(run_dir=None, model_file=None, box_head: bool = False):
     """``(cfg, model, model_file)`` of a run: its model.keras, or ``model_file`` (its run
     directory is then ``run_dir`` or the folder that holds it). The model is the classifier
-    (a checkpoint may carry the box head; ``box_head`` keeps it where there is one),
+    (a checkpoint may carry the box head; ``box_head`` keeps it where there is one, and
+    reads the run's box_model.keras instead of model.keras where the run saved one),
     computing in float32, and its input is checked against the config."""
     from kerasfrac import data
     from kerasfrac.model import classifier, float32_compute, functional
@@ -139,6 +148,8 @@ def load_model(run_dir=None, model_file=None, box_head: bool = False):
             raise ValueError("pass a run directory or a model file")
         run_dir = run_dir_of(model_file)
     path = Path(model_file) if model_file else model_path(run_dir)
+    if box_head and model_file is None and box_model_path(run_dir).is_file():
+        path = box_model_path(run_dir)
     if model_file is not None and not path.is_file():
         raise ValueError(f"model file {str(path)!r} does not exist")
     cfg = load_config(run_dir)

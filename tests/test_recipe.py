@@ -62,6 +62,43 @@ def test_box_head_is_a_second_output_and_the_classifier_shares_its_weights():
     assert model.classifier(clf) is clf
 
 
+def test_box_stride_16_doubles_the_heat_maps_grid_and_reaches_stage_3():
+    cfg = config.load_config(
+        overrides=["model.name=resnet_small", "model.box_head=true", "model.box_stride=16"]
+    )
+    m = model.build_model(cfg.model, (128, 128, 1))
+    coarse = model.build_model(ModelConfig("resnet_small", box_head=True), (128, 128, 1))
+    x = np.random.default_rng(6).random((2, 128, 128, 1), dtype="float32")
+    assert m(x, training=False)[1].shape == (2, 8, 8, 1)  # 16 px cells; 4x4 at stride 32
+    assert coarse(x, training=False)[1].shape == (2, 4, 4, 1)
+    # the cells read stage 3 (BN -> ReLU, 128 channels) and the 256 upsampled features
+    assert m.get_layer(model.BOX_LOGITS).kernel.shape == (1, 1, 384, 1)
+    # the classifier is unchanged: same parameters as the stride-32 model's classifier
+    assert model.classifier(m).count_params() == model.classifier(coarse).count_params()
+    # the box loss's gradient reaches stage 3 through the fine branch, not only via stage 4
+    with tf.GradientTape() as tape:
+        heat = m(x, training=True)[1]
+    fine = m.get_layer("box_fine_bn")
+    grads = tape.gradient(heat, fine.trainable_weights)
+    assert all(g is not None and float(tf.reduce_max(tf.abs(g))) > 0 for g in grads)
+    # an odd stage-3 size (200 px: 13x13) still lines up: the features are resized to it
+    odd = model.resnet_small((200, 200, 1), box_head=True, box_stride=16)
+    assert tuple(odd.outputs[1].shape) == (None, 13, 13, 1)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["model.box_stride=8"], r"'model.box_stride' must be one of \[32, 16\].*got 8"),
+        (["model.box_stride=16", "model.box_head=true"], r"model.name is 'paper_cnn'"),
+        (["model.name=resnet_small", "model.box_stride=16"], r"set model.box_head=true"),
+    ],
+)
+def test_box_stride_is_refused_where_it_means_nothing(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        config.load_config(overrides=overrides)
+
+
 @pytest.mark.parametrize("name", ["paper_cnn", "vgg16"])
 def test_box_head_is_refused_where_there_is_no_pooled_feature_map(name):
     with pytest.raises(ValueError, match="box_head and model.head other than gap are not"):
@@ -136,12 +173,14 @@ def test_application_backbones_take_grayscale_and_a_weights_file(tmp_path, name)
         ("resnet_small", False, "gap"),
         ("resnet_small", True, "gap"),
         ("resnet_small", True, "avgmax"),
+        ("resnet_small", True, "stride16"),
         ("resnet50v2", False, "gap"),
         ("efficientnetv2b0", True, "gap"),
     ],
 )
 def test_saved_new_architectures_load_and_predict_identically(tmp_path, name, box_head, head):
-    cfg = ModelConfig(name, box_head=box_head, head=head)
+    stride = 16 if head == "stride16" else None  # the fine box head (model.box_stride)
+    cfg = ModelConfig(name, box_head=box_head, head="gap" if stride else head, box_stride=stride)
     m = model.build_model(cfg, (64, 64, 1), fused_batchnorm=True)
     x = np.random.default_rng(2).random((3, 64, 64, 1), dtype="float32")
     m(x, training=True)  # moves BatchNorm statistics away from their initial values
@@ -439,6 +478,7 @@ def test_early_stopping_and_best_epoch_selection(tmp_path, separable_tfrecord_di
     # stopped exactly `patience` epochs after the best one (or ran out of epochs)
     assert result["epochs"] == min(12, best_epoch + 1 + 2)
     saved = model.load_model(run_dir / "model.keras")
+    assert not (run_dir / "box_model.keras").exists()  # no box head, no box model
     best = model.load_model(run_dir / "checkpoints" / "best.keras")
     for a, b in zip(saved.get_weights(), best.get_weights()):
         np.testing.assert_array_equal(a, b)
@@ -460,6 +500,38 @@ def test_early_stopping_and_best_epoch_selection(tmp_path, separable_tfrecord_di
     with (run_dir / "history.csv").open() as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == list(range(12))
     assert not train.ckpt.read_state(run_dir)["stopped_early"]
+
+
+def test_box_run_saves_its_selected_epoch_with_the_box_head(tmp_path, synthetic_build):
+    """model.keras is the classifier; box_model.keras is the same (best val) epoch with its
+    box head, and explain's boxmap reads it from the run directory without --model."""
+    from kerasfrac import explain, runs
+
+    run_dir = tmp_path / "run"
+    cfg = _resnet_run(
+        run_dir,
+        synthetic_build,
+        {"epochs": 3, "select": "best"},
+        model={"name": "resnet_small", "box_head": True, "box_stride": 16},
+        data={"dir": str(synthetic_build), "image_size": 64},
+    )
+    train.train(cfg, verbose=0)
+    boxed = model.load_model(runs.box_model_path(run_dir))
+    assert model.has_box_head(boxed) and boxed.outputs[1].shape[1:3] == (4, 4)  # 16 px cells
+    best = model.load_model(runs.best_path(run_dir))
+    for a, b in zip(boxed.get_weights(), best.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    clf = model.load_model(runs.model_path(run_dir))
+    assert not model.has_box_head(clf)
+    x = np.random.default_rng(7).random((2, 64, 64, 1), dtype="float32")
+    np.testing.assert_allclose(
+        np.asarray(model.classifier(boxed)(x)), np.asarray(clf(x)), rtol=1e-6
+    )
+    opts = explain.ExplainOptions(what=("audit",), cam_method="boxmap", tolerance=8.0)
+    result = explain.explain_run(run_dir, opts, log=lambda *a: None)
+    game = result["audit"]["pointing_game"]
+    assert game["n_played"] > 0 and game["hit_rate"] is not None
+    assert (run_dir / "explain" / "boxmap_mean.png").is_file()
 
 
 def test_weight_averaging_validates_and_saves_the_average_and_trains_on(
@@ -533,10 +605,9 @@ def _pointing_after_training(root, box_head: bool) -> dict:
     opts = explain.ExplainOptions(tolerance=15.0)
     audit, _ = explain.audit_split(m, cfg.data, cfg.data.dir, "test", opts)
     out = {"auroc": result["auroc"], **audit["pointing_game"]}
-    if box_head:  # the box head's own map, read from the checkpoint that keeps it
+    if box_head:  # the box head's own map, read from the run's box_model.keras
         opts = explain.ExplainOptions(what=("audit",), cam_method="boxmap", tolerance=15.0)
-        best = run_dir / "checkpoints" / "best.keras"
-        boxmap = explain.explain_run(run_dir, opts, model_path=best, log=lambda *a: None)
+        boxmap = explain.explain_run(run_dir, opts, log=lambda *a: None)
         out["boxmap"] = boxmap["audit"]["pointing_game"]
         assert (run_dir / "explain" / "boxmap_mean.png").is_file()
     return out
