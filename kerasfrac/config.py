@@ -24,6 +24,7 @@ import yaml
 
 from kerasfrac.names import (
     BOX_STRIDES,
+    CELL_HEADS,
     CLASS_WEIGHTS,
     DATASETS,
     DISTRIBUTES,
@@ -109,7 +110,8 @@ class ModelConfig:
     #: average pooling of the last feature map -> dropout -> Dense) | avgmax (each channel's
     #: average and maximum over the map, concatenated -> dropout -> Dense) | heatmap (the maximum of
     #: per-cell fracture logits, the cells that model.box_head supervises: the classifier
-    #: then reads what the box supervision shapes).
+    #: then reads what the box supervision shapes) | attention (the global average beside
+    #: the features weighted by the softmax of those cells: attention pooling).
     head: str = "gap"
     #: BatchNormalization momentum of the moving statistics used at inference. 0.9 equals
     #: PyTorch's default (momentum=0.1), whose SGD(weight_decay=...) the report's recipe reads
@@ -430,10 +432,10 @@ def validate(cfg: Config) -> None:
                 f"config key 'model.box_stride' places resnet_small's box heat map; model.name "
                 f"is {cfg.model.name!r}: remove model.box_stride or set model.name=resnet_small"
             )
-        if not (cfg.model.box_head or cfg.model.head == "heatmap"):
+        if not (cfg.model.box_head or cfg.model.head in CELL_HEADS):
             raise ConfigError(
                 "config key 'model.box_stride' sizes the box heat map, which this model does "
-                "not have: set model.box_head=true (or model.head=heatmap), or remove "
+                "not have: set model.box_head=true (or model.head=heatmap or attention), or remove "
                 "model.box_stride"
             )
     t = cfg.train

@@ -20,7 +20,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from kerasfrac.names import BOX_STRIDES, HEADS, MODEL_NAMES
+from kerasfrac.names import BOX_STRIDES, CELL_HEADS, HEADS, MODEL_NAMES
 
 LOGIT = "logit"
 PROB = "prob"
@@ -283,7 +283,11 @@ def _outputs(features, box_head: bool, dropout: float, head: str = "gap", fine=N
     the heat map itself: per-cell fracture logits (1x1 conv, ``box_logits``) -> global max
     pooling -> ``logit`` (a scale and a bias): an image is as fractured as its most fractured
     cell, so box supervision of the cells shapes what the classifier looks at
-    (multiple-instance pooling).
+    (multiple-instance pooling). ``attention``: the cells' softmax over the map weighs the
+    features the cells are read from (attention pooling, Ilse et al. 2018), concatenated with
+    their global average -> dropout -> ``logit``: where the box head places a fracture, the
+    classifier reads that place's features beside the whole image's, and a map with no
+    fracture (flat logits, as box supervision teaches on normal images) pools to the average.
 
     ``fine``: a feature map of twice the resolution (``model.box_stride: 16``); the cells are
     then read from it and from ``features`` resized to it, concatenated, so the heat map has
@@ -292,7 +296,7 @@ def _outputs(features, box_head: bool, dropout: float, head: str = "gap", fine=N
     if head not in HEADS:
         raise ValueError(f"model.head must be one of {HEADS}; got {head!r}")
     cells = None
-    if box_head or head == "heatmap":
+    if box_head or head in CELL_HEADS:
         source = features
         if fine is not None:
             height, width = fine.shape[1], fine.shape[2]
@@ -306,6 +310,16 @@ def _outputs(features, box_head: bool, dropout: float, head: str = "gap", fine=N
         if head == "avgmax":
             peak = keras.layers.GlobalMaxPooling2D(name="gmp")(features)
             x = keras.layers.Concatenate(name="avgmax")([x, peak])
+        if head == "attention":
+            height, width = cells.shape[1], cells.shape[2]
+            weights = keras.layers.Reshape((height * width,), name="attention_flat")(cells)
+            weights = keras.layers.Softmax(dtype="float32", name="attention_softmax")(weights)
+            weights = keras.layers.Reshape((height, width, 1), name="attention")(weights)
+            weighted = keras.layers.Multiply(name="attention_weighted")([source, weights])
+            # the mean over the cells times their number: the attention-weighted sum
+            pooled = keras.layers.GlobalAveragePooling2D(name="attention_mean")(weighted)
+            pooled = keras.layers.Rescaling(float(height * width), name="attention_pool")(pooled)
+            x = keras.layers.Concatenate(name="gap_attention")([x, pooled])
         x = keras.layers.Dropout(dropout, name="dropout")(x) if dropout else x
     _, prob = _head(x)
     if not box_head:
@@ -378,7 +392,7 @@ def resnet_small(
     x = _bn(bn_momentum, sync, fused, "post_bn")(x)
     features = keras.layers.ReLU(name=FEATURES)(x)
     fine = None
-    if box_stride == 16 and (box_head or head == "heatmap"):
+    if box_stride == 16 and (box_head or head in CELL_HEADS):
         fine = _bn(bn_momentum, sync, fused, "box_fine_bn")(stage3)
         fine = keras.layers.ReLU(name="box_fine_relu")(fine)
     outputs = _outputs(features, box_head, dropout, head, fine)

@@ -8,6 +8,8 @@ check the same tuples, so each list of names is written once, here. The builder'
 from tfrecords_builder.defaults import DATASETS, SPLITS
 
 __all__ = [
+    "BOX_STRIDES",
+    "CELL_HEADS",
     "CLASS_WEIGHTS",
     "DATASETS",
     "DISTRIBUTES",
@@ -35,7 +37,10 @@ SCHEDULES = ("constant", "cosine")
 CLASS_WEIGHTS = ("none", "balanced")
 SELECTS = ("last", "best")
 TTAS = ("none", "flip")
-HEADS = ("gap", "avgmax", "heatmap")
+HEADS = ("gap", "avgmax", "heatmap", "attention")
+#: The heads that read the box heat map's cells (so the model has them with or without
+#: model.box_head).
+CELL_HEADS = ("heatmap", "attention")
 #: resnet_small's box heat map: one cell per 32 px (the last feature map) or per 16 px.
 BOX_STRIDES = (32, 16)
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")

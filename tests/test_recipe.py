@@ -118,7 +118,32 @@ def test_heatmap_head_classifies_by_its_most_fractured_cell():
     np.testing.assert_allclose(np.asarray(prob).ravel(), 1 / (1 + np.exp(-logit)), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(heat), 1 / (1 + np.exp(-np.asarray(cells))), rtol=1e-5)
     with pytest.raises(ValueError, match="model.head must be one of"):
-        model.resnet_small((64, 64, 1), head="attention")
+        model.resnet_small((64, 64, 1), head="transformer")
+
+
+@pytest.mark.parametrize("stride", [32, 16])
+def test_attention_head_pools_the_features_where_the_cells_point(stride):
+    m = model.resnet_small((64, 64, 1), box_head=True, head="attention", box_stride=stride)
+    x = np.random.default_rng(8).random((2, 64, 64, 1), dtype="float32")
+    source = "box_features" if stride == 16 else model.FEATURES
+    parts = keras.Model(
+        m.inputs,
+        [m.get_layer(n).output for n in (source, "box_logits", "gap_attention", model.FEATURES)],
+    )
+    feats, cells, pooled, last = (np.asarray(t, "float64") for t in parts(x, training=False))
+    flat = cells.reshape(2, -1)
+    weights = np.exp(flat - flat.max(1, keepdims=True))
+    weights /= weights.sum(1, keepdims=True)
+    want = np.einsum("bk,bkc->bc", weights, feats.reshape(2, flat.shape[1], -1))
+    np.testing.assert_allclose(pooled[:, last.shape[-1] :], want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(pooled[:, : last.shape[-1]], last.mean((1, 2)), rtol=1e-5)
+    # a flat heat map (what box supervision teaches on normal images) pools to the average
+    conv = m.get_layer("box_logits")
+    conv.set_weights([np.zeros_like(w) for w in conv.get_weights()])
+    _, _, pooled, _ = (np.asarray(t, "float64") for t in parts(x, training=False))
+    np.testing.assert_allclose(
+        pooled[:, last.shape[-1] :], feats.mean((1, 2)), rtol=1e-4, atol=1e-6
+    )
 
 
 def test_avgmax_head_reads_each_channels_average_and_peak():
@@ -174,6 +199,7 @@ def test_application_backbones_take_grayscale_and_a_weights_file(tmp_path, name)
         ("resnet_small", True, "gap"),
         ("resnet_small", True, "avgmax"),
         ("resnet_small", True, "stride16"),
+        ("resnet_small", False, "attention"),
         ("resnet50v2", False, "gap"),
         ("efficientnetv2b0", True, "gap"),
     ],
@@ -228,7 +254,7 @@ def test_best_config_loads(monkeypatch):
         ("train.early_stopping_patience=0", "train.early_stopping_patience"),
         ("eval.tta=rotate", "eval.tta"),
         ("model.name=resnet18", "model.name"),
-        ("model.head=attention", "model.head"),
+        ("model.head=transformer", "model.head"),
         ("train.box_loss_weight=-1", "train.box_loss_weight"),
     ],
 )
