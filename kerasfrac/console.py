@@ -149,9 +149,12 @@ def run_summary(m: dict, run_dir, title: str | None = None) -> str:
     lines += [
         "files:",
         f"  run directory  {run_dir}",
-        f"  model          {run_dir / 'model.keras'}",
-        f"  metrics        {runs.metrics_path(run_dir, split)}",
+        f"  model          {runs.model_path(run_dir)}",
     ]
+    box = runs.box_model_path(run_dir).is_file()
+    if box:
+        lines.append(f"  box model      {runs.box_model_path(run_dir)} (with the box head)")
+    lines += [f"  metrics        {runs.metrics_path(run_dir, split)}"]
     if m.get("plots"):
         names = ", ".join(Path(p).name for p in m["plots"])
         lines.append(f"  plots          {run_dir / 'plots'} ({names})")
@@ -163,4 +166,9 @@ def run_summary(m: dict, run_dir, title: str | None = None) -> str:
         "plots)",
         f"  kerasfrac explain --run-dir {run_dir}{on}    (Grad-CAM, feature maps, shortcut audit)",
     ]
+    if box:
+        lines.append(
+            f"  kerasfrac explain --run-dir {run_dir}{on} --what audit --cam-method boxmap    "
+            "(where the box head places fractures)"
+        )
     return "\n".join(lines)

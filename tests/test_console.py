@@ -261,6 +261,13 @@ def test_summary_says_where_the_files_are_and_what_next(tmp_path):
     assert f"kerasfrac evaluate --run-dir {tmp_path / 'run'}" in text
     assert f"kerasfrac explain --run-dir {tmp_path / 'run'}" in text
     assert "WARNING" not in text and console.warnings_of(good) == []
+    assert "boxmap" not in text and "box_model.keras" not in text
+    # a box-supervised run: its box model and the box heat map audit are named too
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "box_model.keras").write_bytes(b"")
+    text = console.run_summary(good, tmp_path / "run")
+    assert str(tmp_path / "run" / "box_model.keras") in text
+    assert f"explain --run-dir {tmp_path / 'run'} --what audit --cam-method boxmap" in text
 
 
 def test_summary_warns_below_the_majority_baseline_or_at_chance(tmp_path):
