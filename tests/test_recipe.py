@@ -545,6 +545,7 @@ def test_box_run_saves_its_selected_epoch_with_the_box_head(tmp_path, synthetic_
     boxed = model.load_model(runs.box_model_path(run_dir))
     assert model.has_box_head(boxed) and boxed.outputs[1].shape[1:3] == (4, 4)  # 16 px cells
     best = model.load_model(runs.best_path(run_dir))
+    assert len(boxed.get_weights()) == len(best.get_weights())
     for a, b in zip(boxed.get_weights(), best.get_weights()):
         np.testing.assert_array_equal(a, b)
     clf = model.load_model(runs.model_path(run_dir))
@@ -555,6 +556,7 @@ def test_box_run_saves_its_selected_epoch_with_the_box_head(tmp_path, synthetic_
     )
     opts = explain.ExplainOptions(what=("audit",), cam_method="boxmap", tolerance=8.0)
     result = explain.explain_run(run_dir, opts, log=lambda *a: None)
+    assert result["model"] == str(runs.box_model_path(run_dir))  # no --model needed
     game = result["audit"]["pointing_game"]
     assert game["n_played"] > 0 and game["hit_rate"] is not None
     assert (run_dir / "explain" / "boxmap_mean.png").is_file()
