@@ -123,11 +123,10 @@ class ModelConfig:
     width: int | None = None
     #: resnet_small only: pre-activation blocks per stage; null = 2.
     blocks_per_stage: int | None = None
-    #: resnet_small with model.box_head (or a head that reads the cells: heatmap,
-    #: attention) only: pixels per cell of the box
-    #: heat map, 32 (the last feature map: 10x10 cells at 320 px) or 16 (stage 3 and the
-    #: upsampled last feature map together: 20x20 cells, finer for finger fractures);
-    #: null = 32.
+    #: resnet_small with model.box_head (or a head that reads the cells: heatmap, attention)
+    #: only: pixels per cell of the box heat map, 32 (the last feature map: 10x10 cells at
+    #: 320 px) or 16 (stage 3 and the upsampled last feature map together: 20x20 cells, finer
+    #: for finger fractures); null = 32.
     box_stride: int | None = None
     #: With several replicas (GPUs/workers): True = BatchNorm normalises with the statistics of
     #: the global batch (an all-reduce per BN layer and step), so every worker keeps identical

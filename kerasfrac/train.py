@@ -587,19 +587,19 @@ class TrainingTask:
         if swap is not None:  # training is over: the average stays in the model (select last)
             swap.on_test_begin()
 
-        full, final = self.model, self.scorer
+        full = self.model
         best_path = runs.best_path(run_dir)
         if t.select == "best" and best_path.is_file():
             # The epoch with the best val AUROC (chosen on val, before test is looked at).
             full = load_model(best_path)
-            final = classifier(full)
             print(f"model.keras = the best epoch on val AUROC ({best_path})", flush=True)
         # Plain Keras layers computing in float32: model.keras loads with
         # keras.saving.load_model anywhere and predicts at full speed on any machine.
+        full = float32_compute(full)
         if has_box_head(full):  # the same epoch with its box head, for explain's boxmap
-            ckpt.save_model(plain_keras(float32_compute(full)), runs.box_model_path(run_dir))
+            ckpt.save_model(plain_keras(full), runs.box_model_path(run_dir))
             ckpt.crash_point("box_model.keras")
-        final = float32_compute(final)
+        final = classifier(full)
         ckpt.save_model(plain_keras(final), runs.model_path(run_dir))
         ckpt.crash_point("model.keras")
         # eval.test_at_end: false holds test back while settings are chosen; the final
