@@ -194,8 +194,17 @@ def load_model(path: str | Path) -> keras.Model:
     return keras.saving.load_model(path)
 
 
-def _head(x) -> tuple:
-    logit = keras.layers.Dense(1, name=LOGIT)(x)
+def _head(x, monotone: bool = False) -> tuple:
+    """``logit`` (Dense to one unit) and ``prob``. ``monotone``: the Dense's one weight starts
+    at 1 and is kept >= 0 (``keras.constraints.NonNeg``), so the probability rises with its
+    input (the heatmap head: an image is as fractured as its most fractured cell)."""
+    if monotone:
+        dense = keras.layers.Dense(
+            1, kernel_initializer="ones", kernel_constraint=keras.constraints.NonNeg(), name=LOGIT
+        )
+    else:
+        dense = keras.layers.Dense(1, name=LOGIT)
+    logit = dense(x)
     return logit, keras.layers.Activation("sigmoid", dtype="float32", name=PROB)(logit)
 
 
@@ -281,13 +290,16 @@ def _outputs(features, box_head: bool, dropout: float, head: str = "gap", fine=N
     cells, concatenated (a small finding can dominate a channel's maximum while its average
     over the image barely moves) -> dropout -> ``logit``. ``heatmap``: the classifier reads
     the heat map itself: per-cell fracture logits (1x1 conv, ``box_logits``) -> global max
-    pooling -> ``logit`` (a scale and a bias): an image is as fractured as its most fractured
-    cell, so box supervision of the cells shapes what the classifier looks at
-    (multiple-instance pooling). ``attention``: the cells' softmax over the map weighs the
-    features the cells are read from (attention pooling, Ilse et al. 2018), concatenated with
-    their global average -> dropout -> ``logit``: where the box head places a fracture, the
-    classifier reads that place's features beside the whole image's, and a map with no
-    fracture (flat logits, as box supervision teaches on normal images) pools to the average.
+    pooling -> ``logit`` (a scale, kept >= 0, and a bias): an image is as fractured as its most
+    fractured cell, so box supervision of the cells shapes what the classifier looks at
+    (multiple-instance pooling). With a free scale, some training seeds learned a negative
+    one (an image as fractured as its most fractured cell is *not*), which turned the
+    classifier's Grad-CAM away from the cells the box head marks. ``attention``: the cells'
+    softmax over the map weighs the features the cells are read from (attention pooling, Ilse
+    et al. 2018), concatenated with their global average -> dropout -> ``logit``: where the
+    box head places a fracture, the classifier reads that place's features beside the whole
+    image's, and a map with no fracture (flat logits, as box supervision teaches on normal
+    images) pools to the average.
 
     ``fine``: a feature map of twice the resolution (``model.box_stride: 16``); the cells are
     then read from it and from ``features`` resized to it, concatenated, so the heat map has
@@ -321,7 +333,7 @@ def _outputs(features, box_head: bool, dropout: float, head: str = "gap", fine=N
             pooled = keras.layers.Rescaling(float(height * width), name="attention_pool")(pooled)
             x = keras.layers.Concatenate(name="gap_attention")([x, pooled])
         x = keras.layers.Dropout(dropout, name="dropout")(x) if dropout else x
-    _, prob = _head(x)
+    _, prob = _head(x, monotone=head == "heatmap")
     if not box_head:
         return prob
     return [prob, keras.layers.Activation("sigmoid", dtype="float32", name=BOX_HEATMAP)(cells)]

@@ -121,6 +121,23 @@ def test_heatmap_head_classifies_by_its_most_fractured_cell():
         model.resnet_small((64, 64, 1), head="transformer")
 
 
+def test_heatmap_head_scale_starts_at_one_and_never_turns_negative():
+    """A negative scale would make an image the less fractured the more fractured its most
+    fractured cell (seen on phantoms: Grad-CAM then pointed away from the box head's cells).
+    An optimizer step that pulls the scale below 0 stops it at 0."""
+    m = model.resnet_small((64, 64, 1), head="heatmap")
+    dense = m.get_layer(model.LOGIT)
+    assert float(np.ravel(dense.get_weights()[0])[0]) == 1.0
+    opt = keras.optimizers.SGD(1.0)
+    opt.apply_gradients([(np.full((1, 1), 0.25, "float32"), dense.kernel)])
+    assert float(np.ravel(dense.kernel.numpy())[0]) == pytest.approx(0.75)  # moves freely
+    opt.apply_gradients([(np.full((1, 1), 5.0, "float32"), dense.kernel)])
+    assert float(np.ravel(dense.kernel.numpy())[0]) == 0.0  # 0.75 - 5 clipped at 0
+    # the gap head's Dense is unconstrained
+    free = model.resnet_small((64, 64, 1)).get_layer(model.LOGIT)
+    assert free.kernel_constraint is None and dense.kernel_constraint is not None
+
+
 @pytest.mark.parametrize("stride", [32, 16])
 def test_attention_head_pools_the_features_where_the_cells_point(stride):
     m = model.resnet_small((64, 64, 1), box_head=True, head="attention", box_stride=stride)
@@ -619,7 +636,7 @@ def _pointing_after_training(root, box_head: bool) -> dict:
             "train": {
                 "epochs": 1,
                 "batch_size": 16,
-                "steps_per_epoch": 150,
+                "steps_per_epoch": 250,
                 "optimizer": "adamw",
                 "learning_rate": 2e-3,
                 "weight_decay": 0.01,
@@ -645,10 +662,13 @@ def _pointing_after_training(root, box_head: bool) -> dict:
 def test_box_supervision_moves_grad_cam_onto_the_fracture(tmp_path):
     """Phantoms with a corner letter that agrees with the label 90% of the time (the report's
     shortcut), the same network (heat-map head) and recipe with and without box supervision.
-    Without boxes the model reads the letter (test AUROC about the letter's 0.9) and its
-    Grad-CAM peak lands within 15 px of a fracture box no more often than chance; with boxes it
-    finds the fracture line (AUROC above the letter's ceiling) and its peak lands there on
-    nearly every fractured test image (measured: 0.97 against 0.14, chance 0.15)."""
+    Without boxes the classifier's Grad-CAM peak lands within 15 px of a fracture box no more
+    often than chance; with boxes it lands there on nearly every fractured test image, and the
+    classifier ranks above the letter's 0.9 ceiling. Measured at 250 steps over training seeds
+    42 / 1 / 2 / 3 (chance 0.15): hit rate 1.00 / 1.00 / 1.00 / 0.93 with boxes against
+    0.03 / 0.07 / 0.10 / 0.00 without; box-map hit rate 1.00 / 1.00 / 1.00 / 0.97; AUROC
+    1.00 with boxes, 0.95-1.00 without. At 150 steps the margins were seed-dependent (hit
+    rate with boxes 0.45-0.90), hence 250."""
     from tfrecords_builder import synthetic
     from tfrecords_builder.build import BuildOptions, build
 
@@ -665,11 +685,11 @@ def test_box_supervision_moves_grad_cam_onto_the_fracture(tmp_path):
     plain = _pointing_after_training(tmp_path, box_head=False)
     boxed = _pointing_after_training(tmp_path, box_head=True)
     assert boxed["n_played"] >= 25
-    assert boxed["auroc"] > max(0.95, plain["auroc"]), (plain, boxed)
-    assert boxed["hit_rate"] > max(0.6, 3 * boxed["chance_rate"]), boxed
-    assert boxed["hit_rate"] >= plain["hit_rate"] + 0.4, (plain, boxed)
+    assert boxed["auroc"] > 0.95, (plain, boxed)  # above what the letter alone gives
+    assert boxed["hit_rate"] > max(0.75, 4 * boxed["chance_rate"]), boxed
+    assert boxed["hit_rate"] >= plain["hit_rate"] + 0.6, (plain, boxed)
     # The box head's heat map itself peaks at the fracture (cam method boxmap).
-    assert boxed["boxmap"]["hit_rate"] > max(0.6, 3 * boxed["chance_rate"]), boxed
+    assert boxed["boxmap"]["hit_rate"] > max(0.75, 4 * boxed["chance_rate"]), boxed
 
 
 def test_sensitivity_at_90_specificity_is_exact():
