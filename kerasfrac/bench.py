@@ -171,6 +171,8 @@ def _model_and_step(cfg, precision: str):
         label_smoothing=cfg.train.label_smoothing,
         weights=weights,
         box_loss_weight=cfg.train.box_loss_weight,
+        mixup_alpha=cfg.train.mixup,
+        seed=cfg.train.seed,
     )
     return model, step
 

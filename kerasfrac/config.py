@@ -153,6 +153,10 @@ class TrainConfig:
     #: none | balanced (each class's loss weighted by n / (2 n_class) of the train split: an
     #: alternative to data.oversample; use one of the two).
     class_weight: str = "none"
+    #: Mixup (Zhang et al. 2018): each training image is blended with another image of its
+    #: batch, x = lam x_i + (1 - lam) x_j, and so are its label and box-cell targets, with
+    #: lam ~ Beta(mixup, mixup) folded to >= 0.5 (image i dominates). 0 = off; 0.2-0.4 usual.
+    mixup: float = 0.0
     #: Weight of the box heat-map loss (model.box_head): mean pixel BCE per image, counted
     #: for normal images and for fractured images that have boxes.
     box_loss_weight: float = 1.0
@@ -459,6 +463,11 @@ def validate(cfg: Config) -> None:
     if not (math.isfinite(t.label_smoothing) and 0.0 <= t.label_smoothing < 1.0):
         raise ConfigError(
             f"config key 'train.label_smoothing' must be in [0, 1); got {t.label_smoothing!r}"
+        )
+    if not (math.isfinite(t.mixup) and t.mixup >= 0):
+        raise ConfigError(
+            f"config key 'train.mixup' must be >= 0 (the Beta distribution's alpha; 0 = off, "
+            f"0.2-0.4 usual); got {t.mixup!r}"
         )
     if not (math.isfinite(t.box_loss_weight) and t.box_loss_weight >= 0):
         raise ConfigError(

@@ -160,6 +160,44 @@ def weights_digest(model: keras.Model) -> str:
     return h.hexdigest()
 
 
+def mixup_lambdas(n, alpha: float, seed) -> tf.Tensor:
+    """``n`` mixing weights lam ~ Beta(alpha, alpha) folded to [0.5, 1] ([n, 1] float32), from
+    the stateless ``seed`` (shape [2]): the same seed, the same weights (a resumed run
+    replays them)."""
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
+    a = tf.random.stateless_gamma([n, 1], seeds[0], alpha=alpha)
+    b = tf.random.stateless_gamma([n, 1], seeds[1], alpha=alpha)
+    lam = a / tf.maximum(a + b, 1e-12)
+    return tf.maximum(lam, 1.0 - lam)
+
+
+def mixup_draw(n, alpha: float, seed: int, iteration, replica=0) -> tuple:
+    """``(lam, partner)`` of one training step: the mixing weights (``mixup_lambdas``) and a
+    permutation of the batch, drawn from the run's ``seed``, the optimizer's ``iteration``
+    and the ``replica`` (each replica blends its own batch differently)."""
+    step_seed = tf.stack([tf.cast(seed, tf.int64), tf.cast(iteration, tf.int64)])
+    step_seed += tf.cast(tf.stack([0, tf.cast(replica, tf.int64) * 1_000_003]), tf.int64)
+    lam = mixup_lambdas(n, alpha, step_seed)
+    partner = tf.random.experimental.stateless_shuffle(
+        tf.range(n), seed=step_seed + tf.constant([7919, 0], tf.int64)
+    )
+    return lam, partner
+
+
+def mixup(images, targets: list, lam, partner) -> tuple:
+    """Blend each example with ``partner[i]`` of the same batch: ``images`` and every tensor
+    of ``targets`` (labels, box-cell targets, box weights: the first axis is the batch) as
+    ``lam * t + (1 - lam) * t[partner]``, ``lam`` [n, 1] broadcast over the other axes."""
+
+    def blend(t):
+        t = tf.cast(t, tf.float32)
+        w = tf.reshape(lam, [-1] + [1] * (len(t.shape) - 1))
+        return w * t + (1.0 - w) * tf.gather(t, partner)
+
+    mixed = tf.cast(blend(images), images.dtype)
+    return mixed, [blend(t) for t in targets]
+
+
 def make_train_step(
     model: keras.Model,
     strategy: tf.distribute.Strategy,
@@ -168,6 +206,8 @@ def make_train_step(
     label_smoothing: float = 0.0,
     weights: tuple[float, float] | None = None,
     box_loss_weight: float = 0.0,
+    mixup_alpha: float = 0.0,
+    seed: int = 0,
 ):
     """The one training step for every strategy: ``step(iterator, stop_flag)`` runs a global
     batch through ``strategy.run`` (forward, loss, gradients, the compiled Keras optimizer's
@@ -179,6 +219,10 @@ def make_train_step(
     model with a box head fed batches of ``(image, label, box_mask, box_weight)``,
     ``box_loss_weight`` x box_weight x the mean pixel BCE between the heat map and the
     cells of the heat-map grid that a fracture box touches.
+
+    ``mixup_alpha`` > 0 (``train.mixup``): each replica blends its batch with a shuffle of
+    itself (``mixup``), the weights drawn from ``seed`` and the optimizer's step count; the
+    class weight and the reported label are those of the dominant image (lam >= 0.5).
     """
     optimizer = model.optimizer
     box_head = has_box_head(model)
@@ -186,20 +230,35 @@ def make_train_step(
     @tf.function
     def train_step(iterator, stop_flag):
         def step_fn(images, labels, masks=None, box_weights=None):
+            y = tf.reshape(tf.cast(labels, tf.float32), [-1, 1])
+            cells = bw = None
+            if box_head and masks is not None:
+                grid = model.outputs[1].shape[1:3]
+                cells = tf.cast(tf.image.resize(masks, grid, "area") > 0.0, tf.float32)
+                bw = tf.cast(box_weights, tf.float32)
+            if mixup_alpha:
+                replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+                lam, partner = mixup_draw(
+                    tf.shape(images)[0], mixup_alpha, seed, optimizer.iterations, replica
+                )
+                extra = [cells, bw] if cells is not None else []
+                images, mixed = mixup(images, [y, *extra], lam, partner)
+                y = mixed[0]
+                if cells is not None:
+                    cells, bw = mixed[1:]
             with tf.GradientTape() as tape:
                 outputs = model(images, training=True)
                 probs = tf.cast(outputs[0] if box_head else outputs, tf.float32)
-                y = tf.reshape(labels, [-1, 1])
+                target = y
                 if label_smoothing:
-                    y = y * (1.0 - label_smoothing) + 0.5 * label_smoothing
-                per_example = keras.losses.binary_crossentropy(y, probs)
+                    target = y * (1.0 - label_smoothing) + 0.5 * label_smoothing
+                per_example = keras.losses.binary_crossentropy(target, probs)
                 if weights is not None:
                     per_example *= tf.where(labels > 0.5, weights[1], weights[0])
-                if box_head and masks is not None:
+                if cells is not None:
                     heat = tf.cast(outputs[1], tf.float32)
-                    cells = tf.image.resize(masks, heat.shape[1:3], "area") > 0.0
-                    pixel = keras.losses.binary_crossentropy(tf.cast(cells, tf.float32), heat)
-                    per_example += box_loss_weight * box_weights * tf.reduce_mean(pixel, [1, 2])
+                    pixel = keras.losses.binary_crossentropy(cells, heat)
+                    per_example += box_loss_weight * bw * tf.reduce_mean(pixel, [1, 2])
                 loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
                 scaled = optimizer.scale_loss(loss)
             grads = tape.gradient(scaled, model.trainable_variables)
@@ -348,6 +407,8 @@ class TrainingTask:
             label_smoothing=t.label_smoothing,
             weights=class_weights(cfg, self.build),
             box_loss_weight=t.box_loss_weight,
+            mixup_alpha=t.mixup,
+            seed=t.seed,
         )
         self.scorer = classifier(self.model)
         scorer, tta = self.scorer, cfg.eval.tta

@@ -273,6 +273,8 @@ def test_best_config_loads(monkeypatch):
         ("model.name=resnet18", "model.name"),
         ("model.head=transformer", "model.head"),
         ("train.box_loss_weight=-1", "train.box_loss_weight"),
+        ("train.mixup=-0.2", "train.mixup"),
+        ("train.mixup=.nan", "train.mixup"),
     ],
 )
 def test_bad_recipe_values_name_the_key(override, key):
@@ -454,6 +456,66 @@ def test_train_step_adds_the_box_loss_only_where_weighted():
     np.testing.assert_allclose(loss1.numpy()[1], loss0.numpy()[1], rtol=1e-5)  # weight 0
 
 
+def test_mixup_lambdas_are_seeded_beta_draws_folded_to_the_dominant_image():
+    lam = train.mixup_lambdas(4000, 0.4, tf.constant([3, 5], tf.int64)).numpy()
+    assert lam.shape == (4000, 1) and lam.min() >= 0.5 and lam.max() <= 1.0
+    again = train.mixup_lambdas(4000, 0.4, tf.constant([3, 5], tf.int64)).numpy()
+    other = train.mixup_lambdas(4000, 0.4, tf.constant([3, 6], tf.int64)).numpy()
+    np.testing.assert_array_equal(lam, again)
+    assert np.abs(lam - other).max() > 0.1
+    # folded Beta(0.4, 0.4): E[max(lam, 1 - lam)] = 0.5 + E|lam - 0.5|, 0.80 for alpha 0.4
+    # (numerically: scipy.stats.beta(0.4, 0.4).expect(lambda x: max(x, 1 - x)))
+    from scipy.stats import beta
+
+    want = beta(0.4, 0.4).expect(lambda x: max(x, 1 - x))
+    assert lam.mean() == pytest.approx(want, abs=0.01)
+    # a larger alpha mixes more evenly
+    assert train.mixup_lambdas(4000, 4.0, tf.constant([3, 5], tf.int64)).numpy().mean() < 0.7
+
+
+def test_mixup_blends_images_labels_and_box_targets_alike():
+    rng = np.random.default_rng(2)
+    images = rng.random((3, 8, 8, 1), dtype="float32")
+    labels = np.array([[1.0], [0.0], [1.0]], "float32")
+    cells = rng.random((3, 2, 2, 1), dtype="float32")
+    weights = np.array([1.0, 1.0, 0.0], "float32")
+    lam = np.array([[1.0], [0.75], [0.5]], "float32")
+    partner = np.array([1, 0, 1])
+    mixed, (y, c, w) = train.mixup(tf.constant(images), [labels, cells, weights], lam, partner)
+    np.testing.assert_allclose(mixed[0], images[0])  # lam 1: unchanged
+    np.testing.assert_allclose(mixed[1], 0.75 * images[1] + 0.25 * images[0], rtol=1e-6)
+    np.testing.assert_allclose(y.numpy().ravel(), [1.0, 0.25, 0.5])
+    np.testing.assert_allclose(c[2], 0.5 * cells[2] + 0.5 * cells[1], rtol=1e-6)
+    np.testing.assert_allclose(w.numpy(), [1.0, 1.0, 0.5])
+
+
+def test_train_step_with_mixup_trains_on_blended_targets():
+    """train.mixup: the step's loss is the BCE of the model on the blended images against
+    the blended labels (the draw of that step: mixup_draw with the run's seed and the
+    optimizer's step count), and the reported labels are the dominant images'."""
+    m = _compiled("paper_cnn")
+    strategy = tf.distribute.get_strategy()
+    rng = np.random.default_rng(0)
+    images = rng.random((8, 32, 32, 1), dtype="float32")
+    labels = np.array([1, 0] * 4, "float32")
+    ds = tf.data.Dataset.from_tensors((images, labels)).repeat()
+    step = train.make_train_step(m, strategy, 8, mixup_alpha=0.4, seed=1)
+    iteration = int(m.optimizer.iterations.numpy())
+    loss, probs, y, _ = step(iter(ds), tf.constant(0))
+    np.testing.assert_array_equal(y.numpy(), labels)
+    lam, partner = train.mixup_draw(8, 0.4, 1, iteration)
+    lam, partner = lam.numpy(), partner.numpy()
+    assert np.any(lam < 0.9) and np.any(labels[partner] != labels)  # real blends happened
+    blended = lam[:, :, None, None] * images + (1 - lam[:, :, None, None]) * images[partner]
+    p = np.asarray(m(blended, training=True)).ravel()  # lr 0: the step's weights
+    np.testing.assert_allclose(probs.numpy(), p, rtol=1e-4, atol=1e-6)
+    target = lam.ravel() * labels + (1 - lam.ravel()) * labels[partner]
+    np.testing.assert_allclose(loss.numpy(), _bce(target, p), rtol=1e-3, atol=1e-5)
+    # the next step draws anew
+    lam2, _ = train.mixup_draw(8, 0.4, 1, iteration + 1)
+    assert np.abs(lam2.numpy() - lam).max() > 1e-3
+
+
 def test_flip_tta_averages_the_image_and_its_mirror():
     m = model.build_model(ModelConfig("paper_cnn"), (16, 16, 1))
     x = np.random.default_rng(3).random((3, 16, 16, 1), dtype="float32")
@@ -611,6 +673,14 @@ def test_weight_averaging_validates_and_saves_the_average_and_trains_on(
 
     _, y, p = runs.predict(saved, val_ds)
     assert split_metrics(y, p)["auroc"] == pytest.approx(val_auroc, abs=1e-6)
+
+
+def test_mixup_run_learns_separable_data(tmp_path, separable_tfrecord_dir):
+    """train.mixup on: a whole run still separates separable data."""
+    cfg = _resnet_run(tmp_path / "run", separable_tfrecord_dir, {"epochs": 8, "mixup": 0.4})
+    assert cfg.train.mixup == 0.4
+    result = train.train(cfg, verbose=0)
+    assert result["auroc"] > 0.9
 
 
 def test_weight_averaging_off_by_default_and_checked():
