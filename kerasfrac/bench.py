@@ -168,11 +168,8 @@ def _model_and_step(cfg, precision: str):
         model,
         strategy,
         cfg.train.batch_size,
-        label_smoothing=cfg.train.label_smoothing,
         weights=weights,
-        box_loss_weight=cfg.train.box_loss_weight,
-        mixup_alpha=cfg.train.mixup,
-        seed=cfg.train.seed,
+        **train.step_options(cfg.train),
     )
     return model, step
 

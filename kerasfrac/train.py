@@ -198,6 +198,18 @@ def mixup(images, targets: list, lam, partner) -> tuple:
     return mixed, [blend(t) for t in targets]
 
 
+def step_options(t) -> dict:
+    """The keyword arguments of ``make_train_step`` that come from the ``train`` config section
+    (class weights aside, which need the build): one place, so that training and
+    ``kerasfrac bench`` time the same step."""
+    return {
+        "label_smoothing": t.label_smoothing,
+        "box_loss_weight": t.box_loss_weight,
+        "mixup_alpha": t.mixup,
+        "seed": t.seed,
+    }
+
+
 def make_train_step(
     model: keras.Model,
     strategy: tf.distribute.Strategy,
@@ -404,11 +416,8 @@ class TrainingTask:
             self.model,
             self.strategy,
             self.global_batch,
-            label_smoothing=t.label_smoothing,
             weights=class_weights(cfg, self.build),
-            box_loss_weight=t.box_loss_weight,
-            mixup_alpha=t.mixup,
-            seed=t.seed,
+            **step_options(t),
         )
         self.scorer = classifier(self.model)
         scorer, tta = self.scorer, cfg.eval.tta
