@@ -215,6 +215,7 @@ def test_fused_paper_cnn_saves_reloads_and_trains_like_the_plain_one(tmp_path):
         keras.layers.BatchNormalization
     )
     fused.set_weights(plain.get_weights())
+    start = plain.get_weights()
     rng = np.random.default_rng(7)
     x = tf.constant(rng.random((8, 16, 16, 1), dtype="float32"))
     y = tf.constant(rng.integers(0, 2, (8, 1)).astype("float32"))
@@ -227,8 +228,14 @@ def test_fused_paper_cnn_saves_reloads_and_trains_like_the_plain_one(tmp_path):
     # atol: the last losses are ~1e-4, where float32 kernel order alone moves the 4th digit
     np.testing.assert_allclose(losses["fused"], losses["plain"], rtol=1e-4, atol=1e-7)
     assert losses["fused"][-1] < losses["fused"][0]  # it learns the batch
-    for a, b in zip(fused.get_weights(), plain.get_weights(), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+    # The two trajectories agree to 1% of how far each weight array moved in the 5 steps. An
+    # absolute bound on the weights failed CI once (2.2e-5 against atol 1e-5 on one of 32 biases
+    # that had moved by ~1e-2): float32 summation order differs between the kernels, even with
+    # TensorFlow's own (Eigen, multithreaded) ones.
+    for a, b, w0 in zip(fused.get_weights(), plain.get_weights(), start, strict=True):
+        moved = np.abs(b - w0).max()
+        assert moved > 0  # every array moves: weights, biases, BatchNorm statistics
+        np.testing.assert_allclose(a - w0, b - w0, rtol=0, atol=0.01 * moved + 1e-7)
     fused.save(tmp_path / "fused.keras")
     reloaded = model.load_model(tmp_path / "fused.keras")
     assert isinstance(reloaded.get_layer("bn2"), model.FusedBatchNormalization)
