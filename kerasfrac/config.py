@@ -128,6 +128,10 @@ class ModelConfig:
     #: 320 px) or 16 (stage 3 and the upsampled last feature map together: 20x20 cells, finer
     #: for finger fractures); null = 32.
     box_stride: int | None = None
+    #: resnet_small only: stochastic depth, the probability of dropping the last block's
+    #: residual branch for an image in training (earlier blocks less, linearly down to 0 for
+    #: the first); 0 = off. Typical 0.05-0.2.
+    drop_path: float = 0.0
     #: With several replicas (GPUs/workers): True = BatchNorm normalises with the statistics of
     #: the global batch (an all-reduce per BN layer and step), so every worker keeps identical
     #: moving statistics; False = each replica uses its own local batch (less communication,
@@ -424,6 +428,17 @@ def validate(cfg: Config) -> None:
                 f"config key 'model.{key}' sizes resnet_small only; model.name is "
                 f"{cfg.model.name!r}: remove model.{key} or set model.name=resnet_small"
             )
+    drop_path = cfg.model.drop_path
+    if not 0.0 <= drop_path < 1.0:  # NaN fails too
+        raise ConfigError(
+            f"config key 'model.drop_path' must be a probability in [0, 1) (0 = off, typical "
+            f"0.05-0.2); got {drop_path!r}"
+        )
+    if drop_path and cfg.model.name != "resnet_small":
+        raise ConfigError(
+            f"config key 'model.drop_path' drops resnet_small's residual blocks; model.name is "
+            f"{cfg.model.name!r}: remove model.drop_path or set model.name=resnet_small"
+        )
     stride = cfg.model.box_stride
     if stride is not None:
         if stride not in BOX_STRIDES:

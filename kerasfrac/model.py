@@ -350,6 +350,7 @@ def resnet_small(
     box_head: bool = False,
     head: str = "gap",
     box_stride: int = 32,
+    drop_path: float = 0.0,
 ) -> keras.Model:
     """A compact pre-activation ResNet (He et al. 2016, "Identity mappings") for X-rays.
 
@@ -361,7 +362,10 @@ def resnet_small(
     2-core CPU at 320-384 px. ``box_head`` adds the heat-map output ``box_heatmap`` on
     ``features`` (``box_stride`` 32: 10x10 cells at 320 px); ``box_stride`` 16 reads the heat
     map from stage 3 (BN -> ReLU) and the upsampled ``features`` together (20x20 cells).
-    Stage outputs are named ``stage1`` .. ``stage4`` (feature maps).
+    Stage outputs are named ``stage1`` .. ``stage4`` (feature maps). ``drop_path``: stochastic
+    depth (Huang et al. 2016): in training, each block's residual branch is dropped for a whole
+    image with a probability rising linearly from 0 (first block) to ``drop_path`` (last
+    block), the kept ones scaled by 1 / (1 - p); at inference every branch is kept.
     """
     if box_stride not in BOX_STRIDES:
         raise ValueError(f"model.box_stride must be one of {BOX_STRIDES}; got {box_stride!r}")
@@ -376,6 +380,7 @@ def resnet_small(
     x = keras.layers.ReLU(name="stem_relu")(x)
     x = keras.layers.MaxPool2D(3, strides=2, padding="same", name="stem_pool")(x)
     channels, stage3 = widths[0], None
+    n_blocks = len(widths) * blocks_per_stage
     for s, width in enumerate(widths, start=1):
         for b in range(1, blocks_per_stage + 1):
             name = f"s{s}b{b}"
@@ -396,6 +401,11 @@ def resnet_small(
             y = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"{name}_conv2")(
                 y
             )
+            index = (s - 1) * blocks_per_stage + b - 1
+            rate = drop_path * index / max(n_blocks - 1, 1)
+            if rate > 0:
+                # noise_shape (batch, 1, 1, 1): one keep-or-drop draw per image for the branch
+                y = keras.layers.Dropout(rate, noise_shape=(None, 1, 1, 1), name=f"{name}_drop")(y)
             last = b == blocks_per_stage
             x = keras.layers.Add(name=f"stage{s}" if last else f"{name}_add")([shortcut, y])
             channels = width
@@ -535,6 +545,7 @@ def _build_resnet_small(
     width=None,
     blocks_per_stage=None,
     box_stride=None,
+    drop_path=None,
 ) -> keras.Model:
     if weights == "imagenet":
         raise ValueError(
@@ -548,6 +559,8 @@ def _build_resnet_small(
         sizes["blocks_per_stage"] = blocks_per_stage
     if box_stride is not None:
         sizes["box_stride"] = box_stride
+    if drop_path:
+        sizes["drop_path"] = drop_path
     model = resnet_small(
         input_shape,
         **sizes,
@@ -588,7 +601,8 @@ _BUILDERS = {
     **{name: _application_builder(name) for name in _APPLICATIONS},
 }
 #: name -> builder(input_shape, weights, bn_momentum, sync_batchnorm, fused_batchnorm,
-#: box_head, head=...; resnet_small also width=, blocks_per_stage=, box_stride=), for each of
+#: box_head, head=...; resnet_small also width=, blocks_per_stage=, box_stride=,
+#: drop_path=), for each of
 #: ``names.MODEL_NAMES`` (a name without a builder fails at import).
 MODELS: dict[str, Callable[..., keras.Model]] = {name: _BUILDERS[name] for name in MODEL_NAMES}
 
@@ -609,6 +623,7 @@ def build_model(
             "width": getattr(cfg_model, "width", None),
             "blocks_per_stage": getattr(cfg_model, "blocks_per_stage", None),
             "box_stride": getattr(cfg_model, "box_stride", None),
+            "drop_path": getattr(cfg_model, "drop_path", 0.0),
         }
     return MODELS[name](
         tuple(input_shape),

@@ -50,6 +50,46 @@ def test_resnet_small_width_and_depth_are_config_keys(tmp_path):
         config.load_config(overrides=["model.name=resnet_small", "model.blocks_per_stage=0"])
 
 
+def test_resnet_small_drop_path_drops_whole_residual_branches_in_training_only(tmp_path):
+    import tensorflow as tf
+
+    cfg = config.load_config(overrides=["model.name=resnet_small", "model.drop_path=0.2"])
+    m = model.build_model(cfg.model, (64, 64, 1))
+    drops = {layer.name: layer.rate for layer in m.layers if layer.name.endswith("_drop")}
+    # 8 blocks: rates 0, 0.2/7, ..., 0.2 rising linearly; the first block keeps its branch
+    assert "s1b1_drop" not in drops and len(drops) == 7
+    order = [f"s{s}b{b}_drop" for s in (1, 2, 3, 4) for b in (1, 2)][1:]
+    np.testing.assert_allclose(
+        [drops[name] for name in order], [0.2 * i / 7 for i in range(1, 8)], rtol=1e-6
+    )
+    assert drops["s4b2_drop"] == pytest.approx(0.2)
+    # In training, a branch is kept or dropped for a whole image (scaled by 1/(1-p) if kept).
+    layer = m.get_layer("s4b2_drop")
+    branch = tf.ones((400, 3, 3, 8))
+    out = layer(branch, training=True).numpy().reshape(400, -1)
+    assert all(np.unique(row).size == 1 for row in out)  # one draw per image
+    assert set(np.round(np.unique(out), 5)) == {0.0, round(1 / 0.8, 5)}
+    assert 0.1 < (out[:, 0] == 0).mean() < 0.3  # p = 0.2 of 400 images: sd 0.02, 5 sd apart
+    # At inference the model is deterministic and equals the one without drop path.
+    plain = model.build_model(ModelConfig("resnet_small"), (64, 64, 1))
+    for layer in plain.layers:
+        layer.set_weights(m.get_layer(layer.name).get_weights())
+    x = np.random.default_rng(5).random((4, 64, 64, 1), dtype="float32")
+    np.testing.assert_allclose(m.predict(x, verbose=0), plain.predict(x, verbose=0), rtol=1e-5)
+    trained = [m(x, training=True).numpy() for _ in range(3)]
+    assert not all(np.allclose(trained[0], t) for t in trained[1:])  # random in training
+    m.save(tmp_path / "dp.keras")
+    reloaded = model.load_model(tmp_path / "dp.keras")
+    assert reloaded.get_layer("s4b2_drop").rate == pytest.approx(0.2)
+    np.testing.assert_allclose(reloaded.predict(x, verbose=0), m.predict(x, verbose=0), rtol=1e-6)
+    # the default builds no dropout layers in the blocks
+    assert not any(layer.name.endswith("_drop") for layer in plain.layers)
+    with pytest.raises(ConfigError, match=r"'model.drop_path' must be a probability.*1.5"):
+        config.load_config(overrides=["model.name=resnet_small", "model.drop_path=1.5"])
+    with pytest.raises(ConfigError, match=r"'model.drop_path' drops resnet_small.*paper_cnn"):
+        config.load_config(overrides=["model.drop_path=0.1"])
+
+
 def test_box_head_is_a_second_output_and_the_classifier_shares_its_weights():
     m = model.build_model(ModelConfig("resnet_small", box_head=True), (128, 128, 1))
     assert model.has_box_head(m) and len(m.outputs) == 2
