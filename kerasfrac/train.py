@@ -186,8 +186,9 @@ def mixup_draw(n, alpha: float, seed: int, iteration, replica=0) -> tuple:
 
 def mixup(images, targets: list, lam, partner) -> tuple:
     """Blend each example with ``partner[i]`` of the same batch: ``images`` and every tensor
-    of ``targets`` (labels, box-cell targets, box weights: the first axis is the batch) as
-    ``lam * t + (1 - lam) * t[partner]``, ``lam`` [n, 1] broadcast over the other axes."""
+    of ``targets`` (labels, box-cell targets: the first axis is the batch) as
+    ``lam * t + (1 - lam) * t[partner]``, ``lam`` [n, 1] broadcast over the other axes. Box
+    weights are not blended: see ``mixup_box_weights``."""
 
     def blend(t):
         t = tf.cast(t, tf.float32)
@@ -196,6 +197,15 @@ def mixup(images, targets: list, lam, partner) -> tuple:
 
     mixed = tf.cast(blend(images), images.dtype)
     return mixed, [blend(t) for t in targets]
+
+
+def mixup_box_weights(box_weights, partner) -> tf.Tensor:
+    """The box weight of each blended image: the smaller of its two images' weights. A
+    fractured image without boxes (weight 0) has unknown cell targets, so a blend with it has
+    too; blending the weights instead would train such cells towards a normal partner's zeros
+    with weight 1 - lam."""
+    w = tf.cast(box_weights, tf.float32)
+    return tf.minimum(w, tf.gather(w, partner))
 
 
 def step_options(t) -> dict:
@@ -253,11 +263,11 @@ def make_train_step(
                 lam, partner = mixup_draw(
                     tf.shape(images)[0], mixup_alpha, seed, optimizer.iterations, replica
                 )
-                extra = [cells, bw] if cells is not None else []
+                extra = [cells] if cells is not None else []
                 images, mixed = mixup(images, [y, *extra], lam, partner)
                 y = mixed[0]
                 if cells is not None:
-                    cells, bw = mixed[1:]
+                    cells, bw = mixed[1], mixup_box_weights(bw, partner)
             with tf.GradientTape() as tape:
                 outputs = model(images, training=True)
                 probs = tf.cast(outputs[0] if box_head else outputs, tf.float32)
