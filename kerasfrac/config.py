@@ -159,7 +159,9 @@ class TrainConfig:
     class_weight: str = "none"
     #: Mixup (Zhang et al. 2018): each training image is blended with another image of its
     #: batch, x = lam x_i + (1 - lam) x_j, and so are its label and box-cell targets, with
-    #: lam ~ Beta(mixup, mixup) folded to >= 0.5 (image i dominates). 0 = off; 0.2-0.4 usual.
+    #: lam ~ Beta(mixup, mixup) folded to >= 0.5 (image i dominates); the box weight is the
+    #: smaller of the two images' (boxless fractured images have unknown cells). 0 = off;
+    #: 0.2-0.4 usual.
     mixup: float = 0.0
     #: Weight of the box heat-map loss (model.box_head): mean pixel BCE per image, counted
     #: for normal images and for fractured images that have boxes.
