@@ -163,6 +163,12 @@ class TrainConfig:
     #: smaller of the two images' (boxless fractured images have unknown cells). 0 = off;
     #: 0.2-0.4 usual.
     mixup: float = 0.0
+    #: Copy-paste of fractures (model.box_head only): each training image receives, with this
+    #: probability, the fracture box of another image of its batch, pasted at the same place
+    #: with feathered edges; it is then labelled fractured and its box mask gains the pasted
+    #: box. Fractures appear in new contexts (other bones, other hardware), against the
+    #: shortcuts of the no-anatomy baseline. 0 = off.
+    box_paste: float = 0.0
     #: Weight of the box heat-map loss (model.box_head): mean pixel BCE per image, counted
     #: for normal images and for fractured images that have boxes.
     box_loss_weight: float = 1.0
@@ -485,6 +491,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"config key 'train.mixup' must be >= 0 (the Beta distribution's alpha; 0 = off, "
             f"0.2-0.4 usual); got {t.mixup!r}"
+        )
+    if not 0.0 <= t.box_paste <= 1.0:  # NaN fails too
+        raise ConfigError(
+            f"config key 'train.box_paste' must be a probability in [0, 1] (0 = off); "
+            f"got {t.box_paste!r}"
+        )
+    if t.box_paste and not cfg.model.box_head:
+        raise ConfigError(
+            "config key 'train.box_paste' pastes fracture boxes, which reach training only "
+            "with model.box_head=true: set it, or remove train.box_paste"
         )
     if not (math.isfinite(t.box_loss_weight) and t.box_loss_weight >= 0):
         raise ConfigError(

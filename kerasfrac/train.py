@@ -208,6 +208,54 @@ def mixup_box_weights(box_weights, partner) -> tf.Tensor:
     return tf.minimum(w, tf.gather(w, partner))
 
 
+def box_paste_draw(n, rate: float, seed: int, iteration, replica=0) -> tuple:
+    """``(chosen, partner)`` of one training step for ``train.box_paste``: which images
+    receive a paste (each with probability ``rate``) and from which image of the batch,
+    drawn from the run's ``seed``, the optimizer's ``iteration`` and the ``replica``."""
+    step_seed = tf.stack([tf.cast(seed, tf.int64), tf.cast(iteration, tf.int64)])
+    step_seed += tf.cast(tf.stack([104_729, tf.cast(replica, tf.int64) * 1_000_003]), tf.int64)
+    chosen = tf.random.stateless_uniform([n], step_seed) < rate
+    partner = tf.random.experimental.stateless_shuffle(
+        tf.range(n), seed=step_seed + tf.constant([7919, 0], tf.int64)
+    )
+    return chosen, partner
+
+
+def box_paste(
+    images, labels, masks, chosen, partner, feather: int = 9, min_brightness: float = 0.7
+) -> tuple:
+    """Copy-paste of fractures (after Ghiasi et al. 2021, with FracAtlas' boxes): where
+    ``chosen[i]`` and image ``partner[i]`` has a fracture box, the pixels of that box are
+    pasted into image i at the same place (the model's input frame is the same for every
+    image), their edges blended over ``feather`` pixels so that a seam is not what marks a
+    fracture. Only bone onto bone: the paste happens where image i's mean inside the box is at
+    least ``min_brightness`` times the donor's there (not a fracture floating on the
+    background, which would teach "a bright patch on black is a fracture"). Image i then
+    shows a fracture: its label becomes 1 and its box mask the union of both. Its box weight
+    stays its own (a fractured image without boxes keeps unknown cells outside the paste).
+    ``images`` [n, H, W, C], ``labels`` [n], ``masks`` [n, H, W, 1] in [0, 1]; returns
+    ``(images, labels, masks)``."""
+    dtype = images.dtype
+    x = tf.cast(images, tf.float32)
+    m = tf.cast(masks, tf.float32)
+    donor = tf.cast(tf.gather(m, partner) > 0.5, tf.float32)
+    area = tf.reduce_sum(donor, axis=[1, 2, 3])
+    mine = tf.reduce_sum(tf.reduce_mean(x, -1, keepdims=True) * donor, [1, 2, 3])
+    theirs = tf.reduce_sum(
+        tf.reduce_mean(tf.gather(x, partner), -1, keepdims=True) * donor, [1, 2, 3]
+    )
+    bone_on_bone = mine >= min_brightness * theirs
+    do = tf.logical_and(tf.cast(chosen, tf.bool), tf.logical_and(area > 0.0, bone_on_bone))
+    # feathered edge: the box's mask averaged over a feather x feather window, so alpha
+    # ramps from 0 outside to 1 inside over about feather / 2 pixels on each side
+    alpha = tf.nn.avg_pool2d(donor, feather, 1, "SAME") if feather > 1 else donor
+    alpha = alpha * tf.reshape(tf.cast(do, tf.float32), [-1, 1, 1, 1])
+    pasted = x * (1.0 - alpha) + tf.gather(x, partner) * alpha
+    y = tf.where(do, tf.ones_like(tf.cast(labels, tf.float32)), tf.cast(labels, tf.float32))
+    union = tf.where(tf.reshape(do, [-1, 1, 1, 1]), tf.maximum(m, donor), m)
+    return tf.cast(pasted, dtype), tf.cast(y, labels.dtype), tf.cast(union, masks.dtype)
+
+
 def step_options(t) -> dict:
     """The keyword arguments of ``make_train_step`` that come from the ``train`` config section
     (class weights aside, which need the build): one place, so that training and
@@ -216,6 +264,7 @@ def step_options(t) -> dict:
         "label_smoothing": t.label_smoothing,
         "box_loss_weight": t.box_loss_weight,
         "mixup_alpha": t.mixup,
+        "box_paste_rate": t.box_paste,
         "seed": t.seed,
     }
 
@@ -229,6 +278,7 @@ def make_train_step(
     weights: tuple[float, float] | None = None,
     box_loss_weight: float = 0.0,
     mixup_alpha: float = 0.0,
+    box_paste_rate: float = 0.0,
     seed: int = 0,
 ):
     """The one training step for every strategy: ``step(iterator, stop_flag)`` runs a global
@@ -245,6 +295,10 @@ def make_train_step(
     ``mixup_alpha`` > 0 (``train.mixup``): each replica blends its batch with a shuffle of
     itself (``mixup``), the weights drawn from ``seed`` and the optimizer's step count; the
     class weight and the reported label are those of the dominant image (lam >= 0.5).
+
+    ``box_paste_rate`` > 0 (``train.box_paste``, a box-head model fed masks): before mixup, each
+    image receives with this probability the fracture box of another image of its batch
+    (``box_paste``); its label (reported, class-weighted and trained) becomes 1.
     """
     optimizer = model.optimizer
     box_head = has_box_head(model)
@@ -252,6 +306,12 @@ def make_train_step(
     @tf.function
     def train_step(iterator, stop_flag):
         def step_fn(images, labels, masks=None, box_weights=None):
+            if box_paste_rate and masks is not None:
+                replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+                chosen, donors = box_paste_draw(
+                    tf.shape(images)[0], box_paste_rate, seed, optimizer.iterations, replica
+                )
+                images, labels, masks = box_paste(images, labels, masks, chosen, donors)
             y = tf.reshape(tf.cast(labels, tf.float32), [-1, 1])
             cells = bw = None
             if box_head and masks is not None:

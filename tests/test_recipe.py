@@ -315,6 +315,8 @@ def test_best_config_loads(monkeypatch):
         ("train.box_loss_weight=-1", "train.box_loss_weight"),
         ("train.mixup=-0.2", "train.mixup"),
         ("train.mixup=.nan", "train.mixup"),
+        ("train.box_paste=1.5", "train.box_paste"),
+        ("train.box_paste=.nan", "train.box_paste"),
     ],
 )
 def test_bad_recipe_values_name_the_key(override, key):
@@ -558,6 +560,90 @@ def test_train_step_with_mixup_trains_on_blended_targets():
     # the next step draws anew
     lam2, _ = train.mixup_draw(8, 0.4, 1, iteration + 1)
     assert np.abs(lam2.numpy() - lam).max() > 1e-3
+
+
+def test_box_paste_moves_a_fracture_box_into_another_image():
+    rng = np.random.default_rng(4)
+    images = rng.random((4, 32, 32, 1), dtype="float32")
+    labels = np.array([0.0, 1.0, 1.0, 0.0], "float32")
+    masks = np.zeros((4, 32, 32, 1), "float32")
+    masks[1, 8:16, 10:20] = 1.0  # image 1: a boxed fracture
+    masks[2, 20:28, 2:8] = 1.0  # image 2 too
+    chosen = np.array([True, True, True, False])
+    partner = np.array([1, 2, 3, 1])  # 0 <- 1, 1 <- 2, 2 <- 3 (normal: nothing), 3 not chosen
+    x, y, m = train.box_paste(
+        tf.constant(images), tf.constant(labels), tf.constant(masks), chosen, partner, feather=3
+    )
+    x, y, m = x.numpy(), y.numpy(), m.numpy()
+    # image 0 (normal) now shows image 1's fracture: its box's inside is image 1's pixels
+    # (the feather, 3 px, only touches the box's edge pixels), far outside it is untouched
+    np.testing.assert_allclose(x[0, 9:15, 11:19], images[1, 9:15, 11:19], rtol=1e-6)
+    np.testing.assert_allclose(x[0, 20:, :], images[0, 20:, :], rtol=1e-6)
+    np.testing.assert_allclose(x[0, :, 22:], images[0, :, 22:], rtol=1e-6)
+    edge = x[0, 8, 12]  # on the box's edge: a blend of the two
+    assert min(images[0, 8, 12, 0], images[1, 8, 12, 0]) < edge + 1e-6
+    assert edge < max(images[0, 8, 12, 0], images[1, 8, 12, 0]) + 1e-6
+    assert y.tolist() == [1.0, 1.0, 1.0, 0.0]  # 0 became fractured, 2 and 3 unchanged
+    np.testing.assert_array_equal(m[0], masks[1])
+    np.testing.assert_array_equal(m[1], np.maximum(masks[1], masks[2]))  # both boxes
+    # a donor without a box pastes nothing; an image not chosen is untouched
+    for i in (2, 3):
+        np.testing.assert_array_equal(x[i], images[i])
+        np.testing.assert_array_equal(m[i], masks[i])
+    # bone onto bone only: where image 0 is black under image 1's box, nothing is pasted
+    dark = images.copy()
+    dark[0, 6:18, 8:22] = 0.02
+    x, y, m = train.box_paste(
+        tf.constant(dark), tf.constant(labels), tf.constant(masks), chosen, partner, feather=3
+    )
+    np.testing.assert_array_equal(x.numpy()[0], dark[0])
+    assert y.numpy()[0] == 0.0 and m.numpy()[0].max() == 0.0
+
+
+def test_box_paste_needs_the_box_head():
+    with pytest.raises(ConfigError, match=r"'train.box_paste'.*model.box_head=true"):
+        config.load_config(overrides=["model.name=resnet_small", "train.box_paste=0.3"])
+    cfg = config.load_config(
+        overrides=["model.name=resnet_small", "model.box_head=true", "train.box_paste=0.3"]
+    )
+    assert train.step_options(cfg.train)["box_paste_rate"] == 0.3
+
+
+def test_box_paste_draws_are_seeded_at_the_asked_rate():
+    chosen, partner = train.box_paste_draw(4000, 0.3, 5, tf.constant(7))
+    again, partner2 = train.box_paste_draw(4000, 0.3, 5, tf.constant(7))
+    other, _ = train.box_paste_draw(4000, 0.3, 5, tf.constant(8))
+    np.testing.assert_array_equal(chosen, again)
+    np.testing.assert_array_equal(partner, partner2)
+    assert sorted(partner.numpy().tolist()) == list(range(4000))  # a permutation
+    assert np.mean(chosen.numpy()) == pytest.approx(0.3, abs=0.03)  # sd 0.007
+    assert np.mean(chosen.numpy() != other.numpy()) > 0.2  # the next step draws anew
+
+
+def test_train_step_with_box_paste_trains_on_the_pasted_images_and_labels():
+    m = _compiled("resnet_small", box_head=True, size=64)
+    strategy = tf.distribute.get_strategy()
+    rng = np.random.default_rng(3)
+    images = rng.random((8, 64, 64, 1), dtype="float32")
+    labels = np.array([1, 0] * 4, "float32")
+    masks = np.zeros((8, 64, 64, 1), "float32")
+    masks[0::2, 8:30, 34:60] = 1.0  # every fractured image has a box
+    weights = np.ones(8, "float32")
+    batch = tf.data.Dataset.from_tensors((images, labels, masks, weights)).repeat()
+    step = train.make_train_step(m, strategy, 8, box_paste_rate=1.0, seed=3)
+    iteration = int(m.optimizer.iterations.numpy())
+    loss, probs, y, _ = step(iter(batch), tf.constant(0))
+    chosen, partner = train.box_paste_draw(8, 1.0, 3, iteration)
+    px, py, _ = train.box_paste(
+        tf.constant(images), tf.constant(labels), tf.constant(masks), chosen, partner
+    )
+    want_y = np.maximum(labels, labels[partner.numpy()])  # a donor with a box makes it 1
+    assert want_y.sum() > labels.sum()  # some normal images received a fracture
+    np.testing.assert_array_equal(y.numpy(), want_y)  # reported labels: the pasted ones
+    np.testing.assert_array_equal(py.numpy(), want_y)
+    p = np.asarray(m(px, training=True)[0]).ravel()  # lr 0: the step's weights
+    np.testing.assert_allclose(probs.numpy(), p, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(p, np.asarray(m(images, training=True)[0]).ravel(), atol=1e-6)
 
 
 def test_flip_tta_averages_the_image_and_its_mirror():
