@@ -81,6 +81,21 @@ def assert_same_examples(tfds_examples: list[dict], ours: list[dict]) -> None:
         np.testing.assert_array_equal(t["image"][..., : expect.shape[-1]], expect)
 
 
+def test_a_build_leaves_nothing_in_the_temp_folder(phantoms, tmp_path, monkeypatch):
+    """TFDS' builder, constructed on a folder not yet prepared, looks for a dataset info on
+    GCS (off) after making an empty temporary folder it never removes: one per build, left in
+    the user's /tmp. kerasfrac's builders remove it."""
+    import tempfile
+
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    build("synthetic", phantoms, tmp_path / "out", BuildOptions(**OPTS))
+    assert (tmp_path / "out" / "manifest.json").is_file()
+    assert tempfile.gettempdir() == str(system_tmp)  # restored
+    assert sorted(p.name for p in system_tmp.iterdir()) == []
+
+
 def test_tfds_reads_the_build_as_read_split_does(built):
     out, m = built
     builder = tfds.builder_from_directory(out)

@@ -20,6 +20,7 @@ import contextlib
 import io
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import tensorflow_datasets as tfds
@@ -77,7 +78,16 @@ class _KerasfracBuilder(tfds.core.dataset_builder.FileReaderBuilder):
         self.options = options if options is not None else build.BuildOptions()
         self.source = source
         self.manifest: dict | None = None
-        super().__init__(**kwargs)
+        # TFDS' constructor, on a folder not yet prepared, makes an empty temporary folder for
+        # a GCS look-up (off here) and never removes it: one per build left in /tmp. It is
+        # made inside a temporary folder of ours, removed on the way out.
+        with tempfile.TemporaryDirectory(prefix="kerasfrac-tfds-") as scratch:
+            system_tmp = tempfile.tempdir
+            tempfile.tempdir = scratch
+            try:
+                super().__init__(**kwargs)
+            finally:
+                tempfile.tempdir = system_tmp
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
