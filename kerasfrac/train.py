@@ -171,17 +171,27 @@ def mixup_lambdas(n, alpha: float, seed) -> tf.Tensor:
     return tf.maximum(lam, 1.0 - lam)
 
 
+def _step_seed(seed: int, iteration, replica, salt: int = 0) -> tf.Tensor:
+    """A stateless seed [2] for one training step's draws: the run's ``seed`` (plus ``salt``,
+    one per kind of draw), the optimizer's ``iteration`` and the ``replica`` (each replica
+    draws differently); a resumed run replays them."""
+    step_seed = tf.stack([tf.cast(seed, tf.int64), tf.cast(iteration, tf.int64)])
+    return step_seed + tf.cast(tf.stack([salt, tf.cast(replica, tf.int64) * 1_000_003]), tf.int64)
+
+
+def _partners(n, step_seed) -> tf.Tensor:
+    """A permutation of the batch's ``n`` indices: each example's partner in the step."""
+    return tf.random.experimental.stateless_shuffle(
+        tf.range(n), seed=step_seed + tf.constant([7919, 0], tf.int64)
+    )
+
+
 def mixup_draw(n, alpha: float, seed: int, iteration, replica=0) -> tuple:
     """``(lam, partner)`` of one training step: the mixing weights (``mixup_lambdas``) and a
     permutation of the batch, drawn from the run's ``seed``, the optimizer's ``iteration``
     and the ``replica`` (each replica blends its own batch differently)."""
-    step_seed = tf.stack([tf.cast(seed, tf.int64), tf.cast(iteration, tf.int64)])
-    step_seed += tf.cast(tf.stack([0, tf.cast(replica, tf.int64) * 1_000_003]), tf.int64)
-    lam = mixup_lambdas(n, alpha, step_seed)
-    partner = tf.random.experimental.stateless_shuffle(
-        tf.range(n), seed=step_seed + tf.constant([7919, 0], tf.int64)
-    )
-    return lam, partner
+    step_seed = _step_seed(seed, iteration, replica)
+    return mixup_lambdas(n, alpha, step_seed), _partners(n, step_seed)
 
 
 def mixup(images, targets: list, lam, partner) -> tuple:
@@ -212,13 +222,8 @@ def box_paste_draw(n, rate: float, seed: int, iteration, replica=0) -> tuple:
     """``(chosen, partner)`` of one training step for ``train.box_paste``: which images
     receive a paste (each with probability ``rate``) and from which image of the batch,
     drawn from the run's ``seed``, the optimizer's ``iteration`` and the ``replica``."""
-    step_seed = tf.stack([tf.cast(seed, tf.int64), tf.cast(iteration, tf.int64)])
-    step_seed += tf.cast(tf.stack([104_729, tf.cast(replica, tf.int64) * 1_000_003]), tf.int64)
-    chosen = tf.random.stateless_uniform([n], step_seed) < rate
-    partner = tf.random.experimental.stateless_shuffle(
-        tf.range(n), seed=step_seed + tf.constant([7919, 0], tf.int64)
-    )
-    return chosen, partner
+    step_seed = _step_seed(seed, iteration, replica, salt=104_729)
+    return tf.random.stateless_uniform([n], step_seed) < rate, _partners(n, step_seed)
 
 
 def box_paste(
@@ -239,18 +244,17 @@ def box_paste(
     x = tf.cast(images, tf.float32)
     m = tf.cast(masks, tf.float32)
     donor = tf.cast(tf.gather(m, partner) > 0.5, tf.float32)
+    donor_x = tf.gather(x, partner)
     area = tf.reduce_sum(donor, axis=[1, 2, 3])
     mine = tf.reduce_sum(tf.reduce_mean(x, -1, keepdims=True) * donor, [1, 2, 3])
-    theirs = tf.reduce_sum(
-        tf.reduce_mean(tf.gather(x, partner), -1, keepdims=True) * donor, [1, 2, 3]
-    )
+    theirs = tf.reduce_sum(tf.reduce_mean(donor_x, -1, keepdims=True) * donor, [1, 2, 3])
     bone_on_bone = mine >= min_brightness * theirs
     do = tf.logical_and(tf.cast(chosen, tf.bool), tf.logical_and(area > 0.0, bone_on_bone))
     # feathered edge: the box's mask averaged over a feather x feather window, so alpha
     # ramps from 0 outside to 1 inside over about feather / 2 pixels on each side
     alpha = tf.nn.avg_pool2d(donor, feather, 1, "SAME") if feather > 1 else donor
     alpha = alpha * tf.reshape(tf.cast(do, tf.float32), [-1, 1, 1, 1])
-    pasted = x * (1.0 - alpha) + tf.gather(x, partner) * alpha
+    pasted = x * (1.0 - alpha) + donor_x * alpha
     y = tf.where(do, tf.ones_like(tf.cast(labels, tf.float32)), tf.cast(labels, tf.float32))
     union = tf.where(tf.reshape(do, [-1, 1, 1, 1]), tf.maximum(m, donor), m)
     return tf.cast(pasted, dtype), tf.cast(y, labels.dtype), tf.cast(union, masks.dtype)
