@@ -194,6 +194,7 @@ def measure_train_step(cfg, steps: int, repeats: int) -> dict:
 
     from kerasfrac import data, kernels
     from kerasfrac.model import uses_fused_batchnorm
+    from tfrecords_builder.defaults import META_TARGETS
 
     shape = (cfg.train.batch_size, *data.image_shape(cfg.data))
     rng = np.random.default_rng(0)
@@ -204,6 +205,8 @@ def measure_train_step(cfg, steps: int, repeats: int) -> dict:
     if cfg.model.box_head:  # (image, label, box mask, box weight), as make_dataset gives
         masks = (rng.random((*shape[:3], 1)) > 0.95).astype(np.float32)
         batch += (tf.constant(masks), tf.ones([shape[0]], tf.float32))
+    if cfg.model.meta_head:  # ... then the metadata targets
+        batch += (tf.constant(rng.integers(0, 2, (shape[0], len(META_TARGETS))), tf.float32),)
     try:
         model, step = _model_and_step(cfg, cfg.train.precision)
         it = iter(tf.data.Dataset.from_tensors(batch).repeat())
@@ -281,6 +284,7 @@ def bench_fit(cfg, steps: int, repeats: int) -> dict:
             training=True,
             dataset=cfg.dataset,
             with_boxes=cfg.model.box_head,
+            with_meta=cfg.model.meta_head,
         )
         it = iter(ds.repeat())
         flag = tf.constant(0, tf.int32)

@@ -106,6 +106,12 @@ class ModelConfig:
     #: to be 1 on cells holding a fracture box and 0 elsewhere and on normal images
     #: (resnet_small and the keras.applications backbones; weight: train.box_loss_weight).
     box_head: bool = False
+    #: Multi-task supervision from FracAtlas' metadata: a further output (training only, not
+    #: in model.keras) predicting each image's body region, hardware, multiscan and view flags
+    #: (dataset.csv columns, tfrecords_builder.defaults.META_TARGETS) from the pooled features,
+    #: by a masked BCE weighted train.meta_loss_weight. FracAtlas only; resnet_small and the
+    #: keras.applications backbones.
+    meta_head: bool = False
     #: Classifier head (resnet_small and the keras.applications backbones): gap (global
     #: average pooling of the last feature map -> dropout -> Dense) | avgmax (each channel's
     #: average and maximum over the map, concatenated -> dropout -> Dense) | heatmap (the maximum of
@@ -172,6 +178,9 @@ class TrainConfig:
     #: Weight of the box heat-map loss (model.box_head): mean pixel BCE per image, counted
     #: for normal images and for fractured images that have boxes.
     box_loss_weight: float = 1.0
+    #: Weight of the metadata loss (model.meta_head): per image, the mean BCE over its known
+    #: metadata columns.
+    meta_loss_weight: float = 0.5
     #: Stop when val AUROC has not improved for this many epochs (None: never).
     early_stopping_patience: int | None = None
     #: Polyak averaging of the weights (the optimizer's use_ema): each step the average moves
@@ -505,6 +514,21 @@ def validate(cfg: Config) -> None:
     if not (math.isfinite(t.box_loss_weight) and t.box_loss_weight >= 0):
         raise ConfigError(
             f"config key 'train.box_loss_weight' must be >= 0; got {t.box_loss_weight!r}"
+        )
+    if not (math.isfinite(t.meta_loss_weight) and t.meta_loss_weight >= 0):
+        raise ConfigError(
+            f"config key 'train.meta_loss_weight' must be >= 0; got {t.meta_loss_weight!r}"
+        )
+    if cfg.model.meta_head and cfg.dataset != "fracatlas":
+        raise ConfigError(
+            f"config key 'model.meta_head' learns FracAtlas' dataset.csv columns, which "
+            f"{cfg.dataset!r} records do not carry: set model.meta_head=false"
+        )
+    if cfg.model.meta_head and cfg.model.name in ("paper_cnn", "vgg16"):
+        raise ConfigError(
+            f"config key 'model.meta_head' reads the pooled features of resnet_small and the "
+            f"keras.applications backbones; model.name is {cfg.model.name!r}: set "
+            "model.meta_head=false or model.name=resnet_small"
         )
     _positive("train.early_stopping_patience", t.early_stopping_patience, optional=True)
     if not (math.isfinite(t.ema_momentum) and 0.0 <= t.ema_momentum < 1.0):

@@ -34,6 +34,7 @@ import tensorflow as tf
 
 from kerasfrac.names import FLIPS, RESIZES
 from tfrecords_builder import schema
+from tfrecords_builder.defaults import META_TARGETS
 from tfrecords_builder.reader import Build, BuildOutputError
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -392,9 +393,12 @@ def _parse(serialized):
     return ex["encoded"], ex["label"], ex["image_id"]
 
 
-def _parse_with_boxes(serialized):
+def _parse_with_targets(serialized):
+    """The features of the auxiliary targets beside image, label and id: boxes, the original
+    height and width, and the ``META_TARGETS`` columns as float32 (-1 = unknown)."""
     ex = schema.parse_example(serialized)
-    return ex["encoded"], ex["label"], ex["image_id"], ex["boxes"], ex["height"], ex["width"]
+    meta = tf.stack([tf.cast(ex["meta"][c], tf.float32) for c in META_TARGETS])
+    return ex["encoded"], ex["label"], ex["image_id"], ex["boxes"], ex["height"], ex["width"], meta
 
 
 def _parse_image_label_id(serialized):
@@ -432,8 +436,10 @@ def _decode(data_cfg):
     return fn
 
 
-def _decode_with_boxes(data_cfg):
-    """(image with the box mask as an extra last channel, label, id, box-loss weight).
+def _decode_with_targets(data_cfg, with_boxes: bool, with_meta: bool):
+    """(image, label, id, *targets): with boxes, the image carries the box mask as an extra
+    last channel and the targets begin with the box-loss weight; with meta, they end with the
+    ``META_TARGETS`` vector.
 
     The mask rides along as a channel so that every geometric step after the cache (flips,
     flip-expand, the affine warp) moves image and boxes together. The weight is 0 for a
@@ -442,13 +448,18 @@ def _decode_with_boxes(data_cfg):
 
     decode = _decode(data_cfg)
 
-    def fn(encoded, label, image_id, boxes, height, width):
+    def fn(encoded, label, image_id, boxes, height, width, meta):
         image, y, image_id = decode(encoded, label, image_id)
-        mask = box_mask(boxes, height, width, data_cfg.image_size, data_cfg.resize)
-        mask = tf.cast(mask * 255.0, tf.uint8)  # 0/255: exactly 0/1 again after to_float
-        has_boxes = tf.shape(boxes)[0] > 0
-        weight = tf.cast(tf.logical_or(tf.equal(label, 0), has_boxes), tf.float32)
-        return tf.concat([image, mask], -1), y, image_id, weight
+        targets = ()
+        if with_boxes:
+            mask = box_mask(boxes, height, width, data_cfg.image_size, data_cfg.resize)
+            mask = tf.cast(mask * 255.0, tf.uint8)  # 0/255: exactly 0/1 again after to_float
+            image = tf.concat([image, mask], -1)
+            has_boxes = tf.shape(boxes)[0] > 0
+            targets += (tf.cast(tf.logical_or(tf.equal(label, 0), has_boxes), tf.float32),)
+        if with_meta:
+            targets += (meta,)
+        return (image, y, image_id, *targets)
 
     return fn
 
@@ -552,11 +563,14 @@ def make_dataset(
     *,
     dataset: str | None = None,
     with_boxes: bool = False,
+    with_meta: bool = False,
 ) -> tuple[tf.data.Dataset, int | None]:
     """``(dataset of (image, label) batches, steps_per_epoch or None)``.
 
     ``with_boxes`` (training only, for ``model.box_head``): batches of ``(image, label,
     box_mask, box_weight)``, the mask [S, S, 1] transformed with the image (``box_mask``).
+    ``with_meta`` (training only, for ``model.meta_head``): each batch ends with the
+    ``META_TARGETS`` columns, float32 [B, len(META_TARGETS)], -1 where unknown.
 
     ``training`` defaults to ``split == "train"``. Training with ``data_cfg.oversample``
     gives an infinite, class-balanced stream and its steps per epoch; without, the finite
@@ -579,9 +593,10 @@ def make_dataset(
     expand = data_cfg.flips == "expand"
     buffer = data_cfg.shuffle_buffer
     channels = image_shape(data_cfg)[-1]
-    parse = _parse_with_boxes if with_boxes else _parse
-    decode = _decode_with_boxes(data_cfg) if with_boxes else _decode(data_cfg)
-    tag = "-boxes" if with_boxes else ""
+    targets = with_boxes or with_meta
+    parse = _parse_with_targets if targets else _parse
+    decode = _decode_with_targets(data_cfg, with_boxes, with_meta) if targets else _decode(data_cfg)
+    tag = ("-boxes" if with_boxes else "") + ("-meta" if with_meta else "")
 
     if data_cfg.oversample:
         empty = [schema.LABEL_NAMES[c] for c, k in counts.items() if k == 0]
@@ -637,15 +652,13 @@ def make_dataset(
             lambda el, s: (augment(el[0], s, data_cfg, channels), *el[1:]),
             num_parallel_calls=AUTOTUNE,
         )
-    if with_boxes:
-        ds = ds.map(
-            lambda x, label, image_id, weight: (
-                x[..., :channels],
-                label,
-                x[..., channels:],
-                weight,
-            ),
-            num_parallel_calls=AUTOTUNE,
-        )
+    if targets:
+
+        def split(x, label, image_id, *rest):
+            if not with_boxes:
+                return (x, label, *rest)
+            return (x[..., :channels], label, x[..., channels:], *rest)
+
+        ds = ds.map(split, num_parallel_calls=AUTOTUNE)
         return ds.batch(batch_size).prefetch(AUTOTUNE), steps
     return _finish(ds, batch_size, with_ids=False), steps

@@ -21,6 +21,7 @@ import keras
 import tensorflow as tf
 
 from kerasfrac.names import BOX_STRIDES, CELL_HEADS, HEADS, MODEL_NAMES
+from tfrecords_builder.defaults import META_TARGETS
 
 LOGIT = "logit"
 PROB = "prob"
@@ -29,6 +30,9 @@ PROB = "prob"
 BOX_HEATMAP = "box_heatmap"
 #: The 1x1 conv giving each cell's fracture logit (model.box_head, model.head: heatmap).
 BOX_LOGITS = "box_logits"
+#: Optional output (``model.meta_head``): logits of FracAtlas' metadata columns
+#: (``META_TARGETS``: body region, hardware, view) from the pooled features; training only.
+META_LOGITS = "meta_logits"
 #: The last feature map of the models with a global-average-pooling head (Grad-CAM's layer).
 FEATURES = "features"
 
@@ -282,7 +286,9 @@ def _bn(bn_momentum: float, sync: bool, fused: bool, name: str):
     return cls(momentum=bn_momentum, synchronized=sync, name=name)
 
 
-def _outputs(features, box_head: bool, dropout: float, head: str = "gap", fine=None):
+def _outputs(
+    features, box_head: bool, dropout: float, head: str = "gap", fine=None, meta_targets: int = 0
+):
     """The heads on the last feature map ``features``.
 
     ``gap``: global average pooling -> dropout -> ``logit``; the box head (``box_head``) is a
@@ -304,6 +310,12 @@ def _outputs(features, box_head: bool, dropout: float, head: str = "gap", fine=N
     ``fine``: a feature map of twice the resolution (``model.box_stride: 16``); the cells are
     then read from it and from ``features`` resized to it, concatenated, so the heat map has
     4x as many cells and its gradient reaches both stages.
+
+    ``meta_targets`` > 0 (``model.meta_head``): a further output, ``meta_logits``, a linear
+    layer on the global average of ``features`` (before dropout) giving one logit per metadata
+    column: multi-task supervision of the features by what each X-ray shows (region, view,
+    hardware). Outputs in order: ``prob``, then ``box_heatmap``, then ``meta_logits``, each
+    where present; a single output is returned bare.
     """
     if head not in HEADS:
         raise ValueError(f"model.head must be one of {HEADS}; got {head!r}")
@@ -315,10 +327,16 @@ def _outputs(features, box_head: bool, dropout: float, head: str = "gap", fine=N
             up = keras.layers.Resizing(height, width, "bilinear", name="box_up")(features)
             source = keras.layers.Concatenate(name="box_features")([up, fine])
         cells = keras.layers.Conv2D(1, 1, name=BOX_LOGITS)(source)
+    meta = None
     if head == "heatmap":
         x = keras.layers.GlobalMaxPooling2D(name="gmp")(cells)
+        if meta_targets:
+            pooled = keras.layers.GlobalAveragePooling2D(name="meta_gap")(features)
+            meta = keras.layers.Dense(meta_targets, dtype="float32", name=META_LOGITS)(pooled)
     else:
         x = keras.layers.GlobalAveragePooling2D(name="gap")(features)
+        if meta_targets:
+            meta = keras.layers.Dense(meta_targets, dtype="float32", name=META_LOGITS)(x)
         if head == "avgmax":
             peak = keras.layers.GlobalMaxPooling2D(name="gmp")(features)
             x = keras.layers.Concatenate(name="avgmax")([x, peak])
@@ -334,9 +352,12 @@ def _outputs(features, box_head: bool, dropout: float, head: str = "gap", fine=N
             x = keras.layers.Concatenate(name="gap_attention")([x, pooled])
         x = keras.layers.Dropout(dropout, name="dropout")(x) if dropout else x
     _, prob = _head(x, monotone=head == "heatmap")
-    if not box_head:
-        return prob
-    return [prob, keras.layers.Activation("sigmoid", dtype="float32", name=BOX_HEATMAP)(cells)]
+    outputs = [prob]
+    if box_head:
+        outputs.append(keras.layers.Activation("sigmoid", dtype="float32", name=BOX_HEATMAP)(cells))
+    if meta is not None:
+        outputs.append(meta)
+    return outputs if len(outputs) > 1 else prob
 
 
 def resnet_small(
@@ -351,6 +372,7 @@ def resnet_small(
     head: str = "gap",
     box_stride: int = 32,
     drop_path: float = 0.0,
+    meta_targets: int = 0,
 ) -> keras.Model:
     """A compact pre-activation ResNet (He et al. 2016, "Identity mappings") for X-rays.
 
@@ -417,7 +439,7 @@ def resnet_small(
     if box_stride == 16 and (box_head or head in CELL_HEADS):
         fine = _bn(bn_momentum, sync, fused, "box_fine_bn")(stage3)
         fine = keras.layers.ReLU(name="box_fine_relu")(fine)
-    outputs = _outputs(features, box_head, dropout, head, fine)
+    outputs = _outputs(features, box_head, dropout, head, fine, meta_targets)
     return keras.Model(inputs, outputs, name="resnet_small")
 
 
@@ -437,6 +459,7 @@ def application(
     box_head: bool = False,
     dropout: float = 0.2,
     head: str = "gap",
+    meta_targets: int = 0,
 ) -> keras.Model:
     """A ``keras.applications`` backbone (``resnet50v2`` or ``efficientnetv2b0``) + our head.
 
@@ -472,7 +495,8 @@ def application(
             if layer.weights:
                 base.get_layer(layer.name).set_weights(layer.get_weights())
     features = keras.layers.Activation("linear", name=FEATURES)(base.output)
-    return keras.Model(inputs, _outputs(features, box_head, dropout, head), name=name)
+    outputs = _outputs(features, box_head, dropout, head, meta_targets=meta_targets)
+    return keras.Model(inputs, outputs, name=name)
 
 
 def _weights_file(weights: str) -> Path:
@@ -485,11 +509,12 @@ def _weights_file(weights: str) -> Path:
     return path
 
 
-def _no_box_head(name: str, box_head: bool, head: str = "gap") -> None:
-    if box_head or head != "gap":
+def _no_box_head(name: str, box_head: bool, head: str = "gap", meta_targets: int = 0) -> None:
+    if box_head or head != "gap" or meta_targets:
         raise ValueError(
-            f"model.box_head and model.head other than gap are not available for {name} "
-            f"(got box_head={box_head}, head={head!r}; its "
+            f"model.box_head, model.meta_head and model.head other than gap are not available "
+            f"for {name} (got box_head={box_head}, meta_head={bool(meta_targets)}, "
+            f"head={head!r}; its "
             "Flatten/VGG head has no global-pooling feature map to supervise); use "
             "model.name=resnet_small, resnet50v2 or efficientnetv2b0"
         )
@@ -503,8 +528,9 @@ def _build_paper_cnn(
     fused_batchnorm=False,
     box_head=False,
     head="gap",
+    meta_targets=0,
 ) -> keras.Model:
-    _no_box_head("paper_cnn", box_head, head)
+    _no_box_head("paper_cnn", box_head, head, meta_targets)
     if weights == "imagenet":
         raise ValueError(
             "paper_cnn has no ImageNet weights; use model.weights=none, a weights file, "
@@ -524,9 +550,10 @@ def _build_vgg16(
     fused_batchnorm=False,
     box_head=False,
     head="gap",
+    meta_targets=0,
 ):
     """VGG16 has no BatchNorm: the three BatchNorm arguments do not apply."""
-    _no_box_head("vgg16", box_head, head)
+    _no_box_head("vgg16", box_head, head, meta_targets)
     if weights == "none":
         return vgg16(input_shape, None)
     if weights == "imagenet":
@@ -546,6 +573,7 @@ def _build_resnet_small(
     blocks_per_stage=None,
     box_stride=None,
     drop_path=None,
+    meta_targets=0,
 ) -> keras.Model:
     if weights == "imagenet":
         raise ValueError(
@@ -569,6 +597,7 @@ def _build_resnet_small(
         fused_batchnorm=fused_batchnorm,
         box_head=box_head,
         head=head,
+        meta_targets=meta_targets,
     )
     if weights != "none":
         model.load_weights(str(_weights_file(weights)))
@@ -584,12 +613,15 @@ def _application_builder(name: str):
         fused_batchnorm=False,
         box_head=False,
         head="gap",
+        meta_targets=0,
     ) -> keras.Model:
         """The backbone keeps Keras' own BatchNorm layers and momenta."""
         if weights not in ("none", "imagenet"):
             weights = str(_weights_file(weights))
         weights = None if weights == "none" else weights
-        return application(name, input_shape, weights, box_head, head=head)
+        return application(
+            name, input_shape, weights, box_head, head=head, meta_targets=meta_targets
+        )
 
     return build
 
@@ -601,7 +633,7 @@ _BUILDERS = {
     **{name: _application_builder(name) for name in _APPLICATIONS},
 }
 #: name -> builder(input_shape, weights, bn_momentum, sync_batchnorm, fused_batchnorm,
-#: box_head, head=...; resnet_small also width=, blocks_per_stage=, box_stride=,
+#: box_head, head=..., meta_targets=...; resnet_small also width=, blocks_per_stage=, box_stride=,
 #: drop_path=), for each of
 #: ``names.MODEL_NAMES`` (a name without a builder fails at import).
 MODELS: dict[str, Callable[..., keras.Model]] = {name: _BUILDERS[name] for name in MODEL_NAMES}
@@ -612,8 +644,9 @@ def build_model(
 ) -> keras.Model:
     """Build ``cfg_model.name`` (a ``config.ModelConfig``) for images of ``input_shape``;
     ``fused_batchnorm`` is set by ``train.fast`` (see ``FusedBatchNormalization``). With
-    ``cfg_model.box_head`` the model has two outputs, ``[prob, box_heatmap]``; ``classifier``
-    gives the one-output model that is saved and evaluated."""
+    ``cfg_model.box_head`` the model has two outputs, ``[prob, box_heatmap]``, with
+    ``cfg_model.meta_head`` also ``meta_logits`` (last); ``classifier`` gives the one-output
+    model that is saved and evaluated."""
     name = cfg_model.name
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
@@ -633,6 +666,7 @@ def build_model(
         fused_batchnorm,
         getattr(cfg_model, "box_head", False),
         head=getattr(cfg_model, "head", "gap"),
+        meta_targets=len(META_TARGETS) if getattr(cfg_model, "meta_head", False) else 0,
         **sizes,
     )
 
@@ -648,8 +682,18 @@ def predict_probs(model: keras.Model, images, tta: str = "none") -> tf.Tensor:
 
 
 def has_box_head(model: keras.Model) -> bool:
-    """Whether ``model`` outputs the heat map beside the probability (``[prob, heatmap]``)."""
-    return len(model.outputs) == 2
+    """Whether ``model`` outputs the box heat map beside the probability."""
+    return BOX_HEATMAP in model.output_names
+
+
+def has_meta_head(model: keras.Model) -> bool:
+    """Whether ``model`` outputs metadata logits (``model.meta_head``)."""
+    return META_LOGITS in model.output_names
+
+
+def output_index(model: keras.Model, name: str) -> int:
+    """The position of output ``name`` (``PROB``, ``BOX_HEATMAP``, ``META_LOGITS``)."""
+    return model.output_names.index(name)
 
 
 def classifier(model: keras.Model) -> keras.Model:
@@ -658,6 +702,15 @@ def classifier(model: keras.Model) -> keras.Model:
     if len(model.outputs) == 1:
         return model
     return keras.Model(model.inputs, model.get_layer(PROB).output, name=model.name)
+
+
+def box_model(model: keras.Model) -> keras.Model:
+    """The ``[prob, box_heatmap]`` model of a model with a box head (box_model.keras, which
+    explain's boxmap reads): ``model`` without its training-only metadata output."""
+    if not has_meta_head(model):
+        return model
+    outputs = [model.get_layer(PROB).output, model.get_layer(BOX_HEATMAP).output]
+    return keras.Model(model.inputs, outputs, name=model.name)
 
 
 # --------------------------------------------------------------------------- layer lookups

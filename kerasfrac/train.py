@@ -37,11 +37,16 @@ from kerasfrac.checkpoint import RunDirError, has_unfinished_run, prepare_run_di
 from kerasfrac.config import Config
 from kerasfrac.metrics import bce_per_example, epoch_metrics, split_metrics
 from kerasfrac.model import (
+    BOX_HEATMAP,
+    META_LOGITS,
+    box_model,
     build_model,
     classifier,
     float32_compute,
     has_box_head,
+    has_meta_head,
     load_model,
+    output_index,
     plain_keras,
     predict_probs,
     uses_fused_batchnorm,
@@ -267,10 +272,23 @@ def step_options(t) -> dict:
     return {
         "label_smoothing": t.label_smoothing,
         "box_loss_weight": t.box_loss_weight,
+        "meta_loss_weight": t.meta_loss_weight,
         "mixup_alpha": t.mixup,
         "box_paste_rate": t.box_paste,
         "seed": t.seed,
     }
+
+
+def meta_loss(targets, logits) -> tf.Tensor:
+    """Per image, the mean sigmoid BCE between metadata ``logits`` and ``targets`` ([B, K],
+    0/1, or blended by mixup) over its known columns (targets < 0 are unknown and count
+    nothing); 0 for an image with none known."""
+    targets = tf.cast(targets, tf.float32)
+    known = tf.cast(targets >= 0.0, tf.float32)
+    bce = tf.nn.sigmoid_cross_entropy_with_logits(
+        labels=tf.maximum(targets, 0.0), logits=tf.cast(logits, tf.float32)
+    )
+    return tf.reduce_sum(bce * known, -1) / tf.maximum(tf.reduce_sum(known, -1), 1.0)
 
 
 def make_train_step(
@@ -281,6 +299,7 @@ def make_train_step(
     label_smoothing: float = 0.0,
     weights: tuple[float, float] | None = None,
     box_loss_weight: float = 0.0,
+    meta_loss_weight: float = 0.0,
     mixup_alpha: float = 0.0,
     box_paste_rate: float = 0.0,
     seed: int = 0,
@@ -294,7 +313,8 @@ def make_train_step(
     smoothed label, times the class weight (``weights`` = (normal, fractured)), plus, for a
     model with a box head fed batches of ``(image, label, box_mask, box_weight)``,
     ``box_loss_weight`` x box_weight x the mean pixel BCE between the heat map and the
-    cells of the heat-map grid that a fracture box touches.
+    cells of the heat-map grid that a fracture box touches; for a model with a metadata head
+    fed batches that end with the metadata targets, ``meta_loss_weight`` x ``meta_loss``.
 
     ``mixup_alpha`` > 0 (``train.mixup``): each replica blends its batch with a shuffle of
     itself (``mixup``), the weights drawn from ``seed`` and the optimizer's step count; the
@@ -305,11 +325,19 @@ def make_train_step(
     (``box_paste``); its label (reported, class-weighted and trained) becomes 1.
     """
     optimizer = model.optimizer
-    box_head = has_box_head(model)
+    box_head, meta_head = has_box_head(model), has_meta_head(model)
+    box_out = output_index(model, BOX_HEATMAP) if box_head else None
+    meta_out = output_index(model, META_LOGITS) if meta_head else None
 
     @tf.function
     def train_step(iterator, stop_flag):
-        def step_fn(images, labels, masks=None, box_weights=None):
+        def step_fn(images, labels, *targets):
+            # make_dataset's batches: (image, label[, box mask, box weight][, metadata])
+            masks = box_weights = meta = None
+            if len(targets) in (2, 3):
+                masks, box_weights = targets[:2]
+            if len(targets) in (1, 3):
+                meta = targets[-1]
             if box_paste_rate and masks is not None:
                 replica = tf.distribute.get_replica_context().replica_id_in_sync_group
                 chosen, donors = box_paste_draw(
@@ -319,7 +347,7 @@ def make_train_step(
             y = tf.reshape(tf.cast(labels, tf.float32), [-1, 1])
             cells = bw = None
             if box_head and masks is not None:
-                grid = model.outputs[1].shape[1:3]
+                grid = model.outputs[box_out].shape[1:3]
                 cells = tf.cast(tf.image.resize(masks, grid, "area") > 0.0, tf.float32)
                 bw = tf.cast(box_weights, tf.float32)
             if mixup_alpha:
@@ -327,14 +355,17 @@ def make_train_step(
                 lam, partner = mixup_draw(
                     tf.shape(images)[0], mixup_alpha, seed, optimizer.iterations, replica
                 )
-                extra = [cells] if cells is not None else []
+                extra = [t for t in (cells, meta) if t is not None]
                 images, mixed = mixup(images, [y, *extra], lam, partner)
                 y = mixed[0]
                 if cells is not None:
                     cells, bw = mixed[1], mixup_box_weights(bw, partner)
+                if meta is not None:  # blended where both images know the column
+                    unknown = tf.minimum(meta, tf.gather(meta, partner)) < 0.0
+                    meta = tf.where(unknown, -1.0, mixed[-1])
             with tf.GradientTape() as tape:
                 outputs = model(images, training=True)
-                probs = tf.cast(outputs[0] if box_head else outputs, tf.float32)
+                probs = tf.cast(outputs[0] if box_head or meta_head else outputs, tf.float32)
                 target = y
                 if label_smoothing:
                     target = y * (1.0 - label_smoothing) + 0.5 * label_smoothing
@@ -342,9 +373,11 @@ def make_train_step(
                 if weights is not None:
                     per_example *= tf.where(labels > 0.5, weights[1], weights[0])
                 if cells is not None:
-                    heat = tf.cast(outputs[1], tf.float32)
+                    heat = tf.cast(outputs[box_out], tf.float32)
                     pixel = keras.losses.binary_crossentropy(cells, heat)
                     per_example += box_loss_weight * bw * tf.reduce_mean(pixel, [1, 2])
+                if meta_head and meta is not None:
+                    per_example += meta_loss_weight * meta_loss(meta, outputs[meta_out])
                 loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
                 scaled = optimizer.scale_loss(loss)
             grads = tape.gradient(scaled, model.trainable_variables)
@@ -517,6 +550,7 @@ class TrainingTask:
             t.seed,
             training=True,
             with_boxes=cfg.model.box_head,
+            with_meta=cfg.model.meta_head,
         )
         if steps is None:  # no oversampling: one pass over the (expanded) split per epoch
             steps = math.ceil(data.epoch_images(self.build, cfg.data) / self.global_batch)
@@ -741,7 +775,7 @@ class TrainingTask:
         # keras.saving.load_model anywhere and predicts at full speed on any machine.
         full = float32_compute(full)
         if has_box_head(full):  # the same epoch with its box head, for explain's boxmap
-            ckpt.save_model(plain_keras(full), runs.box_model_path(run_dir))
+            ckpt.save_model(plain_keras(box_model(full)), runs.box_model_path(run_dir))
             ckpt.crash_point("box_model.keras")
         final = classifier(full)
         ckpt.save_model(plain_keras(final), runs.model_path(run_dir))

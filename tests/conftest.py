@@ -81,14 +81,17 @@ def make_tfrecord_dir(
     channels: int = 1,
     seed: int = 0,
     size_by_label: dict[int, int | tuple[int, int]] | None = None,
+    meta=None,
 ) -> Path:
     """Write a small build directory at ``path`` and return it.
 
     ``n_per_class_per_split``: an int (that many fractured and normal images in each of
     train/val/test), or ``{split: n}``, or ``{split: {"fractured": n, "normal": m}}``.
     ``size``: side or (height, width); ``size_by_label`` ({label: size}) overrides it per
-    class (a planted size shortcut). Records are written in a seeded shuffled order,
-    round-robin over ``num_shards`` shards per split, with ids like ``train_fractured_0003.png``.
+    class (a planted size shortcut). ``meta(rng, image) -> {column: value}``, where given, may
+    draw on ``image`` in place and gives the record's metadata columns. Records are written
+    in a seeded shuffled order, round-robin over ``num_shards`` shards per split, with ids
+    like ``train_fractured_0003.png``.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -109,6 +112,7 @@ def make_tfrecord_dir(
             label, i = items[idx]
             h, w = _hw((size_by_label or {}).get(label, size))
             image = fixture_image(rng, label, (h, w), channels, separable)
+            columns = meta(rng, image) if meta is not None else None
             encoded = encode_png(image)
             image_id = f"{split}_{schema.LABEL_NAMES[label]}_{i:04d}.png"
             example = schema.make_example(
@@ -122,6 +126,7 @@ def make_tfrecord_dir(
                 sha256=hashlib.sha256(encoded).hexdigest(),
                 group=image_id,
                 label=label,
+                meta=columns,
             )
             writers[k % shards].write(example.SerializeToString())
         for writer in writers:

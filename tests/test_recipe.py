@@ -141,10 +141,12 @@ def test_box_stride_is_refused_where_it_means_nothing(overrides, match):
 
 @pytest.mark.parametrize("name", ["paper_cnn", "vgg16"])
 def test_box_head_is_refused_where_there_is_no_pooled_feature_map(name):
-    with pytest.raises(ValueError, match="box_head and model.head other than gap are not"):
+    with pytest.raises(ValueError, match="model.head other than gap are not available"):
         model.build_model(ModelConfig(name, box_head=True), (64, 64, 1))
     with pytest.raises(ValueError, match="head='avgmax'"):
         model.build_model(ModelConfig(name, head="avgmax"), (64, 64, 1))
+    with pytest.raises(ValueError, match="meta_head=True"):
+        model.build_model(ModelConfig(name, meta_head=True), (64, 64, 1))
 
 
 def test_heatmap_head_classifies_by_its_most_fractured_cell():

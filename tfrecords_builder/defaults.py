@@ -23,6 +23,10 @@ META_COLUMNS = (
     "lateral",
     "oblique",
 )
+#: The META_COLUMNS that ``model.meta_head`` learns to predict from the image: body region,
+#: hardware, multiscan and view. ``fractured`` and ``fracture_count`` restate the label and are
+#: never targets.
+META_TARGETS = tuple(c for c in META_COLUMNS if c not in ("fractured", "fracture_count"))
 #: Perceptual-hash distance (bits of 64) at or below which two images are near-duplicates.
 #: Validated on the full FracAtlas (README, "Near-duplicates";
 #: ``python -m tfrecords_builder.near_duplicate_study``): of the 88 pixel-confirmed copies
