@@ -698,7 +698,7 @@ def output_index(model: keras.Model, name: str) -> int:
 
 def classifier(model: keras.Model) -> keras.Model:
     """The one-output model (image -> ``prob``): ``model`` itself, or, for a model with a box
-    head, a model of the same layers (shared weights) without the heat-map output."""
+    or metadata head, a model of the same layers (shared weights) without those outputs."""
     if len(model.outputs) == 1:
         return model
     return keras.Model(model.inputs, model.get_layer(PROB).output, name=model.name)

@@ -202,3 +202,29 @@ def test_bench_times_the_step_with_the_meta_loss(monkeypatch):
     figure = bench.measure_train_step(cfg, steps=2, repeats=1)
     assert figure["images_per_second"] > 0
     assert seen and tuple(seen[0]) == (4, len(META_TARGETS))  # traced with the targets
+
+
+def test_train_step_with_mixup_blends_the_metadata_where_both_images_know_it():
+    m = model.resnet_small((32, 32, 1), dropout=0.0, meta_targets=len(META_TARGETS))
+    m.compile(optimizer=keras.optimizers.SGD(0.0), loss="binary_crossentropy")
+    strategy = tf.distribute.get_strategy()
+    rng = np.random.default_rng(3)
+    images = rng.random((8, 32, 32, 1), dtype="float32")
+    labels = np.array([1, 0] * 4, "float32")
+    meta = rng.integers(0, 2, (8, len(META_TARGETS))).astype("float32")
+    meta[0, :3] = -1.0  # unknown: stays unknown in every blend with image 0
+    ds = tf.data.Dataset.from_tensors((images, labels, meta)).repeat()
+    step = train.make_train_step(m, strategy, 8, meta_loss_weight=0.5, mixup_alpha=0.4, seed=1)
+    iteration = int(m.optimizer.iterations.numpy())
+    loss, _, _, _ = step(iter(ds), tf.constant(0))
+    lam, partner = (t.numpy() for t in train.mixup_draw(8, 0.4, 1, iteration))
+    assert np.any(lam < 0.9) and np.any(partner != np.arange(8))  # real blends happened
+    w = lam[:, :, None, None]
+    prob, logits = m(w * images + (1 - w) * images[partner], training=True)  # lr 0
+    target = lam.ravel() * labels + (1 - lam.ravel()) * labels[partner]
+    blended = lam * meta + (1 - lam) * meta[partner]
+    blended[np.minimum(meta, meta[partner]) < 0] = -1.0
+    p = np.clip(np.asarray(prob).ravel(), 1e-7, 1 - 1e-7)
+    bce = -(target * np.log(p) + (1 - target) * np.log(1 - p))
+    want = bce + 0.5 * train.meta_loss(blended, logits).numpy()
+    np.testing.assert_allclose(loss.numpy(), want, rtol=1e-3, atol=1e-5)
