@@ -63,9 +63,16 @@ def test_meta_loss_is_the_mean_bce_over_the_known_columns():
     np.testing.assert_allclose(train.meta_loss(targets, logits).numpy(), want, rtol=1e-5)
 
 
-def test_train_step_adds_the_weighted_meta_loss():
+def _frozen_meta_model() -> keras.Model:
+    """resnet_small with a metadata head, no dropout and learning rate 0: a step leaves the
+    weights as they are, so the test can recompute the step's loss with the model."""
     m = model.resnet_small((32, 32, 1), dropout=0.0, meta_targets=len(META_TARGETS))
     m.compile(optimizer=keras.optimizers.SGD(0.0), loss="binary_crossentropy")
+    return m
+
+
+def test_train_step_adds_the_weighted_meta_loss():
+    m = _frozen_meta_model()
     strategy = tf.distribute.get_strategy()
     rng = np.random.default_rng(1)
     images = rng.random((2, 32, 32, 1), dtype="float32")
@@ -205,8 +212,7 @@ def test_bench_times_the_step_with_the_meta_loss(monkeypatch):
 
 
 def test_train_step_with_mixup_blends_the_metadata_where_both_images_know_it():
-    m = model.resnet_small((32, 32, 1), dropout=0.0, meta_targets=len(META_TARGETS))
-    m.compile(optimizer=keras.optimizers.SGD(0.0), loss="binary_crossentropy")
+    m = _frozen_meta_model()
     strategy = tf.distribute.get_strategy()
     rng = np.random.default_rng(3)
     images = rng.random((8, 32, 32, 1), dtype="float32")
