@@ -152,8 +152,9 @@ def _model_and_step(cfg, precision: str):
     import keras
     import tensorflow as tf
 
-    from kerasfrac import data, train
-    from kerasfrac.model import build_model
+    from kerasfrac import data
+    from kerasfrac.models import build_model
+    from kerasfrac.training import train
 
     keras.mixed_precision.set_global_policy(precision)
     # One device: no BatchNorm synchronisation, as train.train decides for one replica.
@@ -192,8 +193,9 @@ def measure_train_step(cfg, steps: int, repeats: int) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from kerasfrac import data, kernels
-    from kerasfrac.model import uses_fused_batchnorm
+    from kerasfrac import data
+    from kerasfrac.models import uses_fused_batchnorm
+    from kerasfrac.training import kernels
     from tfrecords_builder.defaults import META_TARGETS
 
     shape = (cfg.train.batch_size, *data.image_shape(cfg.data))
@@ -231,7 +233,7 @@ def measure_train_step(cfg, steps: int, repeats: int) -> dict:
 
 def bench_train(cfg, steps: int, repeats: int, precisions: list[str]) -> dict:
     """Each setting in its own process: oneDNN is chosen when TensorFlow is imported."""
-    from kerasfrac import kernels
+    from kerasfrac.training import kernels
 
     out = {}
     for label, fast, precision in train_settings(cfg, precisions):
@@ -337,8 +339,8 @@ def decode_floor(files: list[Path], workers: int) -> float:
 
 
 def bench_build(dataset: str, source: Path | None, repeats: int, workers: int | None) -> dict:
-    from tfrecords_builder import synthetic
     from tfrecords_builder.build import FINDERS, BuildOptions, build
+    from tfrecords_builder.datasets import synthetic
 
     workers = workers or os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="kerasfrac-bench-") as tmp:
@@ -383,7 +385,7 @@ def default_precisions(cfg) -> list[str]:
     """The config's precision, and the mixed precision this machine computes natively
     (``train.precision: auto``): ``mixed_float16`` on a GPU, ``mixed_bfloat16`` on a CPU with
     bfloat16 units; none else (emulated bfloat16 measured 0.2x float32 on AVX2 CPUs)."""
-    from kerasfrac import kernels
+    from kerasfrac.training import kernels
 
     native = kernels.resolve_precision("auto")
     return [cfg.train.precision] + ([native] if native != "float32" else [])
@@ -404,7 +406,7 @@ def run(
         raise ValueError(f"--what {sorted(unknown)}: expected some of {','.join(WHAT)}")
     if steps < 1 or repeats < 1:
         raise ValueError(f"--steps {steps} / --repeats {repeats}: both must be at least 1")
-    from kerasfrac import kernels
+    from kerasfrac.training import kernels
 
     # train.precision / --precisions "auto": measured as what it resolves to on this machine.
     train_cfg = dataclasses.replace(
@@ -446,7 +448,7 @@ def run(
     if "train" in what:
         result["train"] = bench_train(cfg, steps, repeats, precisions)
     if "fit" in what:
-        from kerasfrac import kernels
+        from kerasfrac.training import kernels
 
         _progress("fit (input + train)")
         result["fit"] = {**bench_fit(cfg, steps, repeats), "onednn": kernels.onednn_enabled()}

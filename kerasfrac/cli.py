@@ -75,7 +75,7 @@ def add_audit(sub) -> None:
 
 
 def run_audit(args) -> int:
-    from kerasfrac import audit
+    from kerasfrac.evaluation import audit
 
     return audit.main(args.data_dir, options.from_args(options.AuditOptions, args))
 
@@ -97,7 +97,8 @@ def add_evaluate(sub) -> None:
 
 
 def run_evaluate(args) -> int:
-    from kerasfrac import evaluate, runs
+    from kerasfrac import runs
+    from kerasfrac.evaluation import evaluate
 
     opts = options.from_args(options.EvaluateOptions, args)
     m = evaluate.evaluate_run(args.run_dir, model_path=args.model, opts=opts)
@@ -121,7 +122,7 @@ def add_report(sub) -> None:
 
 
 def run_report(args) -> int:
-    from kerasfrac import report
+    from kerasfrac.evaluation import report
 
     return report.main(args.run_dirs, options.from_args(options.ReportOptions, args))
 
@@ -193,7 +194,8 @@ def run_train(args) -> int:
 
     import yaml
 
-    from kerasfrac import config, kernels
+    from kerasfrac import config
+    from kerasfrac.training import kernels
 
     if args.list_keys:
         print(config.keys_table())
@@ -207,7 +209,7 @@ def run_train(args) -> int:
     cfg = config.load_config(path, overrides)
     print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     print(f"CPU kernels: {kernels.request_onednn(cfg.train.fast)}")
-    from kerasfrac import train
+    from kerasfrac.training import train
 
     try:
         metrics = train.train(
@@ -239,7 +241,8 @@ def add_bench(sub) -> None:
 
 
 def run_bench(args) -> int:
-    from kerasfrac import bench, config, kernels
+    from kerasfrac import bench, config
+    from kerasfrac.training import kernels
 
     cfg = config.load_config(args.config, args.overrides)
     print(f"CPU kernels (input, fit): {kernels.request_onednn(cfg.train.fast)}")
@@ -265,7 +268,7 @@ def add_demo(sub) -> None:
 
 
 def _run_demo(out, overwrite: bool = False) -> int:
-    from kerasfrac import kernels
+    from kerasfrac.training import kernels
 
     kernels.request_onednn(fast=True)  # the demo runs with train.fast's default
     from kerasfrac import demo

@@ -96,7 +96,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    #: Architecture from kerasfrac.model.MODELS: paper_cnn | vgg16 | resnet_small (a compact
+    #: Architecture from kerasfrac.models.MODELS: paper_cnn | vgg16 | resnet_small (a compact
     #: pre-activation ResNet for CPUs) | resnet50v2 | efficientnetv2b0 (keras.applications).
     name: str = "paper_cnn"
     #: none | imagenet (vgg16, resnet50v2, efficientnetv2b0; needs a download) | a weights

@@ -82,9 +82,11 @@ def check_no_run(out: Path, overwrite: bool) -> None:
 def run(out: str | Path = "demo-out", verbose: int = 1, overwrite: bool = False) -> dict:
     """Build, train, evaluate (metrics.json with CIs, plots) into ``out``; returns the test
     metrics. An earlier demo's run in ``out`` is replaced only with ``overwrite``."""
-    from kerasfrac import config, console, evaluate, train
-    from tfrecords_builder import synthetic
+    from kerasfrac import config, console
+    from kerasfrac.evaluation import evaluate
+    from kerasfrac.training import train
     from tfrecords_builder.build import BuildOptions, build
+    from tfrecords_builder.datasets import synthetic
 
     out = Path(out).expanduser()
     raw, tfr, run_dir = out / "synthetic-raw", out / "tfrecords", out / "run"

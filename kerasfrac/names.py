@@ -30,7 +30,7 @@ __all__ = [
 
 FLIPS = ("none", "expand", "random")
 RESIZES = ("stretch", "pad")
-#: The architectures of kerasfrac.model.MODELS, which builds one of each of these names.
+#: The architectures of kerasfrac.models.MODELS, which builds one of each of these names.
 MODEL_NAMES = ("paper_cnn", "vgg16", "resnet_small", "resnet50v2", "efficientnetv2b0")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
@@ -45,9 +45,9 @@ CELL_HEADS = ("heatmap", "attention")
 BOX_STRIDES = (32, 16)
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
 DISTRIBUTES = ("auto", "none", "mirrored", "multi_worker")
-#: Bootstrap resamples of every confidence interval (evaluate, audit, kerasfrac.metrics).
+#: Bootstrap resamples of every confidence interval (evaluate, audit, kerasfrac.evaluation.metrics).
 N_BOOTSTRAP = 1000
-#: Class-activation maps (kerasfrac.gradcam): the methods, and the class a map explains.
+#: Class-activation maps (kerasfrac.explain.gradcam): the methods, and the class a map explains.
 #: ``boxmap`` is no gradient method: the model's own box heat map (model.box_head).
 CAM_METHODS = ("gradcam", "hirescam", "boxmap")
 CAM_TARGETS = ("label", "predicted", "fractured", "normal")

@@ -204,7 +204,7 @@ class ExplainOptions:
             raise ValueError(f"cam target must be one of {CAM_TARGETS}; got {self.cam_target!r}")
         if self.n_images < 1 or self.batch_size < 1:
             raise ValueError("n_images and batch_size must be >= 1")
-        from kerasfrac import gradcam
+        from kerasfrac.explain import gradcam
 
         gradcam.border_mask((8, 8), self.border)
         gradcam.corner_masks((8, 8), self.corner)
@@ -260,7 +260,9 @@ class ReportOptions:
     csv: str | None = option(None, "also write the table as CSV")
     paper: bool = option(False, "add the report's published numbers beside ours")
     paper_results: str | None = option(
-        None, "YAML file of published numbers", default_text="kerasfrac.report.PAPER_RESULTS"
+        None,
+        "YAML file of published numbers",
+        default_text="kerasfrac.evaluation.report.PAPER_RESULTS",
     )
 
 

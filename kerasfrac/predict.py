@@ -144,7 +144,7 @@ def predict_files(
 
     from kerasfrac import runs
     from kerasfrac.data import preprocess
-    from kerasfrac.model import predict_probs
+    from kerasfrac.models import predict_probs
 
     if threshold is not None and not 0.0 <= threshold <= 1.0:  # also catches nan
         raise ValueError(f"--threshold must be a probability in [0, 1]; got {threshold!r}")

@@ -19,7 +19,7 @@ explain, predict, report); checkpoint.py commits the checkpoints inside it. Layo
 
 ``metrics.json`` has one writer (``write_metrics``) and one schema, whether train or evaluate
 wrote it: ``split``, ``epochs``, ``model``, ``dataset``, ``data_dir``, ``predictions`` (computed
-or read), then the metrics of ``kerasfrac.metrics.split_metrics`` and what evaluate adds
+or read), then the metrics of ``kerasfrac.evaluation.metrics.split_metrics`` and what evaluate adds
 (``youden``, ``subgroups``, ``no_anatomy_baseline``, ``plots``).
 
 TensorFlow is imported only by the functions that load or run a model.
@@ -140,8 +140,8 @@ def load_model(run_dir=None, model_file=None, box_head: bool = False):
     reads the run's box_model.keras instead of model.keras where the run saved one),
     computing in float32, and its input is checked against the config."""
     from kerasfrac import data
-    from kerasfrac.model import classifier, float32_compute, functional
-    from kerasfrac.model import load_model as load
+    from kerasfrac.models import classifier, float32_compute, functional
+    from kerasfrac.models import load_model as load
 
     if run_dir is None:
         if model_file is None:
@@ -183,7 +183,7 @@ def predict(model, dataset, tta: str = "none") -> tuple[list[str], np.ndarray, n
 
     ``tta="flip"``: each probability is the mean over the image and its left-right mirror.
     """
-    from kerasfrac.model import predict_probs
+    from kerasfrac.models import predict_probs
 
     ids, labels, probs = [], [], []
     for images, y, image_ids in dataset:
@@ -232,10 +232,11 @@ def write_metrics(
     run_dir, split: str, metrics: dict, *, cfg, model, predictions: str, **extra
 ) -> dict:
     """The one writer of metrics.json (``metrics_<split>.json``): the run's header, then
-    ``metrics`` (``kerasfrac.metrics.split_metrics``), then ``extra``; written atomically.
+    ``metrics`` (``kerasfrac.evaluation.metrics.split_metrics``), then ``extra``; written
+    atomically.
     ``epochs`` is the number of epochs the run's checkpoint state records; ``model`` is
     relative to the run directory where it lies inside it. Returns the dict."""
-    from kerasfrac import checkpoint
+    from kerasfrac.training import checkpoint
 
     state = checkpoint.read_state(run_dir) or {}
     model = Path(model)

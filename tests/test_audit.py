@@ -1,5 +1,5 @@
-"""kerasfrac audit and kerasfrac.metrics: the no-anatomy baseline finds a planted shortcut
-and nothing where there is none; group bootstrap, paired differences, undefined shares."""
+"""kerasfrac audit and kerasfrac.evaluation.metrics: the no-anatomy baseline finds a planted
+shortcut and nothing where there is none; group bootstrap, paired differences, undefined shares."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kerasfrac import audit, metrics
 from kerasfrac.cli import main
+from kerasfrac.evaluation import audit, metrics
 
 COUNTS = {"train": 60, "val": 4, "test": 40}
 

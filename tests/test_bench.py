@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 
-from kerasfrac import bench, config, kernels
+from kerasfrac import bench, config
 from kerasfrac.cli import main
+from kerasfrac.training import kernels
 from tests import sources
 
 

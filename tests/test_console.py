@@ -18,9 +18,10 @@ import pytest
 from matplotlib.pyplot import close as matplotlib_close
 from PIL import Image
 
-from kerasfrac import config, console, explain, plots
-from kerasfrac import metrics as km
+from kerasfrac import config, console, explain
 from kerasfrac.cli import build_parser, main
+from kerasfrac.evaluation import metrics as km
+from kerasfrac.evaluation import plots
 from tests import sources
 from tests.test_evaluate import make_run
 from tfrecords_builder import quiet

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from kerasfrac import checkpoint, config, train
+from kerasfrac import config
+from kerasfrac.training import checkpoint, train
 
 SETTINGS = {
     "dataset": "synthetic",

@@ -156,7 +156,7 @@ def test_two_workers_on_localhost_end_identical(tmp_path, separable_tfrecord_dir
 
 @pytest.mark.parametrize("mode", ["none", "auto"])
 def test_single_process_strategy_choice(mode, monkeypatch):
-    from kerasfrac import distribute
+    from kerasfrac.training import distribute
 
     monkeypatch.delenv("TF_CONFIG", raising=False)
     monkeypatch.delenv("SLURM_PROCID", raising=False)

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from kerasfrac import config, evaluate, metrics, runs
+from kerasfrac import config, runs
 from kerasfrac.cli import main
+from kerasfrac.evaluation import evaluate, metrics
 from tests.conftest import make_tfrecord_dir
 
 # Six images with a tie between a fractured and a normal one at 0.4.
@@ -123,7 +124,7 @@ def make_run(run_dir: Path, build_dir: Path, model_size: int = 32, seed: int = 0
     """A run dir with an untrained (seeded) paper CNN: enough to test the plumbing."""
     import keras
 
-    from kerasfrac.model import build_model
+    from kerasfrac.models import build_model
 
     cfg = config.from_dict(
         {

@@ -17,12 +17,14 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from kerasfrac import config, explain, gradcam, train
+from kerasfrac import config, explain
 from kerasfrac.cli import main
-from kerasfrac.model import paper_cnn
+from kerasfrac.explain import gradcam
+from kerasfrac.models import paper_cnn
 from kerasfrac.runs import load_model as load_run_model
-from tfrecords_builder import synthetic
+from kerasfrac.training import train
 from tfrecords_builder.build import BuildOptions, build
+from tfrecords_builder.datasets import synthetic
 
 SIZE = 48
 
@@ -160,7 +162,7 @@ def test_boxmap_is_the_box_heads_own_map_upsampled(tmp_path):
     """cam method boxmap: the sigmoid of the box head's cell logits, upsampled bilinearly,
     whatever the target; it peaks in the most fractured cell; a reloaded model gives the
     same maps; models without a box head, or another --layer, are refused by name."""
-    from kerasfrac import model as km
+    from kerasfrac import models as km
 
     m = km.resnet_small((64, 64, 1), box_head=True)
     x = np.random.default_rng(0).uniform(0, 1, (3, 64, 64, 1)).astype("float32")

@@ -1,9 +1,10 @@
-"""kerasfrac.kernels: train.fast asks for oneDNN before TensorFlow is imported; the user wins."""
+"""kerasfrac.training.kernels: train.fast asks for oneDNN before TensorFlow is imported; the
+user wins."""
 
 import os
 import sys
 
-from kerasfrac import kernels
+from kerasfrac.training import kernels
 
 
 def test_request_onednn_sets_the_flag_only_before_tensorflow_and_never_over_the_user(monkeypatch):

@@ -9,8 +9,9 @@ import pytest
 import tensorflow as tf
 from sklearn.metrics import roc_auc_score
 
-from kerasfrac import config, data, model, runs, train
+from kerasfrac import config, data, models, runs
 from kerasfrac.config import ConfigError, ModelConfig
+from kerasfrac.training import train
 from tests.conftest import make_tfrecord_dir
 from tfrecords_builder.defaults import META_COLUMNS, META_TARGETS
 
@@ -25,33 +26,35 @@ def test_meta_targets_are_the_metadata_that_does_not_restate_the_label():
 
 def test_meta_head_is_the_last_output_and_stays_out_of_the_saved_models(tmp_path):
     cfg = ModelConfig("resnet_small", box_head=True, meta_head=True)
-    m = model.build_model(cfg, (64, 64, 1), fused_batchnorm=True)
-    assert m.output_names == [model.PROB, model.BOX_HEATMAP, model.META_LOGITS]
-    assert model.has_box_head(m) and model.has_meta_head(m)
+    m = models.build_model(cfg, (64, 64, 1), fused_batchnorm=True)
+    assert m.output_names == [models.PROB, models.BOX_HEATMAP, models.META_LOGITS]
+    assert models.has_box_head(m) and models.has_meta_head(m)
     x = np.random.default_rng(0).random((3, 64, 64, 1), dtype="float32")
     m(x, training=True)  # moves BatchNorm statistics away from their initial values
     prob, heat, meta = (np.asarray(t) for t in m(x, training=False))
     assert meta.shape == (3, len(META_TARGETS)) and heat.shape == (3, 2, 2, 1)
-    clf, boxed = model.classifier(m), model.box_model(m)
-    assert clf.output_names == [model.PROB]
-    assert boxed.output_names == [model.PROB, model.BOX_HEATMAP]
-    assert not model.has_meta_head(boxed) and model.box_model(boxed) is boxed
+    clf, boxed = models.classifier(m), models.box_model(m)
+    assert clf.output_names == [models.PROB]
+    assert boxed.output_names == [models.PROB, models.BOX_HEATMAP]
+    assert not models.has_meta_head(boxed) and models.box_model(boxed) is boxed
     np.testing.assert_array_equal(np.asarray(clf(x)), prob)
     np.testing.assert_array_equal(np.asarray(boxed(x)[1]), heat)
     m.save(tmp_path / "m.keras")
-    loaded = model.load_model(tmp_path / "m.keras")
+    loaded = models.load_model(tmp_path / "m.keras")
     assert loaded.output_names == m.output_names
     for a, b in zip(keras.tree.flatten(m(x)), keras.tree.flatten(loaded(x))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # without a box head the metadata logits are the second output
-    alone = model.build_model(ModelConfig("resnet_small", meta_head=True), (64, 64, 1))
-    assert alone.output_names == [model.PROB, model.META_LOGITS] and not model.has_box_head(alone)
+    alone = models.build_model(ModelConfig("resnet_small", meta_head=True), (64, 64, 1))
+    assert alone.output_names == [models.PROB, models.META_LOGITS] and not models.has_box_head(
+        alone
+    )
 
 
 def test_heatmap_head_gets_the_metadata_from_the_average_of_the_features():
     cfg = ModelConfig("resnet_small", box_head=True, head="heatmap", meta_head=True)
-    m = model.build_model(cfg, (64, 64, 1))
-    assert m.get_layer(model.META_LOGITS).input is m.get_layer("meta_gap").output
+    m = models.build_model(cfg, (64, 64, 1))
+    assert m.get_layer(models.META_LOGITS).input is m.get_layer("meta_gap").output
 
 
 def test_meta_loss_is_the_mean_bce_over_the_known_columns():
@@ -66,7 +69,7 @@ def test_meta_loss_is_the_mean_bce_over_the_known_columns():
 def _frozen_meta_model() -> keras.Model:
     """resnet_small with a metadata head, no dropout and learning rate 0: a step leaves the
     weights as they are, so the test can recompute the step's loss with the model."""
-    m = model.resnet_small((32, 32, 1), dropout=0.0, meta_targets=len(META_TARGETS))
+    m = models.resnet_small((32, 32, 1), dropout=0.0, meta_targets=len(META_TARGETS))
     m.compile(optimizer=keras.optimizers.SGD(0.0), loss="binary_crossentropy")
     return m
 
@@ -172,13 +175,13 @@ def test_meta_head_run_learns_the_metadata_and_the_label(tmp_path, meta_build):
     result = train.train(cfg, verbose=0)
     assert result["auroc"] > 0.9  # the classifier, on val (eval.test_at_end default: test)
     # the last committed checkpoint: the trained model with all its outputs
-    full = model.load_model(sorted(run_dir.glob("checkpoints/gen-*/model.keras"))[-1])
-    assert model.has_meta_head(full)
-    saved = model.load_model(runs.model_path(run_dir))
-    assert saved.output_names == [model.PROB]
-    assert model.load_model(runs.box_model_path(run_dir)).output_names == [
-        model.PROB,
-        model.BOX_HEATMAP,
+    full = models.load_model(sorted(run_dir.glob("checkpoints/gen-*/model.keras"))[-1])
+    assert models.has_meta_head(full)
+    saved = models.load_model(runs.model_path(run_dir))
+    assert saved.output_names == [models.PROB]
+    assert models.load_model(runs.box_model_path(run_dir)).output_names == [
+        models.PROB,
+        models.BOX_HEATMAP,
     ]
     ds = data.make_eval_dataset(meta_build, "val", cfg.data, 24)
     images = np.concatenate([x.numpy() for x, _ in ds])

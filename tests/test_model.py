@@ -1,10 +1,10 @@
-"""kerasfrac.model: the paper CNN's layers, shapes and parameter count; sub-models; vgg16."""
+"""kerasfrac.models: the paper CNN's layers, shapes and parameter count; sub-models; vgg16."""
 
 import keras
 import numpy as np
 import pytest
 
-from kerasfrac import model
+from kerasfrac import models
 from kerasfrac.config import ModelConfig
 
 
@@ -16,7 +16,7 @@ def bfloat16_policy():
 
 
 def test_paper_cnn_layers_and_shapes():
-    m = model.paper_cnn((64, 64, 1))
+    m = models.paper_cnn((64, 64, 1))
     names = [layer.name for layer in m.layers if not isinstance(layer, keras.layers.InputLayer)]
     assert names == [
         "conv1", "relu1", "bn1", "pool1",
@@ -39,17 +39,17 @@ def test_paper_cnn_layers_and_shapes():
 
 
 def test_paper_cnn_has_the_reports_parameter_count_at_512():
-    m = model.build_model(ModelConfig("paper_cnn"), (512, 512, 1))
+    m = models.build_model(ModelConfig("paper_cnn"), (512, 512, 1))
     assert m.count_params() == 2_190_721
     assert m.get_layer("logit").count_params() == 128 * 128 * 128 + 1
 
 
 def test_layer_lookups():
-    m = model.paper_cnn((32, 32, 1))
-    assert model.logit_layer_name(m) == "logit"
-    assert model.conv_layer_names(m) == ["conv1", "conv2", "conv3"]
-    assert model.block_output_names(m) == ["bn1", "bn2", "bn3"]
-    assert model.last_conv_block_name(m) == "bn3"
+    m = models.paper_cnn((32, 32, 1))
+    assert models.logit_layer_name(m) == "logit"
+    assert models.conv_layer_names(m) == ["conv1", "conv2", "conv3"]
+    assert models.block_output_names(m) == ["bn1", "bn2", "bn3"]
+    assert models.last_conv_block_name(m) == "bn3"
 
 
 def _bn3_features(m, x):
@@ -58,7 +58,7 @@ def _bn3_features(m, x):
 
 
 def test_sub_model_to_bn3_fresh_and_reloaded(tmp_path):
-    m = model.paper_cnn((32, 32, 1))
+    m = models.paper_cnn((32, 32, 1))
     x = np.random.default_rng(1).random((3, 32, 32, 1), dtype="float32")
     fresh = _bn3_features(m, x)
     assert fresh.shape == (3, 8, 8, 128)
@@ -67,11 +67,11 @@ def test_sub_model_to_bn3_fresh_and_reloaded(tmp_path):
     reloaded = keras.models.load_model(path)
     np.testing.assert_allclose(_bn3_features(reloaded, x), fresh, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(reloaded.predict(x, verbose=0), m.predict(x, verbose=0), rtol=1e-5)
-    assert model.last_conv_block_name(reloaded) == "bn3"
+    assert models.last_conv_block_name(reloaded) == "bn3"
 
 
 def test_sigmoid_stays_float32_under_mixed_bfloat16(bfloat16_policy):
-    m = model.paper_cnn((32, 32, 1))
+    m = models.paper_cnn((32, 32, 1))
     assert m.get_layer("conv1").compute_dtype == "bfloat16"
     assert m.get_layer("logit").compute_dtype == "bfloat16"
     assert m.get_layer("prob").compute_dtype == "float32"
@@ -85,21 +85,21 @@ def test_policy_was_reset():
 
 def test_unknown_model_and_bad_weights(tmp_path):
     with pytest.raises(ValueError, match="unknown model 'resnet'.*paper_cnn"):
-        model.build_model(ModelConfig("resnet"), (32, 32, 1))
+        models.build_model(ModelConfig("resnet"), (32, 32, 1))
     missing = str(tmp_path / "nope.weights.h5")
     with pytest.raises(ValueError, match="nope.weights.h5"):
-        model.build_model(ModelConfig("paper_cnn", missing), (32, 32, 1))
+        models.build_model(ModelConfig("paper_cnn", missing), (32, 32, 1))
     with pytest.raises(ValueError, match="nope.weights.h5"):
-        model.build_model(ModelConfig("vgg16", missing), (32, 32, 1))
+        models.build_model(ModelConfig("vgg16", missing), (32, 32, 1))
     with pytest.raises(ValueError, match="ImageNet"):
-        model.build_model(ModelConfig("paper_cnn", "imagenet"), (32, 32, 1))
+        models.build_model(ModelConfig("paper_cnn", "imagenet"), (32, 32, 1))
 
 
 def test_paper_cnn_loads_a_weights_file(tmp_path):
-    src = model.paper_cnn((32, 32, 1))
+    src = models.paper_cnn((32, 32, 1))
     path = tmp_path / "w.weights.h5"
     src.save_weights(path)
-    m = model.build_model(ModelConfig("paper_cnn", str(path)), (32, 32, 1))
+    m = models.build_model(ModelConfig("paper_cnn", str(path)), (32, 32, 1))
     np.testing.assert_array_equal(
         m.get_layer("conv1").get_weights()[0], src.get_layer("conv1").get_weights()[0]
     )
@@ -109,20 +109,20 @@ def test_vgg16_grayscale_flat_graph_and_weights_file(tmp_path):
     pretrained = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
     path = tmp_path / "vgg.weights.h5"
     pretrained.save_weights(path)
-    m = model.build_model(ModelConfig("vgg16", str(path)), (32, 32, 1))
+    m = models.build_model(ModelConfig("vgg16", str(path)), (32, 32, 1))
     assert tuple(m.input.shape) == (None, 32, 32, 1) and tuple(m.output.shape) == (None, 1)
     np.testing.assert_array_equal(
         m.get_layer("block3_conv2").get_weights()[0],
         pretrained.get_layer("block3_conv2").get_weights()[0],
     )
-    assert model.last_conv_block_name(m) == "block5_conv3"
-    assert model.logit_layer_name(m) == "logit"
+    assert models.last_conv_block_name(m) == "block5_conv3"
+    assert models.logit_layer_name(m) == "logit"
     # Grad-CAM style sub-model straight from the outer graph.
     sub = keras.Model(m.inputs[0], [m.get_layer("block5_conv3").output, m.output])
     feats, prob = sub(np.ones((2, 32, 32, 1), "float32"))
     assert feats.shape == (2, 2, 2, 512) and prob.shape == (2, 1)
     # Identical channels: the gray image and its 3-channel copy give the same prediction.
-    rgb = model.build_model(ModelConfig("vgg16", str(path)), (32, 32, 3))
+    rgb = models.build_model(ModelConfig("vgg16", str(path)), (32, 32, 3))
     rgb.set_weights(m.get_weights())
     x = np.random.default_rng(2).random((2, 32, 32, 1), dtype="float32")
     np.testing.assert_allclose(
@@ -131,7 +131,7 @@ def test_vgg16_grayscale_flat_graph_and_weights_file(tmp_path):
 
 
 def test_vgg16_survives_save_and_load(tmp_path):
-    m = model.build_model(ModelConfig("vgg16"), (32, 32, 1))
+    m = models.build_model(ModelConfig("vgg16"), (32, 32, 1))
     m.save(tmp_path / "model.keras")
     reloaded = keras.models.load_model(tmp_path / "model.keras")
     x = np.random.default_rng(3).random((2, 32, 32, 1), dtype="float32")
@@ -144,7 +144,7 @@ def _bn_pair(momentum=0.9):
     """A Keras BatchNormalization and a FusedBatchNormalization with equal, non-trivial weights."""
     rng = np.random.default_rng(4)
     plain = keras.layers.BatchNormalization(momentum=momentum)
-    fused = model.FusedBatchNormalization(momentum=momentum)
+    fused = models.FusedBatchNormalization(momentum=momentum)
     for layer in (plain, fused):
         layer.build((None, 6, 5, 4))
     weights = [rng.normal(1, 0.3, 4), rng.normal(0, 0.3, 4), rng.normal(0, 1, 4), rng.random(4) + 1]
@@ -188,7 +188,7 @@ def test_fused_paper_cnn_saves_reloads_and_trains_like_the_plain_one(tmp_path):
 
     import tensorflow as tf
 
-    from kerasfrac import kernels
+    from kerasfrac.training import kernels
 
     if kernels.onednn_enabled() and os.environ.get(kernels.ENV) != "0":
         # oneDNN's multithreaded kernels (on by default on AVX-512 CPUs) are not run-to-run
@@ -206,12 +206,12 @@ def test_fused_paper_cnn_saves_reloads_and_trains_like_the_plain_one(tmp_path):
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
         return
 
-    plain = model.paper_cnn((16, 16, 1), sync_batchnorm=False)
-    fused = model.paper_cnn((16, 16, 1), sync_batchnorm=False, fused_batchnorm=True)
-    assert isinstance(fused.get_layer("bn1"), model.FusedBatchNormalization)
+    plain = models.paper_cnn((16, 16, 1), sync_batchnorm=False)
+    fused = models.paper_cnn((16, 16, 1), sync_batchnorm=False, fused_batchnorm=True)
+    assert isinstance(fused.get_layer("bn1"), models.FusedBatchNormalization)
     assert type(plain.get_layer("bn1")) is keras.layers.BatchNormalization
     # sync_batchnorm wins: the fused kernel cannot share statistics across replicas.
-    assert type(model.paper_cnn((16, 16, 1), fused_batchnorm=True).get_layer("bn1")) is (
+    assert type(models.paper_cnn((16, 16, 1), fused_batchnorm=True).get_layer("bn1")) is (
         keras.layers.BatchNormalization
     )
     fused.set_weights(plain.get_weights())
@@ -237,25 +237,25 @@ def test_fused_paper_cnn_saves_reloads_and_trains_like_the_plain_one(tmp_path):
         assert moved > 0  # every array moves: weights, biases, BatchNorm statistics
         np.testing.assert_allclose(a - w0, b - w0, rtol=0, atol=0.01 * moved + 1e-7)
     fused.save(tmp_path / "fused.keras")
-    reloaded = model.load_model(tmp_path / "fused.keras")
-    assert isinstance(reloaded.get_layer("bn2"), model.FusedBatchNormalization)
+    reloaded = models.load_model(tmp_path / "fused.keras")
+    assert isinstance(reloaded.get_layer("bn2"), models.FusedBatchNormalization)
     np.testing.assert_allclose(
         reloaded.predict(x, verbose=0), fused.predict(x, verbose=0), rtol=1e-5
     )
 
 
 def test_plain_keras_swaps_the_fused_layers_and_keeps_the_outputs():
-    fused = model.build_model(
+    fused = models.build_model(
         ModelConfig("resnet_small", sync_batchnorm=False), (32, 32, 1), fused_batchnorm=True
     )
     x = np.random.default_rng(3).random((2, 32, 32, 1), dtype="float32")
     fused(x, training=True)  # move the moving statistics away from their initial values
-    plain = model.plain_keras(fused)
-    assert model.uses_fused_batchnorm(fused) and not model.uses_fused_batchnorm(plain)
+    plain = models.plain_keras(fused)
+    assert models.uses_fused_batchnorm(fused) and not models.uses_fused_batchnorm(plain)
     assert [layer.name for layer in plain.layers] == [layer.name for layer in fused.layers]
     np.testing.assert_allclose(plain(x, training=False), fused(x, training=False), rtol=1e-6)
-    unfused = model.paper_cnn((16, 16, 1))
-    assert model.plain_keras(unfused) is unfused
+    unfused = models.paper_cnn((16, 16, 1))
+    assert models.plain_keras(unfused) is unfused
 
 
 def test_functional_rebuilds_an_older_sequential_paper_cnn(tmp_path):
@@ -264,11 +264,11 @@ def test_functional_rebuilds_an_older_sequential_paper_cnn(tmp_path):
         name="paper_cnn",
     )
     old.save(tmp_path / "old.keras")
-    reloaded = model.functional(keras.saving.load_model(tmp_path / "old.keras"))
+    reloaded = models.functional(keras.saving.load_model(tmp_path / "old.keras"))
     assert not isinstance(reloaded, keras.Sequential)
     x = np.random.default_rng(2).random((2, 16, 16, 1), dtype="float32")
     np.testing.assert_allclose(reloaded(x), old(x), rtol=1e-6)
-    assert model.block_output_names(reloaded) == ["bn1", "bn2"]
+    assert models.block_output_names(reloaded) == ["bn1", "bn2"]
     sub = keras.Model(reloaded.inputs[0], [reloaded.get_layer("relu2").output, reloaded.output])
     import tensorflow as tf
 

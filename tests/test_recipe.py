@@ -11,36 +11,37 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kerasfrac import config, data, model, train
+from kerasfrac import config, data, models
 from kerasfrac.config import ConfigError, ModelConfig
+from kerasfrac.training import train
 
 # --------------------------------------------------------------------------- architectures
 
 
 def test_resnet_small_is_one_channel_and_sized_for_the_cpu():
-    m = model.build_model(ModelConfig("resnet_small"), (320, 320, 1))
+    m = models.build_model(ModelConfig("resnet_small"), (320, 320, 1))
     assert m.get_layer("stem_conv").kernel.shape == (5, 5, 1, 32)  # a 1-channel stem
     assert 2_700_000 < m.count_params() < 2_900_000
-    assert tuple(m.get_layer(model.FEATURES).output.shape) == (None, 10, 10, 256)
-    assert model.block_output_names(m) == ["stage1", "stage2", "stage3", "stage4", "features"]
-    assert model.last_conv_block_name(m) == "features"
-    assert len(m.outputs) == 1 and not model.has_box_head(m)
+    assert tuple(m.get_layer(models.FEATURES).output.shape) == (None, 10, 10, 256)
+    assert models.block_output_names(m) == ["stage1", "stage2", "stage3", "stage4", "features"]
+    assert models.last_conv_block_name(m) == "features"
+    assert len(m.outputs) == 1 and not models.has_box_head(m)
 
 
 def test_resnet_small_width_and_depth_are_config_keys(tmp_path):
     cfg = config.load_config(
         overrides=["model.name=resnet_small", "model.width=48", "model.blocks_per_stage=1"]
     )
-    m = model.build_model(cfg.model, (64, 64, 1))
+    m = models.build_model(cfg.model, (64, 64, 1))
     assert [m.get_layer(f"stage{s}").output.shape[-1] for s in (1, 2, 3, 4)] == [48, 96, 192, 384]
     assert not any(layer.name.startswith("s1b2") for layer in m.layers)  # one block per stage
     # parameters grow about as width squared: 1.5x the width, about 2.25x the parameters
-    base = model.build_model(ModelConfig("resnet_small", blocks_per_stage=1), (64, 64, 1))
+    base = models.build_model(ModelConfig("resnet_small", blocks_per_stage=1), (64, 64, 1))
     assert 2.1 < m.count_params() / base.count_params() < 2.3
     x = np.random.default_rng(5).random((2, 64, 64, 1), dtype="float32")
     m.save(tmp_path / "wide.keras")
     np.testing.assert_allclose(
-        model.load_model(tmp_path / "wide.keras").predict(x, verbose=0),
+        models.load_model(tmp_path / "wide.keras").predict(x, verbose=0),
         m.predict(x, verbose=0),
         rtol=1e-6,
     )
@@ -54,7 +55,7 @@ def test_resnet_small_drop_path_drops_whole_residual_branches_in_training_only(t
     import tensorflow as tf
 
     cfg = config.load_config(overrides=["model.name=resnet_small", "model.drop_path=0.2"])
-    m = model.build_model(cfg.model, (64, 64, 1))
+    m = models.build_model(cfg.model, (64, 64, 1))
     drops = {layer.name: layer.rate for layer in m.layers if layer.name.endswith("_drop")}
     # 8 blocks: rates 0, 0.2/7, ..., 0.2 rising linearly; the first block keeps its branch
     assert "s1b1_drop" not in drops and len(drops) == 7
@@ -71,7 +72,7 @@ def test_resnet_small_drop_path_drops_whole_residual_branches_in_training_only(t
     assert set(np.round(np.unique(out), 5)) == {0.0, round(1 / 0.8, 5)}
     assert 0.1 < (out[:, 0] == 0).mean() < 0.3  # p = 0.2 of 400 images: sd 0.02, 5 sd apart
     # At inference the model is deterministic and equals the one without drop path.
-    plain = model.build_model(ModelConfig("resnet_small"), (64, 64, 1))
+    plain = models.build_model(ModelConfig("resnet_small"), (64, 64, 1))
     for layer in plain.layers:
         layer.set_weights(m.get_layer(layer.name).get_weights())
     x = np.random.default_rng(5).random((4, 64, 64, 1), dtype="float32")
@@ -79,7 +80,7 @@ def test_resnet_small_drop_path_drops_whole_residual_branches_in_training_only(t
     trained = [m(x, training=True).numpy() for _ in range(3)]
     assert not all(np.allclose(trained[0], t) for t in trained[1:])  # random in training
     m.save(tmp_path / "dp.keras")
-    reloaded = model.load_model(tmp_path / "dp.keras")
+    reloaded = models.load_model(tmp_path / "dp.keras")
     assert reloaded.get_layer("s4b2_drop").rate == pytest.approx(0.2)
     np.testing.assert_allclose(reloaded.predict(x, verbose=0), m.predict(x, verbose=0), rtol=1e-6)
     # the default builds no dropout layers in the blocks
@@ -91,30 +92,30 @@ def test_resnet_small_drop_path_drops_whole_residual_branches_in_training_only(t
 
 
 def test_box_head_is_a_second_output_and_the_classifier_shares_its_weights():
-    m = model.build_model(ModelConfig("resnet_small", box_head=True), (128, 128, 1))
-    assert model.has_box_head(m) and len(m.outputs) == 2
+    m = models.build_model(ModelConfig("resnet_small", box_head=True), (128, 128, 1))
+    assert models.has_box_head(m) and len(m.outputs) == 2
     x = np.random.default_rng(0).random((2, 128, 128, 1), dtype="float32")
     prob, heat = m(x, training=False)
     assert prob.shape == (2, 1) and heat.shape == (2, 4, 4, 1)
-    clf = model.classifier(m)
-    assert len(clf.outputs) == 1 and not model.has_box_head(clf)
+    clf = models.classifier(m)
+    assert len(clf.outputs) == 1 and not models.has_box_head(clf)
     np.testing.assert_array_equal(np.asarray(clf(x, training=False)), np.asarray(prob))
-    assert model.classifier(clf) is clf
+    assert models.classifier(clf) is clf
 
 
 def test_box_stride_16_doubles_the_heat_maps_grid_and_reaches_stage_3():
     cfg = config.load_config(
         overrides=["model.name=resnet_small", "model.box_head=true", "model.box_stride=16"]
     )
-    m = model.build_model(cfg.model, (128, 128, 1))
-    coarse = model.build_model(ModelConfig("resnet_small", box_head=True), (128, 128, 1))
+    m = models.build_model(cfg.model, (128, 128, 1))
+    coarse = models.build_model(ModelConfig("resnet_small", box_head=True), (128, 128, 1))
     x = np.random.default_rng(6).random((2, 128, 128, 1), dtype="float32")
     assert m(x, training=False)[1].shape == (2, 8, 8, 1)  # 16 px cells; 4x4 at stride 32
     assert coarse(x, training=False)[1].shape == (2, 4, 4, 1)
     # the cells read stage 3 (BN -> ReLU, 128 channels) and the 256 upsampled features
-    assert m.get_layer(model.BOX_LOGITS).kernel.shape == (1, 1, 384, 1)
+    assert m.get_layer(models.BOX_LOGITS).kernel.shape == (1, 1, 384, 1)
     # the classifier is unchanged: same parameters as the stride-32 model's classifier
-    assert model.classifier(m).count_params() == model.classifier(coarse).count_params()
+    assert models.classifier(m).count_params() == models.classifier(coarse).count_params()
     # the box loss's gradient reaches stage 3 through the fine branch, not only via stage 4
     with tf.GradientTape() as tape:
         heat = m(x, training=True)[1]
@@ -122,7 +123,7 @@ def test_box_stride_16_doubles_the_heat_maps_grid_and_reaches_stage_3():
     grads = tape.gradient(heat, fine.trainable_weights)
     assert all(g is not None and float(tf.reduce_max(tf.abs(g))) > 0 for g in grads)
     # an odd stage-3 size (200 px: 13x13) still lines up: the features are resized to it
-    odd = model.resnet_small((200, 200, 1), box_head=True, box_stride=16)
+    odd = models.resnet_small((200, 200, 1), box_head=True, box_stride=16)
     assert tuple(odd.outputs[1].shape) == (None, 13, 13, 1)
 
 
@@ -142,33 +143,33 @@ def test_box_stride_is_refused_where_it_means_nothing(overrides, match):
 @pytest.mark.parametrize("name", ["paper_cnn", "vgg16"])
 def test_box_head_is_refused_where_there_is_no_pooled_feature_map(name):
     with pytest.raises(ValueError, match="model.head other than gap are not available"):
-        model.build_model(ModelConfig(name, box_head=True), (64, 64, 1))
+        models.build_model(ModelConfig(name, box_head=True), (64, 64, 1))
     with pytest.raises(ValueError, match="head='avgmax'"):
-        model.build_model(ModelConfig(name, head="avgmax"), (64, 64, 1))
+        models.build_model(ModelConfig(name, head="avgmax"), (64, 64, 1))
     with pytest.raises(ValueError, match="meta_head=True"):
-        model.build_model(ModelConfig(name, meta_head=True), (64, 64, 1))
+        models.build_model(ModelConfig(name, meta_head=True), (64, 64, 1))
 
 
 def test_heatmap_head_classifies_by_its_most_fractured_cell():
-    m = model.resnet_small((64, 64, 1), box_head=True, head="heatmap")
+    m = models.resnet_small((64, 64, 1), box_head=True, head="heatmap")
     x = np.random.default_rng(4).random((2, 64, 64, 1), dtype="float32")
     prob, heat = m(x, training=False)
     cells = keras.Model(m.inputs, m.get_layer("box_logits").output)(x, training=False)
-    dense = m.get_layer(model.LOGIT)
+    dense = m.get_layer(models.LOGIT)
     w, b = (float(np.ravel(v)[0]) for v in dense.get_weights())
     logit = np.asarray(cells).reshape(2, -1).max(1) * w + b
     np.testing.assert_allclose(np.asarray(prob).ravel(), 1 / (1 + np.exp(-logit)), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(heat), 1 / (1 + np.exp(-np.asarray(cells))), rtol=1e-5)
     with pytest.raises(ValueError, match="model.head must be one of"):
-        model.resnet_small((64, 64, 1), head="transformer")
+        models.resnet_small((64, 64, 1), head="transformer")
 
 
 def test_heatmap_head_scale_starts_at_one_and_never_turns_negative():
     """A negative scale would make an image the less fractured the more fractured its most
     fractured cell (seen on phantoms: Grad-CAM then pointed away from the box head's cells).
     An optimizer step that pulls the scale below 0 stops it at 0."""
-    m = model.resnet_small((64, 64, 1), head="heatmap")
-    dense = m.get_layer(model.LOGIT)
+    m = models.resnet_small((64, 64, 1), head="heatmap")
+    dense = m.get_layer(models.LOGIT)
     assert float(np.ravel(dense.get_weights()[0])[0]) == 1.0
     opt = keras.optimizers.SGD(1.0)
     opt.apply_gradients([(np.full((1, 1), 0.25, "float32"), dense.kernel)])
@@ -176,18 +177,18 @@ def test_heatmap_head_scale_starts_at_one_and_never_turns_negative():
     opt.apply_gradients([(np.full((1, 1), 5.0, "float32"), dense.kernel)])
     assert float(np.ravel(dense.kernel.numpy())[0]) == 0.0  # 0.75 - 5 clipped at 0
     # the gap head's Dense is unconstrained
-    free = model.resnet_small((64, 64, 1)).get_layer(model.LOGIT)
+    free = models.resnet_small((64, 64, 1)).get_layer(models.LOGIT)
     assert free.kernel_constraint is None and dense.kernel_constraint is not None
 
 
 @pytest.mark.parametrize("stride", [32, 16])
 def test_attention_head_pools_the_features_where_the_cells_point(stride):
-    m = model.resnet_small((64, 64, 1), box_head=True, head="attention", box_stride=stride)
+    m = models.resnet_small((64, 64, 1), box_head=True, head="attention", box_stride=stride)
     x = np.random.default_rng(8).random((2, 64, 64, 1), dtype="float32")
-    source = "box_features" if stride == 16 else model.FEATURES
+    source = "box_features" if stride == 16 else models.FEATURES
     parts = keras.Model(
         m.inputs,
-        [m.get_layer(n).output for n in (source, "box_logits", "gap_attention", model.FEATURES)],
+        [m.get_layer(n).output for n in (source, "box_logits", "gap_attention", models.FEATURES)],
     )
     feats, cells, pooled, last = (np.asarray(t, "float64") for t in parts(x, training=False))
     flat = cells.reshape(2, -1)
@@ -206,10 +207,12 @@ def test_attention_head_pools_the_features_where_the_cells_point(stride):
 
 
 def test_avgmax_head_reads_each_channels_average_and_peak():
-    m = model.resnet_small((64, 64, 1), head="avgmax")
+    m = models.resnet_small((64, 64, 1), head="avgmax")
     x = np.random.default_rng(5).random((2, 64, 64, 1), dtype="float32")
-    feats = np.asarray(keras.Model(m.inputs, m.get_layer(model.FEATURES).output)(x, training=False))
-    w, b = m.get_layer(model.LOGIT).get_weights()
+    feats = np.asarray(
+        keras.Model(m.inputs, m.get_layer(models.FEATURES).output)(x, training=False)
+    )
+    w, b = m.get_layer(models.LOGIT).get_weights()
     pooled = np.concatenate([feats.mean(axis=(1, 2)), feats.max(axis=(1, 2))], axis=1)
     assert pooled.shape[1] == w.shape[0] == 2 * feats.shape[-1]
     logit = pooled @ w + b
@@ -222,12 +225,12 @@ def test_avgmax_head_reads_each_channels_average_and_peak():
 
 def test_resnet_small_has_no_imagenet_weights():
     with pytest.raises(ValueError, match="no ImageNet weights"):
-        model.build_model(ModelConfig("resnet_small", weights="imagenet"), (64, 64, 1))
+        models.build_model(ModelConfig("resnet_small", weights="imagenet"), (64, 64, 1))
 
 
 @pytest.mark.parametrize("name", ["resnet50v2", "efficientnetv2b0"])
 def test_application_backbones_take_grayscale_and_a_weights_file(tmp_path, name):
-    constructor = getattr(keras.applications, model._APPLICATIONS[name][0])
+    constructor = getattr(keras.applications, models.model._APPLICATIONS[name][0])
     kwargs = {"include_preprocessing": True} if name == "efficientnetv2b0" else {}
     reference = constructor(include_top=False, weights=None, input_shape=(64, 64, 3), **kwargs)
     rng = np.random.default_rng(1)
@@ -237,18 +240,18 @@ def test_application_backbones_take_grayscale_and_a_weights_file(tmp_path, name)
     path = tmp_path / "backbone.weights.h5"
     reference.save_weights(path)
 
-    m = model.build_model(ModelConfig(name, weights=str(path)), (64, 64, 1))
+    m = models.build_model(ModelConfig(name, weights=str(path)), (64, 64, 1))
     conv = next(layer for layer in reference.layers if isinstance(layer, keras.layers.Conv2D))
     np.testing.assert_array_equal(m.get_layer(conv.name).get_weights()[0], conv.get_weights()[0])
     # Grayscale is repeated to 3 channels: the features equal the reference's on gray RGB.
     x = rng.random((2, 64, 64, 1), dtype="float32")
     scale = {"resnet50v2": lambda v: v * 2.0 - 1.0, "efficientnetv2b0": lambda v: v * 255.0}
     want = reference(scale[name](np.repeat(x, 3, axis=-1)), training=False)
-    got = keras.Model(m.inputs, m.get_layer(model.FEATURES).output)(x, training=False)
+    got = keras.Model(m.inputs, m.get_layer(models.FEATURES).output)(x, training=False)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
 
     with pytest.raises(ValueError, match="neither 'none', 'imagenet' nor an existing file"):
-        model.build_model(ModelConfig(name, weights=str(tmp_path / "missing.h5")), (64, 64, 1))
+        models.build_model(ModelConfig(name, weights=str(tmp_path / "missing.h5")), (64, 64, 1))
 
 
 @pytest.mark.parametrize(
@@ -266,11 +269,11 @@ def test_application_backbones_take_grayscale_and_a_weights_file(tmp_path, name)
 def test_saved_new_architectures_load_and_predict_identically(tmp_path, name, box_head, head):
     stride = 16 if head == "stride16" else None  # the fine box head (model.box_stride)
     cfg = ModelConfig(name, box_head=box_head, head="gap" if stride else head, box_stride=stride)
-    m = model.build_model(cfg, (64, 64, 1), fused_batchnorm=True)
+    m = models.build_model(cfg, (64, 64, 1), fused_batchnorm=True)
     x = np.random.default_rng(2).random((3, 64, 64, 1), dtype="float32")
     m(x, training=True)  # moves BatchNorm statistics away from their initial values
     m.save(tmp_path / "m.keras")
-    loaded = model.load_model(tmp_path / "m.keras")
+    loaded = models.load_model(tmp_path / "m.keras")
     for a, b in zip(keras.tree.flatten(m(x)), keras.tree.flatten(loaded(x))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -391,8 +394,8 @@ def test_augment_off_is_the_identity():
 
 @pytest.fixture(scope="module")
 def synthetic_build(tmp_path_factory):
-    from tfrecords_builder import synthetic
     from tfrecords_builder.build import BuildOptions, build
+    from tfrecords_builder.datasets import synthetic
 
     root = tmp_path_factory.mktemp("boxes")
     synthetic.generate(root / "raw", count=60, fractured_fraction=0.5, image_size=64, seed=3)
@@ -450,9 +453,9 @@ def test_class_weights_balance_the_train_split():
 
 def _compiled(name, box_head=False, size=32):
     if name == "resnet_small":  # no dropout: two forward passes give the same probabilities
-        m = model.resnet_small((size, size, 1), dropout=0.0, box_head=box_head)
+        m = models.resnet_small((size, size, 1), dropout=0.0, box_head=box_head)
     else:
-        m = model.build_model(ModelConfig(name, box_head=box_head), (size, size, 1))
+        m = models.build_model(ModelConfig(name, box_head=box_head), (size, size, 1))
     m.compile(optimizer=keras.optimizers.SGD(0.0), loss="binary_crossentropy")
     return m
 
@@ -649,13 +652,13 @@ def test_train_step_with_box_paste_trains_on_the_pasted_images_and_labels():
 
 
 def test_flip_tta_averages_the_image_and_its_mirror():
-    m = model.build_model(ModelConfig("paper_cnn"), (16, 16, 1))
+    m = models.build_model(ModelConfig("paper_cnn"), (16, 16, 1))
     x = np.random.default_rng(3).random((3, 16, 16, 1), dtype="float32")
     plain = np.asarray(m(x)).reshape(-1)
     mirrored = np.asarray(m(x[:, :, ::-1])).reshape(-1)
-    np.testing.assert_allclose(model.predict_probs(m, x, "none").numpy(), plain, rtol=1e-6)
+    np.testing.assert_allclose(models.predict_probs(m, x, "none").numpy(), plain, rtol=1e-6)
     np.testing.assert_allclose(
-        model.predict_probs(m, x, "flip").numpy(), (plain + mirrored) / 2, rtol=1e-5
+        models.predict_probs(m, x, "flip").numpy(), (plain + mirrored) / 2, rtol=1e-5
     )
 
 
@@ -714,9 +717,9 @@ def test_early_stopping_and_best_epoch_selection(tmp_path, separable_tfrecord_di
     best_epoch = int(np.argmax(val))
     # stopped exactly `patience` epochs after the best one (or ran out of epochs)
     assert result["epochs"] == min(12, best_epoch + 1 + 2)
-    saved = model.load_model(run_dir / "model.keras")
+    saved = models.load_model(run_dir / "model.keras")
     assert not (run_dir / "box_model.keras").exists()  # no box head, no box model
-    best = model.load_model(run_dir / "checkpoints" / "best.keras")
+    best = models.load_model(run_dir / "checkpoints" / "best.keras")
     for a, b in zip(saved.get_weights(), best.get_weights()):
         np.testing.assert_array_equal(a, b)
     assert result["auroc"] > 0.9  # separable data: the model separates it
@@ -753,17 +756,17 @@ def test_box_run_saves_its_selected_epoch_with_the_box_head(tmp_path, synthetic_
         data={"dir": str(synthetic_build), "image_size": 64},
     )
     train.train(cfg, verbose=0)
-    boxed = model.load_model(runs.box_model_path(run_dir))
-    assert model.has_box_head(boxed) and boxed.outputs[1].shape[1:3] == (4, 4)  # 16 px cells
-    best = model.load_model(runs.best_path(run_dir))
+    boxed = models.load_model(runs.box_model_path(run_dir))
+    assert models.has_box_head(boxed) and boxed.outputs[1].shape[1:3] == (4, 4)  # 16 px cells
+    best = models.load_model(runs.best_path(run_dir))
     assert len(boxed.get_weights()) == len(best.get_weights())
     for a, b in zip(boxed.get_weights(), best.get_weights()):
         np.testing.assert_array_equal(a, b)
-    clf = model.load_model(runs.model_path(run_dir))
-    assert not model.has_box_head(clf)
+    clf = models.load_model(runs.model_path(run_dir))
+    assert not models.has_box_head(clf)
     x = np.random.default_rng(7).random((2, 64, 64, 1), dtype="float32")
     np.testing.assert_allclose(
-        np.asarray(model.classifier(boxed)(x)), np.asarray(clf(x)), rtol=1e-6
+        np.asarray(models.classifier(boxed)(x)), np.asarray(clf(x)), rtol=1e-6
     )
     opts = explain.ExplainOptions(what=("audit",), cam_method="boxmap", tolerance=8.0)
     result = explain.explain_run(run_dir, opts, log=lambda *a: None)
@@ -784,7 +787,7 @@ def test_weight_averaging_validates_and_saves_the_average_and_trains_on(
     )
     result = train.train(cfg, verbose=0)
     assert result["auroc"] > 0.9  # separable data: the averaged model separates it
-    saved = model.load_model(run_dir / "model.keras")
+    saved = models.load_model(run_dir / "model.keras")
     last, _ = train.ckpt.load(run_dir, train.ckpt.read_state(run_dir))
     opt = last.optimizer
     assert opt.use_ema and opt.ema_momentum == pytest.approx(0.8)
@@ -801,7 +804,7 @@ def test_weight_averaging_validates_and_saves_the_average_and_trains_on(
     build = data.Build.load(separable_tfrecord_dir)
     val_ds = data.make_eval_dataset(build, "val", cfg.data, 8, with_ids=True)
     from kerasfrac import runs
-    from kerasfrac.metrics import split_metrics
+    from kerasfrac.evaluation.metrics import split_metrics
 
     _, y, p = runs.predict(saved, val_ds)
     assert split_metrics(y, p)["auroc"] == pytest.approx(val_auroc, abs=1e-6)
@@ -871,8 +874,8 @@ def test_box_supervision_moves_grad_cam_onto_the_fracture(tmp_path):
     0.03 / 0.07 / 0.10 / 0.00 without; box-map hit rate 1.00 / 1.00 / 1.00 / 0.97; AUROC
     1.00 with boxes, 0.95-1.00 without. At 150 steps the margins were seed-dependent (hit
     rate with boxes 0.45-0.90), hence 250."""
-    from tfrecords_builder import synthetic
     from tfrecords_builder.build import BuildOptions, build
+    from tfrecords_builder.datasets import synthetic
 
     synthetic.generate(
         tmp_path / "raw",
@@ -895,7 +898,7 @@ def test_box_supervision_moves_grad_cam_onto_the_fracture(tmp_path):
 
 
 def test_sensitivity_at_90_specificity_is_exact():
-    from kerasfrac.metrics import sensitivity_at_specificity
+    from kerasfrac.evaluation.metrics import sensitivity_at_specificity
 
     y = np.array([0] * 10 + [1] * 5)
     p = np.array([*np.linspace(0, 0.5, 10), 0.45, 0.6, 0.7, 0.2, 0.9])
@@ -903,7 +906,7 @@ def test_sensitivity_at_90_specificity_is_exact():
     assert sensitivity_at_specificity(y, p, 0.9) == pytest.approx(0.8)
     assert sensitivity_at_specificity(y, p, 1.0) == pytest.approx(0.6)  # above 0.5 only
     assert sensitivity_at_specificity(np.zeros(4), np.arange(4)) is None
-    from kerasfrac.metrics import split_metrics as metrics
+    from kerasfrac.evaluation.metrics import split_metrics as metrics
 
     assert metrics(y, p, n_bootstrap=0)["sensitivity_at_90_specificity"] == pytest.approx(0.8)
 
@@ -912,7 +915,7 @@ def test_evaluate_predict_with_flip_tta(separable_tfrecord_dir):
     from kerasfrac.runs import predict
 
     cfg = config.DataConfig(dir=str(separable_tfrecord_dir), image_size=32)
-    m = model.build_model(ModelConfig("paper_cnn"), (32, 32, 1))
+    m = models.build_model(ModelConfig("paper_cnn"), (32, 32, 1))
     ds = data.make_eval_dataset(None, "test", cfg, 4, with_ids=True)
     ids, y, plain = predict(m, ds)
     ids2, y2, flipped = predict(m, ds, "flip")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kerasfrac import report
 from kerasfrac.cli import main
+from kerasfrac.evaluation import report
 
 
 def fake_run(root: Path, name: str, dataset: str, data: dict, metrics: dict) -> Path:

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from kerasfrac import config, data, demo, predict, train
+from kerasfrac import config, data, demo, predict
 from kerasfrac.cli import main
+from kerasfrac.training import train
 from tests import sources
 from tests.conftest import make_tfrecord_dir
 from tests.test_evaluate import make_run
@@ -312,7 +313,7 @@ def test_symbolic_links_never_vanish_and_never_lead_out_of_the_source(tibia, tmp
 
 
 def test_report_names_a_damaged_metrics_json(run_dir, tmp_path):
-    from kerasfrac import report
+    from kerasfrac.evaluation import report
 
     copy = tmp_path / "run"
     copy.mkdir()

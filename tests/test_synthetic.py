@@ -1,4 +1,4 @@
-"""Tests of the synthetic X-ray phantom generator (tfrecords_builder.synthetic)."""
+"""Tests of the synthetic X-ray phantom generator (tfrecords_builder.datasets.synthetic)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter, ImageFont
 
-from tfrecords_builder import synthetic
+from tfrecords_builder.datasets import synthetic
 
 CSV_HEADER = (
     "image_id,hand,leg,hip,shoulder,mixed,hardware,multiscan,fractured,fracture_count,"

@@ -19,8 +19,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import tfrecords_builder.tfds_builders  # noqa: F401  (registers the builders)
-from tfrecords_builder import read_split, schema, synthetic
+from tfrecords_builder import read_split, schema
 from tfrecords_builder.build import BuildOptions, build
+from tfrecords_builder.datasets import synthetic
 
 OPTS = dict(progress=False, shards=3)
 #: TFDS reads the shards one after the other: read_split's order.

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kerasfrac import config, kernels, train
+from kerasfrac import config
 from kerasfrac.cli import main
+from kerasfrac.training import kernels, train
 
 FAST = {
     "dataset": "synthetic",
@@ -83,7 +84,8 @@ def test_run_dir_artifacts(trained_run):
 
 
 def test_test_at_end_false_holds_test_back_until_evaluate(tmp_path, separable_tfrecord_dir):
-    from kerasfrac import console, evaluate
+    from kerasfrac import console
+    from kerasfrac.evaluation import evaluate
 
     run_dir = tmp_path / "tuning"
     cfg = fast_config(separable_tfrecord_dir, run_dir, epochs=2)
@@ -365,7 +367,8 @@ def test_mixed_bfloat16_run_learns_and_saves_a_float32_model(tmp_path, separable
     process's dtype policy is float32 again afterwards."""
     import keras
 
-    from kerasfrac import evaluate, model, runs
+    from kerasfrac import models, runs
+    from kerasfrac.evaluation import evaluate
 
     run_dir = tmp_path / "bf16"
     metrics = train.train(
@@ -373,10 +376,10 @@ def test_mixed_bfloat16_run_learns_and_saves_a_float32_model(tmp_path, separable
     )
     assert keras.mixed_precision.dtype_policy().name == "float32"
     assert metrics["auroc"] > 0.9
-    best = model.load_model(run_dir / "checkpoints" / "best.keras")
-    assert model.uses_mixed_precision(best)  # training itself ran in bfloat16
-    saved = model.load_model(run_dir / "model.keras")
-    assert not model.uses_mixed_precision(saved)
+    best = models.load_model(run_dir / "checkpoints" / "best.keras")
+    assert models.uses_mixed_precision(best)  # training itself ran in bfloat16
+    saved = models.load_model(run_dir / "model.keras")
+    assert not models.uses_mixed_precision(saved)
     assert {layer.dtype_policy.name for layer in saved.layers} == {"float32"}
     path = runs.predictions_path(run_dir, "test")
     ids, labels, probs = runs.read_predictions(path)
@@ -395,18 +398,18 @@ def test_float32_compute_is_the_same_network_in_float32():
     float32 model of the same weights exactly, and its bfloat16 original to bfloat16 precision."""
     import keras
 
-    from kerasfrac import model
+    from kerasfrac import models
 
     keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
     try:
-        mixed = model.resnet_small((64, 64, 1), box_head=True)
+        mixed = models.resnet_small((64, 64, 1), box_head=True)
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
-    reference = model.resnet_small((64, 64, 1), box_head=True)
+    reference = models.resnet_small((64, 64, 1), box_head=True)
     reference.set_weights(mixed.get_weights())
-    converted = model.float32_compute(mixed)
-    assert model.uses_mixed_precision(mixed) and not model.uses_mixed_precision(converted)
-    assert model.float32_compute(reference) is reference
+    converted = models.float32_compute(mixed)
+    assert models.uses_mixed_precision(mixed) and not models.uses_mixed_precision(converted)
+    assert models.float32_compute(reference) is reference
     x = np.random.default_rng(0).uniform(0, 1, (4, 64, 64, 1)).astype("float32")
     got = converted.predict(x, verbose=0)
     want = reference.predict(x, verbose=0)
@@ -431,7 +434,7 @@ def test_precision_auto_resumes_in_the_precision_the_run_started_in(
 ):
     """A run begun with train.precision=auto on a CPU with bfloat16 units and resumed on one
     without goes on in bfloat16 (its checkpoint's numerics), and says so."""
-    from kerasfrac import model
+    from kerasfrac import models
 
     run_dir = tmp_path / "auto"
     monkeypatch.setattr(kernels, "native_bfloat16", lambda cpuinfo=None: True)
@@ -448,8 +451,8 @@ def test_precision_auto_resumes_in_the_precision_the_run_started_in(
     assert "would pick float32" in out
     state = json.loads((run_dir / "checkpoints" / "state.json").read_text())
     assert state["epoch"] == 2 and state["precision"] == "mixed_bfloat16"
-    trained = model.load_model(run_dir / "checkpoints" / state["checkpoint"] / "model.keras")
-    assert model.uses_mixed_precision(trained)  # epoch 2 trained in bfloat16
+    trained = models.load_model(run_dir / "checkpoints" / state["checkpoint"] / "model.keras")
+    assert models.uses_mixed_precision(trained)  # epoch 2 trained in bfloat16
     # A fresh run on this machine resolves auto by the hardware.
     train.train(
         fast_config(separable_tfrecord_dir, tmp_path / "fresh", epochs=1, precision="auto"),
@@ -463,7 +466,7 @@ def test_float32_compute_reaches_nested_models():
     """keras.applications backbones sit in our models as nested models: their layers count."""
     import keras
 
-    from kerasfrac import model
+    from kerasfrac import models
 
     keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
     try:
@@ -475,9 +478,9 @@ def test_float32_compute_reaches_nested_models():
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
     assert outer.get_layer("inner").get_layer("c").compute_dtype == "bfloat16"
-    assert model.uses_mixed_precision(outer)
-    converted = model.float32_compute(outer)
-    assert not model.uses_mixed_precision(converted)
+    assert models.uses_mixed_precision(outer)
+    converted = models.float32_compute(outer)
+    assert not models.uses_mixed_precision(converted)
     assert converted.get_layer("inner").get_layer("c").compute_dtype == "float32"
     x = np.random.default_rng(1).uniform(0, 1, (2, 16, 16, 1)).astype("float32")
     want = outer.predict(x, verbose=0)
@@ -489,14 +492,14 @@ def test_loss_scaling_follows_the_models_float16_policy():
     float16 (train.precision mixed_float16, or auto on a GPU); bfloat16 needs none."""
     import keras
 
-    from kerasfrac import model
+    from kerasfrac import models
 
     cfg = config.from_dict({"train": {"precision": "auto", "optimizer": "adamw"}})
     built = {}
     for policy in ("mixed_float16", "mixed_bfloat16", "float32"):
         keras.mixed_precision.set_dtype_policy(policy)
         try:
-            built[policy] = model.resnet_small((32, 32, 1))
+            built[policy] = models.resnet_small((32, 32, 1))
         finally:
             keras.mixed_precision.set_dtype_policy("float32")
     scaled = {p: type(train.make_optimizer(cfg, m)).__name__ for p, m in built.items()}

@@ -17,17 +17,10 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from tfrecords_builder import (
-    duplicates,
-    fracatlas,
-    schema,
-    splits,
-    tibia_fibula,
-    validation,
-    writer,
-)
+from tfrecords_builder import duplicates, schema, splits, validation, writer
 from tfrecords_builder.archive import SourceError, open_source
 from tfrecords_builder.candidates import Candidate
+from tfrecords_builder.datasets import fracatlas, tibia_fibula
 from tfrecords_builder.defaults import (
     ASPECT_TOLERANCE,
     DATASETS,

@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     if args.dataset == "synthetic":
-        from tfrecords_builder import synthetic
+        from tfrecords_builder.datasets import synthetic
 
         with tempfile.TemporaryDirectory(prefix="kerasfrac-synthetic-") as tmp:
             raw = Path(args.source) if args.source else Path(tmp) / "raw"

@@ -1,7 +1,7 @@
 """The builder's names and default limits, importable without TensorFlow.
 
 The command line reads them to describe its options; ``kerasfrac`` builds its parser before
-it decides how TensorFlow is configured (``kerasfrac.kernels``), so nothing here may import
+it decides how TensorFlow is configured (``kerasfrac.training.kernels``), so nothing here may import
 TensorFlow.
 """
 

@@ -168,21 +168,21 @@ class TibiaFibula(_KerasfracBuilder):
 
 
 class KerasfracSynthetic(_KerasfracBuilder):
-    """kerasfrac's synthetic phantoms (``kerasfrac.demo`` / ``tfrecords_builder.synthetic``)."""
+    """kerasfrac's synthetic phantoms (``tfrecords_builder.datasets.synthetic``)."""
 
     name = schema.TFDS_NAMES["synthetic"]
     DATASET = "synthetic"
     DESCRIPTION = (
         "Synthetic grayscale bone phantoms with drawn fractures and boxes, written by "
-        "tfrecords_builder.synthetic in FracAtlas' layout; for tests and demos."
+        "tfrecords_builder.datasets.synthetic in FracAtlas' layout; for tests and demos."
     )
     CITATION = ""
     LICENSE = "Apache-2.0"
     IMAGE_CHANNELS = 1
     HAS_META = True
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        "Write phantoms with `python -m tfrecords_builder.synthetic` (or "
-        "tfrecords_builder.synthetic.write) and pass that folder as `manual_dir`."
+        "Write phantoms with `python -m tfrecords_builder.datasets.synthetic` (or "
+        "tfrecords_builder.datasets.synthetic.write) and pass that folder as `manual_dir`."
     )
 
 

@@ -31,12 +31,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kerasfrac import checkpoint as ckpt
-from kerasfrac import console, data, distribute, kernels, runs
-from kerasfrac.checkpoint import RunDirError, has_unfinished_run, prepare_run_dir
+from kerasfrac import console, data, runs
 from kerasfrac.config import Config
-from kerasfrac.metrics import bce_per_example, epoch_metrics, split_metrics
-from kerasfrac.model import (
+from kerasfrac.evaluation.metrics import bce_per_example, epoch_metrics, split_metrics
+from kerasfrac.models import (
     BOX_HEATMAP,
     META_LOGITS,
     box_model,
@@ -51,6 +49,9 @@ from kerasfrac.model import (
     predict_probs,
     uses_fused_batchnorm,
 )
+from kerasfrac.training import checkpoint as ckpt
+from kerasfrac.training import distribute, kernels
+from kerasfrac.training.checkpoint import RunDirError, has_unfinished_run, prepare_run_dir
 
 
 class TrainingDiverged(RuntimeError):

@@ -2,8 +2,9 @@
 
 ``evaluate_run(run_dir)`` does the whole job for a training run directory: predictions for
 the split (and for val, to choose the threshold) read from the run's predictions files or
-computed with its model (``kerasfrac.runs``), the exact metrics of ``kerasfrac.metrics`` with
-bootstrap CIs, the no-anatomy baseline of ``kerasfrac.audit`` beside the model
+computed with its model (``kerasfrac.runs``), the exact metrics of
+``kerasfrac.evaluation.metrics`` with bootstrap CIs, the no-anatomy baseline of
+``kerasfrac.evaluation.audit`` beside the model
 (``baseline_comparison``), plots and TensorBoard images, and metrics.json (written by
 ``runs.write_metrics``). ``summary`` prints a metrics dict for a person.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from kerasfrac import runs
-from kerasfrac.metrics import MIN_PER_CLASS_FOR_CI, SUBGROUP_COLUMNS, split_metrics
+from kerasfrac.evaluation.metrics import MIN_PER_CLASS_FOR_CI, SUBGROUP_COLUMNS, split_metrics
 from kerasfrac.names import SPLITS
 from kerasfrac.options import EvaluateOptions
 
@@ -161,7 +162,7 @@ def evaluate_run(
             "mode: a measure of fit, not of generalisation"
         )
     if plots:
-        from kerasfrac import plots as plotting
+        from kerasfrac.evaluation import plots as plotting
 
         result["plots"] = [
             str(p.relative_to(run_dir))
@@ -181,15 +182,15 @@ def baseline_comparison(
     n_bootstrap: int = EvaluateOptions.n_bootstrap,
     seed: int = EvaluateOptions.seed,
 ) -> dict:
-    """The model beside the no-anatomy baseline of ``kerasfrac.audit`` on the same images.
+    """The model beside the no-anatomy baseline (``kerasfrac.evaluation.audit``), same images.
 
     ``{"model_auroc", "baseline_auroc" (each with ci95), "difference" with a paired bootstrap
     ci95 (groups resampled where the split holds them), "beats_baseline", "sentence",
     "subgroups": {"size=small|medium|large", "hardware=0": model and baseline AUROC with
     CIs}}``, or ``{"unavailable": reason}`` where the baseline cannot be fitted.
     """
-    from kerasfrac import audit
-    from kerasfrac.metrics import auroc_ci, paired_auroc_difference, size_band
+    from kerasfrac.evaluation import audit
+    from kerasfrac.evaluation.metrics import auroc_ci, paired_auroc_difference, size_band
 
     try:
         base = audit.baseline_probabilities(build, split, seed=seed)

@@ -10,7 +10,7 @@ Small pure pieces (keras-io ``visualizing_what_convnets_learn``):
   the result into a displayable uint8 image.
 * ``feature_model`` / ``feature_maps``: a sub-model from ``model.inputs`` to the conv block
   outputs (fresh or reloaded models alike).
-* Grad-CAM and the audit numbers live in ``kerasfrac.gradcam``.
+* Grad-CAM and the audit numbers live in ``kerasfrac.explain.gradcam``.
 
 ``explain_run`` ties them to a run directory: the run's config prepares the images exactly
 as training did, figures go to ``OUT`` (default ``RUN_DIR/explain``) and to
@@ -30,9 +30,9 @@ import matplotlib
 import numpy as np
 import tensorflow as tf
 
-from kerasfrac import gradcam
-from kerasfrac.gradcam import layer_output
-from kerasfrac.model import block_output_names, classifier, logit_layer_name
+from kerasfrac.explain import gradcam
+from kerasfrac.explain.gradcam import layer_output
+from kerasfrac.models import block_output_names, classifier, logit_layer_name
 from kerasfrac.options import AscentOptions, ExplainOptions
 
 matplotlib.use("Agg")  # files only; never a display
@@ -548,7 +548,7 @@ def explain_run(
 ) -> dict:
     """Run the chosen parts on a run directory; return what explain.json holds."""
     from kerasfrac import data, runs
-    from kerasfrac.plots import log_to_tensorboard, run_name
+    from kerasfrac.evaluation.plots import log_to_tensorboard, run_name
 
     opts = opts or ExplainOptions()
     opts.check()

@@ -4,7 +4,7 @@
 GPUs; ``multi_worker`` -> MultiWorkerMirroredStrategy (cluster from TF_CONFIG, or from Slurm's
 srun layout via SlurmClusterResolver); ``auto`` -> multi-worker under srun with more than one
 task, mirrored with more than one local GPU, else the default strategy.
-The training loop (kerasfrac.train) is one custom loop that serves all of them.
+The training loop (kerasfrac.training.train) is one custom loop that serves all of them.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kerasfrac.model import (
+from kerasfrac.models import (
     BOX_LOGITS,
     block_output_names,
     last_conv_block_name,
@@ -70,7 +70,7 @@ def find_layer(model: keras.Model, name: str) -> keras.layers.Layer:
 
 def layer_output(model: keras.Model, name: str):
     """The output tensor of layer ``name`` (``model.get_layer(name).output``: models are
-    functional graphs, see ``kerasfrac.model.functional``); an unknown name is an error
+    functional graphs, see ``kerasfrac.models.functional``); an unknown name is an error
     listing the layers."""
     return find_layer(model, name).output
 

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
-from kerasfrac.metrics import roc_band  # noqa: E402
+from kerasfrac.evaluation.metrics import roc_band  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:

@@ -301,7 +301,7 @@ def audit(
 ) -> dict:
     """Audit a build: writes ``audit.json``, ``audit.md`` and ``audit.png`` into ``out_dir``
     (default ``BUILD_DIR/audit``) and returns the JSON dict."""
-    from kerasfrac.metrics import auroc_ci
+    from kerasfrac.evaluation.metrics import auroc_ci
 
     build_dir = Path(build_dir)
     build = _build(build_dir)

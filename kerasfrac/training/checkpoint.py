@@ -266,7 +266,7 @@ def _folder(run_dir: Path, state: dict) -> Path:
 
 def load(run_dir: Path, state: dict):
     """``(model, partial)`` of the checkpoint ``state`` names; read-only (every worker)."""
-    from kerasfrac.model import load_model
+    from kerasfrac.models import load_model
 
     folder = _folder(run_dir, state)
     legacy = "checkpoint" not in state

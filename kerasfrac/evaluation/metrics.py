@@ -7,8 +7,8 @@ images of a group are not independent, so the bootstrap resamples groups, not im
 one class) is counted and reported as ``undefined_share``, never silently dropped.
 
 ``paired_auroc_difference`` compares two scorers on the same images (a model and the
-no-anatomy baseline of ``kerasfrac.audit``): each resample draws one set of images (groups)
-and scores both on it, so the CI is of the difference itself.
+no-anatomy baseline of ``kerasfrac.evaluation.audit``): each resample draws one set of
+images (groups) and scores both on it, so the CI is of the difference itself.
 """
 
 from __future__ import annotations

@@ -1,0 +1,27 @@
+"""The data stage: decode and resize, augmentation, and the tf.data pipelines over a build."""
+
+from kerasfrac.data.pipeline import (  # noqa: F401
+    AUTOTUNE,
+    CACHE_FORMAT,
+    JPEG_MARGIN,
+    JPEG_RATIOS,
+    Build,
+    BuildOutputError,
+    SplitRecords,
+    augment,
+    augments,
+    box_mask,
+    cache_bytes_per_image,
+    check_build,
+    decode_resize,
+    epoch_images,
+    flip_expand,
+    image_shape,
+    make_dataset,
+    make_eval_dataset,
+    preprocess,
+    random_flip,
+    split_records,
+    steps_per_epoch,
+    to_float,
+)

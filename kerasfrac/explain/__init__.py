@@ -1,0 +1,27 @@
+"""Explanations: class visualisation, feature maps, CAMs and the localisation audit."""
+
+from kerasfrac.explain.run import (  # noqa: F401
+    CLASS_NAMES,
+    CLASS_SIGN,
+    ClassVis,
+    Example,
+    audit_split,
+    blur,
+    class_vis_figure,
+    deprocess_image,
+    explain_run,
+    feature_maps,
+    feature_maps_figure,
+    feature_model,
+    grad_cam_figure,
+    load_image_files,
+    logit_model,
+    main,
+    make_ascent_step,
+    mean_cam_figure,
+    noise_image,
+    pick_examples,
+    split_batches,
+    summary,
+    visualize_class,
+)

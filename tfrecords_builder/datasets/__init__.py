@@ -1,0 +1,1 @@
+"""Dataset layouts the builder reads: one module per dataset."""
