@@ -22,15 +22,13 @@ from typing import Any
 
 import yaml
 
+from kerasfrac.models import registry
 from kerasfrac.names import (
-    BOX_STRIDES,
-    CELL_HEADS,
     CLASS_WEIGHTS,
     DATASETS,
     DISTRIBUTES,
     FLIPS,
     HEADS,
-    MODEL_NAMES,
     OPTIMIZERS,
     PRECISIONS,
     RESIZES,
@@ -40,12 +38,11 @@ from kerasfrac.names import (
 )
 
 #: The allowed values of each config key that takes one of a few names (``validate``
-#: checks them, ``kerasfrac train --list-keys`` shows them).
+#: checks them, ``kerasfrac train --list-keys`` shows them); ``choices()`` adds model.name.
 CHOICES = {
     "dataset": DATASETS,
     "data.flips": FLIPS,
     "data.resize": RESIZES,
-    "model.name": MODEL_NAMES,
     "model.head": HEADS,
     "train.optimizer": OPTIMIZERS,
     "train.schedule": SCHEDULES,
@@ -55,6 +52,12 @@ CHOICES = {
     "train.precision": PRECISIONS,
     "train.distribute": DISTRIBUTES,
 }
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """``CHOICES`` and the registered architectures (``model.name``), read when asked, so an
+    architecture registered after import counts."""
+    return {**CHOICES, "model.name": registry.names()}
 
 
 class ConfigError(ValueError):
@@ -96,8 +99,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    #: Architecture from kerasfrac.models.MODELS: paper_cnn | vgg16 | resnet_small (a compact
-    #: pre-activation ResNet for CPUs) | resnet50v2 | efficientnetv2b0 (keras.applications).
+    #: A registered architecture (kerasfrac.models.registry): paper_cnn | vgg16 |
+    #: resnet_small (a compact pre-activation ResNet for CPUs) | resnet50v2 | efficientnetv2b0.
     name: str = "paper_cnn"
     #: none | imagenet (vgg16, resnet50v2, efficientnetv2b0; needs a download) | a weights
     #: file (the whole model's for paper_cnn/resnet_small, the backbone's for the others).
@@ -406,7 +409,7 @@ def _get(cfg: Config, key: str) -> Any:
 
 def validate(cfg: Config) -> None:
     """Value checks that types alone do not catch; raises ConfigError naming the key."""
-    for key, allowed in CHOICES.items():
+    for key, allowed in choices().items():
         _one_of(key, _get(cfg, key), allowed)
     if not cfg.run_dir:
         raise ConfigError("config key 'run_dir' must not be empty")
@@ -436,44 +439,16 @@ def validate(cfg: Config) -> None:
     if not cfg.model.weights:
         raise ConfigError("config key 'model.weights' must be none, imagenet or a file path")
     for key in ("width", "blocks_per_stage"):
-        value = getattr(cfg.model, key)
-        if value is None:
-            continue
-        _positive(f"model.{key}", value)
-        if cfg.model.name != "resnet_small":
-            raise ConfigError(
-                f"config key 'model.{key}' sizes resnet_small only; model.name is "
-                f"{cfg.model.name!r}: remove model.{key} or set model.name=resnet_small"
-            )
-    drop_path = cfg.model.drop_path
-    if not 0.0 <= drop_path < 1.0:  # NaN fails too
+        _positive(f"model.{key}", getattr(cfg.model, key), optional=True)
+    if not 0.0 <= cfg.model.drop_path < 1.0:  # NaN fails too
         raise ConfigError(
             f"config key 'model.drop_path' must be a probability in [0, 1) (0 = off, typical "
-            f"0.05-0.2); got {drop_path!r}"
+            f"0.05-0.2); got {cfg.model.drop_path!r}"
         )
-    if drop_path and cfg.model.name != "resnet_small":
-        raise ConfigError(
-            f"config key 'model.drop_path' drops resnet_small's residual blocks; model.name is "
-            f"{cfg.model.name!r}: remove model.drop_path or set model.name=resnet_small"
-        )
-    stride = cfg.model.box_stride
-    if stride is not None:
-        if stride not in BOX_STRIDES:
-            raise ConfigError(
-                f"config key 'model.box_stride' must be one of {list(BOX_STRIDES)} (pixels per "
-                f"cell of the box heat map); got {stride!r}"
-            )
-        if cfg.model.name != "resnet_small":
-            raise ConfigError(
-                f"config key 'model.box_stride' places resnet_small's box heat map; model.name "
-                f"is {cfg.model.name!r}: remove model.box_stride or set model.name=resnet_small"
-            )
-        if not (cfg.model.box_head or cfg.model.head in CELL_HEADS):
-            raise ConfigError(
-                "config key 'model.box_stride' sizes the box heat map, which this model does "
-                "not have: set model.box_head=true (or model.head=heatmap or attention), or remove "
-                "model.box_stride"
-            )
+    try:  # what the architecture supports: its registry spec says
+        registry.check(cfg.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     t = cfg.train
     if not 0.0 <= cfg.model.bn_momentum < 1.0:
         raise ConfigError(
@@ -523,12 +498,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"config key 'model.meta_head' learns FracAtlas' dataset.csv columns, which "
             f"{cfg.dataset!r} records do not carry: set model.meta_head=false"
-        )
-    if cfg.model.meta_head and cfg.model.name in ("paper_cnn", "vgg16"):
-        raise ConfigError(
-            f"config key 'model.meta_head' reads the pooled features of resnet_small and the "
-            f"keras.applications backbones; model.name is {cfg.model.name!r}: set "
-            "model.meta_head=false or model.name=resnet_small"
         )
     _positive("train.early_stopping_patience", t.early_stopping_patience, optional=True)
     if not (math.isfinite(t.ema_momentum) and 0.0 <= t.ema_momentum < 1.0):
@@ -587,8 +556,17 @@ def _field_docs(cls: type) -> dict[str, str]:
 
 def describe_keys() -> list[KeyInfo]:
     """Every config key with its type, default, allowed values and comment, read from the
-    dataclasses above (and ``CHOICES``)."""
+    dataclasses above (and ``choices()``); a model key that only some architectures read says
+    which (their registry specs)."""
     rows: list[KeyInfo] = []
+    allowed = choices()
+    owners = {
+        f"model.{key}": [
+            s.name for s in map(registry.architecture, registry.names()) if key in s.keys
+        ]
+        for key in (f.name for f in dataclasses.fields(ModelConfig))
+        if key not in registry.COMMON_KEYS
+    }
 
     def walk(obj: Any, prefix: str) -> None:
         docs = _field_docs(type(obj))
@@ -598,9 +576,10 @@ def describe_keys() -> list[KeyInfo]:
             if dataclasses.is_dataclass(value):
                 walk(value, f"{key}.")
             else:
-                rows.append(
-                    KeyInfo(key, str(f.type), value, CHOICES.get(key), docs.get(f.name, ""))
-                )
+                doc = docs.get(f.name, "")
+                if key in owners:
+                    doc = f"[{', '.join(owners[key]) or 'no architecture'} only] {doc}"
+                rows.append(KeyInfo(key, str(f.type), value, allowed.get(key), doc))
 
     walk(Config(), "")
     return rows

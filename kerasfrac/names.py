@@ -15,7 +15,6 @@ __all__ = [
     "DISTRIBUTES",
     "FLIPS",
     "HEADS",
-    "MODEL_NAMES",
     "N_BOOTSTRAP",
     "OPTIMIZERS",
     "PRECISIONS",
@@ -30,8 +29,7 @@ __all__ = [
 
 FLIPS = ("none", "expand", "random")
 RESIZES = ("stretch", "pad")
-#: The architectures of kerasfrac.models.MODELS, which builds one of each of these names.
-MODEL_NAMES = ("paper_cnn", "vgg16", "resnet_small", "resnet50v2", "efficientnetv2b0")
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 CLASS_WEIGHTS = ("none", "balanced")

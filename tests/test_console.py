@@ -18,10 +18,11 @@ import pytest
 from matplotlib.pyplot import close as matplotlib_close
 from PIL import Image
 
-from kerasfrac import config, console, explain
+from kerasfrac import config, console
 from kerasfrac.cli import build_parser, main
 from kerasfrac.evaluation import metrics as km
 from kerasfrac.evaluation import plots
+from kerasfrac.explain import run as explain
 from tests import sources
 from tests.test_evaluate import make_run
 from tfrecords_builder import quiet

@@ -20,7 +20,8 @@ from PIL import Image
 from kerasfrac import config, explain
 from kerasfrac.cli import main
 from kerasfrac.explain import gradcam
-from kerasfrac.models import paper_cnn
+from kerasfrac.models.paper_cnn import paper_cnn
+from kerasfrac.options import AscentOptions, ExplainOptions
 from kerasfrac.runs import load_model as load_run_model
 from kerasfrac.training import train
 from tfrecords_builder.build import BuildOptions, build
@@ -72,7 +73,7 @@ def audits(runs) -> dict[bool, dict]:
     for marker, run_dir in runs.items():
         cfg, model, _ = load_run_model(run_dir)
         out[marker], _ = explain.audit_split(
-            model, cfg.data, cfg.data.dir, "test", explain.ExplainOptions()
+            model, cfg.data, cfg.data.dir, "test", ExplainOptions()
         )
     return out
 
@@ -84,7 +85,7 @@ def audits(runs) -> dict[bool, dict]:
 def test_ascent_moves_logit_monotonically_and_keeps_weights(runs, target):
     _, model, _ = load_run_model(runs[0])
     before = [w.copy() for w in model.get_weights()]
-    opts = explain.AscentOptions(steps=25, step_size=0.01, seed=3)
+    opts = AscentOptions(steps=25, step_size=0.01, seed=3)
     vis = explain.visualize_class(model, target, None, opts)
     sign = 1 if target == "fractured" else -1
     moves = sign * np.diff(vis.logits)
@@ -105,7 +106,7 @@ def test_ascent_moves_logit_monotonically_and_keeps_weights(runs, target):
 def test_ascent_from_real_image_with_regularisers(runs):
     cfg, model, _ = load_run_model(runs[0])
     start = explain.pick_examples(cfg.data, cfg.data.dir, "test", 2)[1].image  # a normal one
-    opts = explain.AscentOptions(steps=12, step_size=0.01, l2=0.1, jitter=2, blur_every=4, seed=1)
+    opts = AscentOptions(steps=12, step_size=0.01, l2=0.1, jitter=2, blur_every=4, seed=1)
     vis = explain.visualize_class(model, "fractured", start, opts)
     np.testing.assert_array_equal(vis.start, start)
     assert vis.logit_after > vis.logit_before + 0.5
@@ -164,7 +165,7 @@ def test_boxmap_is_the_box_heads_own_map_upsampled(tmp_path):
     same maps; models without a box head, or another --layer, are refused by name."""
     from kerasfrac import models as km
 
-    m = km.resnet_small((64, 64, 1), box_head=True)
+    m = km.resnet_small.resnet_small((64, 64, 1), box_head=True)
     x = np.random.default_rng(0).uniform(0, 1, (3, 64, 64, 1)).astype("float32")
     cam = gradcam.GradCam(m, method="boxmap")
     assert (cam.layer_name, cam.method) == ("box_logits", "boxmap")

@@ -69,7 +69,7 @@ def test_meta_loss_is_the_mean_bce_over_the_known_columns():
 def _frozen_meta_model() -> keras.Model:
     """resnet_small with a metadata head, no dropout and learning rate 0: a step leaves the
     weights as they are, so the test can recompute the step's loss with the model."""
-    m = models.resnet_small((32, 32, 1), dropout=0.0, meta_targets=len(META_TARGETS))
+    m = models.resnet_small.resnet_small((32, 32, 1), dropout=0.0, meta_targets=len(META_TARGETS))
     m.compile(optimizer=keras.optimizers.SGD(0.0), loss="binary_crossentropy")
     return m
 

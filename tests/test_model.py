@@ -16,7 +16,7 @@ def bfloat16_policy():
 
 
 def test_paper_cnn_layers_and_shapes():
-    m = models.paper_cnn((64, 64, 1))
+    m = models.paper_cnn.paper_cnn((64, 64, 1))
     names = [layer.name for layer in m.layers if not isinstance(layer, keras.layers.InputLayer)]
     assert names == [
         "conv1", "relu1", "bn1", "pool1",
@@ -45,7 +45,7 @@ def test_paper_cnn_has_the_reports_parameter_count_at_512():
 
 
 def test_layer_lookups():
-    m = models.paper_cnn((32, 32, 1))
+    m = models.paper_cnn.paper_cnn((32, 32, 1))
     assert models.logit_layer_name(m) == "logit"
     assert models.conv_layer_names(m) == ["conv1", "conv2", "conv3"]
     assert models.block_output_names(m) == ["bn1", "bn2", "bn3"]
@@ -58,7 +58,7 @@ def _bn3_features(m, x):
 
 
 def test_sub_model_to_bn3_fresh_and_reloaded(tmp_path):
-    m = models.paper_cnn((32, 32, 1))
+    m = models.paper_cnn.paper_cnn((32, 32, 1))
     x = np.random.default_rng(1).random((3, 32, 32, 1), dtype="float32")
     fresh = _bn3_features(m, x)
     assert fresh.shape == (3, 8, 8, 128)
@@ -71,7 +71,7 @@ def test_sub_model_to_bn3_fresh_and_reloaded(tmp_path):
 
 
 def test_sigmoid_stays_float32_under_mixed_bfloat16(bfloat16_policy):
-    m = models.paper_cnn((32, 32, 1))
+    m = models.paper_cnn.paper_cnn((32, 32, 1))
     assert m.get_layer("conv1").compute_dtype == "bfloat16"
     assert m.get_layer("logit").compute_dtype == "bfloat16"
     assert m.get_layer("prob").compute_dtype == "float32"
@@ -96,7 +96,7 @@ def test_unknown_model_and_bad_weights(tmp_path):
 
 
 def test_paper_cnn_loads_a_weights_file(tmp_path):
-    src = models.paper_cnn((32, 32, 1))
+    src = models.paper_cnn.paper_cnn((32, 32, 1))
     path = tmp_path / "w.weights.h5"
     src.save_weights(path)
     m = models.build_model(ModelConfig("paper_cnn", str(path)), (32, 32, 1))
@@ -206,12 +206,12 @@ def test_fused_paper_cnn_saves_reloads_and_trains_like_the_plain_one(tmp_path):
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
         return
 
-    plain = models.paper_cnn((16, 16, 1), sync_batchnorm=False)
-    fused = models.paper_cnn((16, 16, 1), sync_batchnorm=False, fused_batchnorm=True)
+    plain = models.paper_cnn.paper_cnn((16, 16, 1), sync_batchnorm=False)
+    fused = models.paper_cnn.paper_cnn((16, 16, 1), sync_batchnorm=False, fused_batchnorm=True)
     assert isinstance(fused.get_layer("bn1"), models.FusedBatchNormalization)
     assert type(plain.get_layer("bn1")) is keras.layers.BatchNormalization
     # sync_batchnorm wins: the fused kernel cannot share statistics across replicas.
-    assert type(models.paper_cnn((16, 16, 1), fused_batchnorm=True).get_layer("bn1")) is (
+    assert type(models.paper_cnn.paper_cnn((16, 16, 1), fused_batchnorm=True).get_layer("bn1")) is (
         keras.layers.BatchNormalization
     )
     fused.set_weights(plain.get_weights())
@@ -254,7 +254,7 @@ def test_plain_keras_swaps_the_fused_layers_and_keeps_the_outputs():
     assert models.uses_fused_batchnorm(fused) and not models.uses_fused_batchnorm(plain)
     assert [layer.name for layer in plain.layers] == [layer.name for layer in fused.layers]
     np.testing.assert_allclose(plain(x, training=False), fused(x, training=False), rtol=1e-6)
-    unfused = models.paper_cnn((16, 16, 1))
+    unfused = models.paper_cnn.paper_cnn((16, 16, 1))
     assert models.plain_keras(unfused) is unfused
 
 

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from kerasfrac import config, data, models
 from kerasfrac.config import ConfigError, ModelConfig
+from kerasfrac.options import ExplainOptions
 from kerasfrac.training import train
 
 # --------------------------------------------------------------------------- architectures
@@ -45,7 +46,7 @@ def test_resnet_small_width_and_depth_are_config_keys(tmp_path):
         m.predict(x, verbose=0),
         rtol=1e-6,
     )
-    with pytest.raises(ConfigError, match=r"'model.width' sizes resnet_small only.*paper_cnn"):
+    with pytest.raises(ConfigError, match=r"'model.width' applies to resnet_small only.*paper_cnn"):
         config.load_config(overrides=["model.width=48"])
     with pytest.raises(ConfigError, match="model.blocks_per_stage"):
         config.load_config(overrides=["model.name=resnet_small", "model.blocks_per_stage=0"])
@@ -87,7 +88,9 @@ def test_resnet_small_drop_path_drops_whole_residual_branches_in_training_only(t
     assert not any(layer.name.endswith("_drop") for layer in plain.layers)
     with pytest.raises(ConfigError, match=r"'model.drop_path' must be a probability.*1.5"):
         config.load_config(overrides=["model.name=resnet_small", "model.drop_path=1.5"])
-    with pytest.raises(ConfigError, match=r"'model.drop_path' drops resnet_small.*paper_cnn"):
+    with pytest.raises(
+        ConfigError, match=r"'model.drop_path' applies to resnet_small only.*paper_cnn"
+    ):
         config.load_config(overrides=["model.drop_path=0.1"])
 
 
@@ -123,14 +126,17 @@ def test_box_stride_16_doubles_the_heat_maps_grid_and_reaches_stage_3():
     grads = tape.gradient(heat, fine.trainable_weights)
     assert all(g is not None and float(tf.reduce_max(tf.abs(g))) > 0 for g in grads)
     # an odd stage-3 size (200 px: 13x13) still lines up: the features are resized to it
-    odd = models.resnet_small((200, 200, 1), box_head=True, box_stride=16)
+    odd = models.resnet_small.resnet_small((200, 200, 1), box_head=True, box_stride=16)
     assert tuple(odd.outputs[1].shape) == (None, 13, 13, 1)
 
 
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        (["model.box_stride=8"], r"'model.box_stride' must be one of \[32, 16\].*got 8"),
+        (
+            ["model.name=resnet_small", "model.box_head=true", "model.box_stride=8"],
+            r"'model.box_stride' must be one of \[32, 16\].*got 8",
+        ),
         (["model.box_stride=16", "model.box_head=true"], r"model.name is 'paper_cnn'"),
         (["model.name=resnet_small", "model.box_stride=16"], r"set model.box_head=true"),
     ],
@@ -142,16 +148,16 @@ def test_box_stride_is_refused_where_it_means_nothing(overrides, match):
 
 @pytest.mark.parametrize("name", ["paper_cnn", "vgg16"])
 def test_box_head_is_refused_where_there_is_no_pooled_feature_map(name):
-    with pytest.raises(ValueError, match="model.head other than gap are not available"):
+    with pytest.raises(ValueError, match="model.box_head not available"):
         models.build_model(ModelConfig(name, box_head=True), (64, 64, 1))
-    with pytest.raises(ValueError, match="head='avgmax'"):
+    with pytest.raises(ValueError, match="model.head=avgmax not available"):
         models.build_model(ModelConfig(name, head="avgmax"), (64, 64, 1))
-    with pytest.raises(ValueError, match="meta_head=True"):
+    with pytest.raises(ValueError, match="model.meta_head not available"):
         models.build_model(ModelConfig(name, meta_head=True), (64, 64, 1))
 
 
 def test_heatmap_head_classifies_by_its_most_fractured_cell():
-    m = models.resnet_small((64, 64, 1), box_head=True, head="heatmap")
+    m = models.resnet_small.resnet_small((64, 64, 1), box_head=True, head="heatmap")
     x = np.random.default_rng(4).random((2, 64, 64, 1), dtype="float32")
     prob, heat = m(x, training=False)
     cells = keras.Model(m.inputs, m.get_layer("box_logits").output)(x, training=False)
@@ -161,14 +167,14 @@ def test_heatmap_head_classifies_by_its_most_fractured_cell():
     np.testing.assert_allclose(np.asarray(prob).ravel(), 1 / (1 + np.exp(-logit)), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(heat), 1 / (1 + np.exp(-np.asarray(cells))), rtol=1e-5)
     with pytest.raises(ValueError, match="model.head must be one of"):
-        models.resnet_small((64, 64, 1), head="transformer")
+        models.resnet_small.resnet_small((64, 64, 1), head="transformer")
 
 
 def test_heatmap_head_scale_starts_at_one_and_never_turns_negative():
     """A negative scale would make an image the less fractured the more fractured its most
     fractured cell (seen on phantoms: Grad-CAM then pointed away from the box head's cells).
     An optimizer step that pulls the scale below 0 stops it at 0."""
-    m = models.resnet_small((64, 64, 1), head="heatmap")
+    m = models.resnet_small.resnet_small((64, 64, 1), head="heatmap")
     dense = m.get_layer(models.LOGIT)
     assert float(np.ravel(dense.get_weights()[0])[0]) == 1.0
     opt = keras.optimizers.SGD(1.0)
@@ -177,13 +183,15 @@ def test_heatmap_head_scale_starts_at_one_and_never_turns_negative():
     opt.apply_gradients([(np.full((1, 1), 5.0, "float32"), dense.kernel)])
     assert float(np.ravel(dense.kernel.numpy())[0]) == 0.0  # 0.75 - 5 clipped at 0
     # the gap head's Dense is unconstrained
-    free = models.resnet_small((64, 64, 1)).get_layer(models.LOGIT)
+    free = models.resnet_small.resnet_small((64, 64, 1)).get_layer(models.LOGIT)
     assert free.kernel_constraint is None and dense.kernel_constraint is not None
 
 
 @pytest.mark.parametrize("stride", [32, 16])
 def test_attention_head_pools_the_features_where_the_cells_point(stride):
-    m = models.resnet_small((64, 64, 1), box_head=True, head="attention", box_stride=stride)
+    m = models.resnet_small.resnet_small(
+        (64, 64, 1), box_head=True, head="attention", box_stride=stride
+    )
     x = np.random.default_rng(8).random((2, 64, 64, 1), dtype="float32")
     source = "box_features" if stride == 16 else models.FEATURES
     parts = keras.Model(
@@ -207,7 +215,7 @@ def test_attention_head_pools_the_features_where_the_cells_point(stride):
 
 
 def test_avgmax_head_reads_each_channels_average_and_peak():
-    m = models.resnet_small((64, 64, 1), head="avgmax")
+    m = models.resnet_small.resnet_small((64, 64, 1), head="avgmax")
     x = np.random.default_rng(5).random((2, 64, 64, 1), dtype="float32")
     feats = np.asarray(
         keras.Model(m.inputs, m.get_layer(models.FEATURES).output)(x, training=False)
@@ -230,7 +238,7 @@ def test_resnet_small_has_no_imagenet_weights():
 
 @pytest.mark.parametrize("name", ["resnet50v2", "efficientnetv2b0"])
 def test_application_backbones_take_grayscale_and_a_weights_file(tmp_path, name):
-    constructor = getattr(keras.applications, models.model._APPLICATIONS[name][0])
+    constructor = getattr(keras.applications, models.applications._APPLICATIONS[name][0])
     kwargs = {"include_preprocessing": True} if name == "efficientnetv2b0" else {}
     reference = constructor(include_top=False, weights=None, input_shape=(64, 64, 3), **kwargs)
     rng = np.random.default_rng(1)
@@ -453,7 +461,7 @@ def test_class_weights_balance_the_train_split():
 
 def _compiled(name, box_head=False, size=32):
     if name == "resnet_small":  # no dropout: two forward passes give the same probabilities
-        m = models.resnet_small((size, size, 1), dropout=0.0, box_head=box_head)
+        m = models.resnet_small.resnet_small((size, size, 1), dropout=0.0, box_head=box_head)
     else:
         m = models.build_model(ModelConfig(name, box_head=box_head), (size, size, 1))
     m.compile(optimizer=keras.optimizers.SGD(0.0), loss="binary_crossentropy")
@@ -768,7 +776,7 @@ def test_box_run_saves_its_selected_epoch_with_the_box_head(tmp_path, synthetic_
     np.testing.assert_allclose(
         np.asarray(models.classifier(boxed)(x)), np.asarray(clf(x)), rtol=1e-6
     )
-    opts = explain.ExplainOptions(what=("audit",), cam_method="boxmap", tolerance=8.0)
+    opts = ExplainOptions(what=("audit",), cam_method="boxmap", tolerance=8.0)
     result = explain.explain_run(run_dir, opts, log=lambda *a: None)
     assert result["model"] == str(runs.box_model_path(run_dir))  # no --model needed
     game = result["audit"]["pointing_game"]
@@ -852,11 +860,11 @@ def _pointing_after_training(root, box_head: bool) -> dict:
     cfg, m, _ = load_run_model(run_dir)
     # Grad-CAM on the default layer (`features`, 4x4 cells at 128 px); the pointing game with
     # the 15-pixel tolerance of its original definition (Zhang et al. 2016).
-    opts = explain.ExplainOptions(tolerance=15.0)
+    opts = ExplainOptions(tolerance=15.0)
     audit, _ = explain.audit_split(m, cfg.data, cfg.data.dir, "test", opts)
     out = {"auroc": result["auroc"], **audit["pointing_game"]}
     if box_head:  # the box head's own map, read from the run's box_model.keras
-        opts = explain.ExplainOptions(what=("audit",), cam_method="boxmap", tolerance=15.0)
+        opts = ExplainOptions(what=("audit",), cam_method="boxmap", tolerance=15.0)
         boxmap = explain.explain_run(run_dir, opts, log=lambda *a: None)
         out["boxmap"] = boxmap["audit"]["pointing_game"]
         assert (run_dir / "explain" / "boxmap_mean.png").is_file()

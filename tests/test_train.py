@@ -402,10 +402,10 @@ def test_float32_compute_is_the_same_network_in_float32():
 
     keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
     try:
-        mixed = models.resnet_small((64, 64, 1), box_head=True)
+        mixed = models.resnet_small.resnet_small((64, 64, 1), box_head=True)
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
-    reference = models.resnet_small((64, 64, 1), box_head=True)
+    reference = models.resnet_small.resnet_small((64, 64, 1), box_head=True)
     reference.set_weights(mixed.get_weights())
     converted = models.float32_compute(mixed)
     assert models.uses_mixed_precision(mixed) and not models.uses_mixed_precision(converted)
@@ -499,7 +499,7 @@ def test_loss_scaling_follows_the_models_float16_policy():
     for policy in ("mixed_float16", "mixed_bfloat16", "float32"):
         keras.mixed_precision.set_dtype_policy(policy)
         try:
-            built[policy] = models.resnet_small((32, 32, 1))
+            built[policy] = models.resnet_small.resnet_small((32, 32, 1))
         finally:
             keras.mixed_precision.set_dtype_policy("float32")
     scaled = {p: type(train.make_optimizer(cfg, m)).__name__ for p, m in built.items()}
