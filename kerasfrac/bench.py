@@ -86,7 +86,10 @@ def _rates(make_ds, steps: int) -> tuple[float, float]:
     of a fresh iterator (startup included, as every epoch of an uncached pipeline pays it)."""
     it = iter(make_ds().repeat())
     wall, cpu = time.perf_counter(), time.process_time()
-    images = sum(int(next(it)[0].shape[0]) for _ in range(steps))
+    images = 0
+    for _ in range(steps):
+        batch = next(it)  # kerasfrac's batches are dicts, the plain pipeline's tuples
+        images += int((batch["image"] if isinstance(batch, dict) else batch[0]).shape[0])
     return images / (time.perf_counter() - wall), images / (time.process_time() - cpu)
 
 
@@ -200,15 +203,16 @@ def measure_train_step(cfg, steps: int, repeats: int) -> dict:
 
     shape = (cfg.train.batch_size, *data.image_shape(cfg.data))
     rng = np.random.default_rng(0)
-    batch = (
-        tf.constant(rng.random(shape, dtype=np.float32)),
-        tf.constant(rng.integers(0, 2, shape[0]).astype(np.float32)),
-    )
-    if cfg.model.box_head:  # (image, label, box mask, box weight), as make_dataset gives
+    batch = {  # a dict batch, as make_dataset gives
+        "image": tf.constant(rng.random(shape, dtype=np.float32)),
+        "label": tf.constant(rng.integers(0, 2, shape[0]).astype(np.float32)),
+    }
+    if cfg.model.box_head:
         masks = (rng.random((*shape[:3], 1)) > 0.95).astype(np.float32)
-        batch += (tf.constant(masks), tf.ones([shape[0]], tf.float32))
-    if cfg.model.meta_head:  # ... then the metadata targets
-        batch += (tf.constant(rng.integers(0, 2, (shape[0], len(META_TARGETS))), tf.float32),)
+        batch["box_mask"], batch["box_weight"] = tf.constant(masks), tf.ones([shape[0]])
+    if cfg.model.meta_head:
+        meta = rng.integers(0, 2, (shape[0], len(META_TARGETS)))
+        batch["meta"] = tf.constant(meta, tf.float32)
     try:
         model, step = _model_and_step(cfg, cfg.train.precision)
         it = iter(tf.data.Dataset.from_tensors(batch).repeat())
@@ -339,7 +343,8 @@ def decode_floor(files: list[Path], workers: int) -> float:
 
 
 def bench_build(dataset: str, source: Path | None, repeats: int, workers: int | None) -> dict:
-    from tfrecords_builder.build import FINDERS, BuildOptions, build
+    from tfrecords_builder import datasets
+    from tfrecords_builder.build import BuildOptions, build
     from tfrecords_builder.datasets import synthetic
 
     workers = workers or os.cpu_count() or 1
@@ -347,7 +352,7 @@ def bench_build(dataset: str, source: Path | None, repeats: int, workers: int | 
         if source is None:  # a synthetic source of real-X-ray-like size
             dataset, source = "synthetic", Path(tmp) / "raw"
             synthetic.generate(source, count=300, image_size=448, seed=0)
-        files = [c.path for c in FINDERS[dataset](Path(source)).candidates]
+        files = [c.path for c in datasets.dataset(dataset).find(Path(source)).candidates]
         decode_floor(files[:8], workers)  # warm-up (TF start, page cache)
         floors, builds = [], []
         for i in range(repeats):

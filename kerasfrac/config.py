@@ -25,7 +25,6 @@ import yaml
 from kerasfrac.models import registry
 from kerasfrac.names import (
     CLASS_WEIGHTS,
-    DATASETS,
     DISTRIBUTES,
     FLIPS,
     HEADS,
@@ -36,11 +35,11 @@ from kerasfrac.names import (
     SELECTS,
     TTAS,
 )
+from tfrecords_builder import datasets
 
 #: The allowed values of each config key that takes one of a few names (``validate``
 #: checks them, ``kerasfrac train --list-keys`` shows them); ``choices()`` adds model.name.
 CHOICES = {
-    "dataset": DATASETS,
     "data.flips": FLIPS,
     "data.resize": RESIZES,
     "model.head": HEADS,
@@ -55,9 +54,9 @@ CHOICES = {
 
 
 def choices() -> dict[str, tuple[str, ...]]:
-    """``CHOICES`` and the registered architectures (``model.name``), read when asked, so an
-    architecture registered after import counts."""
-    return {**CHOICES, "model.name": registry.names()}
+    """``CHOICES``, the registered datasets (``dataset``) and architectures (``model.name``),
+    read when asked, so one registered after import counts."""
+    return {"dataset": datasets.names(), **CHOICES, "model.name": registry.names()}
 
 
 class ConfigError(ValueError):
@@ -494,10 +493,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"config key 'train.meta_loss_weight' must be >= 0; got {t.meta_loss_weight!r}"
         )
-    if cfg.model.meta_head and cfg.dataset != "fracatlas":
+    spec = datasets.dataset(cfg.dataset)
+    if cfg.model.meta_head and not spec.learnable_meta:
         raise ConfigError(
-            f"config key 'model.meta_head' learns FracAtlas' dataset.csv columns, which "
-            f"{cfg.dataset!r} records do not carry: set model.meta_head=false"
+            f"config key 'model.meta_head' learns a dataset's metadata columns, which "
+            f"{cfg.dataset!r} records do not carry (or carry as placeholders): set "
+            "model.meta_head=false"
         )
     _positive("train.early_stopping_patience", t.early_stopping_patience, optional=True)
     if not (math.isfinite(t.ema_momentum) and 0.0 <= t.ema_momentum < 1.0):

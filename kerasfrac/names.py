@@ -5,13 +5,12 @@ check the same tuples, so each list of names is written once, here. The builder'
 (datasets, metadata columns) live in ``tfrecords_builder.defaults``.
 """
 
-from tfrecords_builder.defaults import DATASETS, SPLITS
+from tfrecords_builder.defaults import SPLITS
 
 __all__ = [
     "BOX_STRIDES",
     "CELL_HEADS",
     "CLASS_WEIGHTS",
-    "DATASETS",
     "DISTRIBUTES",
     "FLIPS",
     "HEADS",

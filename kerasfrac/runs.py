@@ -30,6 +30,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -179,18 +181,18 @@ def check_input_shape(model, expected: tuple[int, int, int], path) -> None:
 
 
 def predict(model, dataset, tta: str = "none") -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Run ``model`` over batches of ``(image, label, image_id)``; ids, labels, probabilities.
+    """Run ``model`` over dict batches (``image``, ``label``, ``id``); ids, labels, probabilities.
 
     ``tta="flip"``: each probability is the mean over the image and its left-right mirror.
     """
     from kerasfrac.models import predict_probs
 
     ids, labels, probs = [], [], []
-    for images, y, image_ids in dataset:
-        p = predict_probs(model, images, tta)
+    for batch in dataset:
+        p = predict_probs(model, batch["image"], tta)
         probs.append(np.asarray(p, dtype=np.float64).reshape(-1))
-        labels.append(np.asarray(y).reshape(-1))
-        ids.extend(i.decode() for i in image_ids.numpy())
+        labels.append(np.asarray(batch["label"]).reshape(-1))
+        ids.extend(i.decode() for i in batch["id"].numpy())
     if not ids:
         raise ValueError("the split to evaluate is empty: it has no images")
     return ids, np.concatenate(labels).astype(int), np.concatenate(probs)
@@ -236,9 +238,7 @@ def write_metrics(
     atomically.
     ``epochs`` is the number of epochs the run's checkpoint state records; ``model`` is
     relative to the run directory where it lies inside it. Returns the dict."""
-    from kerasfrac.training import checkpoint
-
-    state = checkpoint.read_state(run_dir) or {}
+    state = read_state(run_dir) or {}
     model = Path(model)
     inside = model.resolve().is_relative_to(Path(run_dir).resolve())
     record = {
@@ -252,7 +252,7 @@ def write_metrics(
         **metrics,
         **extra,
     }
-    checkpoint.write_text(metrics_path(run_dir, split), json.dumps(record, indent=2) + "\n")
+    write_text(metrics_path(run_dir, split), json.dumps(record, indent=2) + "\n")
     return record
 
 
@@ -286,3 +286,68 @@ def youden_threshold(run_dir) -> tuple[float, str]:
         path = metrics_path(run_dir, "test")
         return float(youden["threshold"]), f"the run's Youden-J threshold chosen on val ({path})"
     return 0.5, "default 0.5 (no Youden-J threshold in the run's metrics.json)"
+
+
+# --------------------------------------------------------------------------- durable writes
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be used as asked (finished, unfinished, not a run)."""
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some network file systems cannot fsync a folder; the renames still order it
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def replace_file(tmp: Path, path: Path) -> None:
+    """Move the finished ``tmp`` onto ``path`` in one rename, durably (contents, then name)."""
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_text(path: Path, text: str) -> None:
+    """``path`` gets ``text`` or keeps its old content, never a truncated mix."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    replace_file(Path(tmp), path)
+
+
+# --------------------------------------------------------------------------- checkpoint state
+
+#: The checkpoint state file (in ``checkpoints/``), which ``training.checkpoint`` commits.
+STATE = "state.json"
+
+
+def state_path(run_dir: Path) -> Path:
+    return checkpoints_dir(run_dir) / STATE
+
+
+def read_state(run_dir: Path) -> dict | None:
+    path = state_path(run_dir)
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        state = err
+    if not isinstance(state, dict):
+        raise RunDirError(
+            f"{str(path)!r} is not a kerasfrac run state ({state}); it was edited or damaged "
+            "outside kerasfrac. Pass --overwrite to start this run over, or choose another "
+            "--run-dir."
+        )
+    return state

@@ -21,12 +21,24 @@ def cfg(**kw) -> DataConfig:
     return DataConfig(**{**base, **kw})
 
 
+def as_tuple(element: dict) -> tuple:
+    """A dict element or batch as ``(image, label[, id])``."""
+    return tuple(element[k] for k in ("image", "label", "id") if k in element)
+
+
+def batches(ds, limit=None):
+    """The batches of ``ds`` as numpy ``(image, label[, id])`` tuples."""
+    if limit is not None:
+        ds = ds.take(limit)
+    return [as_tuple(b) for b in ds.as_numpy_iterator()]
+
+
 def unbatch(ds, limit=None):
-    """All elements of a batched dataset as numpy, unbatched."""
+    """All elements of a batched dataset as numpy ``(image, label[, id])``, unbatched."""
     ds = ds.unbatch()
     if limit is not None:
         ds = ds.take(limit)
-    return list(ds.as_numpy_iterator())
+    return [as_tuple(e) for e in ds.as_numpy_iterator()]
 
 
 def jpeg(image):
@@ -145,12 +157,14 @@ def imbalanced_dir(tmp_path_factory):
 def test_oversampling_balances_classes_over_an_epoch(imbalanced_dir):
     ds, steps = data.make_dataset(imbalanced_dir, "train", cfg(), batch_size=8, seed=1)
     assert steps == math.ceil(2 * 60 / 8)
-    labels = np.concatenate([y for _, y in ds.take(steps).as_numpy_iterator()])
+    labels = np.concatenate([y for _, y in batches(ds, steps)])
     assert len(labels) == steps * 8
     assert 0.4 <= labels.mean() <= 0.6, labels.mean()  # 10 vs 60 on disk: 0.14
-    labels5 = np.concatenate([y for _, y in ds.take(5 * steps).as_numpy_iterator()])
+    labels5 = np.concatenate([y for _, y in batches(ds, 5 * steps)])
     assert 0.45 <= labels5.mean() <= 0.55, labels5.mean()
-    x, y = next(iter(ds))
+    batch = next(iter(ds))
+    assert sorted(batch) == ["image", "label"]
+    x, y = batch["image"], batch["label"]
     assert x.shape == (8, 16, 16, 1) and x.dtype == tf.float32 and y.dtype == tf.float32
 
 
@@ -158,9 +172,9 @@ def test_oversampling_repeats_the_minority_images(imbalanced_dir, tmp_path):
     ds, steps = data.make_dataset(
         imbalanced_dir, "train", cfg(cache=str(tmp_path / "cache")), batch_size=8, seed=2
     )
-    batches = list(ds.take(steps).as_numpy_iterator())
-    images = np.concatenate([x for x, _ in batches])
-    labels = np.concatenate([y for _, y in batches])
+    taken = batches(ds, steps)
+    images = np.concatenate([x for x, _ in taken])
+    labels = np.concatenate([y for _, y in taken])
     fractured = {img.tobytes() for img, y in zip(images, labels) if y == 1}
     assert len(fractured) == 10  # every minority image, each seen several times
     assert (labels == 1).sum() > 3 * 10
@@ -170,7 +184,7 @@ def test_oversampling_repeats_the_minority_images(imbalanced_dir, tmp_path):
 def test_training_stream_is_seeded(imbalanced_dir):
     def first(seed):
         ds, _ = data.make_dataset(imbalanced_dir, "train", cfg(flips="random"), 8, seed=seed)
-        return [x for x, _ in ds.take(3).as_numpy_iterator()]
+        return [x for x, _ in batches(ds, 3)]
 
     a, b, c = first(5), first(5), first(6)
     assert all(np.array_equal(p, q) for p, q in zip(a, b))
@@ -182,7 +196,7 @@ def test_expand_steps_and_no_oversample_epoch(imbalanced_dir):
     assert steps == math.ceil(2 * 60 * 3 / 8)
     plain, steps = data.make_dataset(imbalanced_dir, "train", cfg(oversample=False), 8)
     assert steps is None
-    labels = np.concatenate([y for _, y in plain.as_numpy_iterator()])
+    labels = np.concatenate([y for _, y in batches(plain)])
     assert len(labels) == 70 and labels.sum() == 10  # the split as it is, once
     assert int(plain.cardinality()) == math.ceil(70 / 8)
 
@@ -217,14 +231,15 @@ def test_eval_is_deterministic_and_in_read_split_order(imbalanced_dir, cache):
     assert [y for _, y, _ in first] == [float(r["label"]) for r in reference]
     for (x, _, _), r in zip(first, reference):
         np.testing.assert_allclose(x, data.preprocess(r["encoded"], 16).numpy(), atol=1e-6)
-    batches = list(ds.as_numpy_iterator())
-    assert [len(b[0]) for b in batches] == [5, 5, 2]  # drop_remainder=False
+    sizes = [len(b["image"]) for b in ds.as_numpy_iterator()]
+    assert sizes == [5, 5, 2]  # drop_remainder=False
+    assert sorted(next(iter(ds))) == ["id", "image", "label"]
 
 
 def test_make_dataset_on_eval_split_is_eval(imbalanced_dir):
     ds, steps = data.make_dataset(imbalanced_dir, "val", cfg(), 4)
     assert steps is None
-    x, y = next(iter(ds))
+    x = next(iter(ds))["image"]
     assert x.shape == (4, 16, 16, 1)
     assert len(unbatch(ds)) == 10
 
@@ -438,7 +453,7 @@ def test_cached_and_uncached_epochs_give_identical_tensors(tmp_path):
     train = {}
     for cache in ("none", "memory"):
         ds, _ = data.make_dataset(build, "train", cfg(cache=cache, oversample=False), 3, seed=1)
-        train[cache] = [x for epoch in range(2) for x, _ in ds.as_numpy_iterator()]
+        train[cache] = [x for epoch in range(2) for x, _ in batches(ds)]
     for a, b in zip(train["none"], train["memory"], strict=True):
         np.testing.assert_array_equal(a, b)
 

@@ -221,7 +221,7 @@ def test_evaluate_train_split_is_the_clean_training_images(run_dir, capsys):
     assert sorted(ids) == sorted(order)
     # the model's own inference-mode output on the un-augmented images, nothing else
     images = np.concatenate(
-        [x.numpy() for x, _ in data.make_eval_dataset(cfg.data.dir, "train", cfg.data, 8)]
+        [b["image"].numpy() for b in data.make_eval_dataset(cfg.data.dir, "train", cfg.data, 8)]
     )
     direct = model.predict(images, verbose=0).ravel()  # the fixture's one-output paper CNN
     by_id = dict(zip(ids, probs))

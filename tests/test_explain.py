@@ -199,9 +199,9 @@ def test_masks_and_pointing():
     corners = gradcam.corner_masks((20, 20), 0.25)
     assert corners["top_left"][:5, :5].all() and corners["top_left"].sum() == 25
     assert corners["bottom_right"][-5:, -5:].all()
-    box = gradcam.box_mask([[0.5, 0.5, 1.0, 1.0]], (10, 10))
+    box = gradcam.box_region_mask([[0.5, 0.5, 1.0, 1.0]], (10, 10))
     assert box.sum() == 25 and box[9, 9] and not box[4, 4]
-    assert gradcam.box_mask([[0.5, 0.5, 1.0, 1.0]], (10, 10), tolerance=1).sum() == 36
+    assert gradcam.box_region_mask([[0.5, 0.5, 1.0, 1.0]], (10, 10), tolerance=1).sum() == 36
     cam = np.zeros((10, 10))
     cam[7, 8] = 3.0
     cam[0, 0] = 1.0
@@ -287,7 +287,7 @@ def test_boxes_follow_pad_resize():
     image[15:45, 6:18] = 1.0
     padded = tf.image.resize_with_pad(image, size, size, antialias=False).numpy()[..., 0]
     mapped = gradcam.boxes_to_input_frame(box, h, w, size, "pad")
-    mask = gradcam.box_mask(mapped, (size, size))
+    mask = gradcam.box_region_mask(mapped, (size, size))
     bright = padded > 0.5
     assert (bright & mask).sum() / bright.sum() > 0.9
     assert (bright & mask).sum() / mask.sum() > 0.8

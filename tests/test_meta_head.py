@@ -11,6 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 from kerasfrac import config, data, models, runs
 from kerasfrac.config import ConfigError, ModelConfig
+from kerasfrac.data import augment
 from kerasfrac.training import train
 from tests.conftest import make_tfrecord_dir
 from tfrecords_builder.defaults import META_COLUMNS, META_TARGETS
@@ -84,9 +85,10 @@ def test_train_step_adds_the_weighted_meta_loss():
     plain = train.make_train_step(m, strategy, 2)
     with_meta = train.make_train_step(m, strategy, 2, meta_loss_weight=0.5)
     loss0, p0, _, _ = plain(
-        iter(tf.data.Dataset.from_tensors((images, labels)).repeat()), tf.constant(0)
+        iter(tf.data.Dataset.from_tensors({"image": images, "label": labels}).repeat()),
+        tf.constant(0),
     )
-    batch = tf.data.Dataset.from_tensors((images, labels, meta)).repeat()
+    batch = tf.data.Dataset.from_tensors({"image": images, "label": labels, "meta": meta}).repeat()
     loss1, p1, _, _ = with_meta(iter(batch), tf.constant(0))
     np.testing.assert_allclose(p0.numpy(), p1.numpy(), rtol=1e-6)  # lr 0: same weights
     logits = m(images, training=True)[1]
@@ -127,8 +129,9 @@ def test_training_stream_ends_with_the_records_metadata(meta_build, with_boxes):
     cfg = config.DataConfig(dir=str(meta_build), image_size=32, flips="none")
     ds, _ = data.make_dataset(None, "train", cfg, 16, seed=0, with_boxes=with_boxes, with_meta=True)
     batch = next(iter(ds))
-    assert len(batch) == (5 if with_boxes else 3)
-    images, meta = batch[0].numpy(), batch[-1].numpy()
+    boxes = ["box_mask", "box_weight"] if with_boxes else []
+    assert sorted(batch) == sorted(["image", "label", "meta", *boxes])
+    images, meta = batch["image"].numpy(), batch["meta"].numpy()
     assert meta.shape == (16, len(META_TARGETS)) and meta.dtype == np.float32
     np.testing.assert_array_equal(meta[:, HAND], _has_bar(images).astype("float32"))
     np.testing.assert_array_equal(meta[:, META_TARGETS.index("leg")], 1 - meta[:, HAND])
@@ -184,7 +187,7 @@ def test_meta_head_run_learns_the_metadata_and_the_label(tmp_path, meta_build):
         models.BOX_HEATMAP,
     ]
     ds = data.make_eval_dataset(meta_build, "val", cfg.data, 24)
-    images = np.concatenate([x.numpy() for x, _ in ds])
+    images = np.concatenate([b["image"].numpy() for b in ds])
     logits = np.asarray(full(images, training=False)[2])[:, HAND]
     hand = _has_bar(images)
     assert 0 < hand.sum() < len(hand)
@@ -222,11 +225,11 @@ def test_train_step_with_mixup_blends_the_metadata_where_both_images_know_it():
     labels = np.array([1, 0] * 4, "float32")
     meta = rng.integers(0, 2, (8, len(META_TARGETS))).astype("float32")
     meta[0, :3] = -1.0  # unknown: stays unknown in every blend with image 0
-    ds = tf.data.Dataset.from_tensors((images, labels, meta)).repeat()
+    ds = tf.data.Dataset.from_tensors({"image": images, "label": labels, "meta": meta}).repeat()
     step = train.make_train_step(m, strategy, 8, meta_loss_weight=0.5, mixup_alpha=0.4, seed=1)
     iteration = int(m.optimizer.iterations.numpy())
     loss, _, _, _ = step(iter(ds), tf.constant(0))
-    lam, partner = (t.numpy() for t in train.mixup_draw(8, 0.4, 1, iteration))
+    lam, partner = (t.numpy() for t in augment.mixup_draw(8, 0.4, 1, iteration))
     assert np.any(lam < 0.9) and np.any(partner != np.arange(8))  # real blends happened
     w = lam[:, :, None, None]
     prob, logits = m(w * images + (1 - w) * images[partner], training=True)  # lr 0

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from kerasfrac import config, data, models
 from kerasfrac.config import ConfigError, ModelConfig
+from kerasfrac.data import augment
 from kerasfrac.options import ExplainOptions
 from kerasfrac.training import train
 
@@ -364,11 +365,11 @@ def test_augment_is_seeded_and_equal_eagerly_and_in_tf_data():
     cfg = _aug_cfg(rotation=15, zoom=0.2, translate=0.1, gamma=0.3, contrast=0.3, brightness=0.1)
     image = tf.random.stateless_uniform([32, 32, 2], [0, 1])
     seed = tf.constant([3, 4], tf.int64)
-    eager = data.augment(image, seed, cfg, channels=1).numpy()
-    again = data.augment(image, seed, cfg, channels=1).numpy()
-    other = data.augment(image, tf.constant([5, 6], tf.int64), cfg, channels=1).numpy()
+    eager = data.augment_image(image, seed, cfg, channels=1).numpy()
+    again = data.augment_image(image, seed, cfg, channels=1).numpy()
+    other = data.augment_image(image, tf.constant([5, 6], tf.int64), cfg, channels=1).numpy()
     ds = tf.data.Dataset.from_tensors((image, seed)).map(
-        lambda x, s: data.augment(x, s, cfg, channels=1)
+        lambda x, s: data.augment_image(x, s, cfg, channels=1)
     )
     in_graph = next(iter(ds)).numpy()
     np.testing.assert_array_equal(eager, again)
@@ -385,18 +386,18 @@ def test_augment_moves_the_mask_with_the_image_and_only_recolours_the_image():
     stacked = tf.constant(np.concatenate([image, mask], -1))
     warp = _aug_cfg(rotation=180.0, zoom=0.0, translate=0.0)
     for k in range(5):
-        out = data.augment(stacked, tf.constant([k, 7], tf.int64), warp, channels=1).numpy()
+        out = data.augment_image(stacked, tf.constant([k, 7], tf.int64), warp, channels=1).numpy()
         np.testing.assert_allclose(out[..., 0], out[..., 1], atol=1e-6)  # moved together
     colour = _aug_cfg(gamma=0.5, contrast=0.5, brightness=0.3)
     stacked = tf.constant(np.concatenate([0.2 + 0.5 * image, mask], -1))  # mid-grey values
-    out = data.augment(stacked, tf.constant([1, 2], tf.int64), colour, channels=1).numpy()
+    out = data.augment_image(stacked, tf.constant([1, 2], tf.int64), colour, channels=1).numpy()
     np.testing.assert_array_equal(out[..., 1], mask[..., 0])  # the mask is not recoloured
     assert not np.allclose(out[..., 0], 0.2 + 0.5 * image[..., 0], atol=1e-3)
 
 
 def test_augment_off_is_the_identity():
     image = tf.random.stateless_uniform([16, 16, 1], [0, 2])
-    out = data.augment(image, tf.constant([1, 1], tf.int64), _aug_cfg(), channels=1)
+    out = data.augment_image(image, tf.constant([1, 1], tf.int64), _aug_cfg(), channels=1)
     np.testing.assert_array_equal(out.numpy(), image.numpy())
 
 
@@ -416,7 +417,10 @@ def test_training_stream_with_boxes_carries_masks_of_fractured_images(synthetic_
         dir=str(synthetic_build), image_size=64, flips="random", rotation=10, zoom=0.1
     )
     ds, steps = data.make_dataset(None, "train", cfg, 8, seed=0, with_boxes=True)
-    images, labels, masks, weights = next(iter(ds))
+    batch = next(iter(ds))
+    assert sorted(batch) == ["box_mask", "box_weight", "image", "label"]
+    images, labels = batch["image"], batch["label"]
+    masks, weights = batch["box_mask"], batch["box_weight"]
     assert images.shape == (8, 64, 64, 1) and masks.shape == (8, 64, 64, 1)
     covered = masks.numpy().reshape(8, -1).mean(1)
     y = labels.numpy()
@@ -480,7 +484,7 @@ def test_train_step_loss_is_smoothed_and_class_weighted():
     images = rng.random((4, 32, 32, 1), dtype="float32")
     labels = np.array([1, 0, 1, 0], "float32")
     step = train.make_train_step(m, strategy, 4, label_smoothing=0.2, weights=(0.5, 2.0))
-    ds = tf.data.Dataset.from_tensors((images, labels)).repeat()
+    ds = tf.data.Dataset.from_tensors({"image": images, "label": labels}).repeat()
     loss, probs, y, _ = step(iter(ds), tf.constant(0))
     smoothed = labels * 0.8 + 0.1
     want = _bce(smoothed, probs.numpy()) * np.where(labels == 1, 2.0, 0.5)
@@ -498,10 +502,13 @@ def test_train_step_adds_the_box_loss_only_where_weighted():
     plain = train.make_train_step(m, strategy, 2)
     boxed = train.make_train_step(m, strategy, 2, box_loss_weight=3.0)
     loss0, p0, _, _ = plain(
-        iter(tf.data.Dataset.from_tensors((images, labels)).repeat()), tf.constant(0)
+        iter(tf.data.Dataset.from_tensors({"image": images, "label": labels}).repeat()),
+        tf.constant(0),
     )
     weights = np.array([1.0, 0.0], "float32")
-    batch = tf.data.Dataset.from_tensors((images, labels, masks, weights)).repeat()
+    batch = tf.data.Dataset.from_tensors(
+        {"image": images, "label": labels, "box_mask": masks, "box_weight": weights}
+    ).repeat()
     loss1, p1, _, _ = boxed(iter(batch), tf.constant(0))
     np.testing.assert_allclose(p0.numpy(), p1.numpy(), rtol=1e-6)  # lr 0: same weights
     heat = np.asarray(m(images, training=True)[1])[0, ..., 0]
@@ -512,10 +519,10 @@ def test_train_step_adds_the_box_loss_only_where_weighted():
 
 
 def test_mixup_lambdas_are_seeded_beta_draws_folded_to_the_dominant_image():
-    lam = train.mixup_lambdas(4000, 0.4, tf.constant([3, 5], tf.int64)).numpy()
+    lam = augment.mixup_lambdas(4000, 0.4, tf.constant([3, 5], tf.int64)).numpy()
     assert lam.shape == (4000, 1) and lam.min() >= 0.5 and lam.max() <= 1.0
-    again = train.mixup_lambdas(4000, 0.4, tf.constant([3, 5], tf.int64)).numpy()
-    other = train.mixup_lambdas(4000, 0.4, tf.constant([3, 6], tf.int64)).numpy()
+    again = augment.mixup_lambdas(4000, 0.4, tf.constant([3, 5], tf.int64)).numpy()
+    other = augment.mixup_lambdas(4000, 0.4, tf.constant([3, 6], tf.int64)).numpy()
     np.testing.assert_array_equal(lam, again)
     assert np.abs(lam - other).max() > 0.1
     # folded Beta(0.4, 0.4): E[max(lam, 1 - lam)] = 0.5 + E|lam - 0.5|, 0.84 for alpha 0.4
@@ -525,7 +532,7 @@ def test_mixup_lambdas_are_seeded_beta_draws_folded_to_the_dominant_image():
     want = beta(0.4, 0.4).expect(lambda x: max(x, 1 - x))
     assert lam.mean() == pytest.approx(want, abs=0.01)
     # a larger alpha mixes more evenly
-    assert train.mixup_lambdas(4000, 4.0, tf.constant([3, 5], tf.int64)).numpy().mean() < 0.7
+    assert augment.mixup_lambdas(4000, 4.0, tf.constant([3, 5], tf.int64)).numpy().mean() < 0.7
 
 
 def test_mixup_blends_images_labels_and_box_targets_alike():
@@ -536,7 +543,7 @@ def test_mixup_blends_images_labels_and_box_targets_alike():
     weights = np.array([1.0, 1.0, 0.0], "float32")
     lam = np.array([[1.0], [0.75], [0.5]], "float32")
     partner = np.array([1, 0, 1])
-    mixed, (y, c) = train.mixup(tf.constant(images), [labels, cells], lam, partner)
+    mixed, (y, c) = augment.mixup(tf.constant(images), [labels, cells], lam, partner)
     np.testing.assert_allclose(mixed[0], images[0])  # lam 1: unchanged
     np.testing.assert_allclose(mixed[1], 0.75 * images[1] + 0.25 * images[0], rtol=1e-6)
     np.testing.assert_allclose(y.numpy().ravel(), [1.0, 0.25, 0.5])
@@ -544,7 +551,7 @@ def test_mixup_blends_images_labels_and_box_targets_alike():
     # Image 2 is fractured without boxes (weight 0): its cells are unknown, and so are those
     # of any blend with it. Blending the weights would give image 2 weight 0.5 on targets
     # that are half its partner's; the smaller weight keeps them out of the box loss.
-    w = train.mixup_box_weights(tf.constant(weights), np.array([1, 2, 1]))
+    w = augment.mixup_box_weights(tf.constant(weights), np.array([1, 2, 1]))
     np.testing.assert_allclose(w.numpy(), [1.0, 0.0, 0.0])
 
 
@@ -557,12 +564,12 @@ def test_train_step_with_mixup_trains_on_blended_targets():
     rng = np.random.default_rng(0)
     images = rng.random((8, 32, 32, 1), dtype="float32")
     labels = np.array([1, 0] * 4, "float32")
-    ds = tf.data.Dataset.from_tensors((images, labels)).repeat()
+    ds = tf.data.Dataset.from_tensors({"image": images, "label": labels}).repeat()
     step = train.make_train_step(m, strategy, 8, mixup_alpha=0.4, seed=1)
     iteration = int(m.optimizer.iterations.numpy())
     loss, probs, y, _ = step(iter(ds), tf.constant(0))
     np.testing.assert_array_equal(y.numpy(), labels)
-    lam, partner = train.mixup_draw(8, 0.4, 1, iteration)
+    lam, partner = augment.mixup_draw(8, 0.4, 1, iteration)
     lam, partner = lam.numpy(), partner.numpy()
     assert np.any(lam < 0.9) and np.any(labels[partner] != labels)  # real blends happened
     blended = lam[:, :, None, None] * images + (1 - lam[:, :, None, None]) * images[partner]
@@ -571,7 +578,7 @@ def test_train_step_with_mixup_trains_on_blended_targets():
     target = lam.ravel() * labels + (1 - lam.ravel()) * labels[partner]
     np.testing.assert_allclose(loss.numpy(), _bce(target, p), rtol=1e-3, atol=1e-5)
     # the next step draws anew
-    lam2, _ = train.mixup_draw(8, 0.4, 1, iteration + 1)
+    lam2, _ = augment.mixup_draw(8, 0.4, 1, iteration + 1)
     assert np.abs(lam2.numpy() - lam).max() > 1e-3
 
 
@@ -584,7 +591,7 @@ def test_box_paste_moves_a_fracture_box_into_another_image():
     masks[2, 20:28, 2:8] = 1.0  # image 2 too
     chosen = np.array([True, True, True, False])
     partner = np.array([1, 2, 3, 1])  # 0 <- 1, 1 <- 2, 2 <- 3 (normal: nothing), 3 not chosen
-    x, y, m = train.box_paste(
+    x, y, m = augment.box_paste(
         tf.constant(images), tf.constant(labels), tf.constant(masks), chosen, partner, feather=3
     )
     x, y, m = x.numpy(), y.numpy(), m.numpy()
@@ -606,7 +613,7 @@ def test_box_paste_moves_a_fracture_box_into_another_image():
     # bone onto bone only: where image 0 is black under image 1's box, nothing is pasted
     dark = images.copy()
     dark[0, 6:18, 8:22] = 0.02
-    x, y, m = train.box_paste(
+    x, y, m = augment.box_paste(
         tf.constant(dark), tf.constant(labels), tf.constant(masks), chosen, partner, feather=3
     )
     np.testing.assert_array_equal(x.numpy()[0], dark[0])
@@ -623,9 +630,9 @@ def test_box_paste_needs_the_box_head():
 
 
 def test_box_paste_draws_are_seeded_at_the_asked_rate():
-    chosen, partner = train.box_paste_draw(4000, 0.3, 5, tf.constant(7))
-    again, partner2 = train.box_paste_draw(4000, 0.3, 5, tf.constant(7))
-    other, _ = train.box_paste_draw(4000, 0.3, 5, tf.constant(8))
+    chosen, partner = augment.box_paste_draw(4000, 0.3, 5, tf.constant(7))
+    again, partner2 = augment.box_paste_draw(4000, 0.3, 5, tf.constant(7))
+    other, _ = augment.box_paste_draw(4000, 0.3, 5, tf.constant(8))
     np.testing.assert_array_equal(chosen, again)
     np.testing.assert_array_equal(partner, partner2)
     assert sorted(partner.numpy().tolist()) == list(range(4000))  # a permutation
@@ -642,12 +649,14 @@ def test_train_step_with_box_paste_trains_on_the_pasted_images_and_labels():
     masks = np.zeros((8, 64, 64, 1), "float32")
     masks[0::2, 8:30, 34:60] = 1.0  # every fractured image has a box
     weights = np.ones(8, "float32")
-    batch = tf.data.Dataset.from_tensors((images, labels, masks, weights)).repeat()
+    batch = tf.data.Dataset.from_tensors(
+        {"image": images, "label": labels, "box_mask": masks, "box_weight": weights}
+    ).repeat()
     step = train.make_train_step(m, strategy, 8, box_paste_rate=1.0, seed=3)
     iteration = int(m.optimizer.iterations.numpy())
     loss, probs, y, _ = step(iter(batch), tf.constant(0))
-    chosen, partner = train.box_paste_draw(8, 1.0, 3, iteration)
-    px, py, _ = train.box_paste(
+    chosen, partner = augment.box_paste_draw(8, 1.0, 3, iteration)
+    px, py, _ = augment.box_paste(
         tf.constant(images), tf.constant(labels), tf.constant(masks), chosen, partner
     )
     want_y = np.maximum(labels, labels[partner.numpy()])  # a donor with a box makes it 1
@@ -927,7 +936,7 @@ def test_evaluate_predict_with_flip_tta(separable_tfrecord_dir):
     ds = data.make_eval_dataset(None, "test", cfg, 4, with_ids=True)
     ids, y, plain = predict(m, ds)
     ids2, y2, flipped = predict(m, ds, "flip")
-    images = np.concatenate([x.numpy() for x, _, _ in ds])
+    images = np.concatenate([b["image"].numpy() for b in ds])
     mirrored = np.asarray(m(images[:, :, ::-1])).reshape(-1)
     assert ids == ids2 and np.array_equal(y, y2)
     np.testing.assert_allclose(flipped, (plain + mirrored) / 2, rtol=1e-5)

@@ -15,9 +15,10 @@ the same image but that carry different labels are quarantined, like byte-identi
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tfrecords_builder.defaults import DATASETS, DEFAULT_MAX_PIXELS, DEFAULT_NEAR_DISTANCE
+    from tfrecords_builder import datasets
+    from tfrecords_builder.defaults import DEFAULT_MAX_PIXELS, DEFAULT_NEAR_DISTANCE
 
-    parser.add_argument("dataset", choices=DATASETS, help="which source layout to read")
+    parser.add_argument("dataset", choices=datasets.names(), help="which source layout to read")
     parser.add_argument(
         "--source",
         help="dataset folder or .zip; for 'synthetic': where to write the generated raw images "

@@ -5,7 +5,6 @@ it decides how TensorFlow is configured (``kerasfrac.training.kernels``), so not
 TensorFlow.
 """
 
-DATASETS = ("fracatlas", "tibia-fibula", "synthetic")
 SPLITS = ("train", "val", "test")
 #: FracAtlas' dataset.csv columns kept per image (all 0/1 flags except fracture_count).
 #: ``fractured`` is the csv's own opinion; the record's ``label`` comes from the folder.

@@ -17,10 +17,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from tfrecords_builder import duplicates, validation
+from tfrecords_builder import datasets, duplicates, validation
 from tfrecords_builder.defaults import (
     ASPECT_TOLERANCE,
-    DATASETS,
     PIXEL_AGREEMENT,
     PIXEL_CHECK_SIZE,
     PIXEL_TOLERANCE,
@@ -32,9 +31,8 @@ BINS = (0.5, 0.8, 0.9, 0.95, 1.01)
 def study(dataset: str, source: Path, max_distance: int) -> dict[int, dict]:
     """``{distance: {"pairs", "other_aspect", "agreement_bins": [counts per BINS band],
     "copies"}}`` over distinct images of ``source``."""
-    from tfrecords_builder.build import FINDERS
 
-    found = FINDERS[dataset](Path(source))
+    found = datasets.dataset(dataset).find(Path(source))
     checks = validation.check_all([c.path for c in found.candidates], progress=False)
     reps = {}
     for c in checks:
@@ -67,7 +65,7 @@ def study(dataset: str, source: Path, max_distance: int) -> dict[int, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tfrecords_builder.near_duplicate_study")
-    p.add_argument("dataset", choices=DATASETS)
+    p.add_argument("dataset", choices=datasets.names())
     p.add_argument("--source", required=True, help="dataset folder")
     p.add_argument("--max-distance", type=int, default=12)
     args = p.parse_args(argv)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from tfrecords_builder import schema
+from tfrecords_builder import datasets, schema
 
 
 class BuildOutputError(ValueError):
@@ -31,7 +31,7 @@ def load_manifest(directory: str | Path) -> dict:
     if not directory.is_dir():
         raise BuildOutputError(
             f"TFRecord directory {str(directory)!r} does not exist. Build it first with "
-            "`kerasfrac build {fracatlas,tibia-fibula,synthetic} --source SRC "
+            f"`kerasfrac build {{{','.join(datasets.names())}}} --source SRC "
             f"--out {directory}`."
         )
     path = directory / schema.MANIFEST

@@ -1,6 +1,6 @@
 """The record contract: a tensorflow-datasets feature dict, how to write it, how to parse it.
 
-This is the ONE module that both the writer (tfrecords_builder.build) and every reader
+This is the ONE module that both the writer (tfrecords_builder.prepare) and every reader
 (tfrecords_builder.read_split, kerasfrac.data) import, so the two sides cannot drift apart.
 The features are a ``tfds.features.FeaturesDict`` (``features()``): the build directory is a
 tensorflow-datasets dataset (``dataset_info.json``, ``features.json``, TFDS shard names), and
@@ -195,7 +195,7 @@ def decode_image(encoded: tf.Tensor) -> tf.Tensor:
 
 def shard_name(split: str, index: int, count: int, name: str = "kerasfrac_synthetic") -> str:
     """TFDS' naming (``tfds.core.naming``): ``{name}-{split}.tfrecord-{i:05d}-of-{n:05d}``,
-    ``name`` the TFDS dataset name (``TFDS_NAMES``)."""
+    ``name`` the TFDS dataset name (the dataset spec's ``tfds_name``)."""
     return _template(name, split).sharded_filepath(shard_index=index, num_shards=count).name
 
 
@@ -207,13 +207,6 @@ def _template(name: str, split: str, data_dir: str = "."):
     )
 
 
-#: kerasfrac's dataset names -> the names of their registered TFDS builders
-#: (tfrecords_builder.tfds_builders), which name the shard files.
-TFDS_NAMES = {
-    "fracatlas": "fracatlas",
-    "tibia-fibula": "tibia_fibula",
-    "synthetic": "kerasfrac_synthetic",
-}
 MANIFEST = "manifest.json"
 #: 2: the build is a tensorflow-datasets dataset (1: Model Garden-style shards, own keys).
 FORMAT_VERSION = 2

@@ -1,5 +1,6 @@
-"""The registered tensorflow-datasets builders: ``fracatlas``, ``tibia_fibula`` and
-``kerasfrac_synthetic``. Importing this module registers them, so that::
+"""The tensorflow-datasets builders of the registered datasets (``tfrecords_builder.datasets``):
+``fracatlas``, ``tibia_fibula`` and ``kerasfrac_synthetic`` built in, one class made from each
+``DatasetSpec`` (``builder_class``). Importing this module registers the built-in ones, so that::
 
     import tfrecords_builder.tfds_builders  # noqa: F401  (registers the builders)
     ds = tfds.load("fracatlas", split="train", data_dir=DATA_DIR,
@@ -8,7 +9,7 @@
 
 prepares the dataset offline from the user's copy (a folder holding the dataset, extracted or as
 its one .zip) exactly as ``kerasfrac build`` does: ``kerasfrac build`` runs these builders
-(``prepare``), and both write through ``tfrecords_builder.build.prepare_into`` (validation,
+(``prepare``), and both write through ``tfrecords_builder.prepare.prepare_into`` (validation,
 quarantine, duplicate groups, stratified seeded splits, deterministic shards, the manifest).
 Builder options (seed, split ratios, shards, ...) go in as ``options=BuildOptions(...)``
 (``tfds.load(..., builder_kwargs={"options": ...})``); the defaults are ``kerasfrac build``'s.
@@ -25,29 +26,9 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from tfrecords_builder import build, schema
+from tfrecords_builder import datasets, schema
 from tfrecords_builder.archive import SourceError
-
-_FRACATLAS_CITATION = """\
-@article{abedeen2023fracatlas,
-  title   = {FracAtlas: A Dataset for Fracture Classification, Localization and
-             Segmentation of Musculoskeletal Radiographs},
-  author  = {Abedeen, Iftekharul and Rahman, Md. Ashiqur and Prottyasha, Fatema Zohra and
-             Ahmed, Tasnim and Chowdhury, Tareque Mohmud and Shatabda, Swakkhar},
-  journal = {Scientific Data},
-  volume  = {10},
-  pages   = {521},
-  year    = {2023},
-  doi     = {10.1038/s41597-023-02432-4}
-}"""
-
-_TIBIA_CITATION = """\
-@misc{tibia_fibula_mendeley,
-  title        = {Tibia/Fibula fracture X-rays},
-  howpublished = {Mendeley Data, dataset 2h62x9xzyd},
-  url          = {https://data.mendeley.com/datasets/2h62x9xzyd},
-  note         = {CC BY 4.0}
-}"""
+from tfrecords_builder.prepare import BuildOptions, prepare_into
 
 _SPLITS_NOTE = (
     " kerasfrac's builder validates every file (corrupt, truncated or oversized images are "
@@ -63,7 +44,7 @@ class _KerasfracBuilder(tfds.core.dataset_builder.FileReaderBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "kerasfrac's first TFDS release (build format 2)."}
-    DATASET: str = ""  # kerasfrac's dataset name (tfrecords_builder.defaults.DATASETS)
+    DATASET: str = ""  # kerasfrac's dataset name (tfrecords_builder.datasets.names())
     DESCRIPTION = ""
     HOMEPAGE = ""
     CITATION = ""
@@ -72,10 +53,10 @@ class _KerasfracBuilder(tfds.core.dataset_builder.FileReaderBuilder):
     ENCODING_FORMAT: str | None = None
     HAS_META = False
 
-    def __init__(self, *, options: build.BuildOptions | None = None, source=None, **kwargs):
+    def __init__(self, *, options: BuildOptions | None = None, source=None, **kwargs):
         """``options``: how to build (``kerasfrac build``'s defaults when None); ``source``: a
         folder or .zip to build from instead of the download config's ``manual_dir``."""
-        self.options = options if options is not None else build.BuildOptions()
+        self.options = options if options is not None else BuildOptions()
         self.source = source
         self.manifest: dict | None = None
         # TFDS' constructor, on a folder not yet prepared, makes an empty temporary folder for
@@ -108,7 +89,7 @@ class _KerasfracBuilder(tfds.core.dataset_builder.FileReaderBuilder):
         if source is None:
             source = manual_source(Path(dl_manager.manual_dir), self.name)
         stage = Path(os.fspath(self.data_dir))  # TFDS' incomplete.* folder while preparing
-        self.manifest, written = build.prepare_into(
+        self.manifest, written = prepare_into(
             stage, self.DATASET, source, self.options, self.name, self.HAS_META
         )
         self.info.set_splits(
@@ -127,67 +108,33 @@ class _KerasfracBuilder(tfds.core.dataset_builder.FileReaderBuilder):
         )
 
 
-class Fracatlas(_KerasfracBuilder):
-    """FracAtlas (Abedeen et al. 2023): 4,083 musculoskeletal X-rays, fracture labels, boxes."""
-
-    name = schema.TFDS_NAMES["fracatlas"]
-    DATASET = "fracatlas"
-    DESCRIPTION = (
-        "FracAtlas: 4,083 musculoskeletal X-rays (hand, leg, hip, shoulder) labelled fractured "
-        "or not, with fracture boxes (COCO, here normalised ymin, xmin, ymax, xmax) and the "
-        "per-image columns of dataset.csv (meta/*: anatomy, hardware, views; -1 unknown)."
-    )
-    HOMEPAGE = "https://doi.org/10.6084/m9.figshare.22363012"
-    CITATION = _FRACATLAS_CITATION
-    ENCODING_FORMAT = "jpeg"
-    HAS_META = True
-    MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        "Download FracAtlas from https://doi.org/10.6084/m9.figshare.22363012 and put it in "
-        "`manual_dir`: either the zip as downloaded (the folder's only file) or the extracted "
-        "folder (dataset.csv, images/Fractured, images/Non_fractured, Annotations/)."
-    )
-
-
-class TibiaFibula(_KerasfracBuilder):
-    """Tibia/Fibula fracture X-rays (Mendeley Data 2h62x9xzyd): class folders, no boxes."""
-
-    name = schema.TFDS_NAMES["tibia-fibula"]
-    DATASET = "tibia-fibula"
-    DESCRIPTION = (
-        "Tibia/Fibula fracture X-rays (Mendeley Data 2h62x9xzyd): PNG/JPEG files in class "
-        "folders fracture/ and normal/ (mirrors' train/val/test folders are pooled and split "
-        "again). No boxes, no metadata columns."
-    )
-    HOMEPAGE = "https://data.mendeley.com/datasets/2h62x9xzyd"
-    CITATION = _TIBIA_CITATION
-    MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        "Download the Tibia/Fibula set from https://data.mendeley.com/datasets/2h62x9xzyd and "
-        "put it in `manual_dir`: the zip as downloaded (the folder's only file) or the "
-        "extracted class folders fracture/ and normal/ (or Fractured/, 'Not Fractured/')."
-    )
+def builder_class(dataset: str) -> type[_KerasfracBuilder]:
+    """The TFDS builder class of the registered ``dataset`` (made from its ``DatasetSpec`` the
+    first time it is asked for; TFDS registers it under the spec's ``tfds_name``)."""
+    if dataset not in _CLASSES:
+        spec = datasets.dataset(dataset)
+        attrs = {
+            "__module__": __name__,
+            "__doc__": spec.description,
+            "name": spec.tfds_name,
+            "DATASET": spec.name,
+            "DESCRIPTION": spec.description,
+            "HOMEPAGE": spec.homepage,
+            "CITATION": spec.citation,
+            "LICENSE": spec.license,
+            "IMAGE_CHANNELS": spec.image_channels,
+            "ENCODING_FORMAT": spec.encoding_format,
+            "HAS_META": spec.with_meta,
+            "MANUAL_DOWNLOAD_INSTRUCTIONS": spec.manual_download,
+        }
+        class_name = "".join(part.title() for part in spec.tfds_name.split("_"))
+        _CLASSES[dataset] = type(class_name, (_KerasfracBuilder,), attrs)
+    return _CLASSES[dataset]
 
 
-class KerasfracSynthetic(_KerasfracBuilder):
-    """kerasfrac's synthetic phantoms (``tfrecords_builder.datasets.synthetic``)."""
-
-    name = schema.TFDS_NAMES["synthetic"]
-    DATASET = "synthetic"
-    DESCRIPTION = (
-        "Synthetic grayscale bone phantoms with drawn fractures and boxes, written by "
-        "tfrecords_builder.datasets.synthetic in FracAtlas' layout; for tests and demos."
-    )
-    CITATION = ""
-    LICENSE = "Apache-2.0"
-    IMAGE_CHANNELS = 1
-    HAS_META = True
-    MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        "Write phantoms with `python -m tfrecords_builder.datasets.synthetic` (or "
-        "tfrecords_builder.datasets.synthetic.write) and pass that folder as `manual_dir`."
-    )
-
-
-BUILDERS = {b.DATASET: b for b in (Fracatlas, TibiaFibula, KerasfracSynthetic)}
-BUILDERS_BY_NAME = {b.name: b for b in BUILDERS.values()}
+_CLASSES: dict[str, type[_KerasfracBuilder]] = {}
+#: The built-in datasets' builders, registered with TFDS on import (``tfds.load("fracatlas")``).
+BUILDERS = {name: builder_class(name) for name in datasets.names()}
 
 
 def manual_source(manual_dir: Path, name: str) -> Path:
@@ -200,17 +147,17 @@ def manual_source(manual_dir: Path, name: str) -> Path:
         raise SourceError(
             f"manual_dir {str(manual_dir)!r} of {name!r} holds {len(zips)} zip file(s) among "
             f"{len(entries)} entries; expected either one zip alone or the extracted dataset. "
-            f"{BUILDERS_BY_NAME[name].MANUAL_DOWNLOAD_INSTRUCTIONS}"
+            f"{datasets.by_tfds_name(name).manual_download}"
         )
     return manual_dir
 
 
-def prepare(dataset: str, source: Path, stage: Path, opts: build.BuildOptions) -> dict:
+def prepare(dataset: str, source: Path, stage: Path, opts: BuildOptions) -> dict:
     """Run ``dataset``'s registered builder on ``source`` into the empty folder ``stage`` (a
     TFDS dataset directory when it returns: dataset_info.json, features.json, shards,
     manifest.json, index.csv); returns the manifest. Offline: no GCS look-up, no download."""
     work = stage / ".tfds"
-    builder = BUILDERS[dataset](data_dir=os.fspath(work), options=opts, source=source)
+    builder = builder_class(dataset)(data_dir=os.fspath(work), options=opts, source=source)
     config = tfds.download.DownloadConfig(try_download_gcs=False)
     # TFDS prints "Downloading and preparing ... to <staging path>" and "Subsequent calls will
     # reuse this data" on stdout: wrong here (kerasfrac build reports its own summary).

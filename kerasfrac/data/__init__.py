@@ -1,27 +1,45 @@
-"""The data stage: decode and resize, augmentation, and the tf.data pipelines over a build."""
+"""The data stage: ``decode`` (bytes -> the model's input), ``augment`` (per-image and per-batch
+augmentation) and ``pipeline`` (the tf.data pipelines over a build). The names below are
+re-exported, so ``from kerasfrac import data; data.make_dataset(...)`` works."""
 
+from kerasfrac.data.augment import (  # noqa: F401
+    BATCH_OPS,
+    IMAGE_OPS,
+    BatchOp,
+    ImageOp,
+    apply_batch_ops,
+    augment_image,
+    augments,
+    box_mask,
+    box_paste,
+    box_paste_draw,
+    flip_expand,
+    mixup,
+    mixup_box_weights,
+    mixup_draw,
+    mixup_lambdas,
+    random_flip,
+)
+from kerasfrac.data.decode import (  # noqa: F401
+    JPEG_MARGIN,
+    JPEG_RATIOS,
+    decode_resize,
+    image_shape,
+    letterbox,
+    preprocess,
+    to_float,
+)
 from kerasfrac.data.pipeline import (  # noqa: F401
     AUTOTUNE,
     CACHE_FORMAT,
-    JPEG_MARGIN,
-    JPEG_RATIOS,
     Build,
     BuildOutputError,
     SplitRecords,
-    augment,
-    augments,
-    box_mask,
     cache_bytes_per_image,
     check_build,
-    decode_resize,
     epoch_images,
-    flip_expand,
-    image_shape,
     make_dataset,
     make_eval_dataset,
-    preprocess,
-    random_flip,
     split_records,
     steps_per_epoch,
-    to_float,
 )

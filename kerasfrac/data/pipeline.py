@@ -32,263 +32,20 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from kerasfrac.names import FLIPS, RESIZES
+from kerasfrac.data.augment import IMAGE_OPS, box_mask, flip_expand
+from kerasfrac.data.decode import decode_resize, image_shape, to_float
+from kerasfrac.names import FLIPS
 from tfrecords_builder import schema
 from tfrecords_builder.defaults import META_TARGETS
 from tfrecords_builder.reader import Build, BuildOutputError
 
 AUTOTUNE = tf.data.AUTOTUNE
 
-__all__ = [
-    "Build",
-    "BuildOutputError",
-    "check_build",
-    "augment",
-    "box_mask",
-    "decode_resize",
-    "flip_expand",
-    "image_shape",
-    "make_dataset",
-    "make_eval_dataset",
-    "preprocess",
-    "random_flip",
-    "steps_per_epoch",
-    "to_float",
-]
-
 
 # --------------------------------------------------------------------------- pure ops
 
 
-#: libjpeg's DCT-domain downscales (``tf.io.decode_jpeg``'s ``ratio``), largest last.
-JPEG_RATIOS = (1, 2, 4, 8)
-#: A JPEG is decoded at the largest ratio that keeps both sides at least this many times the
-#: target size, so the area resize after it still averages 2 x 2 or more decoded pixels per
-#: output pixel (at 1 x, the large FracAtlas images lost 3 dB of PSNR at their worst; README).
-JPEG_MARGIN = 2
-_JPEG_MAGIC = b"\xff\xd8\xff"  # what tf.io.decode_image tests to call a file a JPEG
-
-
-def _decode_image(encoded: tf.Tensor, image_size: int, channels: int) -> tf.Tensor:
-    """Stored bytes -> uint8 [h, w, channels], JPEGs shrunk in the DCT domain.
-
-    A JPEG of 1 or 3 components is decoded by the same libjpeg call the builder validated
-    (``decode_jpeg``, no recovery of truncated files) straight to ``channels`` (1: libjpeg's
-    luma Y, the BT.601 weights of ``rgb_to_grayscale``, without making RGB first) and at the
-    largest ``JPEG_RATIOS`` step that keeps ``JPEG_MARGIN`` x ``image_size`` pixels on the
-    short side: a 2304 x 2880 X-ray for 224 px is decoded at 1/4 (576 x 720), 1/16 of the
-    pixels. Anything else (PNG, CMYK JPEG) goes through ``schema.decode_image`` and
-    ``rgb_to_grayscale`` (alpha dropped, rounded back to uint8) or channel tiling, as before.
-    uint8 throughout: the resize reads it directly (a float copy of the decode cost 4 %).
-    """
-
-    def generic():
-        image = schema.decode_image(encoded)
-        has_color = tf.shape(image)[-1] >= 3
-        if channels == 1:
-
-            def luma():
-                gray = tf.image.rgb_to_grayscale(tf.cast(image[..., :3], tf.float32))
-                return tf.cast(tf.round(tf.clip_by_value(gray, 0.0, 255.0)), tf.uint8)
-
-            return tf.cond(has_color, luma, lambda: image[..., :1])
-        return tf.cond(
-            has_color, lambda: image[..., :3], lambda: tf.tile(image[..., :1], [1, 1, 3])
-        )
-
-    def jpeg():
-        shape = tf.image.extract_jpeg_shape(encoded)
-        short = tf.reduce_min(shape[:2])
-        need = JPEG_MARGIN * image_size
-        # Index into JPEG_RATIOS: how many of the larger ratios still leave >= need pixels
-        # (libjpeg's output side is ceil(side / ratio)).
-        index = tf.add_n([tf.cast((short + r - 1) // r >= need, tf.int32) for r in JPEG_RATIOS[1:]])
-        branches = [
-            lambda r=r: tf.io.decode_jpeg(encoded, channels=channels, ratio=r) for r in JPEG_RATIOS
-        ]
-        return tf.cond(shape[2] == 4, generic, lambda: tf.switch_case(index, branches))
-
-    is_jpeg = tf.equal(tf.strings.substr(encoded, 0, 3), _JPEG_MAGIC)
-    image = tf.cond(is_jpeg, jpeg, generic)
-    image.set_shape([None, None, channels])
-    return image
-
-
-def decode_resize(
-    encoded: tf.Tensor, image_size: int, grayscale: bool = True, resize: str = "stretch"
-) -> tf.Tensor:
-    """Stored bytes -> uint8 [image_size, image_size, 1 or 3]: what the cache holds.
-
-    Decode (see ``_decode_image``: JPEGs straight to the wanted channels and shrunk in the DCT
-    domain), then resize with ``area`` (each output pixel the exact average of the input
-    pixels it covers: a proper low-pass for shrinking, and of the candidates measured on the
-    FracAtlas test split the closest to Pillow's LANCZOS; decode + resize ran at 322 images
-    per CPU-second against 249 with antialiased bilinear; README "Speed"), then round to
-    uint8. ``stretch`` squashes to a square as the report did; ``pad`` keeps the aspect ratio
-    and pads with zeros (black). Works eagerly and inside ``Dataset.map`` alike (the format
-    and size are only known at run time in a graph, hence ``tf.cond`` instead of Python
-    ``if``).
-    """
-    if resize not in RESIZES:
-        raise ValueError(f"resize must be one of {RESIZES}; got {resize!r}")
-    channels = 1 if grayscale else 3
-    image = _decode_image(encoded, image_size, channels)
-    if resize == "stretch":
-        image = tf.image.resize(image, [image_size, image_size], "area")
-    else:
-        image = tf.image.resize_with_pad(image, image_size, image_size, "area")
-    # Area weights are non-negative and sum to 1, so the float result lies in [0, 255] (up to
-    # float rounding): + 0.5 and truncation round it to the nearest uint8 without a clip.
-    image = tf.cast(image + 0.5, tf.uint8)
-    return tf.ensure_shape(image, [image_size, image_size, channels])
-
-
-def to_float(image: tf.Tensor) -> tf.Tensor:
-    """uint8 -> float32 in [0, 1] (x / 255): applied after the cache, so cached and uncached
-    epochs give the model the same tensors."""
-    return tf.image.convert_image_dtype(image, tf.float32)
-
-
-def preprocess(
-    encoded: tf.Tensor, image_size: int, grayscale: bool = True, resize: str = "stretch"
-) -> tf.Tensor:
-    """Stored bytes -> float32 [image_size, image_size, 1 or 3] in [0, 1]: exactly what the
-    pipelines give the model (``to_float(decode_resize(...))``), for predict and explain."""
-    return to_float(decode_resize(encoded, image_size, grayscale, resize))
-
-
-def _flips(image: tf.Tensor) -> tf.Tensor:
-    """[3, H, W, C]: the image, its left-right flip, its up-down flip."""
-    return tf.stack([image, tf.image.flip_left_right(image), tf.image.flip_up_down(image)])
-
-
-def flip_expand(ds: tf.data.Dataset) -> tf.data.Dataset:
-    """Each element ``(image, *rest)`` becomes three: as is, flipped left-right, flipped
-    up-down (the report's augmentation, tripling the set); ``rest`` (label, id) is repeated."""
-
-    def expand(image, *rest):
-        return (_flips(image), *(tf.stack([r, r, r]) for r in rest))
-
-    return ds.map(expand, num_parallel_calls=AUTOTUNE).unbatch()
-
-
-def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """Flip left-right and (independently) up-down, each with probability 1/2.
-
-    Stateless: the same ``seed`` (int shape [2]) gives the same flips, so a seeded pipeline
-    is reproducible and the op gives the same result eagerly and inside tf.data.
-    """
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=2)
-    image = tf.image.stateless_random_flip_left_right(image, seeds[0])
-    return tf.image.stateless_random_flip_up_down(image, seeds[1])
-
-
-def box_mask(
-    boxes: tf.Tensor, height: tf.Tensor, width: tf.Tensor, image_size: int, resize: str = "stretch"
-) -> tf.Tensor:
-    """Fracture boxes -> float32 [image_size, image_size, 1] mask in the model's input frame.
-
-    ``boxes`` [N, 4] are (ymin, xmin, ymax, xmax) normalised to the original ``height`` x
-    ``width`` image; the mask is 1 on every output pixel a box overlaps (so a box never
-    vanishes at low resolution), following ``preprocess``'s geometry: ``stretch`` maps [0, 1]
-    onto the whole square, ``pad`` onto the centred content area of ``resize_with_pad``.
-    No boxes: all zeros.
-    """
-    s = float(image_size)
-    boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
-    if resize == "pad":
-        h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
-        ratio = tf.maximum(w / s, h / s)  # as tf.image.resize_with_pad
-        rh, rw = tf.floor(h / ratio), tf.floor(w / ratio)
-        top, left = tf.floor((s - h / ratio) / 2.0), tf.floor((s - w / ratio) / 2.0)
-        scale = tf.stack([rh, rw, rh, rw])
-        offset = tf.stack([top, left, top, left])
-        boxes = (boxes * scale + offset) / s
-    edges = tf.range(image_size, dtype=tf.float32) / s  # pixel i spans [i/s, (i+1)/s)
-    rows = tf.cast(
-        (edges[None, :] + 1.0 / s > boxes[:, 0:1]) & (edges[None, :] < boxes[:, 2:3]), tf.float32
-    )  # [N, S]
-    cols = tf.cast(
-        (edges[None, :] + 1.0 / s > boxes[:, 1:2]) & (edges[None, :] < boxes[:, 3:4]), tf.float32
-    )
-    mask = tf.minimum(tf.einsum("ny,nx->yx", rows, cols), 1.0)
-    return mask[..., None]
-
-
-def _affine(size: int, angle, zoom, shift_y, shift_x) -> tf.Tensor:
-    """ImageProjectiveTransform row (output pixel -> input pixel) for a rotation by ``angle``
-    (radians) and a zoom by ``zoom`` about the centre, then a shift by (shift_y, shift_x)."""
-    c = (size - 1) / 2.0
-    cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
-    return tf.stack(
-        [
-            cos,
-            -sin,
-            c - cos * c + sin * c - shift_x * size,
-            sin,
-            cos,
-            c - sin * c - cos * c - shift_y * size,
-            0.0,
-            0.0,
-        ]
-    )[None]
-
-
-def augment(image: tf.Tensor, seed: tf.Tensor, data_cfg, channels: int) -> tf.Tensor:
-    """Random affine warp (rotation, zoom, shift: ``data.rotation/zoom/translate``) of all
-    channels, then gamma, contrast and brightness (``data.gamma/contrast/brightness``) of the
-    first ``channels`` (the image; further channels, the box mask, only move with the warp).
-
-    Stateless: the same ``seed`` (int [2]) gives the same result, eagerly and in tf.data.
-    Values stay in [0, 1]; areas shifted in from outside the image are black (0).
-    """
-    d = data_cfg
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=7)
-
-    def uniform(i, low, high):
-        return tf.random.stateless_uniform([], seeds[i], low, high)
-
-    if d.rotation or d.zoom or d.translate:
-        size = int(image.shape[0])
-        angle = uniform(0, -d.rotation, d.rotation) * (math.pi / 180.0) if d.rotation else 0.0
-        zoom = uniform(1, 1.0 - d.zoom, 1.0 + d.zoom) if d.zoom else 1.0
-        dy = uniform(2, -d.translate, d.translate) if d.translate else 0.0
-        dx = uniform(3, -d.translate, d.translate) if d.translate else 0.0
-        warped = tf.raw_ops.ImageProjectiveTransformV3(
-            images=image[None],
-            transforms=_affine(size, angle, zoom, dy, dx),
-            output_shape=tf.constant([size, size]),
-            fill_value=0.0,
-            interpolation="BILINEAR",
-            fill_mode="CONSTANT",
-        )
-        image = tf.ensure_shape(warped[0], image.shape)
-    if not (d.gamma or d.contrast or d.brightness):
-        return image
-    x, rest = image[..., :channels], image[..., channels:]
-    if d.gamma:
-        x = tf.pow(tf.maximum(x, 1e-6), tf.exp(uniform(4, -d.gamma, d.gamma)))
-    if d.contrast:
-        mean = tf.reduce_mean(x)
-        x = (x - mean) * uniform(5, 1.0 - d.contrast, 1.0 + d.contrast) + mean
-    if d.brightness:
-        x = x + uniform(6, -d.brightness, d.brightness)
-    x = tf.clip_by_value(x, 0.0, 1.0)
-    return tf.concat([x, rest], axis=-1)
-
-
-def augments(data_cfg) -> bool:
-    """Whether ``data_cfg`` asks for any ``augment`` step."""
-    d = data_cfg
-    return bool(d.rotation or d.zoom or d.translate or d.gamma or d.contrast or d.brightness)
-
-
 # --------------------------------------------------------------------------- manifest checks
-
-
-def image_shape(data_cfg) -> tuple[int, int, int]:
-    """The model input shape these images have."""
-    return (data_cfg.image_size, data_cfg.image_size, 1 if data_cfg.grayscale else 3)
 
 
 def check_build(
@@ -511,13 +268,15 @@ def _cache(ds: tf.data.Dataset, data_cfg, build: Build, name: str, as_float=True
 def _finish(
     ds: tf.data.Dataset, batch_size: int, with_ids: bool, uint8: bool = False
 ) -> tf.data.Dataset:
-    if not with_ids:
-        ds = ds.map(lambda image, label, image_id: (image, label))
-    # drop_remainder=False: every image counts in evaluation; the infinite training stream
-    # has no remainder. Prefetch last so the model never waits for the next batch.
+    def as_dict(image, label, image_id):
+        return {"image": image, "label": label, **({"id": image_id} if with_ids else {})}
+
+    ds = ds.map(as_dict)
+    # drop_remainder=False: every image counts in evaluation. Prefetch last so the model
+    # never waits for the next batch.
     ds = ds.batch(batch_size, drop_remainder=False)
     if uint8:  # uint8 images to float32 a batch at a time (``to_float``, as after any cache)
-        ds = ds.map(lambda image, *rest: (to_float(image), *rest), num_parallel_calls=AUTOTUNE)
+        ds = ds.map(lambda b: {**b, "image": to_float(b["image"])}, num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)
 
 
@@ -530,7 +289,8 @@ def make_eval_dataset(
     *,
     dataset: str | None = None,
 ) -> tf.data.Dataset:
-    """Deterministic batches of ``split``: ``(image, label)`` or ``(image, label, image_id)``.
+    """Deterministic batches of ``split``: dicts ``{"image", "label"}``, plus ``"id"`` (the
+    image ids) ``with_ids``.
 
     Same decode/grayscale/resize as training; no oversampling, augmentation, shuffle or
     repeat; order = ``Build.read`` order. ``build``: a ``Build`` or its directory (None:
@@ -565,12 +325,14 @@ def make_dataset(
     with_boxes: bool = False,
     with_meta: bool = False,
 ) -> tuple[tf.data.Dataset, int | None]:
-    """``(dataset of (image, label) batches, steps_per_epoch or None)``.
+    """``(dataset of batches, steps_per_epoch or None)``; a training batch is a dict
+    ``{"image", "label"}``.
 
-    ``with_boxes`` (training only, for ``model.box_head``): batches of ``(image, label,
-    box_mask, box_weight)``, the mask [S, S, 1] transformed with the image (``box_mask``).
-    ``with_meta`` (training only, for ``model.meta_head``): each batch ends with the
-    ``META_TARGETS`` columns, float32 [B, len(META_TARGETS)], -1 where unknown.
+    ``with_boxes`` (training only, for ``model.box_head``): plus ``box_mask`` [B, S, S, 1]
+    (transformed with the image, ``augment.box_mask``) and ``box_weight`` [B] (0 for a
+    fractured image without boxes). ``with_meta`` (training only, for ``model.meta_head``):
+    plus ``meta``, the ``META_TARGETS`` columns, float32 [B, len(META_TARGETS)], -1 where
+    unknown.
 
     ``training`` defaults to ``split == "train"``. Training with ``data_cfg.oversample``
     gives an infinite, class-balanced stream and its steps per epoch; without, the finite
@@ -638,27 +400,21 @@ def make_dataset(
         ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
         steps = None
 
-    if data_cfg.flips == "random":
-        # Augment after shuffle/repeat so each pass draws new flips; per-element stateless
-        # seeds from a seeded random stream keep the run reproducible.
-        rng = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-        ds = tf.data.Dataset.zip(ds, rng).map(
-            lambda el, s: (random_flip(el[0], s), *el[1:]), num_parallel_calls=AUTOTUNE
-        )
-    if augments(data_cfg):
-        # Its own seeded stream, so that turning augmentation on leaves the flips unchanged.
-        rng = tf.data.Dataset.random(seed=seed + 7919, rerandomize_each_iteration=True).batch(2)
-        ds = tf.data.Dataset.zip(ds, rng).map(
-            lambda el, s: (augment(el[0], s, data_cfg, channels), *el[1:]),
-            num_parallel_calls=AUTOTUNE,
-        )
-    if targets:
+    for op in IMAGE_OPS:  # after shuffle/repeat, so each pass draws anew
+        if op.enabled(data_cfg):
+            ds = op.apply_to(ds, data_cfg, channels, seed)
 
-        def split(x, label, image_id, *rest):
-            if not with_boxes:
-                return (x, label, *rest)
-            return (x[..., :channels], label, x[..., channels:], *rest)
+    def as_dict(x, label, image_id, *rest):
+        # a batch of dicts: the step reads its parts by name (the box mask rode along as
+        # the image's last channel through every geometric op)
+        batch = {"image": x[..., :channels] if with_boxes else x, "label": label}
+        rest = list(rest)
+        if with_boxes:
+            batch["box_mask"], batch["box_weight"] = x[..., channels:], rest.pop(0)
+        if with_meta:
+            batch["meta"] = rest.pop(0)
+        return batch
 
-        ds = ds.map(split, num_parallel_calls=AUTOTUNE)
-        return ds.batch(batch_size).prefetch(AUTOTUNE), steps
-    return _finish(ds, batch_size, with_ids=False), steps
+    ds = ds.map(as_dict, num_parallel_calls=AUTOTUNE)
+    # The infinite training stream has no remainder; prefetch last so the model never waits.
+    return ds.batch(batch_size).prefetch(AUTOTUNE), steps

@@ -45,6 +45,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kerasfrac.data.decode import letterbox
 from kerasfrac.models import (
     BOX_LOGITS,
     block_output_names,
@@ -253,15 +254,13 @@ def boxes_to_input_frame(
         return boxes
     if resize != "pad":
         raise ValueError(f"resize must be 'stretch' or 'pad'; got {resize!r}")
-    ratio = max(width / image_size, height / image_size)
-    new_h, new_w = int(height / ratio), int(width / ratio)  # as resize_with_pad truncates
-    off_y, off_x = (image_size - new_h) // 2, (image_size - new_w) // 2
+    new_h, new_w, off_y, off_x = letterbox(float(height), float(width), image_size)
     ys = (off_y + boxes[:, [0, 2]] * new_h) / image_size
     xs = (off_x + boxes[:, [1, 3]] * new_w) / image_size
     return np.stack([ys[:, 0], xs[:, 0], ys[:, 1], xs[:, 1]], axis=1)
 
 
-def box_mask(boxes, shape: tuple[int, int], tolerance: float = 0.0) -> np.ndarray:
+def box_region_mask(boxes, shape: tuple[int, int], tolerance: float = 0.0) -> np.ndarray:
     """bool [H, W]: pixels whose centre lies in any box (normalised ymin, xmin, ymax, xmax),
     each box grown by ``tolerance`` pixels on every side."""
     h, w = shape
@@ -337,7 +336,7 @@ class Audit:
         for name, m in self.corner_masks.items():
             row[name] = mass_share(cam, m)
         if label == 1 and boxes is not None and len(boxes):
-            row.update(pointing(cam, box_mask(boxes, self.shape, self.tolerance)))
+            row.update(pointing(cam, box_region_mask(boxes, self.shape, self.tolerance)))
         self.rows.append(row)
         return row
 

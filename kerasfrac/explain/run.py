@@ -405,7 +405,8 @@ def split_batches(data_cfg, build, split: str, batch_size: int):
     build = data.check_build(build)
     records = data.split_records(build, split)
     start = 0
-    for images, labels, ids in data.make_eval_dataset(build, split, data_cfg, batch_size, True):
+    for batch in data.make_eval_dataset(build, split, data_cfg, batch_size, True):
+        images, labels, ids = batch["image"], batch["label"], batch["id"]
         end = start + len(ids)
         frame_boxes = [
             gradcam.boxes_to_input_frame(b, int(h), int(w), data_cfg.image_size, data_cfg.resize)

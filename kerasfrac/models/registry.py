@@ -153,8 +153,8 @@ def check(cfg_model) -> Architecture:
     ]
     if asks:
         raise ValueError(
-            f"{' and '.join(asks)} not available for {name} (its head has no feature map "
-            f"named 'features' to supervise or read); use model.name= one of "
+            f"{' and '.join(asks)} not available: model.name is {name!r}, whose head has no "
+            f"feature map named 'features' to supervise or read; use model.name= one of "
             f"{', '.join(cell_reading)}"
         )
     stride = getattr(cfg_model, "box_stride", None)

@@ -31,17 +31,22 @@ from pathlib import Path
 import numpy as np
 
 from kerasfrac import runs
+from kerasfrac.runs import (  # noqa: F401  (the run directory's, used here and re-exported)
+    STATE,
+    RunDirError,
+    fsync_dir,
+    fsync_file,
+    read_state,
+    replace_file,
+    state_path,
+    write_text,
+)
 
-STATE = "state.json"
 GEN_PREFIX = "gen-"
 #: Test-only fault injection: ``KERASFRAC_CRASH_AT=N`` SIGKILLs the process at the Nth
 #: crash point (each step of a checkpoint commit and of the final writes).
 CRASH_ENV = "KERASFRAC_CRASH_AT"
 _crash_points = itertools.count(1)
-
-
-class RunDirError(ValueError):
-    """A run directory that cannot be used as asked (finished, unfinished, not a run)."""
 
 
 def crash() -> None:
@@ -60,37 +65,6 @@ def crash_point(where: str = "") -> None:
 # --------------------------------------------------------------------------- durable writes
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some network file systems cannot fsync a folder; the renames still order it
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def replace_file(tmp: Path, path: Path) -> None:
-    """Move the finished ``tmp`` onto ``path`` in one rename, durably (contents, then name)."""
-    _fsync_file(tmp)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def write_text(path: Path, text: str) -> None:
-    """``path`` gets ``text`` or keeps its old content, never a truncated mix."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    replace_file(Path(tmp), path)
-
-
 def save_model(model, path: Path) -> None:
     """``model.save(path)`` that a kill or a full disk cannot leave half-written."""
     path = Path(path)
@@ -104,27 +78,6 @@ def save_model(model, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- state
-
-
-def state_path(run_dir: Path) -> Path:
-    return runs.checkpoints_dir(run_dir) / STATE
-
-
-def read_state(run_dir: Path) -> dict | None:
-    path = state_path(run_dir)
-    if not path.is_file():
-        return None
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        state = err
-    if not isinstance(state, dict):
-        raise RunDirError(
-            f"{str(path)!r} is not a kerasfrac run state ({state}); it was edited or damaged "
-            "outside kerasfrac. Pass --overwrite to start this run over, or choose another "
-            "--run-dir."
-        )
-    return state
 
 
 def has_checkpoint(state: dict | None, run_dir: Path) -> bool:
@@ -217,13 +170,13 @@ def save(run_dir: Path, model, epoch: int, step: int, steps: int, best, accum=No
         except OSError:  # changed, or a file system without hard links
             shutil.copyfile(best_file, tmp / runs.BEST)
     for f in tmp.iterdir():
-        _fsync_file(f)
-    _fsync_dir(tmp)
+        fsync_file(f)
+    fsync_dir(tmp)
     crash_point(f"{name} written")
     if (ckpt / name).exists():  # written by a run killed before it committed it
         shutil.rmtree(ckpt / name)
     os.rename(tmp, ckpt / name)
-    _fsync_dir(ckpt)
+    fsync_dir(ckpt)
     crash_point(f"{name} renamed")
     write_state(
         run_dir,

@@ -33,6 +33,7 @@ import tensorflow as tf
 
 from kerasfrac import console, data, runs
 from kerasfrac.config import Config
+from kerasfrac.data import augment
 from kerasfrac.evaluation.metrics import bce_per_example, epoch_metrics, split_metrics
 from kerasfrac.models import (
     BOX_HEATMAP,
@@ -166,106 +167,6 @@ def weights_digest(model: keras.Model) -> str:
     return h.hexdigest()
 
 
-def mixup_lambdas(n, alpha: float, seed) -> tf.Tensor:
-    """``n`` mixing weights lam ~ Beta(alpha, alpha) folded to [0.5, 1] ([n, 1] float32), from
-    the stateless ``seed`` (shape [2]): the same seed, the same weights (a resumed run
-    replays them)."""
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
-    a = tf.random.stateless_gamma([n, 1], seeds[0], alpha=alpha)
-    b = tf.random.stateless_gamma([n, 1], seeds[1], alpha=alpha)
-    lam = a / tf.maximum(a + b, 1e-12)
-    return tf.maximum(lam, 1.0 - lam)
-
-
-def _step_seed(seed: int, iteration, replica, salt: int = 0) -> tf.Tensor:
-    """A stateless seed [2] for one training step's draws: the run's ``seed`` (plus ``salt``,
-    one per kind of draw), the optimizer's ``iteration`` and the ``replica`` (each replica
-    draws differently); a resumed run replays them."""
-    step_seed = tf.stack([tf.cast(seed, tf.int64), tf.cast(iteration, tf.int64)])
-    return step_seed + tf.cast(tf.stack([salt, tf.cast(replica, tf.int64) * 1_000_003]), tf.int64)
-
-
-def _partners(n, step_seed) -> tf.Tensor:
-    """A permutation of the batch's ``n`` indices: each example's partner in the step."""
-    return tf.random.experimental.stateless_shuffle(
-        tf.range(n), seed=step_seed + tf.constant([7919, 0], tf.int64)
-    )
-
-
-def mixup_draw(n, alpha: float, seed: int, iteration, replica=0) -> tuple:
-    """``(lam, partner)`` of one training step: the mixing weights (``mixup_lambdas``) and a
-    permutation of the batch, drawn from the run's ``seed``, the optimizer's ``iteration``
-    and the ``replica`` (each replica blends its own batch differently)."""
-    step_seed = _step_seed(seed, iteration, replica)
-    return mixup_lambdas(n, alpha, step_seed), _partners(n, step_seed)
-
-
-def mixup(images, targets: list, lam, partner) -> tuple:
-    """Blend each example with ``partner[i]`` of the same batch: ``images`` and every tensor
-    of ``targets`` (labels, box-cell targets: the first axis is the batch) as
-    ``lam * t + (1 - lam) * t[partner]``, ``lam`` [n, 1] broadcast over the other axes. Box
-    weights are not blended: see ``mixup_box_weights``."""
-
-    def blend(t):
-        t = tf.cast(t, tf.float32)
-        w = tf.reshape(lam, [-1] + [1] * (len(t.shape) - 1))
-        return w * t + (1.0 - w) * tf.gather(t, partner)
-
-    mixed = tf.cast(blend(images), images.dtype)
-    return mixed, [blend(t) for t in targets]
-
-
-def mixup_box_weights(box_weights, partner) -> tf.Tensor:
-    """The box weight of each blended image: the smaller of its two images' weights. A
-    fractured image without boxes (weight 0) has unknown cell targets, so a blend with it has
-    too; blending the weights instead would train such cells towards a normal partner's zeros
-    with weight 1 - lam."""
-    w = tf.cast(box_weights, tf.float32)
-    return tf.minimum(w, tf.gather(w, partner))
-
-
-def box_paste_draw(n, rate: float, seed: int, iteration, replica=0) -> tuple:
-    """``(chosen, partner)`` of one training step for ``train.box_paste``: which images
-    receive a paste (each with probability ``rate``) and from which image of the batch,
-    drawn from the run's ``seed``, the optimizer's ``iteration`` and the ``replica``."""
-    step_seed = _step_seed(seed, iteration, replica, salt=104_729)
-    return tf.random.stateless_uniform([n], step_seed) < rate, _partners(n, step_seed)
-
-
-def box_paste(
-    images, labels, masks, chosen, partner, feather: int = 9, min_brightness: float = 0.7
-) -> tuple:
-    """Copy-paste of fractures (after Ghiasi et al. 2021, with FracAtlas' boxes): where
-    ``chosen[i]`` and image ``partner[i]`` has a fracture box, the pixels of that box are
-    pasted into image i at the same place (the model's input frame is the same for every
-    image), their edges blended over ``feather`` pixels so that a seam is not what marks a
-    fracture. Only bone onto bone: the paste happens where image i's mean inside the box is at
-    least ``min_brightness`` times the donor's there (not a fracture floating on the
-    background, which would teach "a bright patch on black is a fracture"). Image i then
-    shows a fracture: its label becomes 1 and its box mask the union of both. Its box weight
-    stays its own (a fractured image without boxes keeps unknown cells outside the paste).
-    ``images`` [n, H, W, C], ``labels`` [n], ``masks`` [n, H, W, 1] in [0, 1]; returns
-    ``(images, labels, masks)``."""
-    dtype = images.dtype
-    x = tf.cast(images, tf.float32)
-    m = tf.cast(masks, tf.float32)
-    donor = tf.cast(tf.gather(m, partner) > 0.5, tf.float32)
-    donor_x = tf.gather(x, partner)
-    area = tf.reduce_sum(donor, axis=[1, 2, 3])
-    mine = tf.reduce_sum(tf.reduce_mean(x, -1, keepdims=True) * donor, [1, 2, 3])
-    theirs = tf.reduce_sum(tf.reduce_mean(donor_x, -1, keepdims=True) * donor, [1, 2, 3])
-    bone_on_bone = mine >= min_brightness * theirs
-    do = tf.logical_and(tf.cast(chosen, tf.bool), tf.logical_and(area > 0.0, bone_on_bone))
-    # feathered edge: the box's mask averaged over a feather x feather window, so alpha
-    # ramps from 0 outside to 1 inside over about feather / 2 pixels on each side
-    alpha = tf.nn.avg_pool2d(donor, feather, 1, "SAME") if feather > 1 else donor
-    alpha = alpha * tf.reshape(tf.cast(do, tf.float32), [-1, 1, 1, 1])
-    pasted = x * (1.0 - alpha) + donor_x * alpha
-    y = tf.where(do, tf.ones_like(tf.cast(labels, tf.float32)), tf.cast(labels, tf.float32))
-    union = tf.where(tf.reshape(do, [-1, 1, 1, 1]), tf.maximum(m, donor), m)
-    return tf.cast(pasted, dtype), tf.cast(y, labels.dtype), tf.cast(union, masks.dtype)
-
-
 def step_options(t) -> dict:
     """The keyword arguments of ``make_train_step`` that come from the ``train`` config section
     (class weights aside, which need the build): one place, so that training and
@@ -292,6 +193,63 @@ def meta_loss(targets, logits) -> tf.Tensor:
     return tf.reduce_sum(bce * known, -1) / tf.maximum(tf.reduce_sum(known, -1), 1.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class Losses:
+    """The per-example training loss of a model with its heads (``TrainingTask.build_losses``).
+
+    The binary cross-entropy of ``prob`` against the (``label_smoothing``) smoothed label, times
+    the class weight (``weights`` = (normal, fractured)); for a model with a box head fed
+    ``box_mask``/``box_weight``, plus ``box_loss_weight`` x box_weight x the mean BCE between
+    the heat map and its cells that a fracture box touches (``box_cells``); for a model with a
+    metadata head fed ``meta``, plus ``meta_loss_weight`` x ``meta_loss``.
+    """
+
+    box_out: int | None = None
+    meta_out: int | None = None
+    label_smoothing: float = 0.0
+    weights: tuple[float, float] | None = None
+    box_loss_weight: float = 0.0
+    meta_loss_weight: float = 0.0
+    box_grid: tuple[int, int] | None = None
+
+    @classmethod
+    def for_model(cls, model: keras.Model, **options) -> Losses:
+        box_out = output_index(model, BOX_HEATMAP) if has_box_head(model) else None
+        meta_out = output_index(model, META_LOGITS) if has_meta_head(model) else None
+        grid = tuple(model.outputs[box_out].shape[1:3]) if box_out is not None else None
+        return cls(box_out, meta_out, box_grid=grid, **options)
+
+    def targets(self, batch: dict) -> dict:
+        """``batch`` plus what the losses compare against: ``y`` (the label, [B, 1] float32)
+        and, for a box head fed masks, ``box_cells`` (heat-map cells a box touches)."""
+        out = {**batch, "y": tf.reshape(tf.cast(batch["label"], tf.float32), [-1, 1])}
+        if self.box_out is not None and batch.get("box_mask") is not None:
+            resized = tf.image.resize(batch["box_mask"], self.box_grid, "area")
+            out["box_cells"] = tf.cast(resized > 0.0, tf.float32)
+            out["box_weight"] = tf.cast(batch["box_weight"], tf.float32)
+        return out
+
+    def __call__(self, batch: dict, outputs) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(per-example loss [B], probabilities [B, 1])`` of the model's ``outputs``."""
+        several = self.box_out is not None or self.meta_out is not None
+        probs = tf.cast(outputs[0] if several else outputs, tf.float32)
+        target = batch["y"]
+        if self.label_smoothing:
+            target = target * (1.0 - self.label_smoothing) + 0.5 * self.label_smoothing
+        per_example = keras.losses.binary_crossentropy(target, probs)
+        if self.weights is not None:
+            normal, fractured = self.weights
+            per_example *= tf.where(batch["label"] > 0.5, fractured, normal)
+        if batch.get("box_cells") is not None:
+            heat = tf.cast(outputs[self.box_out], tf.float32)
+            pixel = keras.losses.binary_crossentropy(batch["box_cells"], heat)
+            box_loss = batch["box_weight"] * tf.reduce_mean(pixel, [1, 2])
+            per_example += self.box_loss_weight * box_loss
+        if self.meta_out is not None and batch.get("meta") is not None:
+            per_example += self.meta_loss_weight * meta_loss(batch["meta"], outputs[self.meta_out])
+        return per_example, probs
+
+
 def make_train_step(
     model: keras.Model,
     strategy: tf.distribute.Strategy,
@@ -306,87 +264,46 @@ def make_train_step(
     seed: int = 0,
 ):
     """The one training step for every strategy: ``step(iterator, stop_flag)`` runs a global
-    batch through ``strategy.run`` (forward, loss, gradients, the compiled Keras optimizer's
-    ``apply``) and returns per-example losses, probabilities, labels and the stop flags of
-    all replicas, gathered. ``kerasfrac bench`` times this same function.
+    batch (a dict, ``data.make_dataset``'s) through ``strategy.run`` (batch augmentation,
+    forward, ``Losses``, gradients, the compiled Keras optimizer's ``apply``) and returns
+    per-example losses, probabilities, labels and the stop flags of all replicas, gathered.
+    ``kerasfrac bench`` times this same function.
 
-    The per-example loss is the binary cross-entropy against the (``label_smoothing``)
-    smoothed label, times the class weight (``weights`` = (normal, fractured)), plus, for a
-    model with a box head fed batches of ``(image, label, box_mask, box_weight)``,
-    ``box_loss_weight`` x box_weight x the mean pixel BCE between the heat map and the
-    cells of the heat-map grid that a fracture box touches; for a model with a metadata head
-    fed batches that end with the metadata targets, ``meta_loss_weight`` x ``meta_loss``.
-
-    ``mixup_alpha`` > 0 (``train.mixup``): each replica blends its batch with a shuffle of
-    itself (``mixup``), the weights drawn from ``seed`` and the optimizer's step count; the
-    class weight and the reported label are those of the dominant image (lam >= 0.5).
-
-    ``box_paste_rate`` > 0 (``train.box_paste``, a box-head model fed masks): before mixup, each
-    image receives with this probability the fracture box of another image of its batch
-    (``box_paste``); its label (reported, class-weighted and trained) becomes 1.
+    The per-batch augmentations (``data.augment.BATCH_OPS``) draw from ``seed``, the
+    optimizer's step count and the replica: ``box_paste_rate`` > 0 (``train.box_paste``)
+    pastes fracture boxes between the batch's images before the targets are derived (a
+    receiving image's label becomes 1); ``mixup_alpha`` > 0 (``train.mixup``) blends each
+    example with a shuffle of the batch after; the class weight and the reported label are
+    those of the dominant image (lam >= 0.5).
     """
     optimizer = model.optimizer
-    box_head, meta_head = has_box_head(model), has_meta_head(model)
-    box_out = output_index(model, BOX_HEATMAP) if box_head else None
-    meta_out = output_index(model, META_LOGITS) if meta_head else None
+    losses = Losses.for_model(
+        model,
+        label_smoothing=label_smoothing,
+        weights=weights,
+        box_loss_weight=box_loss_weight,
+        meta_loss_weight=meta_loss_weight,
+    )
+    batch_ops = {"box_paste": box_paste_rate, "mixup": mixup_alpha}
 
     @tf.function
     def train_step(iterator, stop_flag):
-        def step_fn(images, labels, *targets):
-            # make_dataset's batches: (image, label[, box mask, box weight][, metadata])
-            masks = box_weights = meta = None
-            if len(targets) in (2, 3):
-                masks, box_weights = targets[:2]
-            if len(targets) in (1, 3):
-                meta = targets[-1]
-            if box_paste_rate and masks is not None:
-                replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-                chosen, donors = box_paste_draw(
-                    tf.shape(images)[0], box_paste_rate, seed, optimizer.iterations, replica
-                )
-                images, labels, masks = box_paste(images, labels, masks, chosen, donors)
-            y = tf.reshape(tf.cast(labels, tf.float32), [-1, 1])
-            cells = bw = None
-            if box_head and masks is not None:
-                grid = model.outputs[box_out].shape[1:3]
-                cells = tf.cast(tf.image.resize(masks, grid, "area") > 0.0, tf.float32)
-                bw = tf.cast(box_weights, tf.float32)
-            if mixup_alpha:
-                replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-                lam, partner = mixup_draw(
-                    tf.shape(images)[0], mixup_alpha, seed, optimizer.iterations, replica
-                )
-                extra = [t for t in (cells, meta) if t is not None]
-                images, mixed = mixup(images, [y, *extra], lam, partner)
-                y = mixed[0]
-                if cells is not None:
-                    cells, bw = mixed[1], mixup_box_weights(bw, partner)
-                if meta is not None:  # blended where both images know the column
-                    unknown = tf.minimum(meta, tf.gather(meta, partner)) < 0.0
-                    meta = tf.where(unknown, -1.0, mixed[-1])
+        def step_fn(batch):
+            batch = augment.apply_batch_ops(batch, "pixels", batch_ops, seed, optimizer.iterations)
+            batch = losses.targets(batch)
+            batch = augment.apply_batch_ops(batch, "targets", batch_ops, seed, optimizer.iterations)
             with tf.GradientTape() as tape:
-                outputs = model(images, training=True)
-                probs = tf.cast(outputs[0] if box_head or meta_head else outputs, tf.float32)
-                target = y
-                if label_smoothing:
-                    target = y * (1.0 - label_smoothing) + 0.5 * label_smoothing
-                per_example = keras.losses.binary_crossentropy(target, probs)
-                if weights is not None:
-                    per_example *= tf.where(labels > 0.5, weights[1], weights[0])
-                if cells is not None:
-                    heat = tf.cast(outputs[box_out], tf.float32)
-                    pixel = keras.losses.binary_crossentropy(cells, heat)
-                    per_example += box_loss_weight * bw * tf.reduce_mean(pixel, [1, 2])
-                if meta_head and meta is not None:
-                    per_example += meta_loss_weight * meta_loss(meta, outputs[meta_out])
+                outputs = model(batch["image"], training=True)
+                per_example, probs = losses(batch, outputs)
                 loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
                 scaled = optimizer.scale_loss(loss)
             grads = tape.gradient(scaled, model.trainable_variables)
             optimizer.apply(grads, model.trainable_variables)
             # Every replica reports whether its worker got SIGTERM, so all stop together.
-            return per_example, tf.reshape(probs, [-1]), labels, tf.reshape(stop_flag, [1])
+            flags = tf.reshape(stop_flag, [1])
+            return per_example, tf.reshape(probs, [-1]), batch["label"], flags
 
-        results = strategy.run(step_fn, args=next(iterator))
+        results = strategy.run(step_fn, args=(next(iterator),))
         return tuple(strategy.gather(r, axis=0) for r in results)
 
     return train_step
@@ -744,11 +661,12 @@ class TrainingTask:
     def validation_step(self) -> dict:
         """``val_loss``, ``val_accuracy`` and ``val_auroc`` of the model on the val split."""
         val = [[], [], []]
-        for images, y in self.val_ds:
-            probs = self.eval_step(images).numpy()
-            val[0].append(bce_per_example(y.numpy(), probs))
+        for batch in self.val_ds:
+            probs = self.eval_step(batch["image"]).numpy()
+            y = batch["label"].numpy()
+            val[0].append(bce_per_example(y, probs))
             val[1].append(probs)
-            val[2].append(y.numpy())
+            val[2].append(y)
         return epoch_metrics(*val, prefix="val_")
 
     # ----------------------------------------------------------------------- finish

@@ -18,9 +18,10 @@ import csv
 import json
 from pathlib import Path
 
-from tfrecords_builder import schema
 from tfrecords_builder.archive import SourceError, listing
 from tfrecords_builder.candidates import Candidate, Found, files_under, norm_name
+from tfrecords_builder.datasets.registry import DatasetSpec, register_dataset
+from tfrecords_builder.defaults import META_COLUMNS
 
 CLASS_FOLDERS = {"fractured": 1, "non_fractured": 0}
 COCO_PATH = Path("Annotations") / "COCO JSON" / "COCO_fracture_masks.json"
@@ -58,7 +59,7 @@ def _read_csv(path: Path) -> dict[str, dict[str, int]]:
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
-        missing = [c for c in ("image_id", *schema.META_COLUMNS) if c not in header]
+        missing = [c for c in ("image_id", *META_COLUMNS) if c not in header]
         if missing:
             raise SourceError(
                 f"{str(path)!r} lacks the FracAtlas columns {missing}; its header is {header}."
@@ -66,10 +67,10 @@ def _read_csv(path: Path) -> dict[str, dict[str, int]]:
         rows = {}
         for line, row in enumerate(reader, start=2):
             try:
-                rows[row["image_id"].strip()] = {c: int(row[c]) for c in schema.META_COLUMNS}
+                rows[row["image_id"].strip()] = {c: int(row[c]) for c in META_COLUMNS}
             except (TypeError, ValueError) as err:
                 raise SourceError(
-                    f"{str(path)!r} line {line}: expected integer flags in {schema.META_COLUMNS},"
+                    f"{str(path)!r} line {line}: expected integer flags in {META_COLUMNS},"
                     f" got {row}: {err}"
                 ) from err
     return rows
@@ -178,3 +179,40 @@ def find(top: Path) -> Found:
         "boxes_skipped": skipped_boxes,
     }
     return Found(root, candidates, notes)
+
+
+CITATION = """\
+@article{abedeen2023fracatlas,
+  title   = {FracAtlas: A Dataset for Fracture Classification, Localization and
+             Segmentation of Musculoskeletal Radiographs},
+  author  = {Abedeen, Iftekharul and Rahman, Md. Ashiqur and Prottyasha, Fatema Zohra and
+             Ahmed, Tasnim and Chowdhury, Tareque Mohmud and Shatabda, Swakkhar},
+  journal = {Scientific Data},
+  volume  = {10},
+  pages   = {521},
+  year    = {2023},
+  doi     = {10.1038/s41597-023-02432-4}
+}"""
+
+SPEC = register_dataset(
+    DatasetSpec(
+        name="fracatlas",
+        find=find,
+        tfds_name="fracatlas",
+        description=(
+            "FracAtlas: 4,083 musculoskeletal X-rays (hand, leg, hip, shoulder) labelled fractured "
+            "or not, with fracture boxes (COCO, here normalised ymin, xmin, ymax, xmax) and the "
+            "per-image columns of dataset.csv (meta/*: anatomy, hardware, views; -1 unknown)."
+        ),
+        homepage="https://doi.org/10.6084/m9.figshare.22363012",
+        citation=CITATION,
+        encoding_format="jpeg",
+        with_meta=True,
+        learnable_meta=True,
+        manual_download=(
+            "Download FracAtlas from https://doi.org/10.6084/m9.figshare.22363012 and put it in "
+            "`manual_dir`: either the zip as downloaded (the folder's only file) or the extracted "
+            "folder (dataset.csv, images/Fractured, images/Non_fractured, Annotations/)."
+        ),
+    )
+)

@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from tfrecords_builder.datasets import fracatlas
+from tfrecords_builder.datasets.registry import DatasetSpec, register_dataset
 from tfrecords_builder.defaults import META_COLUMNS
 
 CSV_COLUMNS = ("image_id", *META_COLUMNS)
@@ -429,3 +431,25 @@ def generate(
             for letter in ("R", "L")
         }
     return summary
+
+
+#: The phantoms carry FracAtlas' metadata columns (region drawn from REGIONS, the rest -1);
+#: they describe no real acquisition, so ``model.meta_head`` does not learn them.
+SPEC = register_dataset(
+    DatasetSpec(
+        name="synthetic",
+        find=fracatlas.find,  # written in FracAtlas' layout
+        tfds_name="kerasfrac_synthetic",
+        description=(
+            "Synthetic grayscale bone phantoms with drawn fractures and boxes, written by "
+            "tfrecords_builder.datasets.synthetic in FracAtlas' layout; for tests and demos."
+        ),
+        license="Apache-2.0",
+        image_channels=1,
+        with_meta=True,
+        manual_download=(
+            "Write phantoms with tfrecords_builder.datasets.synthetic.generate(FOLDER) and "
+            "pass that folder as `manual_dir`."
+        ),
+    )
+)

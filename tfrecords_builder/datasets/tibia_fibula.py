@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tfrecords_builder.archive import SourceError, listing
 from tfrecords_builder.candidates import Candidate, Found, files_under, norm_name
+from tfrecords_builder.datasets.registry import DatasetSpec, register_dataset
 
 FRACTURED = {"fracture", "fractured", "fractures"}
 NORMAL = {"normal", "not_fractured", "non_fractured", "nonfractured"}
@@ -60,3 +61,32 @@ def find(top: Path, max_depth: int = 3) -> Found:
         ]
     }
     return Found(top, candidates, notes)
+
+
+CITATION = """\
+@misc{tibia_fibula_mendeley,
+  title        = {Tibia/Fibula fracture X-rays},
+  howpublished = {Mendeley Data, dataset 2h62x9xzyd},
+  url          = {https://data.mendeley.com/datasets/2h62x9xzyd},
+  note         = {CC BY 4.0}
+}"""
+
+SPEC = register_dataset(
+    DatasetSpec(
+        name="tibia-fibula",
+        find=find,
+        tfds_name="tibia_fibula",
+        description=(
+            "Tibia/Fibula fracture X-rays (Mendeley Data 2h62x9xzyd): PNG/JPEG files in class "
+            "folders fracture/ and normal/ (mirrors' train/val/test folders are pooled and split "
+            "again). No boxes, no metadata columns."
+        ),
+        homepage="https://data.mendeley.com/datasets/2h62x9xzyd",
+        citation=CITATION,
+        manual_download=(
+            "Download the Tibia/Fibula set from https://data.mendeley.com/datasets/2h62x9xzyd and "
+            "put it in `manual_dir`: the zip as downloaded (the folder's only file) or the "
+            "extracted class folders fracture/ and normal/ (or Fractured/, 'Not Fractured/')."
+        ),
+    )
+)

@@ -1,0 +1,87 @@
+"""The dataset layouts ``kerasfrac build`` reads, by name: one ``DatasetSpec`` each.
+
+A spec holds everything the builder and the TFDS glue need to know about a dataset: how to
+find its files, labels, boxes and metadata in a source folder (``find``), the TFDS name and
+information, and what its records carry. The builder, its command line, the TFDS builders
+(``tfrecords_builder.tfds_builders``) and kerasfrac's config all read the registry, so a new
+dataset is one module and one ``register_dataset`` call (docs/extending.md). TensorFlow-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tfrecords_builder.candidates import Found
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    #: ``kerasfrac build NAME`` and the config's ``dataset``
+    name: str
+    #: find(root: Path) -> Found: every candidate file with its label, boxes and metadata
+    find: Callable[[Path], Found]
+    #: the TFDS builder's name (``tfds.load(NAME)``), which also names the shard files
+    tfds_name: str
+    #: one paragraph for dataset_info.json
+    description: str
+    homepage: str = ""
+    citation: str = ""
+    license: str = "CC BY 4.0"
+    #: what ``tfds.load`` users are told to put in ``manual_dir``
+    manual_download: str = ""
+    #: channels of the TFDS image feature (1 grayscale; 3 for sets that mix)
+    image_channels: int = 3
+    #: the TFDS image feature's encoding where every file has one (None: as stored)
+    encoding_format: str | None = None
+    #: records carry the metadata columns (``defaults.META_COLUMNS``; -1 = unknown)
+    with_meta: bool = False
+    #: ``model.meta_head`` may learn those columns (they describe real acquisitions)
+    learnable_meta: bool = False
+
+
+_REGISTRY: dict[str, DatasetSpec] = {}
+
+
+def register_dataset(spec: DatasetSpec, replace: bool = False) -> DatasetSpec:
+    """Add ``spec`` to the registry (``replace=True`` to redefine a name); returns it."""
+    if spec.name in _REGISTRY and not replace:
+        raise ValueError(
+            f"dataset {spec.name!r} is registered already; pass replace=True to redefine it"
+        )
+    if not spec.tfds_name.isidentifier() or spec.tfds_name != spec.tfds_name.lower():
+        raise ValueError(
+            f"dataset {spec.name!r}: tfds_name must be a lower-case identifier (TFDS' rule); "
+            f"got {spec.tfds_name!r}"
+        )
+    taken = [s.name for s in _REGISTRY.values() if s.tfds_name == spec.tfds_name]
+    if taken and taken != [spec.name]:
+        raise ValueError(f"tfds_name {spec.tfds_name!r} is taken by dataset {taken[0]!r}")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def unregister_dataset(name: str) -> None:
+    """Remove ``name`` (tests that register one of their own clean up with it)."""
+    _REGISTRY.pop(name, None)
+
+
+def names() -> tuple[str, ...]:
+    """The registered dataset names, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def dataset(name: str) -> DatasetSpec:
+    """The spec of ``name``; an unknown name is an error listing the registered ones."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def by_tfds_name(tfds_name: str) -> DatasetSpec:
+    """The spec whose TFDS builder is called ``tfds_name``."""
+    for spec in _REGISTRY.values():
+        if spec.tfds_name == tfds_name:
+            return spec
+    raise ValueError(f"no registered dataset has the TFDS name {tfds_name!r}")
