@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tfrecords_builder import clioptions
+
 DESCRIPTION = """Turn a dataset, as its users download it (extracted folder or original .zip),
 into a tensorflow-datasets dataset (TFRecord shards, dataset_info.json; readable with
 tfds.builder_from_directory) with leakage-safe stratified splits and a manifest.json.
@@ -15,8 +17,11 @@ the same image but that carry different labels are quarantined, like byte-identi
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The build's options, derived from ``BuildOptions`` and ``SyntheticOptions`` (each
+    default written once, there)."""
     from tfrecords_builder import datasets
-    from tfrecords_builder.defaults import DEFAULT_MAX_PIXELS, DEFAULT_NEAR_DISTANCE
+    from tfrecords_builder.datasets.synthetic import SyntheticOptions
+    from tfrecords_builder.options import BuildOptions
 
     parser.add_argument("dataset", choices=datasets.names(), help="which source layout to read")
     parser.add_argument(
@@ -25,95 +30,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: a temporary folder, deleted afterwards)",
     )
     parser.add_argument("--out", required=True, help="output TFRecord directory")
-    parser.add_argument("--seed", type=int, default=42, help="split seed (default 42)")
-    parser.add_argument("--split", default="0.7,0.15,0.15", help="train,val,test fractions")
-    parser.add_argument("--shards", type=int, default=8, help="shards per split (default 8)")
-    parser.add_argument(
-        "--drop-duplicates", action="store_true", help="keep one file of each byte-identical group"
-    )
-    parser.add_argument(
-        "--recover-truncated",
-        action="store_true",
-        help="keep truncated JPEGs, decoded with recovery, as lossless PNG",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument(
-        "--near-duplicate-distance",
-        type=int,
-        default=DEFAULT_NEAR_DISTANCE,
-        help="max perceptual-hash Hamming distance of near-duplicates "
-        f"(default {DEFAULT_NEAR_DISTANCE}; -1 disables)",
-    )
-    parser.add_argument(
-        "--group-near-duplicates",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="keep near-duplicates in one split whatever their labels, and quarantine those the "
-        "pixel check calls one image with two labels (default); --no-group-near-duplicates only "
-        "reports them (they may then straddle splits)",
-    )
-    parser.add_argument(
-        "--groups",
-        metavar="FILE",
-        help="CSV with columns file (or image_id) and group, e.g. patient ids: images of one "
-        "group share a split (merged with the duplicate groups)",
-    )
-    parser.add_argument(
-        "--max-pixels",
-        type=int,
-        default=DEFAULT_MAX_PIXELS,
-        help="quarantine larger images (decompression bombs)",
-    )
-    parser.add_argument("--workers", type=int, default=None, help="validation threads")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    synth = parser.add_argument_group("synthetic source")
-    synth.add_argument("--count", type=int, default=400, help="images to generate")
-    synth.add_argument("--fractured-fraction", type=float, default=0.3)
-    synth.add_argument("--image-size", type=int, default=128)
-    synth.add_argument(
-        "--marker",
-        action="store_true",
-        help="burn a class-correlated L/R letter into a corner (a planted shortcut)",
-    )
-    synth.add_argument("--marker-correlation", type=float, default=0.95)
+    clioptions.add_arguments(parser, BuildOptions)
+    clioptions.add_arguments(parser.add_argument_group("synthetic source"), SyntheticOptions)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
     import tempfile
     from pathlib import Path
 
-    from tfrecords_builder.build import BuildOptions, build
-    from tfrecords_builder.splits import parse_ratios
+    from tfrecords_builder.build import build
+    from tfrecords_builder.options import BuildOptions
 
-    opts = BuildOptions(
-        seed=args.seed,
-        split=parse_ratios(args.split),
-        shards=args.shards,
-        drop_duplicates=args.drop_duplicates,
-        recover_truncated=args.recover_truncated,
-        overwrite=args.overwrite,
-        near_duplicate_distance=args.near_duplicate_distance,
-        group_near_duplicates=args.group_near_duplicates,
-        groups_file=args.groups,
-        max_pixels=args.max_pixels,
-        workers=args.workers,
-        progress=not args.no_progress,
-    )
+    opts = clioptions.from_args(BuildOptions, args)
     if args.dataset == "synthetic":
         from tfrecords_builder.datasets import synthetic
 
         with tempfile.TemporaryDirectory(prefix="kerasfrac-synthetic-") as tmp:
             raw = Path(args.source) if args.source else Path(tmp) / "raw"
-            synthetic.generate(
-                raw,
-                count=args.count,
-                fractured_fraction=args.fractured_fraction,
-                image_size=args.image_size,
-                seed=args.seed,
-                marker=args.marker,
-                marker_correlation=args.marker_correlation,
-            )
+            phantoms = clioptions.from_args(synthetic.SyntheticOptions, args)
+            synthetic.generate(raw, seed=opts.seed, **dataclasses.asdict(phantoms))
             manifest = build(args.dataset, raw, args.out, opts)
     else:
         if not args.source:

@@ -25,28 +25,11 @@ from tfrecords_builder.archive import SourceError, open_source
 from tfrecords_builder.candidates import Candidate
 from tfrecords_builder.defaults import (
     ASPECT_TOLERANCE,
-    DEFAULT_NEAR_DISTANCE,
     PIXEL_AGREEMENT,
     PIXEL_CHECK_SIZE,
     PIXEL_TOLERANCE,
 )
-
-
-@dataclasses.dataclass
-class BuildOptions:
-    seed: int = 42
-    split: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    shards: int = 8
-    drop_duplicates: bool = False
-    recover_truncated: bool = False
-    overwrite: bool = False
-    near_duplicate_distance: int = DEFAULT_NEAR_DISTANCE
-    group_near_duplicates: bool = True  # False: today's reports only (pairs may straddle splits)
-    groups_file: str | None = None  # CSV (file or image_id, group): e.g. patient ids
-    max_pixels: int = validation.DEFAULT_MAX_PIXELS
-    workers: int | None = None
-    progress: bool = True
-    hold_bytes: int = 4 << 30  # source bytes kept in memory from validation to writing
+from tfrecords_builder.options import BuildOptions
 
 
 def _by_label(items, label_of) -> dict[str, int]:

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from tfrecords_builder.schema import SPLITS
+from tfrecords_builder.defaults import SPLITS
 
 
 def parse_ratios(text: str | tuple | list) -> tuple[float, float, float]:

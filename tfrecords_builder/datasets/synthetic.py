@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from tfrecords_builder.clioptions import option
 from tfrecords_builder.datasets import fracatlas
 from tfrecords_builder.datasets.registry import DatasetSpec, register_dataset
 from tfrecords_builder.defaults import META_COLUMNS
@@ -52,6 +53,19 @@ MARKER_FRACTION = 0.14  # letter height as a fraction of the image side
 MARKER_PAD_FRACTION = 0.03  # gap between the image corner and the letter
 KEEP_OUT_FRACTION = 0.25  # fracture boxes stay out of the top-left square of this side
 BOX_MARGIN_PX = 2.0  # margin of a fracture box around the drawn line
+
+
+@dataclass
+class SyntheticOptions:
+    """How ``kerasfrac build synthetic`` generates its source (``generate``'s defaults)."""
+
+    count: int = option(400, "images to generate")
+    fractured_fraction: float = option(0.3, "share of fractured images")
+    image_size: int = option(128, "side of the square images, pixels")
+    marker: bool = option(
+        False, "burn a class-correlated L/R letter into a corner (a planted shortcut)"
+    )
+    marker_correlation: float = option(0.95, "how often the letter agrees with the class")
 
 
 @dataclass(frozen=True)
@@ -302,12 +316,12 @@ def render_phantom(
 
 def generate(
     out_dir,
-    count: int = 200,
-    fractured_fraction: float = 0.3,
-    image_size: int = 128,
+    count: int = SyntheticOptions.count,
+    fractured_fraction: float = SyntheticOptions.fractured_fraction,
+    image_size: int = SyntheticOptions.image_size,
     seed: int = 42,
-    marker: bool = False,
-    marker_correlation: float = 0.95,
+    marker: bool = SyntheticOptions.marker,
+    marker_correlation: float = SyntheticOptions.marker_correlation,
     image_format: str = "png",
 ) -> dict:
     """Write ``count`` phantoms into ``out_dir`` in the FracAtlas layout; return a summary.

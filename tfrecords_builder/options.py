@@ -1,0 +1,46 @@
+"""How to build: ``BuildOptions``, whose fields are also ``kerasfrac build``'s options (the
+command line is derived from them, ``tfrecords_builder.clioptions``). TensorFlow-free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tfrecords_builder.clioptions import option
+from tfrecords_builder.defaults import DEFAULT_MAX_PIXELS, DEFAULT_NEAR_DISTANCE
+from tfrecords_builder.splits import parse_ratios
+
+
+@dataclass
+class BuildOptions:
+    seed: int = option(42, "split seed")
+    split: tuple[float, float, float] = option(
+        (0.7, 0.15, 0.15), "train,val,test fractions", parse=parse_ratios
+    )
+    shards: int = option(8, "shards per split")
+    drop_duplicates: bool = option(False, "keep one file of each byte-identical group")
+    recover_truncated: bool = option(
+        False, "keep truncated JPEGs, decoded with recovery, as lossless PNG"
+    )
+    overwrite: bool = option(False, "replace an existing --out")
+    near_duplicate_distance: int = option(
+        DEFAULT_NEAR_DISTANCE, "max perceptual-hash Hamming distance of near-duplicates (-1 off)"
+    )
+    group_near_duplicates: bool = option(
+        True,
+        "keep near-duplicates in one split whatever their labels, and quarantine those the "
+        "pixel check calls one image with two labels; --no-group-near-duplicates only reports "
+        "them (they may then straddle splits)",
+        negatable=True,
+    )
+    groups_file: str | None = option(
+        None,
+        "CSV with columns file (or image_id) and group, e.g. patient ids: images of one "
+        "group share a split (merged with the duplicate groups)",
+        flag="--groups",
+        metavar="FILE",
+    )
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "quarantine larger images (decompression bombs)")
+    workers: int | None = option(None, "validation threads", default_text="one per CPU")
+    progress: bool = option(True, "show a progress bar (--no-progress: none, for logs)")
+    #: source bytes kept in memory from validation to writing (not a command-line option)
+    hold_bytes: int = 4 << 30
