@@ -1,9 +1,10 @@
 """kerasfrac: bone-fracture classification on X-rays with TensorFlow/Keras.
 
-Modules, one stage of the flow each (README "Data flow" has the whole map): ``config`` (typed
-run configuration), ``data`` (tf.data pipelines over a build), ``model`` (the paper's CNN and
-other named architectures), ``train``, ``runs`` (the run directory), ``metrics``,
-``evaluate``, ``explain``, ``options`` (the commands' options), ``cli``.
+One package per stage of the flow (docs/layout.md has the whole map): ``data`` (decode,
+augment, tf.data pipelines over a build) -> ``models`` (registered architectures) ->
+``training`` (the task, its step, checkpoints) -> the run directory (``runs``) ->
+``evaluation`` (metrics, evaluate, audit, plots, report) -> ``explain``; ``predict``,
+``bench`` and ``demo`` apply them; ``config``, ``options`` and ``cli`` are the face.
 
 Importing the package itself is cheap: TensorFlow is only imported by the modules that need it,
 so ``kerasfrac.config`` can validate a run before any heavy work starts.

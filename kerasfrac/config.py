@@ -175,7 +175,7 @@ class TrainConfig:
     #: probability, the fracture box of another image of its batch, pasted at the same place
     #: with feathered edges where it is at least 0.7 as bright there (bone onto bone); it is
     #: then labelled fractured and its box mask gains the pasted box. Meant to show fractures
-    #: in new contexts (other bones, other hardware). 0 = off; not in the recipe (README).
+    #: in new contexts (other bones, other hardware). 0 = off; not in the recipe (docs/recipe.md).
     box_paste: float = 0.0
     #: Weight of the box heat-map loss (model.box_head): mean pixel BCE per image, counted
     #: for normal images and for fractured images that have boxes.

@@ -27,10 +27,8 @@ META_COLUMNS = (
 #: never targets.
 META_TARGETS = tuple(c for c in META_COLUMNS if c not in ("fractured", "fracture_count"))
 #: Perceptual-hash distance (bits of 64) at or below which two images are near-duplicates.
-#: Validated on the full FracAtlas (README, "Near-duplicates";
-#: ``python -m tfrecords_builder.near_duplicate_study``): of the 88 pixel-confirmed copies
-#: among distinct files up to 12 bits apart, 85 are within 4 bits; beyond 4 bits distinct
-#: images outnumber copies by about 4,000 to one.
+#: Chosen on the full FracAtlas (``python -m tfrecords_builder.near_duplicate_study``; the
+#: figures are in docs/data.md, "Near-duplicates").
 DEFAULT_NEAR_DISTANCE = 4
 #: The pixel-level check of a near-duplicate pair: both images in grayscale, area-resized to
 #: PIXEL_CHECK_SIZE x PIXEL_CHECK_SIZE; the pair is the same image when at least

@@ -189,18 +189,19 @@ def mixup_lambdas(n, alpha: float, seed) -> tf.Tensor:
     return tf.maximum(lam, 1.0 - lam)
 
 
-def _step_seed(seed: int, iteration, replica, salt: int = 0) -> tf.Tensor:
+def step_seed(seed: int, iteration, replica, salt: int = 0) -> tf.Tensor:
     """A stateless seed [2] for one training step's draws: the run's ``seed`` (plus ``salt``,
     one per kind of draw), the optimizer's ``iteration`` and the ``replica`` (each replica
     draws differently); a resumed run replays them."""
-    step_seed = tf.stack([tf.cast(seed, tf.int64), tf.cast(iteration, tf.int64)])
-    return step_seed + tf.cast(tf.stack([salt, tf.cast(replica, tf.int64) * 1_000_003]), tf.int64)
+    base = tf.stack([tf.cast(seed, tf.int64), tf.cast(iteration, tf.int64)])
+    return base + tf.cast(tf.stack([salt, tf.cast(replica, tf.int64) * 1_000_003]), tf.int64)
 
 
-def _partners(n, step_seed) -> tf.Tensor:
-    """A permutation of the batch's ``n`` indices: each example's partner in the step."""
+def partners(n, seed) -> tf.Tensor:
+    """A permutation of the batch's ``n`` indices from a step's ``seed`` (``step_seed``):
+    each example's partner in the step."""
     return tf.random.experimental.stateless_shuffle(
-        tf.range(n), seed=step_seed + tf.constant([7919, 0], tf.int64)
+        tf.range(n), seed=seed + tf.constant([7919, 0], tf.int64)
     )
 
 
@@ -208,8 +209,8 @@ def mixup_draw(n, alpha: float, seed: int, iteration, replica=0) -> tuple:
     """``(lam, partner)`` of one training step: the mixing weights (``mixup_lambdas``) and a
     permutation of the batch, drawn from the run's ``seed``, the optimizer's ``iteration``
     and the ``replica`` (each replica blends its own batch differently)."""
-    step_seed = _step_seed(seed, iteration, replica)
-    return mixup_lambdas(n, alpha, step_seed), _partners(n, step_seed)
+    drawn = step_seed(seed, iteration, replica)
+    return mixup_lambdas(n, alpha, drawn), partners(n, drawn)
 
 
 def mixup(images, targets: list, lam, partner) -> tuple:
@@ -240,8 +241,8 @@ def box_paste_draw(n, rate: float, seed: int, iteration, replica=0) -> tuple:
     """``(chosen, partner)`` of one training step for ``train.box_paste``: which images
     receive a paste (each with probability ``rate``) and from which image of the batch,
     drawn from the run's ``seed``, the optimizer's ``iteration`` and the ``replica``."""
-    step_seed = _step_seed(seed, iteration, replica, salt=104_729)
-    return tf.random.stateless_uniform([n], step_seed) < rate, _partners(n, step_seed)
+    drawn = step_seed(seed, iteration, replica, salt=104_729)
+    return tf.random.stateless_uniform([n], drawn) < rate, partners(n, drawn)
 
 
 def box_paste(

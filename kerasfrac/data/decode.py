@@ -14,7 +14,7 @@ JPEG_RATIOS = (1, 2, 4, 8)
 
 #: A JPEG is decoded at the largest ratio that keeps both sides at least this many times the
 #: target size, so the area resize after it still averages 2 x 2 or more decoded pixels per
-#: output pixel (at 1 x, the large FracAtlas images lost 3 dB of PSNR at their worst; README).
+#: output pixel (without the margin the large FracAtlas images lost PSNR: docs/speed.md).
 JPEG_MARGIN = 2
 
 _JPEG_MAGIC = b"\xff\xd8\xff"  # what tf.io.decode_image tests to call a file a JPEG
@@ -72,11 +72,9 @@ def decode_resize(
 
     Decode (see ``_decode_image``: JPEGs straight to the wanted channels and shrunk in the DCT
     domain), then resize with ``area`` (each output pixel the exact average of the input
-    pixels it covers: a proper low-pass for shrinking, and of the candidates measured on the
-    FracAtlas test split the closest to Pillow's LANCZOS; decode + resize ran at 322 images
-    per CPU-second against 249 with antialiased bilinear; README "Speed"), then round to
-    uint8. ``stretch`` squashes to a square as the report did; ``pad`` keeps the aspect ratio
-    and pads with zeros (black). Works eagerly and inside ``Dataset.map`` alike (the format
+    pixels it covers: a proper low-pass for shrinking, the closest to Pillow's LANCZOS of the
+    candidates measured, and fast: docs/speed.md), then round to uint8. ``stretch`` squashes
+    to a square as the report did; ``pad`` keeps the aspect ratio and pads with zeros (black). Works eagerly and inside ``Dataset.map`` alike (the format
     and size are only known at run time in a graph, hence ``tf.cond`` instead of Python
     ``if``).
     """

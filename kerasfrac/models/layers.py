@@ -14,7 +14,7 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     Same variables, arguments and maths as the parent (batch mean and biased variance,
     ``momentum`` moving averages, ``epsilon``); training runs one ``FusedBatchNormV3`` op
     (oneDNN / cuDNN have fused kernels and gradients for it) instead of Keras' separate
-    moments and normalisation ops: a faster training step (README, "Speed"; ``kerasfrac
+    moments and normalisation ops: a faster training step (docs/speed.md; ``kerasfrac
     bench`` measures it). Inference, masks, renorm, synchronised statistics and other
     layouts than channels-last 4-D use the parent's path. Registered as
     ``kerasfrac>FusedBatchNormalization``: ``load_model`` below (or importing this module)

@@ -4,7 +4,7 @@ TensorFlow reads ``TF_ENABLE_ONEDNN_OPTS`` once, when it is first imported, and 
 oneDNN kernels on by default only on x86 CPUs with the newest vector extensions (AVX512
 VNNI/BF16, AMX). On other CPUs, such as this project's 2-core AVX machines, the default is
 TensorFlow's own Eigen kernels, and oneDNN makes the paper CNN's float32 training step
-faster (README, "Speed"; ``kerasfrac bench`` measures it): same float32 maths, only the
+faster (docs/speed.md; ``kerasfrac bench`` measures it): same float32 maths, only the
 summation order differs (TensorFlow says so when it starts: "slightly different numerical
 results").
 
@@ -70,8 +70,8 @@ def native_bfloat16(cpuinfo: str | None = None) -> bool:
 
 def resolve_precision(precision: str, gpu: bool | None = None) -> str:
     """``train.precision`` as the Keras policy to run: ``auto`` is ``mixed_float16`` on a GPU,
-    ``mixed_bfloat16`` on a CPU with bfloat16 units (1.34x float32's training step on a 2-core
-    AVX512-BF16 EPYC, README "Speed"), ``float32`` elsewhere; other names are returned as
+    ``mixed_bfloat16`` on a CPU with bfloat16 units (faster there, emulated and slower
+    elsewhere: docs/speed.md), ``float32`` elsewhere; other names are returned as
     they are. ``gpu``: whether a GPU is used (default: whether TensorFlow sees one)."""
     if precision != "auto":
         return precision
