@@ -74,9 +74,9 @@ def decode_resize(
     domain), then resize with ``area`` (each output pixel the exact average of the input
     pixels it covers: a proper low-pass for shrinking, the closest to Pillow's LANCZOS of the
     candidates measured, and fast: docs/speed.md), then round to uint8. ``stretch`` squashes
-    to a square as the report did; ``pad`` keeps the aspect ratio and pads with zeros (black). Works eagerly and inside ``Dataset.map`` alike (the format
-    and size are only known at run time in a graph, hence ``tf.cond`` instead of Python
-    ``if``).
+    to a square as the report did; ``pad`` keeps the aspect ratio and pads with zeros
+    (black). Works eagerly and inside ``Dataset.map`` alike (the format and size are only
+    known at run time in a graph, hence ``tf.cond`` instead of Python ``if``).
     """
     if resize not in RESIZES:
         raise ValueError(f"resize must be one of {RESIZES}; got {resize!r}")
