@@ -412,7 +412,22 @@ def validate(cfg: Config) -> None:
         _one_of(key, _get(cfg, key), allowed)
     if not cfg.run_dir:
         raise ConfigError("config key 'run_dir' must not be empty")
-    d = cfg.data
+    _validate_data(cfg.data)
+    _validate_model(cfg)
+    _validate_train(cfg)
+
+
+def _in_range(key: str, value, low: float, high: float, hint: str = "", *, closed=False) -> None:
+    """``low <= value < high`` (``<= high`` where ``closed``), finite: else a ConfigError
+    naming the key, the range and ``hint``; NaN fails."""
+    ok = math.isfinite(value) and low <= value and (value <= high if closed else value < high)
+    if not ok:
+        bound = "]" if closed else ")"
+        wanted = f">= {low}" if high == math.inf else f"in [{low}, {high}{bound}"
+        raise ConfigError(f"config key {key!r} must be {wanted}{hint}; got {value!r}")
+
+
+def _validate_data(d: DataConfig) -> None:
     # paper_cnn pools twice; below 8 px there is nothing left to classify.
     if d.image_size < 8:
         raise ConfigError(
@@ -435,77 +450,50 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"config key 'data.{key}' must be between 0 (off) and {upper}; got {value!r}"
             )
-    if not cfg.model.weights:
+
+
+def _validate_model(cfg: Config) -> None:
+    m = cfg.model
+    if not m.weights:
         raise ConfigError("config key 'model.weights' must be none, imagenet or a file path")
     for key in ("width", "blocks_per_stage"):
-        _positive(f"model.{key}", getattr(cfg.model, key), optional=True)
-    if not 0.0 <= cfg.model.drop_path < 1.0:  # NaN fails too
-        raise ConfigError(
-            f"config key 'model.drop_path' must be a probability in [0, 1) (0 = off, typical "
-            f"0.05-0.2); got {cfg.model.drop_path!r}"
-        )
+        _positive(f"model.{key}", getattr(m, key), optional=True)
+    _in_range("model.drop_path", m.drop_path, 0.0, 1.0, " (a probability; 0 = off, 0.05-0.2)")
     try:  # what the architecture supports: its registry spec says
-        registry.check(cfg.model)
+        registry.check(m)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    t = cfg.train
-    if not 0.0 <= cfg.model.bn_momentum < 1.0:
-        raise ConfigError(
-            f"model.bn_momentum must be in [0, 1) (0.9 default, 0.99 Keras'); "
-            f"got {cfg.model.bn_momentum!r}"
-        )
-    _positive("train.epochs", t.epochs)
-    _positive("train.batch_size", t.batch_size)
-    _positive("train.learning_rate", t.learning_rate)
-    if not 0.0 <= t.momentum < 1.0:
-        raise ConfigError(f"config key 'train.momentum' must be in [0, 1); got {t.momentum!r}")
-    if not 0 <= t.weight_decay < math.inf:
-        raise ConfigError(f"config key 'train.weight_decay' must be >= 0; got {t.weight_decay!r}")
-    if not (math.isfinite(t.warmup_epochs) and 0.0 <= t.warmup_epochs < t.epochs):
-        raise ConfigError(
-            f"config key 'train.warmup_epochs' must be >= 0 and below train.epochs "
-            f"({t.epochs}); got {t.warmup_epochs!r}"
-        )
-    if not (math.isfinite(t.label_smoothing) and 0.0 <= t.label_smoothing < 1.0):
-        raise ConfigError(
-            f"config key 'train.label_smoothing' must be in [0, 1); got {t.label_smoothing!r}"
-        )
-    if not (math.isfinite(t.mixup) and t.mixup >= 0):
-        raise ConfigError(
-            f"config key 'train.mixup' must be >= 0 (the Beta distribution's alpha; 0 = off, "
-            f"0.2-0.4 usual); got {t.mixup!r}"
-        )
-    if not 0.0 <= t.box_paste <= 1.0:  # NaN fails too
-        raise ConfigError(
-            f"config key 'train.box_paste' must be a probability in [0, 1] (0 = off); "
-            f"got {t.box_paste!r}"
-        )
-    if t.box_paste and not cfg.model.box_head:
-        raise ConfigError(
-            "config key 'train.box_paste' pastes fracture boxes, which reach training only "
-            "with model.box_head=true: set it, or remove train.box_paste"
-        )
-    if not (math.isfinite(t.box_loss_weight) and t.box_loss_weight >= 0):
-        raise ConfigError(
-            f"config key 'train.box_loss_weight' must be >= 0; got {t.box_loss_weight!r}"
-        )
-    if not (math.isfinite(t.meta_loss_weight) and t.meta_loss_weight >= 0):
-        raise ConfigError(
-            f"config key 'train.meta_loss_weight' must be >= 0; got {t.meta_loss_weight!r}"
-        )
-    spec = datasets.dataset(cfg.dataset)
-    if cfg.model.meta_head and not spec.learnable_meta:
+    _in_range("model.bn_momentum", m.bn_momentum, 0.0, 1.0, " (0.9 default, 0.99 Keras')")
+    if m.meta_head and not datasets.dataset(cfg.dataset).learnable_meta:
         raise ConfigError(
             f"config key 'model.meta_head' learns a dataset's metadata columns, which "
             f"{cfg.dataset!r} records do not carry (or carry as placeholders): set "
             "model.meta_head=false"
         )
-    _positive("train.early_stopping_patience", t.early_stopping_patience, optional=True)
-    if not (math.isfinite(t.ema_momentum) and 0.0 <= t.ema_momentum < 1.0):
+
+
+def _validate_train(cfg: Config) -> None:
+    t = cfg.train
+    _positive("train.epochs", t.epochs)
+    _positive("train.batch_size", t.batch_size)
+    _positive("train.learning_rate", t.learning_rate)
+    _in_range("train.momentum", t.momentum, 0.0, 1.0)
+    _in_range("train.weight_decay", t.weight_decay, 0.0, math.inf)
+    _in_range("train.warmup_epochs", t.warmup_epochs, 0.0, t.epochs, " (below train.epochs)")
+    _in_range("train.label_smoothing", t.label_smoothing, 0.0, 1.0)
+    _in_range("train.mixup", t.mixup, 0.0, math.inf, " (Beta's alpha; 0 = off, 0.2-0.4 usual)")
+    _in_range("train.box_paste", t.box_paste, 0.0, 1.0, " (a probability; 0 = off)", closed=True)
+    if t.box_paste and not cfg.model.box_head:
         raise ConfigError(
-            f"config key 'train.ema_momentum' must be in [0, 1) (0 = no weight averaging; "
-            f"0.99-0.999 are usual); got {t.ema_momentum!r}"
+            "config key 'train.box_paste' pastes fracture boxes, which reach training only "
+            "with model.box_head=true: set it, or remove train.box_paste"
         )
+    _in_range("train.box_loss_weight", t.box_loss_weight, 0.0, math.inf)
+    _in_range("train.meta_loss_weight", t.meta_loss_weight, 0.0, math.inf)
+    _positive("train.early_stopping_patience", t.early_stopping_patience, optional=True)
+    _in_range(
+        "train.ema_momentum", t.ema_momentum, 0.0, 1.0, " (0 = no averaging; 0.99-0.999 usual)"
+    )
     _positive("train.steps_per_epoch", t.steps_per_epoch, optional=True)
     _positive("train.checkpoint_every_steps", t.checkpoint_every_steps, optional=True)
 

@@ -87,7 +87,9 @@ def test_resnet_small_drop_path_drops_whole_residual_branches_in_training_only(t
     np.testing.assert_allclose(reloaded.predict(x, verbose=0), m.predict(x, verbose=0), rtol=1e-6)
     # the default builds no dropout layers in the blocks
     assert not any(layer.name.endswith("_drop") for layer in plain.layers)
-    with pytest.raises(ConfigError, match=r"'model.drop_path' must be a probability.*1.5"):
+    with pytest.raises(
+        ConfigError, match=r"'model.drop_path' must be in \[0.0, 1.0\) \(a probability.*1.5"
+    ):
         config.load_config(overrides=["model.name=resnet_small", "model.drop_path=1.5"])
     with pytest.raises(
         ConfigError, match=r"'model.drop_path' applies to resnet_small only.*paper_cnn"

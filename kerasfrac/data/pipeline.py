@@ -349,64 +349,98 @@ def make_dataset(
         raise ValueError(f"data.flips must be one of {FLIPS}; got {data_cfg.flips!r}")
     build = _as_build(build, data_cfg, dataset)
     build.check_batch(batch_size, split)
-    counts = build.counts(split)
-    n = sum(counts.values())
-    files = build.shard_files(split)
-    expand = data_cfg.flips == "expand"
-    buffer = data_cfg.shuffle_buffer
     channels = image_shape(data_cfg)[-1]
     targets = with_boxes or with_meta
-    parse = _parse_with_targets if targets else _parse
-    decode = _decode_with_targets(data_cfg, with_boxes, with_meta) if targets else _decode(data_cfg)
-    tag = ("-boxes" if with_boxes else "") + ("-meta" if with_meta else "")
-
+    records = _Records(
+        build,
+        split,
+        data_cfg,
+        parse=_parse_with_targets if targets else _parse,
+        decode=_decode_with_targets(data_cfg, with_boxes, with_meta)
+        if targets
+        else _decode(data_cfg),
+        tag=("-boxes" if with_boxes else "") + ("-meta" if with_meta else ""),
+    )
     if data_cfg.oversample:
-        empty = [schema.LABEL_NAMES[c] for c, k in counts.items() if k == 0]
-        if empty:
-            raise BuildOutputError(
-                f"cannot oversample: the {split!r} split of {str(build.dir)!r} has no "
-                f"{empty[0]!r} images; rebuild with both classes or set data.oversample=false"
-            )
-        streams = []
-        for label in sorted(counts):
-            # Filter on the parsed label BEFORE decoding: each class decodes only its images,
-            # and each class stream gets its own cache (two streams filling one file cache
-            # at once would collide on its lock).
-            s = _records(files, training=True).map(parse)
-            s = s.filter(lambda *el, label=label: tf.equal(el[1], label))
-            s = s.map(decode, num_parallel_calls=AUTOTUNE)
-            s = _cache(s, data_cfg, build, f"{split}-class{label}{tag}")
-            # Flip-expand after the cache (3x the images for 1x the memory) and before the
-            # shuffle, so the three versions of an image are spread out, not side by side.
-            if expand:
-                s = flip_expand(s)
-            # Shuffle within the class before repeating: a fresh order every pass, and the
-            # minority class (repeated several times per epoch) is not replayed in one order.
-            s = s.shuffle(buffer, seed=seed + 1 + label, reshuffle_each_iteration=True)
-            streams.append(s.repeat())
-        # 50/50 draws from the two infinite class streams: balanced in expectation, the
-        # report's upsampling of the minority class without storing copies. Infinite, so the
-        # epoch length is explicit: 2 x majority count (x3 with flip-expand) images.
-        ds = tf.data.Dataset.sample_from_datasets(streams, weights=[0.5, 0.5], seed=seed)
+        ds = _balanced_stream(records, seed)
         steps = steps_per_epoch(build, data_cfg, batch_size)
     else:
-        ds = _records(files, training=True).map(parse)
-        ds = ds.map(decode, num_parallel_calls=AUTOTUNE)
-        ds = _cache(ds, data_cfg, build, f"{split}{tag}")
-        if expand:
-            ds = flip_expand(ds)
-        ds = ds.apply(tf.data.experimental.assert_cardinality(n * (3 if expand else 1)))
-        # Seeded, reshuffled every epoch (each epoch iterates the dataset anew).
-        ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-        steps = None
-
+        ds, steps = _shuffled_split(records, seed), None
     for op in IMAGE_OPS:  # after shuffle/repeat, so each pass draws anew
         if op.enabled(data_cfg):
             ds = op.apply_to(ds, data_cfg, channels, seed)
+    ds = ds.map(_as_training_dict(channels, with_boxes, with_meta), num_parallel_calls=AUTOTUNE)
+    # The infinite training stream has no remainder; prefetch last so the model never waits.
+    return ds.batch(batch_size).prefetch(AUTOTUNE), steps
+
+
+@dataclass
+class _Records:
+    """A training split's decoded elements, before the class streams and augmentation."""
+
+    build: Build
+    split: str
+    data_cfg: object
+    parse: object
+    decode: object
+    tag: str
+
+    def decoded(self, label: int | None = None) -> tf.data.Dataset:
+        """Parsed, decoded and cached elements (of one class where ``label`` is given);
+        flip-expanded after the cache (3x the images for 1x the memory) where asked."""
+        ds = _records(self.build.shard_files(self.split), training=True).map(self.parse)
+        name = f"{self.split}{self.tag}"
+        if label is not None:
+            # Filter on the parsed label BEFORE decoding: each class decodes only its images,
+            # and each class stream gets its own cache (two streams filling one file cache
+            # at once would collide on its lock).
+            ds = ds.filter(lambda *el: tf.equal(el[1], label))
+            name = f"{self.split}-class{label}{self.tag}"
+        ds = ds.map(self.decode, num_parallel_calls=AUTOTUNE)
+        ds = _cache(ds, self.data_cfg, self.build, name)
+        return flip_expand(ds) if self.data_cfg.flips == "expand" else ds
+
+
+def _balanced_stream(records: _Records, seed: int) -> tf.data.Dataset:
+    """The infinite, class-balanced training stream (``data.oversample``)."""
+    counts = records.build.counts(records.split)
+    empty = [schema.LABEL_NAMES[c] for c, k in counts.items() if k == 0]
+    if empty:
+        raise BuildOutputError(
+            f"cannot oversample: the {records.split!r} split of {str(records.build.dir)!r} has "
+            f"no {empty[0]!r} images; rebuild with both classes or set data.oversample=false"
+        )
+    streams = []
+    for label in sorted(counts):
+        # Flip-expanded (in ``decoded``) before the shuffle, so the three versions of an
+        # image are spread out. Shuffle within the class before repeating: a fresh order every
+        # pass, and the minority class (repeated several times per epoch) is not replayed in
+        # one order.
+        s = records.decoded(label)
+        s = s.shuffle(
+            records.data_cfg.shuffle_buffer, seed=seed + 1 + label, reshuffle_each_iteration=True
+        )
+        streams.append(s.repeat())
+    # 50/50 draws from the two infinite class streams: balanced in expectation, the report's
+    # upsampling of the minority class without storing copies. Infinite, so the epoch length
+    # is explicit: 2 x majority count (x3 with flip-expand) images.
+    return tf.data.Dataset.sample_from_datasets(streams, weights=[0.5, 0.5], seed=seed)
+
+
+def _shuffled_split(records: _Records, seed: int) -> tf.data.Dataset:
+    """The training split once (flip-expanded where asked), seeded and reshuffled every
+    epoch (each epoch iterates the dataset anew)."""
+    n = records.build.size(records.split) * (3 if records.data_cfg.flips == "expand" else 1)
+    ds = records.decoded().apply(tf.data.experimental.assert_cardinality(n))
+    return ds.shuffle(records.data_cfg.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+
+
+def _as_training_dict(channels: int, with_boxes: bool, with_meta: bool):
+    """Element ``(image[+ mask channel], label, id, [box weight], [meta])`` -> the dict the
+    training step reads by name (the box mask rode along as the image's last channel through
+    every geometric op)."""
 
     def as_dict(x, label, image_id, *rest):
-        # a batch of dicts: the step reads its parts by name (the box mask rode along as
-        # the image's last channel through every geometric op)
         batch = {"image": x[..., :channels] if with_boxes else x, "label": label}
         rest = list(rest)
         if with_boxes:
@@ -415,6 +449,4 @@ def make_dataset(
             batch["meta"] = rest.pop(0)
         return batch
 
-    ds = ds.map(as_dict, num_parallel_calls=AUTOTUNE)
-    # The infinite training stream has no remainder; prefetch last so the model never waits.
-    return ds.batch(batch_size).prefetch(AUTOTUNE), steps
+    return as_dict
