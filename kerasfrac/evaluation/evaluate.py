@@ -41,9 +41,25 @@ def _check_matches(path: Path, split: str, ids, labels, want_ids, want_labels) -
         )
 
 
-def _split_predictions(run_dir, cfg, build, model, split, batch_size, recompute, write):
-    """``(ids, labels, probs, meta, groups, source)`` of ``split``, meta and groups aligned
-    with ``ids``; predictions read from the run's file where it holds this split."""
+@dataclasses.dataclass
+class Predictions:
+    """A split's predictions with what the metrics need beside them, aligned with ``ids``:
+    labels, probabilities, the subgroup metadata columns, the duplicate groups (the bootstrap's
+    resampling unit), and whether they were ``"read"`` from the run or ``"computed"``."""
+
+    ids: list[str]
+    labels: np.ndarray
+    probs: np.ndarray
+    meta: dict[str, np.ndarray]
+    groups: list[str]
+    source: str
+
+
+def _split_predictions(
+    run_dir, cfg, build, model, split, batch_size, recompute, write
+) -> Predictions:
+    """The ``Predictions`` of ``split``: read from the run's file where it holds this split,
+    else computed with ``model`` (and written where ``write``)."""
     from kerasfrac import data
 
     records = data.split_records(build, split)
@@ -67,7 +83,7 @@ def _split_predictions(run_dir, cfg, build, model, split, batch_size, recompute,
     order = [position[i] for i in ids]
     meta = {c: records.meta[c][order] for c in SUBGROUP_COLUMNS if c in records.meta}
     groups = [records.groups[k] for k in order]
-    return ids, labels, probs, meta, groups, source
+    return Predictions(ids, labels, probs, meta, groups, source)
 
 
 def evaluate_run(
@@ -100,13 +116,7 @@ def evaluate_run(
     if split is not None:
         changes["split"] = split
     opts = dataclasses.replace(opts or EvaluateOptions(), **changes)
-    split, n_bootstrap, seed = opts.split, opts.n_bootstrap, opts.seed
-    recompute, plots, baseline, batch_size = (
-        opts.recompute,
-        opts.plots,
-        opts.baseline,
-        opts.batch_size,
-    )
+    split = opts.split
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
     run_dir = Path(run_dir)
@@ -114,45 +124,54 @@ def evaluate_run(
     own_model = (
         model_path is None or Path(model_path).resolve() == runs.model_path(run_dir).resolve()
     )
-    recompute = recompute or not own_model
-    batch = batch_size or cfg.train.batch_size
+    recompute = opts.recompute or not own_model
+    batch = opts.batch_size or cfg.train.batch_size
     build = data.check_build(cfg.data.dir, cfg.dataset)
-    ids, labels, probs, meta, groups, source = _split_predictions(
-        run_dir, cfg, build, model, split, batch, recompute, write=own_model
-    )
-    if split == "val":
-        val = (labels, probs)
-    else:
-        _, vl, vp, _, _, _ = _split_predictions(
-            run_dir, cfg, build, model, "val", batch, recompute, own_model
+
+    def predictions(which: str) -> Predictions:
+        return _split_predictions(run_dir, cfg, build, model, which, batch, recompute, own_model)
+
+    pred = predictions(split)
+    val = pred if split == "val" else predictions("val")
+    result = {"split": split, **_metrics(pred, val, build, split, opts)}
+    if opts.plots:
+        from kerasfrac.evaluation import plots as plotting
+
+        written = plotting.write_run_plots(
+            run_dir, split, pred.labels, pred.probs, result, pred.groups
         )
-        val = (vl, vp)
-    has_meta = any(np.any(v >= 0) for v in meta.values())
-    result = {"split": split}
-    result |= split_metrics(
-        labels,
-        probs,
+        result["plots"] = [str(p.relative_to(run_dir)) for p in written]
+    return runs.write_metrics(run_dir, split, result, cfg=cfg, model=path, predictions=pred.source)
+
+
+def _metrics(pred: Predictions, val: Predictions, build, split: str, opts) -> dict:
+    """``split_metrics`` of ``pred`` (threshold chosen on ``val``), the no-anatomy baseline
+    beside it (``opts.baseline``) and the notes a reader of that split needs."""
+    has_meta = any(np.any(v >= 0) for v in pred.meta.values())
+    result = split_metrics(
+        pred.labels,
+        pred.probs,
         0.5,
-        val=val,
-        n_bootstrap=n_bootstrap,
-        seed=seed,
-        meta=meta if has_meta else None,
-        groups=groups,
+        val=(val.labels, val.probs),
+        n_bootstrap=opts.n_bootstrap,
+        seed=opts.seed,
+        meta=pred.meta if has_meta else None,
+        groups=pred.groups,
     )
-    if baseline and split == "train":
+    if opts.baseline and split == "train":
         result["no_anatomy_baseline"] = {
             "unavailable": "the baseline is fitted on the train split: no fair comparison there"
         }
-    elif baseline:
+    elif opts.baseline:
         result["no_anatomy_baseline"] = baseline_comparison(
             build,
             split,
-            ids,
-            labels,
-            probs,
-            groups=groups,
-            n_bootstrap=n_bootstrap,
-            seed=seed,
+            pred.ids,
+            pred.labels,
+            pred.probs,
+            groups=pred.groups,
+            n_bootstrap=opts.n_bootstrap,
+            seed=opts.seed,
         )
     if split == "val" and result.get("youden"):
         result["youden"]["chosen_on"] = "val (the same split: optimistic)"
@@ -161,14 +180,7 @@ def evaluate_run(
             "the images the model was trained on, seen without augmentation in inference "
             "mode: a measure of fit, not of generalisation"
         )
-    if plots:
-        from kerasfrac.evaluation import plots as plotting
-
-        result["plots"] = [
-            str(p.relative_to(run_dir))
-            for p in plotting.write_run_plots(run_dir, split, labels, probs, result, groups)
-        ]
-    return runs.write_metrics(run_dir, split, result, cfg=cfg, model=path, predictions=source)
+    return result
 
 
 def baseline_comparison(
@@ -190,7 +202,7 @@ def baseline_comparison(
     CIs}}``, or ``{"unavailable": reason}`` where the baseline cannot be fitted.
     """
     from kerasfrac.evaluation import audit
-    from kerasfrac.evaluation.metrics import auroc_ci, paired_auroc_difference, size_band
+    from kerasfrac.evaluation.metrics import auroc_ci, paired_auroc_difference
 
     try:
         base = audit.baseline_probabilities(build, split, seed=seed)
@@ -208,22 +220,7 @@ def baseline_comparison(
     diff = paired_auroc_difference(labels, probs, b, groups=groups, n_resamples=n, seed=seed)
     m_ci = auroc_ci(labels, probs, groups=groups, n_resamples=n, seed=seed)
     b_ci = auroc_ci(labels, b, groups=groups, n_resamples=n, seed=seed)
-    lo = (diff["ci95"] or [None, None])[0]
-    beats = lo is not None and lo > 0
-    if diff["difference"] is None:
-        sentence = "AUROC undefined on this split (one class): no comparison."
-    elif beats:
-        sentence = (
-            f"The model beats a model that never sees a bone by {diff['difference']:+.3f} "
-            f"[{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}] AUROC."
-        )
-    else:
-        ci = diff["ci95"]
-        shown = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
-        sentence = (
-            f"The model does NOT clearly beat a model that never sees a bone: AUROC difference "
-            f"{diff['difference']:+.3f}{shown}, an interval that reaches 0 or below."
-        )
+    beats, sentence = _verdict(diff)
     without = None
     if base["probs_without_metadata"] is not None:
         w = base["probs_without_metadata"][pick]
@@ -233,13 +230,52 @@ def baseline_comparison(
                 labels, probs, w, groups=groups, n_resamples=n, seed=seed
             ),
         }
-    subgroups = {}
+    subgroups = _subgroups(base, pick, labels, probs, b, groups, n, seed)
+    return {
+        "features": "size, file bytes and JPEG flags, thumbnail intensity statistics, metadata "
+        "columns (kerasfrac audit); fitted on train",
+        "model_auroc": m_ci,
+        "baseline_auroc": b_ci,
+        "difference": diff,
+        "beats_baseline": beats,
+        "sentence": sentence,
+        "without_metadata": without,
+        "subgroups": subgroups,
+    }
+
+
+def _verdict(diff: dict) -> tuple[bool, str]:
+    """``(beats_baseline, sentence)`` of a paired AUROC difference: beaten only where its
+    CI's lower end is above 0."""
+    lo = (diff["ci95"] or [None, None])[0]
+    beats = lo is not None and lo > 0
+    if diff["difference"] is None:
+        return beats, "AUROC undefined on this split (one class): no comparison."
+    if beats:
+        return beats, (
+            f"The model beats a model that never sees a bone by {diff['difference']:+.3f} "
+            f"[{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}] AUROC."
+        )
+    ci = diff["ci95"]
+    shown = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
+    return beats, (
+        f"The model does NOT clearly beat a model that never sees a bone: AUROC difference "
+        f"{diff['difference']:+.3f}{shown}, an interval that reaches 0 or below."
+    )
+
+
+def _subgroups(base: dict, pick, labels, probs, b, groups, n: int, seed: int) -> dict:
+    """Model and baseline AUROC with CIs inside each image-size band and on images without
+    hardware (where the build records it)."""
+    from kerasfrac.evaluation.metrics import auroc_ci, size_band
+
     bands = size_band(base["height"][pick], base["width"][pick])
     masks = {f"size={band}": bands == band for band in ("small", "medium", "large")}
     hardware = base["meta"]["hardware"][pick]
     if np.any(hardware >= 0):
         masks["hardware=0"] = hardware == 0
     group_arr = None if groups is None else np.asarray(groups, dtype=object)
+    subgroups = {}
     for name, mask in masks.items():
         if not mask.any():
             continue
@@ -252,17 +288,7 @@ def baseline_comparison(
             row["model"] = auroc_ci(y, probs[mask], groups=g, n_resamples=n, seed=seed)
             row["baseline"] = auroc_ci(y, b[mask], groups=g, n_resamples=n, seed=seed)
         subgroups[name] = row
-    return {
-        "features": "size, file bytes and JPEG flags, thumbnail intensity statistics, metadata "
-        "columns (kerasfrac audit); fitted on train",
-        "model_auroc": m_ci,
-        "baseline_auroc": b_ci,
-        "difference": diff,
-        "beats_baseline": beats,
-        "sentence": sentence,
-        "without_metadata": without,
-        "subgroups": subgroups,
-    }
+    return subgroups
 
 
 def _signed(x) -> str:
