@@ -556,24 +556,27 @@ def explain_run(
     run_dir = Path(run_dir)
     # boxmap reads the box head, which a checkpoint keeps (model.keras holds the classifier)
     cfg, full, path = runs.load_model(run_dir, model_path, box_head=opts.cam_method == "boxmap")
-    model = classifier(full)
-    weights_before = [w.copy() for w in model.get_weights()] if "class-vis" in opts.what else None
     out = Path(out) if out else run_dir / runs.EXPLAIN
     out.mkdir(parents=True, exist_ok=True)
     build = data.check_build(cfg.data.dir, cfg.dataset)  # the manifest, read once
-
-    needs_examples = {"class-vis", "feature-maps", "grad-cam"} & set(opts.what)
-    examples: list[Example] = []
-    if needs_examples:
-        if image_files:
-            examples = load_image_files(image_files, cfg.data, log)
-            if not examples:
-                raise ValueError(
-                    f"none of the {len(image_files)} --images files could be decoded; pass "
-                    "JPEG/PNG/BMP/GIF files"
-                )
-        else:
-            examples = pick_examples(cfg.data, build, opts.split, opts.n_images)
+    examples = _examples(opts, cfg, build, image_files, log)
+    # Every figure names the run and where its images come from.
+    where = f"{len(image_files)} image files" if image_files else f"{opts.split} split"
+    ctx = _Context(
+        opts=opts,
+        cfg=cfg,
+        build=build,
+        full=full,
+        model=classifier(full),
+        examples=examples,
+        out=out,
+        figure_name=f"{run_name(run_dir)}, {where}",
+        split_name=f"{run_name(run_dir)}, {opts.split} split",
+        cam=gradcam.GradCam(full, opts.cam_layer, opts.cam_method)
+        if {"grad-cam", "audit"} & set(opts.what)
+        else None,
+        log=log,
+    )
     result: dict = {
         "run_dir": str(run_dir),
         "model": str(path),
@@ -581,90 +584,143 @@ def explain_run(
         "images": [e.image_id for e in examples],
     }
     pngs: list[Path] = []
-    # Every figure names the run and where its images come from.
-    where = f"{len(image_files)} image files" if image_files else f"{opts.split} split"
-    figure_name = f"{run_name(run_dir)}, {where}"
-    images = np.stack([e.image for e in examples]) if examples else None
-    cam = None
-    if {"grad-cam", "audit"} & set(opts.what):
-        cam = gradcam.GradCam(full, opts.cam_layer, opts.cam_method)
-
-    if "class-vis" in opts.what:
-        step = make_ascent_step(model)
-        rows, vis_json = [], []
-        starts = [(None, "noise")] + [(e.image, e.image_id) for e in examples[: opts.vis_images]]
-        for start, name in starts:
-            for target in ("fractured", "normal"):
-                vis = visualize_class(model, target, start, opts.ascent, step)
-                rows.append((name[:24], vis))
-                vis_json.append(
-                    {
-                        "start": name,
-                        "target": target,
-                        "logit_before": vis.logit_before,
-                        "logit_after": vis.logit_after,
-                    }
-                )
-        pngs.append(class_vis_figure(out / "class_vis.png", rows, figure_name))
-        result["class_vis"] = {"ascent": asdict(opts.ascent), "runs": vis_json}
-        changed = any(not np.array_equal(a, b) for a, b in zip(weights_before, model.get_weights()))
-        if changed:  # pragma: no cover - a bug guard, not a user error
-            raise RuntimeError("class visualization changed the model weights")
-
-    if "feature-maps" in opts.what:
-        shown = examples[: min(len(examples), 4)]
-        maps = feature_maps(model, np.stack([e.image for e in shown]), opts.feature_layers)
-        for name, m in maps.items():
-            pngs.append(
-                feature_maps_figure(
-                    out / f"feature_maps_{name}.png",
-                    name,
-                    [e.image for e in shown],
-                    m,
-                    [_title(e) for e in shown],
-                    opts.max_channels,
-                    f"{figure_name}: feature maps of {name}",
-                )
-            )
-        result["feature_maps"] = {n: list(m.shape[1:]) for n, m in maps.items()}
-
-    if "grad-cam" in opts.what:
-        maps, logits = _cams(cam, images, [e.label for e in examples], opts.cam_target)
-        probs = 1 / (1 + np.exp(-logits))
-        pngs.append(
-            grad_cam_figure(
-                out / "grad_cam.png",
-                images,
-                maps,
-                [_title(e, p) for e, p in zip(examples, probs)],
-                [e.boxes for e in examples],
-                f"{figure_name}: Grad-CAM ({opts.cam_target} class)",
-            )
-        )
-
-    if "audit" in opts.what:
-        audit, means = audit_split(model, cfg.data, build, opts.split, opts, cam)
-        result["audit"] = audit
-        if means:
-            pngs.append(
-                mean_cam_figure(
-                    out / ("boxmap_mean.png" if cam.method == "boxmap" else "grad_cam_mean.png"),
-                    means,
-                    opts.border,
-                    f"{run_name(run_dir)}, {opts.split} split",
-                    gradcam.map_kind(cam.method),
-                )
-            )
-        log(summary(audit))
-
+    for part, make in _PARTS.items():
+        if part in opts.what:
+            pngs += make(ctx, result)
     if pngs:
         log_to_tensorboard(runs.tensorboard_dir(run_dir, "explain"), pngs)
     result["figures"] = [str(p) for p in pngs]
-    json_path = out / "explain.json"
+    return _write_json(out / "explain.json", result, path)
+
+
+@dataclass
+class _Context:
+    """What every part of ``explain_run`` reads."""
+
+    opts: ExplainOptions
+    cfg: object
+    build: object
+    full: keras.Model
+    model: keras.Model
+    examples: list[Example]
+    out: Path
+    figure_name: str
+    split_name: str
+    cam: gradcam.GradCam | None
+    log: object
+
+    @property
+    def images(self) -> np.ndarray | None:
+        return np.stack([e.image for e in self.examples]) if self.examples else None
+
+
+def _examples(opts, cfg, build, image_files, log) -> list[Example]:
+    """The images the figures show: ``--images`` files, else ``n_images`` of the split."""
+    if not {"class-vis", "feature-maps", "grad-cam"} & set(opts.what):
+        return []
+    if not image_files:
+        return pick_examples(cfg.data, build, opts.split, opts.n_images)
+    examples = load_image_files(image_files, cfg.data, log)
+    if not examples:
+        raise ValueError(
+            f"none of the {len(image_files)} --images files could be decoded; pass "
+            "JPEG/PNG/BMP/GIF files"
+        )
+    return examples
+
+
+def _class_vis_part(ctx: _Context, result: dict) -> list[Path]:
+    opts, model = ctx.opts, ctx.model
+    weights_before = [w.copy() for w in model.get_weights()]
+    step = make_ascent_step(model)
+    rows, vis_json = [], []
+    starts = [(None, "noise")] + [(e.image, e.image_id) for e in ctx.examples[: opts.vis_images]]
+    for start, name in starts:
+        for target in ("fractured", "normal"):
+            vis = visualize_class(model, target, start, opts.ascent, step)
+            rows.append((name[:24], vis))
+            vis_json.append(
+                {
+                    "start": name,
+                    "target": target,
+                    "logit_before": vis.logit_before,
+                    "logit_after": vis.logit_after,
+                }
+            )
+    png = class_vis_figure(ctx.out / "class_vis.png", rows, ctx.figure_name)
+    result["class_vis"] = {"ascent": asdict(opts.ascent), "runs": vis_json}
+    changed = any(not np.array_equal(a, b) for a, b in zip(weights_before, model.get_weights()))
+    if changed:  # pragma: no cover - a bug guard, not a user error
+        raise RuntimeError("class visualization changed the model weights")
+    return [png]
+
+
+def _feature_maps_part(ctx: _Context, result: dict) -> list[Path]:
+    shown = ctx.examples[: min(len(ctx.examples), 4)]
+    maps = feature_maps(ctx.model, np.stack([e.image for e in shown]), ctx.opts.feature_layers)
+    pngs = [
+        feature_maps_figure(
+            ctx.out / f"feature_maps_{name}.png",
+            name,
+            [e.image for e in shown],
+            m,
+            [_title(e) for e in shown],
+            ctx.opts.max_channels,
+            f"{ctx.figure_name}: feature maps of {name}",
+        )
+        for name, m in maps.items()
+    ]
+    result["feature_maps"] = {n: list(m.shape[1:]) for n, m in maps.items()}
+    return pngs
+
+
+def _grad_cam_part(ctx: _Context, result: dict) -> list[Path]:
+    examples, target = ctx.examples, ctx.opts.cam_target
+    maps, logits = _cams(ctx.cam, ctx.images, [e.label for e in examples], target)
+    probs = 1 / (1 + np.exp(-logits))
+    png = grad_cam_figure(
+        ctx.out / "grad_cam.png",
+        ctx.images,
+        maps,
+        [_title(e, p) for e, p in zip(examples, probs)],
+        [e.boxes for e in examples],
+        f"{ctx.figure_name}: Grad-CAM ({target} class)",
+    )
+    return [png]
+
+
+def _audit_part(ctx: _Context, result: dict) -> list[Path]:
+    opts, cam = ctx.opts, ctx.cam
+    audit, means = audit_split(ctx.model, ctx.cfg.data, ctx.build, opts.split, opts, cam)
+    result["audit"] = audit
+    pngs = []
+    if means:
+        name = "boxmap_mean.png" if cam.method == "boxmap" else "grad_cam_mean.png"
+        pngs.append(
+            mean_cam_figure(
+                ctx.out / name, means, opts.border, ctx.split_name, gradcam.map_kind(cam.method)
+            )
+        )
+    ctx.log(summary(audit))
+    return pngs
+
+
+#: The parts of ``kerasfrac explain --what``, in the order they run.
+_PARTS = {
+    "class-vis": _class_vis_part,
+    "feature-maps": _feature_maps_part,
+    "grad-cam": _grad_cam_part,
+    "audit": _audit_part,
+}
+
+
+def _write_json(json_path: Path, result: dict, model_path) -> dict:
+    """explain.json: this run's result, beside the audits of earlier runs (one entry per
+    split, model, layer, method and target, side by side)."""
     result["audits"] = _earlier_audits(json_path)
-    if "audit" in result:  # side by side: one entry per split, model, layer, method, target
+    if "audit" in result:
         a = result["audit"]
-        key = f"{a['split']}|{path}|{a['cam_layer']}|{a['cam_method']}|{a['cam_target']}"
+        key = f"{a['split']}|{model_path}|{a['cam_layer']}|{a['cam_method']}|{a['cam_target']}"
         result["audits"][key] = a
     json_path.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
     result["json"] = str(json_path)
