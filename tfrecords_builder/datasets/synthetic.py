@@ -196,6 +196,62 @@ def _burn_marker(pixels: np.ndarray, letter: str) -> None:
     pixels[pad : pad + h, pad : pad + w][mask] = 255
 
 
+def _draw_bones(rng, s: float, region: str) -> list[tuple]:
+    """One or two bones ``(cx, cy, angle, length, width, cortex, marrow)``: the main one
+    roughly along an image axis (how limbs are positioned), near the centre."""
+    n_bones = 1 + int(rng.random() < (0.6 if region == "hand" else 0.35))
+    base_width = s * (rng.uniform(0.045, 0.065) if region == "hand" else rng.uniform(0.06, 0.085))
+    angle = rng.uniform(-0.45, 0.45) + (np.pi / 2 if rng.random() < 0.5 else 0.0)
+    cx, cy = rng.uniform(0.38, 0.62, size=2) * s
+    length = s * rng.uniform(0.7, 1.0)
+    cortex = rng.uniform(140, 185)
+    marrow = cortex * rng.uniform(0.55, 0.72)
+    bones = [(cx, cy, angle, length, base_width, cortex, marrow)]
+    if n_bones == 2:
+        off = rng.uniform(3.0, 4.0) * base_width * (1 if rng.random() < 0.5 else -1)
+        a2 = angle + rng.uniform(-0.08, 0.08)
+        c2 = cortex * rng.uniform(0.85, 1.0)
+        bones.append(
+            (
+                cx - off * np.sin(angle),
+                cy + off * np.cos(angle),
+                a2,
+                length * rng.uniform(0.85, 1.05),
+                base_width * rng.uniform(0.6, 0.85),
+                c2,
+                c2 * rng.uniform(0.55, 0.72),
+            )
+        )
+    return bones
+
+
+def _place_fracture(rng, s: float, bone: tuple, index: int, seed: int) -> tuple:
+    """The fracture line across ``bone``, drawn for every image (so normal and fractured ones
+    stay alike): ``(line_width, points, outline polygon, u, v, tilt, displacement)``, placed
+    inside the image and clear of the marker corner."""
+    cx, cy, angle, length, base_width = bone[:5]
+    line_width = max(s * rng.uniform(0.025, 0.04), 2.0)
+    n_pts = int(rng.integers(6, 10))
+    tilt = rng.uniform(-0.5, 0.5)  # the line is roughly perpendicular to the bone
+    v_pts = np.linspace(-1.25, 1.25, n_pts) * base_width
+    jitter = rng.normal(0.0, 0.22 * base_width, size=n_pts)
+    displacement = rng.uniform(0.05, 0.3) * base_width * (1 if rng.random() < 0.5 else -1)
+    keep_out = KEEP_OUT_FRACTION * s
+    ca, sa = np.cos(angle), np.sin(angle)
+    for _ in range(100):
+        u0 = rng.uniform(-0.22, 0.22) * length
+        u_pts = u0 + tilt * v_pts + jitter
+        pts = np.stack([cx + u_pts * ca - v_pts * sa, cy + u_pts * sa + v_pts * ca], axis=1)
+        outline = _thick_polygon(pts, line_width / 2.0)
+        x_lo, y_lo = outline.min(axis=0) - BOX_MARGIN_PX
+        inside = (outline.min() >= 1.0) and (outline.max() <= s - 1.0)
+        clear_of_marker = x_lo >= keep_out or y_lo >= keep_out
+        if inside and clear_of_marker:
+            return line_width, pts, outline, u_pts, v_pts, tilt, displacement
+    # pragma: no cover - the main bone is centred, so this cannot happen
+    raise RuntimeError(f"could not place a fracture in phantom {index} (seed {seed})")
+
+
 def render_phantom(
     seed: int,
     index: int,
@@ -218,55 +274,13 @@ def render_phantom(
     yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float64) + 0.5
 
     region = REGIONS[int(rng.integers(len(REGIONS)))]
-    n_bones = 1 + int(rng.random() < (0.6 if region == "hand" else 0.35))
-    base_width = s * (rng.uniform(0.045, 0.065) if region == "hand" else rng.uniform(0.06, 0.085))
-
-    # Main bone: roughly along one of the image axes (how limbs are positioned), near centre.
-    angle = rng.uniform(-0.45, 0.45) + (np.pi / 2 if rng.random() < 0.5 else 0.0)
-    cx, cy = rng.uniform(0.38, 0.62, size=2) * s
-    length = s * rng.uniform(0.7, 1.0)
-    cortex = rng.uniform(140, 185)
-    marrow = cortex * rng.uniform(0.55, 0.72)
-    bones = [(cx, cy, angle, length, base_width, cortex, marrow)]
-    if n_bones == 2:
-        off = rng.uniform(3.0, 4.0) * base_width * (1 if rng.random() < 0.5 else -1)
-        a2 = angle + rng.uniform(-0.08, 0.08)
-        c2 = cortex * rng.uniform(0.85, 1.0)
-        bones.append(
-            (
-                cx - off * np.sin(angle),
-                cy + off * np.cos(angle),
-                a2,
-                length * rng.uniform(0.85, 1.05),
-                base_width * rng.uniform(0.6, 0.85),
-                c2,
-                c2 * rng.uniform(0.55, 0.72),
-            )
-        )
-
-    # Fracture geometry, drawn for every image (so normal and fractured ones stay alike).
-    line_width = max(s * rng.uniform(0.025, 0.04), 2.0)
-    n_pts = int(rng.integers(6, 10))
-    tilt = rng.uniform(-0.5, 0.5)  # the line is roughly perpendicular to the bone
-    v_pts = np.linspace(-1.25, 1.25, n_pts) * base_width
-    jitter = rng.normal(0.0, 0.22 * base_width, size=n_pts)
-    displacement = rng.uniform(0.05, 0.3) * base_width * (1 if rng.random() < 0.5 else -1)
-    keep_out = KEEP_OUT_FRACTION * s
+    bones = _draw_bones(rng, s, region)
+    cx, cy, angle, length, base_width = bones[0][:5]
+    n_bones = len(bones)
     ca, sa = np.cos(angle), np.sin(angle)
-    points = poly = None
-    for _ in range(100):
-        u0 = rng.uniform(-0.22, 0.22) * length
-        u_pts = u0 + tilt * v_pts + jitter
-        pts = np.stack([cx + u_pts * ca - v_pts * sa, cy + u_pts * sa + v_pts * ca], axis=1)
-        outline = _thick_polygon(pts, line_width / 2.0)
-        x_lo, y_lo = outline.min(axis=0) - BOX_MARGIN_PX
-        inside = (outline.min() >= 1.0) and (outline.max() <= s - 1.0)
-        clear_of_marker = x_lo >= keep_out or y_lo >= keep_out
-        if inside and clear_of_marker:
-            points, poly = pts, outline
-            break
-    if points is None:  # pragma: no cover - the main bone is centred, so this cannot happen
-        raise RuntimeError(f"could not place a fracture in phantom {index} (seed {seed})")
+    line_width, points, poly, u_pts, v_pts, tilt, displacement = _place_fracture(
+        rng, s, bones[0], index, seed
+    )
 
     background = rng.uniform(6, 22)
     tissue = rng.uniform(30, 60)
@@ -314,6 +328,74 @@ def render_phantom(
     return Phantom(pixels, region, bbox, polygon, round(_polygon_area(poly), 2), marker_letter)
 
 
+def _save(pixels: np.ndarray, path: Path, image_format: str) -> None:
+    img = Image.fromarray(pixels, mode="L")
+    if image_format == "png":
+        img.save(path, format="PNG", optimize=False)
+    else:
+        img.save(path, format="JPEG", quality=95)
+
+
+def _csv_row(image_id: str, region: str, fractured: bool) -> dict:
+    """The phantom's dataset.csv row, FracAtlas' columns (one frontal view, no hardware)."""
+    return {
+        "image_id": image_id,
+        "hand": int(region == "hand"),
+        "leg": int(region == "leg"),
+        "hip": 0,
+        "shoulder": 0,
+        "mixed": 0,
+        "hardware": 0,
+        "multiscan": 0,
+        "fractured": int(fractured),
+        "fracture_count": int(fractured),
+        "frontal": 1,
+        "lateral": 0,
+        "oblique": 0,
+    }
+
+
+class _Coco:
+    """COCO_fracture_masks.json as FracAtlas ships it: fractured images, one box + polygon."""
+
+    def __init__(self, seed: int, image_size: int) -> None:
+        self.seed, self.image_size = seed, image_size
+        self.images: list[dict] = []
+        self.annotations: list[dict] = []
+
+    def add(self, image_id: str, ph: Phantom) -> None:
+        coco_id = len(self.images)
+        size = self.image_size
+        self.images.append({"id": coco_id, "width": size, "height": size, "file_name": image_id})
+        self.annotations.append(
+            {
+                "id": len(self.annotations),
+                "image_id": coco_id,
+                "category_id": 0,
+                "bbox": list(ph.bbox),
+                "area": ph.area,
+                "iscrowd": 0,
+                "segmentation": [ph.polygon],
+            }
+        )
+
+    def write(self, path: Path) -> None:
+        coco = {
+            "info": {
+                "description": "kerasfrac synthetic X-ray phantoms (FracAtlas layout)",
+                "version": "1.0",
+                "seed": self.seed,
+                "image_size": self.image_size,
+            },
+            "images": self.images,
+            "annotations": self.annotations,
+            "categories": [{"id": 0, "name": "fractured"}],
+        }
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(coco, f, indent=1)
+            f.write("\n")
+
+
 def generate(
     out_dir,
     count: int = SyntheticOptions.count,
@@ -352,7 +434,8 @@ def generate(
         (out / "images" / sub).mkdir(parents=True, exist_ok=True)
     (out / COCO_RELPATH).parent.mkdir(parents=True, exist_ok=True)
 
-    rows, coco_images, coco_annotations, letters = [], [], [], {}
+    rows, letters = [], {}
+    coco = _Coco(seed, image_size)
     for i in range(count):
         fractured = bool(is_fractured[i])
         image_id = f"SYN{i:07d}{FORMATS[image_format]}"
@@ -363,64 +446,15 @@ def generate(
             letters[image_id] = letter
         ph = render_phantom(seed, i, image_size, fractured, marker_letter=letter)
         path = out / "images" / (FRACTURED_DIR if fractured else NORMAL_DIR) / image_id
-        img = Image.fromarray(ph.pixels, mode="L")
-        if image_format == "png":
-            img.save(path, format="PNG", optimize=False)
-        else:
-            img.save(path, format="JPEG", quality=95)
-        rows.append(
-            {
-                "image_id": image_id,
-                "hand": int(ph.region == "hand"),
-                "leg": int(ph.region == "leg"),
-                "hip": 0,
-                "shoulder": 0,
-                "mixed": 0,
-                "hardware": 0,
-                "multiscan": 0,
-                "fractured": int(fractured),
-                "fracture_count": int(fractured),
-                "frontal": 1,
-                "lateral": 0,
-                "oblique": 0,
-            }
-        )
+        _save(ph.pixels, path, image_format)
+        rows.append(_csv_row(image_id, ph.region, fractured))
         if fractured:
-            coco_id = len(coco_images)
-            coco_images.append(
-                {"id": coco_id, "width": image_size, "height": image_size, "file_name": image_id}
-            )
-            coco_annotations.append(
-                {
-                    "id": len(coco_annotations),
-                    "image_id": coco_id,
-                    "category_id": 0,
-                    "bbox": list(ph.bbox),
-                    "area": ph.area,
-                    "iscrowd": 0,
-                    "segmentation": [ph.polygon],
-                }
-            )
-
+            coco.add(image_id, ph)
     with open(out / "dataset.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-
-    coco = {
-        "info": {
-            "description": "kerasfrac synthetic X-ray phantoms (FracAtlas layout)",
-            "version": "1.0",
-            "seed": seed,
-            "image_size": image_size,
-        },
-        "images": coco_images,
-        "annotations": coco_annotations,
-        "categories": [{"id": 0, "name": "fractured"}],
-    }
-    with open(out / COCO_RELPATH, "w", encoding="utf-8") as f:
-        json.dump(coco, f, indent=1)
-        f.write("\n")
+    coco.write(out / COCO_RELPATH)
 
     summary = {
         "out_dir": str(out),
@@ -435,15 +469,7 @@ def generate(
     }
     if marker:
         summary["marker_letters"] = letters
-        summary["marker_counts"] = {
-            f"{cls}_{letter}": sum(
-                1
-                for row in rows
-                if letters[row["image_id"]] == letter and row["fractured"] == (cls == "fractured")
-            )
-            for cls in ("fractured", "non_fractured")
-            for letter in ("R", "L")
-        }
+        summary["marker_counts"] = _marker_counts(rows, letters)
     return summary
 
 
@@ -467,3 +493,16 @@ SPEC = register_dataset(
         ),
     )
 )
+
+
+def _marker_counts(rows: list[dict], letters: dict[str, str]) -> dict[str, int]:
+    """How many images of each class carry each letter (``fractured_R``, ...)."""
+    return {
+        f"{cls}_{letter}": sum(
+            1
+            for row in rows
+            if letters[row["image_id"]] == letter and row["fractured"] == (cls == "fractured")
+        )
+        for cls in ("fractured", "non_fractured")
+        for letter in ("R", "L")
+    }
