@@ -19,6 +19,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from kerasfrac import config
 from tfrecords_builder import schema
 
 Counts = int | dict[str, int | dict[str, int]]
@@ -156,3 +157,40 @@ def separable_tfrecord_dir(tmp_path_factory) -> Path:
         size=32,
         separable=True,
     )
+
+
+@pytest.fixture(scope="module")
+def synthetic_build(tmp_path_factory):
+    from tfrecords_builder.build import BuildOptions, build
+    from tfrecords_builder.datasets import synthetic
+
+    root = tmp_path_factory.mktemp("boxes")
+    synthetic.generate(root / "raw", count=60, fractured_fraction=0.5, image_size=64, seed=3)
+    build("synthetic", root / "raw", root / "tfr", BuildOptions(progress=False, shards=2))
+    return root / "tfr"
+
+
+def make_run(run_dir: Path, build_dir: Path, model_size: int = 32, seed: int = 0) -> Path:
+    """A run dir with an untrained (seeded) paper CNN: enough to test the plumbing (evaluate,
+    predict, report, the console)."""
+    import keras
+
+    from kerasfrac.models import build_model
+
+    cfg = config.from_dict(
+        {
+            "dataset": "synthetic",
+            "run_dir": str(run_dir),
+            "data": {"dir": str(build_dir), "image_size": 32},
+            "train": {"batch_size": 8},
+        }
+    )
+    run_dir.mkdir(parents=True)
+    cfg.save(run_dir / "config.yaml")
+    keras.utils.set_random_seed(seed)
+    build_model(cfg.model, (model_size, model_size, 1)).save(run_dir / "model.keras")
+    (run_dir / "history.csv").write_text(
+        "epoch,accuracy,auroc,loss,val_accuracy,val_auroc,val_loss\n"
+        "0,0.5,0.5,0.7,0.5,0.5,0.7\n1,0.6,0.7,0.6,0.55,0.6,0.65\n"
+    )
+    return run_dir

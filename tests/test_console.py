@@ -24,7 +24,7 @@ from kerasfrac.evaluation import metrics as km
 from kerasfrac.evaluation import plots
 from kerasfrac.explain import run as explain
 from tests import sources
-from tests.test_evaluate import make_run
+from tests.conftest import make_run
 from tfrecords_builder import quiet
 from tfrecords_builder.cli import main as build_main
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from kerasfrac import config, runs
+from kerasfrac import runs
 from kerasfrac.cli import main
 from kerasfrac.evaluation import evaluate, metrics
-from tests.conftest import make_tfrecord_dir
+from tests.conftest import make_run, make_tfrecord_dir
 
 # Six images with a tie between a fractured and a normal one at 0.4.
 LABELS = np.array([0, 0, 0, 1, 1, 1])
@@ -118,31 +118,6 @@ def test_subgroups_by_hand():
 
 
 # --------------------------------------------------------------------------- run directories
-
-
-def make_run(run_dir: Path, build_dir: Path, model_size: int = 32, seed: int = 0) -> Path:
-    """A run dir with an untrained (seeded) paper CNN: enough to test the plumbing."""
-    import keras
-
-    from kerasfrac.models import build_model
-
-    cfg = config.from_dict(
-        {
-            "dataset": "synthetic",
-            "run_dir": str(run_dir),
-            "data": {"dir": str(build_dir), "image_size": 32},
-            "train": {"batch_size": 8},
-        }
-    )
-    run_dir.mkdir(parents=True)
-    cfg.save(run_dir / "config.yaml")
-    keras.utils.set_random_seed(seed)
-    build_model(cfg.model, (model_size, model_size, 1)).save(run_dir / "model.keras")
-    (run_dir / "history.csv").write_text(
-        "epoch,accuracy,auroc,loss,val_accuracy,val_auroc,val_loss\n"
-        "0,0.5,0.5,0.7,0.5,0.5,0.7\n1,0.6,0.7,0.6,0.55,0.6,0.65\n"
-    )
-    return run_dir
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from PIL import Image
 from kerasfrac import data, predict, runs
 from kerasfrac.cli import main
 from kerasfrac.config import load_config
-from tests.test_evaluate import make_run
+from tests.conftest import make_run
 from tfrecords_builder import read_split
 
 

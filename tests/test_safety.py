@@ -19,8 +19,7 @@ from kerasfrac import config, data, demo, predict
 from kerasfrac.cli import main
 from kerasfrac.training import train
 from tests import sources
-from tests.conftest import make_tfrecord_dir
-from tests.test_evaluate import make_run
+from tests.conftest import make_run, make_tfrecord_dir
 from tfrecords_builder import archive, load_manifest, writer
 from tfrecords_builder.archive import SourceError
 from tfrecords_builder.build import BuildOptions, build

@@ -1,0 +1,186 @@
+"""kerasfrac.data.augment: box masks, the per-image warp and intensity ops (seeded, equal eagerly
+and in tf.data, masks moving with their image), and the per-batch ops (mixup, box paste)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kerasfrac import config, data
+from kerasfrac.config import ConfigError
+from kerasfrac.data import augment
+from kerasfrac.training import train
+
+
+def test_box_mask_geometry_stretch_and_pad():
+    box = tf.constant([[0.25, 0.5, 0.75, 1.0]])
+    stretch = data.box_mask(box, 100, 200, 8, "stretch")[..., 0].numpy()
+    want = np.zeros((8, 8))
+    want[2:6, 4:8] = 1
+    np.testing.assert_array_equal(stretch, want)
+    # pad: a 100x200 image becomes 4 rows of content centred in 8 (rows 2..5)
+    pad = data.box_mask(box, 100, 200, 8, "pad")[..., 0].numpy()
+    want = np.zeros((8, 8))
+    want[3:5, 4:8] = 1
+    np.testing.assert_array_equal(pad, want)
+    assert data.box_mask(tf.zeros([0, 4]), 50, 50, 8)[..., 0].numpy().sum() == 0
+    tiny = data.box_mask(tf.constant([[0.5, 0.5, 0.501, 0.501]]), 50, 50, 8).numpy()
+    assert tiny.sum() == 1  # a box never vanishes at low resolution
+
+
+def _aug_cfg(**kw):
+    return config.DataConfig(image_size=32, **kw)
+
+
+def test_augment_is_seeded_and_equal_eagerly_and_in_tf_data():
+    cfg = _aug_cfg(rotation=15, zoom=0.2, translate=0.1, gamma=0.3, contrast=0.3, brightness=0.1)
+    image = tf.random.stateless_uniform([32, 32, 2], [0, 1])
+    seed = tf.constant([3, 4], tf.int64)
+    eager = data.augment_image(image, seed, cfg, channels=1).numpy()
+    again = data.augment_image(image, seed, cfg, channels=1).numpy()
+    other = data.augment_image(image, tf.constant([5, 6], tf.int64), cfg, channels=1).numpy()
+    ds = tf.data.Dataset.from_tensors((image, seed)).map(
+        lambda x, s: data.augment_image(x, s, cfg, channels=1)
+    )
+    in_graph = next(iter(ds)).numpy()
+    np.testing.assert_array_equal(eager, again)
+    np.testing.assert_allclose(eager, in_graph, atol=1e-6)
+    assert not np.allclose(eager, other)
+    assert eager.min() >= 0.0 and eager[..., :1].max() <= 1.0
+
+
+def test_augment_moves_the_mask_with_the_image_and_only_recolours_the_image():
+    size = 32
+    image = np.zeros((size, size, 1), "float32")
+    image[4:10, 20:28] = 1.0  # a bright box in the top right
+    mask = (image > 0.5).astype("float32")
+    stacked = tf.constant(np.concatenate([image, mask], -1))
+    warp = _aug_cfg(rotation=180.0, zoom=0.0, translate=0.0)
+    for k in range(5):
+        out = data.augment_image(stacked, tf.constant([k, 7], tf.int64), warp, channels=1).numpy()
+        np.testing.assert_allclose(out[..., 0], out[..., 1], atol=1e-6)  # moved together
+    colour = _aug_cfg(gamma=0.5, contrast=0.5, brightness=0.3)
+    stacked = tf.constant(np.concatenate([0.2 + 0.5 * image, mask], -1))  # mid-grey values
+    out = data.augment_image(stacked, tf.constant([1, 2], tf.int64), colour, channels=1).numpy()
+    np.testing.assert_array_equal(out[..., 1], mask[..., 0])  # the mask is not recoloured
+    assert not np.allclose(out[..., 0], 0.2 + 0.5 * image[..., 0], atol=1e-3)
+
+
+def test_augment_off_is_the_identity():
+    image = tf.random.stateless_uniform([16, 16, 1], [0, 2])
+    out = data.augment_image(image, tf.constant([1, 1], tf.int64), _aug_cfg(), channels=1)
+    np.testing.assert_array_equal(out.numpy(), image.numpy())
+
+
+def test_training_stream_with_boxes_carries_masks_of_fractured_images(synthetic_build):
+    cfg = config.DataConfig(
+        dir=str(synthetic_build), image_size=64, flips="random", rotation=10, zoom=0.1
+    )
+    ds, steps = data.make_dataset(None, "train", cfg, 8, seed=0, with_boxes=True)
+    batch = next(iter(ds))
+    assert sorted(batch) == ["box_mask", "box_weight", "image", "label"]
+    images, labels = batch["image"], batch["label"]
+    masks, weights = batch["box_mask"], batch["box_weight"]
+    assert images.shape == (8, 64, 64, 1) and masks.shape == (8, 64, 64, 1)
+    covered = masks.numpy().reshape(8, -1).mean(1)
+    y = labels.numpy()
+    assert np.all(covered[y == 0] == 0) and np.all(covered[y == 1] > 0)
+    assert np.all(weights.numpy() == 1.0)  # every synthetic fractured phantom has a box
+    # the warp interpolates the mask bilinearly: values stay within [0, 1]
+    assert masks.numpy().min() >= 0.0 and masks.numpy().max() <= 1.0
+
+
+def test_mixup_lambdas_are_seeded_beta_draws_folded_to_the_dominant_image():
+    lam = augment.mixup_lambdas(4000, 0.4, tf.constant([3, 5], tf.int64)).numpy()
+    assert lam.shape == (4000, 1) and lam.min() >= 0.5 and lam.max() <= 1.0
+    again = augment.mixup_lambdas(4000, 0.4, tf.constant([3, 5], tf.int64)).numpy()
+    other = augment.mixup_lambdas(4000, 0.4, tf.constant([3, 6], tf.int64)).numpy()
+    np.testing.assert_array_equal(lam, again)
+    assert np.abs(lam - other).max() > 0.1
+    # folded Beta(0.4, 0.4): E[max(lam, 1 - lam)] = 0.5 + E|lam - 0.5|, 0.84 for alpha 0.4
+    # (numerically: scipy.stats.beta(0.4, 0.4).expect(lambda x: max(x, 1 - x)))
+    from scipy.stats import beta
+
+    want = beta(0.4, 0.4).expect(lambda x: max(x, 1 - x))
+    assert lam.mean() == pytest.approx(want, abs=0.01)
+    # a larger alpha mixes more evenly
+    assert augment.mixup_lambdas(4000, 4.0, tf.constant([3, 5], tf.int64)).numpy().mean() < 0.7
+
+
+def test_mixup_blends_images_labels_and_box_targets_alike():
+    rng = np.random.default_rng(2)
+    images = rng.random((3, 8, 8, 1), dtype="float32")
+    labels = np.array([[1.0], [0.0], [1.0]], "float32")
+    cells = rng.random((3, 2, 2, 1), dtype="float32")
+    weights = np.array([1.0, 1.0, 0.0], "float32")
+    lam = np.array([[1.0], [0.75], [0.5]], "float32")
+    partner = np.array([1, 0, 1])
+    mixed, (y, c) = augment.mixup(tf.constant(images), [labels, cells], lam, partner)
+    np.testing.assert_allclose(mixed[0], images[0])  # lam 1: unchanged
+    np.testing.assert_allclose(mixed[1], 0.75 * images[1] + 0.25 * images[0], rtol=1e-6)
+    np.testing.assert_allclose(y.numpy().ravel(), [1.0, 0.25, 0.5])
+    np.testing.assert_allclose(c[2], 0.5 * cells[2] + 0.5 * cells[1], rtol=1e-6)
+    # Image 2 is fractured without boxes (weight 0): its cells are unknown, and so are those
+    # of any blend with it. Blending the weights would give image 2 weight 0.5 on targets
+    # that are half its partner's; the smaller weight keeps them out of the box loss.
+    w = augment.mixup_box_weights(tf.constant(weights), np.array([1, 2, 1]))
+    np.testing.assert_allclose(w.numpy(), [1.0, 0.0, 0.0])
+
+
+def test_box_paste_moves_a_fracture_box_into_another_image():
+    rng = np.random.default_rng(4)
+    images = rng.random((4, 32, 32, 1), dtype="float32")
+    labels = np.array([0.0, 1.0, 1.0, 0.0], "float32")
+    masks = np.zeros((4, 32, 32, 1), "float32")
+    masks[1, 8:16, 10:20] = 1.0  # image 1: a boxed fracture
+    masks[2, 20:28, 2:8] = 1.0  # image 2 too
+    chosen = np.array([True, True, True, False])
+    partner = np.array([1, 2, 3, 1])  # 0 <- 1, 1 <- 2, 2 <- 3 (normal: nothing), 3 not chosen
+    x, y, m = augment.box_paste(
+        tf.constant(images), tf.constant(labels), tf.constant(masks), chosen, partner, feather=3
+    )
+    x, y, m = x.numpy(), y.numpy(), m.numpy()
+    # image 0 (normal) now shows image 1's fracture: its box's inside is image 1's pixels
+    # (the feather, 3 px, only touches the box's edge pixels), far outside it is untouched
+    np.testing.assert_allclose(x[0, 9:15, 11:19], images[1, 9:15, 11:19], rtol=1e-6)
+    np.testing.assert_allclose(x[0, 20:, :], images[0, 20:, :], rtol=1e-6)
+    np.testing.assert_allclose(x[0, :, 22:], images[0, :, 22:], rtol=1e-6)
+    edge = x[0, 8, 12]  # on the box's edge: a blend of the two
+    assert min(images[0, 8, 12, 0], images[1, 8, 12, 0]) < edge + 1e-6
+    assert edge < max(images[0, 8, 12, 0], images[1, 8, 12, 0]) + 1e-6
+    assert y.tolist() == [1.0, 1.0, 1.0, 0.0]  # 0 became fractured, 2 and 3 unchanged
+    np.testing.assert_array_equal(m[0], masks[1])
+    np.testing.assert_array_equal(m[1], np.maximum(masks[1], masks[2]))  # both boxes
+    # a donor without a box pastes nothing; an image not chosen is untouched
+    for i in (2, 3):
+        np.testing.assert_array_equal(x[i], images[i])
+        np.testing.assert_array_equal(m[i], masks[i])
+    # bone onto bone only: where image 0 is black under image 1's box, nothing is pasted
+    dark = images.copy()
+    dark[0, 6:18, 8:22] = 0.02
+    x, y, m = augment.box_paste(
+        tf.constant(dark), tf.constant(labels), tf.constant(masks), chosen, partner, feather=3
+    )
+    np.testing.assert_array_equal(x.numpy()[0], dark[0])
+    assert y.numpy()[0] == 0.0 and m.numpy()[0].max() == 0.0
+
+
+def test_box_paste_needs_the_box_head():
+    with pytest.raises(ConfigError, match=r"'train.box_paste'.*model.box_head=true"):
+        config.load_config(overrides=["model.name=resnet_small", "train.box_paste=0.3"])
+    cfg = config.load_config(
+        overrides=["model.name=resnet_small", "model.box_head=true", "train.box_paste=0.3"]
+    )
+    assert train.step_options(cfg.train)["box_paste_rate"] == 0.3
+
+
+def test_box_paste_draws_are_seeded_at_the_asked_rate():
+    chosen, partner = augment.box_paste_draw(4000, 0.3, 5, tf.constant(7))
+    again, partner2 = augment.box_paste_draw(4000, 0.3, 5, tf.constant(7))
+    other, _ = augment.box_paste_draw(4000, 0.3, 5, tf.constant(8))
+    np.testing.assert_array_equal(chosen, again)
+    np.testing.assert_array_equal(partner, partner2)
+    assert sorted(partner.numpy().tolist()) == list(range(4000))  # a permutation
+    assert np.mean(chosen.numpy()) == pytest.approx(0.3, abs=0.03)  # sd 0.007
+    assert np.mean(chosen.numpy() != other.numpy()) > 0.2  # the next step draws anew
