@@ -126,16 +126,16 @@ class ModelConfig:
     #: like; Keras' own default 0.99 needs ~500 steps before the statistics settle, so short
     #: runs (the report's 5 epochs, the demo) predicted one class at evaluation time.
     bn_momentum: float = 0.9
-    #: resnet_small only: channels of its first stage, doubled at each of the four stages;
-    #: null = 32 (2.8 M parameters). Compute per image grows about as its square.
-    width: int | None = None
-    #: resnet_small only: pre-activation blocks per stage; null = 2.
-    blocks_per_stage: int | None = None
+    #: resnet_small only: channels of its first stage, doubled at each of the four stages
+    #: (32: 2.8 M parameters). Compute per image grows about as its square.
+    width: int = 32
+    #: resnet_small only: pre-activation blocks per stage.
+    blocks_per_stage: int = 2
     #: resnet_small with model.box_head (or a head that reads the cells: heatmap, attention)
     #: only: pixels per cell of the box heat map, 32 (the last feature map: 10x10 cells at
     #: 320 px) or 16 (stage 3 and the upsampled last feature map together: 20x20 cells, finer
-    #: for finger fractures); null = 32.
-    box_stride: int | None = None
+    #: for finger fractures).
+    box_stride: int = 32
     #: resnet_small only: stochastic depth, the probability of dropping the last block's
     #: residual branch for an image in training (earlier blocks less, linearly down to 0 for
     #: the first); 0 = off. Typical 0.05-0.2.
@@ -330,8 +330,15 @@ def _merge(obj: Any, values: dict, prefix: str) -> None:
                     f"{', '.join(f.name for f in dataclasses.fields(current))}, got {value!r}"
                 )
             _merge(current, value, prefix=f"{dotted}.")
+        elif value is None and dotted in _WAS_NULL_FOR_DEFAULT:
+            continue  # a run's config.yaml from before these keys had defaults: the default
         else:
             setattr(obj, key, _coerce(dotted, value, hints[key]))
+
+
+#: Keys that took null for "the architecture's default" before their defaults were written in
+#: ModelConfig; a run's config.yaml of that time stores null, read as the default.
+_WAS_NULL_FOR_DEFAULT = ("model.width", "model.blocks_per_stage", "model.box_stride")
 
 
 def _coerce(key: str, value: Any, expected: Any) -> Any:
@@ -457,7 +464,7 @@ def _validate_model(cfg: Config) -> None:
     if not m.weights:
         raise ConfigError("config key 'model.weights' must be none, imagenet or a file path")
     for key in ("width", "blocks_per_stage"):
-        _positive(f"model.{key}", getattr(m, key), optional=True)
+        _positive(f"model.{key}", getattr(m, key))
     _in_range("model.drop_path", m.drop_path, 0.0, 1.0, " (a probability; 0 = off, 0.05-0.2)")
     try:  # what the architecture supports: its registry spec says
         registry.check(m)

@@ -270,8 +270,9 @@ def test_application_backbones_take_grayscale_and_a_weights_file(tmp_path, name)
     ],
 )
 def test_saved_new_architectures_load_and_predict_identically(tmp_path, name, box_head, head):
-    stride = 16 if head == "stride16" else None  # the fine box head (model.box_stride)
-    cfg = ModelConfig(name, box_head=box_head, head="gap" if stride else head, box_stride=stride)
+    stride16 = head == "stride16"  # the fine box head (model.box_stride)
+    cfg = ModelConfig(name, box_head=box_head, head="gap" if stride16 else head)
+    cfg.box_stride = 16 if stride16 else cfg.box_stride
     m = models.build_model(cfg, (64, 64, 1), fused_batchnorm=True)
     x = np.random.default_rng(2).random((3, 64, 64, 1), dtype="float32")
     m(x, training=True)  # moves BatchNorm statistics away from their initial values

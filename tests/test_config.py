@@ -210,3 +210,16 @@ def test_each_report_config_holds_the_reports_settings(name, monkeypatch, tmp_pa
     assert (t.optimizer, t.learning_rate, t.weight_decay) == ("sgd", 1e-4, 0.2)
     assert (t.batch_size, t.epochs, t.steps_per_epoch) == (16, 5, None)
     assert (cfg.model.name, cfg.model.weights) == ("paper_cnn", "none")
+
+
+def test_a_run_config_from_before_the_model_defaults_still_loads(tmp_path):
+    """Runs saved before model.width/blocks_per_stage/box_stride had defaults stored null."""
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "model:\n  name: resnet_small\n  width: null\n  blocks_per_stage: null\n"
+        "  box_stride: null\n"
+    )
+    cfg = load_config(path)
+    assert (cfg.model.width, cfg.model.blocks_per_stage, cfg.model.box_stride) == (32, 2, 32)
+    with pytest.raises(ConfigError, match="'model.drop_path' expects float"):
+        load_config(overrides=["model.drop_path=null"])  # only those three keys

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import keras
 
+from kerasfrac.config import ModelConfig
 from kerasfrac.models.heads import FEATURES, heads
 from kerasfrac.models.io import weights_file
 
@@ -22,7 +23,7 @@ def application(
     weights: str | None = None,
     box_head: bool = False,
     dropout: float = 0.2,
-    head: str = "gap",
+    head: str = ModelConfig.head,
     meta_targets: int = 0,
 ) -> keras.Model:
     """A ``keras.applications`` backbone (``resnet50v2`` or ``efficientnetv2b0``) + our head.

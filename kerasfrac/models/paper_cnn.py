@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import keras
 
+from kerasfrac.config import ModelConfig
 from kerasfrac.models.heads import logit_head
 from kerasfrac.models.io import weights_file
 from kerasfrac.models.layers import FusedBatchNormalization
 
+_DEFAULTS = ModelConfig()  # the BatchNorm keys' defaults, written once there
+
 
 def paper_cnn(
     input_shape: tuple[int, int, int],
-    bn_momentum: float = 0.9,
-    sync_batchnorm: bool = True,
+    bn_momentum: float = _DEFAULTS.bn_momentum,
+    sync_batchnorm: bool = _DEFAULTS.sync_batchnorm,
     fused_batchnorm: bool = False,
 ) -> keras.Model:
     """The report's network: 3 x (Conv 3x3 same -> ReLU -> BatchNorm), pools after the first two.

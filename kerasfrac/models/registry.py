@@ -157,14 +157,15 @@ def check(cfg_model) -> Architecture:
             f"feature map named 'features' to supervise or read; use model.name= one of "
             f"{', '.join(cell_reading)}"
         )
-    stride = getattr(cfg_model, "box_stride", None)
-    if stride is not None and "box_stride" in spec.keys:
+    stride = cfg_model.box_stride
+    if "box_stride" in spec.keys:
         if stride not in spec.box_strides:
             raise ValueError(
                 f"config key 'model.box_stride' must be one of {list(spec.box_strides)} (pixels "
                 f"per cell of the box heat map); got {stride!r}"
             )
-        if not (cfg_model.box_head or cfg_model.head in CELL_HEADS):
+        default = type(cfg_model).__dataclass_fields__["box_stride"].default
+        if stride != default and not (cfg_model.box_head or cfg_model.head in CELL_HEADS):
             raise ValueError(
                 "config key 'model.box_stride' sizes the box heat map, which this model does "
                 "not have: set model.box_head=true (or model.head=heatmap or attention), or "

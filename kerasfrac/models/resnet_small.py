@@ -4,30 +4,29 @@ from __future__ import annotations
 
 import keras
 
+from kerasfrac.config import ModelConfig
 from kerasfrac.models.heads import FEATURES, heads
 from kerasfrac.models.io import weights_file
 from kerasfrac.models.layers import batchnorm as _bn
 from kerasfrac.names import CELL_HEADS
 
-#: Its own model.* keys' defaults (config's null means these); the allowed box strides are
-#: its registry spec's (``names.BOX_STRIDES``).
-WIDTH = 32
-BLOCKS_PER_STAGE = 2
-BOX_STRIDE = 32
+#: Its own model.* keys' defaults are ``config.ModelConfig``'s (written once, there); the
+#: allowed box strides are its registry spec's (``names.BOX_STRIDES``).
+_DEFAULTS = ModelConfig()
 
 
 def resnet_small(
     input_shape: tuple[int, int, int],
-    widths: tuple[int, ...] = tuple(WIDTH * 2**s for s in range(4)),
-    blocks_per_stage: int = BLOCKS_PER_STAGE,
+    widths: tuple[int, ...] = tuple(_DEFAULTS.width * 2**s for s in range(4)),
+    blocks_per_stage: int = _DEFAULTS.blocks_per_stage,
     dropout: float = 0.2,
-    bn_momentum: float = 0.9,
-    sync_batchnorm: bool = True,
+    bn_momentum: float = _DEFAULTS.bn_momentum,
+    sync_batchnorm: bool = _DEFAULTS.sync_batchnorm,
     fused_batchnorm: bool = False,
     box_head: bool = False,
-    head: str = "gap",
-    box_stride: int = BOX_STRIDE,
-    drop_path: float = 0.0,
+    head: str = _DEFAULTS.head,
+    box_stride: int = _DEFAULTS.box_stride,
+    drop_path: float = _DEFAULTS.drop_path,
     meta_targets: int = 0,
 ) -> keras.Model:
     """A compact pre-activation ResNet (He et al. 2016, "Identity mappings") for X-rays.
@@ -99,14 +98,12 @@ def resnet_small(
 
 def build(cfg_model, input_shape, *, fused_batchnorm: bool = False, meta_targets: int = 0):
     """The registry's builder: its own keys (``model.width``, ``blocks_per_stage``,
-    ``box_stride``, ``drop_path``; null = the defaults above); ``model.weights`` none or a file
-    of this model's weights."""
-    width = WIDTH if cfg_model.width is None else cfg_model.width
+    ``box_stride``, ``drop_path``); ``model.weights`` none or a file of this model's weights."""
     model = resnet_small(
         input_shape,
-        widths=tuple(width * 2**s for s in range(4)),
-        blocks_per_stage=cfg_model.blocks_per_stage or BLOCKS_PER_STAGE,
-        box_stride=cfg_model.box_stride or BOX_STRIDE,
+        widths=tuple(cfg_model.width * 2**s for s in range(4)),
+        blocks_per_stage=cfg_model.blocks_per_stage,
+        box_stride=cfg_model.box_stride,
         drop_path=cfg_model.drop_path,
         bn_momentum=cfg_model.bn_momentum,
         sync_batchnorm=cfg_model.sync_batchnorm,
