@@ -174,6 +174,7 @@ def _model_and_step(cfg, precision: str):
         cfg.train.batch_size,
         weights=weights,
         **train.step_options(cfg.train),
+        **train.loss_options(cfg.train),
     )
     return model, step
 

@@ -93,6 +93,23 @@ def run_dir_of(model_file) -> Path:
     return parent.parent if parent.name == CHECKPOINTS else parent
 
 
+def run_name(run_dir) -> str:
+    """How figure titles name a run: ``run 'NAME'``, NAME its directory's name."""
+    return f"run {Path(run_dir).resolve().name!r}"
+
+
+def log_images(run_dir, part: str, images: list[Path], step: int = 0) -> None:
+    """PNG files as TensorBoard images of the run (``tensorboard/<part>``, one tag per file)."""
+    import tensorflow as tf
+
+    writer = tf.summary.create_file_writer(str(tensorboard_dir(run_dir, part)))
+    with writer.as_default():
+        for p in images:
+            image = tf.io.decode_png(tf.io.read_file(str(p)), channels=4)
+            tf.summary.image(p.stem, image[None], step=step)
+    writer.close()
+
+
 # --------------------------------------------------------------------------- config
 
 

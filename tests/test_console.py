@@ -18,10 +18,10 @@ import pytest
 from matplotlib.pyplot import close as matplotlib_close
 from PIL import Image
 
-from kerasfrac import config, console
+from kerasfrac import config, console, runs
 from kerasfrac.cli import build_parser, main
+from kerasfrac.evaluation import evaluate, plots
 from kerasfrac.evaluation import metrics as km
-from kerasfrac.evaluation import plots
 from kerasfrac.explain import run as explain
 from tests import sources
 from tests.conftest import make_run
@@ -331,8 +331,8 @@ def test_run_plots_name_run_and_split_with_a_roc_band_and_labels(tmp_path, figur
     run_dir = tmp_path / "my-run"
     run_dir.mkdir()
     (run_dir / "history.csv").write_text("epoch,loss,val_loss\n0,0.7,0.72\n1,0.6,0.69\n")
-    monkeypatch.setattr(plots, "log_to_tensorboard", lambda *a, **k: None)
-    plots.write_run_plots(run_dir, "test", y, p, m)
+    monkeypatch.setattr(runs, "log_images", lambda *a, **k: None)
+    evaluate.write_run_plots(run_dir, "test", y, p, m)
     roc, pr, confusion, history = figures
     for fig in (roc, pr, confusion):
         ax = fig.axes[0]

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from kerasfrac import runs
+from kerasfrac.evaluation import plots
 from kerasfrac.evaluation.metrics import MIN_PER_CLASS_FOR_CI, SUBGROUP_COLUMNS, split_metrics
 from kerasfrac.names import SPLITS
 from kerasfrac.options import EvaluateOptions
@@ -135,11 +136,7 @@ def evaluate_run(
     val = pred if split == "val" else predictions("val")
     result = {"split": split, **_metrics(pred, val, build, split, opts)}
     if opts.plots:
-        from kerasfrac.evaluation import plots as plotting
-
-        written = plotting.write_run_plots(
-            run_dir, split, pred.labels, pred.probs, result, pred.groups
-        )
+        written = write_run_plots(run_dir, split, pred.labels, pred.probs, result, pred.groups)
         result["plots"] = [str(p.relative_to(run_dir)) for p in written]
     return runs.write_metrics(run_dir, split, result, cfg=cfg, model=path, predictions=pred.source)
 
@@ -181,6 +178,25 @@ def _metrics(pred: Predictions, val: Predictions, build, split: str, opts) -> di
             "mode: a measure of fit, not of generalisation"
         )
     return result
+
+
+def write_run_plots(run_dir: Path, split: str, labels, probs, m: dict, groups=None) -> list[Path]:
+    """All plots of one evaluation into run_dir/plots, also logged to the run's TensorBoard;
+    every title names the run and the split."""
+    run_dir = Path(run_dir)
+    out = run_dir / runs.PLOTS
+    name = f"{runs.run_name(run_dir)}, {split} split (n={m['n']})"
+    paths = [
+        plots.roc_plot(out / f"{split}_roc.png", labels, probs, m, name, groups=groups),
+        plots.pr_plot(out / f"{split}_pr.png", labels, probs, m, name),
+        plots.confusion_plot(out / f"{split}_confusion.png", m, name),
+    ]
+    curves = out / "training_curves.png"
+    hist = plots.history_plot(curves, runs.history_path(run_dir), runs.run_name(run_dir))
+    if hist is not None:
+        paths.append(hist)
+    runs.log_images(run_dir, "evaluation", paths)
+    return paths
 
 
 def baseline_comparison(

@@ -1,9 +1,9 @@
-"""Evaluation plots as PNG files (matplotlib, Agg backend) and as TensorBoard images.
+"""Evaluation plots as PNG files (matplotlib, Agg backend): they draw what they are given
+(``evaluate.write_run_plots`` names the files, titles them after the run and logs them).
 
 ROC (with a 95% bootstrap band) and precision-recall curves with the operating points
 (threshold 0.5 and the Youden-J threshold chosen on val) marked, the confusion matrix, and
-the training curves of history.csv. Each function writes one PNG and returns its path; titles
-name the run and the split.
+the training curves of history.csv. Each function writes one PNG and returns its path.
 """
 
 from __future__ import annotations
@@ -150,40 +150,3 @@ def history_plot(path: Path, history_csv: Path, name: str = "") -> Path | None:
     if name:
         fig.suptitle(f"Training curves: {name}", fontsize=10)
     return _save(fig, path)
-
-
-def log_to_tensorboard(logdir: Path, images: list[Path], step: int = 0) -> None:
-    """Write PNG files as TensorBoard images (one tag per file name)."""
-    import tensorflow as tf
-
-    writer = tf.summary.create_file_writer(str(logdir))
-    with writer.as_default():
-        for p in images:
-            image = tf.io.decode_png(tf.io.read_file(str(p)), channels=4)
-            tf.summary.image(p.stem, image[None], step=step)
-    writer.close()
-
-
-def run_name(run_dir: Path) -> str:
-    """How figure titles name a run: ``run 'NAME'``, NAME its directory's name."""
-    return f"run {Path(run_dir).resolve().name!r}"
-
-
-def write_run_plots(run_dir: Path, split: str, labels, probs, m: dict, groups=None) -> list[Path]:
-    """All plots of one evaluation into run_dir/plots, also logged to the run's TensorBoard;
-    every title names the run and the split."""
-    from kerasfrac import runs
-
-    run_dir = Path(run_dir)
-    out = run_dir / runs.PLOTS
-    name = f"{run_name(run_dir)}, {split} split (n={m['n']})"
-    paths = [
-        roc_plot(out / f"{split}_roc.png", labels, probs, m, name, groups=groups),
-        pr_plot(out / f"{split}_pr.png", labels, probs, m, name),
-        confusion_plot(out / f"{split}_confusion.png", m, name),
-    ]
-    hist = history_plot(out / "training_curves.png", runs.history_path(run_dir), run_name(run_dir))
-    if hist is not None:
-        paths.append(hist)
-    log_to_tensorboard(runs.tensorboard_dir(run_dir, "evaluation"), paths)
-    return paths

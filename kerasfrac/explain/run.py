@@ -549,7 +549,6 @@ def explain_run(
 ) -> dict:
     """Run the chosen parts on a run directory; return what explain.json holds."""
     from kerasfrac import data, runs
-    from kerasfrac.evaluation.plots import log_to_tensorboard, run_name
 
     opts = opts or ExplainOptions()
     opts.check()
@@ -570,8 +569,8 @@ def explain_run(
         model=classifier(full),
         examples=examples,
         out=out,
-        figure_name=f"{run_name(run_dir)}, {where}",
-        split_name=f"{run_name(run_dir)}, {opts.split} split",
+        figure_name=f"{runs.run_name(run_dir)}, {where}",
+        split_name=f"{runs.run_name(run_dir)}, {opts.split} split",
         cam=gradcam.GradCam(full, opts.cam_layer, opts.cam_method)
         if {"grad-cam", "audit"} & set(opts.what)
         else None,
@@ -588,7 +587,7 @@ def explain_run(
         if part in opts.what:
             pngs += make(ctx, result)
     if pngs:
-        log_to_tensorboard(runs.tensorboard_dir(run_dir, "explain"), pngs)
+        runs.log_images(run_dir, "explain", pngs)
     result["figures"] = [str(p) for p in pngs]
     return _write_json(out / "explain.json", result, path)
 

@@ -168,16 +168,19 @@ def weights_digest(model: keras.Model) -> str:
 
 
 def step_options(t) -> dict:
-    """The keyword arguments of ``make_train_step`` that come from the ``train`` config section
-    (class weights aside, which need the build): one place, so that training and
-    ``kerasfrac bench`` time the same step."""
+    """The keyword arguments of ``make_train_step`` for its per-batch augmentations, from the
+    ``train`` config section (``loss_options`` has the losses'): one place each, so that
+    training and ``kerasfrac bench`` run the same step."""
+    return {"mixup_alpha": t.mixup, "box_paste_rate": t.box_paste, "seed": t.seed}
+
+
+def loss_options(t) -> dict:
+    """The ``Losses`` settings from the ``train`` config section (class weights aside, which
+    need the build)."""
     return {
         "label_smoothing": t.label_smoothing,
         "box_loss_weight": t.box_loss_weight,
         "meta_loss_weight": t.meta_loss_weight,
-        "mixup_alpha": t.mixup,
-        "box_paste_rate": t.box_paste,
-        "seed": t.seed,
     }
 
 
@@ -262,6 +265,7 @@ def make_train_step(
     mixup_alpha: float = 0.0,
     box_paste_rate: float = 0.0,
     seed: int = 0,
+    losses: Losses | None = None,
 ):
     """The one training step for every strategy: ``step(iterator, stop_flag)`` runs a global
     batch (a dict, ``data.make_dataset``'s) through ``strategy.run`` (batch augmentation,
@@ -274,10 +278,11 @@ def make_train_step(
     pastes fracture boxes between the batch's images before the targets are derived (a
     receiving image's label becomes 1); ``mixup_alpha`` > 0 (``train.mixup``) blends each
     example with a shuffle of the batch after; the class weight and the reported label are
-    those of the dominant image (lam >= 0.5).
+    those of the dominant image (lam >= 0.5). ``losses`` (``TrainingTask.build_losses``)
+    replaces the one the loss keywords describe.
     """
     optimizer = model.optimizer
-    losses = Losses.for_model(
+    losses = losses or Losses.for_model(
         model,
         label_smoothing=label_smoothing,
         weights=weights,
@@ -441,8 +446,8 @@ class TrainingTask:
             self.model,
             self.strategy,
             self.global_batch,
-            weights=class_weights(cfg, self.build),
             **step_options(t),
+            losses=self.build_losses(),
         )
         self.scorer = classifier(self.model)
         scorer, tta = self.scorer, cfg.eval.tta
@@ -455,6 +460,12 @@ class TrainingTask:
 
         self.eval_step = eval_step
         return None
+
+    def build_losses(self) -> Losses:
+        """The per-example loss of ``self.model`` with its heads, from the train section
+        (label smoothing, class weights of the build, box and metadata loss weights)."""
+        weights = class_weights(self.cfg, self.build)
+        return Losses.for_model(self.model, weights=weights, **loss_options(self.cfg.train))
 
     def build_inputs(self) -> tf.data.Dataset:
         """The infinite training stream (returned), ``self.steps`` per epoch and the
