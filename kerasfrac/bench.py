@@ -146,7 +146,7 @@ def bench_input(cfg, steps: int, repeats: int) -> dict:
         warm = 2 if cache == "none" else (epoch_steps or steps)  # one epoch fills the cache
         for _ in range(warm):
             next(it)
-        rates = [_time_batches(it, steps, lambda b: int(b[0].shape[0])) for _ in range(repeats)]
+        rates = [_time_batches(it, steps, lambda b: int(b["image"].shape[0])) for _ in range(repeats)]
         out[label] = _spread(rates)
     return out
 
