@@ -37,6 +37,9 @@ from pathlib import Path
 
 from kerasfrac.options import BenchOptions
 
+# Imports of TensorFlow-based modules are local: each setting runs in its own process, whose
+# oneDNN choice must be made before TensorFlow is imported (training.kernels).
+
 WHAT = ("input", "train", "fit", "build")
 
 
@@ -146,7 +149,9 @@ def bench_input(cfg, steps: int, repeats: int) -> dict:
         warm = 2 if cache == "none" else (epoch_steps or steps)  # one epoch fills the cache
         for _ in range(warm):
             next(it)
-        rates = [_time_batches(it, steps, lambda b: int(b["image"].shape[0])) for _ in range(repeats)]
+        rates = [
+            _time_batches(it, steps, lambda b: int(b["image"].shape[0])) for _ in range(repeats)
+        ]
         out[label] = _spread(rates)
     return out
 

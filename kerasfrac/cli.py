@@ -11,6 +11,9 @@ import sys
 
 from kerasfrac import options
 
+# Each command imports its modules when it runs (local imports): `--help`, bad options and
+# config errors answer before TensorFlow's seconds-long import.
+
 
 def build_parser() -> argparse.ArgumentParser:
     from tfrecords_builder import cli as builder_cli

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# Local imports: `kerasfrac demo --help` and its output checks come before TensorFlow.
+
 #: The demo's run settings (data.dir and run_dir are set by the demo).
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
 DEMO_DATA = {"count": 1000, "fractured_fraction": 0.3, "image_size": 128, "seed": 42}

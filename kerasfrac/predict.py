@@ -27,6 +27,8 @@ import numpy as np
 
 from kerasfrac.options import PredictOptions
 
+# Local imports of TensorFlow-based modules: path and option errors come before TensorFlow.
+
 _MAGIC = (
     (b"\xff\xd8\xff", "jpeg"),
     (b"\x89PNG\r\n\x1a\n", "png"),

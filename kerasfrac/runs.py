@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+# Local imports of the model and data modules: naming and reading run files needs no TensorFlow.
+
 CONFIG = "config.yaml"
 MODEL = "model.keras"
 #: The same epoch as model.keras with its box head (model.box_head runs only): what

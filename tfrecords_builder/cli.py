@@ -7,6 +7,8 @@ import sys
 
 from tfrecords_builder import clioptions
 
+# Local imports: the builder's parser is built inside `kerasfrac --help`, before TensorFlow.
+
 DESCRIPTION = """Turn a dataset, as its users download it (extracted folder or original .zip),
 into a tensorflow-datasets dataset (TFRecord shards, dataset_info.json; readable with
 tfds.builder_from_directory) with leakage-safe stratified splits and a manifest.json.

@@ -31,6 +31,8 @@ import numpy as np
 from kerasfrac.options import AuditOptions
 from tfrecords_builder import schema
 
+# Local imports of the reader and metrics: the audit's features import without TensorFlow.
+
 #: Metadata columns that are (or count) the label: never features.
 LABEL_COLUMNS = ("fractured", "fracture_count")
 FAMILIES = ("size", "file", "thumbnail", "metadata")

@@ -22,6 +22,8 @@ from kerasfrac.evaluation.metrics import MIN_PER_CLASS_FOR_CI, SUBGROUP_COLUMNS,
 from kerasfrac.names import SPLITS
 from kerasfrac.options import EvaluateOptions
 
+# Local imports of TensorFlow-based modules: a run's files are checked before TensorFlow.
+
 
 def _check_matches(path: Path, split: str, ids, labels, want_ids, want_labels) -> None:
     if sorted(ids) != sorted(want_ids):

@@ -39,6 +39,8 @@ matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import patches  # noqa: E402
 
+# Local imports of the data stage and runs: the figures' pure pieces import without them.
+
 CLASS_SIGN = {"fractured": 1.0, "normal": -1.0}
 
 
