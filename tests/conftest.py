@@ -9,6 +9,7 @@ anything separates them (learning checks rely on this).
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -194,3 +195,44 @@ def make_run(run_dir: Path, build_dir: Path, model_size: int = 32, seed: int = 0
         "0,0.5,0.5,0.7,0.5,0.5,0.7\n1,0.6,0.7,0.6,0.55,0.6,0.65\n"
     )
     return run_dir
+
+
+# --------------------------------------------------------------------------- a trained run
+
+#: A short, reliable training configuration for the separable builds.
+FAST = {
+    "dataset": "synthetic",
+    "data": {"image_size": 32, "cache": "memory"},
+    "train": {
+        "epochs": 4,
+        "batch_size": 8,
+        "steps_per_epoch": 25,
+        "optimizer": "adam",
+        "learning_rate": 1e-3,
+        "weight_decay": 0.0,
+    },
+}
+
+
+def fast_config(build_dir: Path, run_dir: Path, **train_overrides) -> config.Config:
+    values = json.loads(json.dumps(FAST))
+    values["data"]["dir"] = str(build_dir)
+    values["run_dir"] = str(run_dir)
+    values["train"].update(train_overrides)
+    return config.from_dict(values)
+
+
+def history(run_dir: Path) -> list[dict]:
+    with (run_dir / "history.csv").open() as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, separable_tfrecord_dir):
+    """A paper-CNN run trained briefly on the separable build, shared by the session: ``(run
+    directory, the metrics train returned)``; tests read it and never change it."""
+    from kerasfrac.training import train
+
+    run_dir = tmp_path_factory.mktemp("runs") / "run"
+    metrics = train.train(fast_config(separable_tfrecord_dir, run_dir), verbose=0)
+    return run_dir, metrics

@@ -283,3 +283,16 @@ def test_evaluate_run_subgroups_from_record_metadata(tmp_path):
     assert g["hardware=1"]["n"] == 1 and g["hardware=1"]["auroc"] is None
     assert g["hardware=0"]["n"] == 3 and g["hardware=unknown"] == {"n": 2}
     assert "subgroup hand=1: n 3" in evaluate.summary(m)
+
+
+def test_evaluate_a_trained_run_beats_the_trivial_answers(trained_run, tmp_path):
+    """On the separable build the shared trained run ranks the test images (AUROC > 0.9, its
+    CI's lower end above 0.5) and beats the majority baseline's accuracy; untrained models of
+    the same architecture (make_run, seeds 0-3) reached AUROC 0.41-0.83 there."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    m = evaluate.evaluate_run(run, n_bootstrap=200, plots=False, baseline=False)
+    assert m["auroc"] > 0.9 and m["ci95"]["auroc"][0] > 0.5
+    assert m["accuracy"] > m["majority_baseline_accuracy"]

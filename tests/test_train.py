@@ -12,39 +12,7 @@ import pytest
 from kerasfrac import config
 from kerasfrac.cli import main
 from kerasfrac.training import kernels, train
-
-FAST = {
-    "dataset": "synthetic",
-    "data": {"image_size": 32, "cache": "memory"},
-    "train": {
-        "epochs": 4,
-        "batch_size": 8,
-        "steps_per_epoch": 25,
-        "optimizer": "adam",
-        "learning_rate": 1e-3,
-        "weight_decay": 0.0,
-    },
-}
-
-
-def fast_config(build_dir: Path, run_dir: Path, **train_overrides) -> config.Config:
-    values = json.loads(json.dumps(FAST))
-    values["data"]["dir"] = str(build_dir)
-    values["run_dir"] = str(run_dir)
-    values["train"].update(train_overrides)
-    return config.from_dict(values)
-
-
-def history(run_dir: Path) -> list[dict]:
-    with (run_dir / "history.csv").open() as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, separable_tfrecord_dir):
-    run_dir = tmp_path_factory.mktemp("runs") / "run"
-    metrics = train.train(fast_config(separable_tfrecord_dir, run_dir), verbose=0)
-    return run_dir, metrics
+from tests.conftest import FAST, fast_config, history
 
 
 def test_learns_separable_data(trained_run):
