@@ -28,6 +28,7 @@ from typing import Any
 
 from kerasfrac.names import BOX_STRIDES, CELL_HEADS, HEADS
 from tfrecords_builder.defaults import META_TARGETS
+from tfrecords_builder.registry import Registry
 
 # The layer and output names evaluation and explain read (the builder's contract above).
 LOGIT = "logit"
@@ -78,46 +79,32 @@ class Architecture:
         return getattr(importlib.import_module(module), attr)
 
 
-_REGISTRY: dict[str, Architecture] = {}
+_REGISTRY: Registry[Architecture] = Registry("model")
 
 
 def register_architecture(spec: Architecture, replace: bool = False) -> Architecture:
     """Add ``spec`` to the registry (``replace=True`` to redefine a name); returns it."""
     if not spec.name.isidentifier():
         raise ValueError(f"an architecture name must be an identifier; got {spec.name!r}")
-    if spec.name in _REGISTRY and not replace:
-        raise ValueError(
-            f"architecture {spec.name!r} is registered already; pass replace=True to redefine it"
-        )
     unknown = sorted(set(spec.heads) - set(HEADS))
     if unknown or "gap" not in spec.heads:
         raise ValueError(
             f"architecture {spec.name!r}: heads must include 'gap' and be among {HEADS}; "
             f"got {spec.heads!r}"
         )
-    _REGISTRY[spec.name] = spec
-    return spec
+    return _REGISTRY.add(spec.name, spec, replace)
 
 
-def unregister_architecture(name: str) -> None:
-    """Remove ``name`` (tests that register one of their own clean up with it)."""
-    _REGISTRY.pop(name, None)
-
-
-def names() -> tuple[str, ...]:
-    """The registered model names, in registration order."""
-    return tuple(_REGISTRY)
-
-
-def architecture(name: str) -> Architecture:
-    """The spec of ``name``; an unknown name is an error listing the registered ones."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(_REGISTRY)}")
-    return _REGISTRY[name]
+#: Remove an architecture (tests that register one of their own clean up with it).
+unregister_architecture = _REGISTRY.remove
+#: The registered model names, in registration order.
+names = _REGISTRY.names
+#: The spec of a name; an unknown name is an error listing the registered ones.
+architecture = _REGISTRY.get
 
 
 def _taken_by(key: str) -> str:
-    return ", ".join(s.name for s in _REGISTRY.values() if key in s.keys) or "no architecture"
+    return ", ".join(s.name for s in _REGISTRY.specs() if key in s.keys) or "no architecture"
 
 
 def check(cfg_model) -> Architecture:
@@ -125,7 +112,7 @@ def check(cfg_model) -> Architecture:
     asks for; a ``ValueError`` naming the key and the fix otherwise. Returns the spec."""
     spec = architecture(cfg_model.name)
     name = spec.name
-    cell_reading = [s.name for s in _REGISTRY.values() if s.box_head]
+    cell_reading = [s.name for s in _REGISTRY.specs() if s.box_head]
     for field in dataclasses.fields(cfg_model):
         key = field.name
         if key in COMMON_KEYS or key in spec.keys:
@@ -137,7 +124,7 @@ def check(cfg_model) -> Architecture:
                 f"remove model.{key} or set model.name={owners.split(', ')[0]}"
             )
     if cfg_model.weights == "imagenet" and not spec.pretrained:
-        pretrained = ", ".join(s.name for s in _REGISTRY.values() if s.pretrained)
+        pretrained = ", ".join(s.name for s in _REGISTRY.specs() if s.pretrained)
         raise ValueError(
             f"{name} has no ImageNet weights; use model.weights=none, a weights file, or "
             f"model.name= one of {pretrained}"

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tfrecords_builder.candidates import Found
+from tfrecords_builder.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -41,47 +42,33 @@ class DatasetSpec:
     learnable_meta: bool = False
 
 
-_REGISTRY: dict[str, DatasetSpec] = {}
+_REGISTRY: Registry[DatasetSpec] = Registry("dataset")
 
 
 def register_dataset(spec: DatasetSpec, replace: bool = False) -> DatasetSpec:
     """Add ``spec`` to the registry (``replace=True`` to redefine a name); returns it."""
-    if spec.name in _REGISTRY and not replace:
-        raise ValueError(
-            f"dataset {spec.name!r} is registered already; pass replace=True to redefine it"
-        )
     if not spec.tfds_name.isidentifier() or spec.tfds_name != spec.tfds_name.lower():
         raise ValueError(
             f"dataset {spec.name!r}: tfds_name must be a lower-case identifier (TFDS' rule); "
             f"got {spec.tfds_name!r}"
         )
-    taken = [s.name for s in _REGISTRY.values() if s.tfds_name == spec.tfds_name]
+    taken = [s.name for s in _REGISTRY.specs() if s.tfds_name == spec.tfds_name]
     if taken and taken != [spec.name]:
         raise ValueError(f"tfds_name {spec.tfds_name!r} is taken by dataset {taken[0]!r}")
-    _REGISTRY[spec.name] = spec
-    return spec
+    return _REGISTRY.add(spec.name, spec, replace)
 
 
-def unregister_dataset(name: str) -> None:
-    """Remove ``name`` (tests that register one of their own clean up with it)."""
-    _REGISTRY.pop(name, None)
-
-
-def names() -> tuple[str, ...]:
-    """The registered dataset names, in registration order."""
-    return tuple(_REGISTRY)
-
-
-def dataset(name: str) -> DatasetSpec:
-    """The spec of ``name``; an unknown name is an error listing the registered ones."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(_REGISTRY)}")
-    return _REGISTRY[name]
+#: Remove a dataset (tests that register one of their own clean up with it).
+unregister_dataset = _REGISTRY.remove
+#: The registered dataset names, in registration order.
+names = _REGISTRY.names
+#: The spec of a name; an unknown name is an error listing the registered ones.
+dataset = _REGISTRY.get
 
 
 def by_tfds_name(tfds_name: str) -> DatasetSpec:
     """The spec whose TFDS builder is called ``tfds_name``."""
-    for spec in _REGISTRY.values():
+    for spec in _REGISTRY.specs():
         if spec.tfds_name == tfds_name:
             return spec
     raise ValueError(f"no registered dataset has the TFDS name {tfds_name!r}")
