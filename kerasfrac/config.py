@@ -14,6 +14,7 @@ import difflib
 import math
 import os
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -57,6 +58,12 @@ def choices() -> dict[str, tuple[str, ...]]:
     """``CHOICES``, the registered datasets (``dataset``) and architectures (``model.name``),
     read when asked, so one registered after import counts."""
     return {"dataset": datasets.names(), **CHOICES, "model.name": registry.names()}
+
+
+#: Upper bounds that keep a typo from running for days or into an out-of-memory traceback.
+MAX_IMAGE_SIZE = 4096
+MAX_EPOCHS = 10_000
+MAX_BATCH = 4096
 
 
 class ConfigError(ValueError):
@@ -268,7 +275,7 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = _load_yaml(path.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
         if loaded is None:
@@ -286,6 +293,31 @@ def load_config(
     return cfg
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses aliases (``*name``): a few nested aliases expand to
+    billions of nodes ("billion laughs"), and a config needs none."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            mark = self.peek_event().start_mark
+            problem = "aliases (*name) are not accepted in a config: write the value out"
+            raise yaml.composer.ComposerError(None, None, problem, mark)
+        return super().compose_node(parent, index)
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` cut to a readable length for an error message."""
+    return _REPR.repr(value)
+
+
+_REPR = reprlib.Repr()  # keyword arguments need Python 3.12
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict, _REPR.maxlevel = 80, 80, 6, 6, 2
+
+
 def from_dict(values: dict) -> Config:
     """A validated Config from a (possibly partial) nested dict, e.g. ``Config.to_dict()``."""
     cfg = Config()
@@ -301,7 +333,7 @@ def _parse_override(item: str) -> dict:
     if not sep or not key:
         raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=1)")
     try:
-        value = yaml.safe_load(raw)
+        value = _load_yaml(raw)
     except yaml.YAMLError as e:
         raise ConfigError(f"override {item!r}: value {raw!r} is not valid YAML: {e}") from e
     nested: dict = value
@@ -327,7 +359,7 @@ def _merge(obj: Any, values: dict, prefix: str) -> None:
             if not isinstance(value, dict):
                 raise ConfigError(
                     f"config key {dotted!r} is a section; expected a mapping of "
-                    f"{', '.join(f.name for f in dataclasses.fields(current))}, got {value!r}"
+                    f"{', '.join(f.name for f in dataclasses.fields(current))}, got {_short(value)}"
                 )
             _merge(current, value, prefix=f"{dotted}.")
         elif value is None and dotted in _WAS_NULL_FOR_DEFAULT:
@@ -365,7 +397,9 @@ def _coerce(key: str, value: Any, expected: Any) -> Any:
             # Paths and names; a bare number as a name (e.g. run_dir: 2024) is fine.
             return str(value)
     names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-    raise ConfigError(f"config key {key!r} expects {names}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(
+        f"config key {key!r} expects {names}, got {_short(value)} ({type(value).__name__})"
+    )
 
 
 _UNSET_VAR = re.compile(r"\$(\w+)|\$\{(\w+)\}")
@@ -376,8 +410,8 @@ def _expand(key: str, value: str) -> str:
     missing = [a or b for a, b in _UNSET_VAR.findall(expanded) if (a or b) not in os.environ]
     if missing:
         raise ConfigError(
-            f"config key {key!r} = {value!r} uses environment variable {missing[0]} which is not "
-            f"set; export it or override the key (--set {key}=PATH)"
+            f"config key {key!r} = {_short(value)} uses environment variable {missing[0]} which "
+            f"is not set; export it or override the key (--set {key}=PATH)"
         )
     return expanded
 
@@ -396,7 +430,9 @@ def _expand_paths(cfg: Config) -> None:
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ConfigError(f"config key {key!r} must be one of {', '.join(allowed)}; got {value!r}")
+        raise ConfigError(
+            f"config key {key!r} must be one of {', '.join(allowed)}; got {_short(value)}"
+        )
 
 
 def _positive(key: str, value: int | float | None, *, optional: bool = False) -> None:
@@ -441,6 +477,12 @@ def _validate_data(d: DataConfig) -> None:
             f"config key 'data.image_size' must be a positive integer of at least 8 (pixels); "
             f"got {d.image_size!r}"
         )
+    if d.image_size > MAX_IMAGE_SIZE:
+        raise ConfigError(
+            f"config key 'data.image_size' must be at most {MAX_IMAGE_SIZE} pixels (FracAtlas' "
+            f"largest side is 2,880; one {MAX_IMAGE_SIZE} px float32 image is 64 MiB before any "
+            f"layer); got {d.image_size!r}"
+        )
     if not d.cache:
         raise ConfigError("config key 'data.cache' must be memory, none or a directory; got ''")
     _positive("data.shuffle_buffer", d.shuffle_buffer)
@@ -483,6 +525,12 @@ def _validate_train(cfg: Config) -> None:
     t = cfg.train
     _positive("train.epochs", t.epochs)
     _positive("train.batch_size", t.batch_size)
+    for key, value, upper, why in (
+        ("train.epochs", t.epochs, MAX_EPOCHS, "the recipe trains 24; a larger number is a typo"),
+        ("train.batch_size", t.batch_size, MAX_BATCH, "larger batches do not fit in memory"),
+    ):
+        if value > upper:
+            raise ConfigError(f"config key {key!r} must be at most {upper} ({why}); got {value!r}")
     _positive("train.learning_rate", t.learning_rate)
     _in_range("train.momentum", t.momentum, 0.0, 1.0)
     _in_range("train.weight_decay", t.weight_decay, 0.0, math.inf)

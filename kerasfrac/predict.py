@@ -151,9 +151,8 @@ def predict_files(
     if threshold is not None and not 0.0 <= threshold <= 1.0:  # also catches nan
         raise ValueError(f"--threshold must be a probability in [0, 1]; got {threshold!r}")
     cfg, model, _ = runs.load_model(model_file=model_path)
-    run_threshold, source = runs.youden_threshold(runs.run_dir_of(model_path))
-    if threshold is None:
-        threshold = run_threshold
+    if threshold is None:  # the run's own, checked as --threshold is
+        threshold, source = runs.youden_threshold(runs.run_dir_of(model_path))
     else:
         source = "--threshold"
     prepared, kept, skipped, warnings = [], [], [], []

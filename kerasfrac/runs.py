@@ -303,7 +303,14 @@ def youden_threshold(run_dir) -> tuple[float, str]:
     youden = (m or {}).get("youden")
     if youden and youden.get("threshold") is not None:
         path = metrics_path(run_dir, "test")
-        return float(youden["threshold"]), f"the run's Youden-J threshold chosen on val ({path})"
+        threshold = youden["threshold"]
+        if not (isinstance(threshold, int | float) and 0.0 <= threshold <= 1.0):  # nan fails
+            raise ValueError(
+                f"the Youden-J threshold in {str(path)!r} is {threshold!r}, not a probability "
+                f"in [0, 1] (the file was edited or damaged); rerun `kerasfrac evaluate "
+                f"--run-dir {run_dir}` to rewrite it, or pass --threshold"
+            )
+        return float(threshold), f"the run's Youden-J threshold chosen on val ({path})"
     return 0.5, "default 0.5 (no Youden-J threshold in the run's metrics.json)"
 
 

@@ -320,3 +320,72 @@ def test_report_names_a_damaged_metrics_json(run_dir, tmp_path):
     (copy / "metrics.json").write_text('{"auroc": 0.7')
     with pytest.raises(ValueError, match="cannot read .*metrics.json"):
         report.run_row(copy)
+
+
+# --------------------------------------------------------------- bounded configs (issue 40)
+
+
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path):
+    """A "billion laughs" config (aliases nested ten deep, 10^10 nodes once expanded) as the
+    value of a known key is refused at once, in a file and in --set; anchors alone are fine."""
+    lines = ['a0: &a0 ["lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\nrun_dir: *a9\n")
+    start = time.perf_counter()
+    with pytest.raises(config.ConfigError, match=r"aliases \(\*name\) are not accepted"):
+        config.load_config(bomb)
+    assert time.perf_counter() - start < 5
+    with pytest.raises(config.ConfigError, match="aliases"):
+        config.load_config(None, ["train.epochs=*x"])
+    anchored = tmp_path / "anchor.yaml"
+    anchored.write_text("train:\n  epochs: &n 3\n")
+    assert config.load_config(anchored).train.epochs == 3
+
+
+def test_config_errors_show_a_value_cut_short(tmp_path):
+    path = tmp_path / "long.yaml"
+    path.write_text("train:\n  epochs: [" + ", ".join(["1"] * 100_000) + "]\n")
+    with pytest.raises(config.ConfigError, match="expects int") as err:
+        config.load_config(path)
+    assert len(str(err.value)) < 300
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("data.image_size=100000", r"'data.image_size' must be at most 4096"),
+        ("train.epochs=1000000000", r"'train.epochs' must be at most 10000"),
+        ("train.batch_size=100000", r"'train.batch_size' must be at most 4096"),
+    ],
+)
+def test_sizes_have_upper_bounds_with_the_reason(override, match):
+    with pytest.raises(config.ConfigError, match=match):
+        config.load_config(None, [override])
+    key, value = override.split("=")
+    upper = str(int(match.split("at most ")[1]))
+    assert config.load_config(None, [f"{key}={upper}"]) is not None  # the bound itself is fine
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 1.5, -0.1, "0.4"])
+def test_a_damaged_threshold_in_metrics_json_is_refused(run_dir, tmp_path, capsys, bad):
+    """predict used to call every image normal with a NaN threshold read from metrics.json;
+    now it refuses, naming the file and the fix, and --threshold still works."""
+    import shutil
+
+    from PIL import Image
+
+    from kerasfrac import runs
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "metrics.json").write_text(json.dumps({"youden": {"threshold": bad}}))
+    with pytest.raises(ValueError, match=r"Youden-J threshold in .*metrics.json.*not a probab"):
+        runs.youden_threshold(run)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("L", (32, 32), 90).save(images / "x.png")
+    model = str(run / "model.keras")
+    assert main(["predict", "--model", model, str(images)]) == 2
+    assert "rerun `kerasfrac evaluate" in capsys.readouterr().err
+    assert main(["predict", "--model", model, "--threshold", "0.5", str(images)]) == 0
