@@ -33,7 +33,7 @@ def test_bench_reports_positive_figures(tmp_path, separable_tfrecord_dir):
     assert plain["speedup"] == 1.0 and result["train"]["fast mixed_bfloat16"]["speedup"] > 0
     assert plain["fused_batchnorm"] is False and fast["fused_batchnorm"] is True
     if os.environ.get(kernels.ENV) is None:  # the bench asks oneDNN only for the fast rows
-        assert fast["onednn"] is True and plain["onednn"] in (False, True)
+        assert fast["onednn"] is True and isinstance(plain["onednn"], bool)  # TF says which
     assert result["config"]["fast"] is True
     assert set(result["input_over_train"]) == {"uncached", "cached"}
     # kerasfrac's uncached input beside the plain keras-io pipeline, same shards, same run

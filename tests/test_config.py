@@ -172,8 +172,23 @@ def test_allowed_keys_lists_dotted_leaves():
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path, monkeypatch, tmp_path):
+    """Every shipped config loads, and holds exactly the values its YAML gives (paths after
+    expanding $KERASFRAC_DATA), the rest the defaults."""
     monkeypatch.setenv("KERASFRAC_DATA", str(tmp_path))
-    load_config(path)
+    cfg = load_config(path).to_dict()
+    written = yaml.safe_load(path.read_text()) or {}
+    defaults = Config().to_dict()
+    for section, values in written.items():
+        if not isinstance(values, dict):
+            assert cfg[section] == values, section
+            continue
+        for key, value in values.items():
+            got = cfg[section][key]
+            if isinstance(value, str) and "$KERASFRAC_DATA" in value:
+                value = value.replace("$KERASFRAC_DATA", str(tmp_path))
+            assert got == (list(value) if isinstance(got, list) else value), (section, key)
+        for key in set(defaults[section]) - set(values):
+            assert cfg[section][key] == defaults[section][key], (section, key)
 
 
 def test_the_six_experiments_exist():

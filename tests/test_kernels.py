@@ -26,7 +26,7 @@ def test_request_onednn_leaves_an_imported_tensorflow_alone(monkeypatch):
     monkeypatch.delenv(kernels.ENV, raising=False)
     assert "already imported" in kernels.request_onednn(True)
     assert kernels.ENV not in os.environ
-    assert kernels.onednn_enabled() in (True, False)
+    assert isinstance(kernels.onednn_enabled(), bool)  # this TensorFlow can tell
 
 
 def test_native_bfloat16_from_cpu_flags():
