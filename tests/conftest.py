@@ -84,6 +84,7 @@ def make_tfrecord_dir(
     seed: int = 0,
     size_by_label: dict[int, int | tuple[int, int]] | None = None,
     meta=None,
+    boxes=None,
 ) -> Path:
     """Write a small build directory at ``path`` and return it.
 
@@ -91,9 +92,10 @@ def make_tfrecord_dir(
     train/val/test), or ``{split: n}``, or ``{split: {"fractured": n, "normal": m}}``.
     ``size``: side or (height, width); ``size_by_label`` ({label: size}) overrides it per
     class (a planted size shortcut). ``meta(rng, image) -> {column: value}``, where given, may
-    draw on ``image`` in place and gives the record's metadata columns. Records are written
-    in a seeded shuffled order, round-robin over ``num_shards`` shards per split, with ids
-    like ``train_fractured_0003.png``.
+    draw on ``image`` in place and gives the record's metadata columns; ``boxes(rng, image,
+    label) -> [(ymin, xmin, ymax, xmax), ...]`` likewise gives its fracture boxes (normalised).
+    Records are written in a seeded shuffled order, round-robin over ``num_shards`` shards per
+    split, with ids like ``train_fractured_0003.png``.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -115,6 +117,7 @@ def make_tfrecord_dir(
             h, w = _hw((size_by_label or {}).get(label, size))
             image = fixture_image(rng, label, (h, w), channels, separable)
             columns = meta(rng, image) if meta is not None else None
+            image_boxes = boxes(rng, image, label) if boxes is not None else []
             encoded = encode_png(image)
             image_id = f"{split}_{schema.LABEL_NAMES[label]}_{i:04d}.png"
             example = schema.make_example(
@@ -128,6 +131,7 @@ def make_tfrecord_dir(
                 sha256=hashlib.sha256(encoded).hexdigest(),
                 group=image_id,
                 label=label,
+                boxes=image_boxes,
                 meta=columns,
             )
             writers[k % shards].write(example.SerializeToString())

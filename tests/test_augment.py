@@ -184,3 +184,33 @@ def test_box_paste_draws_are_seeded_at_the_asked_rate():
     assert sorted(partner.numpy().tolist()) == list(range(4000))  # a permutation
     assert np.mean(chosen.numpy()) == pytest.approx(0.3, abs=0.03)  # sd 0.007
     assert np.mean(chosen.numpy() != other.numpy()) > 0.2  # the next step draws anew
+
+
+def _square_boxes(rng, image, label):
+    """Fractured images get a white square off the centre and off the diagonals (so that any
+    flip moves it) and a box exactly on it; normal ones none."""
+    if label == 0:
+        return []
+    image[2:10, 20:30] = 255
+    return [(2 / 32, 20 / 32, 10 / 32, 30 / 32)]
+
+
+@pytest.mark.parametrize("flips", ["random", "expand"])
+def test_every_flip_moves_the_box_mask_with_its_image(tmp_path, flips):
+    """In the training stream, the box mask of every image covers exactly its white square,
+    wherever the flips took it (a mask left unflipped fails on every flipped image)."""
+    from tests.conftest import make_tfrecord_dir
+
+    counts = {"train": 6, "val": 1, "test": 1}
+    build = make_tfrecord_dir(tmp_path / "b", counts, separable=False, boxes=_square_boxes)
+    cfg = config.DataConfig(dir=str(build), image_size=32, flips=flips, oversample=False)
+    ds, _ = data.make_dataset(None, "train", cfg, 4, seed=1, with_boxes=True)
+    moved = 0
+    for _ in range(3):
+        for batch in ds.as_numpy_iterator():
+            for image, mask, label in zip(batch["image"], batch["box_mask"], batch["label"]):
+                white, marked = image[..., 0] > 0.99, mask[..., 0] > 0.5
+                np.testing.assert_array_equal(white, marked)
+                assert white.sum() == (80 if label == 1 else 0)
+                moved += bool(label == 1 and not white[2:10, 20:30].all())
+    assert moved > 0  # some flips did move a square
