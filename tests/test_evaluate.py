@@ -296,3 +296,26 @@ def test_evaluate_a_trained_run_beats_the_trivial_answers(trained_run, tmp_path)
     m = evaluate.evaluate_run(run, n_bootstrap=200, plots=False, baseline=False)
     assert m["auroc"] > 0.9 and m["ci95"]["auroc"][0] > 0.5
     assert m["accuracy"] > m["majority_baseline_accuracy"]
+
+
+def test_beats_baseline_only_where_the_difference_ci_is_above_zero():
+    """The rule behind `beats_baseline` and its sentence, on controlled predictions through
+    the real code: a clearly better model beats, an equal one does not (its CI reaches 0)."""
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 60)
+    noise = rng.uniform(0, 1, y.size)
+    better = metrics.paired_auroc_difference(y, 0.6 * y + 0.4 * noise, noise, n_resamples=500)
+    assert better["ci95"][0] > 0
+    beats, sentence = evaluate._verdict(better)
+    assert beats and sentence.startswith("The model beats a model that never sees a bone by +")
+    jitter = noise + rng.normal(0, 0.05, y.size)  # the same information, a little noise
+    equal = metrics.paired_auroc_difference(y, jitter, noise, n_resamples=500)
+    # ahead by a hair (+0.009) with a CI reaching 0: not a win (a rule ignoring the CI says it is)
+    assert equal["difference"] > 0 and equal["ci95"][0] <= 0 <= equal["ci95"][1]
+    beats, sentence = evaluate._verdict(equal)
+    assert not beats and "does NOT clearly beat" in sentence and "reaches 0" in sentence
+    one_class = metrics.paired_auroc_difference(np.ones(10, int), noise[:10], noise[:10])
+    assert evaluate._verdict(one_class) == (
+        False,
+        "AUROC undefined on this split (one class): no comparison.",
+    )
