@@ -214,6 +214,33 @@ def _run(cmd, env=None, kill_after: float | None = None) -> tuple[int, str]:
     return proc.returncode, err
 
 
+def _kill_after_a_checkpoint(cmd, run_dir: Path, delay: float) -> tuple[int, str]:
+    """Start ``cmd``; once its state names a checkpoint, wait ``delay`` seconds and SIGKILL
+    it if it still runs. ``(return code, stderr)``: -9 where the kill landed, 0 where the run
+    finished first."""
+    from kerasfrac import runs as run_files
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        state = run_files.read_state(run_dir) if run_dir.exists() else None
+        if checkpoint.has_checkpoint(state, run_dir):
+            break
+        time.sleep(0.02)
+    if proc.poll() is None:
+        time.sleep(delay)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    return proc.returncode, err
+
+
+def _requeue_until_done(build_dir: Path, run_dir: Path, code: int, err: str) -> None:
+    while code != 0:  # requeued until done, as Slurm would
+        assert code == -signal.SIGKILL, err  # anything else: it could not be resumed
+        code, err = _run(_cli(build_dir, run_dir, "--auto-resume"))
+
+
 def test_sigkill_at_a_commit_rename_and_at_random_instants(tmp_path, separable_tfrecord_dir):
     ref = tmp_path / "ref"
     started = time.perf_counter()
@@ -222,15 +249,22 @@ def test_sigkill_at_a_commit_rename_and_at_random_instants(tmp_path, separable_t
     assert code == 0, err
     expected = outcome(ref)
     # The 3rd commit's crash points are 10-13: 11 is after its folder rename, before state.json.
-    runs = [("rename", {**os.environ, checkpoint.CRASH_ENV: "11"}, None)]
+    renamed = tmp_path / "rename"
+    env = {**os.environ, checkpoint.CRASH_ENV: "11"}
+    code, err = _run(_cli(separable_tfrecord_dir, renamed), env=env)
+    assert code == -signal.SIGKILL, err
+    _requeue_until_done(separable_tfrecord_dir, renamed, code, err)
+    assert outcome(renamed) == expected, "rename"
+    # A plain SIGKILL at a random instant after the first checkpoint; a run that finished
+    # first is tried again with a shorter delay, and the kill must land once.
     rng = random.Random(0)
-    runs.append(("random", None, rng.uniform(0.2, 0.9) * duration))
-    for name, env, after in runs:
-        run_dir = tmp_path / name
-        code, err = _run(_cli(separable_tfrecord_dir, run_dir), env=env, kill_after=after)
-        if name == "rename":
-            assert code == -signal.SIGKILL, err
-        while code != 0:  # requeued until done, as Slurm would
-            assert code == -signal.SIGKILL, err  # anything else: it could not be resumed
-            code, err = _run(_cli(separable_tfrecord_dir, run_dir, "--auto-resume"))
-        assert outcome(run_dir) == expected, name
+    for attempt in range(4):
+        run_dir = tmp_path / f"random{attempt}"
+        delay = rng.uniform(0.0, 0.5) * duration / 2**attempt
+        code, err = _kill_after_a_checkpoint(_cli(separable_tfrecord_dir, run_dir), run_dir, delay)
+        if code == -signal.SIGKILL:
+            break
+        assert code == 0, err
+    assert code == -signal.SIGKILL, "every run finished before its random kill landed"
+    _requeue_until_done(separable_tfrecord_dir, run_dir, code, err)
+    assert outcome(run_dir) == expected, "random"
