@@ -22,6 +22,7 @@ def test_resnet_small_is_one_channel_and_sized_for_the_cpu():
     assert len(m.outputs) == 1 and not models.has_box_head(m)
 
 
+@pytest.mark.slow
 def test_resnet_small_width_and_depth_are_config_keys(tmp_path):
     cfg = config.load_config(
         overrides=["model.name=resnet_small", "model.width=48", "model.blocks_per_stage=1"]
@@ -45,6 +46,7 @@ def test_resnet_small_width_and_depth_are_config_keys(tmp_path):
         config.load_config(overrides=["model.name=resnet_small", "model.blocks_per_stage=0"])
 
 
+@pytest.mark.slow
 def test_resnet_small_drop_path_drops_whole_residual_branches_in_training_only(tmp_path):
     import tensorflow as tf
 
@@ -101,6 +103,7 @@ def test_box_head_is_a_second_output_and_the_classifier_shares_its_weights():
     assert models.classifier(clf) is clf
 
 
+@pytest.mark.slow
 def test_box_stride_16_doubles_the_heat_maps_grid_and_reaches_stage_3():
     cfg = config.load_config(
         overrides=["model.name=resnet_small", "model.box_head=true", "model.box_stride=16"]
@@ -231,6 +234,7 @@ def test_resnet_small_has_no_imagenet_weights():
         models.build_model(ModelConfig("resnet_small", weights="imagenet"), (64, 64, 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet50v2", "efficientnetv2b0"])
 def test_application_backbones_take_grayscale_and_a_weights_file(tmp_path, name):
     constructor = getattr(keras.applications, models.applications._APPLICATIONS[name][0])
@@ -257,6 +261,7 @@ def test_application_backbones_take_grayscale_and_a_weights_file(tmp_path, name)
         models.build_model(ModelConfig(name, weights=str(tmp_path / "missing.h5")), (64, 64, 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name,box_head,head",
     [

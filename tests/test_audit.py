@@ -16,6 +16,7 @@ from kerasfrac.evaluation import audit, metrics
 COUNTS = {"train": 60, "val": 4, "test": 40}
 
 
+@pytest.mark.slow
 def test_planted_size_shortcut_is_found(tfrecord_dir_factory, tmp_path, capsys):
     """Fractured images 40x32, normal 32x40, pixels carrying nothing: the baseline on size
     alone separates them, and the audit says so in all three files."""
@@ -36,6 +37,7 @@ def test_planted_size_shortcut_is_found(tfrecord_dir_factory, tmp_path, capsys):
     assert "| size |" in (out / "audit.md").read_text()
 
 
+@pytest.mark.slow
 def test_no_shortcut_scores_near_chance(tfrecord_dir_factory, tmp_path):
     build = tfrecord_dir_factory(COUNTS, size=32, separable=False, seed=3)
     r = audit.audit(build, tmp_path / "card", n_bootstrap=200)

@@ -73,6 +73,7 @@ def test_augment_off_is_the_identity():
     np.testing.assert_array_equal(out.numpy(), image.numpy())
 
 
+@pytest.mark.slow
 def test_training_stream_with_boxes_carries_masks_of_fractured_images(synthetic_build):
     cfg = config.DataConfig(
         dir=str(synthetic_build), image_size=64, flips="random", rotation=10, zoom=0.1

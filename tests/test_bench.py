@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from kerasfrac import bench, config
 from kerasfrac.cli import main
 from kerasfrac.training import kernels
 from tests import sources
 
 
+@pytest.mark.slow
 def test_bench_reports_positive_figures(tmp_path, separable_tfrecord_dir):
     cfg = config.from_dict(
         {

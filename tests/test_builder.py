@@ -615,6 +615,7 @@ def test_near_duplicate_pairs_match_a_brute_force_hamming_count():
     assert len(near_duplicate_pairs(hashes, 64)) == len(hashes) * (len(hashes) - 1) // 2
 
 
+@pytest.mark.slow
 def test_same_source_gives_the_same_shard_bytes_in_another_process(tmp_path):
     """Records are serialised deterministically (protobuf map order varies between
     processes otherwise), so two builds of one source can be compared by checksum."""

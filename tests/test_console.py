@@ -92,6 +92,7 @@ def predict_run(tmp_path_factory, separable_tfrecord_dir):
     return run_dir, image
 
 
+@pytest.mark.slow
 def test_commands_start_without_tensorflows_noise(predict_run):
     """`kerasfrac predict` (TensorFlow, a model, an image) prints the probability and none of
     TensorFlow's start-up lines; --verbose gives them back (so they do exist here)."""
@@ -282,6 +283,7 @@ def test_summary_warns_below_the_majority_baseline_or_at_chance(tmp_path):
     assert "WARNING: accuracy" in console.run_summary(coin, tmp_path)
 
 
+@pytest.mark.slow
 def test_cli_train_prints_the_summary_and_epoch_lines(tmp_path, separable_tfrecord_dir, capsys):
     run_dir = tmp_path / "run"
     args = [

@@ -87,6 +87,7 @@ def crash_at(n: int):
     return point
 
 
+@pytest.mark.slow
 def test_reference_passes_every_kind_of_crash_point(reference):
     (_, rows, _), points = reference
     assert [r["epoch"] for r in rows] == ["0", "1"]
@@ -95,6 +96,7 @@ def test_reference_passes_every_kind_of_crash_point(reference):
     assert points[:3] == ["begin", "gen-000001 written", "gen-000001 renamed"]
 
 
+@pytest.mark.slow
 def test_kill_at_every_crash_point_resumes_to_the_uninterrupted_run(
     reference, tmp_path, separable_tfrecord_dir, monkeypatch
 ):
@@ -127,6 +129,7 @@ def test_kill_at_every_crash_point_resumes_to_the_uninterrupted_run(
     assert sorted(killed) == sorted(points)
 
 
+@pytest.mark.slow
 def test_auto_resume_of_a_finished_run_has_nothing_to_do(
     reference, tmp_path, separable_tfrecord_dir
 ):
@@ -143,6 +146,7 @@ def test_auto_resume_of_a_finished_run_has_nothing_to_do(
         train.train(longer, auto_resume=True, verbose=0)  # more epochs: the user must decide
 
 
+@pytest.mark.slow
 def test_killed_before_first_checkpoint_restarts_under_resume(
     reference, tmp_path, separable_tfrecord_dir, monkeypatch
 ):
@@ -241,6 +245,7 @@ def _requeue_until_done(build_dir: Path, run_dir: Path, code: int, err: str) -> 
         code, err = _run(_cli(build_dir, run_dir, "--auto-resume"))
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_commit_rename_and_at_random_instants(tmp_path, separable_tfrecord_dir):
     ref = tmp_path / "ref"
     started = time.perf_counter()

@@ -181,6 +181,7 @@ def test_oversampling_repeats_the_minority_images(imbalanced_dir, tmp_path):
     assert any(p.name.startswith("train-class") for p in (tmp_path / "cache").iterdir())
 
 
+@pytest.mark.slow
 def test_training_stream_is_seeded(imbalanced_dir):
     def first(seed):
         ds, _ = data.make_dataset(imbalanced_dir, "train", cfg(flips="random"), 8, seed=seed)
@@ -436,6 +437,7 @@ def jpeg_build(path, n: int, size: tuple[int, int]) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_cached_and_uncached_epochs_give_identical_tensors(tmp_path):
     build = jpeg_build(tmp_path / "build", 6, (300, 260))  # large: DCT-domain decode
     epochs = {}

@@ -65,6 +65,7 @@ def history(run_dir: Path) -> list[dict]:
         ]
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoint_then_resume_gives_identical_weights(tmp_path, separable_tfrecord_dir):
     ref, cut = tmp_path / "reference", tmp_path / "interrupted"
     done = subprocess.run(
@@ -116,6 +117,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_workers_on_localhost_end_identical(tmp_path, separable_tfrecord_dir):
     workers = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
     run_dir = tmp_path / "mw"

@@ -125,6 +125,7 @@ def run_dir(tmp_path_factory, separable_tfrecord_dir):
     return make_run(tmp_path_factory.mktemp("eval") / "run", separable_tfrecord_dir)
 
 
+@pytest.mark.slow
 def test_evaluate_run_writes_everything(run_dir, capsys):
     assert main(["evaluate", "--run-dir", str(run_dir), "--bootstrap", "1000"]) == 0
     out = capsys.readouterr().out
@@ -163,6 +164,7 @@ def test_evaluate_run_writes_everything(run_dir, capsys):
     assert m2["predictions"] == "read" and m2["ci95"] == m["ci95"]
 
 
+@pytest.mark.slow
 def test_evaluate_val_split_and_tensorboard_images(run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -176,6 +178,7 @@ def test_evaluate_val_split_and_tensorboard_images(run_dir):
     assert {"val_roc", "val_confusion"} <= set(acc.Tags()["tensors"])
 
 
+@pytest.mark.slow
 def test_evaluate_train_split_is_the_clean_training_images(run_dir, capsys):
     """--split train: every training image once, as val and test see them (no augmentation,
     no oversampling), scored against the val threshold; no baseline (fitted on train)."""
@@ -207,6 +210,7 @@ def test_evaluate_train_split_is_the_clean_training_images(run_dir, capsys):
     assert m["youden"]["threshold"] == pytest.approx(metrics.youden_threshold(vl, vp))
 
 
+@pytest.mark.slow
 def test_bad_input(tmp_path, run_dir, separable_tfrecord_dir, capsys):
     with pytest.raises(ValueError, match="no config.yaml"):
         evaluate.evaluate_run(tmp_path)
@@ -285,6 +289,7 @@ def test_evaluate_run_subgroups_from_record_metadata(tmp_path):
     assert "subgroup hand=1: n 3" in evaluate.summary(m)
 
 
+@pytest.mark.slow
 def test_evaluate_a_trained_run_beats_the_trivial_answers(trained_run, tmp_path):
     """On the separable build the shared trained run ranks the test images (AUROC > 0.9, its
     CI's lower end above 0.5) and beats the majority baseline's accuracy; untrained models of

@@ -81,6 +81,7 @@ def audits(runs) -> dict[bool, dict]:
 # --------------------------------------------------------------------------- class visualization
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["fractured", "normal"])
 def test_ascent_moves_logit_monotonically_and_keeps_weights(runs, target):
     _, model, _ = load_run_model(runs[0])
@@ -159,6 +160,7 @@ def test_unknown_layer_lists_the_layers():
         gradcam.GradCam(m, "flatten")
 
 
+@pytest.mark.slow
 def test_boxmap_is_the_box_heads_own_map_upsampled(tmp_path):
     """cam method boxmap: the sigmoid of the box head's cell logits, upsampled bilinearly,
     whatever the target; it peaks in the most fractured cell; a reloaded model gives the
@@ -294,6 +296,7 @@ def test_boxes_follow_pad_resize():
     np.testing.assert_array_equal(gradcam.boxes_to_input_frame(box, h, w, size, "stretch"), box)
 
 
+@pytest.mark.slow
 def test_grad_cam_points_at_the_fracture(audits):
     pg = audits[0]["pointing_game"]
     assert pg["available"] and pg["n_played"] >= 10
@@ -317,6 +320,7 @@ def test_audit_catches_the_marker_shortcut(audits):
 # --------------------------------------------------------------------------- the command
 
 
+@pytest.mark.slow
 def test_explain_command_end_to_end(runs, tmp_path, capsys):
     run_dir = runs[1]
     good = tmp_path / "good.png"
@@ -401,6 +405,7 @@ def test_bad_requests(runs, tmp_path, capsys):
     assert "could be decoded" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_pointing_game_without_boxes_says_so(tmp_path, separable_tfrecord_dir, capsys):
     run_dir = tmp_path / "run"
     cfg = config.from_dict(

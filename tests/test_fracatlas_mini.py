@@ -110,6 +110,7 @@ def test_every_reencoded_pair_shares_a_split_and_conflicts_are_quarantined(mini_
             assert quarantined[f].startswith("conflict: near-duplicate")
 
 
+@pytest.mark.slow
 def test_tfds_reads_the_real_build_as_read_split_does(mini_build):
     """The real subset through TFDS: same records in the same order (bytes compared, not
     decoded: 584 X-rays up to 2880 px), boxes as BBoxFeature, metadata in as_dataframe,

@@ -25,6 +25,7 @@ def test_meta_targets_are_the_metadata_that_does_not_restate_the_label():
     assert {"hand", "leg", "hip", "shoulder", "hardware", "frontal", "lateral"} <= set(META_TARGETS)
 
 
+@pytest.mark.slow
 def test_meta_head_is_the_last_output_and_stays_out_of_the_saved_models(tmp_path):
     cfg = ModelConfig("resnet_small", box_head=True, meta_head=True)
     m = models.build_model(cfg, (64, 64, 1), fused_batchnorm=True)
@@ -75,6 +76,7 @@ def _frozen_meta_model() -> keras.Model:
     return m
 
 
+@pytest.mark.slow
 def test_train_step_adds_the_weighted_meta_loss():
     m = _frozen_meta_model()
     strategy = tf.distribute.get_strategy()
@@ -153,6 +155,7 @@ def test_meta_head_is_refused_where_it_cannot_learn(overrides, match):
         config.load_config(None, [*base, *overrides])
 
 
+@pytest.mark.slow
 def test_meta_head_run_learns_the_metadata_and_the_label(tmp_path, meta_build):
     """A run with model.meta_head on a build whose "hand" flag is drawn in the pixels: the
     classifier separates the label and the trained metadata output separates "hand" (val
@@ -194,6 +197,7 @@ def test_meta_head_run_learns_the_metadata_and_the_label(tmp_path, meta_build):
     assert roc_auc_score(hand, logits) > 0.9
 
 
+@pytest.mark.slow
 def test_bench_times_the_step_with_the_meta_loss(monkeypatch):
     """`kerasfrac bench` feeds the metadata targets to the training step it times, so that the
     timed step computes the same loss terms as training."""
@@ -217,6 +221,7 @@ def test_bench_times_the_step_with_the_meta_loss(monkeypatch):
     assert seen and tuple(seen[0]) == (4, len(META_TARGETS))  # traced with the targets
 
 
+@pytest.mark.slow
 def test_train_step_with_mixup_blends_the_metadata_where_both_images_know_it():
     m = _frozen_meta_model()
     strategy = tf.distribute.get_strategy()

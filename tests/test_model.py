@@ -105,6 +105,7 @@ def test_paper_cnn_loads_a_weights_file(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_vgg16_grayscale_flat_graph_and_weights_file(tmp_path):
     pretrained = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
     path = tmp_path / "vgg.weights.h5"
@@ -181,6 +182,7 @@ def test_fused_batchnorm_matches_keras_batchnorm():
     np.testing.assert_allclose(fused(x, training=False), plain(x, training=False), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_fused_paper_cnn_saves_reloads_and_trains_like_the_plain_one(tmp_path):
     import os
     import subprocess

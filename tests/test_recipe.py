@@ -108,6 +108,7 @@ def _resnet_run(run_dir, data_dir, train_keys: dict, **sections):
     )
 
 
+@pytest.mark.slow
 def test_early_stopping_and_best_epoch_selection(tmp_path, separable_tfrecord_dir):
     run_dir = tmp_path / "run"
     cfg = _resnet_run(
@@ -155,6 +156,7 @@ def test_early_stopping_and_best_epoch_selection(tmp_path, separable_tfrecord_di
     assert not train.ckpt.read_state(run_dir)["stopped_early"]
 
 
+@pytest.mark.slow
 def test_box_run_saves_its_selected_epoch_with_the_box_head(tmp_path, synthetic_build):
     """model.keras is the classifier; box_model.keras is the same (best val) epoch with its
     box head, and explain's boxmap reads it from the run directory without --model."""
@@ -189,6 +191,7 @@ def test_box_run_saves_its_selected_epoch_with_the_box_head(tmp_path, synthetic_
     assert (run_dir / "explain" / "boxmap_mean.png").is_file()
 
 
+@pytest.mark.slow
 def test_weight_averaging_validates_and_saves_the_average_and_trains_on(
     tmp_path, separable_tfrecord_dir
 ):
@@ -223,6 +226,7 @@ def test_weight_averaging_validates_and_saves_the_average_and_trains_on(
     assert split_metrics(y, p)["auroc"] == pytest.approx(val_auroc, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_mixup_run_learns_separable_data(tmp_path, separable_tfrecord_dir):
     """train.mixup on: a whole run still separates separable data."""
     cfg = _resnet_run(tmp_path / "run", separable_tfrecord_dir, {"epochs": 8, "mixup": 0.4})

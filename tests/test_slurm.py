@@ -226,6 +226,7 @@ def test_env_runs_command_in_venv(tmp_path):
 # --- on Slurm -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @needs_slurm
 def test_build_sbatch_builds_synthetic(cluster, synthetic):
     manifest = json.loads((synthetic / "manifest.json").read_text())
@@ -239,6 +240,7 @@ def test_build_sbatch_builds_synthetic(cluster, synthetic):
         assert shards and all((synthetic / name).is_file() for name in shards), (split, shards)
 
 
+@pytest.mark.slow
 @needs_slurm
 def test_train_sbatch_array_two_configs(cluster, synthetic, tmp_path):
     configs = [_tiny_config(tmp_path / f"tiny_{c}.yaml", seed) for c, seed in (("a", 1), ("b", 2))]
@@ -256,6 +258,7 @@ def test_train_sbatch_array_two_configs(cluster, synthetic, tmp_path):
         assert config["train"]["seed"] == (1 if c == "a" else 2)
 
 
+@pytest.mark.slow
 @needs_slurm
 def test_bench_sbatch_writes_figures_per_config(cluster, synthetic, tmp_path):
     config = _tiny_config(tmp_path / "tiny_bench.yaml", 3)
@@ -282,6 +285,7 @@ def _job_fields(job_id: str) -> dict[str, str]:
     return dict(f.split("=", 1) for f in shown.stdout.split() if "=" in f)
 
 
+@pytest.mark.slow
 @needs_slurm
 def test_train_sbatch_sigterm_requeues_and_resumes(cluster, synthetic, tmp_path):
     """Preemption path: SIGTERM to the batch shell (what --signal=B:TERM sends before the time
@@ -323,6 +327,7 @@ def test_train_sbatch_sigterm_requeues_and_resumes(cluster, synthetic, tmp_path)
     assert epochs == ["0", "1"], f"history not continuous: {epochs}"
 
 
+@pytest.mark.slow
 @needs_slurm
 def test_train_multinode_two_tasks_identical_weights(cluster, synthetic, tmp_path):
     config = _tiny_config(tmp_path / "tiny_mw.yaml", seed=3)
@@ -344,6 +349,7 @@ def test_train_multinode_two_tasks_identical_weights(cluster, synthetic, tmp_pat
     assert config["train"]["distribute"] == "multi_worker"
 
 
+@pytest.mark.slow
 @needs_slurm
 def test_tensorboard_sbatch_serves_runs(cluster):
     job = cluster.submit("tensorboard.sbatch", f"--output={cluster.logs}/%x_%j.out", TUNNEL="0")

@@ -74,6 +74,7 @@ def test_train_step_loss_is_smoothed_and_class_weighted():
     np.testing.assert_allclose(loss.numpy(), want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_train_step_adds_the_box_loss_only_where_weighted():
     m = _compiled("resnet_small", box_head=True, size=64)
     strategy = tf.distribute.get_strategy()
@@ -128,6 +129,7 @@ def test_train_step_with_mixup_trains_on_blended_targets():
     assert np.abs(lam2.numpy() - lam).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_train_step_with_box_paste_trains_on_the_pasted_images_and_labels():
     m = _compiled("resnet_small", box_head=True, size=64)
     strategy = tf.distribute.get_strategy()

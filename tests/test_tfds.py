@@ -97,6 +97,7 @@ def test_a_build_leaves_nothing_in_the_temp_folder(phantoms, tmp_path, monkeypat
     assert sorted(p.name for p in system_tmp.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_tfds_reads_the_build_as_read_split_does(built):
     out, m = built
     builder = tfds.builder_from_directory(out)
@@ -252,6 +253,7 @@ def _can_unshare_network() -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _can_unshare_network(), reason="no `unshare -rn` (network namespace)")
 def test_tfds_load_in_a_process_without_any_network(phantoms, tmp_path):
     """Below Python too (TensorFlow's C++ file systems): an empty network namespace."""

@@ -51,6 +51,7 @@ def test_run_dir_artifacts(trained_run):
     assert json.loads((run_dir / "checkpoints" / "state.json").read_text())["finished"]
 
 
+@pytest.mark.slow
 def test_test_at_end_false_holds_test_back_until_evaluate(tmp_path, separable_tfrecord_dir):
     from kerasfrac import console
     from kerasfrac.evaluation import evaluate
@@ -101,6 +102,7 @@ def test_refuses_finished_run_then_resume_continues(trained_run, separable_tfrec
         train.train(cfg, resume=True, verbose=0)
 
 
+@pytest.mark.slow
 def test_resume_continues_where_it_stopped(tmp_path, separable_tfrecord_dir):
     run_dir = tmp_path / "run"
     train.train(fast_config(separable_tfrecord_dir, run_dir, epochs=2), verbose=0)
@@ -120,6 +122,7 @@ def test_resume_continues_where_it_stopped(tmp_path, separable_tfrecord_dir):
     assert json.loads(state_file.read_text())["epoch"] == 3
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, separable_tfrecord_dir):
     cfg = fast_config(
         separable_tfrecord_dir, tmp_path / "run", epochs=2, learning_rate=1e12, optimizer="sgd"
@@ -149,6 +152,7 @@ def test_bad_input_errors_before_training(tmp_path, separable_tfrecord_dir, caps
     assert "data.image_size" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_train_end_to_end(tmp_path, separable_tfrecord_dir, capsys):
     run_dir = tmp_path / "cli-run"
     args = [
@@ -185,6 +189,7 @@ def test_configs_demo_yaml_is_the_packages_demo_config():
     assert demo.DEMO_CONFIG.is_file()
 
 
+@pytest.mark.slow
 def test_checkpoint_selection_and_stopping_never_see_the_test_split(
     tmp_path, separable_tfrecord_dir, monkeypatch
 ):
@@ -231,6 +236,7 @@ def test_checkpoint_selection_and_stopping_never_see_the_test_split(
             assert "val_auroc" in e[2] and not any(k.startswith("test") for k in e[2])
 
 
+@pytest.mark.slow
 def test_model_keras_loads_with_plain_keras_without_kerasfrac(trained_run):
     """train.fast trains with the fused BatchNorm layer; model.keras holds plain Keras layers,
     so a process that never imports kerasfrac loads it and gives the run's probabilities."""
@@ -259,6 +265,7 @@ def test_model_keras_loads_with_plain_keras_without_kerasfrac(trained_run):
     assert "Fused" not in proc.stdout and n == 16
 
 
+@pytest.mark.slow
 def test_run_config_paths_are_absolute_and_evaluate_works_from_another_folder(
     tmp_path, separable_tfrecord_dir, monkeypatch, capsys
 ):
@@ -294,6 +301,7 @@ def test_run_config_paths_are_absolute_and_evaluate_works_from_another_folder(
     assert json.loads((work / "runs" / "rel" / "metrics.json").read_text())["n"] == 16
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_with_more_epochs_continues_it(
     tmp_path, separable_tfrecord_dir, capsys
 ):
@@ -312,6 +320,7 @@ def test_resume_of_a_finished_run_with_more_epochs_continues_it(
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 2
 
 
+@pytest.mark.slow
 def test_a_training_run_reads_the_manifest_once(tmp_path, separable_tfrecord_dir, monkeypatch):
     """The build is loaded once (data.Build) and passed down to every pipeline."""
     from tfrecords_builder import reader
@@ -329,6 +338,7 @@ def test_a_training_run_reads_the_manifest_once(tmp_path, separable_tfrecord_dir
     assert calls == [str(separable_tfrecord_dir)]
 
 
+@pytest.mark.slow
 def test_mixed_bfloat16_run_learns_and_saves_a_float32_model(tmp_path, separable_tfrecord_dir):
     """train.precision=mixed_bfloat16 trains in bfloat16, yet model.keras computes in float32
     (full speed on CPUs without bfloat16 units) and gives the run's own test predictions; the
@@ -361,6 +371,7 @@ def test_mixed_bfloat16_run_learns_and_saves_a_float32_model(tmp_path, separable
     np.testing.assert_allclose(probs2, probs, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_float32_compute_is_the_same_network_in_float32():
     """A mixed-precision resnet_small with a box head, rebuilt by float32_compute, equals a
     float32 model of the same weights exactly, and its bfloat16 original to bfloat16 precision."""
@@ -397,6 +408,7 @@ def test_precision_auto_resolves_by_the_hardware(monkeypatch):
     assert config.from_dict({"train": {"precision": "auto"}}).train.precision == "auto"
 
 
+@pytest.mark.slow
 def test_precision_auto_resumes_in_the_precision_the_run_started_in(
     tmp_path, separable_tfrecord_dir, monkeypatch, capsys
 ):
