@@ -16,13 +16,16 @@ from tests.conftest import FAST, fast_config, history
 
 
 def test_learns_separable_data(trained_run):
+    """Over train.seed 42 / 1 / 2 / 3 this run reached test accuracy 1.00 and AUROC 1.00 each
+    time; untrained models of the same architecture (conftest.make_run, seeds 0-3) scored
+    accuracy 0.38-0.50 and AUROC 0.22-0.83 on the same test images (2026-12-07)."""
     run_dir, metrics = trained_run
     rows = history(run_dir)
     assert len(rows) == 4
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert max(r["val_auroc"] for r in rows) > 0.9
-    assert metrics["auroc"] > 0.9
-    assert metrics["accuracy"] > 0.8
+    assert metrics["auroc"] > 0.95
+    assert metrics["accuracy"] > 0.9
 
 
 def test_run_dir_artifacts(trained_run):
