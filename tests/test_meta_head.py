@@ -114,7 +114,7 @@ def _hand_bar(rng, image):
 def meta_build(tmp_path_factory):
     return make_tfrecord_dir(
         tmp_path_factory.mktemp("meta"),
-        {"train": 24, "val": 12, "test": 4},
+        {"train": 24, "val": 12, "test": 12},
         size=32,
         source="fracatlas",
         meta=_hand_bar,
@@ -158,8 +158,10 @@ def test_meta_head_is_refused_where_it_cannot_learn(overrides, match):
 @pytest.mark.slow
 def test_meta_head_run_learns_the_metadata_and_the_label(tmp_path, meta_build):
     """A run with model.meta_head on a build whose "hand" flag is drawn in the pixels: the
-    classifier separates the label and the trained metadata output separates "hand" (val
-    AUROC 1.00 here; the same run with train.meta_loss_weight=0 left it at 0.45)."""
+    classifier separates the label and the trained metadata output separates "hand" (the same
+    run with train.meta_loss_weight=0 left "hand" at 0.45). Over train.seed 42 / 1 / 2 / 3:
+    test AUROC 1.00 each time on 12 + 12 test images (on 4 + 4, seed 3 gave 0.625), "hand"
+    AUROC 0.99-1.00 on val (2026-12-07)."""
     run_dir = tmp_path / "run"
     cfg = config.from_dict(
         {
