@@ -105,8 +105,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    #: A registered architecture (kerasfrac.models.registry): paper_cnn | vgg16 |
-    #: resnet_small (a compact pre-activation ResNet for CPUs) | resnet50v2 | efficientnetv2b0.
+    #: A registered architecture (kerasfrac.models.registry), each listed below.
     name: str = "paper_cnn"
     #: none | imagenet (vgg16, resnet50v2, efficientnetv2b0; needs a download) | a weights
     #: file (the whole model's for paper_cnn/resnet_small, the backbone's for the others).
@@ -623,6 +622,9 @@ def describe_keys() -> list[KeyInfo]:
                 doc = docs.get(f.name, "")
                 if key in owners:
                     doc = f"[{', '.join(owners[key]) or 'no architecture'} only] {doc}"
+                if key == "model.name":  # each registered architecture with its summary
+                    specs = map(registry.architecture, registry.names())
+                    doc += "".join(f"\n      {s.name}: {s.summary}" for s in specs)
                 rows.append(KeyInfo(key, str(f.type), value, allowed.get(key), doc))
 
     walk(Config(), "")
