@@ -604,9 +604,7 @@ def describe_keys() -> list[KeyInfo]:
     rows: list[KeyInfo] = []
     allowed = choices()
     owners = {
-        f"model.{key}": [
-            s.name for s in map(registry.architecture, registry.names()) if key in s.keys
-        ]
+        f"model.{key}": registry.reading(key)
         for key in (f.name for f in dataclasses.fields(ModelConfig))
         if key not in registry.COMMON_KEYS
     }

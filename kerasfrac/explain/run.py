@@ -610,8 +610,8 @@ class _Context:
     cam: gradcam.GradCam | None
     log: object
 
-    @property
     def images(self) -> np.ndarray | None:
+        """The examples' images as one array (stacked anew: call once per part)."""
         return np.stack([e.image for e in self.examples]) if self.examples else None
 
 
@@ -677,11 +677,12 @@ def _feature_maps_part(ctx: _Context, result: dict) -> list[Path]:
 
 def _grad_cam_part(ctx: _Context, result: dict) -> list[Path]:
     examples, target = ctx.examples, ctx.opts.cam_target
-    maps, logits = _cams(ctx.cam, ctx.images, [e.label for e in examples], target)
+    images = ctx.images()
+    maps, logits = _cams(ctx.cam, images, [e.label for e in examples], target)
     probs = 1 / (1 + np.exp(-logits))
     png = grad_cam_figure(
         ctx.out / "grad_cam.png",
-        ctx.images,
+        images,
         maps,
         [_title(e, p) for e, p in zip(examples, probs)],
         [e.boxes for e in examples],

@@ -103,8 +103,9 @@ names = _REGISTRY.names
 architecture = _REGISTRY.get
 
 
-def _taken_by(key: str) -> str:
-    return ", ".join(s.name for s in _REGISTRY.specs() if key in s.keys) or "no architecture"
+def reading(key: str) -> list[str]:
+    """The registered architectures that read the ``model.<key>`` key (their spec's ``keys``)."""
+    return [s.name for s in _REGISTRY.specs() if key in s.keys]
 
 
 def check(cfg_model) -> Architecture:
@@ -118,7 +119,7 @@ def check(cfg_model) -> Architecture:
         if key in COMMON_KEYS or key in spec.keys:
             continue
         if getattr(cfg_model, key) != field.default:
-            owners = _taken_by(key)
+            owners = ", ".join(reading(key)) or "no architecture"
             raise ValueError(
                 f"config key 'model.{key}' applies to {owners} only; model.name is {name!r}: "
                 f"remove model.{key} or set model.name={owners.split(', ')[0]}"
