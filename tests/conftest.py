@@ -13,6 +13,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -240,3 +241,13 @@ def trained_run(tmp_path_factory, separable_tfrecord_dir):
     run_dir = tmp_path_factory.mktemp("runs") / "run"
     metrics = train.train(fast_config(separable_tfrecord_dir, run_dir), verbose=0)
     return run_dir, metrics
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (setup.cfg): one worker per core, at most four. Each worker is a TensorFlow
+    process of 1-2 GB that trains on its own threads, so more workers buy little and cost
+    memory; PYTEST_XDIST_AUTO_NUM_WORKERS overrides, ``-n 0`` runs in one process."""
+    override = os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS")
+    if override:
+        return int(override)
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
