@@ -289,7 +289,8 @@ def add_explain(sub) -> None:
         "overlays, and the shortcut audit over a split: the share of Grad-CAM mass in the "
         "image border band and corners per class, and for datasets with fracture boxes the "
         "pointing game (hit rate vs chance, mass inside the boxes). PNGs and explain.json go "
-        "to --out (default RUN_DIR/explain); the PNGs also to RUN_DIR/tensorboard/explain.",
+        "to --out (default RUN_DIR/explain, and then the PNGs also to "
+        "RUN_DIR/tensorboard/explain; another --out leaves the run unchanged).",
     )
     p.add_argument("--run-dir", required=True, help="run directory written by `kerasfrac train`")
     p.add_argument("--model", help="model file (default RUN_DIR/model.keras)")
@@ -324,9 +325,45 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         print(f"kerasfrac {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a read-only folder: one line, the path, the fix
+        print(f"kerasfrac {args.command}: error: {os_error(err)}", file=sys.stderr)
+        return 1
     except RuntimeError as err:  # e.g. TrainingDiverged: already explains itself
         print(f"kerasfrac {args.command}: {err}", file=sys.stderr)
         return 1
+    except Exception as err:
+        tf = sys.modules.get("tensorflow")
+        if tf is None or not isinstance(err, tf.errors.OpError):
+            raise
+        print(f"kerasfrac {args.command}: error: {tensorflow_error(err)}", file=sys.stderr)
+        return 1
+
+
+def os_error(err: OSError) -> str:
+    """One line for an OSError: what failed, on which path, and what to do."""
+    import errno
+
+    where = f" ({err.filename!r})" if err.filename else ""
+    what = f"{err.strerror or err}{where}"
+    if err.errno == errno.ENOSPC:
+        return (
+            f"{what}: the disk is full. Free space, or point --run-dir/--out at a larger disk, "
+            "and run the command again (files it finished were written whole or not at all)"
+        )
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{what}: not writable by you; choose a folder you can write (--run-dir/--out)"
+    return what
+
+
+def tensorflow_error(err) -> str:
+    """One line for a TensorFlow op error (the first line of its message, and the fix)."""
+    first = (err.message or str(err)).strip().splitlines()[0][:300]
+    if type(err).__name__ == "DataLossError":
+        return (
+            f"a TFRecord shard is damaged ({first}); `kerasfrac audit DATA_DIR --verify` names "
+            "the shard, and the build must be written again (`kerasfrac build ... --overwrite`)"
+        )
+    return f"TensorFlow: {type(err).__name__}: {first} (rerun with -v for TensorFlow's log)"
 
 
 if __name__ == "__main__":

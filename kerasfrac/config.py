@@ -277,6 +277,12 @@ def load_config(
             loaded = _load_yaml(path.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"config file {str(path)!r} is not text (UTF-8 YAML): byte {e.start} cannot be "
+                "decoded; it was damaged or is another kind of file. Pass a YAML config (a "
+                "run's config.yaml is rewritten by `kerasfrac train`)"
+            ) from e
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

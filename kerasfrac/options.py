@@ -153,6 +153,11 @@ class AuditOptions:
     out: str | None = option(None, "output folder", default_text="DATA_DIR/audit")
     seed: int = option(0, "classifier and bootstrap seed")
     n_bootstrap: int = option(N_BOOTSTRAP, "bootstrap resamples", flag="--bootstrap", metavar="N")
+    verify: bool = option(
+        False,
+        "first read every record (TFRecord checksums) and compare each shard's sha256 with "
+        "the manifest's; a damaged shard is named with the command that rebuilds it",
+    )
 
 
 # --------------------------------------------------------------------------- bench

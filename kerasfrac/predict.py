@@ -142,14 +142,22 @@ def predict_files(
     max_pixels: int = PredictOptions.max_pixels,
 ) -> tuple[list[Prediction], list[tuple[str, str]], float, str]:
     """``(predictions, skipped [(path, reason)], threshold, threshold source)``."""
+    from kerasfrac import runs
+
+    if threshold is not None and not 0.0 <= threshold <= 1.0:  # also catches nan
+        raise ValueError(f"--threshold must be a probability in [0, 1]; got {threshold!r}")
+    run_dir = runs.run_dir_of(model_path)
+    with runs.run_lock(run_dir, exclusive=False, command="predict"):  # no train meanwhile
+        return _predict_files(model_path, paths, threshold, batch_size, max_pixels)
+
+
+def _predict_files(model_path, paths, threshold, batch_size, max_pixels):
     import tensorflow as tf
 
     from kerasfrac import runs
     from kerasfrac.data import preprocess
     from kerasfrac.models import predict_probs
 
-    if threshold is not None and not 0.0 <= threshold <= 1.0:  # also catches nan
-        raise ValueError(f"--threshold must be a probability in [0, 1]; got {threshold!r}")
     cfg, model, _ = runs.load_model(model_file=model_path)
     if threshold is None:  # the run's own, checked as --threshold is
         threshold, source = runs.youden_threshold(runs.run_dir_of(model_path))
@@ -225,12 +233,15 @@ def main(model_path, paths, opts: PredictOptions) -> int:
         label = "fractured" if r.fractured else "normal"
         print(f"{r.path}\t{r.probability:.6f}\t{label}")
     if opts.csv:
-        with Path(opts.csv).open("w", newline="") as f:
-            out = csv.writer(f)
-            out.writerow(["path", "probability", "class", "threshold"])
-            for r in results:
-                label = "fractured" if r.fractured else "normal"
-                out.writerow([r.path, f"{r.probability:.6f}", label, f"{threshold:.6f}"])
+        from kerasfrac import runs
+
+        buf = io.StringIO()
+        out = csv.writer(buf)
+        out.writerow(["path", "probability", "class", "threshold"])
+        for r in results:
+            label = "fractured" if r.fractured else "normal"
+            out.writerow([r.path, f"{r.probability:.6f}", label, f"{threshold:.6f}"])
+        runs.write_text(Path(opts.csv), buf.getvalue())
         print(f"written: {opts.csv}")
     if not results:
         raise ValueError("no image could be read from the given paths")

@@ -27,11 +27,16 @@ TensorFlow is imported only by the functions that load or run a model.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import io
 import json
 import os
+import reprlib
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -221,11 +226,13 @@ def predict(model, dataset, tta: str = "none") -> tuple[list[str], np.ndarray, n
 
 
 def write_predictions(path, ids, labels, probs) -> None:
-    with Path(path).open("w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow(["image_id", "label", "probability"])
-        for i, y, p in zip(ids, labels, probs):
-            out.writerow([i, int(y), f"{p:.6f}"])
+    """The predictions CSV, written whole or not at all (``write_text``)."""
+    buf = io.StringIO()
+    out = csv.writer(buf)
+    out.writerow(["image_id", "label", "probability"])
+    for i, y, p in zip(ids, labels, probs):
+        out.writerow([i, int(y), f"{p:.6f}"])
+    write_text(path, buf.getvalue())
 
 
 def read_predictions(path) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -246,6 +253,27 @@ def read_predictions(path) -> tuple[list[str], np.ndarray, np.ndarray]:
     )
 
 
+# --------------------------------------------------------------------------- history
+
+
+def read_history(run_dir) -> list[dict[str, float]]:
+    """history.csv's rows (one per epoch, numbers as floats; empty cells dropped), [] where
+    there is none; a ValueError naming the file where it cannot be read."""
+    path = history_path(run_dir)
+    if not path.is_file():
+        return []
+    try:
+        with path.open(newline="") as f:
+            return [{k: float(v) for k, v in row.items() if k and v} for row in csv.DictReader(f)]
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as err:
+        raise ValueError(
+            f"cannot read the run's training history {str(path)!r} ({str(err)[:200]}): it was "
+            "edited or damaged outside kerasfrac. A checkpoint keeps a copy "
+            f"(checkpoints/gen-*/{HISTORY}): copy it back, or move the file away (the "
+            "training-curves figure and early stopping's memory need it)"
+        ) from err
+
+
 # --------------------------------------------------------------------------- metrics
 
 
@@ -257,7 +285,10 @@ def write_metrics(
     atomically.
     ``epochs`` is the number of epochs the run's checkpoint state records; ``model`` is
     relative to the run directory where it lies inside it. Returns the dict."""
-    state = read_state(run_dir) or {}
+    try:
+        state = read_state(run_dir) or {}
+    except RunDirError:  # a damaged state.json: the metrics say nothing of the epochs
+        state = {}
     model = Path(model)
     inside = model.resolve().is_relative_to(Path(run_dir).resolve())
     record = {
@@ -352,6 +383,165 @@ def write_text(path: Path, text: str) -> None:
     replace_file(Path(tmp), path)
 
 
+def check_writable(folder, flag: str = "--out") -> Path:
+    """Make ``folder`` and prove it writable (a file made and removed) before any work is
+    spent on what goes there; an OSError names the folder and ``flag``."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OSError(
+            err.errno,
+            f"cannot write into {str(folder)!r} ({err.strerror}); choose a writable folder "
+            f"with {flag}. Nothing was computed",
+        ) from None
+    return folder
+
+
+# --------------------------------------------------------------------------- the run's lock
+
+
+class RunLockedError(RunDirError):
+    """Another process holds the run directory in a mode that excludes this one."""
+
+
+#: Locks this process holds: {lock file: (open file, exclusive)}; a nested request (train's
+#: own evaluation of the test split) reuses the held lock instead of deadlocking on it.
+_HELD: dict[str, tuple] = {}
+
+
+def lock_path(run_dir) -> Path:
+    """The run's lock file, beside the run (``.NAME.lock``, as builds have): --overwrite
+    deletes the run folder while the lock is held."""
+    run_dir = Path(run_dir).expanduser().resolve()  # one lock whatever path names the run
+    return run_dir.parent / f".{run_dir.name}.lock"
+
+
+def _holders(path: Path) -> str:
+    """Who holds ``path`` locked: the processes /proc/locks names (Linux; this machine only),
+    else what the exclusive holder wrote into the file."""
+    described = []
+    try:
+        st = os.stat(path)
+        inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks") as f:
+            pids = sorted({int(p[4]) for p in (line.split() for line in f) if p[5] == inode})
+    except (OSError, ValueError, IndexError):
+        pids = []
+    for pid in pids:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            started = os.stat(f"/proc/{pid}").st_mtime
+        except OSError:
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+        described.append(f"pid {pid}, started {when}: {reprlib.repr(cmd.strip())}")
+    if described:
+        return "; ".join(described)
+    try:
+        return path.read_text().strip() or "another process"
+    except OSError:
+        return "another process"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir, exclusive: bool, command: str):
+    """Hold the run directory: ``exclusive`` for train (one writer), shared for evaluate,
+    explain and predict (many readers, no writer). flock, so the kernel drops the lock when
+    its process dies; a holder in another mode gets ``RunLockedError`` at once, naming the
+    holder. Where the lock file cannot be made (a read-only folder: nobody can train there)
+    or the file system has no flock, the command goes on unlocked, saying so."""
+    import errno
+    import fcntl
+    import socket
+
+    path = lock_path(run_dir)
+    key = str(path)
+    if key in _HELD:  # this process holds it already (train evaluating its own test split)
+        held_exclusive = _HELD[key][1]
+        if exclusive and not held_exclusive:
+            raise RunLockedError(f"{command}: the run {str(run_dir)!r} is held shared here")
+        yield
+        return
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(path, "a+")  # closed below, or in the finally once locked
+        except OSError as err:
+            if exclusive:
+                raise
+            print(f"note: {command} reads {run_dir} without its lock ({err})", file=sys.stderr)
+            yield
+            return
+        try:
+            fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holders(path)
+            f.close()
+            doing = "write" if exclusive else "read"
+            raise RunLockedError(
+                f"the run directory {str(run_dir)!r} is in use ({holder}); `kerasfrac "
+                f"{command}` cannot {doing} it until that ends. Wait for it, or use another "
+                "--run-dir. Nothing was changed."
+            ) from None
+        except OSError as err:
+            f.close()
+            if err.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            print(
+                f"note: this file system cannot lock {path} ({err}); {command} goes on without "
+                "the run lock: start no other command on this run meanwhile",
+                file=sys.stderr,
+            )
+            yield
+            return
+        try:
+            same = os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()  # the lock file of a holder that just ended and removed it: take the new one
+    _HELD[key] = (f, exclusive)
+    try:
+        if exclusive:
+            f.seek(0)
+            f.truncate()
+            started = time.strftime("%Y-%m-%d %H:%M:%S")
+            f.write(
+                f"kerasfrac {command}, pid {os.getpid()} on {socket.gethostname()}, "
+                f"started {started}\n"
+            )
+            f.flush()
+        yield
+    finally:
+        del _HELD[key]
+        try:  # the last holder removes the file, still locked: a waiter then sees a new inode
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass  # another reader holds it: it stays for them
+        f.close()
+
+
+def save_figure(fig, path, **savefig) -> Path:
+    """``fig.savefig(path, **savefig)`` through a temporary file renamed onto ``path``: a
+    reader (TensorBoard, a browser) or a full disk never sees half a PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, **savefig)
+        replace_file(Path(tmp), path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
 # --------------------------------------------------------------------------- checkpoint state
 
 #: The checkpoint state file (in ``checkpoints/``), which ``training.checkpoint`` commits.
@@ -371,9 +561,17 @@ def read_state(run_dir: Path) -> dict | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         state = err
     if not isinstance(state, dict):
+        model = model_path(run_dir)
+        kept = (
+            f"The run's model ({str(model)!r}) is untouched, and evaluate, explain and predict "
+            "work without the state. "
+            if model.is_file()
+            else ""
+        )
         raise RunDirError(
-            f"{str(path)!r} is not a kerasfrac run state ({state}); it was edited or damaged "
-            "outside kerasfrac. Pass --overwrite to start this run over, or choose another "
-            "--run-dir."
+            f"{str(path)!r} is not a kerasfrac run state ({reprlib.repr(str(state))}); it was "
+            f"edited or damaged outside kerasfrac, so training cannot resume this run. {kept}"
+            "To train again, use another --run-dir (--overwrite would delete this run, its "
+            "model and checkpoints included)."
         )
     return state

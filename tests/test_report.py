@@ -35,11 +35,17 @@ FULL = {
 
 
 def baseline(base: float, diff: float, lo: float, hi: float) -> dict:
-    """``no_anatomy_baseline`` as ``kerasfrac evaluate`` writes it."""
+    """``no_anatomy_baseline`` as ``kerasfrac evaluate`` writes it: the verdict and its
+    sentence come from evaluate's own rule (``_verdict``), not from a copy of it here."""
+    from kerasfrac.evaluation.evaluate import _verdict
+
+    difference = {"difference": diff, "ci95": [lo, hi]}
+    beats, sentence = _verdict(difference)
     return {
         "baseline_auroc": {"auroc": base, "ci95": [base - 0.05, base + 0.05]},
-        "difference": {"difference": diff, "ci95": [lo, hi]},
-        "beats_baseline": lo > 0,
+        "difference": difference,
+        "beats_baseline": beats,
+        "sentence": sentence,
     }
 
 

@@ -185,6 +185,9 @@ def _build_into(
         "notes": {k: v for k, v in found.notes.items() if k != "label_disagreements"},
         "splits": split_counts,
         "shards": {split: w.names for split, w in wrote.items()},
+        # checked when a build is loaded (record counts) and by `kerasfrac audit --verify`
+        "shard_records": {split: w.lengths for split, w in wrote.items()},
+        "shard_sha256": {split: w.sha256 for split, w in wrote.items()},
         "accounting": accounting,
         "index": "index.csv",
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

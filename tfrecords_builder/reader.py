@@ -12,7 +12,9 @@ order).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +44,15 @@ def load_manifest(directory: str | Path) -> dict:
             f"(found: {found or 'nothing'}). Rebuild it with `kerasfrac build ... --out {directory}"
             " --overwrite`."
         )
-    with path.open() as f:
-        manifest = json.load(f)
+    try:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError(f"expected a JSON object, got {type(manifest).__name__}")
+    except (UnicodeDecodeError, ValueError) as err:
+        raise BuildOutputError(
+            f"{str(path)!r} cannot be read ({str(err)[:200]}): the build was edited or damaged. "
+            f"Rebuild it with `kerasfrac build ... --out {directory} --overwrite`."
+        ) from err
     if manifest.get("format_version") == 1:
         raise BuildOutputError(
             f"{str(directory)!r} was built by an older kerasfrac (format 1: Model Garden-style "
@@ -71,6 +80,7 @@ class Build:
                 "--set data.dir=DIR (a directory written by `kerasfrac build`)"
             )
         build = cls(Path(directory), load_manifest(directory))
+        build.check_counts()
         if dataset is not None and build.source != dataset:
             raise BuildOutputError(
                 f"{str(directory)!r} holds the {build.source!r} dataset but the config says "
@@ -123,12 +133,121 @@ class Build:
             )
         return files
 
+    def rebuild_command(self) -> str:
+        """The command that writes this build again (its source, seed and options as the
+        manifest records them)."""
+        m, o = self.manifest, self.manifest.get("options") or {}
+        parts = [f"kerasfrac build {m.get('source', '...')}"]
+        parts.append(f"--source {m.get('source_path', 'SRC')} --out {self.dir}")
+        if "seed" in m:
+            parts.append(f"--seed {m['seed']}")
+        if o.get("split"):
+            parts.append("--split " + ",".join(f"{x:g}" for x in o["split"]))
+        if o.get("shards"):
+            parts.append(f"--shards {o['shards']}")
+        return " ".join(parts + ["--overwrite"])
+
+    def check_counts(self) -> None:
+        """Cheap (record headers only): each split's shards hold the records the manifest
+        counts, per shard where it lists them (``shard_records``) and per split; a shard that
+        ends inside a record is named."""
+        for split in schema.SPLITS:
+            if split not in (self.manifest.get("shards") or {}):
+                continue
+            files = self.shard_files(split)
+            found = [count_records(f) for f in files]
+            listed = (self.manifest.get("shard_records") or {}).get(split)
+            if listed is not None and list(listed) != found:
+                bad = next(i for i, (a, b) in enumerate(zip(listed, found)) if a != b)
+                raise BuildOutputError(
+                    f"shard {Path(files[bad]).name!r} of split {split!r} in {str(self.dir)!r} "
+                    f"holds {found[bad]} records, but its manifest.json says {listed[bad]}: "
+                    f"the build was edited or damaged. Rebuild it: `{self.rebuild_command()}`"
+                )
+            if sum(found) != self.size(split):
+                raise BuildOutputError(
+                    f"split {split!r} of {str(self.dir)!r} holds {sum(found)} records, but its "
+                    f"manifest.json counts {self.size(split)} ({self.manifest['splits'][split]}):"
+                    f" the build was edited or damaged. Rebuild it: `{self.rebuild_command()}`"
+                )
+
+    def verify(self, splits=schema.SPLITS, hashes: bool = False) -> dict[str, int]:
+        """Read every record of ``splits`` (their checksums: TFRecord's CRCs), and with
+        ``hashes`` compare each shard's sha256 with the manifest's (``shard_sha256``; builds
+        from before it have none). A damaged shard raises one ``BuildOutputError`` naming the
+        split, the shard and the rebuild command. Returns ``{split: records}``."""
+        done = {}
+        sums = self.manifest.get("shard_sha256") or {}
+        for split in splits:
+            if split not in (self.manifest.get("shards") or {}):
+                continue
+            total = 0
+            for i, name in enumerate(self.shard_files(split)):
+                total += self._read_shard(split, name)
+                want = (sums.get(split) or [None] * (i + 1))[i] if hashes else None
+                if want is not None and sha256(name) != want:
+                    raise BuildOutputError(
+                        f"shard {Path(name).name!r} of split {split!r} in {str(self.dir)!r} does"
+                        " not match the sha256 its manifest.json records: it was changed after "
+                        f"the build. Rebuild it: `{self.rebuild_command()}`"
+                    )
+            done[split] = total
+        return done
+
+    def _read_shard(self, split: str, name: str) -> int:
+        n = 0
+        try:
+            for _ in tf.data.TFRecordDataset(name).as_numpy_iterator():
+                n += 1
+        except tf.errors.OpError as err:
+            first = (err.message or str(err)).splitlines()[0][:200]
+            raise BuildOutputError(
+                f"shard {Path(name).name!r} of split {split!r} in {str(self.dir)!r} is damaged "
+                f"after record {n} ({type(err).__name__}: {first}). Rebuild it: "
+                f"`{self.rebuild_command()}`"
+            ) from None
+        return n
+
     def read(self, split: str, decode: bool = True) -> tf.data.Dataset:
         """Parsed records of ``split``; with ``decode`` each dict also has ``image``."""
         ds = tf.data.TFRecordDataset(self.shard_files(split)).map(schema.parse_example)
         if decode:
             ds = ds.map(lambda ex: {**ex, "image": schema.decode_image(ex["encoded"])})
         return ds
+
+
+def count_records(path: str | Path) -> int:
+    """The records in a TFRecord file, from its record headers alone (length, CRC of the
+    length, data, CRC of the data: the data is skipped, not read); a ``BuildOutputError``
+    where the file ends inside a record (truncated)."""
+    n = 0
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        at = 0
+        while at < size:
+            f.seek(at)
+            header = f.read(8)
+            if len(header) < 8:
+                break
+            at += 8 + 4 + struct.unpack("<Q", header)[0] + 4
+            if at > size:
+                break
+            n += 1
+        if at != size:
+            raise BuildOutputError(
+                f"shard {str(path)!r} ends inside its record {n + 1} (truncated: {size} bytes); "
+                "the build was damaged. Rebuild it with `kerasfrac build ... --overwrite`."
+            )
+    return n
+
+
+def sha256(path: str | Path) -> str:
+    """The file's sha256 (hex), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def shard_files(directory: str | Path, split: str) -> list[str]:

@@ -152,6 +152,7 @@ class WrittenSplit:
     names: list[str]
     lengths: list[int]
     num_bytes: int
+    sha256: list[str] = dataclasses.field(default_factory=list)
 
 
 def write_split(
@@ -179,7 +180,9 @@ def write_split(
     finally:
         for w in writers:
             w.close()
-    return WrittenSplit(names, lengths, num_bytes)
+    from tfrecords_builder.reader import sha256
+
+    return WrittenSplit(names, lengths, num_bytes, [sha256(stage / name) for name in names])
 
 
 def write_manifest(stage: Path, manifest: dict) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kerasfrac import runs
 from kerasfrac.options import AuditOptions
 from tfrecords_builder import schema
 
@@ -300,16 +301,21 @@ def audit(
     *,
     seed: int = AuditOptions.seed,
     n_bootstrap: int = AuditOptions.n_bootstrap,
+    verify: bool = AuditOptions.verify,
 ) -> dict:
     """Audit a build: writes ``audit.json``, ``audit.md`` and ``audit.png`` into ``out_dir``
-    (default ``BUILD_DIR/audit``) and returns the JSON dict."""
+    (default ``BUILD_DIR/audit``, checked writable first) and returns the JSON dict.
+    ``verify``: every record read and each shard's sha256 compared with the manifest first.
+    Counts by class that differ from the manifest's raise (the manifest was edited)."""
     from kerasfrac.evaluation.metrics import auroc_ci
 
     build_dir = Path(build_dir)
     build = _build(build_dir)
     manifest = build.manifest
-    out_dir = Path(out_dir) if out_dir else build_dir / "audit"
+    out_dir = runs.check_writable(out_dir if out_dir else build_dir / "audit")
+    verified = build.verify(hashes=True) if verify else None
     tables = {s: features(build, s) for s in schema.SPLITS}
+    _check_class_counts(build, tables)
     train, test = tables["train"], tables["test"]
     if test.labels.size == 0:
         raise ValueError(f"the test split of {str(build_dir)!r} is empty: nothing to audit")
@@ -354,11 +360,28 @@ def audit(
         },
         "feature_auroc_test": feature_aurocs(test),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "audit.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    if verified is not None:
+        hashed = bool(manifest.get("shard_sha256"))
+        result["verified"] = {"records": verified, "sha256_checked": hashed}
+    runs.write_text(out_dir / "audit.json", json.dumps(result, indent=2, default=float) + "\n")
     result["figure"] = str(_figure(out_dir / "audit.png", tables, result))
-    (out_dir / "audit.md").write_text(markdown(result))
+    runs.write_text(out_dir / "audit.md", markdown(result))
     return result
+
+
+def _check_class_counts(build, tables: dict) -> None:
+    """The labels read from the records against the manifest's counts per split and class."""
+    from tfrecords_builder.reader import BuildOutputError
+
+    for split, t in tables.items():
+        read = {"fractured": int(t.labels.sum()), "normal": int((t.labels == 0).sum())}
+        listed = {name: build.counts(split)[label] for label, name in schema.LABEL_NAMES.items()}
+        if read != listed:
+            raise BuildOutputError(
+                f"the {split!r} split of {str(build.dir)!r} holds {read} by its records' labels, "
+                f"but its manifest.json counts {listed}: the manifest was edited or damaged "
+                f"(training would use the wrong counts). Rebuild it: `{build.rebuild_command()}`"
+            )
 
 
 def _fmt_ci(d: dict) -> str:
@@ -369,7 +392,16 @@ def _fmt_ci(d: dict) -> str:
 
 
 def markdown(r: dict) -> str:
-    lines = [f"# Data card: {r['build']}", "", f"Source: {r['source']}", "", "## Counts", ""]
+    lines = [f"# Data card: {r['build']}", "", f"Source: {r['source']}", ""]
+    if r.get("verified"):
+        v = r["verified"]
+        sums = (
+            "each shard's sha256 matches the manifest"
+            if v["sha256_checked"]
+            else ("the manifest records no sha256 (built before kerasfrac recorded them)")
+        )
+        lines += [f"Verified: {sum(v['records'].values())} records read without error; {sums}.", ""]
+    lines += ["## Counts", ""]
     lines += ["| split | fractured | normal | fractured share |", "|---|--:|--:|--:|"]
     for s, c in r["counts"].items():
         n = c["fractured"] + c["normal"]
@@ -460,15 +492,19 @@ def _figure(path: Path, tables: dict[str, Table], r: dict) -> Path:
     allf = r["baseline"]["auroc"]["all"]
     ax[1].set_title(f"single-feature test AUROC; baseline (all): {_fmt_ci(allf)}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    runs.save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
 
 def main(data_dir, opts: AuditOptions) -> int:
     """``kerasfrac audit``: see ``cli.add_audit``."""
-    r = audit(data_dir, opts.out, seed=opts.seed, n_bootstrap=opts.n_bootstrap)
+    r = audit(data_dir, opts.out, seed=opts.seed, n_bootstrap=opts.n_bootstrap, verify=opts.verify)
     print(markdown(r))
+    if r.get("verified"):
+        v = r["verified"]
+        sums = "each shard's sha256 matches" if v["sha256_checked"] else "no sha256 recorded"
+        print(f"verified: {sum(v['records'].values())} records read without error; {sums}")
     out = Path(opts.out) if opts.out else Path(data_dir) / "audit"
     print(f"written: {out / 'audit.md'}, {out / 'audit.json'}, {out / 'audit.png'}")
     return 0

@@ -44,6 +44,25 @@ def _check_matches(path: Path, split: str, ids, labels, want_ids, want_labels) -
         )
 
 
+def _read_cached(path: Path, want_ids: list[str]):
+    """The run's predictions file of a split, or None where there is none or it is empty or
+    cut short (an older kerasfrac, a kill or a full disk mid-write): then it is recomputed.
+    A whole file of another split or build is read, and refused by ``_check_matches``."""
+    if not path.is_file():
+        return None
+    text = path.read_bytes()
+    ids = None
+    if text.endswith(b"\n"):
+        try:
+            ids, labels, probs = runs.read_predictions(path)
+        except ValueError:
+            ids = None
+    if ids is not None and not (len(ids) < len(want_ids) and set(ids) <= set(want_ids)):
+        return ids, labels, probs
+    print(f"note: {path} is empty or incomplete; the predictions are computed again", flush=True)
+    return None
+
+
 @dataclasses.dataclass
 class Predictions:
     """A split's predictions with what the metrics need beside them, aligned with ``ids``:
@@ -70,8 +89,9 @@ def _split_predictions(
     if not want_ids:
         raise ValueError(f"the {split!r} split of {cfg.data.dir!r} is empty: nothing to evaluate")
     path = runs.predictions_path(run_dir, split)
-    if path.is_file() and not recompute:
-        ids, labels, probs = runs.read_predictions(path)
+    cached = None if recompute else _read_cached(path, want_ids)
+    if cached is not None:
+        ids, labels, probs = cached
         _check_matches(path, split, ids, labels, want_ids, want_labels)
         source = "read"
     else:
@@ -114,11 +134,16 @@ def evaluate_run(
     Settings: ``opts`` (``EvaluateOptions``, its defaults where None), with ``split`` and
     ``changes`` (EvaluateOptions fields, e.g. ``n_bootstrap=0``) replacing its values.
     """
-    from kerasfrac import data
-
     if split is not None:
         changes["split"] = split
     opts = dataclasses.replace(opts or EvaluateOptions(), **changes)
+    with runs.run_lock(run_dir, exclusive=False, command="evaluate"):  # no train meanwhile
+        return _evaluate_run(run_dir, model_path, opts)
+
+
+def _evaluate_run(run_dir, model_path, opts: EvaluateOptions) -> dict:
+    from kerasfrac import data
+
     split = opts.split
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
@@ -194,7 +219,7 @@ def write_run_plots(run_dir: Path, split: str, labels, probs, m: dict, groups=No
         plots.confusion_plot(out / f"{split}_confusion.png", m, name),
     ]
     curves = out / "training_curves.png"
-    hist = plots.history_plot(curves, runs.history_path(run_dir), runs.run_name(run_dir))
+    hist = plots.history_plot(curves, runs.read_history(run_dir), runs.run_name(run_dir))
     if hist is not None:
         paths.append(hist)
     runs.log_images(run_dir, "evaluation", paths)

@@ -86,7 +86,7 @@ def _interval(values: list[float | None], n_resamples: int, level: float) -> dic
     undefined = 1 - v.size / max(1, n_resamples)
     tail = (1 - level) / 2 * 100
     ci = None
-    if v.size >= n_resamples / 2:
+    if v.size and v.size >= n_resamples / 2:  # none with n_resamples 0 (--bootstrap 0)
         lo, hi = np.percentile(v, [tail, 100 - tail])
         ci = [float(lo), float(hi)]
     return {"ci95": ci, "undefined_share": round(float(undefined), 4)}

@@ -8,7 +8,6 @@ the training curves of history.csv. Each function writes one PNG and returns its
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import matplotlib
@@ -22,8 +21,9 @@ from kerasfrac.evaluation.metrics import roc_band  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    from kerasfrac.runs import save_figure
+
+    save_figure(fig, path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -130,21 +130,18 @@ def confusion_plot(path: Path, m: dict, name: str = "") -> Path:
     return _save(fig, path)
 
 
-def history_plot(path: Path, history_csv: Path, name: str = "") -> Path | None:
-    """Loss, accuracy and AUROC per epoch (train and val); None without a history."""
-    if not Path(history_csv).is_file():
-        return None
-    with Path(history_csv).open() as f:
-        rows = list(csv.DictReader(f))
+def history_plot(path: Path, rows: list[dict[str, float]], name: str = "") -> Path | None:
+    """Loss, accuracy and AUROC per epoch (train and val) of history.csv's ``rows``
+    (``runs.read_history``); None without any."""
     if not rows:
         return None
-    epochs = [int(float(r.get("epoch", k))) + 1 for k, r in enumerate(rows)]
+    epochs = [int(r.get("epoch", k)) + 1 for k, r in enumerate(rows)]
     keys = [k for k in ("loss", "accuracy", "auroc") if k in rows[0]]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for prefix, label in (("", "train"), ("val_", "val")):
             if prefix + key in rows[0]:
-                ax.plot(epochs, [float(r[prefix + key]) for r in rows], "o-", label=label)
+                ax.plot(epochs, [r.get(prefix + key, np.nan) for r in rows], "o-", label=label)
         ax.set(xlabel="epoch", ylabel=key, title=key)
         ax.legend(fontsize=8)
     if name:

@@ -223,7 +223,7 @@ def write_csv(path: str | Path, table: list[dict], paper: bool = False) -> None:
     out.writerow(keys)
     for row in table:
         out.writerow(["" if row.get(k) is None else row.get(k) for k in keys])
-    Path(path).write_text(buf.getvalue())
+    runs.write_text(Path(path), buf.getvalue())
 
 
 def main(run_dirs, opts: ReportOptions) -> int:
@@ -232,7 +232,7 @@ def main(run_dirs, opts: ReportOptions) -> int:
     table = rows(run_dirs, paper)
     text = markdown(table, paper=opts.paper)
     if opts.out:
-        Path(opts.out).write_text(text)
+        runs.write_text(Path(opts.out), text)
         print(f"written: {opts.out}")
     else:
         print(text, end="")

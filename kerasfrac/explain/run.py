@@ -13,8 +13,9 @@ Small pure pieces (keras-io ``visualizing_what_convnets_learn``):
 * Grad-CAM and the audit numbers live in ``kerasfrac.explain.gradcam``.
 
 ``explain_run`` ties them to a run directory: the run's config prepares the images exactly
-as training did, figures go to ``OUT`` (default ``RUN_DIR/explain``) and to
-``RUN_DIR/tensorboard/explain``, numbers to ``OUT/explain.json``.
+as training did, figures go to ``OUT`` (default ``RUN_DIR/explain``, and then also to
+``RUN_DIR/tensorboard/explain``), numbers to ``OUT/explain.json``; with another ``OUT``
+nothing is written into the run.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import matplotlib
 import numpy as np
 import tensorflow as tf
 
+from kerasfrac import runs
 from kerasfrac.explain import gradcam
 from kerasfrac.explain.gradcam import layer_output
 from kerasfrac.models import block_output_names, classifier, logit_layer_name
@@ -213,8 +215,7 @@ def _save(fig, path: Path, name: str = "", **adjust) -> Path:
     if name:  # the run and split (or image files) the figure is of
         fig.suptitle(name, fontsize=10)
     fig.subplots_adjust(**{"left": 0.02, "right": 0.98, "bottom": 0.03, "top": 0.9, **adjust})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    runs.save_figure(fig, path, dpi=90)
     plt.close(fig)
     return path
 
@@ -549,14 +550,20 @@ def explain_run(
     model_path: str | Path | None = None,
     log=print,
 ) -> dict:
-    """Run the chosen parts on a run directory; return what explain.json holds."""
-    from kerasfrac import data, runs
-
+    """Run the chosen parts on a run directory; return what explain.json holds. Writes only
+    into ``out``, and into the run's TensorBoard where ``out`` is the default (RUN/explain)."""
     opts = opts or ExplainOptions()
     opts.check()
-    run_dir = Path(run_dir)
+    with runs.run_lock(run_dir, exclusive=False, command="explain"):  # no train meanwhile
+        return _explain_run(Path(run_dir), opts, image_files, out, model_path, log)
+
+
+def _explain_run(run_dir: Path, opts: ExplainOptions, image_files, out, model_path, log) -> dict:
+    from kerasfrac import data
+
     # boxmap reads the box head, which a checkpoint keeps (model.keras holds the classifier)
     cfg, full, path = runs.load_model(run_dir, model_path, box_head=opts.cam_method == "boxmap")
+    in_run = out is None  # --out elsewhere: nothing is written into the run
     out = Path(out) if out else run_dir / runs.EXPLAIN
     out.mkdir(parents=True, exist_ok=True)
     build = data.check_build(cfg.data.dir, cfg.dataset)  # the manifest, read once
@@ -588,7 +595,7 @@ def explain_run(
     for part, make in _PARTS.items():
         if part in opts.what:
             pngs += make(ctx, result)
-    if pngs:
+    if pngs and in_run:
         runs.log_images(run_dir, "explain", pngs)
     result["figures"] = [str(p) for p in pngs]
     return _write_json(out / "explain.json", result, path)
@@ -724,7 +731,7 @@ def _write_json(json_path: Path, result: dict, model_path) -> dict:
         a = result["audit"]
         key = f"{a['split']}|{model_path}|{a['cam_layer']}|{a['cam_method']}|{a['cam_target']}"
         result["audits"][key] = a
-    json_path.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
+    runs.write_text(json_path, json.dumps(result, indent=2, default=_json_default) + "\n")
     result["json"] = str(json_path)
     return result
 

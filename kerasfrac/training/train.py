@@ -316,13 +316,9 @@ def make_train_step(
 
 def _restore_early_stopping(stopper, run_dir: Path) -> None:
     """Best val AUROC and epochs without improvement so far, from history.csv (resume)."""
-    path = runs.history_path(run_dir)
-    if stopper is None or not path.is_file():
+    if stopper is None:
         return
-    import csv
-
-    with path.open(newline="") as f:
-        values = [float(row["val_auroc"]) for row in csv.DictReader(f) if row.get("val_auroc")]
+    values = [row["val_auroc"] for row in runs.read_history(run_dir) if "val_auroc" in row]
     values = [v for v in values if math.isfinite(v)]
     if values:
         best = int(np.argmax(values))
@@ -362,13 +358,34 @@ def train(
     task = TrainingTask(cfg)
     policy = keras.mixed_precision.dtype_policy()  # train.precision sets it for the run only
     try:
-        finished = task.setup(resume, overwrite, auto_resume)
-        if finished is not None:  # e.g. a job requeued after its run finished: nothing to do
-            return finished
-        epochs_done = task.loop(verbose)
-        return task.finish(epochs_done)
+        with contextlib.ExitStack() as task.held:  # the run's lock (chief), until train ends
+            finished = task.setup(resume, overwrite, auto_resume)
+            if finished is not None:  # e.g. a job requeued after its run finished: nothing to do
+                return finished
+            epochs_done = task.loop(verbose)
+            return task.finish(epochs_done)
     finally:
         keras.mixed_precision.set_dtype_policy(policy)
+
+
+class BestModel(keras.callbacks.Callback):
+    """Keras' ``ModelCheckpoint(save_best_only=True, mode="max")``, written atomically: the
+    epoch whose ``monitor`` beats ``best`` is saved to a temporary file and renamed onto
+    ``path``, so a kill or a full disk leaves the previous best.keras, never a truncated one
+    (Keras' callback writes the file in place)."""
+
+    def __init__(self, path: Path, monitor: str = "val_auroc") -> None:
+        super().__init__()
+        self.path, self.monitor = Path(path), monitor
+        self.best = -math.inf
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            raise KeyError(f"BestModel: no {self.monitor!r} in the epoch's logs {list(logs)}")
+        if float(value) > self.best:  # NaN never is
+            self.best = float(value)
+            ckpt.save_model(self.model, self.path)
 
 
 class TrainingTask:
@@ -380,6 +397,7 @@ class TrainingTask:
         self.cfg = runs.absolute(cfg)  # config.yaml then works from any folder
         self.run_dir = Path(self.cfg.run_dir)
         self.best = None  # the ModelCheckpoint of checkpoints/best.keras (chief only)
+        self.held = contextlib.ExitStack()  # train() passes the one it closes at the end
 
     # ----------------------------------------------------------------------- setup
 
@@ -393,6 +411,11 @@ class TrainingTask:
         self.strategy = distribute.make_strategy(t.distribute)
         self.chief = distribute.is_chief(self.strategy)
         self.task = distribute.task_name(self.strategy)
+        if self.chief:  # before anything reads or rewrites the run: one writer at a time
+            self.held.enter_context(runs.run_lock(run_dir, exclusive=True, command="train"))
+        # Every record of val and test read once (their CRCs): a damaged shard is named now,
+        # not after an epoch or after the whole training (train's own shards are read first).
+        self.build.verify(("val", "test"))
         if auto_resume:
             done = ckpt.finished_metrics(run_dir, t.epochs)
             if done is not None:
@@ -540,9 +563,7 @@ class TrainingTask:
         t, run_dir, state = self.cfg.train, self.run_dir, self.state
         cbs: list[keras.callbacks.Callback] = [keras.callbacks.TerminateOnNaN()]
         if self.chief:
-            self.best = keras.callbacks.ModelCheckpoint(
-                runs.best_path(run_dir), monitor="val_auroc", mode="max", save_best_only=True
-            )
+            self.best = BestModel(runs.best_path(run_dir), monitor="val_auroc")
             if state is not None and state.get("best_val_auroc") is not None:
                 self.best.best = state["best_val_auroc"]
             cbs += [
