@@ -90,8 +90,11 @@ def add_evaluate(sub) -> None:
         description="Evaluate a training run on a split: accuracy and loss, AUROC, average "
         "precision, sensitivity, specificity, balanced accuracy, F1, confusion matrix at 0.5 "
         "and at the Youden-J threshold chosen on val, the majority baseline, bootstrap 95% "
-        "CIs and FracAtlas subgroups. Writes metrics.json (metrics_val.json for --split val), "
-        "predictions and plots/ into the run directory and prints a summary.",
+        "CIs and FracAtlas subgroups; calibration (ECE, Brier, reliability diagram) before "
+        "and after a calibrator fitted on val, and sensitivity, specificity, PPV and NPV at "
+        "operating points chosen on val. Writes metrics.json (metrics_val.json for --split "
+        "val), calibration.json (what was chosen on val: predict uses it), predictions and "
+        "plots/ into the run directory and prints a summary.",
     )
     p.add_argument("--run-dir", required=True, help="run directory written by `kerasfrac train`")
     p.add_argument("--model", help="model file (default RUN_DIR/model.keras)")
@@ -138,9 +141,10 @@ def add_predict(sub) -> None:
         "evaluation pipeline does (settings from the config.yaml next to the model). DICOM: "
         "rescale slope/intercept and the first window applied, MONOCHROME1 inverted; no "
         "patient metadata is copied into any output. Files that are not images are reported "
-        "and skipped.",
+        "and skipped. The probability is calibrated where `kerasfrac evaluate` fitted a "
+        "calibrator on val (calibration.json; the output says which).",
     )
-    p.add_argument("--model", required=True, help="model file (a run's model.keras)")
+    p.add_argument("--model", required=True, help="a run directory, or a model file inside one")
     p.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR")
     options.add_arguments(p, options.PredictOptions)
     p.set_defaults(func=run_predict)

@@ -110,8 +110,41 @@ class EvaluateOptions:
     baseline: bool = option(
         True, "skip the no-anatomy baseline (kerasfrac audit) beside the model's AUROC"
     )
+    sensitivity: tuple[float, ...] = option(
+        (0.9, 0.95),
+        "operating points: thresholds chosen on val to reach each sensitivity (comma-separated)",
+        parse=lambda text: _shares(text, "--sensitivity"),
+    )
+    specificity: tuple[float, ...] = option(
+        (),
+        "operating points: thresholds chosen on val to keep each specificity",
+        default_text="none",
+        parse=lambda text: _shares(text, "--specificity"),
+    )
+    prevalence: float | None = option(
+        None,
+        "deployment prevalence (share fractured) that calibrated probabilities are shifted to",
+        default_text="val's",
+        parse=lambda text: _shares(text, "--prevalence", open_interval=True)[0],
+    )
     #: Images per batch when predicting; None: the run's train.batch_size.
     batch_size: int | None = None
+
+
+def _shares(text: str, flag: str, open_interval: bool = False) -> tuple[float, ...]:
+    """Comma-separated shares in [0, 1] ((0, 1) with ``open_interval``)."""
+    values = []
+    for part in (x.strip() for x in text.split(",") if x.strip()):
+        try:
+            v = float(part)
+        except ValueError:
+            v = float("nan")
+        inside = 0.0 < v < 1.0 if open_interval else 0.0 <= v <= 1.0  # nan is neither
+        if not inside:
+            interval = "(0, 1)" if open_interval else "[0, 1]"
+            raise ValueError(f"{flag} takes shares in {interval}, e.g. 0.9; got {part!r}")
+        values.append(v)
+    return tuple(values)
 
 
 # --------------------------------------------------------------------------- predict
@@ -124,7 +157,15 @@ class PredictOptions:
         "call fractured at probability >= T",
         default_text="the run's Youden-J threshold in metrics.json, else 0.5",
     )
-    csv: str | None = option(None, "also write path, probability, class to this CSV")
+    operating_point: str | None = option(
+        None,
+        "decide at an operating point `kerasfrac evaluate` chose on val (e.g. sensitivity_0.90;"
+        " listed in the run's calibration.json)",
+        default_text="the run's Youden-J threshold",
+    )
+    csv: str | None = option(
+        None, "also write path, probability, model_probability, class, threshold to this CSV"
+    )
     batch_size: int = option(TrainConfig.batch_size, "images per batch")
     #: Images above this many pixels are skipped unread (the builder's --max-pixels).
     max_pixels: int = DEFAULT_MAX_PIXELS

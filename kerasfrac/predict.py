@@ -39,9 +39,19 @@ _MAGIC = (
 
 @dataclass
 class Prediction:
+    """One image's result: ``probability`` is the model's own; ``calibrated`` the run's val
+    calibrator applied to it (None where `kerasfrac evaluate` has fitted none); ``fractured``
+    the decision at the threshold (compared with the model's own probability)."""
+
     path: str
     probability: float
     fractured: bool
+    calibrated: float | None = None
+
+    @property
+    def shown(self) -> float:
+        """What is reported: the calibrated probability where there is one."""
+        return self.probability if self.calibrated is None else self.calibrated
 
 
 def sniff(data: bytes, path: str | Path = "") -> str | None:
@@ -140,18 +150,54 @@ def predict_files(
     threshold: float | None = PredictOptions.threshold,
     batch_size: int = PredictOptions.batch_size,
     max_pixels: int = PredictOptions.max_pixels,
+    operating_point: str | None = PredictOptions.operating_point,
 ) -> tuple[list[Prediction], list[tuple[str, str]], float, str]:
-    """``(predictions, skipped [(path, reason)], threshold, threshold source)``."""
+    """``(predictions, skipped [(path, reason)], threshold, threshold source)``.
+    ``model_path``: a model file, or a run directory (its model.keras)."""
     from kerasfrac import runs
 
     if threshold is not None and not 0.0 <= threshold <= 1.0:  # also catches nan
         raise ValueError(f"--threshold must be a probability in [0, 1]; got {threshold!r}")
+    if threshold is not None and operating_point is not None:
+        raise ValueError("pass --threshold or --operating-point, not both")
+    if Path(model_path).is_dir():  # a run directory
+        model_path = runs.model_path(model_path)
     run_dir = runs.run_dir_of(model_path)
     with runs.run_lock(run_dir, exclusive=False, command="predict"):  # no train meanwhile
-        return _predict_files(model_path, paths, threshold, batch_size, max_pixels)
+        return _predict_files(model_path, paths, threshold, batch_size, max_pixels, operating_point)
 
 
-def _predict_files(model_path, paths, threshold, batch_size, max_pixels):
+def decision_threshold(run_dir, threshold, operating_point, chosen) -> tuple[float, str]:
+    """The threshold on the model's probability and where it comes from: ``threshold``
+    (--threshold), an operating point of the run's calibration.json, or its Youden-J one."""
+    from kerasfrac import runs
+
+    if threshold is not None:
+        return threshold, "--threshold"
+    if operating_point is None:  # the run's own, checked as --threshold is
+        return runs.youden_threshold(run_dir)
+    if chosen is None:
+        raise ValueError(
+            f"--operating-point {operating_point}: the run {str(run_dir)!r} has no "
+            f"calibration.json; run `kerasfrac evaluate --run-dir {run_dir}` first (it chooses "
+            "the operating points on val)"
+        )
+    points = chosen["operating_points"]
+    if operating_point not in points:
+        raise ValueError(
+            f"--operating-point {operating_point!r} is not one of the run's "
+            f"{sorted(points) or 'none'}; add it with `kerasfrac evaluate --run-dir {run_dir} "
+            "--sensitivity S` (or --specificity S)"
+        )
+    point = points[operating_point]
+    return float(point["threshold"]), (
+        f"operating point {operating_point}: {point['target']} {point['value']:.2f} on val "
+        f"(val {point['target']} {point['val'][point['target']]:.3f}); "
+        f"{runs.calibration_path(run_dir)}"
+    )
+
+
+def _predict_files(model_path, paths, threshold, batch_size, max_pixels, operating_point):
     import tensorflow as tf
 
     from kerasfrac import runs
@@ -159,10 +205,10 @@ def _predict_files(model_path, paths, threshold, batch_size, max_pixels):
     from kerasfrac.models import predict_probs
 
     cfg, model, _ = runs.load_model(model_file=model_path)
-    if threshold is None:  # the run's own, checked as --threshold is
-        threshold, source = runs.youden_threshold(runs.run_dir_of(model_path))
-    else:
-        source = "--threshold"
+    run_dir = runs.run_dir_of(model_path)
+    chosen = runs.read_calibration(run_dir)
+    threshold, source = decision_threshold(run_dir, threshold, operating_point, chosen)
+    calibrator = chosen["calibrator"] if chosen else None
     prepared, kept, skipped, warnings = [], [], [], []
     for path in expand_paths(paths):
         if not path.is_file():
@@ -195,8 +241,11 @@ def _predict_files(model_path, paths, threshold, batch_size, max_pixels):
         batch = tf.stack(prepared[start : start + batch_size])
         # the run's test-time augmentation (eval.tta), as in evaluate
         probs = np.asarray(predict_probs(model, batch, cfg.eval.tta), dtype=np.float64)
-        for path, p in zip(kept[start : start + batch_size], probs):
-            results.append(Prediction(path, float(p), bool(p >= threshold)))
+        calibrated = calibrator.apply(probs) if calibrator else [None] * len(probs)
+        for path, p, c in zip(kept[start : start + batch_size], probs, calibrated):
+            results.append(
+                Prediction(path, float(p), bool(p >= threshold), None if c is None else float(c))
+            )
     for w in warnings:
         print(w, file=sys.stderr)
     return results, skipped, threshold, source
@@ -223,26 +272,41 @@ def _recover_truncated(data: bytes, path, warnings: list[str]) -> bytes:
 
 def main(model_path, paths, opts: PredictOptions) -> int:
     """``kerasfrac predict``: see ``cli.add_predict``."""
+    from kerasfrac import runs
+
     results, skipped, threshold, source = predict_files(
-        model_path, paths, opts.threshold, opts.batch_size, opts.max_pixels
+        model_path, paths, opts.threshold, opts.batch_size, opts.max_pixels, opts.operating_point
     )
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
-    print(f"# threshold {threshold:.4f} ({source})")
+    run_dir = runs.run_dir_of(
+        runs.model_path(model_path) if Path(model_path).is_dir() else model_path
+    )
+    chosen = runs.read_calibration(run_dir)
+    if chosen is not None:
+        print(f"# probability: calibrated, {chosen['calibrator'].describe()}")
+    else:
+        print(
+            "# probability: the model's own, NOT calibrated (`kerasfrac evaluate` fits a "
+            "calibrator on val)"
+        )
+    print(f"# threshold {threshold:.4f} on the model's own probability ({source})")
     for r in results:
         label = "fractured" if r.fractured else "normal"
-        print(f"{r.path}\t{r.probability:.6f}\t{label}")
+        print(f"{r.path}\t{r.shown:.6f}\t{label}")
     if opts.csv:
-        from kerasfrac import runs
-
         buf = io.StringIO()
         out = csv.writer(buf)
-        out.writerow(["path", "probability", "class", "threshold"])
+        out.writerow(["path", "probability", "model_probability", "class", "threshold"])
         for r in results:
             label = "fractured" if r.fractured else "normal"
-            out.writerow([r.path, f"{r.probability:.6f}", label, f"{threshold:.6f}"])
+            out.writerow(
+                [r.path, f"{r.shown:.6f}", f"{r.probability:.6f}", label, f"{threshold:.6f}"]
+            )
         runs.write_text(Path(opts.csv), buf.getvalue())
         print(f"written: {opts.csv}")
+    n_pos = sum(r.fractured for r in results)
+    print(f"# {len(results)} images, {len(skipped)} skipped, {n_pos} called fractured")
     if not results:
         raise ValueError("no image could be read from the given paths")
     return 0

@@ -15,6 +15,7 @@ explain, predict, report); checkpoint.py commits the checkpoints inside it. Layo
     box_model.keras        the same epoch with its box head (model.box_head runs only)
     predictions.csv        test split: image_id, label, probability (predictions_<split>.csv)
     metrics.json           test split metrics (metrics_<split>.json): see ``write_metrics``
+    calibration.json       chosen on val by evaluate: the calibrator, operating points
     plots/                 evaluation plots;  explain/  explain's figures and explain.json
 
 ``metrics.json`` has one writer (``write_metrics``) and one schema, whether train or evaluate
@@ -53,6 +54,7 @@ CHECKPOINTS = "checkpoints"
 BEST = "best.keras"
 TENSORBOARD = "tensorboard"
 PLOTS = "plots"
+CALIBRATION = "calibration.json"
 EXPLAIN = "explain"
 
 
@@ -92,6 +94,35 @@ def predictions_path(run_dir, split: str) -> Path:
 def metrics_path(run_dir, split: str) -> Path:
     """``metrics.json`` for test, ``metrics_<split>.json`` otherwise."""
     return Path(run_dir) / ("metrics.json" if split == "test" else f"metrics_{split}.json")
+
+
+def calibration_path(run_dir) -> Path:
+    """``calibration.json``: what `kerasfrac evaluate` chose on val for deployment (the
+    calibrator and the operating points' thresholds)."""
+    return Path(run_dir) / CALIBRATION
+
+
+def read_calibration(run_dir) -> dict | None:
+    """The run's calibration.json (checked), None where evaluate has not written one; a
+    ValueError naming the file where it is damaged."""
+    from kerasfrac.evaluation.calibration import Calibrator
+
+    path = calibration_path(run_dir)
+    if not path.is_file():
+        return None
+    try:
+        chosen = json.loads(path.read_text())
+        chosen["calibrator"] = Calibrator.from_dict(chosen["calibrator"])
+        for name, point in chosen["operating_points"].items():
+            t = point["threshold"]
+            if not (isinstance(t, int | float) and 0.0 <= t <= 1.0):
+                raise ValueError(f"operating point {name!r} has threshold {t!r}")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(
+            f"cannot read the run's calibration {str(path)!r} ({reprlib.repr(str(err))}); rerun "
+            f"`kerasfrac evaluate --run-dir {run_dir}` to rewrite it"
+        ) from err
+    return chosen
 
 
 def run_dir_of(model_file) -> Path:

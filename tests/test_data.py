@@ -288,8 +288,10 @@ def test_manifest_count_mismatch_fails_loudly(tfrecord_dir_factory):
     manifest = json.loads((d / schema.MANIFEST).read_text())
     manifest["splits"]["test"]["normal"] = 5
     (d / schema.MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(tf.errors.FailedPreconditionError):
-        unbatch(data.make_eval_dataset(d, "test", cfg(), 4))
+    # Refused when the build is loaded, before a dataset is made (records counted from the
+    # shards' headers), naming the split, both counts and the rebuild command.
+    with pytest.raises(data.BuildOutputError, match=r"split 'test' .* holds 4 records, but its"):
+        data.make_eval_dataset(d, "test", cfg(), 4)
 
 
 def test_separable_fixture_is_separable(separable_tfrecord_dir):

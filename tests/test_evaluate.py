@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from kerasfrac import runs
 from kerasfrac.cli import main
-from kerasfrac.evaluation import evaluate, metrics
+from kerasfrac.evaluation import calibration, evaluate, metrics
 from tests.conftest import make_run, make_tfrecord_dir
 
 # Six images with a tie between a fractured and a normal one at 0.4.
@@ -156,8 +156,21 @@ def test_evaluate_run_writes_everything(run_dir, capsys):
         "test_roc.png",
         "test_pr.png",
         "test_confusion.png",
+        "test_reliability.png",
         "training_curves.png",
     }
+    # What was chosen on val (calibration.json) is applied to test in metrics.json.
+    chosen = json.loads((run_dir / "calibration.json").read_text())
+    assert chosen["chosen_on"] == "val" and chosen["n_val"] == 16
+    assert set(m["operating_points"]) == {"sensitivity_0.90", "sensitivity_0.95"}
+    for name, point in m["operating_points"].items():
+        t = chosen["operating_points"][name]["threshold"]
+        assert point["threshold"] == t
+        assert t == metrics.threshold_for(vl, vp, "sensitivity", point["value"])
+        at = metrics.threshold_metrics(labels, probs, t)
+        assert (point["sensitivity"], point["npv"]) == (at["sensitivity"], at["npv"])
+    assert m["calibration"]["calibrator"] == chosen["calibrator"]
+    assert m["calibration"]["before"]["ece"] == pytest.approx(calibration.ece(labels, probs))
     assert list((run_dir / "tensorboard" / "evaluation").glob("events.out.tfevents.*"))
     # second time: predictions are read back, same numbers
     m2 = evaluate.evaluate_run(run_dir, plots=False, n_bootstrap=1000)

@@ -1,12 +1,16 @@
-"""Integration: build the real FracAtlas subset in ../shared/data/fracatlas-mini.
+"""Integration: build the real FracAtlas subset in ../shared/data/fracatlas-mini
+(or the folder ``KERASFRAC_FRACATLAS_MINI`` names).
 
-Skips with a reason where that folder is absent (users do not have it).
+Skips with a reason where that folder is absent (users do not have it), unless
+``KERASFRAC_REQUIRE_DATA=1``: then a missing folder fails every test here (``.ci/run`` sets it
+wherever the folder exists, so a moved or damaged subset cannot turn into skips).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -14,11 +18,19 @@ import pytest
 from tfrecords_builder import read_split
 from tfrecords_builder.build import BuildOptions, build
 
-MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fracatlas-mini"
+_DEFAULT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fracatlas-mini"
+MINI = Path(os.environ.get("KERASFRAC_FRACATLAS_MINI") or _DEFAULT)
+_REQUIRED = os.environ.get("KERASFRAC_REQUIRE_DATA") == "1"
 
 pytestmark = pytest.mark.skipif(
-    not MINI.is_dir(), reason=f"real FracAtlas subset not present at {MINI}"
+    not MINI.is_dir() and not _REQUIRED, reason=f"real FracAtlas subset not present at {MINI}"
 )
+
+
+@pytest.fixture(autouse=True)
+def _required_data_present():
+    if not MINI.is_dir():  # only reached with KERASFRAC_REQUIRE_DATA=1
+        pytest.fail(f"KERASFRAC_REQUIRE_DATA=1 but the real FracAtlas subset is absent: {MINI}")
 
 
 @pytest.fixture(scope="module")

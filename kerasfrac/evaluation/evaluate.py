@@ -12,6 +12,7 @@ computed with its model (``kerasfrac.runs``), the exact metrics of
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +163,10 @@ def _evaluate_run(run_dir, model_path, opts: EvaluateOptions) -> dict:
     pred = predictions(split)
     val = pred if split == "val" else predictions("val")
     result = {"split": split, **_metrics(pred, val, build, split, opts)}
+    chosen = choose_on_val(val, opts)
+    result.update(apply_chosen(chosen, pred, split, opts))
+    if own_model:  # what predict (and export) use: fitted on val, whichever split this is
+        runs.write_text(runs.calibration_path(run_dir), json.dumps(chosen, indent=2) + "\n")
     if opts.plots:
         written = write_run_plots(run_dir, split, pred.labels, pred.probs, result, pred.groups)
         result["plots"] = [str(p.relative_to(run_dir)) for p in written]
@@ -207,6 +212,83 @@ def _metrics(pred: Predictions, val: Predictions, build, split: str, opts) -> di
     return result
 
 
+def choose_on_val(val: Predictions, opts: EvaluateOptions) -> dict:
+    """What is chosen on val alone: the calibrator (``calibration.fit``) and the operating
+    points' thresholds (``opts.sensitivity`` / ``opts.specificity``), as calibration.json holds
+    them; a calibrator that cannot be fitted (too few images of a class) is ``none`` with the
+    reason."""
+    from kerasfrac.evaluation import calibration
+    from kerasfrac.evaluation.metrics import threshold_for, threshold_metrics
+
+    try:
+        cal = calibration.fit(val.labels, val.probs, seed=opts.seed)
+        why = None
+    except ValueError as err:
+        cal, why = calibration.Calibrator("none", n=int(val.labels.size)), str(err)
+    cal = cal.with_prevalence(opts.prevalence)
+    points = {}
+    for target, values in (("sensitivity", opts.sensitivity), ("specificity", opts.specificity)):
+        for value in values:
+            t = threshold_for(val.labels, val.probs, target, value)
+            if t is None:
+                continue
+            m = threshold_metrics(val.labels, val.probs, t)
+            points[f"{target}_{value:.2f}"] = {
+                "target": target,
+                "value": value,
+                "threshold": t,  # on the model's probability (predict compares it with that)
+                "threshold_calibrated": float(cal.apply(t)),
+                "val": {k: m[k] for k in ("sensitivity", "specificity", "precision", "npv")},
+            }
+    return {
+        "chosen_on": "val",
+        "n_val": int(val.labels.size),
+        "calibrator": cal.to_dict(),
+        "not_fitted": why,
+        "operating_points": points,
+    }
+
+
+def apply_chosen(chosen: dict, pred: Predictions, split: str, opts: EvaluateOptions) -> dict:
+    """``calibration`` (ECE with CI, Brier, log-loss and the reliability bins before and
+    after the val calibrator) and ``operating_points`` (sensitivity, specificity, PPV and NPV
+    with CIs at each threshold chosen on val) of ``split``'s predictions."""
+    from kerasfrac.evaluation import calibration
+    from kerasfrac.evaluation.metrics import bootstrap_ci, threshold_metrics
+
+    cal = calibration.Calibrator.from_dict(chosen["calibrator"])
+    kw = {"groups": pred.groups, "n_bootstrap": opts.n_bootstrap, "seed": opts.seed}
+    block = {
+        "calibrator": chosen["calibrator"],
+        "before": calibration.calibration_metrics(pred.labels, pred.probs, **kw),
+        "after": calibration.calibration_metrics(pred.labels, cal.apply(pred.probs), **kw),
+    }
+    if chosen.get("not_fitted"):
+        block["not_fitted"] = chosen["not_fitted"]
+    if split == "val":
+        block["note"] = "fitted on this split: 'after' is optimistic here; read it on test"
+    points = {}
+    for name, point in chosen["operating_points"].items():
+        t = point["threshold"]
+        m = threshold_metrics(pred.labels, pred.probs, t)
+        row = {
+            **{k: point[k] for k in ("target", "value", "threshold", "threshold_calibrated")},
+            "chosen_on": "val" if split != "val" else "val (the same split: optimistic)",
+            "sensitivity": m["sensitivity"],
+            "specificity": m["specificity"],
+            "ppv": m["precision"],
+            "npv": m["npv"],
+            "confusion_matrix": m["confusion_matrix"],
+        }
+        if opts.n_bootstrap:
+            ci = bootstrap_ci(
+                pred.labels, pred.probs, t, opts.n_bootstrap, opts.seed, groups=pred.groups
+            )
+            row["ci95"] = {k: ci[k] for k in ("sensitivity", "specificity", "ppv", "npv")}
+        points[name] = row
+    return {"calibration": block, "operating_points": points}
+
+
 def write_run_plots(run_dir: Path, split: str, labels, probs, m: dict, groups=None) -> list[Path]:
     """All plots of one evaluation into run_dir/plots, also logged to the run's TensorBoard;
     every title names the run and the split."""
@@ -218,6 +300,10 @@ def write_run_plots(run_dir: Path, split: str, labels, probs, m: dict, groups=No
         plots.pr_plot(out / f"{split}_pr.png", labels, probs, m, name),
         plots.confusion_plot(out / f"{split}_confusion.png", m, name),
     ]
+    if m.get("calibration"):
+        paths.append(
+            plots.reliability_plot(out / f"{split}_reliability.png", m["calibration"], name)
+        )
     curves = out / "training_curves.png"
     hist = plots.history_plot(curves, runs.read_history(run_dir), runs.run_name(run_dir))
     if hist is not None:
@@ -397,6 +483,34 @@ def _ci(ci: dict | None, key: str, pct: bool) -> str:
     return f" [{f(lo)}, {f(hi)}]"
 
 
+def calibration_lines(m: dict) -> list[str]:
+    """The calibration and operating-point lines of ``summary``."""
+    lines = []
+    c = m.get("calibration")
+    if c:
+        b, a = c["before"], c["after"]
+
+        def ece(d: dict) -> str:
+            ci = d.get("ece_ci95")
+            return f"{d['ece']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+        lines.append(
+            f"  calibration: ECE ({b['n_bins']} equal-mass bins) {ece(b)}, Brier {b['brier']:.4f}"
+            f" -> {ece(a)}, Brier {a['brier']:.4f} after {c['calibrator']['description']}"
+        )
+        if c.get("note"):
+            lines.append(f"    ({c['note']})")
+    for name, p in (m.get("operating_points") or {}).items():
+        ci = p.get("ci95")
+        lines.append(
+            f"  operating point {name} (threshold {p['threshold']:.4f}, chosen on "
+            f"{p['chosen_on']}): sensitivity {_pct(p['sensitivity'])}{_ci(ci, 'sensitivity', True)}"
+            f", specificity {_pct(p['specificity'])}{_ci(ci, 'specificity', True)}, PPV "
+            f"{_pct(p['ppv'])}{_ci(ci, 'ppv', True)}, NPV {_pct(p['npv'])}{_ci(ci, 'npv', True)}"
+        )
+    return lines
+
+
 def summary(m: dict) -> str:
     """A readable multi-line summary of a metrics dict."""
     c = m["counts"]
@@ -436,6 +550,7 @@ def summary(m: dict) -> str:
             f"  (95% CIs: percentile bootstrap, {ci['n_resamples']} resamples of "
             f"{ci.get('resampled', 'images')}, seed {ci['seed']})"
         )
+    lines += calibration_lines(m)
     for name, g in (m.get("subgroups") or {}).items():
         if "counts" in g:
             lines.append(

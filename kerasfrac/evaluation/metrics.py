@@ -19,7 +19,7 @@ from sklearn import metrics as skm
 from kerasfrac.names import N_BOOTSTRAP
 
 #: Metrics that get bootstrap confidence intervals.
-CI_METRICS = ("accuracy", "auroc", "sensitivity", "specificity")
+CI_METRICS = ("accuracy", "auroc", "sensitivity", "specificity", "ppv", "npv")
 #: Subgroups of the baseline comparison get AUROCs only with this many images of each class.
 MIN_PER_CLASS_FOR_CI = 10
 #: FracAtlas metadata subgroups evaluated separately when the records carry them.
@@ -185,7 +185,8 @@ def threshold_metrics(labels, probs, threshold: float = 0.5) -> dict:
         "sensitivity": sens,
         "specificity": spec,
         "balanced_accuracy": None if sens is None or spec is None else (sens + spec) / 2,
-        "precision": _ratio(tp, tp + fp),
+        "precision": _ratio(tp, tp + fp),  # the positive predictive value (PPV)
+        "npv": _ratio(tn, tn + fn),
         "f1": _ratio(2 * tp, 2 * tp + fp + fn),
         # rows = true class (normal, fractured), columns = predicted class (normal, fractured)
         "confusion_matrix": [[tn, fp], [fn, tp]],
@@ -218,6 +219,27 @@ def youden_threshold(labels, probs) -> float | None:
     finite = np.isfinite(thresholds)
     best = int(np.argmax(np.where(finite, j, -np.inf)))  # first max = highest threshold
     return float(thresholds[best])
+
+
+def threshold_for(labels, probs, target: str, value: float) -> float | None:
+    """The threshold (``probs >= t`` is fractured) of an operating point chosen on these
+    predictions (val's): ``target`` "sensitivity": the highest t whose sensitivity is at least
+    ``value`` (the fewest positive calls that reach it); "specificity": the lowest t whose
+    specificity is at least ``value`` (the most sensitive that keeps it). None with one
+    class."""
+    labels = np.asarray(labels).astype(int)
+    if len(np.unique(labels)) < 2:
+        return None
+    fpr, tpr, thresholds = skm.roc_curve(labels, probs, drop_intermediate=False)
+    keep = np.isfinite(thresholds)  # the first is +inf: nothing called
+    fpr, tpr, thresholds = fpr[keep], tpr[keep], thresholds[keep]
+    if target == "sensitivity":
+        return float(thresholds[int(np.argmax(tpr >= value - 1e-12))])
+    if target == "specificity":
+        ok = np.flatnonzero(1.0 - fpr >= value - 1e-12)
+        # none reaches it: the highest threshold (the fewest false positives possible)
+        return float(thresholds[ok[-1]] if ok.size else thresholds[0])
+    raise ValueError(f"an operating point targets sensitivity or specificity; got {target!r}")
 
 
 def _auroc_rows(y: np.ndarray, p: np.ndarray) -> np.ndarray:
@@ -269,10 +291,13 @@ def bootstrap_ci(
         neg = n - pos
         tp = (pred & (y == 1)).sum(axis=1)
         tn = (~pred & (y == 0)).sum(axis=1)
+        called = pred.sum(axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
             values["accuracy"].append((tp + tn) / n)
             values["sensitivity"].append(np.where(pos > 0, tp / pos, np.nan))
             values["specificity"].append(np.where(neg > 0, tn / neg, np.nan))
+            values["ppv"].append(np.where(called > 0, tp / called, np.nan))
+            values["npv"].append(np.where(n - called > 0, tn / (n - called), np.nan))
         values["auroc"].append(_auroc_rows(y, p))
         done += b
     return _percentiles(
@@ -315,6 +340,9 @@ def _group_bootstrap_ci(labels, probs, threshold, n_resamples, seed, level, grou
         values["accuracy"].append((tp + tn) / y.size)
         values["sensitivity"].append(tp / pos if pos else np.nan)
         values["specificity"].append(tn / neg if neg else np.nan)
+        called = int(pred.sum())
+        values["ppv"].append(tp / called if called else np.nan)
+        values["npv"].append(tn / (y.size - called) if y.size - called else np.nan)
         a = auroc(y, p)
         values["auroc"].append(np.nan if a is None else a)
     return _percentiles(values, n_resamples, seed, level, "groups")

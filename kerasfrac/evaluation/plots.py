@@ -103,6 +103,39 @@ def pr_plot(path: Path, labels, probs, m: dict, name: str = "") -> Path:
     return _save(fig, path)
 
 
+def reliability_plot(path: Path, calibration: dict, name: str = "") -> Path:
+    """The reliability diagram before and after the val calibrator (``m["calibration"]``):
+    per equal-mass bin the observed share of fractured images against the mean predicted
+    probability, each point labelled with its bin's image count; the diagonal is perfect."""
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
+    described = calibration["calibrator"]["description"].split(" (")[0]
+    for key, label, marker in (("before", "model", "o-"), ("after", described, "s-")):
+        d = calibration[key]
+        bins = d["reliability"]
+        x = [b["p_mean"] for b in bins]
+        y = [b["observed"] for b in bins]
+        ax.plot(x, y, marker, ms=5, label=f"{label}: ECE {d['ece']:.3f}, Brier {d['brier']:.3f}")
+        if key == "before":
+            for b in bins:
+                ax.annotate(
+                    f"n={b['n']}",
+                    (b["p_mean"], b["observed"]),
+                    fontsize=6,
+                    xytext=(3, -9),
+                    textcoords="offset points",
+                )
+    ax.set(
+        xlabel="mean predicted probability of 'fractured' (bin)",
+        ylabel="observed share fractured (bin)",
+        xlim=(-0.02, 1.02),
+        ylim=(-0.02, 1.02),
+        title=_title(f"Reliability ({calibration['before']['n_bins']} equal-mass bins)", name),
+    )
+    ax.legend(loc="upper left", fontsize=7)
+    return _save(fig, path)
+
+
 def confusion_plot(path: Path, m: dict, name: str = "") -> Path:
     cm = np.array(m["confusion_matrix"])
     fig, ax = plt.subplots(figsize=(4, 4))
