@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_report(sub)
     add_predict(sub)
     add_explain(sub)
+    add_export(sub)
     return parser
 
 
@@ -155,6 +156,29 @@ def run_predict(args) -> int:
 
     opts = options.from_args(options.PredictOptions, args)
     return predict.main(args.model, args.paths, opts)
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="SavedModel (image bytes in), TFLite and a model card of a run",
+        description="Export a run for use outside kerasfrac: a SavedModel whose serving "
+        "signature takes encoded JPEG/PNG bytes and does the decoding, grayscale, resize and "
+        "flip TTA inside (returns the calibrated probability, the decision at each operating "
+        "point chosen on val and the box heat map where the model has one), a TFLite model "
+        "of the same on a decoded uint8 image, export.json and MODEL_CARD.md. Run `kerasfrac "
+        "evaluate` first: the calibrator and operating points come from its calibration.json.",
+    )
+    p.add_argument("--run-dir", required=True, help="run directory written by `kerasfrac train`")
+    p.add_argument("--out", required=True, help="output folder")
+    options.add_arguments(p, options.ExportOptions)
+    p.set_defaults(func=run_export)
+
+
+def run_export(args) -> int:
+    from kerasfrac import export
+
+    return export.main(args.run_dir, args.out, options.from_args(options.ExportOptions, args))
 
 
 def add_train(sub) -> None:

@@ -171,6 +171,17 @@ class PredictOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
+# --------------------------------------------------------------------------- export
+
+
+@dataclass
+class ExportOptions:
+    overwrite: bool = option(False, "replace an earlier export in --out")
+    quantize: bool = option(
+        False, "also write a dynamic-range quantised TFLite model (int8 weights)"
+    )
+
+
 # --------------------------------------------------------------------------- report
 
 

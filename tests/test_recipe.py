@@ -5,6 +5,7 @@ modules: test_architectures, test_augment, test_step."""
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -277,22 +278,22 @@ def _pointing_after_training(root, box_head: bool) -> dict:
     return out
 
 
-@pytest.mark.slow
-def test_box_supervision_moves_grad_cam_onto_the_fracture(tmp_path):
-    """Phantoms with a corner letter that agrees with the label 90% of the time (the report's
-    shortcut), the same network (heat-map head) and recipe with and without box supervision.
-    Without boxes the classifier's Grad-CAM peak lands within 15 px of a fracture box no more
-    often than chance; with boxes it lands there on nearly every fractured test image, and the
-    classifier ranks above the letter's 0.9 ceiling. Measured at 250 steps over training seeds
-    42 / 1 / 2 / 3 (chance 0.15): hit rate 1.00 / 1.00 / 1.00 / 0.93 with boxes against
-    0.03 / 0.07 / 0.10 / 0.00 without; box-map hit rate 1.00 / 1.00 / 1.00 / 0.97; AUROC
-    1.00 with boxes, 0.95-1.00 without. At 150 steps the margins were seed-dependent (hit
-    rate with boxes 0.45-0.90), hence 250."""
+# Phantoms with a corner letter that agrees with the label 90% of the time (the report's
+# shortcut), the same network (heat-map head) and recipe without and with box supervision;
+# the pointing game with a 15 px tolerance. Measured at 250 steps over training seeds
+# 42 / 1 / 2 / 3 (chance 0.15): hit rate 1.00 / 1.00 / 1.00 / 0.93 with boxes against
+# 0.03 / 0.07 / 0.10 / 0.00 without; box-map hit rate 1.00 / 1.00 / 1.00 / 0.97; AUROC 1.00
+# with boxes, 0.95-1.00 without. At 150 steps the margins were seed-dependent (hit rate with
+# boxes 0.45-0.90), hence 250. The two runs are two tests (they run side by side under
+# pytest-xdist); their bounds (with boxes > 0.75, without <= 0.15) imply the gap of 0.6.
+
+
+def _letter_phantoms(root: Path) -> None:
     from tfrecords_builder.build import BuildOptions, build
     from tfrecords_builder.datasets import synthetic
 
     synthetic.generate(
-        tmp_path / "raw",
+        root / "raw",
         count=400,
         fractured_fraction=0.5,
         image_size=128,
@@ -300,13 +301,29 @@ def test_box_supervision_moves_grad_cam_onto_the_fracture(tmp_path):
         marker=True,
         marker_correlation=0.9,
     )
-    build("synthetic", tmp_path / "raw", tmp_path / "tfr", BuildOptions(progress=False, shards=2))
+    build("synthetic", root / "raw", root / "tfr", BuildOptions(progress=False, shards=2))
+
+
+@pytest.mark.slow
+def test_without_box_supervision_grad_cam_misses_the_fracture(tmp_path):
+    """The shortcut is real: trained on label alone, the classifier's Grad-CAM peak lands
+    within 15 px of a fracture box no more often than chance (0.15)."""
+    _letter_phantoms(tmp_path)
     plain = _pointing_after_training(tmp_path, box_head=False)
+    assert plain["n_played"] >= 25
+    assert plain["hit_rate"] <= 0.15, plain
+
+
+@pytest.mark.slow
+def test_box_supervision_moves_grad_cam_onto_the_fracture(tmp_path):
+    """With box supervision the classifier's Grad-CAM peak lands on the fracture on nearly
+    every fractured test image, the box head's own map too, and the classifier ranks above
+    the letter's 0.9 ceiling."""
+    _letter_phantoms(tmp_path)
     boxed = _pointing_after_training(tmp_path, box_head=True)
     assert boxed["n_played"] >= 25
-    assert boxed["auroc"] > 0.95, (plain, boxed)  # above what the letter alone gives
+    assert boxed["auroc"] > 0.95, boxed  # above what the letter alone gives
     assert boxed["hit_rate"] > max(0.75, 4 * boxed["chance_rate"]), boxed
-    assert boxed["hit_rate"] >= plain["hit_rate"] + 0.6, (plain, boxed)
     # The box head's heat map itself peaks at the fracture (cam method boxmap).
     assert boxed["boxmap"]["hit_rate"] > max(0.75, 4 * boxed["chance_rate"]), boxed
 

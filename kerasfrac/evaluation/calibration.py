@@ -47,7 +47,9 @@ def logit(p) -> np.ndarray:
 
 
 def sigmoid(z) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))
+    from scipy.special import expit  # no overflow warning at large |z|
+
+    return expit(np.asarray(z, dtype=np.float64))
 
 
 def log_loss(labels, probs) -> float:
