@@ -11,3 +11,11 @@ so ``kerasfrac.config`` can validate a run before any heavy work starts.
 """
 
 __version__ = "0.1.0"
+
+
+def load(path, operating_point: str | None = None):
+    """A trained run directory or an export as one object with ``predict(paths or uint8
+    arrays)`` and ``explain(path)``: see ``kerasfrac.api``."""
+    from kerasfrac.api import load as _load
+
+    return _load(path, operating_point)

@@ -172,3 +172,30 @@ def test_export_refusals_name_the_fix(exported, tmp_path, capsys):
     (unfinished / "config.yaml").write_bytes((run_dir / "config.yaml").read_bytes())
     assert main(["export", "--run-dir", str(unfinished), "--out", str(tmp_path / "x")]) == 2
     assert "has no model.keras" in capsys.readouterr().err
+
+
+def test_kerasfrac_load_predicts_as_predict_does_from_a_run_and_an_export(exported, tmp_path):
+    import kerasfrac
+
+    run_dir, out = exported
+    files = _images(tmp_path, 4)
+    want, _, _, _ = predict.predict_files(run_dir, files)
+    run = kerasfrac.load(run_dir)
+    got = run.predict([str(f) for f in files])
+    assert [g.probability for g in got] == [w.shown for w in want]
+    assert [g.fractured for g in got] == [w.fractured for w in want]
+    arrays = [np.asarray(Image.open(f)) for f in files[:2]]  # PNGs: lossless, same pixels
+    from_arrays = run.predict(arrays)
+    np.testing.assert_allclose(
+        [g.probability for g in from_arrays], [w.shown for w in want[:2]], atol=1e-7
+    )
+    exp = kerasfrac.load(out)
+    np.testing.assert_allclose(
+        [g.probability for g in exp.predict(files)], [w.shown for w in want], atol=1e-4
+    )
+    figure = run.explain(files[1], out=tmp_path / "fig")
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="neither a run directory"):
+        kerasfrac.load(tmp_path)
+    with pytest.raises(ValueError, match="uint8 array"):
+        run.predict([np.zeros((4, 4), np.float32)])
