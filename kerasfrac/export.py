@@ -197,10 +197,21 @@ def export(run_dir, out, opts: ExportOptions | None = None, log=print) -> dict:
         tflite = _tflite(stage / SAVED_MODEL, quantize=False)
         (stage / TFLITE).write_bytes(tflite)
         files["tflite"] = TFLITE
+        quantized = None
         if opts.quantize:
             (stage / TFLITE_QUANTIZED).write_bytes(_tflite(stage / SAVED_MODEL, quantize=True))
             files["tflite_dynamic_range"] = TFLITE_QUANTIZED
+            log("measuring both TFLite models on the val split ...")
+            quantized = {
+                "val_auroc_float": _tflite_auroc(stage / TFLITE, cfg),
+                "val_auroc_dynamic_range": _tflite_auroc(stage / TFLITE_QUANTIZED, cfg),
+            }
+            quantized["change"] = (
+                quantized["val_auroc_dynamic_range"] - quantized["val_auroc_float"]
+            )
         spec = _spec(run_dir, cfg, path, calibrator, thresholds, box is not None, files)
+        if quantized:
+            spec["tflite_dynamic_range"] = quantized
         spec["sizes_bytes"] = {k: _size(stage / v) for k, v in files.items()}
         (stage / SPEC).write_text(json.dumps(spec, indent=2) + "\n")
         (stage / CARD).write_text(model_card(run_dir, cfg, spec, metrics, chosen))
@@ -233,6 +244,24 @@ def _tflite(saved_model: Path, quantize: bool) -> bytes:
     if quantize:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]  # dynamic range: int8 weights
     return converter.convert()
+
+
+def _tflite_auroc(path: Path, cfg) -> float:
+    """Val AUROC of a TFLite model's ``serve_image`` on the run's build (images as the
+    evaluation pipeline prepares them, back to the uint8 they were before / 255)."""
+    import tensorflow as tf
+
+    from kerasfrac import data
+    from kerasfrac.evaluation.metrics import auroc
+
+    runner = tf.lite.Interpreter(model_path=str(path)).get_signature_runner("serve_image")
+    labels, probs = [], []
+    for batch in data.make_eval_dataset(None, "val", cfg.data, 32):
+        images = np.round(np.asarray(batch["image"]) * 255.0).astype(np.uint8)
+        for image in images:
+            probs.append(float(runner(image=image[None])["model_probability"][0]))
+        labels.extend(np.asarray(batch["label"]).reshape(-1).astype(int).tolist())
+    return float(auroc(np.array(labels), np.array(probs)))
 
 
 def _spec(run_dir, cfg, model_file, calibrator, thresholds, has_box, files) -> dict:

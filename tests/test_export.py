@@ -199,3 +199,22 @@ def test_kerasfrac_load_predicts_as_predict_does_from_a_run_and_an_export(export
         kerasfrac.load(tmp_path)
     with pytest.raises(ValueError, match="uint8 array"):
         run.predict([np.zeros((4, 4), np.float32)])
+
+
+def test_overwrite_with_quantize_records_the_val_auroc_change(exported, tmp_path, capsys):
+    run_dir, out = exported
+    copy = tmp_path / "again"
+    assert main(["export", "--run-dir", str(run_dir), "--out", str(copy)]) == 0
+    before = json.loads((copy / "export.json").read_text())
+    assert "tflite_dynamic_range" not in before
+    rc = main(
+        ["export", "--run-dir", str(run_dir), "--out", str(copy), "--overwrite", "--quantize"]
+    )
+    assert rc == 0
+    spec = json.loads((copy / "export.json").read_text())
+    q = spec["tflite_dynamic_range"]
+    assert q["change"] == pytest.approx(q["val_auroc_dynamic_range"] - q["val_auroc_float"])
+    assert q["val_auroc_float"] > 0.9  # the separable fixture, through the float TFLite model
+    assert abs(q["change"]) < 0.05
+    assert spec["sizes_bytes"]["tflite_dynamic_range"] < spec["sizes_bytes"]["tflite"]
+    assert not list(tmp_path.glob(".again.*"))  # no staging or old folder left
