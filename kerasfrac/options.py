@@ -166,6 +166,12 @@ class PredictOptions:
     csv: str | None = option(
         None, "also write path, probability, model_probability, class, threshold to this CSV"
     )
+    cam: str | None = option(
+        None,
+        "write one overlay PNG per image into this folder: Grad-CAM, the box head's peak, "
+        "probability and decision",
+        metavar="DIR",
+    )
     batch_size: int = option(TrainConfig.batch_size, "images per batch")
     #: Images above this many pixels are skipped unread (the builder's --max-pixels).
     max_pixels: int = DEFAULT_MAX_PIXELS

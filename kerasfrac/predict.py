@@ -151,9 +151,11 @@ def predict_files(
     batch_size: int = PredictOptions.batch_size,
     max_pixels: int = PredictOptions.max_pixels,
     operating_point: str | None = PredictOptions.operating_point,
+    cam: str | Path | None = None,
 ) -> tuple[list[Prediction], list[tuple[str, str]], float, str]:
     """``(predictions, skipped [(path, reason)], threshold, threshold source)``.
-    ``model_path``: a model file, or a run directory (its model.keras)."""
+    ``model_path``: a model file, or a run directory (its model.keras). ``cam``: a folder
+    that gets one overlay PNG per image (``write_overlays``)."""
     from kerasfrac import runs
 
     if threshold is not None and not 0.0 <= threshold <= 1.0:  # also catches nan
@@ -164,7 +166,9 @@ def predict_files(
         model_path = runs.model_path(model_path)
     run_dir = runs.run_dir_of(model_path)
     with runs.run_lock(run_dir, exclusive=False, command="predict"):  # no train meanwhile
-        return _predict_files(model_path, paths, threshold, batch_size, max_pixels, operating_point)
+        return _predict_files(
+            model_path, paths, threshold, batch_size, max_pixels, operating_point, cam
+        )
 
 
 def decision_threshold(run_dir, threshold, operating_point, chosen) -> tuple[float, str]:
@@ -197,7 +201,7 @@ def decision_threshold(run_dir, threshold, operating_point, chosen) -> tuple[flo
     )
 
 
-def _predict_files(model_path, paths, threshold, batch_size, max_pixels, operating_point):
+def _predict_files(model_path, paths, threshold, batch_size, max_pixels, operating_point, cam):
     import tensorflow as tf
 
     from kerasfrac import runs
@@ -248,7 +252,77 @@ def _predict_files(model_path, paths, threshold, batch_size, max_pixels, operati
             )
     for w in warnings:
         print(w, file=sys.stderr)
+    if cam is not None and results:
+        write_overlays(run_dir, model, prepared, results, Path(cam), threshold, batch_size)
     return results, skipped, threshold, source
+
+
+def write_overlays(run_dir, model, prepared, results, out: Path, threshold, batch_size):
+    """One PNG per image in ``out`` (named after the file): the X-ray under the classifier's
+    Grad-CAM ("fractured"), the box head's peak where the run has one, and the probability
+    and decision in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import tensorflow as tf
+
+    from kerasfrac import runs
+    from kerasfrac.explain import gradcam
+    from kerasfrac.models import BOX_HEATMAP, has_box_head, output_index
+
+    runs.check_writable(out, "--cam")
+    cam = gradcam.GradCam(model)
+    box = None
+    if runs.box_model_path(run_dir).is_file():
+        _, full, _ = runs.load_model(run_dir, box_head=True)
+        box = full if has_box_head(full) else None
+    kind = f"{gradcam.map_kind(cam.method)} ({cam.method})"
+    used = set()
+    for start in range(0, len(prepared), batch_size):
+        images = tf.stack(prepared[start : start + batch_size])
+        maps = cam(images, 1.0)
+        heat = None
+        if box is not None:
+            heat = np.asarray(box(images, training=False)[output_index(box, BOX_HEATMAP)])
+        for k, (image, m) in enumerate(zip(images.numpy(), maps)):
+            r = results[start + k]
+            name = Path(r.path).stem
+            while name in used:  # the same file name in two folders
+                name += "_"
+            used.add(name)
+            fig, ax = plt.subplots(figsize=(5, 5.6))
+            ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray")
+            peak = float(m.max())
+            ax.imshow(m / peak if peak > 0 else m, cmap="jet", alpha=0.4, vmin=0, vmax=1)
+            handles = []
+            if peak > 0:
+                y, x = np.unravel_index(int(np.argmax(m)), m.shape)
+                handles += ax.plot([x], [y], "w+", ms=12, mew=2, label=f"{kind} peak")
+            if heat is not None:
+                h = heat[k].reshape(heat.shape[1], heat.shape[2])
+                cy, cx = np.unravel_index(int(np.argmax(h)), h.shape)
+                sy, sx = image.shape[0] / h.shape[0], image.shape[1] / h.shape[1]
+                handles += ax.plot(
+                    [(cx + 0.5) * sx],
+                    [(cy + 0.5) * sy],
+                    "cx",
+                    ms=12,
+                    mew=2,
+                    label="box head's peak (where it places the fracture)",
+                )
+            if handles:
+                ax.legend(handles=handles, loc="lower center", fontsize=7, framealpha=0.8)
+            ax.axis("off")
+            shown = "calibrated; " if r.calibrated is not None else ""
+            decision = "FRACTURED" if r.fractured else "normal"
+            ax.set_title(
+                f"{Path(r.path).name}\np(fractured) {r.shown:.3f} ({shown}model "
+                f"{r.probability:.3f})\n{decision} at threshold {threshold:.3f}",
+                fontsize=8,
+            )
+            runs.save_figure(fig, out / f"{name}.png", dpi=100, bbox_inches="tight")
+            plt.close(fig)
 
 
 def _recover_truncated(data: bytes, path, warnings: list[str]) -> bytes:
@@ -275,7 +349,13 @@ def main(model_path, paths, opts: PredictOptions) -> int:
     from kerasfrac import runs
 
     results, skipped, threshold, source = predict_files(
-        model_path, paths, opts.threshold, opts.batch_size, opts.max_pixels, opts.operating_point
+        model_path,
+        paths,
+        opts.threshold,
+        opts.batch_size,
+        opts.max_pixels,
+        opts.operating_point,
+        opts.cam,
     )
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
@@ -305,6 +385,8 @@ def main(model_path, paths, opts: PredictOptions) -> int:
             )
         runs.write_text(Path(opts.csv), buf.getvalue())
         print(f"written: {opts.csv}")
+    if opts.cam and results:
+        print(f"overlays: {opts.cam} (one PNG per image)")
     n_pos = sum(r.fractured for r in results)
     print(f"# {len(results)} images, {len(skipped)} skipped, {n_pos} called fractured")
     if not results:

@@ -193,6 +193,10 @@ def test_kerasfrac_load_predicts_as_predict_does_from_a_run_and_an_export(export
     np.testing.assert_allclose(
         [g.probability for g in exp.predict(files)], [w.shown for w in want], atol=1e-4
     )
+    results, _, _, _ = predict.predict_files(run_dir, files, cam=tmp_path / "cams")
+    assert sorted(p.name for p in (tmp_path / "cams").iterdir()) == sorted(
+        f.stem + ".png" for f in files
+    )
     figure = run.explain(files[1], out=tmp_path / "fig")
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="neither a run directory"):

@@ -190,6 +190,23 @@ def test_box_run_saves_its_selected_epoch_with_the_box_head(tmp_path, synthetic_
     game = result["audit"]["pointing_game"]
     assert game["n_played"] > 0 and game["hit_rate"] is not None
     assert (run_dir / "explain" / "boxmap_mean.png").is_file()
+    # predict's overlays and the export carry the box head (its peak, its heat map output).
+    import tensorflow as tf
+    from PIL import Image
+
+    from kerasfrac import export, predict
+
+    image = tmp_path / "x.png"
+    Image.fromarray((np.random.default_rng(3).random((80, 70)) * 255).astype(np.uint8)).save(image)
+    results, _, _, _ = predict.predict_files(run_dir, [image], cam=tmp_path / "cams")
+    assert (tmp_path / "cams" / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    export.export(run_dir, tmp_path / "exported", log=lambda *a: None)
+    serve = tf.saved_model.load(str(tmp_path / "exported" / "saved_model"))
+    out = serve.signatures["serving_default"](image_bytes=tf.constant([image.read_bytes()]))
+    assert out["box_heatmap"].shape == (1, 4, 4)
+    np.testing.assert_allclose(
+        out["model_probability"].numpy(), [results[0].probability], atol=1e-4
+    )
 
 
 @pytest.mark.slow
