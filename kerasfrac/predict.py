@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +163,15 @@ def predict_files(
         raise ValueError(f"--threshold must be a probability in [0, 1]; got {threshold!r}")
     if threshold is not None and operating_point is not None:
         raise ValueError("pass --threshold or --operating-point, not both")
+    if (Path(model_path) / "export.json").is_file():  # kerasfrac export's folder
+        if cam is not None:
+            raise ValueError(
+                "--cam needs the Keras model of a run directory (Grad-CAM reads its layers); "
+                "pass the run instead of its export"
+            )
+        return predict_export(
+            Path(model_path), paths, threshold, batch_size, max_pixels, operating_point
+        )
     if Path(model_path).is_dir():  # a run directory
         model_path = runs.model_path(model_path)
     run_dir = runs.run_dir_of(model_path)
@@ -169,6 +179,78 @@ def predict_files(
         return _predict_files(
             model_path, paths, threshold, batch_size, max_pixels, operating_point, cam
         )
+
+
+def _readable(paths, max_pixels, skipped) -> list[tuple[Path, bytes]]:
+    """``(path, encoded bytes)`` of each image file (DICOM as PNG), the rest in ``skipped``."""
+    kept = []
+    for path in expand_paths(paths):
+        if not path.is_file():
+            skipped.append((str(path), "no such file"))
+            continue
+        data = path.read_bytes()
+        kind = sniff(data, path)
+        if kind is None:
+            skipped.append((str(path), "not an image (JPEG, PNG or DICOM)"))
+            continue
+        too_large = pixel_limit_problem(data, kind, max_pixels)
+        if too_large:
+            skipped.append((str(path), too_large))
+            continue
+        kept.append((path, dicom_to_png(data) if kind == "dicom" else data))
+    return kept
+
+
+def predict_export(folder: Path, paths, threshold, batch_size, max_pixels, operating_point):
+    """``predict_files`` through an export's SavedModel (``kerasfrac export``): the same
+    outputs, with the export's thresholds and calibrator."""
+    import tensorflow as tf
+
+    spec = json.loads((folder / "export.json").read_text())
+    if threshold is not None:
+        source = "--threshold"
+    else:
+        name = operating_point or "youden"
+        if name not in spec["thresholds"]:
+            raise ValueError(
+                f"--operating-point {name!r} is not one of the export's "
+                f"{sorted(spec['thresholds'])}"
+            )
+        threshold, source = float(spec["thresholds"][name]), f"{name}, {folder / 'export.json'}"
+    serve = tf.saved_model.load(str(folder / "saved_model")).signatures["serving_default"]
+    skipped: list[tuple[str, str]] = []
+    results = []
+    for path, data in _readable(paths, max_pixels, skipped):
+        try:
+            out = serve(image_bytes=tf.constant([data]))
+        except tf.errors.InvalidArgumentError as err:
+            first = (err.message or str(err)).strip().splitlines()[0][:120]
+            skipped.append((str(path), f"cannot decode: {first}"))
+            continue
+        p = float(out["model_probability"][0])
+        calibrated = float(out["probability"][0]) if spec.get("calibrator") else None
+        results.append(Prediction(str(path), p, p >= threshold, calibrated))
+    return results, skipped, threshold, source
+
+
+def probability_note(model_path) -> str:
+    """The output's line saying whether probabilities are calibrated, and how."""
+    from kerasfrac import runs
+
+    folder = Path(model_path)
+    if (folder / "export.json").is_file():
+        cal = json.loads((folder / "export.json").read_text()).get("calibrator")
+        description = cal["description"] if cal else None
+    else:
+        run_dir = runs.run_dir_of(runs.model_path(folder) if folder.is_dir() else folder)
+        chosen = runs.read_calibration(run_dir)
+        description = chosen["calibrator"].describe() if chosen else None
+    if description:
+        return f"# probability: calibrated, {description}"
+    return (
+        "# probability: the model's own, NOT calibrated (`kerasfrac evaluate` fits a "
+        "calibrator on val)"
+    )
 
 
 def decision_threshold(run_dir, threshold, operating_point, chosen) -> tuple[float, str]:
@@ -359,17 +441,7 @@ def main(model_path, paths, opts: PredictOptions) -> int:
     )
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
-    run_dir = runs.run_dir_of(
-        runs.model_path(model_path) if Path(model_path).is_dir() else model_path
-    )
-    chosen = runs.read_calibration(run_dir)
-    if chosen is not None:
-        print(f"# probability: calibrated, {chosen['calibrator'].describe()}")
-    else:
-        print(
-            "# probability: the model's own, NOT calibrated (`kerasfrac evaluate` fits a "
-            "calibrator on val)"
-        )
+    print(probability_note(model_path))
     print(f"# threshold {threshold:.4f} on the model's own probability ({source})")
     for r in results:
         label = "fractured" if r.fractured else "normal"

@@ -222,3 +222,21 @@ def test_overwrite_with_quantize_records_the_val_auroc_change(exported, tmp_path
     assert abs(q["change"]) < 0.05
     assert spec["sizes_bytes"]["tflite_dynamic_range"] < spec["sizes_bytes"]["tflite"]
     assert not list(tmp_path.glob(".again.*"))  # no staging or old folder left
+
+
+def test_predict_takes_an_export_folder(exported, tmp_path, capsys):
+    run_dir, out = exported
+    files = _images(tmp_path, 4)
+    (tmp_path / "notes.txt").write_text("not an image")
+    want, _, _, _ = predict.predict_files(run_dir, files)
+    got, skipped, threshold, source = predict.predict_files(
+        out, [*files, tmp_path / "notes.txt"], operating_point="sensitivity_0.95"
+    )
+    assert skipped == [(str(tmp_path / "notes.txt"), "not an image (JPEG, PNG or DICOM)")]
+    np.testing.assert_allclose([g.shown for g in got], [w.shown for w in want], atol=1e-4)
+    assert [g.fractured for g in got] == [g.probability >= threshold for g in got]
+    assert "sensitivity_0.95" in source
+    assert main(["predict", "--model", str(out), str(files[0])]) == 0
+    assert "# probability: calibrated" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--cam needs the Keras model of a run directory"):
+        predict.predict_files(out, files, cam=tmp_path / "cams")
