@@ -212,6 +212,9 @@ def export(run_dir, out, opts: ExportOptions | None = None, log=print) -> dict:
         spec = _spec(run_dir, cfg, path, calibrator, thresholds, box is not None, files)
         if quantized:
             spec["tflite_dynamic_range"] = quantized
+        if opts.bench:
+            log(f"timing {opts.bench} val images ...")
+            spec["latency"] = latency(stage, cfg, model, opts.bench)
         spec["sizes_bytes"] = {k: _size(stage / v) for k, v in files.items()}
         (stage / SPEC).write_text(json.dumps(spec, indent=2) + "\n")
         (stage / CARD).write_text(model_card(run_dir, cfg, spec, metrics, chosen))
@@ -244,6 +247,59 @@ def _tflite(saved_model: Path, quantize: bool) -> bytes:
     if quantize:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]  # dynamic range: int8 weights
     return converter.convert()
+
+
+def latency(folder: Path, cfg, model, n: int) -> dict:
+    """Seconds per image, after warm-up, on ``n`` val images of the run's build (their stored
+    bytes): the SavedModel's serving signature one image per call and 16 per call, the TFLite
+    model one decoded image per call (decode and resize not included: the client's), and
+    kerasfrac's own path (``preprocess`` + the Keras model, what ``predict`` runs)."""
+    import itertools
+    import os
+    import time
+
+    import tensorflow as tf
+
+    from kerasfrac import data
+    from kerasfrac.data.decode import decode_resize, preprocess
+    from kerasfrac.models import predict_probs
+
+    build = data.check_build(cfg.data.dir, cfg.dataset)
+    encoded = [
+        ex["encoded"]
+        for ex in itertools.islice(build.read("val", decode=False).as_numpy_iterator(), n)
+    ]
+    n = len(encoded)
+    size, gray, resize = cfg.data.image_size, cfg.data.grayscale, cfg.data.resize
+    serve = tf.saved_model.load(str(folder / SAVED_MODEL)).signatures["serving_default"]
+    runner = tf.lite.Interpreter(model_path=str(folder / TFLITE)).get_signature_runner(
+        "serve_image"
+    )
+    resized = [decode_resize(e, size, gray, resize).numpy()[None] for e in encoded]
+
+    def per_image(call, items) -> float:
+        call(items[0])  # warm-up: tracing, allocation
+        started = time.perf_counter()
+        for item in items:
+            call(item)
+        return (time.perf_counter() - started) / len(items)
+
+    batches = [encoded[i : i + 16] for i in range(0, n, 16)]
+    out = {
+        "images": n,
+        "cpu_cores": len(os.sched_getaffinity(0)),
+        "saved_model_batch_1": per_image(lambda e: serve(image_bytes=tf.constant([e])), encoded),
+        "saved_model_batch_16": per_image(lambda b: serve(image_bytes=tf.constant(b)), batches)
+        / 16,
+        "tflite_decoded_batch_1": per_image(lambda r: runner(image=r), resized),
+        "kerasfrac_predict_batch_1": per_image(
+            lambda e: predict_probs(
+                model, preprocess(tf.constant(e), size, gray, resize)[None], cfg.eval.tta
+            ).numpy(),
+            encoded,
+        ),
+    }
+    return out
 
 
 def _tflite_auroc(path: Path, cfg) -> float:
@@ -422,5 +478,10 @@ def main(run_dir, out, opts: ExportOptions) -> int:
     spec = export(run_dir, out, opts)
     for name, n in spec["sizes_bytes"].items():
         print(f"  {name}: {n / 1e6:.2f} MB")
+    for name, value in (spec.get("tflite_dynamic_range") or {}).items():
+        print(f"  tflite dynamic range, {name}: {value:+.4f}")
+    for name, value in (spec.get("latency") or {}).items():
+        shown = f"{1000 * value:.1f} ms per image" if isinstance(value, float) else value
+        print(f"  latency {name}: {shown}")
     print(f"written: {out}")
     return 0

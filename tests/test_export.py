@@ -213,6 +213,7 @@ def test_overwrite_with_quantize_records_the_val_auroc_change(exported, tmp_path
     assert "tflite_dynamic_range" not in before
     rc = main(
         ["export", "--run-dir", str(run_dir), "--out", str(copy), "--overwrite", "--quantize"]
+        + ["--bench", "4"]
     )
     assert rc == 0
     spec = json.loads((copy / "export.json").read_text())
@@ -222,6 +223,11 @@ def test_overwrite_with_quantize_records_the_val_auroc_change(exported, tmp_path
     assert abs(q["change"]) < 0.05
     assert spec["sizes_bytes"]["tflite_dynamic_range"] < spec["sizes_bytes"]["tflite"]
     assert not list(tmp_path.glob(".again.*"))  # no staging or old folder left
+    timed = spec["latency"]
+    assert timed["images"] == 4
+    for key in ("saved_model_batch_1", "saved_model_batch_16", "tflite_decoded_batch_1"):
+        assert 0 < timed[key] < 5, (key, timed)
+    assert "latency saved_model_batch_1:" in capsys.readouterr().out
 
 
 def test_predict_takes_an_export_folder(exported, tmp_path, capsys):
