@@ -464,12 +464,17 @@ def _holders(path: Path) -> str:
         pids = []
     for pid in pids:
         try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            parts = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
             started = os.stat(f"/proc/{pid}").st_mtime
         except OSError:
             continue
+        parts = [p for p in parts.split("\0") if p]
+        if len(parts) > 1 and Path(parts[0]).name.startswith("python"):
+            parts = parts[1:]  # the interpreter: show the command it runs
+        cmd = " ".join([Path(parts[0]).name, *parts[1:]]) if parts else "?"
+        cmd = cmd if len(cmd) <= 120 else f"{cmd[:70]} ... {cmd[-45:]}"
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
-        described.append(f"pid {pid}, started {when}: {reprlib.repr(cmd.strip())}")
+        described.append(f"pid {pid}, started {when}: `{cmd}`")
     if described:
         return "; ".join(described)
     try:
