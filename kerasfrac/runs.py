@@ -177,6 +177,11 @@ def load_config(run_dir):
     from kerasfrac.config import load_config as load
 
     path = config_path(run_dir)
+    if not Path(run_dir).is_dir():
+        raise ValueError(
+            f"run directory {str(run_dir)!r} does not exist; pass the --run-dir that "
+            "`kerasfrac train` wrote"
+        )
     if not path.is_file():
         raise ValueError(
             f"no config.yaml next to the model in {str(run_dir)!r}: it is not a kerasfrac run "

@@ -39,10 +39,25 @@ def load_manifest(directory: str | Path) -> dict:
     path = directory / schema.MANIFEST
     if not path.is_file():
         found = sorted(p.name for p in directory.iterdir())[:10]
+        names = ",".join(datasets.names())
+        if not found:
+            fix = f"Build into it: `kerasfrac build {{{names}}} --source SRC --out {directory}`."
+        elif {"dataset.csv", "images", "Annotations"} & set(found) or any(
+            p.suffix.lower() in (".jpg", ".jpeg", ".png") for p in directory.rglob("*")
+        ):
+            fix = (
+                "It looks like a dataset as downloaded (images, not shards): build it first, "
+                f"into another folder: `kerasfrac build {{{names}}} --source {directory} --out "
+                f"{directory.parent / (directory.name + '-tfr')}`, then use that folder."
+            )
+        else:
+            fix = (
+                "Point it at the --out folder of `kerasfrac build`, or rebuild that folder with "
+                f"`kerasfrac build ... --out {directory} --overwrite` if it held a build."
+            )
         raise BuildOutputError(
             f"{str(directory)!r} has no {schema.MANIFEST}, so it is not a finished kerasfrac build "
-            f"(found: {found or 'nothing'}). Rebuild it with `kerasfrac build ... --out {directory}"
-            " --overwrite`."
+            f"(found: {found or 'nothing'}). {fix}"
         )
     try:
         manifest = json.loads(path.read_text())

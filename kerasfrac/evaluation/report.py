@@ -83,6 +83,14 @@ def run_row(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     metrics_file, config_file = runs.metrics_path(run_dir, "test"), runs.config_path(run_dir)
     m = runs.read_metrics(run_dir)
+    inner = sorted(p.name for p in run_dir.glob("*/config.yaml")) if run_dir.is_dir() else []
+    if m is None and not config_file.is_file() and inner:
+        raise ValueError(
+            f"{str(run_dir)!r} is a folder of runs, not a run; pass the runs themselves, e.g. "
+            f"`kerasfrac report {run_dir}/*`"
+        )
+    if not run_dir.is_dir():
+        raise ValueError(f"run directory {str(run_dir)!r} does not exist")
     if m is None:
         raise ValueError(
             f"{str(run_dir)!r} has no metrics.json; run `kerasfrac evaluate --run-dir "

@@ -385,13 +385,16 @@ def prepare_run_dir(
             return None
         rewind(run_dir, state)
         return read_state(run_dir)
+    if occupied and state is None:  # --overwrite would refuse it: do not offer it
+        raise RunDirError(
+            f"run directory {str(run_dir)!r} holds files that are not a kerasfrac run (no "
+            "checkpoints/state.json); choose an empty or new --run-dir. Nothing was changed."
+        )
     if occupied:
         what = (
             "a finished run"
             if state and state.get("finished")
             else "an unfinished run (continue it with --resume or --auto-resume)"
-            if state
-            else "files that are not a kerasfrac run (no checkpoints/state.json)"
         )
         raise RunDirError(
             f"run directory {str(run_dir)!r} already holds {what}; pass --overwrite to replace "

@@ -44,6 +44,15 @@ def find(top: Path, max_depth: int = 3) -> Found:
             else:
                 next_frontier.extend(sorted(p for p in folder.iterdir() if p.is_dir()))
         frontier = next_frontier
+    for classes in pairs:  # FracAtlas' images/ has class folders too: its boxes would be lost
+        for folder in {classes[1].parent, classes[1].parent.parent}:
+            if (folder / "dataset.csv").is_file() or (folder / "Annotations").is_dir():
+                raise SourceError(
+                    f"{str(top)!r} looks like FracAtlas ({str(folder / 'dataset.csv')!r} or "
+                    "Annotations/ beside its class folders); as tibia-fibula its fracture "
+                    f"boxes and metadata would be dropped. Build it with `kerasfrac build "
+                    f"fracatlas --source {top} --out OUT`. Nothing was written."
+                )
     if not pairs:
         raise SourceError(
             f"{str(top)!r} is not a Tibia/Fibula source: expected {LAYOUT}, at the top or up to "

@@ -1,0 +1,84 @@
+"""Error messages whose advice works (issue 35): each wrong input of a new user gets a
+message, and doing what it says succeeds (or at least is not refused in turn)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from kerasfrac.cli import main
+from tests import sources
+from tests.conftest import make_run
+from tfrecords_builder.archive import SourceError
+from tfrecords_builder.build import BuildOptions, build
+from tfrecords_builder.reader import BuildOutputError, load_manifest
+
+
+def test_a_raw_dataset_given_as_a_build_is_told_to_build_into_another_folder(tmp_path):
+    raw = tmp_path / "FracAtlas"
+    sources.make_fracatlas(raw, n_fractured=6, n_normal=10, defects=False)
+    with pytest.raises(BuildOutputError) as err:
+        load_manifest(raw)
+    message = str(err.value)
+    assert "looks like a dataset as downloaded" in message
+    command = re.search(r"`(kerasfrac build [^`]*)`", message).group(1)
+    out = command.split("--out ")[1].strip()
+    assert out == str(tmp_path / "FracAtlas-tfr") and f"--source {raw}" in command
+    build("fracatlas", raw, tmp_path / "FracAtlas-tfr", BuildOptions(progress=False, shards=1))
+    assert load_manifest(out)["source"] == "fracatlas"  # the advice, followed, works
+
+
+def test_tibia_fibula_refuses_a_fracatlas_folder_instead_of_dropping_its_boxes(tmp_path):
+    raw = tmp_path / "FracAtlas"
+    sources.make_fracatlas(raw, n_fractured=4, n_normal=4, defects=False)
+    with pytest.raises(SourceError, match="looks like FracAtlas.*kerasfrac build fracatlas"):
+        build("tibia-fibula", raw, tmp_path / "out", BuildOptions(progress=False))
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_into_a_folder_that_is_not_a_run_does_not_offer_overwrite(
+    tmp_path, separable_tfrecord_dir, capsys
+):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep")
+    args = ["train", "--run-dir", str(folder), "--set", f"data.dir={separable_tfrecord_dir}"]
+    args += ["--set", "dataset=synthetic", "--set", "data.image_size=32"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "not a kerasfrac run" in err and "choose an empty or new --run-dir" in err
+    assert "--overwrite" not in err
+    assert (folder / "notes.txt").read_text() == "keep"
+
+
+def test_a_missing_run_directory_is_called_missing(tmp_path, capsys):
+    assert main(["evaluate", "--run-dir", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert f"run directory '{tmp_path / 'nope'}' does not exist" in err
+    assert "no config.yaml next to the model" not in err
+
+
+def test_report_on_a_folder_of_runs_names_the_glob_that_works(
+    tmp_path, separable_tfrecord_dir, capsys
+):
+    parent = tmp_path / "runs"
+    run = make_run(parent / "a", separable_tfrecord_dir)
+    (run / "metrics.json").write_text(
+        json.dumps(
+            {
+                "split": "test",
+                "n": 4,
+                "accuracy": 0.5,
+                "loss": 0.7,
+                "auroc": 0.5,
+                "majority_baseline_accuracy": 0.5,
+            }
+        )
+    )
+    assert main(["report", str(parent)]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder of runs" in err and f"kerasfrac report {parent}/*" in err
+    assert main(["report", *map(str, sorted(parent.glob("*")))]) == 0  # what it advises
+    assert "| a |" in capsys.readouterr().out
