@@ -18,6 +18,13 @@ near-duplicates (perceptual hash, one aspect); near-duplicates that a pixel-leve
 the same image but that carry different labels are quarantined, like byte-identical conflicts."""
 
 
+def reasons(counts: dict | None) -> str:
+    """`` (truncated JPEG: 6, ...)`` for a count per reason, or nothing."""
+    if not counts:
+        return ""
+    return " (" + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ")"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The build's options, derived from ``BuildOptions`` and ``SyntheticOptions`` (each
     default written once, there)."""
@@ -74,7 +81,7 @@ def summary(m: dict, out) -> str:
     )
     lines.append(
         f"  written {m['written']['total']}, quarantined {m['quarantined_count']['total']}"
-        f" {m['quarantine_reasons'] or ''}, dropped duplicates "
+        f"{reasons(m['quarantine_reasons'])}, dropped duplicates "
         f"{len(m['dropped_duplicates'])}"
     )
     d = m["duplicate_summary"]
@@ -111,6 +118,10 @@ def summary(m: dict, out) -> str:
         lines.append(f"  quarantined files ({len(m['quarantined'])}), not written:")
         lines += [f"    {q['file']}: {q['reason']}" for q in m["quarantined"]]
     lines.append(f"  manifest (counts, splits, every quarantined file): {Path(out) / MANIFEST}")
+    lines.append(
+        f"next: kerasfrac audit {out}  (data card, no-anatomy baseline); then train with "
+        f"--set data.dir={out}"
+    )
     return "\n".join(lines)
 
 

@@ -438,7 +438,8 @@ def markdown(r: dict) -> str:
     else:
         lines.append(f"- near-duplicate pairs: {d['near_duplicate_pairs']} (an older build)")
     lines.append(f"- near-duplicate pairs across splits: {d['near_duplicates_across_splits']}")
-    lines.append(f"- quarantined: {d['quarantine_reasons']}")
+    shown = ", ".join(f"{k}: {v}" for k, v in (d["quarantine_reasons"] or {}).items())
+    lines.append(f"- quarantined: {shown or 'none'}")
     b = r["baseline"]
     lines += ["", "## The no-anatomy baseline", "", b["model"] + ".", ""]
     lines += ["| features | test AUROC [95% CI] |", "|---|--:|"]
