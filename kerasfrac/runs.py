@@ -507,6 +507,9 @@ def run_lock(run_dir, exclusive: bool, command: str):
             raise RunLockedError(f"{command}: the run {str(run_dir)!r} is held shared here")
         yield
         return
+    if not exclusive and not Path(run_dir).is_dir():  # nothing to read: the reader says so
+        yield
+        return
     while True:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

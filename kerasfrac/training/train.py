@@ -396,7 +396,7 @@ class TrainingTask:
     def __init__(self, cfg: Config) -> None:
         self.cfg = runs.absolute(cfg)  # config.yaml then works from any folder
         self.run_dir = Path(self.cfg.run_dir)
-        self.best = None  # the ModelCheckpoint of checkpoints/best.keras (chief only)
+        self.best = None  # BestModel: checkpoints/best.keras, written atomically (chief only)
         self.held = contextlib.ExitStack()  # train() passes the one it closes at the end
 
     # ----------------------------------------------------------------------- setup
