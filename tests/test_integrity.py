@@ -81,6 +81,7 @@ class Holder:
 
 def test_a_second_writer_is_refused_at_once_naming_the_holder(tmp_path):
     run_dir = tmp_path / "run"
+    run_dir.mkdir()
     holder = Holder(run_dir, exclusive=True)
     try:
         started = time.perf_counter()
@@ -102,6 +103,7 @@ def test_a_second_writer_is_refused_at_once_naming_the_holder(tmp_path):
 
 def test_readers_share_the_lock_and_keep_a_writer_out(tmp_path):
     run_dir = tmp_path / "run"
+    run_dir.mkdir()
     reader = Holder(run_dir, exclusive=False)
     try:
         with runs.run_lock(run_dir, exclusive=False, command="predict"):  # two readers: fine
@@ -396,3 +398,9 @@ def test_lock_file_lives_beside_the_run_whatever_path_names_it(tmp_path):
     os.symlink(tmp_path / "runs", tmp_path / "link")
     assert runs.lock_path(tmp_path / "link" / "r") == runs.lock_path(tmp_path / "runs" / "r/")
     assert runs.lock_path(tmp_path / "runs" / "r").name == ".r.lock"
+
+
+def test_reading_a_run_that_does_not_exist_creates_nothing(tmp_path, capsys):
+    assert main(["evaluate", "--run-dir", str(tmp_path / "a" / "b" / "run")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()  # no parent folder, no lock file made for it

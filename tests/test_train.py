@@ -210,7 +210,7 @@ def test_checkpoint_selection_and_stopping_never_see_the_test_split(
         return real_eval(build_dir, split, *args, **kwargs)
 
     monitors = []
-    for cls in (keras.callbacks.ModelCheckpoint, keras.callbacks.EarlyStopping):
+    for cls in (train.BestModel, keras.callbacks.EarlyStopping):
         real_init, real_end = cls.__init__, cls.on_epoch_end
 
         def init(self, *args, _init=real_init, _cls=cls, **kwargs):
