@@ -13,6 +13,7 @@ order).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import struct
 from dataclasses import dataclass
@@ -43,7 +44,8 @@ def load_manifest(directory: str | Path) -> dict:
         if not found:
             fix = f"Build into it: `kerasfrac build {{{names}}} --source SRC --out {directory}`."
         elif {"dataset.csv", "images", "Annotations"} & set(found) or any(
-            p.suffix.lower() in (".jpg", ".jpeg", ".png") for p in directory.rglob("*")
+            p.suffix.lower() in (".jpg", ".jpeg", ".png", ".dcm")
+            for p in itertools.islice(directory.rglob("*"), 5000)  # a look, not a crawl
         ):
             fix = (
                 "It looks like a dataset as downloaded (images, not shards): build it first, "
