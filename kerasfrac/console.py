@@ -94,8 +94,12 @@ def _auroc(m: dict) -> str:
     if m.get("auroc") is None:
         return "n/a"
     ci = m.get("ci95")
+    # What the bootstrap resampled: train's end resamples images, evaluate the build's
+    # duplicate groups where the split holds any, so the two CIs of one model may differ.
+    unit = ci.get("resampled") if isinstance(ci, dict) else m.get("resampled")
     ci = ci.get("auroc") if isinstance(ci, dict) else ci
-    return f"{m['auroc']:.3f}" + (f" [95% CI {ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    unit = f"; {unit} resampled" if unit else ""
+    return f"{m['auroc']:.3f}" + (f" [95% CI {ci[0]:.3f}, {ci[1]:.3f}{unit}]" if ci else "")
 
 
 def warnings_of(m: dict) -> list[str]:

@@ -257,7 +257,11 @@ def test_summary_says_where_the_files_are_and_what_next(tmp_path):
     y = np.r_[np.zeros(60), np.ones(40)].astype(int)
     good = _metrics(y, np.clip(y * 0.6 + rng.uniform(0, 0.4, y.size), 0, 1))
     text = console.run_summary(good, tmp_path / "run")
-    assert "AUROC     1.000 [95% CI 1.000, 1.000]" in text
+    assert "AUROC     1.000 [95% CI 1.000, 1.000; images resampled]" in text
+    grouped = km.split_metrics(
+        y, y * 0.5 + 0.25, n_bootstrap=50, groups=[f"g{i // 2}" for i in range(y.size)]
+    )
+    assert "; groups resampled]" in console.run_summary(grouped, tmp_path / "run")
     assert "majority baseline 60.0%" in text
     assert str(tmp_path / "run" / "model.keras") in text
     assert str(tmp_path / "run" / "metrics.json") in text
