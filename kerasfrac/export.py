@@ -362,20 +362,10 @@ def _spec(run_dir, cfg, model_file, calibrator, thresholds, has_box, files) -> d
     }
 
 
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
-def _ci(ci, key: str, pct: bool = True) -> str:
-    if not ci or not ci.get(key):
-        return ""
-    lo, hi = ci[key]
-    return f" [{_pct(lo)}, {_pct(hi)}]" if pct else f" [{lo:.3f}, {hi:.3f}]"
-
-
 def model_card(run_dir, cfg, spec: dict, metrics: dict | None, chosen: dict | None) -> str:
     """MODEL_CARD.md of an export (Markdown)."""
     from kerasfrac.data import check_build
+    from kerasfrac.evaluation.evaluate import _ci, _pct, operating_point_text
 
     lines = [f"# Model card: {runs.run_name(run_dir)}", "", f"_{INTENDED_USE}_", ""]
     lines += ["## Model", ""]
@@ -424,12 +414,9 @@ def model_card(run_dir, cfg, spec: dict, metrics: dict | None, chosen: dict | No
                 f"{cal['calibrator']['description']}."
             )
         for name, p in (metrics.get("operating_points") or {}).items():
-            c = p.get("ci95")
             lines.append(
                 f"- Operating point `{name}` (threshold {p['threshold']:.4f}, chosen on val): "
-                f"sensitivity {_pct(p['sensitivity'])}{_ci(c, 'sensitivity')}, specificity "
-                f"{_pct(p['specificity'])}{_ci(c, 'specificity')}, PPV {_pct(p['ppv'])}"
-                f"{_ci(c, 'ppv')}, NPV {_pct(p['npv'])}{_ci(c, 'npv')}."
+                f"{operating_point_text(p)}."
             )
         for name, g in (metrics.get("subgroups") or {}).items():
             if g.get("auroc") is not None and name.endswith("=1"):

@@ -181,9 +181,10 @@ def predict_files(
         )
 
 
-def _readable(paths, max_pixels, skipped) -> list[tuple[Path, bytes]]:
-    """``(path, encoded bytes)`` of each image file (DICOM as PNG), the rest in ``skipped``."""
-    kept = []
+def _readable(paths, max_pixels, skipped):
+    """``(path, file bytes, kind)`` of each image file under ``paths`` (kind from ``sniff``),
+    one at a time; missing files, non-images and images above ``max_pixels`` go to
+    ``skipped`` with the reason. Decoding (and its failures) is the caller's."""
     for path in expand_paths(paths):
         if not path.is_file():
             skipped.append((str(path), "no such file"))
@@ -197,8 +198,13 @@ def _readable(paths, max_pixels, skipped) -> list[tuple[Path, bytes]]:
         if too_large:
             skipped.append((str(path), too_large))
             continue
-        kept.append((path, dicom_to_png(data) if kind == "dicom" else data))
-    return kept
+        yield path, data, kind
+
+
+def _first_line(err: Exception):
+    """The first line of an error's message (120 characters at most), else its type."""
+    text = str(getattr(err, "message", None) or err).strip()
+    return text.splitlines()[0][:120] if text else type(err)
 
 
 def predict_export(folder: Path, paths, threshold, batch_size, max_pixels, operating_point):
@@ -220,12 +226,12 @@ def predict_export(folder: Path, paths, threshold, batch_size, max_pixels, opera
     serve = tf.saved_model.load(str(folder / "saved_model")).signatures["serving_default"]
     skipped: list[tuple[str, str]] = []
     results = []
-    for path, data in _readable(paths, max_pixels, skipped):
+    for path, data, kind in _readable(paths, max_pixels, skipped):
         try:
-            out = serve(image_bytes=tf.constant([data]))
-        except tf.errors.InvalidArgumentError as err:
-            first = (err.message or str(err)).strip().splitlines()[0][:120]
-            skipped.append((str(path), f"cannot decode: {first}"))
+            encoded = dicom_to_png(data) if kind == "dicom" else data
+            out = serve(image_bytes=tf.constant([encoded]))
+        except Exception as err:  # noqa: BLE001 - any undecodable file is reported, not fatal
+            skipped.append((str(path), f"cannot decode {kind}: {_first_line(err)}"))
             continue
         p = float(out["model_probability"][0])
         calibrated = float(out["probability"][0]) if spec.get("calibrator") else None
@@ -296,19 +302,7 @@ def _predict_files(model_path, paths, threshold, batch_size, max_pixels, operati
     threshold, source = decision_threshold(run_dir, threshold, operating_point, chosen)
     calibrator = chosen["calibrator"] if chosen else None
     prepared, kept, skipped, warnings = [], [], [], []
-    for path in expand_paths(paths):
-        if not path.is_file():
-            skipped.append((str(path), "no such file"))
-            continue
-        data = path.read_bytes()
-        kind = sniff(data, path)
-        if kind is None:
-            skipped.append((str(path), "not an image (JPEG, PNG or DICOM)"))
-            continue
-        too_large = pixel_limit_problem(data, kind, max_pixels)
-        if too_large:
-            skipped.append((str(path), too_large))
-            continue
+    for path, data, kind in _readable(paths, max_pixels, skipped):
         try:
             encoded = dicom_to_png(data) if kind == "dicom" else data
             if kind == "jpeg":
@@ -317,8 +311,7 @@ def _predict_files(model_path, paths, threshold, batch_size, max_pixels, operati
                 tf.constant(encoded), cfg.data.image_size, cfg.data.grayscale, cfg.data.resize
             )
         except Exception as err:  # noqa: BLE001 - any undecodable file is reported, not fatal
-            reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err)
-            skipped.append((str(path), f"cannot decode {kind}: {reason}"))
+            skipped.append((str(path), f"cannot decode {kind}: {_first_line(err)}"))
             continue
         prepared.append(image)
         kept.append(str(path))

@@ -501,14 +501,25 @@ def calibration_lines(m: dict) -> list[str]:
         if c.get("note"):
             lines.append(f"    ({c['note']})")
     for name, p in (m.get("operating_points") or {}).items():
-        ci = p.get("ci95")
         lines.append(
             f"  operating point {name} (threshold {p['threshold']:.4f}, chosen on "
-            f"{p['chosen_on']}): sensitivity {_pct(p['sensitivity'])}{_ci(ci, 'sensitivity', True)}"
-            f", specificity {_pct(p['specificity'])}{_ci(ci, 'specificity', True)}, PPV "
-            f"{_pct(p['ppv'])}{_ci(ci, 'ppv', True)}, NPV {_pct(p['npv'])}{_ci(ci, 'npv', True)}"
+            f"{p['chosen_on']}): {operating_point_text(p)}"
         )
     return lines
+
+
+def operating_point_text(p: dict) -> str:
+    """Sensitivity, specificity, PPV and NPV of one operating point, each with its CI."""
+    ci = p.get("ci95")
+    return ", ".join(
+        f"{label} {_pct(p[key])}{_ci(ci, key, True)}"
+        for label, key in (
+            ("sensitivity", "sensitivity"),
+            ("specificity", "specificity"),
+            ("PPV", "ppv"),
+            ("NPV", "npv"),
+        )
+    )
 
 
 def summary(m: dict) -> str:
