@@ -19,9 +19,19 @@ import numpy as np
 
 from kerasfrac import runs
 from kerasfrac.evaluation import plots
-from kerasfrac.evaluation.metrics import MIN_PER_CLASS_FOR_CI, SUBGROUP_COLUMNS, split_metrics
+from kerasfrac.evaluation.metrics import (
+    MIN_PER_CLASS_FOR_CI,
+    REGION_COLUMNS,
+    SUBGROUP_COLUMNS,
+    body_region,
+    split_metrics,
+)
 from kerasfrac.names import SPLITS
 from kerasfrac.options import EvaluateOptions
+
+#: Subgroups of the baseline comparison: regions in this order, then views.
+REGION_ORDER = (*REGION_COLUMNS, "mixed", "unknown")
+VIEW_COLUMNS = ("frontal", "lateral", "oblique")
 
 # Local imports of TensorFlow-based modules: a run's files are checked before TensorFlow.
 
@@ -327,11 +337,13 @@ def baseline_comparison(
 
     ``{"model_auroc", "baseline_auroc" (each with ci95), "difference" with a paired bootstrap
     ci95 (groups resampled where the split holds them), "beats_baseline", "sentence",
-    "subgroups": {"size=small|medium|large", "hardware=0": model and baseline AUROC with
-    CIs}}``, or ``{"unavailable": reason}`` where the baseline cannot be fitted.
+    "without_metadata" (the baseline without the dataset's metadata columns), "subgroups"
+    ({"region=hand", ..., "frontal=1", ..., "hardware=0", "size=small|medium|large": the same
+    AUROCs and paired differences inside each}), "within_region" (the same, pooled within body
+    region: ``metrics.stratified_auroc``; None without region flags)}``, or
+    ``{"unavailable": reason}`` where the baseline cannot be fitted.
     """
     from kerasfrac.evaluation import audit
-    from kerasfrac.evaluation.metrics import auroc_ci, paired_auroc_difference
 
     try:
         base = audit.baseline_probabilities(build, split, seed=seed)
@@ -346,30 +358,104 @@ def baseline_comparison(
     labels = np.asarray(labels).astype(int)
     probs = np.asarray(probs, dtype=np.float64)
     n = max(n_bootstrap, 1)
-    diff = paired_auroc_difference(labels, probs, b, groups=groups, n_resamples=n, seed=seed)
-    m_ci = auroc_ci(labels, probs, groups=groups, n_resamples=n, seed=seed)
-    b_ci = auroc_ci(labels, b, groups=groups, n_resamples=n, seed=seed)
-    beats, sentence = _verdict(diff)
+    w = None if base["probs_without_metadata"] is None else base["probs_without_metadata"][pick]
+    scorers = {"baseline": b, "without_metadata": w}
+    compare = _Comparison(labels, probs, scorers, groups, n, seed)
+    overall = compare.row(np.ones(labels.size, bool))
+    beats, sentence = _verdict(overall["difference"])
     without = None
-    if base["probs_without_metadata"] is not None:
-        w = base["probs_without_metadata"][pick]
+    if w is not None:
         without = {
-            "baseline_auroc": auroc_ci(labels, w, groups=groups, n_resamples=n, seed=seed),
-            "difference": paired_auroc_difference(
-                labels, probs, w, groups=groups, n_resamples=n, seed=seed
-            ),
+            "baseline_auroc": overall["without_metadata"],
+            "difference": overall["difference_without_metadata"],
         }
-    subgroups = _subgroups(base, pick, labels, probs, b, groups, n, seed)
+    meta = {c: v[pick] for c, v in base["meta"].items()}
+    regions = body_region(meta)
     return {
         "features": "size, file bytes and JPEG flags, thumbnail intensity statistics, metadata "
         "columns (kerasfrac audit); fitted on train",
-        "model_auroc": m_ci,
-        "baseline_auroc": b_ci,
-        "difference": diff,
+        "model_auroc": overall["model"],
+        "baseline_auroc": overall["baseline"],
+        "difference": overall["difference"],
         "beats_baseline": beats,
         "sentence": sentence,
         "without_metadata": without,
-        "subgroups": subgroups,
+        "subgroups": _subgroups(compare, base["height"][pick], base["width"][pick], meta),
+        "within_region": None if regions is None else _within_region(compare, regions),
+    }
+
+
+class _Comparison:
+    """The model and the baselines on one split's images: AUROC with CIs of each and the
+    model-minus-baseline paired differences, on any subset (``row(mask)``)."""
+
+    def __init__(self, labels, probs, scorers: dict, groups, n: int, seed: int):
+        self.labels, self.probs, self.n, self.seed = labels, probs, n, seed
+        self.scorers = {k: v for k, v in scorers.items() if v is not None}
+        self.groups = None if groups is None else np.asarray(groups, dtype=object)
+
+    def row(self, mask: np.ndarray, strata=None) -> dict:
+        from kerasfrac.evaluation.metrics import auroc_ci, paired_auroc_difference
+
+        g = None if self.groups is None else list(self.groups[mask])
+        y = self.labels[mask]
+        kw = dict(groups=g, n_resamples=self.n, seed=self.seed)
+        if strata is not None:
+            kw["strata"] = np.asarray(strata)[mask]
+        row = {"model": auroc_ci(y, self.probs[mask], **kw)}
+        for name, scores in self.scorers.items():
+            row[name] = auroc_ci(y, scores[mask], **kw)
+            key = "difference" if name == "baseline" else f"difference_{name}"
+            row[key] = paired_auroc_difference(y, self.probs[mask], scores[mask], **kw)
+        return row
+
+
+def _subgroups(compare: _Comparison, height, width, meta: dict) -> dict:
+    """The model beside the baselines inside each body region, view and image-size band, and
+    on images without hardware (where the build records them): AUROCs with CIs and the
+    model's paired lead over each baseline."""
+    from kerasfrac.evaluation.metrics import size_band
+
+    masks = {}
+    regions = body_region(meta)
+    if regions is not None:
+        masks.update({f"region={r}": regions == r for r in REGION_ORDER if np.any(regions == r)})
+    for view in VIEW_COLUMNS:
+        if view in meta and np.any(meta[view] >= 0):
+            masks[f"{view}=1"] = meta[view] == 1
+    if "hardware" in meta and np.any(meta["hardware"] >= 0):
+        masks["hardware=0"] = meta["hardware"] == 0
+    bands = size_band(height, width)
+    masks.update({f"size={band}": bands == band for band in ("small", "medium", "large")})
+    subgroups = {}
+    labels = compare.labels
+    for name, mask in masks.items():
+        if not mask.any():
+            continue
+        y = labels[mask]
+        row = {"n": int(mask.sum()), "fractured": int(y.sum())}
+        if min(int(y.sum()), int((y == 0).sum())) < MIN_PER_CLASS_FOR_CI:
+            row["note"] = f"fewer than {MIN_PER_CLASS_FOR_CI} images of a class: no AUROC reported"
+        else:
+            row.update(compare.row(mask))
+        subgroups[name] = row
+    return subgroups
+
+
+def _within_region(compare: _Comparison, regions: np.ndarray) -> dict:
+    """AUROC within body region, pooled (``metrics.stratified_auroc``: only pairs of a
+    fractured and a normal image of the same region count) for the model and the baselines:
+    what remains when knowing the region, which the metadata baseline is told, is worth
+    nothing."""
+    names, counts = np.unique(regions, return_counts=True)
+    row = compare.row(np.ones(regions.size, bool), strata=regions)
+    y = compare.labels
+    return {
+        "regions": {
+            str(r): {"n": int(c), "fractured": int(y[regions == r].sum())}
+            for r, c in zip(names, counts)
+        },
+        **row,
     }
 
 
@@ -393,35 +479,29 @@ def _verdict(diff: dict) -> tuple[bool, str]:
     )
 
 
-def _subgroups(base: dict, pick, labels, probs, b, groups, n: int, seed: int) -> dict:
-    """Model and baseline AUROC with CIs inside each image-size band and on images without
-    hardware (where the build records it)."""
-    from kerasfrac.evaluation.metrics import auroc_ci, size_band
-
-    bands = size_band(base["height"][pick], base["width"][pick])
-    masks = {f"size={band}": bands == band for band in ("small", "medium", "large")}
-    hardware = base["meta"]["hardware"][pick]
-    if np.any(hardware >= 0):
-        masks["hardware=0"] = hardware == 0
-    group_arr = None if groups is None else np.asarray(groups, dtype=object)
-    subgroups = {}
-    for name, mask in masks.items():
-        if not mask.any():
-            continue
-        g = None if group_arr is None else list(group_arr[mask])
-        y = labels[mask]
-        row = {"n": int(mask.sum()), "fractured": int(y.sum())}
-        if min(int(y.sum()), int((y == 0).sum())) < MIN_PER_CLASS_FOR_CI:
-            row["note"] = f"fewer than {MIN_PER_CLASS_FOR_CI} images of a class: no AUROC reported"
-        else:
-            row["model"] = auroc_ci(y, probs[mask], groups=g, n_resamples=n, seed=seed)
-            row["baseline"] = auroc_ci(y, b[mask], groups=g, n_resamples=n, seed=seed)
-        subgroups[name] = row
-    return subgroups
-
-
 def _signed(x) -> str:
     return "n/a" if x is None else f"{x:+.3f}"
+
+
+def _lead(d: dict | None) -> str:
+    if not d:
+        return "n/a"
+    ci = d.get("ci95")
+    return _signed(d["difference"]) + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+
+
+def _comparison_text(g: dict, auc) -> str:
+    """One subgroup's (or the within-region) model and baselines, and the model's leads."""
+    text = (
+        f"model AUROC {auc(g['model'])}, baseline {auc(g['baseline'])}, "
+        f"lead {_lead(g['difference'])}"
+    )
+    if "without_metadata" in g:
+        text += (
+            f"; without metadata {auc(g['without_metadata'])}, "
+            f"lead {_lead(g['difference_without_metadata'])}"
+        )
+    return text
 
 
 def baseline_lines(m: dict) -> list[str]:
@@ -450,13 +530,20 @@ def baseline_lines(m: dict) -> list[str]:
             f"AUROC {auc(w['baseline_auroc'])}; the model's lead over it "
             f"{_signed(d['difference'])}{shown}"
         )
+    within = c.get("within_region")
+    if within:
+        regions = ", ".join(f"{r} {v['n']}" for r, v in within["regions"].items())
+        lines.append(
+            f"  within body region (pairs of one region only; {regions}): "
+            + _comparison_text(within, auc)
+        )
     for name, g in c["subgroups"].items():
         if "model" not in g:
             lines.append(f"  subgroup {name}: n {g['n']} ({g['fractured']} fractured): {g['note']}")
             continue
         lines.append(
-            f"  subgroup {name}: n {g['n']} ({g['fractured']} fractured), model AUROC "
-            f"{auc(g['model'])}, baseline {auc(g['baseline'])}"
+            f"  subgroup {name}: n {g['n']} ({g['fractured']} fractured), "
+            + _comparison_text(g, auc)
         )
     share = c["difference"].get("undefined_share")
     if share:

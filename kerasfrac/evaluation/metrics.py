@@ -24,6 +24,9 @@ CI_METRICS = ("accuracy", "auroc", "sensitivity", "specificity", "ppv", "npv")
 MIN_PER_CLASS_FOR_CI = 10
 #: FracAtlas metadata subgroups evaluated separately when the records carry them.
 SUBGROUP_COLUMNS = ("hand", "leg", "hip", "shoulder", "mixed", "hardware")
+#: FracAtlas' body-region flags; ``mixed`` (more than one region in the image) is its own
+#: region, as is an image with more than one flag or none (``unknown``).
+REGION_COLUMNS = ("hand", "leg", "hip", "shoulder")
 
 
 def auroc(labels, scores) -> float | None:
@@ -37,6 +40,49 @@ def auroc(labels, scores) -> float | None:
         return None
     ranks = rankdata(np.asarray(scores, dtype=np.float64))
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def stratified_auroc(labels, scores, strata) -> float | None:
+    """AUROC over the (fractured, normal) pairs that share a stratum (e.g. a body region):
+    each stratum's AUROC weighted by its number of such pairs. What a score knows about which
+    stratum is more often fractured (hands are, in FracAtlas) cannot raise it; None where no
+    stratum holds both classes."""
+    y = np.asarray(labels).astype(int)
+    s = np.asarray(scores, dtype=np.float64)
+    strata = np.asarray(strata)
+    total, weight = 0.0, 0
+    for value in np.unique(strata):
+        mask = strata == value
+        pos = int(y[mask].sum())
+        pairs = pos * (int(mask.sum()) - pos)
+        if pairs:
+            total += auroc(y[mask], s[mask]) * pairs
+            weight += pairs
+    return total / weight if weight else None
+
+
+def _auroc_of(strata):
+    """``f(labels, scores, index)``: the AUROC (``stratified_auroc`` where ``strata`` is given)
+    of the images at ``index``."""
+    if strata is None:
+        return lambda y, s, idx: auroc(y[idx], s[idx])
+    strata = np.asarray(strata)
+    return lambda y, s, idx: stratified_auroc(y[idx], s[idx], strata[idx])
+
+
+def body_region(meta: dict[str, np.ndarray]) -> np.ndarray | None:
+    """One body region per image from FracAtlas' flags (``REGION_COLUMNS``): the one flagged,
+    ``mixed`` where the image holds several (or says so), ``unknown`` where none is flagged;
+    None where the records carry no region flags at all."""
+    known = [c for c in REGION_COLUMNS if c in meta and np.any(np.asarray(meta[c]) >= 0)]
+    if not known:
+        return None
+    flags = np.stack([np.asarray(meta[c]) == 1 for c in known], axis=1)
+    n = len(flags)
+    mixed = np.asarray(meta.get("mixed", np.full(n, -1))) == 1
+    names = np.array(known, dtype=object)[np.argmax(flags, axis=1)]
+    count = flags.sum(axis=1)
+    return np.where(mixed | (count > 1), "mixed", np.where(count == 0, "unknown", names))
 
 
 def sensitivity_at_specificity(labels, scores, specificity: float = 0.9) -> float | None:
@@ -100,14 +146,18 @@ def auroc_ci(
     n_resamples: int = N_BOOTSTRAP,
     seed: int = 0,
     level: float = 0.95,
+    strata=None,
 ) -> dict:
     """``{"auroc", "ci95", "undefined_share", "resampled", "n_resamples", "seed"}``; ``ci95``
-    is None when fewer than half of the resamples define the AUROC."""
+    is None when fewer than half of the resamples define the AUROC. With ``strata`` (one
+    label per image, e.g. the body region) the AUROC is ``stratified_auroc``: pairs within a
+    stratum only."""
     y = np.asarray(labels).astype(int)
     s = np.asarray(scores, dtype=np.float64)
-    values = [auroc(y[idx], s[idx]) for idx in resamples(y.size, groups, n_resamples, seed)]
+    auc = _auroc_of(strata)
+    values = [auc(y, s, idx) for idx in resamples(y.size, groups, n_resamples, seed)]
     return {
-        "auroc": auroc(y, s),
+        "auroc": auc(y, s, slice(None)),
         **_interval(values, n_resamples, level),
         "resampled": "groups" if has_groups(groups) else "images",
         "n_resamples": n_resamples,
@@ -124,10 +174,11 @@ def paired_auroc_difference(
     n_resamples: int = N_BOOTSTRAP,
     seed: int = 0,
     level: float = 0.95,
+    strata=None,
 ) -> dict:
     """AUROC of ``scores_a`` minus AUROC of ``scores_b`` on the same images, with a paired
     percentile-bootstrap CI (both scored on each resample) and the share of resamples above
-    0 (``share_above_zero``: how often a beats b)."""
+    0 (``share_above_zero``: how often a beats b). ``strata``: as in ``auroc_ci``."""
     y = np.asarray(labels).astype(int)
     a = np.asarray(scores_a, dtype=np.float64)
     b = np.asarray(scores_b, dtype=np.float64)
@@ -136,10 +187,11 @@ def paired_auroc_difference(
             f"labels {y.shape}, scores {a.shape} and {b.shape}: expected one score of each "
             "scorer per image"
         )
-    auc_a, auc_b = auroc(y, a), auroc(y, b)
+    auc = _auroc_of(strata)
+    auc_a, auc_b = auc(y, a, slice(None)), auc(y, b, slice(None))
     diffs = []
     for idx in resamples(y.size, groups, n_resamples, seed):
-        da, db = auroc(y[idx], a[idx]), auroc(y[idx], b[idx])
+        da, db = auc(y, a, idx), auc(y, b, idx)
         diffs.append(None if da is None or db is None else da - db)
     defined = [d for d in diffs if d is not None]
     return {

@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from kerasfrac import runs
-from kerasfrac.explain import gradcam
+from kerasfrac.explain import gradcam, occlusion
 from kerasfrac.explain.gradcam import layer_output
 from kerasfrac.models import block_output_names, classifier, logit_layer_name
 from kerasfrac.options import AscentOptions, ExplainOptions
@@ -711,6 +711,19 @@ def _audit_part(ctx: _Context, result: dict) -> list[Path]:
             )
         )
     ctx.log(summary(audit))
+    if audit["pointing_game"]["available"]:  # the split has boxes: fill them in
+        from kerasfrac import data
+
+        records = data.split_records(ctx.build, opts.split)
+        result["occlusion"] = occlusion.occlusion_test(
+            ctx.model,
+            split_batches(ctx.cfg.data, ctx.build, opts.split, opts.batch_size),
+            border=opts.border,
+            groups=dict(zip(records.ids, records.groups)),
+            seed=0,
+            batch_size=opts.batch_size,
+        )
+        ctx.log(occlusion.summary(result["occlusion"]))
     return pngs
 
 
