@@ -221,6 +221,30 @@ def test_masks_and_pointing():
         gradcam.border_mask((8, 8), 0.7)
 
 
+def test_localisation_equals_a_hand_computation():
+    box = [[0.5, 0.5, 1.0, 1.0]]  # rows and columns 5..9 of 10: 25 pixels
+    mask = gradcam.box_region_mask(box, (10, 10))
+    cam = np.zeros((10, 10))
+    cam[6:8, 6:9] = 1.0  # the peak's region: 6 pixels inside the box
+    cam[0, 0] = 0.6  # above half the peak: in the region, not in the top-1 component
+    cam[2, 2] = 0.4  # below half the peak: outside the region
+    loc = gradcam.localisation(cam, mask, box)
+    assert loc["dice"] == pytest.approx(2 * 6 / (7 + 25))
+    assert loc["iou"] == pytest.approx(6 / (7 + 25 - 6))
+    assert loc["top1_iou"] == pytest.approx(6 / 25)  # rows 6-7 x cols 6-8 inside the box
+    assert gradcam.localisation(np.zeros((10, 10)), mask, box) == {
+        "dice": 0.0,
+        "iou": 0.0,
+        "top1_iou": 0.0,
+    }
+    audit = gradcam.Audit((10, 10))
+    audit.add(cam, 1, np.array(box))
+    audit.add(np.zeros((10, 10)), 1, np.array(box))
+    loc = audit.result(has_boxes=True)["pointing_game"]["localisation"]
+    assert loc["dice"]["mean"] == pytest.approx(6 / 32 / 1)  # (0.375 + 0) / 2
+    assert loc["top1_hit_iou_0.1"]["rate"] == 0.5 and loc["top1_hit_iou_0.25"]["rate"] == 0.0
+
+
 def test_pointing_game_counts_empty_maps_as_misses_with_ci_and_centre_baseline():
     audit = gradcam.Audit((10, 10))
     centre_box = np.array([[0.3, 0.3, 0.7, 0.7]])

@@ -17,6 +17,9 @@ The audit numbers are pure numpy on the upsampled maps:
 * pointing game (Zhang et al. 2016): a hit when the map's maximum lies inside an annotated
   box (optionally grown by ``tolerance`` pixels); chance = the boxes' share of the image;
   ``box_mass_share``: the map's mass inside the boxes.
+* localisation: the map cut at half its maximum against the boxes (Dice, IoU), and the
+  bounding rectangle of its top-1 connected region (the one holding the peak) counted as
+  finding a fracture where its IoU with a box reaches 0.1 or 0.25 (Wilson CIs).
 
 The default layer and method follow the head (``default_cam``): where the last feature map
 feeds Flatten -> Dense (paper_cnn), Grad-CAM's averaged gradient is the Dense kernel itself,
@@ -301,6 +304,61 @@ def pointing(cam: np.ndarray, mask: np.ndarray) -> dict:
     }
 
 
+#: Localisation: a map is cut at this fraction of its maximum (its "region") for Dice and IoU
+#: against the boxes, and for the top-1 connected region (the one holding the peak).
+REGION_THRESHOLD = 0.5
+#: IoU levels at which the top-1 region's bounding box counts as finding a fracture box.
+IOU_LEVELS = (0.1, 0.25)
+
+
+def box_iou(a, b) -> float:
+    """IoU of two pixel rectangles (y0, x0, y1, x1), ends exclusive."""
+    dy = min(a[2], b[2]) - max(a[0], b[0])
+    dx = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(dy, 0) * max(dx, 0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def localisation(cam: np.ndarray, mask: np.ndarray, boxes, threshold: float = REGION_THRESHOLD):
+    """How well the map's region matches the fracture: ``dice`` and ``iou`` of the map cut at
+    ``threshold`` x its maximum against ``mask`` (pixels), and ``top1_iou``: the best IoU of
+    the bounding rectangle of the connected region holding the map's peak with any box
+    (normalised ymin, xmin, ymax, xmax). All 0 for an all-zero map (it locates nothing)."""
+    from scipy import ndimage
+
+    if float(cam.max()) <= 0:
+        return {"dice": 0.0, "iou": 0.0, "top1_iou": 0.0}
+    region = cam >= threshold * float(cam.max())
+    inter = float(np.logical_and(region, mask).sum())
+    total = float(region.sum() + mask.sum())
+    union = float(np.logical_or(region, mask).sum())
+    components, _ = ndimage.label(region)
+    peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    ys, xs = np.nonzero(components == components[peak])
+    top1 = (int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1)
+    h, w = cam.shape
+    rects = [
+        (ymin * h, xmin * w, ymax * h, xmax * w)
+        for ymin, xmin, ymax, xmax in np.asarray(boxes, np.float64).reshape(-1, 4)
+    ]
+    return {
+        "dice": 2 * inter / total if total else 0.0,
+        "iou": inter / union if union else 0.0,
+        "top1_iou": max((box_iou(top1, r) for r in rects), default=0.0),
+    }
+
+
+def mean_ci(values, n_resamples: int = 1000, seed: int = 0) -> dict:
+    """Mean of per-image values with a percentile-bootstrap 95% CI (images resampled)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return {"mean": None, "ci95": None}
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(n_resamples, v.size))].mean(axis=1)
+    return {"mean": float(v.mean()), "ci95": [float(x) for x in np.percentile(means, [2.5, 97.5])]}
+
+
 def wilson_ci(hits: int, n: int, level: float = 0.95) -> list[float] | None:
     """Wilson score interval of a rate (scipy's ``binomtest``); None for n = 0."""
     if n == 0:
@@ -309,6 +367,10 @@ def wilson_ci(hits: int, n: int, level: float = 0.95) -> list[float] | None:
 
     ci = binomtest(int(hits), int(n)).proportion_ci(confidence_level=level, method="wilson")
     return [float(ci.low), float(ci.high)]
+
+
+def _rate(hits: int, n: int) -> dict:
+    return {"rate": hits / n if n else None, "ci95": wilson_ci(hits, n), "hits": int(hits)}
 
 
 def _mean(values) -> float | None:
@@ -336,7 +398,9 @@ class Audit:
         for name, m in self.corner_masks.items():
             row[name] = mass_share(cam, m)
         if label == 1 and boxes is not None and len(boxes):
-            row.update(pointing(cam, box_region_mask(boxes, self.shape, self.tolerance)))
+            mask = box_region_mask(boxes, self.shape, self.tolerance)
+            row.update(pointing(cam, mask))
+            row.update(localisation(cam, mask, boxes))
         self.rows.append(row)
         return row
 
@@ -385,6 +449,17 @@ class Audit:
             "centre_baseline_hit_rate": centre / len(played) if played else None,
             "centre_baseline_ci95": wilson_ci(centre, len(played)),
             "box_mass_share": _mean(r["mass_share"] for r in played),
+            "localisation": {
+                "threshold": REGION_THRESHOLD,
+                "dice": mean_ci([r["dice"] for r in played]),
+                "iou": mean_ci([r["iou"] for r in played]),
+                **{
+                    f"top1_hit_iou_{level:g}": _rate(
+                        sum(r["top1_iou"] >= level for r in played), len(played)
+                    )
+                    for level in IOU_LEVELS
+                },
+            },
         }
         if not played:
             out["pointing_game"]["note"] = "no fractured image of this split has a box"

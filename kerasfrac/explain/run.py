@@ -539,6 +539,19 @@ def summary(result: dict) -> str:
             + (f" [{cci[0]:.3f}, {cci[1]:.3f}]" if cci else "")
             + f"; {kind} mass in boxes {_fmt(pg['box_mass_share'])}"
         )
+        loc = pg.get("localisation")
+        if loc and pg["n_played"]:
+            tops = ", ".join(
+                f"IoU >= {k.rsplit('_', 1)[1]} {_fmt(v['rate'])} [{v['ci95'][0]:.3f}, "
+                f"{v['ci95'][1]:.3f}]"
+                for k, v in loc.items()
+                if k.startswith("top1_hit_iou_")
+            )
+            lines.append(
+                f"  localisation (map cut at {loc['threshold']:g} x its peak, against the boxes):"
+                f" Dice {_fmt(loc['dice']['mean'])}, IoU {_fmt(loc['iou']['mean'])}; its top-1 "
+                f"region finds a box at {tops}"
+            )
     return "\n".join(lines)
 
 
