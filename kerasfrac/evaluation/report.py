@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import json
 from pathlib import Path
 
 import yaml
@@ -44,6 +45,7 @@ COLUMNS = (
     ("dataset", "Dataset"),
     ("pipeline", "Pipeline"),
     ("run", "Run"),
+    ("split_seed", "Split seed"),
     ("n", "Test images"),
     ("accuracy", "Accuracy"),
     ("loss", "Loss"),
@@ -51,6 +53,8 @@ COLUMNS = (
     ("auroc", "AUROC [95% CI]"),
     ("baseline_auroc", "No-anatomy baseline AUROC"),
     ("auroc_minus_baseline", "Model - baseline [95% CI]"),
+    ("hands_minus_baseline", "In hands: model - baseline"),
+    ("within_region_minus_baseline", "Within region: model - baseline"),
     ("average_precision", "AP"),
     ("sensitivity", "Sensitivity"),
     ("specificity", "Specificity"),
@@ -108,10 +112,13 @@ def run_row(run_dir: str | Path) -> dict:
     base = m.get("no_anatomy_baseline") or {}
     diff = base.get("difference") or {}
     diff_ci = diff.get("ci95")
+    hands = ((base.get("subgroups") or {}).get("region=hand") or {}).get("difference") or {}
+    within = (base.get("within_region") or {}).get("difference") or {}
     return {
         "dataset": cfg.get("dataset", "?"),
         "pipeline": pipeline_name(cfg),
         "run": run_dir.name,
+        "split_seed": _split_seed(m.get("data_dir") or (cfg.get("data") or {}).get("dir")),
         "n": m.get("n"),
         "accuracy": m.get("accuracy"),
         "loss": m.get("loss"),
@@ -127,7 +134,29 @@ def run_row(run_dir: str | Path) -> dict:
         "auroc_minus_baseline_ci_low": diff_ci[0] if diff_ci else None,
         "auroc_minus_baseline_ci_high": diff_ci[1] if diff_ci else None,
         "beats_baseline": base.get("beats_baseline"),
+        **_lead("hands_minus_baseline", hands),
+        **_lead("within_region_minus_baseline", within),
     }
+
+
+def _lead(key: str, diff: dict) -> dict:
+    ci = diff.get("ci95")
+    return {
+        key: diff.get("difference"),
+        f"{key}_ci_low": ci[0] if ci else None,
+        f"{key}_ci_high": ci[1] if ci else None,
+    }
+
+
+def _split_seed(data_dir) -> int | None:
+    """The split seed of the build a run was evaluated on (its manifest's ``seed``); None
+    where the build is gone or says nothing."""
+    if not data_dir:
+        return None
+    try:
+        return json.loads((Path(data_dir) / "manifest.json").read_text()).get("seed")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def rows(run_dirs, paper: dict | None = None) -> list[dict]:
@@ -153,7 +182,7 @@ def _fmt(key: str, row: dict) -> str:
         return str(x)
     if x is None:
         return "n/a"
-    if key == "n":
+    if key in ("n", "split_seed"):
         return str(x)
     if key in ("loss", "paper_loss"):
         return f"{x:.4f}"
@@ -163,13 +192,10 @@ def _fmt(key: str, row: dict) -> str:
         return f"{x:.3f} [{row['auroc_ci_low']:.3f}, {row['auroc_ci_high']:.3f}]"
     if key in ("average_precision", "baseline_auroc"):
         return f"{x:.3f}"
-    if key == "auroc_minus_baseline":
-        if row.get("auroc_minus_baseline_ci_low") is None:
+    if key.endswith("_minus_baseline"):
+        if row.get(f"{key}_ci_low") is None:
             return f"{x:+.3f}"
-        return (
-            f"{x:+.3f} [{row['auroc_minus_baseline_ci_low']:+.3f}, "
-            f"{row['auroc_minus_baseline_ci_high']:+.3f}]"
-        )
+        return f"{x:+.3f} [{row[f'{key}_ci_low']:+.3f}, {row[f'{key}_ci_high']:+.3f}]"
     return _pct(x)
 
 
@@ -211,6 +237,7 @@ def write_csv(path: str | Path, table: list[dict], paper: bool = False) -> None:
         "dataset",
         "pipeline",
         "run",
+        "split_seed",
         "n",
         "accuracy",
         "loss",
@@ -222,6 +249,11 @@ def write_csv(path: str | Path, table: list[dict], paper: bool = False) -> None:
         "auroc_minus_baseline",
         "auroc_minus_baseline_ci_low",
         "auroc_minus_baseline_ci_high",
+        *(
+            f"{k}{end}"
+            for k in ("hands_minus_baseline", "within_region_minus_baseline")
+            for end in ("", "_ci_low", "_ci_high")
+        ),
         "average_precision",
         "sensitivity",
         "specificity",

@@ -155,7 +155,10 @@ def occlusion_test(
     P(fractured)) on the images as they are, with the fractures filled and with the controls
     filled, each with a CI, and the paired differences. ``groups`` (image id -> duplicate
     group) makes the bootstrap resample groups."""
+    import tensorflow as tf
+
     from kerasfrac.evaluation.metrics import auroc_ci, paired_auroc_difference
+    from kerasfrac.models import predict_probs
 
     rng = np.random.default_rng(seed)
     fractured, normals, skipped = [], [], {"no_box": 0, "no_room": 0}
@@ -193,7 +196,7 @@ def occlusion_test(
     def score(images) -> np.ndarray:
         x = np.stack(images).astype(np.float32)
         p = [
-            np.asarray(model(x[k : k + batch_size], training=False))
+            np.asarray(predict_probs(model, tf.convert_to_tensor(x[k : k + batch_size])))
             for k in range(0, len(x), batch_size)
         ]
         return np.concatenate(p).reshape(-1).astype(np.float64)
