@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from kerasfrac.evaluation import audit, evaluate, metrics
 from kerasfrac.explain import occlusion
@@ -182,7 +183,7 @@ def test_occlusion_test_on_a_model_that_reads_the_box_region():
         images.append(img), labels.append(y), boxes.append(b)
 
     def model(x, training=False):
-        return 1.0 - x.reshape(len(x), -1).min(axis=1, keepdims=True)
+        return 1.0 - tf.reduce_min(tf.reshape(x, [tf.shape(x)[0], -1]), axis=1, keepdims=True)
 
     batches = [(np.stack(images), np.array(labels), [f"i{k}" for k in range(40)], boxes)]
     r = occlusion.occlusion_test(model, batches, border=0.1, n_bootstrap=50)

@@ -20,6 +20,8 @@ class Candidate:
     boxes: list[tuple[float, float, float, float]] = dataclasses.field(default_factory=list)
     meta: dict[str, int] = dataclasses.field(default_factory=dict)
     box_frame: tuple[int, int] | None = None  # (height, width) the boxes were annotated on
+    #: one outline per box: [(y, x), ...] normalised like the boxes; [] where a box has none
+    polygons: list[list[tuple[float, float]]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

@@ -60,6 +60,7 @@ def _example(
         group=group,
         label=cand.label,
         boxes=cand.boxes,
+        polygons=cand.polygons,
         meta=cand.meta,
         file=cand.rel,
         with_meta=with_meta,

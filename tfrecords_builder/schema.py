@@ -22,6 +22,9 @@ One tf.train.Example per image; its keys (TFDS flattens nested features with ``/
     label            ClassLabel(names=["normal", "fractured"]): 0 normal, 1 fractured
     objects/bbox     float   Sequence of BBoxFeature: fracture boxes (ymin, xmin, ymax, xmax)
                              normalised to [0, 1] (converted from FracAtlas' COCO x, y, w, h)
+    objects/polygon  float   the outline of each box's fracture: a ragged Sequence of (y, x)
+                             points normalised like the boxes (FracAtlas' COCO segmentation);
+                             empty for a box without one (and in builds made before it existed)
     meta/<column>    int64   FracAtlas dataset.csv columns (META_COLUMNS); -1 = unknown. Only
                              in datasets that have them; the parse spec defaults them to -1
 """
@@ -51,6 +54,9 @@ LABEL = "label"
 OBJECTS = "objects"
 BBOX = "bbox"
 BOXES = f"{OBJECTS}/{BBOX}"
+POLYGON = "polygon"
+POLYGON_POINTS = f"{OBJECTS}/{POLYGON}/ragged_flat_values"
+POLYGON_LENGTHS = f"{OBJECTS}/{POLYGON}/ragged_row_lengths_0"
 
 META_UNKNOWN = -1
 
@@ -82,7 +88,12 @@ def features(image_channels: int = 3, encoding_format: str | None = None, meta: 
         SHA256: tfds.features.Text(),
         GROUP: tfds.features.Text(),
         LABEL: tfds.features.ClassLabel(names=[LABEL_NAMES[0], LABEL_NAMES[1]]),
-        OBJECTS: tfds.features.Sequence({BBOX: tfds.features.BBoxFeature()}),
+        OBJECTS: tfds.features.Sequence(
+            {
+                BBOX: tfds.features.BBoxFeature(),
+                POLYGON: tfds.features.Sequence(tfds.features.Tensor(shape=(2,), dtype=np.float32)),
+            }
+        ),
     }
     if meta:
         feats["meta"] = {c: tfds.features.Scalar(np.int64) for c in META_COLUMNS}
@@ -109,13 +120,20 @@ def make_example(
     group: str,
     label: int,
     boxes: list[tuple[float, float, float, float]] = (),
+    polygons: list[list[tuple[float, float]]] = (),
     meta: dict[str, int] | None = None,
     file: str = "",
     with_meta: bool = True,
 ) -> tf.train.Example:
     """Build one record through TFDS' encoder and serializer. ``boxes`` are (ymin, xmin, ymax,
-    xmax) normalised to [0, 1]; ``with_meta``: write the metadata columns (unknown ones -1)."""
+    xmax) normalised to [0, 1]; ``polygons``: one outline per box ((y, x) points normalised
+    the same way; [] for a box without one; none at all: every box without);
+    ``with_meta``: write the metadata columns (unknown ones -1)."""
     meta = meta or {}
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    polygons = list(polygons) or [[] for _ in range(len(boxes))]
+    if len(polygons) != len(boxes):
+        raise ValueError(f"{len(polygons)} polygons for {len(boxes)} boxes: expected one per box")
     unknown = set(meta) - set(META_COLUMNS)
     if unknown:
         raise ValueError(f"unknown metadata columns {sorted(unknown)}; allowed: {META_COLUMNS}")
@@ -131,7 +149,10 @@ def make_example(
         SHA256: sha256,
         GROUP: group,
         LABEL: int(label),
-        OBJECTS: {BBOX: np.asarray(boxes, np.float32).reshape(-1, 4)},
+        OBJECTS: {
+            BBOX: boxes,
+            POLYGON: [np.asarray(p, np.float32).reshape(-1, 2) for p in polygons],
+        },
     }
     if with_meta:
         example["meta"] = {c: int(meta.get(c, META_UNKNOWN)) for c in META_COLUMNS}
@@ -167,7 +188,9 @@ def parse_example(serialized: tf.Tensor) -> dict:
 
     Keys: ``encoded`` (string), ``format``, ``height``, ``width``, ``channels``, ``image_id``,
     ``file``, ``source``, ``sha256``, ``group``, ``label`` (int64), ``boxes`` (float32 [N, 4] as
-    ymin, xmin, ymax, xmax), and ``meta`` (dict column -> int64).
+    ymin, xmin, ymax, xmax), ``polygon_points`` (float32 [P, 2], (y, x), every box's outline
+    one after the other) with ``polygon_lengths`` (int64 [N]: the points of each box; a record
+    written before outlines existed: [0]), and ``meta`` (dict column -> int64).
     Decoding is left to the caller so that a pipeline can decode, convert and resize in one map.
     """
     parsed = tf.io.parse_single_example(serialized, feature_spec())
@@ -184,6 +207,8 @@ def parse_example(serialized: tf.Tensor) -> dict:
         "group": parsed[GROUP],
         "label": parsed[LABEL],
         "boxes": tf.reshape(parsed[BOXES], [-1, 4]),
+        "polygon_points": tf.reshape(parsed[POLYGON_POINTS], [-1, 2]),
+        "polygon_lengths": parsed[POLYGON_LENGTHS],
         "meta": {c: parsed[meta_key(c)] for c in META_COLUMNS},
     }
 

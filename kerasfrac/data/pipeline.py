@@ -106,7 +106,8 @@ class SplitRecords:
     """What a split's records hold besides the image, in read order (the order of
     ``make_eval_dataset``): ids, labels (0/1), duplicate groups, metadata columns
     (``{column: int array}``, -1 = unknown), fracture boxes ([N, 4] ymin, xmin, ymax, xmax,
-    normalised) and the stored image sizes."""
+    normalised), each box's fracture outline (a list per image of [P, 2] (y, x) arrays, one per
+    box, empty where a box has none) and the stored image sizes."""
 
     ids: list[str]
     labels: np.ndarray
@@ -115,18 +116,20 @@ class SplitRecords:
     boxes: list[np.ndarray]
     heights: np.ndarray
     widths: np.ndarray
+    polygons: list[list[np.ndarray]]
 
 
 def split_records(build: Build | str | Path, split: str) -> SplitRecords:
     """One pass over ``split`` without decoding an image (see ``SplitRecords``)."""
     build = check_build(build)
-    ids, labels, groups, boxes, heights, widths = [], [], [], [], [], []
+    ids, labels, groups, boxes, heights, widths, polygons = [], [], [], [], [], [], []
     meta: dict[str, list[int]] = {}
     for ex in build.read(split, decode=False).as_numpy_iterator():
         ids.append(ex["image_id"].decode())
         labels.append(int(ex["label"]))
         groups.append(ex["group"].decode())
         boxes.append(np.asarray(ex["boxes"], dtype=np.float32).reshape(-1, 4))
+        polygons.append(_outlines(ex["polygon_points"], ex["polygon_lengths"], len(boxes[-1])))
         heights.append(int(ex["height"]))
         widths.append(int(ex["width"]))
         for column, value in ex["meta"].items():
@@ -139,7 +142,19 @@ def split_records(build: Build | str | Path, split: str) -> SplitRecords:
         boxes,
         np.array(heights, dtype=int),
         np.array(widths, dtype=int),
+        polygons,
     )
+
+
+def _outlines(points, lengths, n_boxes: int) -> list[np.ndarray]:
+    """One [P, 2] outline per box from a record's flat points and per-box lengths (a record
+    written before outlines existed has none: empty outlines)."""
+    points = np.asarray(points, np.float32).reshape(-1, 2)
+    lengths = [int(n) for n in lengths]
+    if len(lengths) != n_boxes:
+        return [np.zeros((0, 2), np.float32) for _ in range(n_boxes)]
+    ends = np.cumsum(lengths)
+    return [points[e - n : e] for n, e in zip(lengths, ends)]
 
 
 # --------------------------------------------------------------------------- pipelines

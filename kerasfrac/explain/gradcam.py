@@ -19,7 +19,8 @@ The audit numbers are pure numpy on the upsampled maps:
   ``box_mass_share``: the map's mass inside the boxes.
 * localisation: the map cut at half its maximum against the boxes (Dice, IoU), and the
   bounding rectangle of its top-1 connected region (the one holding the peak) counted as
-  finding a fracture where its IoU with a box reaches 0.1 or 0.25 (Wilson CIs).
+  finding a fracture where its IoU with a box reaches 0.1 or 0.25 (Wilson CIs); where the
+  build stores the fractures' outlines (FracAtlas' polygons), Dice and IoU against them too.
 
 The default layer and method follow the head (``default_cam``): where the last feature map
 feeds Flatten -> Dense (paper_cnn), Grad-CAM's averaged gradient is the Dense kernel itself,
@@ -263,6 +264,39 @@ def boxes_to_input_frame(
     return np.stack([ys[:, 0], xs[:, 0], ys[:, 1], xs[:, 1]], axis=1)
 
 
+def points_to_input_frame(
+    points, height: int, width: int, image_size: int, resize: str = "stretch"
+) -> np.ndarray:
+    """Outline points [P, 2] ((y, x) normalised in the original image) -> the same in the
+    model's input frame, mapped as ``boxes_to_input_frame`` maps box corners."""
+    points = np.asarray(points, np.float64).reshape(-1, 2)
+    if len(points) == 0:
+        return points
+    boxes = boxes_to_input_frame(
+        np.concatenate([points, points], axis=1), height, width, image_size, resize
+    )
+    return boxes[:, :2]
+
+
+def outline_mask(outlines, boxes, shape: tuple[int, int]) -> np.ndarray:
+    """bool [H, W]: pixels whose centre lies inside any fracture outline ([P, 2] (y, x)
+    normalised); a box without an outline (fewer than three points) counts as its rectangle."""
+    from matplotlib.path import Path as Outline
+
+    h, w = shape
+    ys, xs = np.mgrid[0:h, 0:w]
+    centres = np.stack([(xs.ravel() + 0.5) / w, (ys.ravel() + 0.5) / h], axis=1)
+    mask = np.zeros(h * w, bool)
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    for k, box in enumerate(boxes):
+        points = np.asarray(outlines[k] if k < len(outlines) else [], np.float64).reshape(-1, 2)
+        if len(points) >= 3:
+            mask |= Outline(points[:, ::-1]).contains_points(centres)
+        else:
+            mask |= box_region_mask(box[None], shape).ravel()
+    return mask.reshape(h, w)
+
+
 def box_region_mask(boxes, shape: tuple[int, int], tolerance: float = 0.0) -> np.ndarray:
     """bool [H, W]: pixels whose centre lies in any box (normalised ymin, xmin, ymax, xmax),
     each box grown by ``tolerance`` pixels on every side."""
@@ -392,7 +426,9 @@ class Audit:
         self.corner_masks = corner_masks(self.shape, corner)
         self.rows: list[dict] = []
 
-    def add(self, cam: np.ndarray, label: int, boxes=None, image_id: str = "") -> dict:
+    def add(
+        self, cam: np.ndarray, label: int, boxes=None, image_id: str = "", outlines=None
+    ) -> dict:
         row = {"image_id": image_id, "label": int(label), "zero": float(cam.max()) <= 0}
         row["border_share"] = mass_share(cam, self.border_mask)
         for name, m in self.corner_masks.items():
@@ -401,6 +437,9 @@ class Audit:
             mask = box_region_mask(boxes, self.shape, self.tolerance)
             row.update(pointing(cam, mask))
             row.update(localisation(cam, mask, boxes))
+            if outlines is not None and any(len(o) >= 3 for o in outlines):
+                traced = localisation(cam, outline_mask(outlines, boxes, self.shape), boxes)
+                row.update(outline_dice=traced["dice"], outline_iou=traced["iou"])
         self.rows.append(row)
         return row
 
@@ -460,6 +499,12 @@ class Audit:
                     for level in IOU_LEVELS
                 },
             },
+        }
+        traced = [r for r in played if "outline_dice" in r]
+        out["pointing_game"]["localisation"]["outlines"] = {
+            "n": len(traced),
+            "dice": mean_ci([r["outline_dice"] for r in traced]),
+            "iou": mean_ci([r["outline_iou"] for r in traced]),
         }
         if not played:
             out["pointing_game"]["note"] = "no fractured image of this split has a box"

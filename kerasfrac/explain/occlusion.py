@@ -151,7 +151,7 @@ def occlusion_test(
     batch_size: int = 32,
 ) -> dict:
     """The explain.json ``occlusion`` block over ``batches`` of ``(images, labels, ids,
-    boxes)`` (``explain.run.split_batches``): AUROC of the classifier ``model`` (input ->
+    boxes, ...)`` (``explain.run.split_batches``): AUROC of the classifier ``model`` (input ->
     P(fractured)) on the images as they are, with the fractures filled and with the controls
     filled, each with a CI, and the paired differences. ``groups`` (image id -> duplicate
     group) makes the bootstrap resample groups."""
@@ -162,7 +162,7 @@ def occlusion_test(
 
     rng = np.random.default_rng(seed)
     fractured, normals, skipped = [], [], {"no_box": 0, "no_room": 0}
-    for images, labels, ids, boxes in batches:
+    for images, labels, ids, boxes, *_ in batches:
         for img, y, i, b in zip(images, labels, ids, boxes):
             if y == 1 and not len(b):
                 skipped["no_box"] += 1

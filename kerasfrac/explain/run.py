@@ -400,28 +400,34 @@ def load_image_files(paths, data_cfg, log=print) -> list[Example]:
 
 
 def split_batches(data_cfg, build, split: str, batch_size: int):
-    """Batches of ``(images, labels, ids, boxes)`` of a split in read order: the images of
-    ``data.make_eval_dataset``, the boxes of ``data.split_records`` as a list of [N, 4] arrays
-    in the model's input frame (mapped through ``data.resize``)."""
+    """Batches of ``(images, labels, ids, boxes, outlines)`` of a split in read order: the
+    images of ``data.make_eval_dataset``; the boxes of ``data.split_records`` as a list of
+    [N, 4] arrays and their fracture outlines as a list (per image) of [P, 2] (y, x) arrays,
+    both in the model's input frame (mapped through ``data.resize``)."""
     from kerasfrac import data
 
     build = data.check_build(build)
     records = data.split_records(build, split)
+    size, resize = data_cfg.image_size, data_cfg.resize
     start = 0
     for batch in data.make_eval_dataset(build, split, data_cfg, batch_size, True):
         images, labels, ids = batch["image"], batch["label"], batch["id"]
         end = start + len(ids)
+        frames = list(zip(records.heights[start:end], records.widths[start:end]))
         frame_boxes = [
-            gradcam.boxes_to_input_frame(b, int(h), int(w), data_cfg.image_size, data_cfg.resize)
-            for b, h, w in zip(
-                records.boxes[start:end], records.heights[start:end], records.widths[start:end]
-            )
+            gradcam.boxes_to_input_frame(b, int(h), int(w), size, resize)
+            for b, (h, w) in zip(records.boxes[start:end], frames)
+        ]
+        outlines = [
+            [gradcam.points_to_input_frame(p, int(h), int(w), size, resize) for p in polys]
+            for polys, (h, w) in zip(records.polygons[start:end], frames)
         ]
         yield (
             images.numpy(),
             labels.numpy().astype(int),
             [i.decode() for i in ids.numpy()],
             frame_boxes,
+            outlines,
         )
         start = end
 
@@ -430,7 +436,7 @@ def pick_examples(data_cfg, build, split: str, n: int) -> list[Example]:
     """The first ``n`` images of a split, half fractured (those with boxes first) and half
     normal where the split has them."""
     fractured, boxed, normal = [], [], []
-    for images, labels, ids, boxes in split_batches(data_cfg, build, split, 32):
+    for images, labels, ids, boxes, _ in split_batches(data_cfg, build, split, 32):
         for img, y, i, b in zip(images, labels, ids, boxes):
             ex = Example(img, i, int(y), b if len(b) else None)
             (normal if y == 0 else boxed if len(b) else fractured).append(ex)
@@ -486,11 +492,13 @@ def audit_split(
     sums = {"fractured": np.zeros(shape), "normal": np.zeros(shape)}
     counts = {"fractured": 0, "normal": 0}
     has_boxes = False
-    for images, labels, ids, boxes in split_batches(data_cfg, build, split, opts.batch_size):
+    for images, labels, ids, boxes, outlines in split_batches(
+        data_cfg, build, split, opts.batch_size
+    ):
         maps, _ = _cams(cam, images, labels, opts.cam_target)
-        for m, y, i, b in zip(maps, labels, ids, boxes):
+        for m, y, i, b, o in zip(maps, labels, ids, boxes, outlines):
             has_boxes |= len(b) > 0
-            audit.add(m, int(y), b if len(b) else None, i)
+            audit.add(m, int(y), b if len(b) else None, i, outlines=o)
             if m.max() > 0:
                 key = "fractured" if y == 1 else "normal"
                 sums[key] += m / m.sum()
@@ -552,6 +560,12 @@ def summary(result: dict) -> str:
                 f" Dice {_fmt(loc['dice']['mean'])}, IoU {_fmt(loc['iou']['mean'])}; its top-1 "
                 f"region finds a box at {tops}"
             )
+            traced = loc.get("outlines") or {}
+            if traced.get("n"):
+                lines.append(
+                    f"  against the fractures' outlines ({traced['n']} images): Dice "
+                    f"{_fmt(traced['dice']['mean'])}, IoU {_fmt(traced['iou']['mean'])}"
+                )
     return "\n".join(lines)
 
 

@@ -78,18 +78,22 @@ def _read_csv(path: Path) -> dict[str, dict[str, int]]:
 
 def read_coco_boxes(
     path: Path, skipped: list | None = None
-) -> dict[str, tuple[tuple[int, int], list[tuple]]]:
-    """file_name -> ((height, width), [(ymin, xmin, ymax, xmax) normalised, clipped to [0,1]]).
+) -> dict[str, tuple[tuple[int, int], list[tuple], list[list]]]:
+    """file_name -> ((height, width), [(ymin, xmin, ymax, xmax) normalised, clipped to [0,1]],
+    [polygon of each box: [(y, x), ...] normalised and clipped, [] where the annotation has no
+    usable ``segmentation``]).
 
     Annotations without a usable box (no ``bbox``, zero or negative width or height, an image
-    without a positive size) are left out and listed in ``skipped``."""
+    without a positive size) are left out and listed in ``skipped``. FracAtlas' segmentations
+    are one polygon per annotation; where one has several parts, the largest is kept."""
     skipped = [] if skipped is None else skipped
     try:
         with path.open(encoding="utf-8") as f:
             coco = json.load(f)
         images = {im["id"]: im for im in coco.get("images", [])}
-        out: dict[str, tuple[tuple[int, int], list[tuple]]] = {
-            im["file_name"]: ((int(im["height"]), int(im["width"])), []) for im in images.values()
+        out: dict[str, tuple[tuple[int, int], list[tuple], list[list]]] = {
+            im["file_name"]: ((int(im["height"]), int(im["width"])), [], [])
+            for im in images.values()
         }
         annotations = list(coco.get("annotations", []))
     except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
@@ -131,7 +135,27 @@ def read_coco_boxes(
         out[im["file_name"]][1].append(
             (clip(y / height), clip(x / width), clip((y + h) / height), clip((x + w) / width))
         )
+        polygon = _polygon(ann.get("segmentation"))
+        out[im["file_name"]][2].append(
+            [(clip(py / height), clip(px / width)) for px, py in polygon]
+        )
     return out
+
+
+def _polygon(segmentation) -> list[tuple[float, float]]:
+    """The (x, y) points of a COCO polygon segmentation (its largest part; [] where it has
+    none with three points or more, e.g. RLE)."""
+    if not isinstance(segmentation, list):
+        return []
+    parts = []
+    for part in segmentation:
+        try:
+            values = [float(v) for v in part]
+        except (TypeError, ValueError):
+            continue
+        if len(values) >= 6 and len(values) % 2 == 0:
+            parts.append(list(zip(values[0::2], values[1::2])))
+    return max(parts, key=len) if parts else []
 
 
 def find(top: Path) -> Found:
@@ -165,8 +189,10 @@ def find(top: Path) -> Found:
                 disagreements.append(
                     {"file": rel, "folder_label": label, "csv_fractured": meta["fractured"]}
                 )
-            frame, image_boxes = boxes.get(path.name, (None, []))
-            candidates.append(Candidate(path, rel, image_id, label, image_boxes, meta, frame))
+            frame, image_boxes, polygons = boxes.get(path.name, (None, [], []))
+            candidates.append(
+                Candidate(path, rel, image_id, label, image_boxes, meta, frame, polygons)
+            )
 
     on_disk = {c.path.name for c in candidates}
     notes = {
@@ -176,6 +202,7 @@ def find(top: Path) -> Found:
         "coco_file": str(COCO_PATH) if coco_file.is_file() else None,
         "images_with_boxes": sum(1 for c in candidates if c.boxes),
         "boxes": sum(len(c.boxes) for c in candidates),
+        "boxes_with_polygons": sum(sum(1 for p in c.polygons if p) for c in candidates),
         "boxes_skipped": skipped_boxes,
     }
     return Found(root, candidates, notes)
