@@ -297,6 +297,7 @@ def bench_fit(cfg, steps: int, repeats: int) -> dict:
             dataset=cfg.dataset,
             with_boxes=cfg.model.box_head,
             with_meta=cfg.model.meta_head,
+            box_target=cfg.train.box_target,
         )
         it = iter(ds.repeat())
         flag = tf.constant(0, tf.int32)

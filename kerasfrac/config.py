@@ -25,6 +25,7 @@ import yaml
 
 from kerasfrac.models import registry
 from kerasfrac.names import (
+    BOX_TARGETS,
     CLASS_WEIGHTS,
     DISTRIBUTES,
     FLIPS,
@@ -44,6 +45,7 @@ CHOICES = {
     "data.flips": FLIPS,
     "data.resize": RESIZES,
     "model.head": HEADS,
+    "train.box_target": BOX_TARGETS,
     "train.optimizer": OPTIMIZERS,
     "train.schedule": SCHEDULES,
     "train.class_weight": CLASS_WEIGHTS,
@@ -186,6 +188,10 @@ class TrainConfig:
     #: Weight of the box heat-map loss (model.box_head): mean pixel BCE per image, counted
     #: for normal images and for fractured images that have boxes.
     box_loss_weight: float = 1.0
+    #: What the box heat map learns (model.box_head): box (the cells a fracture box touches)
+    #: | outline (the cells the fracture's outline covers, FracAtlas' COCO polygon; a box
+    #: without one counts whole). Outlines need a build made since they are stored.
+    box_target: str = "box"
     #: Weight of the metadata loss (model.meta_head): per image, the mean BCE over its known
     #: metadata columns.
     meta_loss_weight: float = 0.5
@@ -547,6 +553,12 @@ def _validate_train(cfg: Config) -> None:
         raise ConfigError(
             "config key 'train.box_paste' pastes fracture boxes, which reach training only "
             "with model.box_head=true: set it, or remove train.box_paste"
+        )
+    if t.box_target != "box" and not cfg.model.box_head:
+        raise ConfigError(
+            f"config key 'train.box_target' ({t.box_target!r}) says what the box heat map "
+            "learns, which only a model with model.box_head=true has: set it, or remove "
+            "train.box_target"
         )
     _in_range("train.box_loss_weight", t.box_loss_weight, 0.0, math.inf)
     _in_range("train.meta_loss_weight", t.meta_loss_weight, 0.0, math.inf)

@@ -9,6 +9,7 @@ from tfrecords_builder.defaults import SPLITS
 
 __all__ = [
     "BOX_STRIDES",
+    "BOX_TARGETS",
     "CELL_HEADS",
     "CLASS_WEIGHTS",
     "DISTRIBUTES",
@@ -40,6 +41,9 @@ HEADS = ("gap", "avgmax", "heatmap", "attention")
 CELL_HEADS = ("heatmap", "attention")
 #: resnet_small's box heat map: one cell per 32 px (the last feature map) or per 16 px.
 BOX_STRIDES = (32, 16)
+#: What the box heat map learns: the cells a fracture box touches, or those its outline
+#: (FracAtlas' polygon) covers.
+BOX_TARGETS = ("box", "outline")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
 DISTRIBUTES = ("auto", "none", "mirrored", "multi_worker")
 #: Bootstrap resamples of every confidence interval (evaluate, audit, kerasfrac.evaluation.metrics).

@@ -80,6 +80,63 @@ def box_mask(
     return mask[..., None]
 
 
+def outline_mask(
+    boxes: tf.Tensor,
+    points: tf.Tensor,
+    lengths: tf.Tensor,
+    height: tf.Tensor,
+    width: tf.Tensor,
+    image_size: int,
+    resize: str = "stretch",
+) -> tf.Tensor:
+    """Fracture outlines -> float32 [image_size, image_size, 1] mask in the model's input
+    frame: 1 on every pixel whose centre lies inside an outline (even-odd rule), and on every
+    pixel a box overlaps whose outline is missing (fewer than three points, or a record
+    written before outlines existed).
+
+    ``points`` [P, 2] are every box's outline points one after the other ((y, x) normalised
+    to the original image, as the boxes), ``lengths`` [N] the points of each box; the
+    geometry is ``box_mask``'s.
+    """
+    s = float(image_size)
+    boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
+    points = tf.reshape(tf.cast(points, tf.float32), [-1, 2])
+    lengths = tf.cast(tf.reshape(lengths, [-1]), tf.int32)
+    n = tf.shape(boxes)[0]
+    # a record without outlines (or with a count that does not match): every box plain
+    lengths = tf.cond(
+        tf.equal(tf.size(lengths), n), lambda: lengths, lambda: tf.zeros([n], tf.int32)
+    )
+    traced = lengths >= 3
+    plain = box_mask(tf.boolean_mask(boxes, ~traced), height, width, image_size, resize)
+    if resize == "pad":
+        h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+        rh, rw, top, left = letterbox(h, w, s, tf.floor, tf.maximum)
+        points = (points * tf.stack([rh, rw]) + tf.stack([top, left])) / s
+    # edges: each point to the next one of its outline (the last back to the first), for the
+    # outlines with three points or more
+    owner = tf.repeat(tf.range(n), lengths)
+    ends = tf.cumsum(lengths)
+    starts = ends - lengths
+    index = tf.range(tf.shape(owner)[0])
+    following = tf.where(index + 1 >= tf.gather(ends, owner), tf.gather(starts, owner), index + 1)
+    keep = tf.gather(traced, owner)
+    a = tf.boolean_mask(points, keep)
+    b = tf.boolean_mask(tf.gather(points, following), keep)
+    edge_owner = tf.boolean_mask(owner, keep)
+    centres = (tf.range(image_size, dtype=tf.float32) + 0.5) / s
+    py, px = centres[:, None, None], centres[None, :, None]  # [S, 1, 1], [1, S, 1]
+    ay, ax, by, bx = a[:, 0], a[:, 1], b[:, 0], b[:, 1]  # [E]
+    straddles = (ay > py) != (by > py)  # [S, 1, E]
+    dy = tf.where(tf.equal(by, ay), tf.ones_like(by), by - ay)
+    crosses = straddles & (px < (bx - ax) * (py - ay) / dy + ax)  # [S, S, E]
+    counts = tf.math.unsorted_segment_sum(
+        tf.transpose(tf.cast(crosses, tf.int32), [2, 0, 1]), edge_owner, n
+    )  # [N, S, S]
+    inside = tf.reduce_any(tf.equal(counts % 2, 1), axis=0)
+    return tf.maximum(tf.cast(inside, tf.float32)[..., None], plain)
+
+
 def _affine(size: int, angle, zoom, shift_y, shift_x) -> tf.Tensor:
     """ImageProjectiveTransform row (output pixel -> input pixel) for a rotation by ``angle``
     (radians) and a zoom by ``zoom`` about the centre, then a shift by (shift_y, shift_x)."""

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from kerasfrac.data.augment import IMAGE_OPS, box_mask, flip_expand
+from kerasfrac.data.augment import IMAGE_OPS, box_mask, flip_expand, outline_mask
 from kerasfrac.data.decode import decode_resize, image_shape, to_float
 from kerasfrac.names import FLIPS
 from tfrecords_builder import schema
@@ -167,10 +167,21 @@ def _parse(serialized):
 
 def _parse_with_targets(serialized):
     """The features of the auxiliary targets beside image, label and id: boxes, the original
-    height and width, and the ``META_TARGETS`` columns as float32 (-1 = unknown)."""
+    height and width, the ``META_TARGETS`` columns as float32 (-1 = unknown), and the boxes'
+    outlines (flat points, points per box)."""
     ex = schema.parse_example(serialized)
     meta = tf.stack([tf.cast(ex["meta"][c], tf.float32) for c in META_TARGETS])
-    return ex["encoded"], ex["label"], ex["image_id"], ex["boxes"], ex["height"], ex["width"], meta
+    outline = (ex["polygon_points"], ex["polygon_lengths"])
+    return (
+        ex["encoded"],
+        ex["label"],
+        ex["image_id"],
+        ex["boxes"],
+        ex["height"],
+        ex["width"],
+        meta,
+        outline,
+    )
 
 
 def _parse_image_label_id(serialized):
@@ -208,7 +219,7 @@ def _decode(data_cfg):
     return fn
 
 
-def _decode_with_targets(data_cfg, with_boxes: bool, with_meta: bool):
+def _decode_with_targets(data_cfg, with_boxes: bool, with_meta: bool, box_target: str = "box"):
     """(image, label, id, *targets): with boxes, the image carries the box mask as an extra
     last channel and the targets begin with the box-loss weight; with meta, they end with the
     ``META_TARGETS`` vector.
@@ -216,15 +227,22 @@ def _decode_with_targets(data_cfg, with_boxes: bool, with_meta: bool):
     The mask rides along as a channel so that every geometric step after the cache (flips,
     flip-expand, the affine warp) moves image and boxes together. The weight is 0 for a
     fractured image without boxes (its mask would wrongly say "no fracture"), else 1.
+    ``box_target="outline"``: the mask is the fractures' outlines (``augment.outline_mask``;
+    a box without one counts whole), not their boxes.
     """
 
     decode = _decode(data_cfg)
 
-    def fn(encoded, label, image_id, boxes, height, width, meta):
+    def fn(encoded, label, image_id, boxes, height, width, meta, outline):
         image, y, image_id = decode(encoded, label, image_id)
         targets = ()
-        if with_boxes:
+        if with_boxes and box_target == "outline":
+            mask = outline_mask(
+                boxes, *outline, height, width, data_cfg.image_size, data_cfg.resize
+            )
+        elif with_boxes:
             mask = box_mask(boxes, height, width, data_cfg.image_size, data_cfg.resize)
+        if with_boxes:
             mask = tf.cast(mask * 255.0, tf.uint8)  # 0/255: exactly 0/1 again after to_float
             image = tf.concat([image, mask], -1)
             has_boxes = tf.shape(boxes)[0] > 0
@@ -339,13 +357,15 @@ def make_dataset(
     dataset: str | None = None,
     with_boxes: bool = False,
     with_meta: bool = False,
+    box_target: str = "box",
 ) -> tuple[tf.data.Dataset, int | None]:
     """``(dataset of batches, steps_per_epoch or None)``; a training batch is a dict
     ``{"image", "label"}``.
 
     ``with_boxes`` (training only, for ``model.box_head``): plus ``box_mask`` [B, S, S, 1]
     (transformed with the image, ``augment.box_mask``) and ``box_weight`` [B] (0 for a
-    fractured image without boxes). ``with_meta`` (training only, for ``model.meta_head``):
+    fractured image without boxes; ``box_target="outline"``: the fractures' outlines instead of
+    their boxes, ``augment.outline_mask``). ``with_meta`` (training only, for ``model.meta_head``):
     plus ``meta``, the ``META_TARGETS`` columns, float32 [B, len(META_TARGETS)], -1 where
     unknown.
 
@@ -371,10 +391,12 @@ def make_dataset(
         split,
         data_cfg,
         parse=_parse_with_targets if targets else _parse,
-        decode=_decode_with_targets(data_cfg, with_boxes, with_meta)
+        decode=_decode_with_targets(data_cfg, with_boxes, with_meta, box_target)
         if targets
         else _decode(data_cfg),
-        tag=("-boxes" if with_boxes else "") + ("-meta" if with_meta else ""),
+        tag=("-outlines" if with_boxes and box_target == "outline" else "")
+        + ("-boxes" if with_boxes else "")
+        + ("-meta" if with_meta else ""),
     )
     if data_cfg.oversample:
         ds = _balanced_stream(records, seed)

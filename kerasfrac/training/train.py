@@ -503,6 +503,7 @@ class TrainingTask:
             training=True,
             with_boxes=cfg.model.box_head,
             with_meta=cfg.model.meta_head,
+            box_target=cfg.train.box_target,
         )
         if steps is None:  # no oversampling: one pass over the (expanded) split per epoch
             steps = math.ceil(data.epoch_images(self.build, cfg.data) / self.global_batch)
