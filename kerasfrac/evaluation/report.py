@@ -147,7 +147,8 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def _fmt(key: str, row: dict) -> str:
+def format_cell(key: str, row: dict) -> str:
+    """The table's text for column ``key`` of ``row`` (CIs in brackets, n/a where missing)."""
     x = row.get(key)
     if key in ("dataset", "pipeline", "run"):
         return str(x)
@@ -182,8 +183,8 @@ def markdown(table: list[dict], paper: bool = False) -> str:
         + "|",
     ]
     for row in table:
-        lines.append("| " + " | ".join(_fmt(k, row) for k, _ in cols) + " |")
-    below = [r["run"] for r in table if _below(r)]
+        lines.append("| " + " | ".join(format_cell(k, row) for k, _ in cols) + " |")
+    below = [r["run"] for r in table if below_majority(r)]
     if below:
         lines.append("")
         lines.append(
@@ -201,7 +202,8 @@ def markdown(table: list[dict], paper: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _below(row: dict) -> bool:
+def below_majority(row: dict) -> bool:
+    """Accuracy at or below the majority baseline's."""
     a, b = row.get("accuracy"), row.get("majority_baseline_accuracy")
     return a is not None and b is not None and a <= b
 
@@ -247,4 +249,8 @@ def main(run_dirs, opts: ReportOptions) -> int:
     if opts.csv:
         write_csv(opts.csv, table, paper=opts.paper)
         print(f"written: {opts.csv}")
+    if opts.html:
+        from kerasfrac.evaluation import html
+
+        print(f"written: {html.write_compare(opts.html, run_dirs)}")
     return 0

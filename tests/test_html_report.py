@@ -1,0 +1,418 @@
+"""report.html: the run page (written by evaluate, completed by explain), the comparison page
+of `kerasfrac report --html`, their content, and the page in a real browser (headless
+Chromium, network off)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from markupsafe import escape
+from PIL import Image
+
+from kerasfrac import runs
+from kerasfrac.cli import main
+from kerasfrac.evaluation import evaluate
+from kerasfrac.evaluation import html as report_html
+from tests.conftest import make_run, make_tfrecord_dir
+
+BOX = (0.2, 0.3, 0.7, 0.6)  # ymin, xmin, ymax, xmax of every fractured image's box
+
+
+class Page(HTMLParser):
+    """What the tests read off a page: every <img> src, the gallery figures per group
+    (id, probability, label, img src) in page order, and the visible text."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.imgs: list[str] = []
+        self.groups: dict[str, list[dict]] = {}
+        self.tags: set[str] = set()
+        self.links: list[str] = []
+        self._group = None
+        self._depth = 0
+        self._text: list[str] = []
+        self.feed(text)
+        self.text = " ".join(" ".join(self._text).split())
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags.add(tag)
+        if tag == "a" and "href" in a:
+            self.links.append(a["href"])
+        if tag == "div" and "data-group" in a:
+            self._group, self._depth = a["data-group"], 0
+            self.groups[self._group] = []
+        elif tag == "div" and self._group:
+            self._depth += 1
+        if tag == "figure" and self._group and "data-id" in a:
+            self.groups[self._group].append(
+                {"id": a["data-id"], "p": float(a["data-probability"]), "label": a["data-label"]}
+            )
+        if tag == "img":
+            self.imgs.append(a["src"])
+            if self._group:
+                self.groups[self._group][-1]["src"] = a["src"]
+
+    def handle_endtag(self, tag):
+        if tag == "div" and self._group:
+            if self._depth == 0:
+                self._group = None
+            else:
+                self._depth -= 1
+
+    def handle_data(self, data):
+        self._text.append(data)
+
+
+def decode_data_uri(src: str) -> Image.Image:
+    head, _, data = src.partition(",")
+    assert head in ("data:image/png;base64", "data:image/jpeg;base64"), head[:40]
+    image = Image.open(io.BytesIO(base64.b64decode(data)))
+    image.load()
+    return image
+
+
+def expected_gallery(run_dir: Path, n: int = 6):
+    """The galleries computed here from predictions.csv and the Youden-J threshold in
+    metrics.json, independently of the code under test."""
+    ids, labels, probs = runs.read_predictions(run_dir / "predictions.csv")
+    t = json.loads((run_dir / "metrics.json").read_text())["youden"]["threshold"]
+    rows = list(zip(ids, labels, probs))
+    fp = sorted((r for r in rows if r[1] == 0 and r[2] >= t), key=lambda r: (-r[2], r[0]))
+    fn = sorted((r for r in rows if r[1] == 1 and r[2] < t), key=lambda r: (r[2], r[0]))
+    tp = [r for r in rows if r[1] == 1 and r[2] >= t]
+    return t, [r[0] for r in fp[:n]], [r[0] for r in fn[:n]], tp, dict(zip(ids, probs))
+
+
+@pytest.fixture(scope="module")
+def html_run(tmp_path_factory, separable_tfrecord_dir):
+    """An evaluated run on the separable build, without boxes or metadata; its predictions
+    are planted (drawn to give false positives and negatives aplenty), its maps come from an
+    untrained seeded paper CNN. Tests read it and never change it."""
+    run = make_run(tmp_path_factory.mktemp("html") / "run", separable_tfrecord_dir)
+    # Predictions evaluate reads back. Val puts the Youden-J threshold at 0.614 (J ties at
+    # 0.625; the higher threshold wins), where test has 3 false positives, 5 false negatives
+    # and 3 true positives.
+    planted = {
+        "val": (np.linspace(0.4, 0.9, 8), np.linspace(0.1, 0.6, 8)),
+        "test": (
+            [0.15, 0.3, 0.4, 0.52, 0.6, 0.75, 0.88, 0.95],
+            [0.05, 0.2, 0.3, 0.45, 0.55, 0.62, 0.7, 0.85],
+        ),
+    }
+    for split, (fractured, normal) in planted.items():
+        ids = [f"{split}_{c}_{i:04d}.png" for c in ("fractured", "normal") for i in range(8)]
+        probs = np.round(np.concatenate([fractured, normal]), 6)
+        runs.write_predictions(runs.predictions_path(run, split), ids, [1] * 8 + [0] * 8, probs)
+    assert evaluate.evaluate_run(run, n_bootstrap=200)["predictions"] == "read"
+    return run
+
+
+@pytest.fixture(scope="module")
+def boxed_run(tmp_path_factory):
+    """A run on a build whose fractured images carry a fracture box, evaluated without the
+    no-anatomy baseline, without plots and without an audit of the build."""
+    root = tmp_path_factory.mktemp("boxed")
+    build = make_tfrecord_dir(
+        root / "build",
+        {"train": 6, "val": 8, "test": 8},
+        boxes=lambda rng, image, label: [BOX] if label == 1 else [],
+    )
+    run = make_run(root / "run", build, seed=1)
+    evaluate.evaluate_run(run, n_bootstrap=0, baseline=False, plots=False)
+    return run
+
+
+def test_select_gallery_by_hand():
+    ids = ["a", "b", "c", "d", "e", "f", "g", "h"]
+    labels = [0, 0, 0, 0, 1, 1, 1, 1]
+    probs = [0.9, 0.2, 0.7, 0.7, 0.1, 0.4, 0.8, 0.95]
+    picks, counts = report_html.select_gallery(ids, labels, probs, 0.5, n=2, seed=0)
+    named = {k: [ids[i] for i in v] for k, v in picks.items()}
+    # normals at or above 0.5: a 0.9, c 0.7, d 0.7 (tie: by id) -> the two most confident
+    assert named["false_positives"] == ["a", "c"]
+    # fractured below 0.5: e 0.1, f 0.4 -> lowest first
+    assert named["false_negatives"] == ["e", "f"]
+    assert sorted(named["true_positives"]) == ["g", "h"] and named["true_positives"][0] == "h"
+    assert counts == {"false_positives": 3, "false_negatives": 2, "true_positives": 2}
+    one, _ = report_html.select_gallery(ids, labels, probs, 0.5, n=1, seed=3)
+    again, _ = report_html.select_gallery(ids, labels, probs, 0.5, n=1, seed=3)
+    assert one == again and len(one["true_positives"]) == 1  # seeded sample
+    with pytest.raises(ValueError, match="gallery size must be 0 or more"):
+        report_html.select_gallery(ids, labels, probs, 0.5, n=-1)
+    with pytest.raises(ValueError, match="differ in length"):
+        report_html.select_gallery(ids, labels[:-1], probs, 0.5)
+
+
+def test_overlay_draws_boxes_and_the_heat_map():
+    image = np.full((32, 32, 1), 0.5, np.float32)
+    cam = np.zeros((32, 32), np.float32)
+    cam[8, 24] = 1.0  # the peak, top right
+    plain = Image.open(io.BytesIO(report_html.overlay_jpeg(image, np.zeros_like(cam))))
+    boxed = Image.open(io.BytesIO(report_html.overlay_jpeg(image, cam, np.array([BOX]))))
+    assert plain.format == boxed.format == "JPEG" and boxed.size == (256, 256)
+    px = np.asarray(boxed.convert("RGB"), int)
+    left_edge = px[int(0.45 * 256), int(0.3 * 256)]  # on the box's left side
+    assert left_edge[1] > 200 and left_edge[0] < 90 and left_edge[2] < 90  # green
+    gray = np.asarray(plain.convert("RGB"), int)
+    assert np.abs(gray - 128).max() < 10  # no map, no box: the image alone
+
+
+def test_run_page_shows_the_right_gallery_images(html_run):
+    page_text = (html_run / "report.html").read_text()
+    page = Page(page_text)
+    t, fp, fn, tp, prob = expected_gallery(html_run)
+    assert (len(fp), len(fn), len(tp)) == (3, 5, 3) and t == pytest.approx(0.614286, abs=1e-6)
+    got = {k: [f["id"] for f in v] for k, v in page.groups.items()}
+    assert got["false_positives"] == fp
+    assert got["false_negatives"] == fn
+    tp_ids = {r[0] for r in tp}
+    assert len(got["true_positives"]) == min(6, len(tp)) and set(got["true_positives"]) <= tp_ids
+    for group in page.groups.values():
+        for fig in group:
+            assert fig["p"] == pytest.approx(prob[fig["id"]], abs=1e-6)
+            thumb = decode_data_uri(fig["src"])
+            assert thumb.format == "JPEG" and max(thumb.size) == 256
+    assert f"threshold {t:.4f}" in page.text and "Youden-J threshold chosen on val" in page.text
+    assert "This build has no fracture boxes" in page.text
+
+
+def test_run_page_content(html_run):
+    page_text = (html_run / "report.html").read_text()
+    page = Page(page_text)
+    m = json.loads((html_run / "metrics.json").read_text())
+    lo, hi = m["ci95"]["auroc"]
+    assert f"{m['auroc']:.3f} [{lo:.3f}, {hi:.3f}]" in page.text
+    assert f"{100 * m['majority_baseline_accuracy']:.1f}%" in page.text
+    base = m["no_anatomy_baseline"]
+    assert f"{base['baseline_auroc']['auroc']:.3f}" in page.text
+    assert base["sentence"] in page.text  # the verdict, unescaped by the parser
+    assert "architecture paper_cnn" in page.text and "32 px, grayscale" in page.text
+    assert "test 8 8 16" in page.text  # the split table: fractured, normal, images
+    assert "size=small" in page.text  # the baseline's subgroups
+    for png in ("ROC with its 95% bootstrap band", "Reliability", "Training curves"):
+        assert png in page.text
+    # five figures + three galleries' JPEGs, every one embedded and decodable
+    assert len(page.imgs) == 5 + sum(len(v) for v in page.groups.values())
+    for src in page.imgs:
+        decode_data_uri(src)
+    # self-contained: nothing fetched, no script
+    assert not page.tags & {"script", "link", "iframe", "object", "embed"}
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page_text)
+    assert "url(" not in page_text and "@import" not in page_text
+    assert len(page_text) < 3_000_000
+    assert "No explanations yet" in page.text
+
+
+def test_page_without_boxes_baseline_plots_or_audit_still_renders(boxed_run):
+    page = Page((boxed_run / "report.html").read_text())
+    assert "No no-anatomy baseline" in page.text and "kerasfrac audit" in page.text
+    assert "No evaluation figures in plots/" in page.text
+    assert "Green: the build's fracture boxes" in page.text
+    assert "has no fracture boxes" not in page.text
+    gallery = json.loads((boxed_run / "gallery" / "gallery.json").read_text())
+    fractured = [f for v in page.groups.values() for f in v if f["label"] == "1"]
+    assert fractured
+    by_id = {e["id"]: e for v in gallery["groups"].values() for e in v}
+    for fig in fractured:
+        assert by_id[fig["id"]]["n_boxes"] == 1
+        px = np.asarray(decode_data_uri(fig["src"]).convert("RGB"), int)
+        edge = px[int(0.45 * 256), int(0.3 * 256)]  # on the box's left side
+        assert edge[1] > 180 and edge[1] - max(edge[0], edge[2]) > 60, edge
+
+
+def test_audit_baseline_is_shown_when_the_evaluation_has_none(boxed_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(boxed_run, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    audit_dir = Path(cfg["data"]["dir"]) / "audit"
+    audit_dir.mkdir()
+    try:
+        (audit_dir / "audit.json").write_text(
+            json.dumps({"baseline": {"auroc": {"all": {"auroc": 0.6123, "ci95": [0.5, 0.7]}}}})
+        )
+        page = Page(report_html.render_run(run))
+    finally:
+        shutil.rmtree(audit_dir)
+    assert "0.612 [0.500, 0.700]" in page.text and "kerasfrac audit" in page.text
+    assert "No no-anatomy baseline" not in page.text
+
+
+def test_user_text_is_escaped(tmp_path):
+    """Run names, paths and ids from the user reach the page as text, never as markup; a run
+    that was never evaluated renders with notes saying what to run."""
+    evil = '<img src=x onerror=alert(1)>&"q"'
+    run = tmp_path / f"run{evil}"
+    run.mkdir()
+    (run / "config.yaml").write_text(
+        yaml.safe_dump({"dataset": "synthetic", "data": {"dir": "<script>alert(2)</script>"}})
+    )
+    text = report_html.render_run(run)
+    assert "<img src=x" not in text and "<script>" not in text
+    assert "&lt;img src=x onerror=alert(1)&gt;&amp;&#34;q&#34;" in text
+    assert "&lt;script&gt;alert(2)&lt;/script&gt;" in text
+    page = Page(text)
+    assert evil in page.text  # shown as the text it is
+    assert "Not evaluated on the test split yet" in page.text
+    assert "No galleries yet" in page.text and page.imgs == []
+    with pytest.raises(ValueError, match="no config.yaml.*not a kerasfrac run directory"):
+        report_html.render_run(tmp_path / "nothing")
+
+
+@pytest.mark.slow
+def test_explain_adds_its_part(html_run, tmp_path):
+    from kerasfrac.explain import explain_run
+    from kerasfrac.options import ExplainOptions
+
+    run = tmp_path / "run"
+    shutil.copytree(html_run, run)
+    result = explain_run(run, ExplainOptions(what=("grad-cam", "audit"), n_images=4))
+    assert result["report_html"] == str(run / "report.html")
+    page = Page((run / "report.html").read_text())
+    assert "No explanations yet" not in page.text
+    assert "grad cam" in page.text and "Pointing game not available" in page.text
+    assert "border" in page.text
+    explain_figures = [Path(f).name for f in result["figures"]]
+    assert "grad_cam.png" in explain_figures
+    # the galleries and figures are still there, and one more image per explain figure
+    before = Page((html_run / "report.html").read_text())
+    assert len(page.imgs) == len(before.imgs) + len(explain_figures)
+    assert page.groups == before.groups
+
+
+def test_report_html_compares_runs(html_run, boxed_run, tmp_path, capsys):
+    out = tmp_path / "cmp" / "runs.html"
+    out.parent.mkdir()
+    assert main(["report", str(html_run), str(boxed_run), "--html", str(out)]) == 0
+    assert f"written: {out}" in capsys.readouterr().out
+    text = out.read_text()
+    page = Page(text)
+    assert {"run"} == {Path(h).parent.name for h in page.links}  # both runs are named "run"
+    for link in page.links:
+        assert (out.parent / link).resolve().name == "report.html"
+        assert (out.parent / link).resolve().is_file()
+    assert text.count('<tr data-run="run">') == 2
+    assert "Architecture" in page.text and "Image size" in page.text
+    assert len(page.imgs) == 1 and decode_data_uri(page.imgs[0]).format == "PNG"
+    assert "script" not in page.tags
+    with pytest.raises(ValueError, match=r"--html .*expected a file name ending in \.html"):
+        report_html.write_compare(tmp_path / "runs.txt", [html_run])
+
+
+# --------------------------------------------------------------------------- a real browser
+
+#: Injected into a copy of the page only under test: after load, how many <img> there are
+#: and how many did not decode, as attributes of <body> (read back from --dump-dom).
+PROBE = """<script>
+window.addEventListener("load", function () {
+  var imgs = document.querySelectorAll("img"), broken = 0;
+  imgs.forEach(function (i) { if (!i.complete || i.naturalWidth === 0) broken++; });
+  document.body.setAttribute("data-images", imgs.length);
+  document.body.setAttribute("data-broken", broken);
+});
+</script>"""
+
+
+def chromium() -> str | None:
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def with_probe(text: str) -> str:
+    """The page with ``PROBE`` before </body>, its CSP opened to that inline script only."""
+    csp = f'content="{escape(report_html.CSP)}"'  # as the template writes it
+    assert csp in text and text.count("</body>") == 1
+    text = text.replace(
+        csp, f'content="{escape(report_html.CSP)}; script-src &#39;unsafe-inline&#39;"'
+    )
+    return text.replace("</body>", PROBE + "</body>")
+
+
+def browse(page: Path, screenshot: Path | None = None) -> tuple[dict, list[str]]:
+    """Load ``page`` in headless Chromium with the network off (every request goes to a
+    proxy at a closed port): ``({data-images, data-broken}, console lines)``."""
+    common = [
+        chromium(),
+        "--headless",
+        "--disable-gpu",
+        "--no-sandbox",
+        "--no-first-run",
+        "--proxy-server=127.0.0.1:9",
+        "--proxy-bypass-list=<-loopback>",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--virtual-time-budget=10000",
+        "--hide-scrollbars",
+    ]
+    url = page.resolve().as_uri()
+    run = subprocess.run(
+        [*common, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    body = re.search(r"<body([^>]*)>", run.stdout)
+    assert body, f"no <body> in Chromium's DOM dump: {run.stdout[:500]!r}"
+    attrs = dict(re.findall(r'(data-[a-z]+)="(\d+)"', body.group(1)))
+    console = [line for line in run.stderr.splitlines() if ":CONSOLE" in line]
+    if screenshot is not None:
+        shot = subprocess.run(
+            [*common, "--window-size=1280,1500", f"--screenshot={screenshot}", url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert shot.returncode == 0 and screenshot.is_file(), shot.stderr[-2000:]
+    return attrs, console
+
+
+def test_page_in_a_real_browser(html_run, tmp_path):
+    """Chromium (network off) loads the page: every image decodes, nothing is logged on the
+    console, and a screenshot is taken. A control page with a broken image and a console
+    error proves the checks can fail. KERASFRAC_SAVE_SCREENSHOT=PATH keeps the screenshot
+    (docs/report-html.png is made so)."""
+    if chromium() is None:
+        if os.environ.get("KERASFRAC_REQUIRE_BROWSER") == "1":
+            pytest.fail(
+                "KERASFRAC_REQUIRE_BROWSER=1 but no `chromium` on PATH (.ci/run installs it)"
+            )
+        pytest.skip("no `chromium` on PATH: install Debian's chromium package to run this test")
+    control = tmp_path / "control.html"
+    control.write_text(
+        with_probe(
+            f'<!DOCTYPE html><html><head><meta http-equiv="Content-Security-Policy" '
+            f'content="{escape(report_html.CSP)}"></head><body>'
+            '<img src="data:image/png;base64,AAAA"><img src="http://example.com/x.png">'
+            '<script>console.error("control")</script></body></html>'
+        )
+    )
+    attrs, console = browse(control)
+    assert attrs == {"data-images": "2", "data-broken": "2"}, attrs
+    assert console, "Chromium logged no console line for the control page's error"
+
+    page = tmp_path / "report.html"
+    page.write_text(with_probe((html_run / "report.html").read_text()))
+    shot = tmp_path / "report.png"
+    attrs, console = browse(page, shot)
+    n_img = len(Page((html_run / "report.html").read_text()).imgs)
+    assert attrs == {"data-images": str(n_img), "data-broken": "0"}, attrs
+    assert console == []
+    image = Image.open(shot)
+    assert image.size == (1280, 1500)
+    assert len(np.unique(np.asarray(image.convert("L")))) > 20  # a page, not a blank
+    keep = os.environ.get("KERASFRAC_SAVE_SCREENSHOT")
+    if keep:  # a palette PNG: the docs' copy stays small
+        image.convert("RGB").quantize(colors=128).save(keep, optimize=True)
