@@ -312,16 +312,23 @@ def test_report_html_compares_runs(html_run, boxed_run, tmp_path, capsys):
 
 # --------------------------------------------------------------------------- a real browser
 
-#: Injected into a copy of the page only under test: after load, how many <img> there are
-#: and how many did not decode, as attributes of <body> (read back from --dump-dom).
+#: Injected into a copy of the page only under test: after load, how many <img> there are,
+#: how many did not decode, and where the galleries start (px from the top at the window's
+#: width), as attributes of <body> (read back from --dump-dom).
 PROBE = """<script>
 window.addEventListener("load", function () {
   var imgs = document.querySelectorAll("img"), broken = 0;
   imgs.forEach(function (i) { if (!i.complete || i.naturalWidth === 0) broken++; });
   document.body.setAttribute("data-images", imgs.length);
   document.body.setAttribute("data-broken", broken);
+  var g = document.getElementById("galleries");
+  if (g) {
+    var top = Math.round(g.getBoundingClientRect().top + window.scrollY);
+    document.body.setAttribute("data-galleries", top);
+  }
 });
 </script>"""
+WIDTH = 1280  # px, the browser window's width
 
 
 def chromium() -> str | None:
@@ -336,16 +343,14 @@ def with_probe(text: str) -> str:
     """The page with ``PROBE`` before </body>, its CSP opened to that inline script only."""
     csp = f'content="{escape(report_html.CSP)}"'  # as the template writes it
     assert csp in text and text.count("</body>") == 1
-    text = text.replace(
-        csp, f'content="{escape(report_html.CSP)}; script-src &#39;unsafe-inline&#39;"'
-    )
-    return text.replace("</body>", PROBE + "</body>")
+    opened = f'content="{escape(report_html.CSP)}; script-src &#39;unsafe-inline&#39;"'
+    return text.replace(csp, opened).replace("</body>", PROBE + "</body>")
 
 
-def browse(page: Path, screenshot: Path | None = None) -> tuple[dict, list[str]]:
-    """Load ``page`` in headless Chromium with the network off (every request goes to a
-    proxy at a closed port): ``({data-images, data-broken}, console lines)``."""
-    common = [
+def chromium_run(page: Path, height: int, *args: str) -> subprocess.CompletedProcess:
+    """Headless Chromium on ``page`` with the network off: every request goes to a proxy at
+    a closed port (loopback included), and the page's own CSP allows data: images only."""
+    argv = [
         chromium(),
         "--headless",
         "--disable-gpu",
@@ -357,33 +362,41 @@ def browse(page: Path, screenshot: Path | None = None) -> tuple[dict, list[str]]
         "--v=0",
         "--virtual-time-budget=10000",
         "--hide-scrollbars",
+        f"--window-size={WIDTH},{height}",
+        *args,
+        page.resolve().as_uri(),
     ]
-    url = page.resolve().as_uri()
-    run = subprocess.run(
-        [*common, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=False
-    )
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
+    return run
+
+
+def browse(page: Path) -> tuple[dict, list[str]]:
+    """``({body's data-* numbers}, console lines)`` of ``page`` (with ``PROBE``) loaded."""
+    run = chromium_run(page, 1500, "--dump-dom")
     body = re.search(r"<body([^>]*)>", run.stdout)
     assert body, f"no <body> in Chromium's DOM dump: {run.stdout[:500]!r}"
-    attrs = dict(re.findall(r'(data-[a-z]+)="(\d+)"', body.group(1)))
-    console = [line for line in run.stderr.splitlines() if ":CONSOLE" in line]
-    if screenshot is not None:
-        shot = subprocess.run(
-            [*common, "--window-size=1280,1500", f"--screenshot={screenshot}", url],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert shot.returncode == 0 and screenshot.is_file(), shot.stderr[-2000:]
-    return attrs, console
+    attrs = {k: int(v) for k, v in re.findall(r'(data-[a-z]+)="(\d+)"', body.group(1))}
+    return attrs, [line for line in run.stderr.splitlines() if ":CONSOLE" in line]
+
+
+def docs_screenshot(shot: Image.Image, galleries: int, path: str) -> None:
+    """The top of the page above the start of its galleries, scaled to 70% as a palette
+    PNG (README's picture, docs/report-html.png)."""
+    top = shot.crop((0, 0, WIDTH, 1000))
+    low = shot.crop((0, galleries - 10, WIDTH, galleries + 900))
+    both = Image.new("RGB", (WIDTH, top.height + low.height + 12), "#888888")
+    both.paste(top, (0, 0))
+    both.paste(low, (0, top.height + 12))
+    small = both.resize((int(WIDTH * 0.7), int(both.height * 0.7)), Image.LANCZOS)
+    small.quantize(colors=96).save(path, optimize=True)
 
 
 def test_page_in_a_real_browser(html_run, tmp_path):
     """Chromium (network off) loads the page: every image decodes, nothing is logged on the
-    console, and a screenshot is taken. A control page with a broken image and a console
-    error proves the checks can fail. KERASFRAC_SAVE_SCREENSHOT=PATH keeps the screenshot
-    (docs/report-html.png is made so)."""
+    console, and a screenshot is taken down to the galleries. A control page with a broken
+    image and a console error proves the checks can fail. KERASFRAC_SAVE_SCREENSHOT=PATH
+    keeps the screenshot's top and galleries (docs/report-html.png is made so)."""
     if chromium() is None:
         if os.environ.get("KERASFRAC_REQUIRE_BROWSER") == "1":
             pytest.fail(
@@ -400,19 +413,23 @@ def test_page_in_a_real_browser(html_run, tmp_path):
         )
     )
     attrs, console = browse(control)
-    assert attrs == {"data-images": "2", "data-broken": "2"}, attrs
+    assert attrs == {"data-images": 2, "data-broken": 2}, attrs
     assert console, "Chromium logged no console line for the control page's error"
 
     page = tmp_path / "report.html"
     page.write_text(with_probe((html_run / "report.html").read_text()))
-    shot = tmp_path / "report.png"
-    attrs, console = browse(page, shot)
+    attrs, console = browse(page)
     n_img = len(Page((html_run / "report.html").read_text()).imgs)
-    assert attrs == {"data-images": str(n_img), "data-broken": "0"}, attrs
+    assert (attrs["data-images"], attrs["data-broken"]) == (n_img, 0), attrs
     assert console == []
-    image = Image.open(shot)
-    assert image.size == (1280, 1500)
-    assert len(np.unique(np.asarray(image.convert("L")))) > 20  # a page, not a blank
+    galleries = attrs["data-galleries"]
+    assert 1000 < galleries < 10000, galleries
+    shot = tmp_path / "report.png"
+    chromium_run(page, galleries + 900, f"--screenshot={shot}")
+    image = Image.open(shot).convert("L")
+    assert image.size == (WIDTH, galleries + 900)
+    for part in ((0, 0, WIDTH, 1000), (0, galleries, WIDTH, galleries + 900)):
+        assert len(np.unique(np.asarray(image.crop(part)))) > 20, part  # drawn, not blank
     keep = os.environ.get("KERASFRAC_SAVE_SCREENSHOT")
-    if keep:  # a palette PNG: the docs' copy stays small
-        image.convert("RGB").quantize(colors=128).save(keep, optimize=True)
+    if keep:
+        docs_screenshot(Image.open(shot).convert("RGB"), galleries, keep)
