@@ -155,6 +155,23 @@ def test_select_gallery_by_hand():
         report_html.select_gallery(ids, labels[:-1], probs, 0.5)
 
 
+def test_templates_ship_as_package_data():
+    """setup.cfg's package_data glob covers every template, so a normal (non-editable)
+    install carries them."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    globs = cfg["options.package_data"]["kerasfrac.evaluation"].split(",")
+    folder = Path(report_html.__file__).parent
+    templates = sorted(
+        p.relative_to(folder) for p in (folder / "templates").rglob("*") if p.is_file()
+    )
+    assert templates, "no templates found"
+    for t in templates:
+        assert any(t.match(g.strip()) for g in globs), f"{t} is not in setup.cfg's package_data"
+
+
 def test_overlay_draws_boxes_and_the_heat_map():
     image = np.full((32, 32, 1), 0.5, np.float32)
     cam = np.zeros((32, 32), np.float32)
@@ -281,7 +298,8 @@ def test_explain_adds_its_part(html_run, tmp_path):
     assert result["report_html"] == str(run / "report.html")
     page = Page((run / "report.html").read_text())
     assert "No explanations yet" not in page.text
-    assert "grad cam" in page.text and "Pointing game not available" in page.text
+    assert "CAM overlays of the explained images" in page.text
+    assert "Pointing game not available" in page.text
     assert "border" in page.text
     explain_figures = [Path(f).name for f in result["figures"]]
     assert "grad_cam.png" in explain_figures
@@ -298,10 +316,9 @@ def test_report_html_compares_runs(html_run, boxed_run, tmp_path, capsys):
     assert f"written: {out}" in capsys.readouterr().out
     text = out.read_text()
     page = Page(text)
-    assert {"run"} == {Path(h).parent.name for h in page.links}  # both runs are named "run"
-    for link in page.links:
-        assert (out.parent / link).resolve().name == "report.html"
-        assert (out.parent / link).resolve().is_file()
+    # both runs are named "run": each row links its own page
+    linked = {(out.parent / link).resolve() for link in page.links}
+    assert linked == {(html_run / "report.html").resolve(), (boxed_run / "report.html").resolve()}
     assert text.count('<tr data-run="run">') == 2
     assert "Architecture" in page.text and "Image size" in page.text
     assert len(page.imgs) == 1 and decode_data_uri(page.imgs[0]).format == "PNG"

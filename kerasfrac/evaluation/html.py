@@ -349,6 +349,19 @@ def _gallery(run_dir: Path) -> dict | None:
     return {**record, "sections": groups}
 
 
+def _explain_caption(stem: str) -> str:
+    """What one of explain's figures shows, from its file name."""
+    known = {
+        "class_vis": "Class visualisation: gradient ascent on the input towards each class",
+        "grad_cam": "CAM overlays of the explained images (boxes in green where there are)",
+        "grad_cam_mean": "Mean CAM per class over the split (dashed: the border band)",
+        "boxmap_mean": "Mean box heat map per class over the split (dashed: the border band)",
+    }
+    if stem.startswith("feature_maps_"):
+        return f"Feature maps of layer {stem[len('feature_maps_') :]}, most active channels"
+    return known.get(stem, stem.replace("_", " "))
+
+
 def _explain(run_dir: Path) -> dict | None:
     folder = run_dir / runs.EXPLAIN
     result = _read_json(folder / "explain.json")
@@ -359,7 +372,7 @@ def _explain(run_dir: Path) -> dict | None:
         path = Path(f)
         path = path if path.is_absolute() else folder / path.name
         if path.parent.resolve() == folder.resolve() and path.is_file():
-            figures.append({"caption": path.stem.replace("_", " "), "src": _data_uri(path)})
+            figures.append({"caption": _explain_caption(path.stem), "src": _data_uri(path)})
     return {"audit": result.get("audit"), "figures": figures, "images": result.get("images")}
 
 
@@ -457,12 +470,9 @@ def compare_context(run_dirs, out: Path) -> dict:
     from kerasfrac.evaluation import plots, report
 
     table = report.rows(run_dirs)
-    by_name: dict[str, Path] = {}
-    for d in map(Path, run_dirs):
-        by_name.setdefault(d.name, d)
     curves, without = [], []
     for row in table:
-        d = by_name[row["run"]]
+        d = Path(row["dir"])
         cfg = yaml.safe_load(runs.config_path(d).read_text()) or {}
         data, train = cfg.get("data") or {}, cfg.get("train") or {}
         m = runs.read_metrics(d) or {}
@@ -475,7 +485,7 @@ def compare_context(run_dirs, out: Path) -> dict:
         preds = runs.predictions_path(d, "test")
         if preds.is_file():
             _, labels, probs = runs.read_predictions(preds)
-            curves.append((row["run"], labels, probs))
+            curves.append((_curve_name(row, table), labels, probs))
         else:
             without.append(row["run"])
     roc = plots.roc_overlay_png(curves, "ROC on each run's test split") if curves else None
@@ -490,6 +500,15 @@ def compare_context(run_dirs, out: Path) -> dict:
         "below": [r["run"] for r in table if report.below_majority(r)],
         "not_beating": [r["run"] for r in table if r.get("beats_baseline") is False],
     }
+
+
+def _curve_name(row: dict, table: list[dict]) -> str:
+    """A run's name in the ROC legend: its folder's name, with its parent's where another
+    run has the same name."""
+    if sum(r["run"] == row["run"] for r in table) == 1:
+        return row["run"]
+    d = Path(row["dir"]).resolve()
+    return f"{d.parent.name}/{d.name}"
 
 
 def write_compare(out, run_dirs) -> Path:

@@ -134,6 +134,7 @@ def rows(run_dirs, paper: dict | None = None) -> list[dict]:
     out = []
     for d in run_dirs:
         row = run_row(d)
+        row["dir"] = str(d)  # two runs may share a folder name
         if paper is not None:
             published = paper.get(row["dataset"], {}).get(row["pipeline"], {})
             row["paper_accuracy"] = published.get("accuracy")
