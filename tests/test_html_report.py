@@ -249,6 +249,21 @@ def test_page_without_boxes_baseline_plots_or_audit_still_renders(boxed_run):
         assert edge[1] > 180 and edge[1] - max(edge[0], edge[2]) > 60, edge
 
 
+def test_a_damaged_gallery_is_named_on_the_page(boxed_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(boxed_run, run)
+    gallery = run / "gallery" / "gallery.json"
+    record = json.loads(gallery.read_text())
+    del record["threshold"]
+    gallery.write_text(json.dumps(record))
+    page = Page(report_html.render_run(run))
+    assert f"No galleries: {gallery} cannot be read (KeyError: 'threshold')" in page.text
+    assert f"rerun `kerasfrac evaluate --run-dir {run}`" in page.text
+    assert page.groups == {}
+    gallery.write_text("[1, 2")
+    assert "cannot be read (ValueError: not a JSON object)" in report_html.render_run(run)
+
+
 def test_audit_baseline_is_shown_when_the_evaluation_has_none(boxed_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(boxed_run, run)

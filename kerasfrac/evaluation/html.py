@@ -317,36 +317,47 @@ def _audit_baseline(data_dir: Path) -> dict | None:
     return {"auroc": block.get("auroc"), "ci95": block.get("ci95"), "file": "audit/audit.json"}
 
 
-def _gallery(run_dir: Path) -> dict | None:
-    record = _read_json(runs.gallery_dir(run_dir) / "gallery.json")
-    if record is None:
-        return None
-    groups = []
-    for key, heading, what in GALLERY_GROUPS:
-        items = []
-        for item in record.get("groups", {}).get(key, []):
-            path = runs.gallery_dir(run_dir) / str(item.get("file", ""))
-            if not path.is_file():
-                continue
-            p = float(item["probability"])
-            items.append(
-                {
-                    **item,
-                    "src": _data_uri(path),
-                    "label_name": "fractured" if item["label"] == 1 else "normal",
-                    "called": "fractured" if p >= record["threshold"] else "normal",
-                }
+def _gallery(run_dir: Path) -> tuple[dict | None, str | None]:
+    """``(the galleries to show, None)``, ``(None, None)`` where evaluate has made none, or
+    ``(None, what is wrong)`` where gallery.json cannot be used (edited or damaged)."""
+    folder = runs.gallery_dir(run_dir)
+    if not (folder / "gallery.json").is_file():
+        return None, None
+    record = _read_json(folder / "gallery.json")
+    try:
+        if record is None:
+            raise ValueError("not a JSON object")
+        threshold = float(record["threshold"])
+        groups = []
+        for key, heading, what in GALLERY_GROUPS:
+            items = []
+            for item in record["groups"].get(key, []):
+                path = folder / str(item["file"])
+                if path.name != str(item["file"]) or not path.is_file():
+                    continue  # only the gallery's own files are embedded
+                p = float(item["probability"])
+                items.append(
+                    {
+                        **item,
+                        "probability": p,
+                        "src": _data_uri(path),
+                        "label_name": "fractured" if item["label"] == 1 else "normal",
+                        "called": "fractured" if p >= threshold else "normal",
+                    }
+                )
+            total = (record.get("counts") or {}).get(key, len(items))
+            groups.append(
+                {"key": key, "heading": heading, "what": what, "entries": items, "total": total}
             )
-        groups.append(
-            {
-                "key": key,
-                "heading": heading,
-                "what": what,
-                "entries": items,
-                "total": record.get("counts", {}).get(key, len(items)),
-            }
+        missing = [k for k in ("threshold_source", "has_boxes", "cam") if k not in record]
+        if missing:  # the page shows them
+            raise KeyError(missing[0])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        return None, (
+            f"{folder / 'gallery.json'} cannot be read ({type(err).__name__}: {err}); it was "
+            f"edited or damaged: rerun `kerasfrac evaluate --run-dir {run_dir}` to remake it"
         )
-    return {**record, "sections": groups}
+    return {**record, "threshold": threshold, "sections": groups}, None
 
 
 def _explain_caption(stem: str) -> str:
@@ -393,6 +404,7 @@ def run_context(run_dir) -> dict:
     base = m.get("no_anatomy_baseline") or {}
     figures = [_figure(run_dir / runs.PLOTS / name, caption) for name, caption in FIGURES]
     curves = _figure(run_dir / runs.PLOTS / "training_curves.png", "Training curves")
+    gallery, gallery_problem = _gallery(run_dir)
     return {
         "title": f"kerasfrac run {run_dir.resolve().name}",
         "run_name": run_dir.resolve().name,
@@ -410,7 +422,8 @@ def run_context(run_dir) -> dict:
         "audit_baseline": None if base else _audit_baseline(data_dir),
         "figures": [f for f in figures if f],
         "training_curves": curves,
-        "gallery": _gallery(run_dir),
+        "gallery": gallery,
+        "gallery_problem": gallery_problem,
         "explain": _explain(run_dir),
     }
 
