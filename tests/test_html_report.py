@@ -155,6 +155,16 @@ def test_select_gallery_by_hand():
         report_html.select_gallery(ids, labels[:-1], probs, 0.5)
 
 
+def test_links_between_pages_stay_paths(tmp_path):
+    base = tmp_path / "pages"
+    odd = tmp_path / "javascript:alert(1) #2?x" / "report.html"
+    assert (
+        report_html.relative_href(odd, base)
+        == "../javascript%3Aalert%281%29%20%232%3Fx/report.html"
+    )
+    assert report_html.relative_href(base / "a b" / "report.html", base) == "./a%20b/report.html"
+
+
 def test_templates_ship_as_package_data():
     """setup.cfg's package_data glob covers every template, so a normal (non-editable)
     install carries them."""

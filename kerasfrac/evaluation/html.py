@@ -26,6 +26,7 @@ import io
 import json
 import os
 from pathlib import Path
+from urllib.parse import quote
 
 import jinja2
 import numpy as np
@@ -494,7 +495,7 @@ def compare_context(run_dirs, out: Path) -> dict:
         row["epochs"] = f"{m.get('epochs', '?')} of {train.get('epochs', '?')}"
         row["cells"] = [(key, report.format_cell(key, row)) for key, _ in report.COLUMNS]
         page = runs.report_html_path(d)
-        row["link"] = os.path.relpath(page, out.resolve().parent) if page.is_file() else None
+        row["link"] = relative_href(page, out.resolve().parent) if page.is_file() else None
         preds = runs.predictions_path(d, "test")
         if preds.is_file():
             _, labels, probs = runs.read_predictions(preds)
@@ -513,6 +514,15 @@ def compare_context(run_dirs, out: Path) -> dict:
         "below": [r["run"] for r in table if report.below_majority(r)],
         "not_beating": [r["run"] for r in table if r.get("beats_baseline") is False],
     }
+
+
+def relative_href(target: Path, base: Path) -> str:
+    """A link from a page in folder ``base`` to the file ``target``: relative (the pages can
+    move together), percent-encoded (``#``, ``?``, spaces and ``:`` in folder names stay
+    part of the path) and starting with ``./`` or ``../`` (never read as a URL scheme)."""
+    rel = Path(os.path.relpath(Path(target).resolve(), Path(base).resolve())).as_posix()
+    rel = quote(rel)
+    return rel if rel.startswith("../") else f"./{rel}"
 
 
 def _curve_name(row: dict, table: list[dict]) -> str:
