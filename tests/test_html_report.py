@@ -225,7 +225,7 @@ def test_run_page_content(html_run):
     base = m["no_anatomy_baseline"]
     assert f"{base['baseline_auroc']['auroc']:.3f}" in page.text
     assert base["sentence"] in page.text  # the verdict, unescaped by the parser
-    assert "architecture paper_cnn" in page.text and "32 px, grayscale" in page.text
+    assert "architecture paper_cnn image size 32 px, grayscale, stretch" in page.text
     assert "test 8 8 16" in page.text  # the split table: fractured, normal, images
     assert "size=small" in page.text  # the baseline's subgroups
     for png in ("ROC with its 95% bootstrap band", "Reliability", "Training curves"):
@@ -434,17 +434,23 @@ def docs_screenshot(shot: Image.Image, galleries: int, path: str) -> None:
     small.quantize(colors=96).save(path, optimize=True)
 
 
-def test_page_in_a_real_browser(html_run, tmp_path):
-    """Chromium (network off) loads the page: every image decodes, nothing is logged on the
-    console, and a screenshot is taken down to the galleries. A control page with a broken
-    image and a console error proves the checks can fail. KERASFRAC_SAVE_SCREENSHOT=PATH
-    keeps the screenshot's top and galleries (docs/report-html.png is made so)."""
+def require_chromium() -> None:
+    """Skip (with the reason) where there is no Chromium, unless KERASFRAC_REQUIRE_BROWSER=1
+    (.ci/run): then fail."""
     if chromium() is None:
         if os.environ.get("KERASFRAC_REQUIRE_BROWSER") == "1":
             pytest.fail(
                 "KERASFRAC_REQUIRE_BROWSER=1 but no `chromium` on PATH (.ci/run installs it)"
             )
         pytest.skip("no `chromium` on PATH: install Debian's chromium package to run this test")
+
+
+def test_page_in_a_real_browser(html_run, tmp_path):
+    """Chromium (network off) loads the page: every image decodes, nothing is logged on the
+    console, and a screenshot is taken down to the galleries. A control page with a broken
+    image and a console error proves the checks can fail. KERASFRAC_SAVE_SCREENSHOT=PATH
+    keeps the screenshot's top and galleries (docs/report-html.png is made so)."""
+    require_chromium()
     control = tmp_path / "control.html"
     control.write_text(
         with_probe(
@@ -475,3 +481,14 @@ def test_page_in_a_real_browser(html_run, tmp_path):
     keep = os.environ.get("KERASFRAC_SAVE_SCREENSHOT")
     if keep:
         docs_screenshot(Image.open(shot).convert("RGB"), galleries, keep)
+
+
+def test_compare_page_in_a_real_browser(html_run, boxed_run, tmp_path):
+    """The page of `kerasfrac report --html`: its ROC figure decodes, no console message."""
+    require_chromium()
+    out = report_html.write_compare(tmp_path / "runs.html", [html_run, boxed_run])
+    page = tmp_path / "probed.html"
+    page.write_text(with_probe(out.read_text()))
+    attrs, console = browse(page)
+    assert (attrs["data-images"], attrs["data-broken"]) == (1, 0), attrs
+    assert console == []

@@ -261,7 +261,7 @@ def _read_json(path: Path) -> dict | None:
 def _config_rows(cfg: dict, metrics: dict | None, manifest: dict | None, run_dir: Path):
     data, model, train = cfg.get("data") or {}, cfg.get("model") or {}, cfg.get("train") or {}
     arch = str(model.get("name", "paper_cnn"))
-    if model.get("head"):
+    if model.get("head") not in (None, "gap"):  # gap: the default, or no choice (paper_cnn)
         arch += f", head {model['head']}"
     if model.get("box_head"):
         arch += ", box head"
