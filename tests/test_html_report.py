@@ -259,7 +259,7 @@ def test_page_without_boxes_baseline_plots_or_audit_still_renders(boxed_run):
         assert edge[1] > 180 and edge[1] - max(edge[0], edge[2]) > 60, edge
 
 
-def test_a_damaged_gallery_is_named_on_the_page(boxed_run, tmp_path):
+def test_damaged_gallery_and_metrics_are_named_on_the_page(boxed_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(boxed_run, run)
     gallery = run / "gallery" / "gallery.json"
@@ -272,6 +272,10 @@ def test_a_damaged_gallery_is_named_on_the_page(boxed_run, tmp_path):
     assert page.groups == {}
     gallery.write_text("[1, 2")
     assert "cannot be read (ValueError: not a JSON object)" in report_html.render_run(run)
+    (run / "metrics.json").write_text("{")  # damaged too: named, the rest still shown
+    page = Page(report_html.render_run(run))
+    assert f"cannot read the run's metrics '{run / 'metrics.json'}'" in page.text
+    assert "rerun `kerasfrac evaluate" in page.text and "Data and split" in page.text
 
 
 def test_audit_baseline_is_shown_when_the_evaluation_has_none(boxed_run, tmp_path):

@@ -398,7 +398,10 @@ def run_context(run_dir) -> dict:
             "the --run-dir that `kerasfrac train` wrote"
         )
     cfg = yaml.safe_load(config_file.read_text()) or {}
-    metrics = runs.read_metrics(run_dir)
+    try:
+        metrics, metrics_problem = runs.read_metrics(run_dir), None
+    except ValueError as err:  # damaged: the rest of the page still shows
+        metrics, metrics_problem = None, str(err)
     data_dir = Path(str((cfg.get("data") or {}).get("dir", "")))
     manifest = _read_json(data_dir / "manifest.json") if str(data_dir) else None
     m = metrics or {}
@@ -418,6 +421,7 @@ def run_context(run_dir) -> dict:
         "splits": _split_rows(manifest),
         "quarantined": (manifest or {}).get("quarantined_count"),
         "m": metrics,
+        "metrics_problem": metrics_problem,
         "baseline": base if base and "unavailable" not in base else None,
         "baseline_unavailable": base.get("unavailable"),
         "audit_baseline": None if base else _audit_baseline(data_dir),
