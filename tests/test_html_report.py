@@ -349,11 +349,16 @@ def test_report_html_compares_runs(html_run, boxed_run, tmp_path, capsys):
     linked = {(out.parent / link).resolve() for link in page.links}
     assert linked == {(html_run / "report.html").resolve(), (boxed_run / "report.html").resolve()}
     assert text.count('<tr data-run="run">') == 2
+    names = {f"{d.parent.name}/run" for d in (html_run, boxed_run)}  # same name: parent added
+    assert all(name in page.text for name in names)
     assert "Architecture" in page.text and "Image size" in page.text
     assert len(page.imgs) == 1 and decode_data_uri(page.imgs[0]).format == "PNG"
     assert "script" not in page.tags
-    with pytest.raises(ValueError, match=r"--html .*expected a file name ending in \.html"):
-        report_html.write_compare(tmp_path / "runs.txt", [html_run])
+    text_table = tmp_path / "table.md"
+    bad = ["report", str(html_run), "--out", str(text_table), "--html", str(tmp_path / "r.txt")]
+    assert main(bad) == 2
+    assert "expected a file name ending in .html" in capsys.readouterr().err
+    assert not text_table.exists()  # refused before any output
 
 
 # --------------------------------------------------------------------------- a real browser

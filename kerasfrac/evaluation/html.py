@@ -21,10 +21,10 @@ TensorFlow is imported by ``write_gallery`` only.
 from __future__ import annotations
 
 import base64
-import datetime
 import io
 import json
 import os
+import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -413,7 +413,7 @@ def run_context(run_dir) -> dict:
         "title": f"kerasfrac run {run_dir.resolve().name}",
         "run_name": run_dir.resolve().name,
         "run_dir": str(run_dir.resolve()),
-        "generated": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "generated": _now(),
         "csp": CSP,
         "config": _config_rows(cfg, metrics, manifest, run_dir),
         "manifest_found": manifest is not None,
@@ -434,6 +434,10 @@ def run_context(run_dir) -> dict:
 
 
 # --------------------------------------------------------------------------- rendering
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
 
 def _pct(x) -> str:
@@ -497,19 +501,23 @@ def compare_context(run_dirs, out: Path) -> dict:
         row["architecture"] = (cfg.get("model") or {}).get("name", "paper_cnn")
         row["image_size"] = data.get("image_size", "?")
         row["epochs"] = f"{m.get('epochs', '?')} of {train.get('epochs', '?')}"
-        row["cells"] = [(key, report.format_cell(key, row)) for key, _ in report.COLUMNS]
+        name = _curve_name(row, table)
+        row["cells"] = [
+            (key, name if key == "run" else report.format_cell(key, row))
+            for key, _ in report.COLUMNS
+        ]
         page = runs.report_html_path(d)
         row["link"] = relative_href(page, out.resolve().parent) if page.is_file() else None
         preds = runs.predictions_path(d, "test")
         if preds.is_file():
             _, labels, probs = runs.read_predictions(preds)
-            curves.append((_curve_name(row, table), labels, probs))
+            curves.append((name, labels, probs))
         else:
-            without.append(row["run"])
+            without.append(name)
     roc = plots.roc_overlay_png(curves, "ROC on each run's test split") if curves else None
     return {
         "title": f"kerasfrac: {len(table)} runs compared",
-        "generated": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "generated": _now(),
         "csp": CSP,
         "columns": report.COLUMNS,
         "table": table,
@@ -530,20 +538,29 @@ def relative_href(target: Path, base: Path) -> str:
 
 
 def _curve_name(row: dict, table: list[dict]) -> str:
-    """A run's name in the ROC legend: its folder's name, with its parent's where another
-    run has the same name."""
+    """A run's name in the table and the ROC legend: its folder's name, with its parent's
+    where another run has the same name."""
     if sum(r["run"] == row["run"] for r in table) == 1:
         return row["run"]
     d = Path(row["dir"]).resolve()
     return f"{d.parent.name}/{d.name}"
 
 
-def write_compare(out, run_dirs) -> Path:
-    """``kerasfrac report --html OUT RUNS...``: the comparison page, written atomically."""
+def check_out(out) -> Path:
+    """``--html OUT``: a file name ending in .html in a writable folder (checked before any
+    work is spent)."""
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
-        raise ValueError(f"--html {str(out)!r}: expected a file name ending in .html")
-    runs.check_writable(out.parent if str(out.parent) else Path("."), "--html")
+        raise ValueError(
+            f"--html {str(out)!r}: expected a file name ending in .html, e.g. --html runs.html"
+        )
+    runs.check_writable(out.parent, "--html")
+    return out
+
+
+def write_compare(out, run_dirs) -> Path:
+    """``kerasfrac report --html OUT RUNS...``: the comparison page, written atomically."""
+    out = check_out(out)
     text = environment().get_template("compare.html.j2").render(**compare_context(run_dirs, out))
     runs.write_text(out, text)
     return out

@@ -239,6 +239,10 @@ def write_csv(path: str | Path, table: list[dict], paper: bool = False) -> None:
 
 def main(run_dirs, opts: ReportOptions) -> int:
     """``kerasfrac report``: see ``cli.add_report``."""
+    if opts.html:  # a wrong --html fails before any output
+        from kerasfrac.evaluation import html
+
+        html.check_out(opts.html)
     paper = load_paper_results(opts.paper_results) if opts.paper else None
     table = rows(run_dirs, paper)
     text = markdown(table, paper=opts.paper)
@@ -251,7 +255,5 @@ def main(run_dirs, opts: ReportOptions) -> int:
         write_csv(opts.csv, table, paper=opts.paper)
         print(f"written: {opts.csv}")
     if opts.html:
-        from kerasfrac.evaluation import html
-
         print(f"written: {html.write_compare(opts.html, run_dirs)}")
     return 0
