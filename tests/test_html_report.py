@@ -295,6 +295,21 @@ def test_audit_baseline_is_shown_when_the_evaluation_has_none(boxed_run, tmp_pat
     assert "No no-anatomy baseline" not in page.text
 
 
+def test_metrics_as_train_writes_them_render(tmp_path):
+    """train's own metrics.json (no val threshold, calibration, baseline or plots) renders."""
+    from kerasfrac.evaluation import metrics
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"dataset": "synthetic", "data": {}}))
+    m = metrics.split_metrics([0, 0, 0, 1, 1, 1], [0.1, 0.4, 0.6, 0.4, 0.8, 0.9], n_bootstrap=0)
+    (run / "metrics.json").write_text(json.dumps({"split": "test", "epochs": 2, **m}))
+    page = Page(report_html.render_run(run))
+    assert f"this model {m['auroc']:.3f} 66.7%" in page.text  # AUROC 7.5/9, no CI
+    assert "model after 2 epochs" in page.text and "Youden" not in page.text
+    assert "No evaluation figures" in page.text and "No galleries yet" in page.text
+
+
 def test_user_text_is_escaped(tmp_path):
     """Run names, paths and ids from the user reach the page as text, never as markup; a run
     that was never evaluated renders with notes saying what to run."""
