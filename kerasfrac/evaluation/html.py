@@ -164,18 +164,30 @@ def write_gallery(
     """The test split's galleries (``select_gallery``) as JPEG overlays in the run's
     ``gallery/`` with ``gallery.json`` describing them; returns that dict. ``ids``, ``labels``,
     ``probs``: the test predictions evaluate scored (the probabilities shown are those)."""
+    import tensorflow as tf
+
+    from kerasfrac.data import check_build, preprocess
     from kerasfrac.explain import gradcam
-    from kerasfrac.explain.run import split_batches
 
     picks, counts = select_gallery(ids, labels, probs, threshold, n, seed)
     wanted = {ids[k] for rows in picks.values() for k in rows}
     found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     has_boxes = False
-    for images, _, batch_ids, boxes in split_batches(cfg.data, build, "test", batch_size):
-        for image, image_id, b in zip(images, batch_ids, boxes):
-            has_boxes |= len(b) > 0
-            if image_id in wanted:
-                found[image_id] = (image, b)
+    size, data_cfg = cfg.data.image_size, cfg.data
+    # One pass over the records without decoding; only the gallery's images are decoded,
+    # prepared as the evaluation pipeline prepares them (``preprocess``).
+    for ex in check_build(build).read("test", decode=False).as_numpy_iterator():
+        boxes = np.asarray(ex["boxes"], np.float32).reshape(-1, 4)
+        has_boxes |= len(boxes) > 0
+        image_id = ex["image_id"].decode()
+        if image_id in wanted:
+            image = preprocess(
+                tf.constant(ex["encoded"]), size, data_cfg.grayscale, data_cfg.resize
+            )
+            frame = gradcam.boxes_to_input_frame(
+                boxes, int(ex["height"]), int(ex["width"]), size, data_cfg.resize
+            )
+            found[image_id] = (image.numpy(), frame)
     missing = sorted(wanted - set(found))
     if missing:
         raise ValueError(
