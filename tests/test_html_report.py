@@ -215,6 +215,35 @@ def test_run_page_shows_the_right_gallery_images(html_run):
     assert "This build has no fracture boxes" in page.text
 
 
+def test_gallery_thumbnails_are_those_images_under_their_maps(html_run):
+    """Each thumbnail is its image as the evaluation pipeline gives it to the model, under
+    that image's Grad-CAM map: remade here from the pipeline and compared, and unlike the
+    thumbnail of any other image."""
+    from kerasfrac import data
+    from kerasfrac.explain import gradcam
+
+    cfg, model, _ = runs.load_model(html_run)
+    images = {}
+    for batch in data.make_eval_dataset(cfg.data.dir, "test", cfg.data, 8, with_ids=True):
+        images.update(zip((i.decode() for i in batch["id"].numpy()), batch["image"].numpy()))
+    cam = gradcam.GradCam(model)
+    page = Page((html_run / "report.html").read_text())
+    shown = {f["id"]: f["src"] for group in page.groups.values() for f in group}
+    assert len(shown) == 11
+
+    def pixels(jpeg: bytes) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), float)
+
+    remade = {
+        i: pixels(report_html.overlay_jpeg(images[i], cam(images[i][None], 1.0)[0])) for i in shown
+    }
+    for image_id, src in shown.items():
+        got = np.asarray(decode_data_uri(src).convert("RGB"), float)
+        diffs = {other: np.abs(got - want).mean() for other, want in remade.items()}
+        assert diffs[image_id] < 0.5, (image_id, diffs[image_id])  # 0.0 here
+        assert min(d for other, d in diffs.items() if other != image_id) > 5  # 12-35 here
+
+
 def test_run_page_content(html_run):
     page_text = (html_run / "report.html").read_text()
     page = Page(page_text)
