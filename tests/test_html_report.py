@@ -250,6 +250,9 @@ def test_run_page_content(html_run):
     m = json.loads((html_run / "metrics.json").read_text())
     lo, hi = m["ci95"]["auroc"]
     assert f"{m['auroc']:.3f} [{lo:.3f}, {hi:.3f}]" in page.text
+    glance = re.search(r'<p id="glance"[^>]*>(.*?)</p>', page_text, re.S).group(1)
+    assert f"Test AUROC {m['auroc']:.3f} [{lo:.3f}, {hi:.3f}] on 16 images" in glance
+    assert "does NOT clearly beat" in glance  # the baseline's verdict on the first screen
     assert f"{100 * m['majority_baseline_accuracy']:.1f}%" in page.text
     base = m["no_anatomy_baseline"]
     assert f"{base['baseline_auroc']['auroc']:.3f}" in page.text
