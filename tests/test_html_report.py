@@ -1,6 +1,7 @@
 """report.html: the run page (written by evaluate, completed by explain), the comparison page
 of `kerasfrac report --html`, their content, and the page in a real browser (headless
-Chromium, network off)."""
+Chromium, network off). Tests on an evaluated run are ``slow`` (its evaluation takes seconds);
+the pure ones (gallery choice, overlay, escaping, links) are not."""
 
 from __future__ import annotations
 
@@ -196,6 +197,7 @@ def test_overlay_draws_boxes_and_the_heat_map():
     assert np.abs(gray - 128).max() < 10  # no map, no box: the image alone
 
 
+@pytest.mark.slow
 def test_run_page_shows_the_right_gallery_images(html_run):
     page_text = (html_run / "report.html").read_text()
     page = Page(page_text)
@@ -215,6 +217,7 @@ def test_run_page_shows_the_right_gallery_images(html_run):
     assert "This build has no fracture boxes" in page.text
 
 
+@pytest.mark.slow
 def test_gallery_thumbnails_are_those_images_under_their_maps(html_run):
     """Each thumbnail is its image as the evaluation pipeline gives it to the model, under
     that image's Grad-CAM map: remade here from the pipeline and compared, and unlike the
@@ -244,6 +247,7 @@ def test_gallery_thumbnails_are_those_images_under_their_maps(html_run):
         assert min(d for other, d in diffs.items() if other != image_id) > 5  # 12-35 here
 
 
+@pytest.mark.slow
 def test_run_page_content(html_run):
     page_text = (html_run / "report.html").read_text()
     page = Page(page_text)
@@ -274,6 +278,7 @@ def test_run_page_content(html_run):
     assert "No explanations yet" in page.text
 
 
+@pytest.mark.slow
 def test_page_without_boxes_baseline_plots_or_audit_still_renders(boxed_run):
     page = Page((boxed_run / "report.html").read_text())
     assert "No no-anatomy baseline" in page.text and "kerasfrac audit" in page.text
@@ -291,6 +296,7 @@ def test_page_without_boxes_baseline_plots_or_audit_still_renders(boxed_run):
         assert edge[1] > 180 and edge[1] - max(edge[0], edge[2]) > 60, edge
 
 
+@pytest.mark.slow
 def test_damaged_gallery_and_metrics_are_named_on_the_page(boxed_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(boxed_run, run)
@@ -310,6 +316,7 @@ def test_damaged_gallery_and_metrics_are_named_on_the_page(boxed_run, tmp_path):
     assert "rerun `kerasfrac evaluate" in page.text and "Data and split" in page.text
 
 
+@pytest.mark.slow
 def test_audit_baseline_is_shown_when_the_evaluation_has_none(boxed_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(boxed_run, run)
@@ -385,6 +392,7 @@ def test_explain_adds_its_part(html_run, tmp_path):
     assert page.groups == before.groups
 
 
+@pytest.mark.slow
 def test_report_html_compares_runs(html_run, boxed_run, tmp_path, capsys):
     out = tmp_path / "cmp" / "runs.html"
     out.parent.mkdir()
@@ -501,6 +509,7 @@ def require_chromium() -> None:
         pytest.skip("no `chromium` on PATH: install Debian's chromium package to run this test")
 
 
+@pytest.mark.slow
 def test_page_in_a_real_browser(html_run, tmp_path):
     """Chromium (network off) loads the page: every image decodes, nothing is logged on the
     console, and a screenshot is taken down to the galleries. A control page with a broken
@@ -539,6 +548,7 @@ def test_page_in_a_real_browser(html_run, tmp_path):
         docs_screenshot(Image.open(shot).convert("RGB"), galleries, keep)
 
 
+@pytest.mark.slow
 def test_compare_page_in_a_real_browser(html_run, boxed_run, tmp_path):
     """The page of `kerasfrac report --html`: its ROC figure decodes, no console message."""
     require_chromium()
