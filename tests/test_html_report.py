@@ -406,6 +406,7 @@ def test_report_html_compares_runs(html_run, boxed_run, tmp_path, capsys):
     assert text.count('<tr data-run="run">') == 2
     names = {f"{d.parent.name}/run" for d in (html_run, boxed_run)}  # same name: parent added
     assert all(name in page.text for name in names)
+    assert "None" not in page.text  # metrics without epochs: "? of 5"
     assert "Architecture" in page.text and "Image size" in page.text
     assert len(page.imgs) == 1 and decode_data_uri(page.imgs[0]).format == "PNG"
     assert "script" not in page.tags

@@ -512,8 +512,9 @@ def compare_context(run_dirs, out: Path) -> dict:
         m = runs.read_metrics(d) or {}
         row["architecture"] = (cfg.get("model") or {}).get("name", "paper_cnn")
         row["image_size"] = data.get("image_size", "?")
-        row["epochs"] = f"{m.get('epochs', '?')} of {train.get('epochs', '?')}"
-        name = _curve_name(row, table)
+        done = "?" if m.get("epochs") is None else m["epochs"]
+        row["epochs"] = f"{done} of {train.get('epochs', '?')}"
+        row["name"] = name = _curve_name(row, table)
         row["cells"] = [
             (key, name if key == "run" else report.format_cell(key, row))
             for key, _ in report.COLUMNS
@@ -535,8 +536,8 @@ def compare_context(run_dirs, out: Path) -> dict:
         "table": table,
         "roc": _png_uri(roc) if roc else None,
         "without_predictions": without,
-        "below": [r["run"] for r in table if report.below_majority(r)],
-        "not_beating": [r["run"] for r in table if r.get("beats_baseline") is False],
+        "below": [r["name"] for r in table if report.below_majority(r)],
+        "not_beating": [r["name"] for r in table if r.get("beats_baseline") is False],
     }
 
 
