@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -457,8 +458,10 @@ def with_probe(text: str) -> str:
 def chromium_run(page: Path, height: int, *args: str) -> subprocess.CompletedProcess:
     """Headless Chromium on ``page`` with the network off: every request goes to a proxy at
     a closed port (loopback included), and the page's own CSP allows data: images only."""
+    profile = tempfile.mkdtemp(prefix="kerasfrac-chromium-")  # parallel workers: one each
     argv = [
         chromium(),
+        f"--user-data-dir={profile}",
         "--headless",
         "--disable-gpu",
         "--no-sandbox",
@@ -473,7 +476,10 @@ def chromium_run(page: Path, height: int, *args: str) -> subprocess.CompletedPro
         *args,
         page.resolve().as_uri(),
     ]
-    run = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    try:
+        run = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
     assert run.returncode == 0, run.stderr[-2000:]
     return run
 
