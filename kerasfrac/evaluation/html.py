@@ -1,9 +1,9 @@
 """``report.html``: a run on one self-contained page, and a page comparing runs.
 
 The run page is rendered from the run directory's files alone (config.yaml, metrics.json,
-plots/, history.csv, gallery/, explain/explain.json and explain's figures, the build's
-manifest.json and audit.json), so ``kerasfrac evaluate`` writes it and ``kerasfrac explain``
-re-renders it with its part added. The HTML comes from the Jinja2 templates in
+plots/ with the training curves, gallery/, explain/explain.json and explain's figures, the
+build's manifest.json and audit/audit.json), so ``kerasfrac evaluate`` writes it and
+``kerasfrac explain`` re-renders it with its part added. The HTML comes from the Jinja2 templates in
 ``templates/`` (autoescaped: run names, paths and ids are escaped); every image is embedded
 as a base64 data URI and the page loads nothing else (no script, no external stylesheet or
 font; a Content-Security-Policy allows data: images and the inline style only), so it opens
