@@ -94,8 +94,10 @@ def add_evaluate(sub) -> None:
         "CIs and FracAtlas subgroups; calibration (ECE, Brier, reliability diagram) before "
         "and after a calibrator fitted on val, and sensitivity, specificity, PPV and NPV at "
         "operating points chosen on val. Writes metrics.json (metrics_val.json for --split "
-        "val), calibration.json (what was chosen on val: predict uses it), predictions and "
-        "plots/ into the run directory and prints a summary.",
+        "val), calibration.json (what was chosen on val: predict uses it), predictions, "
+        "plots/ and report.html (the run on one self-contained page, with galleries of the "
+        "test images that matter for error analysis) into the run directory and prints a "
+        "summary.",
     )
     p.add_argument("--run-dir", required=True, help="run directory written by `kerasfrac train`")
     p.add_argument("--model", help="model file (default RUN_DIR/model.keras)")
@@ -111,6 +113,8 @@ def run_evaluate(args) -> int:
     m = evaluate.evaluate_run(args.run_dir, model_path=args.model, opts=opts)
     print(evaluate.summary(m))
     print(f"written: {runs.metrics_path(args.run_dir, opts.split)}")
+    if opts.html:
+        print(f"written: {runs.report_html_path(args.run_dir)} (open it in a browser)")
     return 0
 
 
@@ -121,7 +125,8 @@ def add_report(sub) -> None:
         description="One row per run directory (its metrics.json, written by `kerasfrac "
         "evaluate`): the report's layout (dataset x pipeline: test accuracy and loss) "
         "extended with AUROC (95% CI), average precision, sensitivity, specificity and the "
-        "majority baseline. Markdown to stdout (or --out), CSV with --csv.",
+        "majority baseline. Markdown to stdout (or --out), CSV with --csv, a self-contained HTML "
+        "page with the runs' ROC curves overlaid with --html.",
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     options.add_arguments(p, options.ReportOptions)

@@ -113,6 +113,7 @@ def run(out: str | Path = "demo-out", verbose: int = 1, overwrite: bool = False)
     print("\n" + console.run_summary(metrics, run_dir, title="demo, test split"))
     print(
         f"\nDone. Data: {tfr}\nRun:  {run_dir} (model.keras, metrics.json, predictions.csv, "
-        f"history.csv, plots/)\nTensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}"
+        f"history.csv, plots/)\nPage: {run_dir / 'report.html'} (all of it, open it in a "
+        f"browser)\nTensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}"
     )
     return metrics

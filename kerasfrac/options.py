@@ -127,6 +127,15 @@ class EvaluateOptions:
         default_text="val's",
         parse=lambda text: _shares(text, "--prevalence", open_interval=True)[0],
     )
+    html: bool = option(
+        True,
+        "skip report.html (the run on one self-contained page) and its test-image galleries",
+    )
+    gallery_size: int = option(
+        6,
+        "report.html: images in each gallery (the most confident false positives and false "
+        "negatives, a sample of true positives)",
+    )
     #: Images per batch when predicting; None: the run's train.batch_size.
     batch_size: int | None = None
 
@@ -200,6 +209,12 @@ class ExportOptions:
 class ReportOptions:
     out: str | None = option(None, "write the Markdown table to this file (else stdout)")
     csv: str | None = option(None, "also write the table as CSV")
+    html: str | None = option(
+        None,
+        "also write a self-contained HTML page comparing the runs (the table, each run's "
+        "report.html linked, their test ROC curves overlaid)",
+        metavar="OUT.html",
+    )
     paper: bool = option(False, "add the report's published numbers beside ours")
     paper_results: str | None = option(
         None,

@@ -17,6 +17,8 @@ explain, predict, report); checkpoint.py commits the checkpoints inside it. Layo
     metrics.json           test split metrics (metrics_<split>.json): see ``write_metrics``
     calibration.json       chosen on val by evaluate: the calibrator, operating points
     plots/                 evaluation plots;  explain/  explain's figures and explain.json
+    gallery/               test images for error analysis (JPEG overlays + gallery.json): evaluate
+    report.html            one self-contained page of all the above (evaluate, explain)
 
 ``metrics.json`` has one writer (``write_metrics``) and one schema, whether train or evaluate
 wrote it: ``split``, ``epochs``, ``model``, ``dataset``, ``data_dir``, ``predictions`` (computed
@@ -56,6 +58,8 @@ TENSORBOARD = "tensorboard"
 PLOTS = "plots"
 CALIBRATION = "calibration.json"
 EXPLAIN = "explain"
+GALLERY = "gallery"
+REPORT_HTML = "report.html"
 
 
 def config_path(run_dir) -> Path:
@@ -123,6 +127,17 @@ def read_calibration(run_dir) -> dict | None:
             f"`kerasfrac evaluate --run-dir {run_dir}` to rewrite it"
         ) from err
     return chosen
+
+
+def gallery_dir(run_dir) -> Path:
+    """The test images ``report.html`` shows for error analysis: ``gallery.json`` and one JPEG
+    overlay per image (``kerasfrac.evaluation.html.write_gallery``)."""
+    return Path(run_dir) / GALLERY
+
+
+def report_html_path(run_dir) -> Path:
+    """``report.html``: the run on one self-contained page (``kerasfrac.evaluation.html``)."""
+    return Path(run_dir) / REPORT_HTML
 
 
 def run_dir_of(model_file) -> Path:
@@ -416,6 +431,15 @@ def write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    replace_file(Path(tmp), path)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """``path`` gets ``data`` or keeps its old content (``write_text`` for bytes)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
     replace_file(Path(tmp), path)
 
 

@@ -1,3 +1,4 @@
-"""Evaluation: metrics, evaluate, the no-anatomy baseline audit, plots and the report table.
+"""Evaluation: metrics, evaluate, the no-anatomy baseline audit, plots, the report table and
+report.html (html.py).
 
 TensorFlow-free to import; each module imports what it needs."""

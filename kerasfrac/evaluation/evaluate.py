@@ -5,8 +5,9 @@ the split (and for val, to choose the threshold) read from the run's predictions
 computed with its model (``kerasfrac.runs``), the exact metrics of
 ``kerasfrac.evaluation.metrics`` with bootstrap CIs, the no-anatomy baseline of
 ``kerasfrac.evaluation.audit`` beside the model
-(``baseline_comparison``), plots and TensorBoard images, and metrics.json (written by
-``runs.write_metrics``). ``summary`` prints a metrics dict for a person.
+(``baseline_comparison``), plots and TensorBoard images, metrics.json (written by
+``runs.write_metrics``), and report.html with its galleries of test images
+(``kerasfrac.evaluation.html``). ``summary`` prints a metrics dict for a person.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from kerasfrac import runs
-from kerasfrac.evaluation import plots
+from kerasfrac.evaluation import html, plots
 from kerasfrac.evaluation.metrics import (
     MIN_PER_CLASS_FOR_CI,
     REGION_COLUMNS,
@@ -134,13 +135,14 @@ def evaluate_run(
     are read from the run's predictions files when present and matching the split, else
     computed with the model and written. ``model_path`` (another model than the run's
     model.keras) always recomputes and writes no predictions files. Writes
-    ``metrics.json`` (test) or ``metrics_<split>.json`` and ``plots/<split>_*.png``, and logs
-    the plots to ``tensorboard/evaluation``. Bootstrap CIs resample the build's duplicate
-    groups where the split holds any. ``baseline`` adds ``no_anatomy_baseline`` (see
-    ``baseline_comparison``; not on train, where the baseline was fitted). ``train``
-    measures the fit: the training images as val and test see them (no augmentation,
-    inference mode), so train AUROC below val AUROC means the model underfits. Returns the
-    metrics dict.
+    ``metrics.json`` (test) or ``metrics_<split>.json`` and ``plots/<split>_*.png``, logs
+    the plots to ``tensorboard/evaluation``, and (``html``) renders ``report.html``, with
+    the galleries of test images remade when the split is test. Bootstrap CIs resample the
+    build's duplicate groups where the split holds any. ``baseline`` adds
+    ``no_anatomy_baseline`` (see ``baseline_comparison``; not on train, where the baseline
+    was fitted). ``train`` measures the fit: the training images as val and test see them
+    (no augmentation, inference mode), so train AUROC below val AUROC means the model
+    underfits. Returns the metrics dict.
 
     Settings: ``opts`` (``EvaluateOptions``, its defaults where None), with ``split`` and
     ``changes`` (EvaluateOptions fields, e.g. ``n_bootstrap=0``) replacing its values.
@@ -148,6 +150,11 @@ def evaluate_run(
     if split is not None:
         changes["split"] = split
     opts = dataclasses.replace(opts or EvaluateOptions(), **changes)
+    if opts.gallery_size < 0:
+        raise ValueError(
+            f"--gallery-size {opts.gallery_size}: expected 0 or more images per gallery "
+            "(0 leaves the galleries empty; --no-html skips report.html)"
+        )
     with runs.run_lock(run_dir, exclusive=False, command="evaluate"):  # no train meanwhile
         return _evaluate_run(run_dir, model_path, opts)
 
@@ -180,7 +187,38 @@ def _evaluate_run(run_dir, model_path, opts: EvaluateOptions) -> dict:
     if opts.plots:
         written = write_run_plots(run_dir, split, pred.labels, pred.probs, result, pred.groups)
         result["plots"] = [str(p.relative_to(run_dir)) for p in written]
-    return runs.write_metrics(run_dir, split, result, cfg=cfg, model=path, predictions=pred.source)
+    record = runs.write_metrics(
+        run_dir, split, result, cfg=cfg, model=path, predictions=pred.source
+    )
+    if opts.html:
+        if split == "test":
+            write_gallery(run_dir, model, cfg, build, pred, result, opts, batch)
+        html.write_run_report(run_dir)
+    return record
+
+
+def write_gallery(run_dir, model, cfg, build, pred: Predictions, m: dict, opts, batch) -> dict:
+    """report.html's galleries of the test split (``html.write_gallery``) at the threshold
+    predict uses: the Youden-J one chosen on val, else ``m``'s fixed threshold."""
+    youden = m.get("youden") or {}
+    if youden.get("threshold") is not None:
+        threshold, source = youden["threshold"], "the Youden-J threshold chosen on val"
+    else:
+        threshold, source = m["threshold"], "fixed: no Youden-J threshold on val"
+    return html.write_gallery(
+        run_dir,
+        model,
+        cfg,
+        build,
+        pred.ids,
+        pred.labels,
+        pred.probs,
+        threshold,
+        source,
+        n=opts.gallery_size,
+        seed=opts.seed,
+        batch_size=batch,
+    )
 
 
 def _metrics(pred: Predictions, val: Predictions, build, split: str, opts) -> dict:

@@ -180,3 +180,31 @@ def history_plot(path: Path, rows: list[dict[str, float]], name: str = "") -> Pa
     if name:
         fig.suptitle(f"Training curves: {name}", fontsize=10)
     return _save(fig, path)
+
+
+def roc_overlay_png(curves: list[tuple[str, object, object]], title: str = "") -> bytes:
+    """One figure with the test ROC curve of each run (``(name, labels, probabilities)``),
+    AUROC in the legend; the PNG's bytes (``kerasfrac report --html`` embeds them)."""
+    import io
+
+    fig, ax = plt.subplots(figsize=(6, 6))
+    for name, labels, probs in curves:
+        labels = np.asarray(labels)
+        if len(np.unique(labels)) < 2:
+            continue  # one class: no curve
+        fpr, tpr, _ = skm.roc_curve(labels, probs)
+        auc = skm.roc_auc_score(labels, probs)
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {auc:.3f}, n={labels.size})")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="chance")
+    ax.set(
+        xlabel="1 - specificity (false positive rate)",
+        ylabel="sensitivity",
+        xlim=(-0.02, 1.02),
+        ylim=(-0.02, 1.02),
+        title=title or "ROC, test split",
+    )
+    ax.legend(loc="lower right", fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()

@@ -163,6 +163,7 @@ def rows(run_dirs, paper: dict | None = None) -> list[dict]:
     out = []
     for d in run_dirs:
         row = run_row(d)
+        row["dir"] = str(d)  # two runs may share a folder name
         if paper is not None:
             published = paper.get(row["dataset"], {}).get(row["pipeline"], {})
             row["paper_accuracy"] = published.get("accuracy")
@@ -176,7 +177,8 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def _fmt(key: str, row: dict) -> str:
+def format_cell(key: str, row: dict) -> str:
+    """The table's text for column ``key`` of ``row`` (CIs in brackets, n/a where missing)."""
     x = row.get(key)
     if key in ("dataset", "pipeline", "run"):
         return str(x)
@@ -208,8 +210,8 @@ def markdown(table: list[dict], paper: bool = False) -> str:
         + "|",
     ]
     for row in table:
-        lines.append("| " + " | ".join(_fmt(k, row) for k, _ in cols) + " |")
-    below = [r["run"] for r in table if _below(r)]
+        lines.append("| " + " | ".join(format_cell(k, row) for k, _ in cols) + " |")
+    below = [r["run"] for r in table if below_majority(r)]
     if below:
         lines.append("")
         lines.append(
@@ -227,7 +229,8 @@ def markdown(table: list[dict], paper: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _below(row: dict) -> bool:
+def below_majority(row: dict) -> bool:
+    """Accuracy at or below the majority baseline's."""
     a, b = row.get("accuracy"), row.get("majority_baseline_accuracy")
     return a is not None and b is not None and a <= b
 
@@ -268,6 +271,10 @@ def write_csv(path: str | Path, table: list[dict], paper: bool = False) -> None:
 
 def main(run_dirs, opts: ReportOptions) -> int:
     """``kerasfrac report``: see ``cli.add_report``."""
+    if opts.html:  # a wrong --html fails before any output
+        from kerasfrac.evaluation import html
+
+        html.check_out(opts.html)
     paper = load_paper_results(opts.paper_results) if opts.paper else None
     table = rows(run_dirs, paper)
     text = markdown(table, paper=opts.paper)
@@ -279,4 +286,6 @@ def main(run_dirs, opts: ReportOptions) -> int:
     if opts.csv:
         write_csv(opts.csv, table, paper=opts.paper)
         print(f"written: {opts.csv}")
+    if opts.html:
+        print(f"written: {html.write_compare(opts.html, run_dirs)}")
     return 0

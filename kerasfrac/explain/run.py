@@ -14,8 +14,8 @@ Small pure pieces (keras-io ``visualizing_what_convnets_learn``):
 
 ``explain_run`` ties them to a run directory: the run's config prepares the images exactly
 as training did, figures go to ``OUT`` (default ``RUN_DIR/explain``, and then also to
-``RUN_DIR/tensorboard/explain``), numbers to ``OUT/explain.json``; with another ``OUT``
-nothing is written into the run.
+``RUN_DIR/tensorboard/explain`` and into the run's ``report.html``), numbers to
+``OUT/explain.json``; with another ``OUT`` nothing is written into the run.
 """
 
 from __future__ import annotations
@@ -625,7 +625,12 @@ def _explain_run(run_dir: Path, opts: ExplainOptions, image_files, out, model_pa
     if pngs and in_run:
         runs.log_images(run_dir, "explain", pngs)
     result["figures"] = [str(p) for p in pngs]
-    return _write_json(out / "explain.json", result, path)
+    result = _write_json(out / "explain.json", result, path)
+    if in_run:  # the run's report.html shows explain's part beside the evaluation
+        from kerasfrac.evaluation import html
+
+        result["report_html"] = str(html.write_run_report(run_dir))
+    return result
 
 
 @dataclass
@@ -815,4 +820,6 @@ def main(run_dir, opts: ExplainOptions, image_files=None, out=None, model_path=N
     for f in result["figures"]:
         print(f"figure: {f}")
     print(f"written: {result['json']}")
+    if result.get("report_html"):
+        print(f"updated: {result['report_html']} (explanations added)")
     return 0
