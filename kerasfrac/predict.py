@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from kerasfrac.options import PredictOptions
+from tfrecords_builder.pixels import dicom_to_uint8  # the builder's mapping, shared
 
 # Local imports of TensorFlow-based modules: path and option errors come before TensorFlow.
 
@@ -63,33 +64,6 @@ def sniff(data: bytes, path: str | Path = "") -> str | None:
     if data[128:132] == b"DICM" or Path(path).suffix.lower() in (".dcm", ".dicom"):
         return "dicom"
     return None
-
-
-def dicom_to_uint8(data: bytes) -> np.ndarray:
-    """DICOM bytes -> uint8 [H, W] (grayscale) or [H, W, 3] (color), display-ready."""
-    import pydicom
-    from pydicom.pixels import apply_modality_lut
-
-    ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    pixels = ds.pixel_array
-    if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-        pixels = pixels[0]
-    if int(getattr(ds, "SamplesPerPixel", 1)) == 3:  # color: scale the stored range to 8 bit
-        bits = int(getattr(ds, "BitsStored", 8))
-        return np.round(pixels.astype(np.float64) / (2**bits - 1) * 255).astype(np.uint8)
-    x = apply_modality_lut(pixels, ds).astype(np.float64)
-    center, width = getattr(ds, "WindowCenter", None), getattr(ds, "WindowWidth", None)
-    if center is not None and width is not None:
-        c = float(center[0] if isinstance(center, pydicom.multival.MultiValue) else center)
-        w = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
-        y = (x - (c - 0.5)) / max(w - 1, 1.0) + 0.5
-    else:
-        lo, hi = float(x.min()), float(x.max())
-        y = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
-    y = np.clip(y, 0.0, 1.0)
-    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        y = 1.0 - y  # MONOCHROME1: low values are bright; training X-rays show bone bright
-    return np.round(y * 255).astype(np.uint8)
 
 
 def dicom_to_png(data: bytes) -> bytes:

@@ -28,6 +28,7 @@ from tfrecords_builder.defaults import (
     PIXEL_AGREEMENT,
     PIXEL_CHECK_SIZE,
     PIXEL_TOLERANCE,
+    SPLITS,
 )
 from tfrecords_builder.options import BuildOptions
 
@@ -76,8 +77,7 @@ def prepare_into(
     source = Path(source)
     scratch = Path(tempfile.mkdtemp(prefix=".extract-", dir=stage))
     try:
-        root = open_source(source, scratch)
-        found = datasets.dataset(dataset).find(root)
+        found = find(dataset, source, scratch, opts)
         manifest, written = _build_into(stage, dataset, found, opts, tfds_name, with_meta)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -85,6 +85,23 @@ def prepare_into(
     manifest["build_seconds"] = round(time.perf_counter() - started, 3)
     writer.write_manifest(stage, manifest)
     return manifest, written
+
+
+def find(dataset: str, source: Path, scratch: Path, opts: BuildOptions):
+    """What ``dataset``'s spec finds in ``source`` (a folder or .zip, extracted into
+    ``scratch``; for a listing layout the listing file, its images under ``--image-root``)."""
+    spec = datasets.dataset(dataset)
+    if spec.listing:
+        if not source.is_file():
+            raise SourceError(
+                f"{dataset}: --source {str(source)!r} is not a file; expected the "
+                f"{spec.listing.upper()} file that lists the images, with --image-root the "
+                "folder (or .zip) holding them."
+            )
+        root = open_source(opts.image_root or source.parent, scratch)
+        return spec.find(root, opts, source)
+    root = open_source(source, scratch)
+    return spec.find(root, opts) if spec.takes_options else spec.find(root)
 
 
 def _source_bytes(paths: list[Path]) -> int:
@@ -135,8 +152,12 @@ def _build_into(
     duplicate_groups, dropped, keep = _exact_duplicates(good, cands, checks, opts, quarantined)
     g = _group(keep, cands, checks, opts, quarantined)
     keep, pairs = g.keep, g.pairs
-    split_of_group = splits.assign(g.groups, opts.split, opts.seed)
+    split_of_group, given = _assign(g, cands, opts)
     split_of = {i: split_of_group[g.group_of[i]] for i in keep}
+    if given is not None:
+        given["images_moved"] = sorted(
+            cands[i].rel for i in keep if cands[i].split and cands[i].split != split_of[i]
+        )
     near_across = _near_across(pairs, g.reps, split_of, cands)
     for d in duplicate_groups:
         if not d["conflict"]:
@@ -148,6 +169,7 @@ def _build_into(
     found_counts, written, q_counts, accounting = _accounting(
         found, keep, cands, quarantined, dropped
     )
+    _write_metadata(stage, keep, cands)
     files_in_groups = sum(len(d["files"]) for d in duplicate_groups)
     reasons = Counter(q["reason"].split(":")[0] for q in quarantined)
     manifest = {
@@ -167,7 +189,12 @@ def _build_into(
         "quarantined_count": q_counts,
         "quarantine_reasons": dict(sorted(reasons.items())),
         "quarantined": sorted(quarantined, key=lambda q: q["file"]),
-        "recovered_truncated": sorted(cands[i].rel for i in keep if checks[i].recovered),
+        "recovered_truncated": sorted(
+            cands[i].rel for i in keep if checks[i].recovered and checks[i].truncated
+        ),
+        "converted_to_8_bits": dict(
+            sorted(Counter(checks[i].converted for i in keep if checks[i].converted).items())
+        ),
         "dropped_duplicates": dropped,
         "duplicate_summary": {
             "groups": len(duplicate_groups),
@@ -181,6 +208,11 @@ def _build_into(
         "near_duplicates": _near_summary(g, cands, checks, opts, quarantined),
         "near_duplicates_across_splits": near_across,
         "user_groups": _user_summary(g),
+        "patients": _patients(keep, cands, split_of),
+        "studies": len({cands[i].study for i in keep if cands[i].study is not None}),
+        "given_splits": given,
+        "metadata_columns": sorted({k for i in keep for k in cands[i].extra}),
+        "label_columns": list(datasets.dataset(dataset).label_columns),
         "label_disagreements": found.notes.get("label_disagreements", []),
         "notes": {k: v for k, v in found.notes.items() if k != "label_disagreements"},
         "splits": split_counts,
@@ -201,10 +233,72 @@ def _build_into(
     return manifest, wrote
 
 
+def _assign(g: _Grouping, cands, opts: BuildOptions) -> tuple[dict[str, str], dict | None]:
+    """``(split of each group, what the layout gave)``. Groups holding an image whose split
+    the layout fixes (MURA's official valid -> test) go to that split (a group given several
+    goes to the last of train, val, test); the other groups are split by ``opts.split`` over
+    the splits no image was given, stratified and group-aware (``splits.assign``)."""
+    given_of = {}
+    for group, members in g.members_of.items():
+        given = {cands[i].split for i in members if cands[i].split}
+        if given:
+            given_of[group] = max(given, key=SPLITS.index)
+    if not given_of:
+        return splits.assign(g.groups, opts.split, opts.seed), None
+    taken = set(given_of.values())
+    ratios = tuple(0.0 if s in taken else r for s, r in zip(SPLITS, opts.split))
+    if sum(ratios) == 0:
+        ratios = opts.split
+    ratios = tuple(r / sum(ratios) for r in ratios)
+    free = {k: v for k, v in g.groups.items() if k not in given_of}
+    out = {**splits.assign(free, ratios, opts.seed), **given_of}
+    counts = Counter(given_of.values())
+    return out, {
+        "groups_given": dict(sorted(counts.items())),
+        "ratios_for_the_others": dict(zip(SPLITS, (round(r, 6) for r in ratios))),
+    }
+
+
+def _patients(keep, cands, split_of) -> dict | None:
+    """The manifest's ``patients``: how many, and any that straddle splits (none, by
+    construction: patients are groups)."""
+    splits_of: dict[str, set[str]] = {}
+    for i in keep:
+        if cands[i].patient is not None:
+            splits_of.setdefault(cands[i].patient, set()).add(split_of[i])
+    if not splits_of:
+        return None
+    across = sorted(p for p, s in splits_of.items() if len(s) > 1)
+    return {"count": len(splits_of), "across_splits": across}
+
+
+def _write_metadata(stage: Path, keep, cands) -> None:
+    """metadata.csv: the layout's descriptive columns (region, projection, ...) per written
+    image, where it has any; columns that restate the label are never among them."""
+    columns = sorted({k for i in keep for k in cands[i].extra})
+    if not columns:
+        return
+    with (stage / "metadata.csv").open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["image_id", "file", *columns])
+        for i in keep:
+            out.writerow(
+                [cands[i].image_id, cands[i].rel, *(cands[i].extra.get(c, "") for c in columns)]
+            )
+
+
 def _tfds_version() -> str:
     import tensorflow_datasets as tfds
 
     return tfds.__version__
+
+
+def _entry(cand: Candidate, reason: str) -> dict:
+    """A quarantine entry: file, label, reason, and the listing's row where there is one."""
+    entry = {"file": cand.rel, "label": cand.label, "reason": reason}
+    if cand.row is not None:
+        entry["row"] = cand.row
+    return entry
 
 
 def _validate(found, opts: BuildOptions):
@@ -215,9 +309,8 @@ def _validate(found, opts: BuildOptions):
     unread = [(c, _unread_reason(c, found.root)) for c in found.candidates]
     bad_names = [
         {
+            **_entry(c, reason),
             "file": os.fsencode(c.rel).decode("utf-8", "backslashreplace"),
-            "label": c.label,
-            "reason": reason,
         }
         for c, reason in unread
         if reason
@@ -234,11 +327,11 @@ def _validate(found, opts: BuildOptions):
         # GB); above it each file is read again and its sha256 checked against validation's.
         keep_bytes=_source_bytes(paths) <= opts.hold_bytes,
     )
-    quarantined = bad_names + [
-        {"file": c.rel, "label": c.label, "reason": k.reason}
-        for c, k in zip(cands, checks)
-        if k.reason
-    ]
+    quarantined = (
+        list(found.rejected)
+        + bad_names
+        + [_entry(c, k.reason) for c, k in zip(cands, checks) if k.reason]
+    )
     good = [i for i, k in enumerate(checks) if not k.reason]
     return cands, checks, quarantined, good
 
@@ -347,14 +440,16 @@ def _group(keep, cands, checks, opts: BuildOptions, quarantined: list) -> _Group
     ]
     near_roots = duplicates.connected_components(len(reps), linked)
     user = _read_groups(opts.groups_file, cands) if opts.groups_file else None
-    if user is not None:  # a user's groups (patients) join whatever they link
-        rep_of_sha = {checks[i].sha256: k for k, i in enumerate(reps)}
-        first_of: dict[str, int] = {}
-        for i in keep:
-            g = user["group_of"].get(i)
-            if g is not None:
-                k = rep_of_sha[checks[i].sha256]
-                linked.append((first_of.setdefault(g, k), k, -1))
+    # The layout's patients and a user's groups (--groups) join whatever they link.
+    rep_of_sha = {checks[i].sha256: k for k, i in enumerate(reps)}
+    first_of: dict[tuple[str, str], int] = {}
+    for i in keep:
+        k = rep_of_sha[checks[i].sha256]
+        if cands[i].patient is not None:
+            linked.append((first_of.setdefault(("patient", cands[i].patient), k), k, -1))
+        g = user["group_of"].get(i) if user is not None else None
+        if g is not None:
+            linked.append((first_of.setdefault(("user", g), k), k, -1))
     roots = duplicates.connected_components(len(reps), linked)
     group_of_hash = {checks[i].sha256: checks[reps[roots[k]]].sha256 for k, i in enumerate(reps)}
     group_of = {i: group_of_hash[checks[i].sha256] for i in keep}
@@ -495,7 +590,9 @@ def _write_splits(
 def _accounting(found, keep, cands, quarantined, dropped):
     """``(found, written, quarantined counts, accounting)`` per class; every image found is
     written, quarantined or dropped as a duplicate, or the build stops."""
-    found_counts = _by_label(found.candidates, lambda c: c.label)
+    found_counts = _by_label(
+        [c.label for c in found.candidates] + [r["label"] for r in found.rejected], int
+    )
     written = _by_label(keep, lambda i: cands[i].label)
     q_counts = _by_label(quarantined, lambda q: q["label"])
     d_counts = _by_label(dropped, lambda d: d["label"])
@@ -607,7 +704,7 @@ def _write_index(stage, keep, cands, checks, split_of, group_of) -> None:
     """index.csv: one line per written image (split, label, id, file, sha256, group)."""
     with (stage / "index.csv").open("w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["split", "label", "image_id", "file", "sha256", "group"])
+        out.writerow(["split", "label", "image_id", "file", "sha256", "group", "patient", "study"])
         for i in keep:
             out.writerow(
                 [
@@ -617,5 +714,7 @@ def _write_index(stage, keep, cands, checks, split_of, group_of) -> None:
                     cands[i].rel,
                     checks[i].sha256,
                     group_of[i],
+                    cands[i].patient or "",
+                    cands[i].study or "",
                 ]
             )

@@ -1,0 +1,452 @@
+"""The layouts of a user's own data and of the big public sets: class folders, a CSV, MURA and
+GRAZPEDWRI-DX, each generated here by code (tiny random images; FracAtlas-mini re-laid out
+where present), built, and compared with its source: images, labels, patients, splits, and
+the refusals of bad input."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests import sources
+from tfrecords_builder import pixels, read_split
+from tfrecords_builder.archive import SourceError
+from tfrecords_builder.build import BuildOptions, build
+
+OPTS = dict(progress=False, shards=2)
+MINI = Path(
+    os.environ.get("KERASFRAC_FRACATLAS_MINI")
+    or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fracatlas-mini"
+)
+
+
+def png(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, format="PNG")
+    return path
+
+
+def records(out: Path) -> dict[str, dict]:
+    """file -> {split, label, image, boxes, sha256} of every record of a build."""
+    got = {}
+    for split in ("train", "val", "test"):
+        for r in read_split(out, split).as_numpy_iterator():
+            got[r["file"].decode()] = {
+                "split": split,
+                "label": int(r["label"]),
+                "image": r["image"],
+                "boxes": r["boxes"],
+                "sha256": r["sha256"].decode(),
+            }
+    return got
+
+
+def table(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def splits_of_patients(out: Path) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for row in table(out / "index.csv"):
+        if row["patient"]:
+            found.setdefault(row["patient"], set()).add(row["split"])
+    return found
+
+
+def zip_folder(folder: Path, archive: Path) -> Path:
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                z.write(path, Path(folder.name) / path.relative_to(folder))
+    return archive
+
+
+# --- class folders ------------------------------------------------------------------------
+
+
+def test_folder_build_gives_the_source_images_and_labels(tmp_path):
+    rng = np.random.default_rng(1)
+    src, expected = tmp_path / "xrays", {}
+    for name, label in (("Positive", 1), ("not fractured", 0), ("0", 0)):
+        for i in range(5):
+            image = sources.random_image(rng)
+            expected[png(src / name / f"{i}.png", image).relative_to(src).as_posix()] = (
+                label,
+                image,
+            )
+    m = build(
+        "folder", zip_folder(src, tmp_path / "xrays.zip"), tmp_path / "out", BuildOptions(**OPTS)
+    )
+    got = records(tmp_path / "out")
+    assert set(got) == set(expected)
+    for file, (label, image) in expected.items():
+        assert got[file]["label"] == label, file
+        np.testing.assert_array_equal(got[file]["image"][..., 0], image)  # PNG: lossless
+    assert m["notes"]["class_folders"] == {"0": 0, "Positive": 1, "not fractured": 0}
+    assert m["accounting"]["total"]["balanced"] and m["written"]["total"] == 15
+
+
+def test_folder_with_unknown_class_names_is_refused_naming_them(tmp_path):
+    rng = np.random.default_rng(2)
+    for name in ("fractured", "maybe"):
+        png(tmp_path / "src" / name / "a.png", sources.random_image(rng))
+    with pytest.raises(SourceError, match=r"\['maybe'\].*folders found: \['fractured', 'maybe'\]"):
+        build("folder", tmp_path / "src", tmp_path / "out", BuildOptions(**OPTS))
+    assert not (tmp_path / "out").exists()
+    # declared by the option, the same folder builds
+    m = build(
+        "folder", tmp_path / "src", tmp_path / "out", BuildOptions(normal_labels=("maybe",), **OPTS)
+    )
+    assert m["notes"]["class_folders"] == {"fractured": 1, "maybe": 0}
+
+
+# --- a CSV --------------------------------------------------------------------------------
+
+
+def make_csv_source(root: Path, rng) -> tuple[Path, dict]:
+    """Six patients of 3 images each (labels mixed within some patients), a metadata column,
+    and five bad rows: missing file, outside the root, listed twice, undeclared label,
+    unreadable file."""
+    images, rows = root / "images", []
+    expected = {}
+    for p in range(6):
+        for k in range(3):
+            label = int((p + k) % 3 == 0)
+            rel = f"p{p}/img{k}.png"
+            image = sources.random_image(rng)
+            png(images / rel, image)
+            expected[rel] = (label, image, f"P{p}")
+            rows.append([rel, "fracture" if label else "negative", f"P{p}", f"S{p}-{k // 2}", "a"])
+    (images / "broken.png").write_bytes(b"not a png at all")
+    png(root / "outside.png", sources.random_image(rng))
+    bad = [
+        ["gone.png", "1", "P9", "", "b"],  # line 20: missing file
+        ["../outside.png", "0", "P9", "", "b"],  # line 21: outside the image root
+        ["p0/img1.png", "0", "P0", "", "b"],  # line 22: listed twice
+        ["p1/img1.png", "maybe", "P1", "", "b"],  # line 23: label not declared... and twice
+        ["broken.png", "1", "P8", "", "b"],  # line 24: unreadable
+    ]
+    listing = root / "labels.csv"
+    with listing.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["path", "label", "patient_id", "study_id", "site"])
+        out.writerows(rows + bad)
+    return listing, expected
+
+
+def test_csv_build_keeps_patients_together_and_quarantines_bad_rows_by_number(tmp_path):
+    listing, expected = make_csv_source(tmp_path / "src", np.random.default_rng(3))
+    opts = BuildOptions(
+        image_root=str(tmp_path / "src" / "images"), split=(0.5, 0.25, 0.25), **OPTS
+    )
+    m = build("csv", listing, tmp_path / "out", opts)
+    got = records(tmp_path / "out")
+    assert set(got) == set(expected)
+    for file, (label, image, _) in expected.items():
+        assert got[file]["label"] == label
+        np.testing.assert_array_equal(got[file]["image"][..., 0], image)
+    patients = splits_of_patients(tmp_path / "out")
+    assert len(patients) == 6 and all(len(s) == 1 for s in patients.values())
+    assert len({next(iter(s)) for s in patients.values()}) == 3  # every split has a patient
+    assert m["patients"] == {"count": 6, "across_splits": []}
+    assert m["studies"] == 12
+    by_row = {q["row"]: q["reason"] for q in m["quarantined"]}
+    assert by_row[20].startswith("missing file: row 20")
+    assert by_row[21].startswith("outside the image root: row 21")
+    assert by_row[22] == "listed twice: row 22 repeats row 3"
+    assert by_row[23].startswith("label not declared: row 23 has label 'maybe'")
+    assert by_row[24].startswith("not an image")
+    assert m["accounting"]["total"] == {
+        "found": 23,
+        "written": 18,
+        "quarantined": 5,
+        "dropped_duplicates": 0,
+        "balanced": True,
+    }
+    meta = table(tmp_path / "out" / "metadata.csv")
+    assert {r["site"] for r in meta} == {"a"} and len(meta) == 18
+    studies = {r["file"]: r["study"] for r in table(tmp_path / "out" / "index.csv")}
+    assert studies["p2/img1.png"] == "S2-0"
+
+
+def test_csv_images_from_a_zip_image_root(tmp_path):
+    listing, expected = make_csv_source(tmp_path / "src", np.random.default_rng(4))
+    archive = zip_folder(tmp_path / "src" / "images", tmp_path / "images.zip")
+    # the zip holds images/ at its top: paths in the CSV are relative to the extracted folder
+    rewritten = tmp_path / "list.csv"
+    text = listing.read_text().replace("\np", "\nimages/p").replace("\nbroken", "\nimages/broken")
+    rewritten.write_text(text)
+    m = build("csv", rewritten, tmp_path / "out", BuildOptions(image_root=str(archive), **OPTS))
+    assert m["written"]["total"] == len(expected)
+    assert set(records(tmp_path / "out")) == {f"images/{f}" for f in expected}
+
+
+def test_csv_without_its_columns_is_refused_and_nothing_written(tmp_path):
+    listing = tmp_path / "list.csv"
+    listing.write_text("file,diagnosis\na.png,1\n")
+    with pytest.raises(SourceError, match=r"lacks the column\(s\) \['path', 'label'\].*'file'"):
+        build("csv", listing, tmp_path / "out", BuildOptions(**OPTS))
+    assert not (tmp_path / "out").exists()
+
+
+# --- MURA ---------------------------------------------------------------------------------
+
+
+def make_mura(top: Path, rng) -> dict:
+    """MURA-v1.1/{train,valid}/XR_<REGION>/patientNNNNN/studyN_<label>/imageN.png."""
+    root, expected = top / "MURA-v1.1", {}
+    patient = 0
+    for part, patients in (("train", 10), ("valid", 4)):
+        for _ in range(patients):
+            patient += 1
+            region = ("XR_WRIST", "XR_ELBOW")[patient % 2]
+            for study in (1, 2):
+                label = (patient + study) % 2
+                name = f"study{study}_{'positive' if label else 'negative'}"
+                for k in (1, 2):
+                    rel = f"{part}/{region}/patient{patient:05d}/{name}/image{k}.png"
+                    image = sources.random_image(rng)
+                    png(root / rel, image)
+                    expected[rel] = (label, image, part, region)
+    return expected
+
+
+def test_mura_official_valid_is_the_test_split_and_patients_never_straddle(tmp_path):
+    expected = make_mura(tmp_path / "src", np.random.default_rng(5))
+    archive = zip_folder(tmp_path / "src" / "MURA-v1.1", tmp_path / "MURA-v1.1.zip")
+    m = build("mura", archive, tmp_path / "out", BuildOptions(**OPTS))
+    got = records(tmp_path / "out")
+    assert set(got) == set(expected)
+    for file, (label, image, part, _) in expected.items():
+        assert got[file]["label"] == label
+        np.testing.assert_array_equal(got[file]["image"][..., 0], image)
+        assert (got[file]["split"] == "test") == (part == "valid"), file
+    assert {r["split"] for r in got.values()} == {"train", "val", "test"}
+    assert all(len(s) == 1 for s in splits_of_patients(tmp_path / "out").values())
+    assert m["given_splits"]["groups_given"] == {"test": 4}
+    assert m["given_splits"]["images_moved"] == []
+    assert m["studies"] == 28 and m["patients"]["count"] == 14
+    assert "study_label" in m["label_columns"]
+    meta = {r["file"]: r for r in table(tmp_path / "out" / "metadata.csv")}
+    assert {meta[f]["region"] for f in expected} == {"wrist", "elbow"}
+    assert all(meta[f]["region"] == e[3][3:].lower() for f, e in expected.items())
+    index = {r["file"]: r for r in table(tmp_path / "out" / "index.csv")}
+    first = "train/XR_ELBOW/patient00001/study1_negative/image1.png"
+    assert index[first]["study"] == "train/XR_ELBOW/patient00001/study1_negative"
+
+
+def test_mura_resplit_pools_train_and_valid_by_patient(tmp_path):
+    expected = make_mura(tmp_path / "src", np.random.default_rng(6))
+    m = build(
+        "mura",
+        tmp_path / "src",
+        tmp_path / "out",
+        BuildOptions(official_split=False, split=(0.5, 0.25, 0.25), **OPTS),
+    )
+    got = records(tmp_path / "out")
+    assert m["given_splits"] is None
+    in_test = {expected[f][2] for f, r in got.items() if r["split"] == "test"}
+    assert "train" in in_test  # official train images now reach the test split
+    assert all(len(s) == 1 for s in splits_of_patients(tmp_path / "out").values())
+
+
+def test_mura_study_folder_without_a_label_is_refused(tmp_path):
+    make_mura(tmp_path / "src", np.random.default_rng(7))
+    bad = tmp_path / "src" / "MURA-v1.1" / "valid" / "XR_WRIST" / "patient00099" / "study1_unsure"
+    png(bad / "image1.png", sources.random_image(np.random.default_rng(8)))
+    with pytest.raises(SourceError, match=r"study1_unsure.*studyN_positive or studyN_negative"):
+        build("mura", tmp_path / "src", tmp_path / "out", BuildOptions(**OPTS))
+    assert not (tmp_path / "out").exists()
+
+
+# --- GRAZPEDWRI-DX ------------------------------------------------------------------------
+
+GRAZ_COLUMNS = (
+    "filestem,patient_id,study_number,timehash,gender,age,laterality,projection,initial_exam,"
+    "ao_classification,cast,diagnosis_uncertain,osteopenia,fracture_visible,metal,"
+    "pixel_spacing,device_manufacturer"
+).split(",")
+
+
+def make_graz(root: Path, rng) -> dict:
+    """dataset.csv, 16-bit PNGs over images_part1..2/, YOLO labels (class 3 = fracture, and
+    a class-8 'text' box that is not one)."""
+    expected, rows = {}, []
+    labels_dir = root / "folder_structure" / "yolov5" / "labels"
+    labels_dir.mkdir(parents=True)
+    for i in range(16):
+        patient, label = f"{1000 + i // 2}", int(i % 3 == 0)
+        stem = f"{patient}_0{i % 2}_{i:02d}"
+        image = rng.integers(3000 + 100 * i, 9000 + 200 * i, size=(40, 48)).astype(np.uint16)
+        path = root / f"images_part{1 + i % 2}" / f"{stem}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)  # uint16 -> a 16-bit grayscale PNG
+        boxes = "8 0.1 0.1 0.05 0.05\n" + ("3 0.5 0.25 0.2 0.1\n" if label else "")
+        (labels_dir / f"{stem}.txt").write_text(boxes)
+        expected[path.relative_to(root).as_posix()] = (label, image, patient)
+        row = dict.fromkeys(GRAZ_COLUMNS, "")
+        row.update(
+            filestem=stem,
+            patient_id=patient,
+            study_number=str(i % 2),
+            age="9.5",
+            laterality="L",
+            projection="ap",
+            ao_classification="23r-M/2.1" if label else "",
+            fracture_visible="1" if label else "",
+            device_manufacturer="ACME",
+        )
+        rows.append(row)
+    with (root / "dataset.csv").open("w", newline="") as f:
+        out = csv.DictWriter(f, GRAZ_COLUMNS)
+        out.writeheader()
+        out.writerows(rows)
+    return expected
+
+
+def test_grazpedwri_16bit_images_labels_boxes_and_patients(tmp_path):
+    expected = make_graz(tmp_path / "src", np.random.default_rng(9))
+    m = build("grazpedwri", tmp_path / "src", tmp_path / "out", BuildOptions(**OPTS))
+    got = records(tmp_path / "out")
+    assert set(got) == set(expected)
+    for file, (label, image, _) in expected.items():
+        assert got[file]["label"] == label
+        # 16-bit -> 8 bits by the image's own min..max, the mapping the README states
+        lo, hi = int(image.min()), int(image.max())
+        want = np.round((image.astype(float) - lo) / (hi - lo) * 255).astype(np.uint8)
+        np.testing.assert_array_equal(got[file]["image"][..., 0], want)
+        np.testing.assert_array_equal(got[file]["image"][..., 0], pixels.png16_to_uint8(image))
+        if label:  # YOLO (x 0.5, y 0.25, w 0.2, h 0.1) -> (ymin, xmin, ymax, xmax)
+            np.testing.assert_allclose(got[file]["boxes"], [[0.2, 0.4, 0.3, 0.6]], atol=1e-6)
+        else:
+            assert got[file]["boxes"].shape == (0, 4)
+    assert m["converted_to_8_bits"] == {"png16": 16}
+    assert all(len(s) == 1 for s in splits_of_patients(tmp_path / "out").values())
+    assert m["patients"]["count"] == 8 and m["studies"] == 16
+    columns = m["metadata_columns"]
+    assert "projection" in columns and "age" in columns
+    assert not {"fracture_visible", "ao_classification"} & set(columns)
+    assert set(m["label_columns"]) == {"fracture_visible", "ao_classification"}
+
+
+def test_grazpedwri_csv_not_matching_its_images_is_refused(tmp_path):
+    make_graz(tmp_path / "src", np.random.default_rng(10))
+    victim = next((tmp_path / "src" / "images_part1").glob("*.png"))
+    victim.unlink()
+    with pytest.raises(SourceError, match=rf"1 row\(s\) name no .*{victim.stem}"):
+        build("grazpedwri", tmp_path / "src", tmp_path / "out", BuildOptions(**OPTS))
+    text = (tmp_path / "src" / "dataset.csv").read_text().replace("fracture_visible", "fv")
+    (tmp_path / "src" / "dataset.csv").write_text(text)
+    with pytest.raises(
+        SourceError, match=r"dataset.csv.*lacks the column\(s\) \['fracture_visible'\]"
+    ):
+        build("grazpedwri", tmp_path / "src", tmp_path / "out", BuildOptions(**OPTS))
+    assert not (tmp_path / "out").exists()
+
+
+# --- DICOM in the builder -----------------------------------------------------------------
+
+
+def test_dicom_files_build_to_predicts_pixels(tmp_path):
+    from kerasfrac import predict
+    from tests.test_predict import write_dicom
+
+    rng = np.random.default_rng(11)
+    src = tmp_path / "src"
+    for folder in ("fractured", "normal"):
+        for k, photometric in enumerate(("MONOCHROME1", "MONOCHROME2")):
+            tags = {"WindowCenter": 1500, "WindowWidth": 2001} if k else {}
+            (src / folder).mkdir(parents=True, exist_ok=True)
+            write_dicom(
+                src / folder / f"{k}.dcm",
+                rng.integers(0, 4096, size=(40, 48)),
+                photometric=photometric,
+                **tags,
+            )
+        png(src / folder / "plain.png", sources.random_image(rng))
+    m = build("folder", src, tmp_path / "out", BuildOptions(**OPTS))
+    got = records(tmp_path / "out")
+    assert m["converted_to_8_bits"] == {"dicom": 4}
+    assert {f: r["label"] for f, r in got.items()} == {
+        f"{folder}/{name}": int(folder == "fractured")
+        for folder in ("fractured", "normal")
+        for name in ("0.dcm", "1.dcm", "plain.png")
+    }
+    for file, r in got.items():
+        if file.endswith(".dcm"):
+            want = predict.dicom_to_uint8((src / file).read_bytes())
+            np.testing.assert_array_equal(r["image"][..., 0], want)
+            assert r["sha256"] == hashlib.sha256((src / file).read_bytes()).hexdigest()
+
+
+# --- FracAtlas-mini re-laid out -----------------------------------------------------------
+
+needs_mini = pytest.mark.skipif(not MINI.is_dir(), reason=f"FracAtlas-mini not present at {MINI}")
+
+
+def mini_sample(per_class: int = 6) -> list[tuple[Path, int]]:
+    out = []
+    for folder, label in (("Fractured", 1), ("Non_fractured", 0)):
+        files = sorted(p for p in (MINI / "images" / folder).iterdir() if p.is_file())
+        out += [(p, label) for p in files[:per_class]]
+    return out
+
+
+@needs_mini
+def test_fracatlas_mini_as_folders_and_as_csv_builds_the_same_images(tmp_path):
+    sample = mini_sample()
+    rows = []
+    atlas = tmp_path / "atlas"
+    (atlas / "images").mkdir(parents=True)
+    shutil.copy(MINI / "dataset.csv", atlas / "dataset.csv")
+    for path, label in sample:
+        folder = tmp_path / "folders" / ("fracture" if label else "normal")
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder / path.name)
+        (atlas / "images" / path.parent.name).mkdir(exist_ok=True)
+        shutil.copy(path, atlas / "images" / path.parent.name / path.name)
+        rows.append([f"{folder.name}/{path.name}", label, path.stem])
+    listing = tmp_path / "list.csv"
+    with listing.open("w", newline="") as f:
+        csv.writer(f).writerows([["path", "label", "patient_id"], *rows])
+    opts = BuildOptions(recover_truncated=True, **OPTS)
+    by_folder = records_or_quarantine(
+        build("folder", tmp_path / "folders", tmp_path / "a", opts), tmp_path / "a"
+    )
+    opts = BuildOptions(recover_truncated=True, image_root=str(tmp_path / "folders"), **OPTS)
+    by_csv = records_or_quarantine(build("csv", listing, tmp_path / "b", opts), tmp_path / "b")
+    assert by_folder == by_csv
+    by_atlas = records_or_quarantine(
+        build("fracatlas", atlas, tmp_path / "c", opts), tmp_path / "c"
+    )
+    assert by_folder == by_atlas
+    truth = {hashlib.sha256(p.read_bytes()).hexdigest(): label for p, label in sample}
+    assert {sha: label for sha, (label, _) in by_folder.items()} == truth
+
+
+def records_or_quarantine(m: dict, out: Path) -> dict[str, tuple[int, str]]:
+    """sha256 of the source file -> (label, digest of the stored pixels)."""
+    assert m["quarantined"] == [], m["quarantined"]
+    return {
+        r["sha256"]: (r["label"], hashlib.sha256(r["image"].tobytes()).hexdigest())
+        for r in records(out).values()
+    }
+
+
+def test_png16_mapping_by_hand():
+    image = np.array([[1000, 2000], [3000, 5000]], np.uint16)
+    # (x - 1000) / 4000 * 255: 0, 63.75, 127.5, 255 -> rounded half to even by numpy
+    assert pixels.png16_to_uint8(image).tolist() == [[0, 64], [128, 255]]
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    assert pixels.png_bit_depth(buf.getvalue()) == 16

@@ -1,0 +1,130 @@
+"""A user's own X-rays listed in a CSV: ``path,label[,patient_id][,study_id][,<other>...]``
+with ``--image-root`` the folder (or .zip) the paths are relative to (default: the CSV's
+folder).
+
+``label`` is mapped as class folders are (``labels``); ``patient_id`` makes a group (a
+patient's images share a split, merged with the duplicate groups); ``study_id`` is recorded
+in index.csv; every other column is descriptive metadata (metadata.csv). A row whose file is
+missing, outside the image root, listed twice, or whose label is not declared is quarantined
+with its row (line) number and the reason, like an unreadable file; a CSV without the
+``path`` and ``label`` columns is an error, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from tfrecords_builder.archive import SourceError
+from tfrecords_builder.candidates import Candidate, Found
+from tfrecords_builder.datasets import labels
+from tfrecords_builder.datasets.registry import DatasetSpec, register_dataset
+from tfrecords_builder.options import BuildOptions
+
+REQUIRED = ("path", "label")
+GROUP, STUDY = "patient_id", "study_id"
+
+
+def read_rows(listing: Path, required=REQUIRED) -> tuple[list[str], list[tuple[int, dict]]]:
+    """``(header, [(line, row)])`` of a UTF-8 CSV (header names stripped, lower-case); a
+    missing required column is an error naming the file, its header and what is expected."""
+    try:
+        with listing.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [(h or "").strip().lower() for h in reader.fieldnames or []]
+            reader.fieldnames = header
+            rows = []
+            for row in reader:
+                rows.append((reader.line_num, {k: (v or "").strip() for k, v in row.items() if k}))
+    except UnicodeDecodeError as err:
+        raise SourceError(
+            f"{str(listing)!r} is not UTF-8 text ({err}); save it as UTF-8 CSV. Nothing was "
+            "written."
+        ) from err
+    except csv.Error as err:
+        raise SourceError(f"{str(listing)!r} is not a readable CSV: {err}") from err
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise SourceError(
+            f"{str(listing)!r} lacks the column(s) {missing}: its header is {header}; expected "
+            f"{','.join(required)} (then optionally {GROUP}, {STUDY} and any metadata columns), "
+            "e.g. the first line 'path,label,patient_id'. Nothing was written."
+        )
+    return header, rows
+
+
+def find(root: Path, opts: BuildOptions, listing: Path) -> Found:
+    mapping = labels.label_map(opts.fractured_labels, opts.normal_labels)
+    header, rows = read_rows(listing)
+    extra_columns = [c for c in header if c not in (*REQUIRED, GROUP, STUDY) and c]
+    resolved_root = root.resolve()
+    candidates, rejected, first_row = [], [], {}
+    undeclared: dict[str, int] = {}
+
+    def reject(line: int, file: str, label: int, reason: str) -> None:
+        rejected.append({"file": file, "label": label, "reason": reason, "row": line})
+
+    for line, row in rows:
+        text, value = row.get("path", ""), row.get("label", "")
+        label = labels.label_of(value, mapping) if value else None
+        shown = -1 if label is None else label
+        if not text:
+            reject(line, f"(row {line})", shown, f"row {line}: empty path")
+            continue
+        if label is None:
+            undeclared[value] = undeclared.get(value, 0) + 1
+            reject(
+                line,
+                text,
+                -1,
+                f"label not declared: row {line} has label {value!r}; {labels.HINT}",
+            )
+            continue
+        path = root / text
+        try:
+            rel = path.resolve().relative_to(resolved_root).as_posix()
+        except ValueError:
+            reject(line, text, label, f"outside the image root: row {line} path {text!r}")
+            continue
+        if rel in first_row:
+            reject(line, text, label, f"listed twice: row {line} repeats row {first_row[rel]}")
+            continue
+        first_row[rel] = line
+        if not (path.is_file() or path.is_symlink()):
+            reject(line, text, label, f"missing file: row {line}: no file {text!r} in {root}")
+            continue
+        candidates.append(
+            Candidate(
+                path,
+                rel,
+                rel,
+                label,
+                patient=row.get(GROUP) or None,
+                study=row.get(STUDY) or None,
+                extra={c: row.get(c, "") for c in extra_columns},
+                row=line,
+            )
+        )
+    notes = {
+        "listing": listing.name,
+        "rows": len(rows),
+        "metadata_columns": extra_columns,
+        "undeclared_labels": undeclared,
+    }
+    return Found(root, candidates, notes, rejected)
+
+
+SPEC = register_dataset(
+    DatasetSpec(
+        name="csv",
+        find=find,
+        tfds_name="kerasfrac_csv",
+        description=(
+            "A user's X-rays listed in a CSV (path,label[,patient_id][,study_id][,metadata]): "
+            "patients share a split; other columns are kept in metadata.csv. No boxes."
+        ),
+        license="the user's own",
+        listing="csv",
+        takes_options=True,
+    )
+)

@@ -1,0 +1,90 @@
+"""A user's own X-rays in class folders: ``DIR/<label>/*.{jpg,jpeg,png,dcm}`` (the layout
+Keras' ``image_dataset_from_directory`` reads).
+
+Each folder directly under the source is a class; its name is the label (``labels``: the
+common spellings such as fractured/positive/abnormal/1 and normal/negative/not fractured/0,
+plus ``--fractured-labels`` / ``--normal-labels``). Files are read recursively below each
+class folder; DICOM files are mapped to 8 bits (``tfrecords_builder.pixels``). A folder
+whose name is no declared label is an error naming the folders found. Files beside the
+class folders are listed in the manifest's notes and not read. No boxes, no metadata.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tfrecords_builder.archive import SourceError, listing
+from tfrecords_builder.candidates import Candidate, Found, files_under
+from tfrecords_builder.datasets import labels
+from tfrecords_builder.datasets.registry import DatasetSpec, register_dataset
+from tfrecords_builder.options import BuildOptions
+
+LAYOUT = "class folders DIR/<label>/ of JPEG, PNG or DICOM files, e.g. fractured/ and normal/"
+
+
+def find_root(top: Path) -> Path:
+    """``top``, or its one folder when that is all it holds (a .zip of the folder)."""
+    entries = [p for p in top.iterdir() if not p.name.startswith(".")]
+    if len(entries) == 1 and entries[0].is_dir():
+        inner = [p for p in entries[0].iterdir() if p.is_dir()]
+        if inner and labels_of_folders(inner, labels.label_map())[1] == []:
+            return entries[0]
+    return top
+
+
+def labels_of_folders(folders: list[Path], mapping: dict[str, int]):
+    """``({folder: label}, [folders no label names])``."""
+    known, unknown = {}, []
+    for folder in folders:
+        label = labels.label_of(folder.name, mapping)
+        if label is None:
+            unknown.append(folder)
+        else:
+            known[folder] = label
+    return known, unknown
+
+
+def find(top: Path, opts: BuildOptions) -> Found:
+    mapping = labels.label_map(opts.fractured_labels, opts.normal_labels)
+    root = find_root(top)
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    known, unknown = labels_of_folders(folders, mapping)
+    if unknown:
+        raise SourceError(
+            f"{str(root)!r}: class folder(s) {[p.name for p in unknown]} name no known label "
+            f"(folders found: {[p.name for p in folders]}); expected {LAYOUT}. Rename them or "
+            f"{labels.HINT}. Nothing was written."
+        )
+    if set(known.values()) != {0, 1}:
+        raise SourceError(
+            f"{str(root)!r} holds class folders {[p.name for p in folders]}: expected at least "
+            f"one fractured and one normal folder ({LAYOUT}); found: {listing(root)}. Nothing "
+            "was written."
+        )
+    candidates = []
+    for folder, label in sorted(known.items(), key=lambda kv: (-kv[1], kv[0].name)):
+        for path in files_under(folder):
+            rel = path.relative_to(root).as_posix()
+            candidates.append(Candidate(path, rel, rel, label))
+    loose = sorted(p.name for p in root.iterdir() if not p.is_dir() and not p.name.startswith("."))
+    notes = {
+        "class_folders": {p.name: label for p, label in sorted(known.items())},
+        "files_outside_class_folders": loose,
+    }
+    return Found(root, candidates, notes)
+
+
+SPEC = register_dataset(
+    DatasetSpec(
+        name="folder",
+        find=find,
+        tfds_name="kerasfrac_folder",
+        description=(
+            "A user's X-rays in class folders (DIR/<label>/*.jpg|png|dcm), labels mapped to "
+            "fractured/normal by the folder names. No boxes, no metadata columns."
+        ),
+        license="the user's own",
+        manual_download="Put the class folders (or a .zip of them) in `manual_dir`.",
+        takes_options=True,
+    )
+)
