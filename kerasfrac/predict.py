@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from kerasfrac.options import PredictOptions
-from tfrecords_builder.pixels import dicom_to_uint8  # the builder's mapping, shared
+from tfrecords_builder.pixels import dicom_to_uint8, png_bit_depth  # the builder's mapping
+from tfrecords_builder.validation import png16_to_png8
 
 # Local imports of TensorFlow-based modules: path and option errors come before TensorFlow.
 
@@ -64,6 +65,16 @@ def sniff(data: bytes, path: str | Path = "") -> str | None:
     if data[128:132] == b"DICM" or Path(path).suffix.lower() in (".dcm", ".dicom"):
         return "dicom"
     return None
+
+
+def as_8bit(data: bytes, kind: str) -> bytes:
+    """The bytes the builder stores for a file: DICOM and 16-bit PNG as 8-bit PNG (the one
+    mapping, ``tfrecords_builder.pixels``), anything else as it is."""
+    if kind == "dicom":
+        return dicom_to_png(data)
+    if kind == "png" and png_bit_depth(data) == 16:
+        return png16_to_png8(data)
+    return data
 
 
 def dicom_to_png(data: bytes) -> bytes:
@@ -202,7 +213,7 @@ def predict_export(folder: Path, paths, threshold, batch_size, max_pixels, opera
     results = []
     for path, data, kind in _readable(paths, max_pixels, skipped):
         try:
-            encoded = dicom_to_png(data) if kind == "dicom" else data
+            encoded = as_8bit(data, kind)
             out = serve(image_bytes=tf.constant([encoded]))
         except Exception as err:  # noqa: BLE001 - any undecodable file is reported, not fatal
             skipped.append((str(path), f"cannot decode {kind}: {_first_line(err)}"))
@@ -278,7 +289,7 @@ def _predict_files(model_path, paths, threshold, batch_size, max_pixels, operati
     prepared, kept, skipped, warnings = [], [], [], []
     for path, data, kind in _readable(paths, max_pixels, skipped):
         try:
-            encoded = dicom_to_png(data) if kind == "dicom" else data
+            encoded = as_8bit(data, kind)
             if kind == "jpeg":
                 encoded = _recover_truncated(data, path, warnings)
             image = preprocess(

@@ -199,6 +199,13 @@ def test_csv_without_its_columns_is_refused_and_nothing_written(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_image_root_for_a_layout_without_a_listing_is_refused(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"--image-root is for layouts whose --source is a listing"
+    ):
+        build("folder", tmp_path, tmp_path / "out", BuildOptions(image_root="x", **OPTS))
+
+
 # --- MURA ---------------------------------------------------------------------------------
 
 
@@ -331,6 +338,13 @@ def test_grazpedwri_16bit_images_labels_boxes_and_patients(tmp_path):
         else:
             assert got[file]["boxes"].shape == (0, 4)
     assert m["converted_to_8_bits"] == {"png16": 16}
+    # kerasfrac predict maps a 16-bit PNG to the very bytes the build stored
+    from kerasfrac import predict
+
+    for file, r in list(got.items())[:3]:
+        data = (tmp_path / "src" / file).read_bytes()
+        stored = Image.open(io.BytesIO(predict.as_8bit(data, predict.sniff(data))))
+        np.testing.assert_array_equal(np.asarray(stored), r["image"][..., 0])
     assert all(len(s) == 1 for s in splits_of_patients(tmp_path / "out").values())
     assert m["patients"]["count"] == 8 and m["studies"] == 16
     columns = m["metadata_columns"]
@@ -423,8 +437,8 @@ def test_fracatlas_mini_as_folders_and_as_csv_builds_the_same_images(tmp_path):
     by_folder = records_or_quarantine(
         build("folder", tmp_path / "folders", tmp_path / "a", opts), tmp_path / "a"
     )
-    opts = BuildOptions(recover_truncated=True, image_root=str(tmp_path / "folders"), **OPTS)
-    by_csv = records_or_quarantine(build("csv", listing, tmp_path / "b", opts), tmp_path / "b")
+    listed = BuildOptions(recover_truncated=True, image_root=str(tmp_path / "folders"), **OPTS)
+    by_csv = records_or_quarantine(build("csv", listing, tmp_path / "b", listed), tmp_path / "b")
     assert by_folder == by_csv
     by_atlas = records_or_quarantine(
         build("fracatlas", atlas, tmp_path / "c", opts), tmp_path / "c"

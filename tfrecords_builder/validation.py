@@ -273,14 +273,25 @@ def _stored_png(out: Checked, array: np.ndarray, converted: str) -> Checked:
     return out
 
 
+def png16_to_uint8(data: bytes) -> np.ndarray:
+    """A 16-bit PNG file -> uint8 [H, W, C] by its own min..max (``pixels.png16_to_uint8``)."""
+    pixels = tf.io.decode_png(data, channels=0, dtype=tf.uint16)
+    return pixels_8bit.png16_to_uint8(pixels.numpy())
+
+
+def png16_to_png8(data: bytes) -> bytes:
+    """A 16-bit PNG file -> the 8-bit PNG the builder stores (``kerasfrac predict`` too)."""
+    return tf.io.encode_png(png16_to_uint8(data)).numpy()
+
+
 def _check_png16(out: Checked, data: bytes) -> Checked:
-    """A 16-bit PNG, mapped to 8 bits by its own min..max (``pixels.png16_to_uint8``)."""
+    """A 16-bit PNG, mapped to 8 bits by its own min..max."""
     try:
-        pixels = tf.io.decode_png(data, channels=0, dtype=tf.uint16)
+        array = png16_to_uint8(data)
     except tf.errors.InvalidArgumentError as err:
         out.reason = f"undecodable png: tf.io.decode_png failed ({tf_message(err)})"
         return out
-    return _stored_png(out, pixels_8bit.png16_to_uint8(pixels.numpy()), "png16")
+    return _stored_png(out, array, "png16")
 
 
 #: What pydicom raises on a file it cannot read (a bad header, a compressed transfer syntax

@@ -65,7 +65,7 @@ def find(root: Path, opts: BuildOptions, listing: Path) -> Found:
         rejected.append({"file": file, "label": label, "reason": reason, "row": line})
 
     for line, row in rows:
-        text, value = row.get("path", ""), row.get("label", "")
+        text, value = row.get("path", "").replace("\\", "/"), row.get("label", "")
         label = labels.label_of(value, mapping) if value else None
         shown = -1 if label is None else label
         if not text:
