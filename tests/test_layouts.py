@@ -159,7 +159,8 @@ def test_csv_build_keeps_patients_together_and_quarantines_bad_rows_by_number(tm
     assert len(patients) == 6 and all(len(s) == 1 for s in patients.values())
     assert len({next(iter(s)) for s in patients.values()}) == 3  # every split has a patient
     assert m["patients"] == {"count": 6, "across_splits": []}
-    assert m["studies"] == 12
+    assert m["studies"]["count"] == 12 and m["studies"]["across_splits"] == []
+    assert m["studies"]["mixed_labels"] == 4  # S0-0, S2-0, S3-0, S5-0 hold both labels
     by_row = {q["row"]: q["reason"] for q in m["quarantined"]}
     assert by_row[20].startswith("missing file: row 20")
     assert by_row[21].startswith("outside the image root: row 21")
@@ -242,7 +243,11 @@ def test_mura_official_valid_is_the_test_split_and_patients_never_straddle(tmp_p
     assert all(len(s) == 1 for s in splits_of_patients(tmp_path / "out").values())
     assert m["given_splits"]["groups_given"] == {"test": 4}
     assert m["given_splits"]["images_moved"] == []
-    assert m["studies"] == 28 and m["patients"]["count"] == 14
+    assert m["patients"]["count"] == 14
+    studies = m["studies"]
+    assert studies["count"] == 28 and studies["fractured"] == 14 and studies["mixed_labels"] == 0
+    assert studies["by_split"]["test"] == 8  # the official valid studies
+    assert studies["by_split"]["train"] + studies["by_split"]["val"] == 20
     assert "study_label" in m["label_columns"]
     meta = {r["file"]: r for r in table(tmp_path / "out" / "metadata.csv")}
     assert {meta[f]["region"] for f in expected} == {"wrist", "elbow"}
@@ -250,6 +255,27 @@ def test_mura_official_valid_is_the_test_split_and_patients_never_straddle(tmp_p
     index = {r["file"]: r for r in table(tmp_path / "out" / "index.csv")}
     first = "train/XR_ELBOW/patient00001/study1_negative/image1.png"
     assert index[first]["study"] == "train/XR_ELBOW/patient00001/study1_negative"
+
+
+def test_train_evaluate_audit_and_predict_run_on_a_mura_build(tmp_path):
+    """The downstream commands on a MURA-layout build (one short epoch: plumbing, not skill)."""
+    from kerasfrac import predict
+    from kerasfrac.evaluation import audit
+    from kerasfrac.training import train
+    from tests.conftest import fast_config
+
+    expected = make_mura(tmp_path / "src", np.random.default_rng(12))
+    build("mura", tmp_path / "src", tmp_path / "out", BuildOptions(**OPTS))
+    cfg = fast_config(tmp_path / "out", tmp_path / "run", epochs=1, steps_per_epoch=3)
+    cfg.dataset = "mura"
+    metrics = train.train(cfg, verbose=0)
+    assert metrics["split"] == "test" and metrics["n"] == 16  # the official valid images
+    assert metrics["counts"] == {"fractured": 8, "normal": 8}
+    files = [tmp_path / "src" / "MURA-v1.1" / f for f in sorted(expected)[:3]]
+    results, skipped, _, _ = predict.predict_files(tmp_path / "run" / "model.keras", files)
+    assert len(results) == 3 and not skipped
+    card = audit.audit(tmp_path / "out", tmp_path / "audit", n_bootstrap=50)
+    assert card["source"] == "mura" and card["counts"]["test"] == {"fractured": 8, "normal": 8}
 
 
 def test_mura_resplit_pools_train_and_valid_by_patient(tmp_path):
@@ -346,7 +372,7 @@ def test_grazpedwri_16bit_images_labels_boxes_and_patients(tmp_path):
         stored = Image.open(io.BytesIO(predict.as_8bit(data, predict.sniff(data))))
         np.testing.assert_array_equal(np.asarray(stored), r["image"][..., 0])
     assert all(len(s) == 1 for s in splits_of_patients(tmp_path / "out").values())
-    assert m["patients"]["count"] == 8 and m["studies"] == 16
+    assert m["patients"]["count"] == 8 and m["studies"]["count"] == 16
     columns = m["metadata_columns"]
     assert "projection" in columns and "age" in columns
     assert not {"fracture_visible", "ao_classification"} & set(columns)

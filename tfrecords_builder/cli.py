@@ -114,9 +114,12 @@ def summary(m: dict, out) -> str:
         )
     if m.get("patients"):
         p = m["patients"]
+        lines.append(f"  patients {p['count']} ({len(p['across_splits'])} across splits)")
+    if m.get("studies"):
+        st = m["studies"]
         lines.append(
-            f"  patients {p['count']} ({len(p['across_splits'])} across splits), studies "
-            f"{m.get('studies', 0)}"
+            f"  studies {st['count']} ({st['by_split']}; {st['fractured']} with a fractured "
+            f"image, {st['mixed_labels']} of mixed labels)"
         )
     if m.get("given_splits"):
         g = m["given_splits"]

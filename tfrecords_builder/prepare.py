@@ -209,7 +209,7 @@ def _build_into(
         "near_duplicates_across_splits": near_across,
         "user_groups": _user_summary(g),
         "patients": _patients(keep, cands, split_of),
-        "studies": len({cands[i].study for i in keep if cands[i].study is not None}),
+        "studies": _studies(keep, cands, split_of),
         "given_splits": given,
         "metadata_columns": sorted({k for i in keep for k in cands[i].extra}),
         "label_columns": list(datasets.dataset(dataset).label_columns),
@@ -270,6 +270,28 @@ def _patients(keep, cands, split_of) -> dict | None:
         return None
     across = sorted(p for p, s in splits_of.items() if len(s) > 1)
     return {"count": len(splits_of), "across_splits": across}
+
+
+def _studies(keep, cands, split_of) -> dict | None:
+    """The manifest's ``studies`` (index.csv names each image's): how many, per split, how
+    many hold images of both labels, and any that straddle splits (a study of two patients
+    or groups in a CSV)."""
+    labels: dict[str, set[int]] = {}
+    splits_of: dict[str, set[str]] = {}
+    for i in keep:
+        if cands[i].study is not None:
+            labels.setdefault(cands[i].study, set()).add(cands[i].label)
+            splits_of.setdefault(cands[i].study, set()).add(split_of[i])
+    if not labels:
+        return None
+    by_split = Counter(s for splits_ in splits_of.values() for s in splits_)
+    return {
+        "count": len(labels),
+        "by_split": {s: by_split.get(s, 0) for s in SPLITS},
+        "fractured": sum(1 for v in labels.values() if 1 in v),
+        "mixed_labels": sum(1 for v in labels.values() if len(v) > 1),
+        "across_splits": sorted(k for k, v in splits_of.items() if len(v) > 1),
+    }
 
 
 def _write_metadata(stage: Path, keep, cands) -> None:
