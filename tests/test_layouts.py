@@ -96,6 +96,18 @@ def test_folder_build_gives_the_source_images_and_labels(tmp_path):
     assert m["accounting"]["total"]["balanced"] and m["written"]["total"] == 15
 
 
+def test_folder_split_folders_of_a_download_are_pooled(tmp_path):
+    rng = np.random.default_rng(13)
+    for split in ("train", "test"):
+        for name in ("NORMAL", "FRACTURED"):
+            for i in range(3):
+                png(tmp_path / "src" / split / name / f"{i}.png", sources.random_image(rng))
+    m = build("folder", tmp_path / "src", tmp_path / "out", BuildOptions(**OPTS))
+    assert m["notes"]["pooled_split_folders"] == ["test", "train"]
+    assert m["written"] == {"fractured": 6, "normal": 6, "total": 12}
+    assert {r["label"] for f, r in records(tmp_path / "out").items() if "FRACTURED" in f} == {1}
+
+
 def test_folder_with_unknown_class_names_is_refused_naming_them(tmp_path):
     rng = np.random.default_rng(2)
     for name in ("fractured", "maybe"):
@@ -126,20 +138,30 @@ def make_csv_source(root: Path, rng) -> tuple[Path, dict]:
             image = sources.random_image(rng)
             png(images / rel, image)
             expected[rel] = (label, image, f"P{p}")
-            rows.append([rel, "fracture" if label else "negative", f"P{p}", f"S{p}-{k // 2}", "a"])
+            diagnosis = "yes" if label else "no"  # restates the label: never metadata
+            rows.append(
+                [
+                    rel,
+                    "fracture" if label else "negative",
+                    f"P{p}",
+                    f"S{p}-{k // 2}",
+                    "a",
+                    diagnosis,
+                ]
+            )
     (images / "broken.png").write_bytes(b"not a png at all")
     png(root / "outside.png", sources.random_image(rng))
     bad = [
-        ["gone.png", "1", "P9", "", "b"],  # line 20: missing file
-        ["../outside.png", "0", "P9", "", "b"],  # line 21: outside the image root
-        ["p0/img1.png", "0", "P0", "", "b"],  # line 22: listed twice
-        ["p1/img1.png", "maybe", "P1", "", "b"],  # line 23: label not declared... and twice
-        ["broken.png", "1", "P8", "", "b"],  # line 24: unreadable
+        ["gone.png", "1", "P9", "", "b", ""],  # line 20: missing file
+        ["../outside.png", "0", "P9", "", "b", ""],  # line 21: outside the image root
+        ["p0/img1.png", "0", "P0", "", "b", ""],  # line 22: listed twice
+        ["p1/img1.png", "maybe", "P1", "", "b", ""],  # line 23: label not declared (and twice)
+        ["broken.png", "1", "P8", "", "b", ""],  # line 24: unreadable
     ]
     listing = root / "labels.csv"
     with listing.open("w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["path", "label", "patient_id", "study_id", "site"])
+        out.writerow(["path", "label", "patient_id", "study_id", "site", "diagnosis"])
         out.writerows(rows + bad)
     return listing, expected
 
@@ -176,6 +198,8 @@ def test_csv_build_keeps_patients_together_and_quarantines_bad_rows_by_number(tm
     }
     meta = table(tmp_path / "out" / "metadata.csv")
     assert {r["site"] for r in meta} == {"a"} and len(meta) == 18
+    assert "diagnosis" not in meta[0] and m["label_columns"] == ["diagnosis"]
+    assert m["metadata_columns"] == ["site"]
     studies = {r["file"]: r["study"] for r in table(tmp_path / "out" / "index.csv")}
     assert studies["p2/img1.png"] == "S2-0"
 

@@ -212,7 +212,10 @@ def _build_into(
         "studies": _studies(keep, cands, split_of),
         "given_splits": given,
         "metadata_columns": sorted({k for i in keep for k in cands[i].extra}),
-        "label_columns": list(datasets.dataset(dataset).label_columns),
+        "label_columns": [
+            *datasets.dataset(dataset).label_columns,
+            *found.notes.get("label_columns", []),
+        ],
         "label_disagreements": found.notes.get("label_disagreements", []),
         "notes": {k: v for k, v in found.notes.items() if k != "label_disagreements"},
         "splits": split_counts,
@@ -372,12 +375,10 @@ def _exact_duplicates(good, cands, checks, opts: BuildOptions, quarantined: list
         if len(labels) > 1:
             for i in members:
                 quarantined.append(
-                    {
-                        "file": cands[i].rel,
-                        "label": cands[i].label,
-                        "reason": "conflict: byte-identical copies carry different labels "
-                        f"({files})",
-                    }
+                    _entry(
+                        cands[i],
+                        f"conflict: byte-identical copies carry different labels ({files})",
+                    )
                 )
             duplicate_groups.append(
                 {"sha256": sha, "files": files, "label": None, "conflict": True}
@@ -445,12 +446,11 @@ def _group(keep, cands, checks, opts: BuildOptions, quarantined: list) -> _Group
                     if conflict_shas[checks[i].sha256] in (p["k"], p["m"])
                 ]
                 quarantined.append(
-                    {
-                        "file": cands[i].rel,
-                        "label": cands[i].label,
-                        "reason": "conflict: near-duplicate (the same image re-encoded, pixel "
+                    _entry(
+                        cands[i],
+                        "conflict: near-duplicate (the same image re-encoded, pixel "
                         f"check) of {other} with a different label",
-                    }
+                    )
                 )
         keep = [i for i in keep if checks[i].sha256 not in conflict_shas]
     linked = [

@@ -4,7 +4,9 @@ folder).
 
 ``label`` is mapped as class folders are (``labels``); ``patient_id`` makes a group (a
 patient's images share a split, merged with the duplicate groups); ``study_id`` is recorded
-in index.csv; every other column is descriptive metadata (metadata.csv). A row whose file is
+in index.csv; every other column is descriptive metadata (metadata.csv), except one whose
+values read as labels and agree with ``label`` (it restates the label: dropped, and named in
+the manifest's ``label_columns``). A row whose file is
 missing, outside the image root, listed twice, or whose label is not declared is quarantined
 with its row (line) number and the reason, like an unreadable file; a CSV without the
 ``path`` and ``label`` columns is an error, and nothing is written.
@@ -51,6 +53,23 @@ def read_rows(listing: Path, required=REQUIRED) -> tuple[list[str], list[tuple[i
             "e.g. the first line 'path,label,patient_id'. Nothing was written."
         )
     return header, rows
+
+
+#: A metadata column whose values read as labels (``labels``) and agree with the label on at
+#: least this share of the rows that fill it restates the label: it is dropped from the
+#: metadata and named in the manifest's ``label_columns``.
+RESTATES = 0.9
+
+
+def restates_label(column: str, candidates: list[Candidate], mapping: dict[str, int]) -> bool:
+    pairs = [
+        (labels.label_of(c.extra[column], mapping), c.label)
+        for c in candidates
+        if c.extra.get(column)
+    ]
+    if not pairs or len({label for _, label in pairs}) < 2:
+        return False
+    return sum(value == label for value, label in pairs) >= RESTATES * len(pairs)
 
 
 def find(root: Path, opts: BuildOptions, listing: Path) -> Found:
@@ -105,10 +124,15 @@ def find(root: Path, opts: BuildOptions, listing: Path) -> Found:
                 row=line,
             )
         )
+    restating = [c for c in extra_columns if restates_label(c, candidates, mapping)]
+    for cand in candidates:
+        for column in restating:
+            cand.extra.pop(column, None)
     notes = {
         "listing": listing.name,
         "rows": len(rows),
-        "metadata_columns": extra_columns,
+        "metadata_columns": [c for c in extra_columns if c not in restating],
+        "label_columns": restating,
         "undeclared_labels": undeclared,
     }
     return Found(root, candidates, notes, rejected)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tfrecords_builder.archive import SourceError, listing
-from tfrecords_builder.candidates import Candidate, Found, files_under
+from tfrecords_builder.candidates import Candidate, Found, files_under, norm_name
 from tfrecords_builder.datasets import labels
 from tfrecords_builder.datasets.registry import DatasetSpec, register_dataset
 from tfrecords_builder.options import BuildOptions
@@ -44,34 +44,54 @@ def labels_of_folders(folders: list[Path], mapping: dict[str, int]):
     return known, unknown
 
 
+#: Folder names of a split a download may ship (train/, val/, test/): their class folders are
+#: pooled, since the build makes its own group-aware split.
+SPLIT_FOLDERS = {"train", "training", "val", "valid", "validation", "test", "testing"}
+
+
+def _dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def find(top: Path, opts: BuildOptions) -> Found:
     mapping = labels.label_map(opts.fractured_labels, opts.normal_labels)
     root = find_root(top)
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = _dirs(root)
     known, unknown = labels_of_folders(folders, mapping)
+    pooled = []
+    if unknown and all(norm_name(p.name) in SPLIT_FOLDERS for p in folders):
+        pooled = [p.name for p in folders]
+        folders = [q for p in folders for q in _dirs(p)]
+        known, unknown = labels_of_folders(folders, mapping)
     if unknown:
         raise SourceError(
-            f"{str(root)!r}: class folder(s) {[p.name for p in unknown]} name no known label "
-            f"(folders found: {[p.name for p in folders]}); expected {LAYOUT}. Rename them or "
-            f"{labels.HINT}. Nothing was written."
+            f"{str(root)!r}: class folder(s) {[_rel(p, root) for p in unknown]} name no known "
+            f"label (folders found: {[_rel(p, root) for p in folders]}); expected {LAYOUT}. "
+            f"Rename them or {labels.HINT}. Nothing was written."
         )
     if set(known.values()) != {0, 1}:
         raise SourceError(
-            f"{str(root)!r} holds class folders {[p.name for p in folders]}: expected at least "
+            f"{str(root)!r} holds class folders {[_rel(p, root) for p in folders]}: expected at "
+            "least "
             f"one fractured and one normal folder ({LAYOUT}); found: {listing(root)}. Nothing "
             "was written."
         )
     candidates = []
-    for folder, label in sorted(known.items(), key=lambda kv: (-kv[1], kv[0].name)):
+    for folder, label in sorted(known.items(), key=lambda kv: (-kv[1], _rel(kv[0], root))):
         for path in files_under(folder):
             rel = path.relative_to(root).as_posix()
             candidates.append(Candidate(path, rel, rel, label))
     loose = sorted(p.name for p in root.iterdir() if not p.is_dir() and not p.name.startswith("."))
     notes = {
-        "class_folders": {p.name: label for p, label in sorted(known.items())},
+        "class_folders": {_rel(p, root): label for p, label in sorted(known.items())},
+        "pooled_split_folders": pooled,
         "files_outside_class_folders": loose,
     }
     return Found(root, candidates, notes)
+
+
+def _rel(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
 
 
 SPEC = register_dataset(
