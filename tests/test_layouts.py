@@ -421,6 +421,28 @@ def test_grazpedwri_csv_not_matching_its_images_is_refused(tmp_path):
 # --- DICOM in the builder -----------------------------------------------------------------
 
 
+def voi_lut():
+    """A VOI LUT Sequence of one table: 4096 entries from 0, 16 bits, a square-root curve."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    lut = Dataset()
+    lut.LUTDescriptor = [4096, 0, 16]
+    lut.LUTData = (np.sqrt(np.arange(4096) / 4095) * 65535).astype(np.uint16).tobytes()
+    return Sequence([lut])
+
+
+def test_dicom_voi_lut_and_monochrome1_by_hand(tmp_path):
+    from tests.test_predict import write_dicom
+
+    stored = np.array([[0, 1000], [2000, 4095]])
+    path = write_dicom(tmp_path / "a.dcm", stored, "MONOCHROME2", VOILUTSequence=voi_lut())
+    # LUT: floor(sqrt(x / 4095) * 65535) -> 0, 32385, 45799, 65535; / 65535 * 255, rounded
+    assert pixels.dicom_to_uint8(path.read_bytes()).tolist() == [[0, 126], [178, 255]]
+    path = write_dicom(tmp_path / "b.dcm", stored, "MONOCHROME1", VOILUTSequence=voi_lut())
+    assert pixels.dicom_to_uint8(path.read_bytes()).tolist() == [[255, 129], [77, 0]]
+
+
 def test_dicom_files_build_to_predicts_pixels(tmp_path):
     from kerasfrac import predict
     from tests.test_predict import write_dicom
@@ -437,14 +459,20 @@ def test_dicom_files_build_to_predicts_pixels(tmp_path):
                 photometric=photometric,
                 **tags,
             )
+        write_dicom(
+            src / folder / "lut.dcm",
+            rng.integers(0, 4096, size=(40, 48)),
+            photometric="MONOCHROME1",
+            VOILUTSequence=voi_lut(),
+        )
         png(src / folder / "plain.png", sources.random_image(rng))
     m = build("folder", src, tmp_path / "out", BuildOptions(**OPTS))
     got = records(tmp_path / "out")
-    assert m["converted_to_8_bits"] == {"dicom": 4}
+    assert m["converted_to_8_bits"] == {"dicom": 6}
     assert {f: r["label"] for f, r in got.items()} == {
         f"{folder}/{name}": int(folder == "fractured")
         for folder in ("fractured", "normal")
-        for name in ("0.dcm", "1.dcm", "plain.png")
+        for name in ("0.dcm", "1.dcm", "lut.dcm", "plain.png")
     }
     for file, r in got.items():
         if file.endswith(".dcm"):

@@ -1,5 +1,6 @@
 """Images that are not 8-bit JPEG/PNG, mapped to 8 bits the one way the builder and
-``kerasfrac predict`` share: DICOM (modality LUT, its window, MONOCHROME1 inverted) and
+``kerasfrac predict`` share: DICOM (modality LUT, its VOI LUT table or window, MONOCHROME1
+inverted) and
 16-bit PNGs (GRAZPEDWRI-DX), whose full stored range is the window. TensorFlow-free."""
 
 from __future__ import annotations
@@ -59,9 +60,15 @@ def dicom_to_uint8(data: bytes) -> np.ndarray:
     if int(getattr(ds, "SamplesPerPixel", 1)) == 3:  # color: scale the stored range to 8 bit
         bits = int(getattr(ds, "BitsStored", 8))
         return np.round(pixels.astype(np.float64) / (2**bits - 1) * 255).astype(np.uint8)
-    x = apply_modality_lut(pixels, ds).astype(np.float64)
+    x = apply_modality_lut(pixels, ds)
     center, width = getattr(ds, "WindowCenter", None), getattr(ds, "WindowWidth", None)
-    if center is not None and width is not None:
+    luts = getattr(ds, "VOILUTSequence", None)
+    if luts:  # a VOI LUT table, preferred to a window (pydicom's default too)
+        from pydicom.pixels import apply_voi_lut
+
+        bits = int(luts[0].LUTDescriptor[2])  # bits per LUT entry: its output range
+        y = np.clip(apply_voi_lut(x, ds, prefer_lut=True) / (2**bits - 1), 0.0, 1.0)
+    elif center is not None and width is not None:
         c = float(center[0] if isinstance(center, pydicom.multival.MultiValue) else center)
         w = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
         y = window(x, c, w)
