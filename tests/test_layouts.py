@@ -302,6 +302,19 @@ def test_train_evaluate_audit_and_predict_run_on_a_mura_build(tmp_path):
     assert card["source"] == "mura" and card["counts"]["test"] == {"fractured": 8, "normal": 8}
 
 
+def test_box_head_on_a_layout_without_boxes_is_refused_naming_the_key():
+    from kerasfrac import config
+
+    with pytest.raises(config.ConfigError, match=r"'model.box_head'.*'mura' records do not carry"):
+        config.load_config(
+            overrides=["dataset=mura", "model.name=resnet_small", "model.box_head=true"]
+        )
+    cfg = config.load_config(
+        overrides=["dataset=grazpedwri", "model.name=resnet_small", "model.box_head=true"]
+    )
+    assert cfg.model.box_head
+
+
 def test_mura_resplit_pools_train_and_valid_by_patient(tmp_path):
     expected = make_mura(tmp_path / "src", np.random.default_rng(6))
     m = build(

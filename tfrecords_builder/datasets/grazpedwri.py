@@ -183,5 +183,6 @@ SPEC = register_dataset(
             "`manual_dir`."
         ),
         label_columns=LABEL_COLUMNS,
+        has_boxes=True,
     )
 )

@@ -41,6 +41,8 @@ class DatasetSpec:
     with_meta: bool = False
     #: ``model.meta_head`` may learn those columns (they describe real acquisitions)
     learnable_meta: bool = False
+    #: records can carry fracture boxes (``model.box_head`` is refused on datasets without)
+    has_boxes: bool = False
     #: find also reads the build options (label names, official split, ...)
     takes_options: bool = False
     #: the source is a file listing the images (e.g. "csv"), which lie under
