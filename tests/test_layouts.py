@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import os
 import shutil
 import zipfile
@@ -214,6 +215,28 @@ def test_csv_images_from_a_zip_image_root(tmp_path):
     m = build("csv", rewritten, tmp_path / "out", BuildOptions(image_root=str(archive), **OPTS))
     assert m["written"]["total"] == len(expected)
     assert set(records(tmp_path / "out")) == {f"images/{f}" for f in expected}
+
+
+def test_csv_boxes_from_coco_json_and_from_yolo_files(tmp_path):
+    listing, expected = make_csv_source(tmp_path / "src", np.random.default_rng(14))
+    root = tmp_path / "src" / "images"
+    coco = {
+        "images": [{"id": 1, "file_name": "p0/img0.png", "height": 40, "width": 48}],
+        "annotations": [{"id": 7, "image_id": 1, "bbox": [12, 10, 24, 20]}],  # x, y, w, h
+    }
+    (tmp_path / "boxes.json").write_text(json.dumps(coco))
+    yolo = tmp_path / "yolo" / "p0"
+    yolo.mkdir(parents=True)
+    (yolo / "img0.txt").write_text("0 0.5 0.5 0.5 0.5\n")  # x, y, w, h as fractions
+    for name, boxes in (("coco", tmp_path / "boxes.json"), ("yolo", tmp_path / "yolo")):
+        opts = BuildOptions(image_root=str(root), boxes=str(boxes), **OPTS)
+        m = build("csv", listing, tmp_path / f"out-{name}", opts)
+        got = records(tmp_path / f"out-{name}")
+        np.testing.assert_allclose(got["p0/img0.png"]["boxes"], [[0.25, 0.25, 0.75, 0.75]])
+        assert sum(len(r["boxes"]) for r in got.values()) == 1
+        assert m["notes"]["boxes_format"] == name and m["notes"]["images_with_boxes"] == 1
+    with pytest.raises(ValueError, match=r"--boxes is for layouts whose --source is a listing"):
+        build("mura", tmp_path, tmp_path / "x", BuildOptions(boxes="b.json", **OPTS))
 
 
 def test_csv_without_its_columns_is_refused_and_nothing_written(tmp_path):
@@ -514,6 +537,9 @@ def test_fracatlas_mini_as_folders_and_as_csv_builds_the_same_images(tmp_path):
     atlas = tmp_path / "atlas"
     (atlas / "images").mkdir(parents=True)
     shutil.copy(MINI / "dataset.csv", atlas / "dataset.csv")
+    coco = Path("Annotations") / "COCO JSON" / "COCO_fracture_masks.json"
+    (atlas / coco).parent.mkdir(parents=True)
+    shutil.copy(MINI / coco, atlas / coco)
     for path, label in sample:
         folder = tmp_path / "folders" / ("fracture" if label else "normal")
         folder.mkdir(parents=True, exist_ok=True)
@@ -528,13 +554,21 @@ def test_fracatlas_mini_as_folders_and_as_csv_builds_the_same_images(tmp_path):
     by_folder = records_or_quarantine(
         build("folder", tmp_path / "folders", tmp_path / "a", opts), tmp_path / "a"
     )
-    listed = BuildOptions(recover_truncated=True, image_root=str(tmp_path / "folders"), **OPTS)
+    listed = BuildOptions(
+        recover_truncated=True,
+        image_root=str(tmp_path / "folders"),
+        boxes=str(MINI / coco),
+        **OPTS,
+    )
     by_csv = records_or_quarantine(build("csv", listing, tmp_path / "b", listed), tmp_path / "b")
     assert by_folder == by_csv
     by_atlas = records_or_quarantine(
         build("fracatlas", atlas, tmp_path / "c", opts), tmp_path / "c"
     )
     assert by_folder == by_atlas
+    boxes_csv = {r["sha256"]: r["boxes"].tolist() for r in records(tmp_path / "b").values()}
+    boxes_atlas = {r["sha256"]: r["boxes"].tolist() for r in records(tmp_path / "c").values()}
+    assert boxes_csv == boxes_atlas and any(boxes_atlas.values())
     truth = {hashlib.sha256(p.read_bytes()).hexdigest(): label for p, label in sample}
     assert {sha: label for sha, (label, _) in by_folder.items()} == truth
 

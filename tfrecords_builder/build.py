@@ -23,11 +23,12 @@ def build(dataset: str, source: str | Path, out: str | Path, opts: BuildOptions)
     builder (``tfrecords_builder.tfds_builders``) prepares it, writing through
     ``prepare_into``, in a staging folder renamed into place when complete."""
     spec = datasets.dataset(dataset)  # an unknown name fails here, naming the registered ones
-    if opts.image_root and not spec.listing:
-        raise ValueError(
-            f"--image-root is for layouts whose --source is a listing (csv); {dataset!r} "
-            "finds its images in --source itself. Leave --image-root out."
-        )
+    for flag, value in (("--image-root", opts.image_root), ("--boxes", opts.boxes)):
+        if value and not spec.listing:
+            raise ValueError(
+                f"{flag} is for layouts whose --source is a listing (csv); {dataset!r} "
+                f"finds its images and boxes in --source itself. Leave {flag} out."
+            )
     if opts.shards < 1:
         raise ValueError(f"--shards {opts.shards}: expected a positive number of shards per split")
     out = Path(out).expanduser()

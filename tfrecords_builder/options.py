@@ -45,6 +45,12 @@ class BuildOptions:
         default_text="the CSV's folder",
         metavar="DIR",
     )
+    boxes: str | None = option(
+        None,
+        "csv: fracture boxes, a COCO JSON (file_name = the image's path under --image-root, or "
+        "its name) or a folder of YOLO .txt files named like the images (every box a fracture)",
+        metavar="FILE",
+    )
     fractured_labels: tuple[str, ...] = option(
         (),
         "folder/csv: label values (class folder names) meaning fractured, comma-separated, "

@@ -4,12 +4,13 @@ folder).
 
 ``label`` is mapped as class folders are (``labels``); ``patient_id`` makes a group (a
 patient's images share a split, merged with the duplicate groups); ``study_id`` is recorded
-in index.csv; every other column is descriptive metadata (metadata.csv), except one whose
-values read as labels and agree with ``label`` (it restates the label: dropped, and named in
-the manifest's ``label_columns``). A row whose file is
-missing, outside the image root, listed twice, or whose label is not declared is quarantined
-with its row (line) number and the reason, like an unreadable file; a CSV without the
-``path`` and ``label`` columns is an error, and nothing is written.
+in index.csv; ``--boxes`` reads fracture boxes (COCO JSON or YOLO files, ``boxes``). Every
+other column is descriptive metadata (metadata.csv), except one whose values read as labels
+and agree with ``label`` (it restates the label: dropped, and named in the manifest's
+``label_columns``). A row whose file is missing, outside the image root, listed twice, or
+whose label is not declared is quarantined with its row (line) number and the reason, like an
+unreadable file; a CSV without the ``path`` and ``label`` columns is an error, and nothing is
+written.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from tfrecords_builder.archive import SourceError
 from tfrecords_builder.candidates import Candidate, Found
-from tfrecords_builder.datasets import labels
+from tfrecords_builder.datasets import boxes, labels
 from tfrecords_builder.datasets.registry import DatasetSpec, register_dataset
 from tfrecords_builder.options import BuildOptions
 
@@ -124,6 +125,7 @@ def find(root: Path, opts: BuildOptions, listing: Path) -> Found:
                 row=line,
             )
         )
+    box_notes = boxes.attach(candidates, Path(opts.boxes)) if opts.boxes else {}
     restating = [c for c in extra_columns if restates_label(c, candidates, mapping)]
     for cand in candidates:
         for column in restating:
@@ -134,6 +136,9 @@ def find(root: Path, opts: BuildOptions, listing: Path) -> Found:
         "metadata_columns": [c for c in extra_columns if c not in restating],
         "label_columns": restating,
         "undeclared_labels": undeclared,
+        "images_with_boxes": sum(1 for c in candidates if c.boxes),
+        "boxes": sum(len(c.boxes) for c in candidates),
+        **box_notes,
     }
     return Found(root, candidates, notes, rejected)
 
@@ -150,5 +155,6 @@ SPEC = register_dataset(
         license="the user's own",
         listing="csv",
         takes_options=True,
+        has_boxes=True,
     )
 )

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tfrecords_builder.archive import SourceError, listing
 from tfrecords_builder.candidates import Candidate, Found
+from tfrecords_builder.datasets.boxes import yolo_boxes
 from tfrecords_builder.datasets.csvlist import read_rows
 from tfrecords_builder.datasets.registry import DatasetSpec, register_dataset
 
@@ -52,29 +53,6 @@ def find_root(top: Path) -> Path:
         f"{str(top)!r} is not a GRAZPEDWRI-DX source: expected {LAYOUT} (at the top or inside "
         f"one folder), but found: {listing(top)}."
     )
-
-
-def yolo_boxes(path: Path) -> list[tuple[float, float, float, float]]:
-    """Fracture boxes (class 3) of a YOLO label file as (ymin, xmin, ymax, xmax) in [0, 1]."""
-    boxes = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        parts = line.split()
-        if not parts:
-            continue
-        try:
-            cls, xc, yc, w, h = int(parts[0]), *(float(v) for v in parts[1:5])
-        except (ValueError, TypeError) as err:
-            raise SourceError(
-                f"{str(path)!r} line {number}: expected 'class x_center y_center width "
-                f"height' (YOLO, normalised), got {line!r}"
-            ) from err
-        if cls == FRACTURE_CLASS and w > 0 and h > 0:
-
-            def clip(v: float) -> float:
-                return min(1.0, max(0.0, v))
-
-            boxes.append((clip(yc - h / 2), clip(xc - w / 2), clip(yc + h / 2), clip(xc + w / 2)))
-    return boxes
 
 
 def _label(value: str, line: int, csv_path: Path) -> int:
@@ -123,7 +101,7 @@ def find(top: Path) -> Found:
         seen[stem] = line
         label = _label(row["fracture_visible"], line, csv_path)
         box_file = labels_dir / f"{stem}.txt"
-        boxes = yolo_boxes(box_file) if box_file.is_file() else []
+        boxes = yolo_boxes(box_file, {FRACTURE_CLASS}) if box_file.is_file() else []
         if bool(boxes) != bool(label):
             disagreements.append({"file": stem, "fracture_visible": label, "boxes": len(boxes)})
         path = images[stem]
