@@ -245,6 +245,30 @@ def test_csv_without_its_columns_is_refused_and_nothing_written(tmp_path):
     with pytest.raises(SourceError, match=r"lacks the column\(s\) \['path', 'label'\].*'file'"):
         build("csv", listing, tmp_path / "out", BuildOptions(**OPTS))
     assert not (tmp_path / "out").exists()
+    archive = zip_folder(tmp_path, tmp_path.parent / f"{tmp_path.name}.zip")
+    with pytest.raises(
+        SourceError, match=r"is not a CSV file.*--image-root the folder \(or .zip\)"
+    ):
+        build("csv", archive, tmp_path / "out", BuildOptions(**OPTS))
+    assert not (tmp_path / "out").exists()
+
+
+def test_csv_study_without_patient_ids_stays_in_one_split(tmp_path):
+    rng = np.random.default_rng(15)
+    rows = [["path", "label", "study_id"]]
+    for i in range(24):
+        rows.append(
+            [png(tmp_path / "img" / f"{i}.png", sources.random_image(rng)).name, i % 2, i // 4]
+        )
+    with (tmp_path / "img" / "list.csv").open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    m = build("csv", tmp_path / "img" / "list.csv", tmp_path / "out", BuildOptions(**OPTS))
+    assert m["studies"]["count"] == 6 and m["studies"]["across_splits"] == []
+    assert m["patients"] is None
+    splits = {}
+    for row in table(tmp_path / "out" / "index.csv"):
+        splits.setdefault(row["study"], set()).add(row["split"])
+    assert len(splits) == 6 and all(len(s) == 1 for s in splits.values())
 
 
 def test_image_root_for_a_layout_without_a_listing_is_refused(tmp_path):

@@ -15,6 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -92,11 +93,11 @@ def find(dataset: str, source: Path, scratch: Path, opts: BuildOptions):
     ``scratch``; for a listing layout the listing file, its images under ``--image-root``)."""
     spec = datasets.dataset(dataset)
     if spec.listing:
-        if not source.is_file():
+        if not source.is_file() or zipfile.is_zipfile(source):
             raise SourceError(
-                f"{dataset}: --source {str(source)!r} is not a file; expected the "
-                f"{spec.listing.upper()} file that lists the images, with --image-root the "
-                "folder (or .zip) holding them."
+                f"{dataset}: --source {str(source)!r} is not a {spec.listing.upper()} file; "
+                f"expected the {spec.listing.upper()} file that lists the images as --source, "
+                "with --image-root the folder (or .zip) holding them."
             )
         root = open_source(opts.image_root or source.parent, scratch)
         return spec.find(root, opts, source)
@@ -277,8 +278,8 @@ def _patients(keep, cands, split_of) -> dict | None:
 
 def _studies(keep, cands, split_of) -> dict | None:
     """The manifest's ``studies`` (index.csv names each image's): how many, per split, how
-    many hold images of both labels, and any that straddle splits (a study of two patients
-    or groups in a CSV)."""
+    many hold a fractured image or images of both labels, and any that straddle splits (none,
+    by construction: a study's images are grouped)."""
     labels: dict[str, set[int]] = {}
     splits_of: dict[str, set[str]] = {}
     for i in keep:
@@ -462,13 +463,15 @@ def _group(keep, cands, checks, opts: BuildOptions, quarantined: list) -> _Group
     ]
     near_roots = duplicates.connected_components(len(reps), linked)
     user = _read_groups(opts.groups_file, cands) if opts.groups_file else None
-    # The layout's patients and a user's groups (--groups) join whatever they link.
+    # The layout's patients and studies and a user's groups (--groups) join what they link.
     rep_of_sha = {checks[i].sha256: k for k, i in enumerate(reps)}
     first_of: dict[tuple[str, str], int] = {}
     for i in keep:
         k = rep_of_sha[checks[i].sha256]
-        if cands[i].patient is not None:
-            linked.append((first_of.setdefault(("patient", cands[i].patient), k), k, -1))
+        for kind in ("patient", "study"):  # a study's images stay together even without ids
+            value = getattr(cands[i], kind)
+            if value is not None:
+                linked.append((first_of.setdefault((kind, value), k), k, -1))
         g = user["group_of"].get(i) if user is not None else None
         if g is not None:
             linked.append((first_of.setdefault(("user", g), k), k, -1))
