@@ -377,6 +377,25 @@ def test_mura_resplit_pools_train_and_valid_by_patient(tmp_path):
     assert all(len(s) == 1 for s in splits_of_patients(tmp_path / "out").values())
 
 
+def test_mura_labeled_studies_csv_disagreements_are_listed(tmp_path):
+    make_mura(tmp_path / "src", np.random.default_rng(16))
+    root = tmp_path / "src" / "MURA-v1.1"
+    (root / "valid_labeled_studies.csv").write_text(
+        "MURA-v1.1/valid/XR_WRIST/patient00012/study1/,1\n"  # agrees: study1_positive
+        "MURA-v1.1/valid/XR_WRIST/patient00012/study2/,1\n"  # the folder says negative
+        "MURA-v1.1/valid/XR_WRIST/patient00099/study1/,1\n"  # no such folder
+    )
+    m = build("mura", tmp_path / "src", tmp_path / "out", BuildOptions(**OPTS))
+    assert m["label_disagreements"] == [
+        {
+            "study": "valid/XR_WRIST/patient00012/study2_negative",
+            "csv_label": "1",
+            "folder_label": 0,
+        },
+        {"study": "valid/XR_WRIST/patient00099/study1", "csv_label": "1", "folder_label": None},
+    ]
+
+
 def test_mura_study_folder_without_a_label_is_refused(tmp_path):
     make_mura(tmp_path / "src", np.random.default_rng(7))
     bad = tmp_path / "src" / "MURA-v1.1" / "valid" / "XR_WRIST" / "patient00099" / "study1_unsure"

@@ -6,9 +6,11 @@ Layout (the root may sit one or two folders deep inside the archive)::
     MURA-v1.1/{train,valid}/XR_<REGION>/patientNNNNN/studyN_{positive,negative}/imageN.png
 
 (plus train_image_paths.csv, train_labeled_studies.csv and the valid_ pair, which restate the
-folders and are not needed). Every image takes its study's label; its patient (the folder
-name) is its group, so a patient's images share a split; its study (region/patient/study)
-is recorded in index.csv and the region in metadata.csv. The study label never is metadata.
+folders: the labelled-studies files, where present, are compared with the folders and any
+disagreement listed in the manifest's ``label_disagreements``; the folder wins). Every
+image takes its study's label; its patient (the folder name) is its group, so a patient's
+images share a split; its study (region/patient/study) is recorded in index.csv and the
+region in metadata.csv. The study label never is metadata.
 
 By default the official ``valid`` set is the test split (MURA's test set is not public) and
 val is carved from ``train`` by patient (``--split``'s train and val shares);
@@ -82,17 +84,44 @@ def find(top: Path, opts: BuildOptions) -> Found:
                                 patient=patient_dir.name,
                                 study=study,
                                 split=fixed if opts.official_split else None,
-                                extra={"region": region, "official_part": part},
+                                extra={"region": region},
                             )
                         )
                 loose += [
                     f.relative_to(root).as_posix() for f in patient_dir.iterdir() if f.is_file()
                 ]
+    studies = {c.study: c.label for c in candidates}
     notes = {
         "official_split": opts.official_split,
         "files_outside_study_folders": sorted(loose),
+        "label_disagreements": _listed_labels(root, studies),
     }
     return Found(root, candidates, notes)
+
+
+def _listed_labels(root: Path, studies: dict[str, int]) -> list[dict]:
+    """Studies whose label in ``{part}_labeled_studies.csv`` (lines like
+    ``MURA-v1.1/train/XR_WRIST/patient00001/study1/,1``; read where present) differs from
+    their folder's; the folder wins. A listed study without a folder is reported too."""
+    by_prefix = {}
+    for study, label in studies.items():
+        by_prefix[study.rsplit("_", 1)[0]] = (study, label)  # train/XR_WRIST/patient1/study1
+    out = []
+    for part in PARTS:
+        listed = root / f"{part}_labeled_studies.csv"
+        if not listed.is_file():
+            continue
+        for line in listed.read_text(encoding="utf-8").splitlines():
+            path, _, value = line.strip().rpartition(",")
+            if not path:
+                continue
+            key = path.strip("/").split("/", 1)[-1] if path.startswith("MURA") else path.strip("/")
+            study, label = by_prefix.get(key, (None, None))
+            if study is None:
+                out.append({"study": key, "csv_label": value, "folder_label": None})
+            elif value.strip() != str(label):
+                out.append({"study": study, "csv_label": value, "folder_label": label})
+    return out
 
 
 CITATION = """\
