@@ -632,3 +632,24 @@ def test_png16_mapping_by_hand():
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     assert pixels.png_bit_depth(buf.getvalue()) == 16
+
+
+# --- scale: the near-duplicate search -----------------------------------------------------
+
+
+def test_near_duplicate_search_by_fields_equals_all_pairs():
+    """Multi-index hashing finds exactly the blocked all-pairs result: random hashes, clusters
+    a few bits apart, and one field value crowded past BIG_RUN (searched within by blocks)."""
+    from tfrecords_builder import duplicates
+
+    rng = np.random.default_rng(17)
+    codes = rng.integers(0, 2**63, 5000, dtype=np.int64).astype(np.uint64)
+    codes[4000:4200] = codes[:200] ^ (np.uint64(1) << rng.integers(0, 64, 200).astype(np.uint64))
+    crowded = np.uint64(0xABCD)  # the low 16 bits shared by 2,100 hashes
+    low16 = np.uint64(0xFFFF)
+    codes[1000:3100] = (codes[1000:3100] & ~low16) | crowded
+    hashes = [int(c) for c in codes]
+    for d in (0, 2, 3, 5):
+        got = duplicates.near_duplicate_pairs(hashes, d)
+        assert got == duplicates.all_pairs(codes, d), d
+        assert len(got) >= (200 if d else 0)  # the planted pairs, 1 bit apart
