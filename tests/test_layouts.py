@@ -6,6 +6,7 @@ the refusals of bad input."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -276,6 +277,43 @@ def test_image_root_for_a_layout_without_a_listing_is_refused(tmp_path):
         ValueError, match=r"--image-root is for layouts whose --source is a listing"
     ):
         build("folder", tmp_path, tmp_path / "out", BuildOptions(image_root="x", **OPTS))
+
+
+def test_split_file_reproduces_a_given_split_and_lists_the_groups_it_divides(tmp_path):
+    listing, expected = make_csv_source(tmp_path / "src", np.random.default_rng(18))
+    given = {f: ("train", "val", "test")[n % 3] for n, f in enumerate(sorted(expected))}
+    with (tmp_path / "split.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([["file", "split"], *given.items(), ["not/there.png", "test"]])
+    opts = BuildOptions(
+        image_root=str(tmp_path / "src" / "images"), split_file=str(tmp_path / "split.csv"), **OPTS
+    )
+    m = build("csv", listing, tmp_path / "out", opts)
+    assert {f: r["split"] for f, r in records(tmp_path / "out").items()} == given
+    sf = m["split_file"]
+    assert sf["groups_across_splits"] == 6  # every patient's 3 images went to 3 splits
+    assert sorted(p for a in sf["groups_across"] for p in a["patients"]) == [
+        f"P{p}" for p in range(6)
+    ]
+    assert sf["rows_naming_no_file_of_the_source"] == 1
+    assert len(m["patients"]["across_splits"]) == 6  # counted, not moved
+    # every image must be listed; split names are checked
+    (tmp_path / "short.csv").write_text("file,split\np0/img0.png,train\n")
+    with pytest.raises(ValueError, match=r"gives no split for 17 image\(s\)"):
+        build(
+            "csv",
+            listing,
+            tmp_path / "o2",
+            dataclasses.replace(opts, split_file=str(tmp_path / "short.csv")),
+        )
+    (tmp_path / "bad.csv").write_text("file,split\np0/img0.png,holdout\n")
+    with pytest.raises(ValueError, match=r"line 2: split 'holdout'.*expected train, val"):
+        build(
+            "csv",
+            listing,
+            tmp_path / "o3",
+            dataclasses.replace(opts, split_file=str(tmp_path / "bad.csv")),
+        )
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
 
 
 # --- MURA ---------------------------------------------------------------------------------

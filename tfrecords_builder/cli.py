@@ -128,6 +128,14 @@ def summary(m: dict, out) -> str:
             f"{g['ratios_for_the_others']}; images moved with their group: "
             f"{len(g['images_moved'])}"
         )
+    if m.get("split_file"):
+        sf = m["split_file"]
+        lines.append(
+            f"  --split-file {sf['file']}: the given split, image by image; "
+            f"{sf['groups_across_splits']} groups ({sf['images_in_groups_across_splits']} "
+            "images: copies, near-duplicates, patients) straddle splits, listed in the "
+            "manifest's split_file.groups_across"
+        )
     for split, c in m["splits"].items():
         lines.append(
             f"  {split:5s} fractured {c['fractured']:5d}  normal {c['normal']:5d}  "

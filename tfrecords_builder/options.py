@@ -39,6 +39,15 @@ class BuildOptions:
         flag="--groups",
         metavar="FILE",
     )
+    split_file: str | None = option(
+        None,
+        "CSV with columns file (or image_id) and split (train, val or test): every image "
+        "goes to the split it names, reproducing a published split exactly; duplicate, "
+        "near-duplicate and patient groups that then straddle splits are counted and listed "
+        "in the manifest, not moved",
+        flag="--split-file",
+        metavar="FILE",
+    )
     image_root: str | None = option(
         None,
         "csv: the folder (or .zip) the CSV's paths are relative to",

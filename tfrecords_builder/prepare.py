@@ -153,8 +153,14 @@ def _build_into(
     duplicate_groups, dropped, keep = _exact_duplicates(good, cands, checks, opts, quarantined)
     g = _group(keep, cands, checks, opts, quarantined)
     keep, pairs = g.keep, g.pairs
-    split_of_group, given = _assign(g, cands, opts)
-    split_of = {i: split_of_group[g.group_of[i]] for i in keep}
+    split_file = _read_split_file(opts.split_file, cands, keep) if opts.split_file else None
+    if split_file is not None:  # the published split, image by image; groups are not moved
+        given_split, given = split_file.pop("split_of"), None
+        split_of = {i: given_split[i] for i in keep}
+        split_file.update(_straddling(g, cands, split_of))
+    else:
+        split_of_group, given = _assign(g, cands, opts)
+        split_of = {i: split_of_group[g.group_of[i]] for i in keep}
     if given is not None:
         given["images_moved"] = sorted(
             cands[i].rel for i in keep if cands[i].split and cands[i].split != split_of[i]
@@ -183,7 +189,8 @@ def _build_into(
         "options": {
             k: v
             for k, v in dataclasses.asdict(opts).items()
-            if k not in ("progress", "workers", "overwrite", "hold_bytes", "groups_file")
+            if k
+            not in ("progress", "workers", "overwrite", "hold_bytes", "groups_file", "split_file")
         },
         "found": found_counts,
         "written": written,
@@ -212,6 +219,7 @@ def _build_into(
         "patients": _patients(keep, cands, split_of),
         "studies": _studies(keep, cands, split_of),
         "given_splits": given,
+        "split_file": split_file,
         "metadata_columns": sorted({k for i in keep for k in cands[i].extra}),
         "label_columns": [
             *datasets.dataset(dataset).label_columns,
@@ -260,6 +268,88 @@ def _assign(g: _Grouping, cands, opts: BuildOptions) -> tuple[dict[str, str], di
     return out, {
         "groups_given": dict(sorted(counts.items())),
         "ratios_for_the_others": dict(zip(SPLITS, (round(r, 6) for r in ratios))),
+    }
+
+
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+def _read_split_file(path, cands, keep) -> dict:
+    """``--split-file FILE``: a CSV with a ``split`` column and a ``file`` (path under the
+    dataset root, or file name) or ``image_id`` column. Every written image must be listed;
+    returns ``{"file", "rows", "split_of": {candidate index: split}}``."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(
+            f"--split-file {str(path)!r}: no such file; expected a CSV of file,split (split "
+            "one of train, val, test)"
+        )
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in reader.fieldnames or []]
+        key = next((k for k in ("file", "image_id") if k in header), None)
+        if "split" not in header or key is None:
+            raise ValueError(
+                f"--split-file {str(path)!r} has columns {header}; expected a 'split' column and "
+                "a 'file' (path under the dataset root, or file name) or 'image_id' column, "
+                "e.g. the header 'file,split'"
+            )
+        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+    by_name: dict[str, list[int]] = {}
+    for i, c in enumerate(cands):
+        for name in {c.image_id} if key == "image_id" else {c.rel, c.path.name}:
+            by_name.setdefault(name, []).append(i)
+    split_of: dict[int, str] = {}
+    unknown = []
+    for line, row in enumerate(rows, start=2):
+        name, split = row.get(key, ""), SPLIT_NAMES.get(row.get("split", "").lower())
+        if name not in by_name:
+            unknown.append(name)
+        if split is None:
+            raise ValueError(
+                f"--split-file {str(path)!r} line {line}: split {row.get('split')!r} for "
+                f"{name!r}; expected train, val (or valid) or test"
+            )
+        for i in by_name.get(name, []):
+            if split_of.setdefault(i, split) != split:
+                raise ValueError(
+                    f"--split-file {str(path)!r} line {line}: {name!r} is given two splits "
+                    f"({split_of[i]!r} and {split!r})"
+                )
+    missing = [cands[i].rel for i in keep if i not in split_of]
+    if missing:
+        raise ValueError(
+            f"--split-file {str(path)!r} gives no split for {len(missing)} image(s) of the "
+            f"source, e.g. {missing[:3]}; a given split must list every image (its {key!r} "
+            f"column matching e.g. {cands[keep[0]].rel!r}). Nothing was written."
+        )
+    return {
+        "file": str(path),
+        "rows": len(rows),
+        "rows_naming_no_file_of_the_source": len(unknown),
+        "examples_of_rows_naming_no_file": unknown[:10],
+        "split_of": split_of,
+    }
+
+
+def _straddling(g: _Grouping, cands, split_of) -> dict:
+    """Groups (byte-identical copies, near-duplicates, patients, studies, --groups) that a
+    given split puts into more than one split: counted and listed, not moved."""
+    across = []
+    for members in g.members_of.values():
+        splits_ = sorted({split_of[i] for i in members}, key=SPLITS.index)
+        if len(splits_) > 1:
+            across.append(
+                {
+                    "files": sorted(cands[i].rel for i in members),
+                    "splits": splits_,
+                    "patients": sorted({cands[i].patient for i in members if cands[i].patient}),
+                }
+            )
+    return {
+        "groups_across_splits": len(across),
+        "images_in_groups_across_splits": sum(len(a["files"]) for a in across),
+        "groups_across": sorted(across, key=lambda a: a["files"]),
     }
 
 
