@@ -583,9 +583,13 @@ def test_dicom_files_build_to_predicts_pixels(tmp_path):
             VOILUTSequence=voi_lut(),
         )
         png(src / folder / "plain.png", sources.random_image(rng))
+    (src / "normal" / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\1" * 64)
     m = build("folder", src, tmp_path / "out", BuildOptions(**OPTS))
     got = records(tmp_path / "out")
     assert m["converted_to_8_bits"] == {"dicom": 6}
+    assert [(q["file"], q["reason"][:18]) for q in m["quarantined"]] == [
+        ("normal/broken.dcm", "undecodable dicom:")
+    ]
     assert {f: r["label"] for f, r in got.items()} == {
         f"{folder}/{name}": int(folder == "fractured")
         for folder in ("fractured", "normal")

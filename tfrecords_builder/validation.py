@@ -210,7 +210,8 @@ def check_file(
         out.reason = "empty file (0 bytes)"
         return out
     out.sha256 = hashlib.sha256(data).hexdigest()
-    if pixels_8bit.is_dicom(data) or path.suffix.lower() in (".dcm", ".dicom"):
+    named_dicom = path.suffix.lower() in (".dcm", ".dicom") and sniff(data) is None
+    if pixels_8bit.is_dicom(data) or named_dicom:
         return _check_dicom(out, data, max_pixels)
     fmt = sniff(data)
     size = image_size(data, fmt) if fmt else None
@@ -296,7 +297,16 @@ def _check_png16(out: Checked, data: bytes) -> Checked:
 
 #: What pydicom raises on a file it cannot read (a bad header, a compressed transfer syntax
 #: without its decoder, missing pixel data).
-DICOM_ERRORS = (ValueError, AttributeError, KeyError, TypeError, NotImplementedError, RuntimeError)
+DICOM_ERRORS = (
+    ValueError,
+    AttributeError,
+    KeyError,
+    TypeError,
+    NotImplementedError,
+    RuntimeError,
+    OSError,
+    EOFError,
+)
 
 
 def _check_dicom(out: Checked, data: bytes, max_pixels: int) -> Checked:
