@@ -28,7 +28,6 @@ import numpy as np
 
 from kerasfrac.options import PredictOptions
 from tfrecords_builder.pixels import dicom_to_uint8, png_bit_depth  # the builder's mapping
-from tfrecords_builder.validation import png16_to_png8
 
 # Local imports of TensorFlow-based modules: path and option errors come before TensorFlow.
 
@@ -73,6 +72,8 @@ def as_8bit(data: bytes, kind: str) -> bytes:
     if kind == "dicom":
         return dicom_to_png(data)
     if kind == "png" and png_bit_depth(data) == 16:
+        from tfrecords_builder.validation import png16_to_png8  # TensorFlow: imported late
+
         return png16_to_png8(data)
     return data
 
