@@ -524,6 +524,12 @@ def _validate_model(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _in_range("model.bn_momentum", m.bn_momentum, 0.0, 1.0, " (0.9 default, 0.99 Keras')")
+    if m.box_head and not datasets.dataset(cfg.dataset).has_boxes:
+        with_boxes = [n for n in datasets.names() if datasets.dataset(n).has_boxes]
+        raise ConfigError(
+            f"config key 'model.box_head' learns fracture boxes, which {cfg.dataset!r} records "
+            f"do not carry: set model.box_head=false (datasets with boxes: {with_boxes})"
+        )
     if m.meta_head and not datasets.dataset(cfg.dataset).learnable_meta:
         raise ConfigError(
             f"config key 'model.meta_head' learns a dataset's metadata columns, which "

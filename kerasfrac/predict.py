@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from kerasfrac.options import PredictOptions
+from tfrecords_builder.pixels import dicom_to_uint8, png_bit_depth  # the builder's mapping
 
 # Local imports of TensorFlow-based modules: path and option errors come before TensorFlow.
 
@@ -65,31 +66,16 @@ def sniff(data: bytes, path: str | Path = "") -> str | None:
     return None
 
 
-def dicom_to_uint8(data: bytes) -> np.ndarray:
-    """DICOM bytes -> uint8 [H, W] (grayscale) or [H, W, 3] (color), display-ready."""
-    import pydicom
-    from pydicom.pixels import apply_modality_lut
+def as_8bit(data: bytes, kind: str) -> bytes:
+    """The bytes the builder stores for a file: DICOM and 16-bit PNG as 8-bit PNG (the one
+    mapping, ``tfrecords_builder.pixels``), anything else as it is."""
+    if kind == "dicom":
+        return dicom_to_png(data)
+    if kind == "png" and png_bit_depth(data) == 16:
+        from tfrecords_builder.validation import png16_to_png8  # TensorFlow: imported late
 
-    ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    pixels = ds.pixel_array
-    if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-        pixels = pixels[0]
-    if int(getattr(ds, "SamplesPerPixel", 1)) == 3:  # color: scale the stored range to 8 bit
-        bits = int(getattr(ds, "BitsStored", 8))
-        return np.round(pixels.astype(np.float64) / (2**bits - 1) * 255).astype(np.uint8)
-    x = apply_modality_lut(pixels, ds).astype(np.float64)
-    center, width = getattr(ds, "WindowCenter", None), getattr(ds, "WindowWidth", None)
-    if center is not None and width is not None:
-        c = float(center[0] if isinstance(center, pydicom.multival.MultiValue) else center)
-        w = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
-        y = (x - (c - 0.5)) / max(w - 1, 1.0) + 0.5
-    else:
-        lo, hi = float(x.min()), float(x.max())
-        y = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
-    y = np.clip(y, 0.0, 1.0)
-    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        y = 1.0 - y  # MONOCHROME1: low values are bright; training X-rays show bone bright
-    return np.round(y * 255).astype(np.uint8)
+        return png16_to_png8(data)
+    return data
 
 
 def dicom_to_png(data: bytes) -> bytes:
@@ -228,7 +214,7 @@ def predict_export(folder: Path, paths, threshold, batch_size, max_pixels, opera
     results = []
     for path, data, kind in _readable(paths, max_pixels, skipped):
         try:
-            encoded = dicom_to_png(data) if kind == "dicom" else data
+            encoded = as_8bit(data, kind)
             out = serve(image_bytes=tf.constant([encoded]))
         except Exception as err:  # noqa: BLE001 - any undecodable file is reported, not fatal
             skipped.append((str(path), f"cannot decode {kind}: {_first_line(err)}"))
@@ -304,7 +290,7 @@ def _predict_files(model_path, paths, threshold, batch_size, max_pixels, operati
     prepared, kept, skipped, warnings = [], [], [], []
     for path, data, kind in _readable(paths, max_pixels, skipped):
         try:
-            encoded = dicom_to_png(data) if kind == "dicom" else data
+            encoded = as_8bit(data, kind)
             if kind == "jpeg":
                 encoded = _recover_truncated(data, path, warnings)
             image = preprocess(

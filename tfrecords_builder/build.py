@@ -22,12 +22,20 @@ def build(dataset: str, source: str | Path, out: str | Path, opts: BuildOptions)
     ``out`` becomes a tensorflow-datasets dataset directory: the dataset's registered TFDS
     builder (``tfrecords_builder.tfds_builders``) prepares it, writing through
     ``prepare_into``, in a staging folder renamed into place when complete."""
-    datasets.dataset(dataset)  # an unknown name fails here, naming the registered ones
+    spec = datasets.dataset(dataset)  # an unknown name fails here, naming the registered ones
+    for flag, value in (("--image-root", opts.image_root), ("--boxes", opts.boxes)):
+        if value and not spec.listing:
+            raise ValueError(
+                f"{flag} is for layouts whose --source is a listing (csv); {dataset!r} "
+                f"finds its images and boxes in --source itself. Leave {flag} out."
+            )
     if opts.shards < 1:
         raise ValueError(f"--shards {opts.shards}: expected a positive number of shards per split")
     out = Path(out).expanduser()
     source = Path(source).expanduser()
     writer.check_output(out, opts.overwrite, source)  # refuse before any heavy work
+    if spec.listing and opts.image_root:  # nor may it replace the images a listing names
+        writer.check_output(out, opts.overwrite, Path(opts.image_root))
     _parent(out)
     with writer.locked(out):  # a second build of the same --out fails here, at once
         for line in writer.clean_stale(out):

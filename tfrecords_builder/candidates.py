@@ -22,6 +22,13 @@ class Candidate:
     box_frame: tuple[int, int] | None = None  # (height, width) the boxes were annotated on
     #: one outline per box: [(y, x), ...] normalised like the boxes; [] where a box has none
     polygons: list[list[tuple[float, float]]] = dataclasses.field(default_factory=list)
+    patient: str | None = None  # images of one patient share a split (merged with duplicates)
+    study: str | None = None  # the study (exam) the image belongs to, recorded in index.csv
+    split: str | None = None  # a split the layout fixes (MURA's official valid -> test)
+    #: descriptive columns (region, projection, ...), written to metadata.csv; never a column
+    #: that restates the label (the spec's ``label_columns``)
+    extra: dict[str, str] = dataclasses.field(default_factory=dict)
+    row: int | None = None  # line of the listing (CSV) the image came from, for the quarantine
 
 
 @dataclasses.dataclass
@@ -31,6 +38,9 @@ class Found:
     root: Path
     candidates: list[Candidate]
     notes: dict = dataclasses.field(default_factory=dict)
+    #: entries the reader refused before any file was read (a listing's bad rows): dicts of
+    #: file, label (-1 where unknown), reason and row; quarantined with the others
+    rejected: list[dict] = dataclasses.field(default_factory=list)
 
 
 def files_under(folder: Path) -> list[Path]:

@@ -75,9 +75,12 @@ def summary(m: dict, out) -> str:
     from tfrecords_builder.schema import MANIFEST
 
     lines = [f"built {m['source']} into {out} in {m['build_seconds']} s"]
+    f = m["found"]
+    unlabelled = f["total"] - f["fractured"] - f["normal"]
     lines.append(
-        f"  found {m['found']['total']} files ({m['found']['fractured']} fractured, "
-        f"{m['found']['normal']} normal)"
+        f"  found {f['total']} files ({f['fractured']} fractured, {f['normal']} normal"
+        + (f", {unlabelled} without a declared label" if unlabelled else "")
+        + ")"
     )
     lines.append(
         f"  written {m['written']['total']}, quarantined {m['quarantined_count']['total']}"
@@ -108,6 +111,30 @@ def summary(m: dict, out) -> str:
         lines.append(
             f"  --groups {u['file']}: {u['rows']} rows, {u['groups']} groups, "
             f"{u['images_matched']} images matched"
+        )
+    if m.get("patients"):
+        p = m["patients"]
+        lines.append(f"  patients {p['count']} ({len(p['across_splits'])} across splits)")
+    if m.get("studies"):
+        st = m["studies"]
+        lines.append(
+            f"  studies {st['count']} ({st['by_split']}; {st['fractured']} with a fractured "
+            f"image, {st['mixed_labels']} of mixed labels)"
+        )
+    if m.get("given_splits"):
+        g = m["given_splits"]
+        lines.append(
+            f"  splits given by the layout: {g['groups_given']} groups; the others split "
+            f"{g['ratios_for_the_others']}; images moved with their group: "
+            f"{len(g['images_moved'])}"
+        )
+    if m.get("split_file"):
+        sf = m["split_file"]
+        lines.append(
+            f"  --split-file {sf['file']}: the given split, image by image; "
+            f"{sf['groups_across_splits']} groups ({sf['images_in_groups_across_splits']} "
+            "images: copies, near-duplicates, patients) straddle splits, listed in the "
+            "manifest's split_file.groups_across"
         )
     for split, c in m["splits"].items():
         lines.append(

@@ -39,6 +39,45 @@ class BuildOptions:
         flag="--groups",
         metavar="FILE",
     )
+    split_file: str | None = option(
+        None,
+        "CSV with columns file (or image_id) and split (train, val or test): every image "
+        "goes to the split it names, reproducing a published split exactly; duplicate, "
+        "near-duplicate and patient groups that then straddle splits are counted and listed "
+        "in the manifest, not moved",
+        flag="--split-file",
+        metavar="FILE",
+    )
+    image_root: str | None = option(
+        None,
+        "csv: the folder (or .zip) the CSV's paths are relative to",
+        default_text="the CSV's folder",
+        metavar="DIR",
+    )
+    boxes: str | None = option(
+        None,
+        "csv: fracture boxes, a COCO JSON (file_name = the image's path under --image-root, or "
+        "its name) or a folder of YOLO .txt files named like the images (every box a fracture)",
+        metavar="FILE",
+    )
+    fractured_labels: tuple[str, ...] = option(
+        (),
+        "folder/csv: label values (class folder names) meaning fractured, comma-separated, "
+        "beside the common ones (fractured, fracture, positive, abnormal, 1, ...)",
+        metavar="NAMES",
+    )
+    normal_labels: tuple[str, ...] = option(
+        (),
+        "folder/csv: label values meaning normal, beside the common ones (normal, negative, "
+        "not fractured, 0, ...)",
+        metavar="NAMES",
+    )
+    official_split: bool = option(
+        True,
+        "mura: its official valid set becomes the test split (val carved from train by "
+        "patient); --no-official-split pools train and valid and splits them by patient",
+        negatable=True,
+    )
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "quarantine larger images (decompression bombs)")
     workers: int | None = option(None, "validation threads", default_text="one per CPU")
     progress: bool = option(True, "show a progress bar (--no-progress: none, for logs)")

@@ -15,6 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from tfrecords_builder.defaults import (
     PIXEL_AGREEMENT,
     PIXEL_CHECK_SIZE,
     PIXEL_TOLERANCE,
+    SPLITS,
 )
 from tfrecords_builder.options import BuildOptions
 
@@ -77,8 +79,7 @@ def prepare_into(
     source = Path(source)
     scratch = Path(tempfile.mkdtemp(prefix=".extract-", dir=stage))
     try:
-        root = open_source(source, scratch)
-        found = datasets.dataset(dataset).find(root)
+        found = find(dataset, source, scratch, opts)
         manifest, written = _build_into(stage, dataset, found, opts, tfds_name, with_meta)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -86,6 +87,23 @@ def prepare_into(
     manifest["build_seconds"] = round(time.perf_counter() - started, 3)
     writer.write_manifest(stage, manifest)
     return manifest, written
+
+
+def find(dataset: str, source: Path, scratch: Path, opts: BuildOptions):
+    """What ``dataset``'s spec finds in ``source`` (a folder or .zip, extracted into
+    ``scratch``; for a listing layout the listing file, its images under ``--image-root``)."""
+    spec = datasets.dataset(dataset)
+    if spec.listing:
+        if not source.is_file() or zipfile.is_zipfile(source):
+            raise SourceError(
+                f"{dataset}: --source {str(source)!r} is not a {spec.listing.upper()} file; "
+                f"expected the {spec.listing.upper()} file that lists the images as --source, "
+                "with --image-root the folder (or .zip) holding them."
+            )
+        root = open_source(opts.image_root or source.parent, scratch)
+        return spec.find(root, opts, source)
+    root = open_source(source, scratch)
+    return spec.find(root, opts) if spec.takes_options else spec.find(root)
 
 
 def _source_bytes(paths: list[Path]) -> int:
@@ -136,8 +154,18 @@ def _build_into(
     duplicate_groups, dropped, keep = _exact_duplicates(good, cands, checks, opts, quarantined)
     g = _group(keep, cands, checks, opts, quarantined)
     keep, pairs = g.keep, g.pairs
-    split_of_group = splits.assign(g.groups, opts.split, opts.seed)
-    split_of = {i: split_of_group[g.group_of[i]] for i in keep}
+    split_file = _read_split_file(opts.split_file, cands, keep) if opts.split_file else None
+    if split_file is not None:  # the published split, image by image; groups are not moved
+        given_split, given = split_file.pop("split_of"), None
+        split_of = {i: given_split[i] for i in keep}
+        split_file.update(_straddling(g, cands, split_of))
+    else:
+        split_of_group, given = _assign(g, cands, opts)
+        split_of = {i: split_of_group[g.group_of[i]] for i in keep}
+    if given is not None:
+        given["images_moved"] = sorted(
+            cands[i].rel for i in keep if cands[i].split and cands[i].split != split_of[i]
+        )
     near_across = _near_across(pairs, g.reps, split_of, cands)
     for d in duplicate_groups:
         if not d["conflict"]:
@@ -149,6 +177,7 @@ def _build_into(
     found_counts, written, q_counts, accounting = _accounting(
         found, keep, cands, quarantined, dropped
     )
+    _write_metadata(stage, keep, cands)
     files_in_groups = sum(len(d["files"]) for d in duplicate_groups)
     reasons = Counter(q["reason"].split(":")[0] for q in quarantined)
     manifest = {
@@ -161,14 +190,20 @@ def _build_into(
         "options": {
             k: v
             for k, v in dataclasses.asdict(opts).items()
-            if k not in ("progress", "workers", "overwrite", "hold_bytes", "groups_file")
+            if k
+            not in ("progress", "workers", "overwrite", "hold_bytes", "groups_file", "split_file")
         },
         "found": found_counts,
         "written": written,
         "quarantined_count": q_counts,
         "quarantine_reasons": dict(sorted(reasons.items())),
         "quarantined": sorted(quarantined, key=lambda q: q["file"]),
-        "recovered_truncated": sorted(cands[i].rel for i in keep if checks[i].recovered),
+        "recovered_truncated": sorted(
+            cands[i].rel for i in keep if checks[i].recovered and checks[i].truncated
+        ),
+        "converted_to_8_bits": dict(
+            sorted(Counter(checks[i].converted for i in keep if checks[i].converted).items())
+        ),
         "dropped_duplicates": dropped,
         "duplicate_summary": {
             "groups": len(duplicate_groups),
@@ -182,6 +217,15 @@ def _build_into(
         "near_duplicates": _near_summary(g, cands, checks, opts, quarantined),
         "near_duplicates_across_splits": near_across,
         "user_groups": _user_summary(g),
+        "patients": _patients(keep, cands, split_of),
+        "studies": _studies(keep, cands, split_of),
+        "given_splits": given,
+        "split_file": split_file,
+        "metadata_columns": sorted({k for i in keep for k in cands[i].extra}),
+        "label_columns": [
+            *datasets.dataset(dataset).label_columns,
+            *found.notes.get("label_columns", []),
+        ],
         "label_disagreements": found.notes.get("label_disagreements", []),
         "notes": {k: v for k, v in found.notes.items() if k != "label_disagreements"},
         "splits": split_counts,
@@ -202,10 +246,176 @@ def _build_into(
     return manifest, wrote
 
 
+def _assign(g: _Grouping, cands, opts: BuildOptions) -> tuple[dict[str, str], dict | None]:
+    """``(split of each group, what the layout gave)``. Groups holding an image whose split
+    the layout fixes (MURA's official valid -> test) go to that split (a group given several
+    goes to the last of train, val, test); the other groups are split by ``opts.split`` over
+    the splits no image was given, stratified and group-aware (``splits.assign``)."""
+    given_of = {}
+    for group, members in g.members_of.items():
+        given = {cands[i].split for i in members if cands[i].split}
+        if given:
+            given_of[group] = max(given, key=SPLITS.index)
+    if not given_of:
+        return splits.assign(g.groups, opts.split, opts.seed), None
+    taken = set(given_of.values())
+    ratios = tuple(0.0 if s in taken else r for s, r in zip(SPLITS, opts.split))
+    if sum(ratios) == 0:
+        ratios = opts.split
+    ratios = tuple(r / sum(ratios) for r in ratios)
+    free = {k: v for k, v in g.groups.items() if k not in given_of}
+    out = {**splits.assign(free, ratios, opts.seed), **given_of}
+    counts = Counter(given_of.values())
+    return out, {
+        "groups_given": dict(sorted(counts.items())),
+        "ratios_for_the_others": dict(zip(SPLITS, (round(r, 6) for r in ratios))),
+    }
+
+
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+def _read_split_file(path, cands, keep) -> dict:
+    """``--split-file FILE``: a CSV with a ``split`` column and a ``file`` (path under the
+    dataset root, or file name) or ``image_id`` column. Every written image must be listed;
+    returns ``{"file", "rows", "split_of": {candidate index: split}}``."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(
+            f"--split-file {str(path)!r}: no such file; expected a CSV of file,split (split "
+            "one of train, val, test)"
+        )
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in reader.fieldnames or []]
+        key = next((k for k in ("file", "image_id") if k in header), None)
+        if "split" not in header or key is None:
+            raise ValueError(
+                f"--split-file {str(path)!r} has columns {header}; expected a 'split' column and "
+                "a 'file' (path under the dataset root, or file name) or 'image_id' column, "
+                "e.g. the header 'file,split'"
+            )
+        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+    by_name: dict[str, list[int]] = {}
+    for i, c in enumerate(cands):
+        for name in {c.image_id} if key == "image_id" else {c.rel, c.path.name}:
+            by_name.setdefault(name, []).append(i)
+    split_of: dict[int, str] = {}
+    unknown = []
+    for line, row in enumerate(rows, start=2):
+        name, split = row.get(key, ""), SPLIT_NAMES.get(row.get("split", "").lower())
+        if name not in by_name:
+            unknown.append(name)
+        if split is None:
+            raise ValueError(
+                f"--split-file {str(path)!r} line {line}: split {row.get('split')!r} for "
+                f"{name!r}; expected train, val (or valid) or test"
+            )
+        for i in by_name.get(name, []):
+            if split_of.setdefault(i, split) != split:
+                raise ValueError(
+                    f"--split-file {str(path)!r} line {line}: {name!r} is given two splits "
+                    f"({split_of[i]!r} and {split!r})"
+                )
+    missing = [cands[i].rel for i in keep if i not in split_of]
+    if missing:
+        raise ValueError(
+            f"--split-file {str(path)!r} gives no split for {len(missing)} image(s) of the "
+            f"source, e.g. {missing[:3]}; a given split must list every image (its {key!r} "
+            f"column matching e.g. {cands[keep[0]].rel!r}). Nothing was written."
+        )
+    return {
+        "file": str(path),
+        "rows": len(rows),
+        "rows_naming_no_file_of_the_source": len(unknown),
+        "examples_of_rows_naming_no_file": unknown[:10],
+        "split_of": split_of,
+    }
+
+
+def _straddling(g: _Grouping, cands, split_of) -> dict:
+    """Groups (byte-identical copies, near-duplicates, patients, studies, --groups) that a
+    given split puts into more than one split: counted and listed, not moved."""
+    across = []
+    for members in g.members_of.values():
+        splits_ = sorted({split_of[i] for i in members}, key=SPLITS.index)
+        if len(splits_) > 1:
+            across.append(
+                {
+                    "files": sorted(cands[i].rel for i in members),
+                    "splits": splits_,
+                    "patients": sorted({cands[i].patient for i in members if cands[i].patient}),
+                }
+            )
+    return {
+        "groups_across_splits": len(across),
+        "images_in_groups_across_splits": sum(len(a["files"]) for a in across),
+        "groups_across": sorted(across, key=lambda a: a["files"]),
+    }
+
+
+def _patients(keep, cands, split_of) -> dict | None:
+    """The manifest's ``patients``: how many, and any that straddle splits (none, by
+    construction: patients are groups)."""
+    splits_of: dict[str, set[str]] = {}
+    for i in keep:
+        if cands[i].patient is not None:
+            splits_of.setdefault(cands[i].patient, set()).add(split_of[i])
+    if not splits_of:
+        return None
+    across = sorted(p for p, s in splits_of.items() if len(s) > 1)
+    return {"count": len(splits_of), "across_splits": across}
+
+
+def _studies(keep, cands, split_of) -> dict | None:
+    """The manifest's ``studies`` (index.csv names each image's): how many, per split, how
+    many hold a fractured image or images of both labels, and any that straddle splits (none,
+    by construction: a study's images are grouped)."""
+    labels: dict[str, set[int]] = {}
+    splits_of: dict[str, set[str]] = {}
+    for i in keep:
+        if cands[i].study is not None:
+            labels.setdefault(cands[i].study, set()).add(cands[i].label)
+            splits_of.setdefault(cands[i].study, set()).add(split_of[i])
+    if not labels:
+        return None
+    by_split = Counter(s for splits_ in splits_of.values() for s in splits_)
+    return {
+        "count": len(labels),
+        "by_split": {s: by_split.get(s, 0) for s in SPLITS},
+        "fractured": sum(1 for v in labels.values() if 1 in v),
+        "mixed_labels": sum(1 for v in labels.values() if len(v) > 1),
+        "across_splits": sorted(k for k, v in splits_of.items() if len(v) > 1),
+    }
+
+
+def _write_metadata(stage: Path, keep, cands) -> None:
+    """metadata.csv: the layout's descriptive columns (region, projection, ...) per written
+    image, where it has any; columns that restate the label are never among them."""
+    columns = sorted({k for i in keep for k in cands[i].extra})
+    if not columns:
+        return
+    with (stage / "metadata.csv").open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["image_id", "file", *columns])
+        for i in keep:
+            out.writerow(
+                [cands[i].image_id, cands[i].rel, *(cands[i].extra.get(c, "") for c in columns)]
+            )
+
+
 def _tfds_version() -> str:
     import tensorflow_datasets as tfds
 
     return tfds.__version__
+
+
+def _entry(cand: Candidate, reason: str) -> dict:
+    """A quarantine entry: file, label, reason, and the listing's row where there is one."""
+    entry = {"file": cand.rel, "label": cand.label, "reason": reason}
+    if cand.row is not None:
+        entry["row"] = cand.row
+    return entry
 
 
 def _validate(found, opts: BuildOptions):
@@ -216,9 +426,8 @@ def _validate(found, opts: BuildOptions):
     unread = [(c, _unread_reason(c, found.root)) for c in found.candidates]
     bad_names = [
         {
+            **_entry(c, reason),
             "file": os.fsencode(c.rel).decode("utf-8", "backslashreplace"),
-            "label": c.label,
-            "reason": reason,
         }
         for c, reason in unread
         if reason
@@ -235,11 +444,11 @@ def _validate(found, opts: BuildOptions):
         # GB); above it each file is read again and its sha256 checked against validation's.
         keep_bytes=_source_bytes(paths) <= opts.hold_bytes,
     )
-    quarantined = bad_names + [
-        {"file": c.rel, "label": c.label, "reason": k.reason}
-        for c, k in zip(cands, checks)
-        if k.reason
-    ]
+    quarantined = (
+        list(found.rejected)
+        + bad_names
+        + [_entry(c, k.reason) for c, k in zip(cands, checks) if k.reason]
+    )
     good = [i for i, k in enumerate(checks) if not k.reason]
     return cands, checks, quarantined, good
 
@@ -258,12 +467,10 @@ def _exact_duplicates(good, cands, checks, opts: BuildOptions, quarantined: list
         if len(labels) > 1:
             for i in members:
                 quarantined.append(
-                    {
-                        "file": cands[i].rel,
-                        "label": cands[i].label,
-                        "reason": "conflict: byte-identical copies carry different labels "
-                        f"({files})",
-                    }
+                    _entry(
+                        cands[i],
+                        f"conflict: byte-identical copies carry different labels ({files})",
+                    )
                 )
             duplicate_groups.append(
                 {"sha256": sha, "files": files, "label": None, "conflict": True}
@@ -331,12 +538,11 @@ def _group(keep, cands, checks, opts: BuildOptions, quarantined: list) -> _Group
                     if conflict_shas[checks[i].sha256] in (p["k"], p["m"])
                 ]
                 quarantined.append(
-                    {
-                        "file": cands[i].rel,
-                        "label": cands[i].label,
-                        "reason": "conflict: near-duplicate (the same image re-encoded, pixel "
+                    _entry(
+                        cands[i],
+                        "conflict: near-duplicate (the same image re-encoded, pixel "
                         f"check) of {other} with a different label",
-                    }
+                    )
                 )
         keep = [i for i in keep if checks[i].sha256 not in conflict_shas]
     linked = [
@@ -348,14 +554,18 @@ def _group(keep, cands, checks, opts: BuildOptions, quarantined: list) -> _Group
     ]
     near_roots = duplicates.connected_components(len(reps), linked)
     user = _read_groups(opts.groups_file, cands) if opts.groups_file else None
-    if user is not None:  # a user's groups (patients) join whatever they link
-        rep_of_sha = {checks[i].sha256: k for k, i in enumerate(reps)}
-        first_of: dict[str, int] = {}
-        for i in keep:
-            g = user["group_of"].get(i)
-            if g is not None:
-                k = rep_of_sha[checks[i].sha256]
-                linked.append((first_of.setdefault(g, k), k, -1))
+    # The layout's patients and studies and a user's groups (--groups) join what they link.
+    rep_of_sha = {checks[i].sha256: k for k, i in enumerate(reps)}
+    first_of: dict[tuple[str, str], int] = {}
+    for i in keep:
+        k = rep_of_sha[checks[i].sha256]
+        for kind in ("patient", "study"):  # a study's images stay together even without ids
+            value = getattr(cands[i], kind)
+            if value is not None:
+                linked.append((first_of.setdefault((kind, value), k), k, -1))
+        g = user["group_of"].get(i) if user is not None else None
+        if g is not None:
+            linked.append((first_of.setdefault(("user", g), k), k, -1))
     roots = duplicates.connected_components(len(reps), linked)
     group_of_hash = {checks[i].sha256: checks[reps[roots[k]]].sha256 for k, i in enumerate(reps)}
     group_of = {i: group_of_hash[checks[i].sha256] for i in keep}
@@ -496,7 +706,9 @@ def _write_splits(
 def _accounting(found, keep, cands, quarantined, dropped):
     """``(found, written, quarantined counts, accounting)`` per class; every image found is
     written, quarantined or dropped as a duplicate, or the build stops."""
-    found_counts = _by_label(found.candidates, lambda c: c.label)
+    found_counts = _by_label(
+        [c.label for c in found.candidates] + [r["label"] for r in found.rejected], int
+    )
     written = _by_label(keep, lambda i: cands[i].label)
     q_counts = _by_label(quarantined, lambda q: q["label"])
     d_counts = _by_label(dropped, lambda d: d["label"])
@@ -608,7 +820,7 @@ def _write_index(stage, keep, cands, checks, split_of, group_of) -> None:
     """index.csv: one line per written image (split, label, id, file, sha256, group)."""
     with (stage / "index.csv").open("w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["split", "label", "image_id", "file", "sha256", "group"])
+        out.writerow(["split", "label", "image_id", "file", "sha256", "group", "patient", "study"])
         for i in keep:
             out.writerow(
                 [
@@ -618,5 +830,7 @@ def _write_index(stage, keep, cands, checks, split_of, group_of) -> None:
                     cands[i].rel,
                     checks[i].sha256,
                     group_of[i],
+                    cands[i].patient or "",
+                    cands[i].study or "",
                 ]
             )

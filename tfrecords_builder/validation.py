@@ -27,6 +27,7 @@ import tensorflow as tf
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from tfrecords_builder import pixels as pixels_8bit
 from tfrecords_builder.defaults import DEFAULT_MAX_PIXELS
 from tfrecords_builder.quiet import without_lines
 
@@ -47,7 +48,10 @@ class Checked:
     width: int = 0
     channels: int = 0
     phash: int | None = None  # 64-bit perceptual hash of the decoded image
-    recovered: bytes | None = None  # lossless re-encode of a recovered truncated JPEG
+    #: what is stored instead of the file: a lossless PNG of a recovered truncated JPEG, or
+    #: of a 16-bit PNG or DICOM mapped to 8 bits (``converted`` says which)
+    recovered: bytes | None = None
+    converted: str | None = None  # "png16" or "dicom" where the image was mapped to 8 bits
     truncated: bool = False  # a truncated JPEG (quarantined, or recovered)
     data: bytes | None = dataclasses.field(default=None, repr=False)  # kept for the writer
     sample: np.ndarray | None = dataclasses.field(default=None, repr=False)  # for the thumb
@@ -206,6 +210,9 @@ def check_file(
         out.reason = "empty file (0 bytes)"
         return out
     out.sha256 = hashlib.sha256(data).hexdigest()
+    named_dicom = path.suffix.lower() in (".dcm", ".dicom") and sniff(data) is None
+    if pixels_8bit.is_dicom(data) or named_dicom:
+        return _check_dicom(out, data, max_pixels)
     fmt = sniff(data)
     size = image_size(data, fmt) if fmt else None
     if size is None:
@@ -227,6 +234,8 @@ def check_file(
             f"{max_pixels} (decompression-bomb guard)"
         )
         return out
+    if fmt == "png" and pixels_8bit.png_bit_depth(data) == 16:
+        return _check_png16(out, data)
     try:
         pixels = tf.io.decode_image(data, channels=0, expand_animations=False)
     except tf.errors.InvalidArgumentError as err:
@@ -252,6 +261,77 @@ def check_file(
     if keep_bytes and out.recovered is None:
         out.data = data
     return out
+
+
+def _stored_png(out: Checked, array: np.ndarray, converted: str) -> Checked:
+    """``out`` for an image stored as a lossless 8-bit PNG of ``array`` (uint8 [H, W(, C)])."""
+    array = array[..., None] if array.ndim == 2 else array
+    out.recovered = tf.io.encode_png(array).numpy()
+    out.converted = converted
+    out.image_format = "png"
+    out.height, out.width, out.channels = array.shape
+    out.sample = hash_sample(array)
+    return out
+
+
+def png16_to_uint8(data: bytes) -> np.ndarray:
+    """A 16-bit PNG file -> uint8 [H, W, C] by its own min..max (``pixels.png16_to_uint8``)."""
+    pixels = tf.io.decode_png(data, channels=0, dtype=tf.uint16)
+    return pixels_8bit.png16_to_uint8(pixels.numpy())
+
+
+def png16_to_png8(data: bytes) -> bytes:
+    """A 16-bit PNG file -> the 8-bit PNG the builder stores (``kerasfrac predict`` too)."""
+    return tf.io.encode_png(png16_to_uint8(data)).numpy()
+
+
+def _check_png16(out: Checked, data: bytes) -> Checked:
+    """A 16-bit PNG, mapped to 8 bits by its own min..max."""
+    try:
+        array = png16_to_uint8(data)
+    except tf.errors.InvalidArgumentError as err:
+        out.reason = f"undecodable png: tf.io.decode_png failed ({tf_message(err)})"
+        return out
+    return _stored_png(out, array, "png16")
+
+
+#: What pydicom raises on a file it cannot read (a bad header, a compressed transfer syntax
+#: without its decoder, missing pixel data).
+DICOM_ERRORS = (
+    ValueError,
+    AttributeError,
+    KeyError,
+    TypeError,
+    NotImplementedError,
+    RuntimeError,
+    OSError,
+    EOFError,
+)
+
+
+def _check_dicom(out: Checked, data: bytes, max_pixels: int) -> Checked:
+    """A DICOM file: size from its header first, then ``pixels.dicom_to_uint8`` (modality
+    LUT, window, MONOCHROME1 inverted), stored as an 8-bit PNG."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        width, height = int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0)
+    except (pydicom.errors.InvalidDicomError, *DICOM_ERRORS) as err:
+        out.reason = f"undecodable dicom: unreadable header ({type(err).__name__}: {err})"
+        return out
+    if width * height > max_pixels:
+        out.reason = (
+            f"too large: {width}x{height} = {width * height} pixels exceeds --max-pixels "
+            f"{max_pixels} (decompression-bomb guard)"
+        )
+        return out
+    try:
+        array = pixels_8bit.dicom_to_uint8(data)
+    except (pydicom.errors.InvalidDicomError, *DICOM_ERRORS) as err:
+        out.reason = f"undecodable dicom: {type(err).__name__}: {err}"
+        return out
+    return _stored_png(out, array, "dicom")
 
 
 def pixel_sample(data: bytes, size: int) -> np.ndarray:

@@ -2,7 +2,15 @@
 ``DatasetSpec`` (``registry``). Importing this package registers the built-in ones, in the
 order ``kerasfrac build --help`` lists them. TensorFlow-free."""
 
-from tfrecords_builder.datasets import fracatlas, synthetic, tibia_fibula  # noqa: F401
+from tfrecords_builder.datasets import (  # noqa: F401
+    csvlist,
+    folder,
+    fracatlas,
+    grazpedwri,
+    mura,
+    synthetic,
+    tibia_fibula,
+)
 from tfrecords_builder.datasets.registry import (
     DatasetSpec,
     by_tfds_name,

@@ -235,6 +235,7 @@ SPEC = register_dataset(
         citation=CITATION,
         encoding_format="jpeg",
         with_meta=True,
+        has_boxes=True,
         learnable_meta=True,
         manual_download=(
             "Download FracAtlas from https://doi.org/10.6084/m9.figshare.22363012 and put it in "

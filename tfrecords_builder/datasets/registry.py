@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from tfrecords_builder.candidates import Found
 from tfrecords_builder.registry import Registry
@@ -21,8 +20,10 @@ from tfrecords_builder.registry import Registry
 class DatasetSpec:
     #: ``kerasfrac build NAME`` and the config's ``dataset``
     name: str
-    #: find(root: Path) -> Found: every candidate file with its label, boxes and metadata
-    find: Callable[[Path], Found]
+    #: find(root: Path) -> Found: every candidate file with its label, boxes and metadata;
+    #: with ``takes_options`` find(root, opts: BuildOptions), with ``listing`` find(root,
+    #: opts, listing: Path)
+    find: Callable[..., Found]
     #: the TFDS builder's name (``tfds.load(NAME)``), which also names the shard files
     tfds_name: str
     #: one paragraph for dataset_info.json
@@ -40,6 +41,15 @@ class DatasetSpec:
     with_meta: bool = False
     #: ``model.meta_head`` may learn those columns (they describe real acquisitions)
     learnable_meta: bool = False
+    #: records can carry fracture boxes (``model.box_head`` is refused on datasets without)
+    has_boxes: bool = False
+    #: find also reads the build options (label names, official split, ...)
+    takes_options: bool = False
+    #: the source is a file listing the images (e.g. "csv"), which lie under
+    #: ``--image-root`` (a folder or .zip; default the listing's folder)
+    listing: str = ""
+    #: source columns that restate the label: never kept as metadata (metadata.csv)
+    label_columns: tuple[str, ...] = ()
 
 
 _REGISTRY: Registry[DatasetSpec] = Registry("dataset")

@@ -487,6 +487,7 @@ SPEC = register_dataset(
         license="Apache-2.0",
         image_channels=1,
         with_meta=True,
+        has_boxes=True,
         manual_download=(
             "Write phantoms with tfrecords_builder.datasets.synthetic.generate(FOLDER) and "
             "pass that folder as `manual_dir`."
