@@ -193,3 +193,30 @@ def test_occlusion_test_on_a_model_that_reads_the_box_region():
     assert r["auroc_fracture_filled"]["auroc"] < 0.75
     assert r["reads_the_fracture_region"] and r["difference"]["ci95"][0] > 0
     assert "control minus fracture filled" in occlusion.summary(r)
+
+
+def test_the_run_page_shows_the_leads_inside_subgroups_and_within_region(monkeypatch, tmp_path):
+    import json
+
+    import yaml
+
+    from kerasfrac.evaluation import html as report_html
+
+    base, labels, model = _fake_baseline(monkeypatch)
+    c = evaluate.baseline_comparison(None, "test", base["ids"], labels, model, n_bootstrap=20)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"dataset": "synthetic", "data": {}}))
+    m = metrics.split_metrics(labels, model, n_bootstrap=0)
+    (run / "metrics.json").write_text(
+        json.dumps({"split": "test", **m, "no_anatomy_baseline": c}, default=float)
+    )
+    text = " ".join(report_html.render_run(run).split())
+    hand = c["subgroups"]["region=hand"]
+    lead = hand["difference"]
+    lo, hi = lead["ci95"]
+    assert 'region=hand</td><td class="n">30</td>' in text
+    assert f"{lead['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]" in text
+    w = c["within_region"]["difference"]
+    assert 'within body region (pooled)</td><td class="n">60</td>' in text
+    assert f"{w['difference']:+.3f} [{w['ci95'][0]:+.3f}, {w['ci95'][1]:+.3f}]" in text
