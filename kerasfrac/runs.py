@@ -427,18 +427,19 @@ def replace_file(tmp: Path, path: Path) -> None:
 
 def write_text(path: Path, text: str) -> None:
     """``path`` gets ``text`` or keeps its old content, never a truncated mix."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    replace_file(Path(tmp), path)
+    write_bytes(path, text.encode("utf-8"))
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    """``path`` gets ``data`` or keeps its old content (``write_text`` for bytes)."""
+    """``path`` gets ``data`` or keeps its old content, never a truncated mix; its mode is
+    what ``open`` would give (0666 less the umask), not mkstemp's owner-only 0600, so that a
+    group sharing a cluster folder can read a run's files."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
     with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o666 & ~umask)
         f.write(data)
     replace_file(Path(tmp), path)
 

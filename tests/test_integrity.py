@@ -404,3 +404,23 @@ def test_reading_a_run_that_does_not_exist_creates_nothing(tmp_path, capsys):
     assert main(["evaluate", "--run-dir", str(tmp_path / "a" / "b" / "run")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()  # no parent folder, no lock file made for it
+
+
+def test_run_files_are_readable_by_the_group_as_open_would_make_them(tmp_path):
+    """Atomic writes go through mkstemp (owner-only 0600); the file they leave has the mode
+    a plain open gives, so colleagues sharing a cluster folder can read report.html."""
+    import os
+
+    from kerasfrac import runs
+
+    old = os.umask(0o022)
+    try:
+        runs.write_text(tmp_path / "report.html", "<p>ok</p>")
+        runs.write_bytes(tmp_path / "a.bin", b"\x00")
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    for name in ("report.html", "a.bin"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "report.html").read_text() == "<p>ok</p>"
