@@ -87,11 +87,11 @@ def runs(tmp_path):
 
 
 EXPECTED = """\
-| Dataset | Pipeline | Run | Split seed | Test images | Accuracy | Loss | Majority baseline | AUROC [95% CI] | No-anatomy baseline AUROC | Model - baseline [95% CI] | In hands: model - baseline | Within region: model - baseline | AP | Sensitivity | Specificity | Paper accuracy | Paper loss |
-|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|
-| fracatlas | original | fa_orig | n/a | 10 | 90.0% | 0.3000 | 60.0% | 0.950 | n/a | n/a | n/a | n/a | n/a | n/a | n/a | 78.0% | 0.5521 |
-| fracatlas | downsized | fa_small | 42 | 87 | 73.6% | 0.5521 | 71.3% | 0.701 [0.588, 0.812] | 0.631 | +0.070 [+0.012, +0.130] | -0.012 [-0.081, +0.052] | +0.031 [+0.001, +0.064] | 0.457 | 40.0% | 87.1% | 74.0% | 0.5554 |
-| tibia-fibula | augmented | tib_aug | n/a | 87 | 50.0% | 0.5521 | 71.3% | 0.701 | 0.690 | +0.011 [-0.040, +0.061] | n/a | n/a | 0.457 | 40.0% | 87.1% | 98.0% | 0.0377 |
+| Dataset | Pipeline | Run | Split seed | Split given | Test images | Accuracy | Loss | Majority baseline | AUROC [95% CI] | No-anatomy baseline AUROC | Model - baseline [95% CI] | In hands: model - baseline | Within region: model - baseline | AP | Sensitivity | Specificity | Paper accuracy | Paper loss |
+|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|
+| fracatlas | original | fa_orig | n/a | n/a | 10 | 90.0% | 0.3000 | 60.0% | 0.950 | n/a | n/a | n/a | n/a | n/a | n/a | n/a | 78.0% | 0.5521 |
+| fracatlas | downsized | fa_small | 42 | n/a | 87 | 73.6% | 0.5521 | 71.3% | 0.701 [0.588, 0.812] | 0.631 | +0.070 [+0.012, +0.130] | -0.012 [-0.081, +0.052] | +0.031 [+0.001, +0.064] | 0.457 | 40.0% | 87.1% | 74.0% | 0.5554 |
+| tibia-fibula | augmented | tib_aug | n/a | n/a | 87 | 50.0% | 0.5521 | 71.3% | 0.701 | 0.690 | +0.011 [-0.040, +0.061] | n/a | n/a | 0.457 | 40.0% | 87.1% | 98.0% | 0.0377 |
 
 Accuracy at or below the majority baseline (always answering the larger class): tib_aug.
 
@@ -117,7 +117,10 @@ def test_markdown_table_with_paper_numbers(runs, tmp_path, capsys):
     # stdout without --paper: no paper columns
     assert main(["report", *map(str, runs)]) == 0
     text = capsys.readouterr().out
-    assert "Paper accuracy" not in text and "| fracatlas | downsized | fa_small | 42 | 87 |" in text
+    assert (
+        "Paper accuracy" not in text
+        and "| fracatlas | downsized | fa_small | 42 | n/a | 87 |" in text
+    )
     assert rows[1]["split_seed"] == "42" and rows[1]["hands_minus_baseline_ci_low"] == "-0.081"
 
 

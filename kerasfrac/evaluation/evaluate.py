@@ -12,6 +12,7 @@ computed with its model (``kerasfrac.runs``), the exact metrics of
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 from pathlib import Path
@@ -26,6 +27,7 @@ from kerasfrac.evaluation.metrics import (
     SUBGROUP_COLUMNS,
     body_region,
     split_metrics,
+    study_metrics,
 )
 from kerasfrac.names import SPLITS
 from kerasfrac.options import EvaluateOptions
@@ -179,9 +181,14 @@ def _evaluate_run(run_dir, model_path, opts: EvaluateOptions) -> dict:
 
     pred = predictions(split)
     val = pred if split == "val" else predictions("val")
-    result = {"split": split, **_metrics(pred, val, build, split, opts)}
+    given = split_given(build.manifest)
+    result = {"split": split, "split_given": given, **_metrics(pred, val, build, split, opts)}
     chosen = choose_on_val(val, opts)
     result.update(apply_chosen(chosen, pred, split, opts))
+    studies = read_studies(build)
+    if studies is not None:
+        patients = bool(build.manifest.get("patients"))
+        result["study_level"] = study_level(studies, pred, val, split, opts, patients)
     if own_model:  # what predict (and export) use: fitted on val, whichever split this is
         runs.write_text(runs.calibration_path(run_dir), json.dumps(chosen, indent=2) + "\n")
     if opts.plots:
@@ -195,6 +202,96 @@ def _evaluate_run(run_dir, model_path, opts: EvaluateOptions) -> dict:
             write_gallery(run_dir, model, cfg, build, pred, result, opts, batch)
         html.write_run_report(run_dir)
     return record
+
+
+def split_given(manifest: dict) -> dict | None:
+    """metrics.json's ``split_given``: how the build's split was given rather than drawn by
+    kerasfrac (``--split-file``, or the layout's official split such as MURA's valid -> test),
+    with a note to print beside every figure; None where kerasfrac drew it."""
+    sf = manifest.get("split_file")
+    if sf:
+        n = int(sf.get("groups_across_splits") or 0)
+        images = int(sf.get("images_in_groups_across_splits") or 0)
+        return {
+            "by": "--split-file",
+            "file": sf.get("file"),
+            "groups_across_splits": n,
+            "images_in_groups_across_splits": images,
+            "note": f"the split was given by --split-file {sf.get('file')} (image by image, "
+            "not drawn by kerasfrac); "
+            + (
+                f"{n} groups of {images} images (copies, near-duplicates, patients, studies) "
+                "straddle splits, so a test image may have a relative in train (the manifest's "
+                "split_file lists them)"
+                if n
+                else "no group (copies, near-duplicates, patients, studies) straddles splits"
+            ),
+        }
+    given = manifest.get("given_splits")
+    if given:
+        groups = given.get("groups_given") or {}
+        shown = ", ".join(f"{n} groups to {s}" for s, n in groups.items())
+        return {
+            "by": "official",
+            "groups_given": groups,
+            "note": (
+                f"the layout's official split ({shown}, e.g. MURA's valid as test); the other "
+                "groups were split by kerasfrac (grouped, stratified)"
+            ),
+        }
+    return None
+
+
+def read_studies(build) -> dict[str, str] | None:
+    """``{image id: study}`` from the build's index.csv where its manifest records studies
+    (MURA, GRAZPEDWRI-DX, a CSV's study_id); None where it records none."""
+    if not build.manifest.get("studies"):
+        return None
+    path = build.dir / (build.manifest.get("index") or "index.csv")
+    if not path.is_file():
+        raise ValueError(
+            f"{str(path)!r} is missing, but the manifest of {str(build.dir)!r} records studies: "
+            f"the build was edited or damaged. Rebuild it: `{build.rebuild_command()}`"
+        )
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if rows and "study" not in rows[0]:
+        raise ValueError(
+            f"{str(path)!r} has no 'study' column (columns {sorted(rows[0])}), but the manifest "
+            f"records studies: rebuild it: `{build.rebuild_command()}`"
+        )
+    return {r["image_id"]: r["study"] for r in rows if r.get("study")}
+
+
+def study_level(
+    studies: dict, pred: Predictions, val: Predictions, split: str, opts, patients: bool
+) -> dict:
+    """metrics.json's ``study_level`` (``metrics.study_metrics``): ``pred``'s images averaged
+    per study, the threshold chosen on ``val``'s studies, the build's groups (patients where
+    the build has them) resampled."""
+
+    def of(p: Predictions) -> list[str]:
+        return [studies.get(i, "") for i in p.ids]
+
+    result = study_metrics(
+        of(pred),
+        pred.labels,
+        pred.probs,
+        groups=pred.groups,
+        val=(of(val), val.labels, val.probs),
+        n_bootstrap=opts.n_bootstrap,
+        seed=opts.seed,
+    )
+    if result is None:
+        return {"unavailable": f"no image of the {split!r} split has a study in index.csv"}
+    who = "patients" if patients else "studies (the build records no patients)"
+    result["resampling_unit"] = (
+        f"{who}: the build's groups, each joined with its copies and near-duplicates"
+    )
+    at = result["at_val_threshold"]
+    if split == "val" and "chosen_on" in at:
+        at["chosen_on"] = "val studies (the same split: optimistic)"
+    return result
 
 
 def write_gallery(run_dir, model, cfg, build, pred: Predictions, m: dict, opts, batch) -> dict:
@@ -647,6 +744,41 @@ def operating_point_text(p: dict) -> str:
     )
 
 
+def study_lines(m: dict) -> list[str]:
+    """The study-level lines of ``summary`` (none where the build records no studies)."""
+    s = m.get("study_level")
+    if not s:
+        return []
+    if "unavailable" in s:
+        return [f"  study level: unavailable ({s['unavailable']})"]
+    a, c = s["auroc"], s["counts"]
+    lines = [
+        f"  study level: {s['n_studies']} studies ({c['fractured']} fractured, {c['normal']} "
+        f"normal) of {s['n_images']} images: AUROC {_num(a['auroc'])}"
+        f"{_ci(a, 'ci95', False)} (CI resamples {s['resampling_unit'].split(':')[0]})",
+    ]
+    at = s["at_val_threshold"]
+    if "undefined" in at:
+        lines.append(f"    no study threshold: {at['undefined']}")
+    else:
+        ci = at.get("ci95")
+        lines.append(
+            f"    at {at['threshold']:.3f} (Youden J, chosen on {at['chosen_on']}): sensitivity "
+            f"{_pct(at['sensitivity'])}{_ci(ci, 'sensitivity', True)}, specificity "
+            f"{_pct(at['specificity'])}{_ci(ci, 'specificity', True)}, Cohen's kappa "
+            f"{_num(at['kappa'])}{_ci(ci, 'kappa', False)}"
+        )
+    lines.append(f"    ({s['rule']})")
+    if s["mixed_label_studies"]:
+        lines.append(
+            f"    {s['mixed_label_studies']} studies hold images of both labels (e.g. "
+            f"{s['examples_of_mixed_label_studies'][0]}): labelled fractured"
+        )
+    if s["images_without_study"]:
+        lines.append(f"    {s['images_without_study']} images have no study: left out")
+    return lines
+
+
 def summary(m: dict) -> str:
     """A readable multi-line summary of a metrics dict."""
     c = m["counts"]
@@ -654,6 +786,7 @@ def summary(m: dict) -> str:
     lines = [
         f"split {m.get('split', '?')}: {m['n']} images ({c['fractured']} fractured, "
         f"{c['normal']} normal)",
+        *([f"  split given: {m['split_given']['note']}"] if m.get("split_given") else []),
         f"  majority baseline (always '{m.get('majority_class', 'normal')}'): "
         f"accuracy {_pct(m['majority_baseline_accuracy'])}",
         f"  AUROC {_num(m['auroc'])}{_ci(ci, 'auroc', False)}   "
@@ -696,6 +829,7 @@ def summary(m: dict) -> str:
         else:
             lines.append(f"  subgroup {name}: n {g['n']}")
     lines += baseline_lines(m)
+    lines += study_lines(m)
     if m.get("note"):
         lines.append(f"  note: {m['note']}")
     shares = (ci or {}).get("undefined_share") or {}

@@ -562,3 +562,122 @@ def roc_band(
         "high": high,
         "undefined_share": round(1 - len(curves) / max(1, n_resamples), 4),
     }
+
+
+# --------------------------------------------------------------------------- studies
+
+
+#: How images become studies (MURA's official metric, and what metrics.json says).
+STUDY_RULE = (
+    "a study's probability is the mean of its images' probabilities; its label is its images' "
+    "label, the highest where they disagree (fractured if any image is)"
+)
+
+
+def study_table(studies, labels, probs, groups=None) -> dict:
+    """Images -> studies: ``{"ids", "labels", "probs", "groups", "n_images",
+    "mixed_label_studies", "images_without_study"}``, studies in order of first appearance.
+    ``studies``: one study id per image ("" or None: the image has none and is left out);
+    a study's probability is the mean of its images', its label their maximum (``STUDY_RULE``),
+    its group (the bootstrap's unit: its patient) the smallest of its images' ``groups``
+    (the builder puts a study's images in one group) or the study itself without ``groups``."""
+    labels = np.asarray(labels).astype(int)
+    probs = np.asarray(probs, dtype=np.float64)
+    members: dict[str, list[int]] = {}
+    for i, s in enumerate(studies):
+        if s:
+            members.setdefault(str(s), []).append(i)
+    ids = list(members)
+    idx = [np.array(members[s]) for s in ids]
+    return {
+        "ids": ids,
+        "labels": np.array([labels[k].max() for k in idx], dtype=int),
+        "probs": np.array([probs[k].mean() for k in idx], dtype=np.float64),
+        "groups": [
+            min(str(groups[j]) for j in k) if groups is not None else s for s, k in zip(ids, idx)
+        ],
+        "n_images": int(sum(k.size for k in idx)),
+        "mixed_label_studies": sorted(s for s, k in zip(ids, idx) if len(set(labels[k])) > 1),
+        "images_without_study": int(labels.size - sum(k.size for k in idx)),
+    }
+
+
+def binary_kappa(labels, called) -> float | None:
+    """Cohen's kappa of two binary raters (the label and the call), from the 2x2 table (equal
+    to ``sklearn.metrics.cohen_kappa_score``); None where chance agreement is 1 (both raters
+    constant and equal)."""
+    y = np.asarray(labels).astype(bool)
+    c = np.asarray(called).astype(bool)
+    n = y.size
+    agree = float(np.mean(y == c))
+    chance = (y.sum() * c.sum() + (n - y.sum()) * (n - c.sum())) / (n * n)
+    return None if chance >= 1 else float((agree - chance) / (1 - chance))
+
+
+def study_metrics(
+    studies,
+    labels,
+    probs,
+    *,
+    groups=None,
+    val=None,
+    n_bootstrap: int = N_BOOTSTRAP,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict | None:
+    """Study-level metrics (MURA's official way; ``study_table`` for the rule): AUROC of the
+    studies with a CI that resamples ``groups`` (patients: all studies of a drawn patient come
+    along), and at the Youden-J threshold chosen on val's studies (``val``: ``(studies,
+    labels, probs)`` of the val split, aggregated the same way) sensitivity, specificity and
+    Cohen's kappa, each with a CI. None where no image has a study."""
+    t = study_table(studies, labels, probs, groups)
+    if not t["ids"]:
+        return None
+    y, p, g = t["labels"], t["probs"], t["groups"]
+    out = {
+        "rule": STUDY_RULE,
+        "n_studies": len(t["ids"]),
+        "n_images": t["n_images"],
+        "n_patients": len(set(g)) if groups is not None else None,
+        "counts": {"fractured": int(y.sum()), "normal": int((y == 0).sum())},
+        "mixed_label_studies": len(t["mixed_label_studies"]),
+        "examples_of_mixed_label_studies": t["mixed_label_studies"][:10],
+        "images_without_study": t["images_without_study"],
+        "auroc": auroc_ci(y, p, groups=g, n_resamples=n_bootstrap, seed=seed, level=level),
+        # a drawn group is a patient (with its studies), or a study where there are no groups
+        "resampling_unit": "patients" if groups is not None else "studies",
+    }
+    if val is None:
+        out["at_val_threshold"] = {"undefined": "no validation predictions to choose it on"}
+        return out
+    v = study_table(*val)
+    threshold = youden_threshold(v["labels"], v["probs"]) if v["ids"] else None
+    if threshold is None:
+        out["at_val_threshold"] = {
+            "undefined": "the validation split's studies hold one class (or none): no threshold"
+        }
+        return out
+    at = threshold_metrics(y, p, threshold)
+    called = p >= threshold
+    # undefined (sklearn: NaN) where label and call are one and the same constant
+    both = len(np.unique(np.concatenate([y, called.astype(int)]))) > 1
+    kappa = float(skm.cohen_kappa_score(y, called.astype(int))) if both else None
+    row = {
+        "chosen_on": "val studies",
+        "n_val_studies": len(v["ids"]),
+        **{k: at[k] for k in ("threshold", "sensitivity", "specificity", "confusion_matrix")},
+        "kappa": kappa,
+    }
+    if n_bootstrap:
+        ci = bootstrap_ci(y, p, threshold, n_bootstrap, seed, level, groups=g)
+        kappas = [
+            binary_kappa(y[idx], called[idx]) for idx in resamples(y.size, g, n_bootstrap, seed)
+        ]
+        row["ci95"] = {
+            "sensitivity": ci["sensitivity"],
+            "specificity": ci["specificity"],
+            "kappa": _interval(kappas, n_bootstrap, level)["ci95"],
+            "resampled": ci["resampled"],
+        }
+    out["at_val_threshold"] = row
+    return out

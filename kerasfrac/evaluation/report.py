@@ -46,6 +46,7 @@ COLUMNS = (
     ("pipeline", "Pipeline"),
     ("run", "Run"),
     ("split_seed", "Split seed"),
+    ("split_given", "Split given"),
     ("n", "Test images"),
     ("accuracy", "Accuracy"),
     ("loss", "Loss"),
@@ -119,6 +120,7 @@ def run_row(run_dir: str | Path) -> dict:
         "pipeline": pipeline_name(cfg),
         "run": run_dir.name,
         "split_seed": _split_seed(m.get("data_dir") or (cfg.get("data") or {}).get("dir")),
+        **_given(m),
         "n": m.get("n"),
         "accuracy": m.get("accuracy"),
         "loss": m.get("loss"),
@@ -137,6 +139,15 @@ def run_row(run_dir: str | Path) -> dict:
         **_lead("hands_minus_baseline", hands),
         **_lead("within_region_minus_baseline", within),
     }
+
+
+def _given(m: dict) -> dict:
+    """``split_given``: "--split-file" or "official" where the build's split was given, "no"
+    where kerasfrac drew it, None where metrics.json predates the note; and its note."""
+    if "split_given" not in m:
+        return {"split_given": None, "split_given_note": None}
+    given = m["split_given"] or {}
+    return {"split_given": given.get("by", "no"), "split_given_note": given.get("note")}
 
 
 def _lead(key: str, diff: dict) -> dict:
@@ -180,7 +191,7 @@ def _pct(x) -> str:
 def format_cell(key: str, row: dict) -> str:
     """The table's text for column ``key`` of ``row`` (CIs in brackets, n/a where missing)."""
     x = row.get(key)
-    if key in ("dataset", "pipeline", "run"):
+    if key in ("dataset", "pipeline", "run", "split_given") and x is not None:
         return str(x)
     if x is None:
         return "n/a"
@@ -219,6 +230,10 @@ def markdown(table: list[dict], paper: bool = False) -> str:
             + ", ".join(below)
             + "."
         )
+    given = [f"{r['run']} ({r['split_given_note']})" for r in table if r.get("split_given_note")]
+    if given:
+        lines.append("")
+        lines.append("Split given, not drawn by kerasfrac: " + "; ".join(given) + ".")
     not_beating = [r["run"] for r in table if r.get("beats_baseline") is False]
     if not_beating:
         lines.append("")
@@ -241,6 +256,7 @@ def write_csv(path: str | Path, table: list[dict], paper: bool = False) -> None:
         "pipeline",
         "run",
         "split_seed",
+        "split_given",
         "n",
         "accuracy",
         "loss",
