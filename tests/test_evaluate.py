@@ -141,6 +141,8 @@ def test_evaluate_run_writes_everything(run_dir, capsys):
         assert m[key] == again[key], key
     assert m["youden"]["threshold"] == pytest.approx(metrics.youden_threshold(vl, vp))
     assert "subgroups" not in m  # the fixture records carry no FracAtlas metadata
+    # a drawn split of a build without studies: no split note, no study level, no error
+    assert m["split_given"] is None and "study_level" not in m and "study level" not in out
     # the no-anatomy baseline on the same test images, with a paired difference
     base = m["no_anatomy_baseline"]
     assert base["model_auroc"]["auroc"] == pytest.approx(m["auroc"])

@@ -40,7 +40,7 @@ def test_study_metrics_equal_a_hand_computation():
     m = metrics.study_metrics(
         STUDIES, LABELS, PROBS, groups=PATIENTS, val=VAL, n_bootstrap=200, seed=1
     )
-    assert (m["n_studies"], m["n_images"], m["n_patients"]) == (5, 9, 3)
+    assert (m["n_studies"], m["n_images"], m["n_groups"]) == (5, 9, 3)
     assert m["counts"] == {"fractured": 2, "normal": 3}
     assert m["mixed_label_studies"] == 1 and m["examples_of_mixed_label_studies"] == ["s3"]
     # AUROC: fractured studies 0.8 and 0.4 against normal 0.3, 0.5, 0.2: 0.8 beats all three,
@@ -159,6 +159,7 @@ def test_evaluate_and_report_on_a_csv_build_with_studies_and_a_given_split(tmp_p
     assert "split given: the split was given by --split-file" in text
     assert "no group (copies, near-duplicates, patients, studies) straddles splits" in text
     assert "(Youden J, chosen on val studies): sensitivity" in text
+    assert "(CI resamples 3 patients)" in text  # the test split's patients 9, 10, 11
     assert "study level: 6 studies (3 fractured, 3 normal) of 12 images: AUROC" in text
     page = (run / "report.html").read_text()
     assert "Study level" in page and "Split given" in page

@@ -755,7 +755,8 @@ def study_lines(m: dict) -> list[str]:
     lines = [
         f"  study level: {s['n_studies']} studies ({c['fractured']} fractured, {c['normal']} "
         f"normal) of {s['n_images']} images: AUROC {_num(a['auroc'])}"
-        f"{_ci(a, 'ci95', False)} (CI resamples {s['resampling_unit'].split(':')[0]})",
+        f"{_ci(a, 'ci95', False)} (CI resamples {s['n_groups']} "
+        f"{s['resampling_unit'].split(':')[0]})",
     ]
     at = s["at_val_threshold"]
     if "undefined" in at:

@@ -638,7 +638,8 @@ def study_metrics(
         "rule": STUDY_RULE,
         "n_studies": len(t["ids"]),
         "n_images": t["n_images"],
-        "n_patients": len(set(g)) if groups is not None else None,
+        # the CI's resampling units: patients (the build joins copies to them), else studies
+        "n_groups": len(set(g)),
         "counts": {"fractured": int(y.sum()), "normal": int((y == 0).sum())},
         "mixed_label_studies": len(t["mixed_label_studies"]),
         "examples_of_mixed_label_studies": t["mixed_label_studies"][:10],
