@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         "-v",
         "--verbose",
         action="store_true",
-        help="show TensorFlow's own start-up and INFO/WARNING log lines (hidden by default; "
-        "an exported TF_CPP_MIN_LOG_LEVEL is always respected)",
+        help="show TensorFlow's own start-up and INFO/WARNING log lines (hidden by default, "
+        "whatever TF_CPP_MIN_LOG_LEVEL says; an exported level still sets which later C++ "
+        "log lines TensorFlow prints)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     builder_cli.add_arguments(

@@ -115,15 +115,62 @@ def test_commands_start_without_tensorflows_noise(predict_run):
     assert "absl::InitializeLog" in loud.stderr  # TensorFlow 2.21 prints it before any env
 
 
-def test_a_users_log_level_is_respected(monkeypatch):
+def test_a_users_log_level_is_kept(monkeypatch):
     monkeypatch.setenv(quiet.LEVEL_ENV, "0")
-    assert "left alone" in quiet.quiet_tensorflow()
+    assert "(set by the environment) kept" in quiet.quiet_tensorflow()
     assert os.environ[quiet.LEVEL_ENV] == "0"
     monkeypatch.delenv(quiet.LEVEL_ENV)
     assert "verbose" in quiet.quiet_tensorflow(verbose=True)
     assert quiet.LEVEL_ENV not in os.environ
     quiet.quiet_tensorflow()  # in-process (tests): the level only, no fork
     assert os.environ[quiet.LEVEL_ENV] == "2"
+
+
+def test_startup_noise_by_level():
+    """The start-up lines go at every level; other C++ lines below the level in force go
+    (as TensorFlow hides them once absl is up); FATAL lines always pass."""
+    other_info = "I0000 00:00:1795792570.6 123 some_op.cc:12] an INFO line asked for"
+    for level in range(4):
+        assert all(quiet.is_startup_noise(line, level=level) for line in NOISE[:5])
+        assert not quiet.is_startup_noise(REAL[1], level=level)  # FATAL
+    assert not quiet.is_startup_noise(other_info, level=0)
+    assert quiet.is_startup_noise(other_info, level=1)
+    assert not quiet.is_startup_noise(REAL[0], level=2)
+    assert quiet.is_startup_noise(REAL[0], level=3)
+    assert quiet.log_level("3") == 3 and quiet.log_level("x") == quiet.DEFAULT_LEVEL
+
+
+_FAKE_STARTUP = r"""
+import os, sys
+from tfrecords_builder.quiet import quiet_tensorflow
+print(quiet_tensorflow(filter_stderr=True), flush=True)
+lines = sys.argv[1:]
+os.write(2, ("\n".join(lines + lines) + "\n").encode())  # TensorFlow 2.21 prints them twice
+"""
+
+
+@pytest.mark.parametrize("level", [None, "0", "3"])
+def test_startup_lines_hidden_whatever_the_exported_level(level):
+    """`export TF_CPP_MIN_LOG_LEVEL=3` (or 0) must not bring TensorFlow's start-up lines back:
+    the command's stderr filter runs whatever the level (here fed the lines TensorFlow 2.21
+    prints, twice, as it does with TF_CPP_MIN_LOG_LEVEL=3); a real error still passes."""
+    env = _command_env() if level is None else _command_env(**{quiet.LEVEL_ENV: level})
+    proc = subprocess.run(
+        [sys.executable, "-c", _FAKE_STARTUP, *NOISE[:5], CUINIT, REAL[3]],
+        env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "start-up lines filtered" in proc.stdout
+    if level is not None:
+        assert f"{quiet.LEVEL_ENV}={level} (set by the environment) kept" in proc.stdout
+    kept = proc.stderr.splitlines()
+    if not quiet.nvidia_driver_present():
+        assert kept == [REAL[3], REAL[3]], proc.stderr
+    for text in ("absl::InitializeLog", "oneDNN custom operations", "cudart_stub"):
+        assert text not in proc.stderr
 
 
 def test_help_texts_version_and_list_keys(capsys):
