@@ -11,8 +11,9 @@ import sys
 
 from kerasfrac import options
 
-# Each command imports its modules when it runs (local imports): `--help`, bad options and
-# config errors answer before TensorFlow's seconds-long import.
+# Each command imports its modules when it runs (local imports): `--help`, bad options,
+# config errors and wrong paths (the run, the model, the build) answer before TensorFlow's
+# seconds-long import (the path checks below are TensorFlow-free).
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +81,9 @@ def add_audit(sub) -> None:
 
 
 def run_audit(args) -> int:
+    from tfrecords_builder.manifest import load_manifest
+
+    load_manifest(args.data_dir)  # a wrong path answers before TensorFlow is imported
     from kerasfrac.evaluation import audit
 
     return audit.main(args.data_dir, options.from_args(options.AuditOptions, args))
@@ -108,6 +112,8 @@ def add_evaluate(sub) -> None:
 
 def run_evaluate(args) -> int:
     from kerasfrac import runs
+
+    runs.check_run(args.run_dir, args.model)  # before TensorFlow is imported
     from kerasfrac.evaluation import evaluate
 
     opts = options.from_args(options.EvaluateOptions, args)
@@ -158,6 +164,13 @@ def add_predict(sub) -> None:
 
 
 def run_predict(args) -> int:
+    from pathlib import Path
+
+    from kerasfrac import runs
+
+    model = Path(args.model)
+    if not (model / "export.json").is_file():  # a run or its model: checked before TensorFlow
+        runs.check_run(model_file=runs.model_path(model) if model.is_dir() else model)
     from kerasfrac import predict
 
     opts = options.from_args(options.PredictOptions, args)
@@ -182,6 +195,9 @@ def add_export(sub) -> None:
 
 
 def run_export(args) -> int:
+    from kerasfrac import runs
+
+    runs.check_run(args.run_dir)  # before TensorFlow is imported
     from kerasfrac import export
 
     return export.main(args.run_dir, args.out, options.from_args(options.ExportOptions, args))
@@ -244,6 +260,9 @@ def run_train(args) -> int:
     if path is None and (args.resume or args.auto_resume) and args.run_dir:
         path = str(Path(args.run_dir) / "config.yaml")  # resume with the run's own settings
     cfg = config.load_config(path, overrides)
+    from tfrecords_builder.manifest import check_data_dir
+
+    check_data_dir(cfg.data.dir)  # a wrong data.dir answers before TensorFlow
     print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     print(f"CPU kernels: {kernels.request_onednn(cfg.train.fast)}")
     from kerasfrac.training import train
@@ -340,6 +359,9 @@ def add_explain(sub) -> None:
 
 
 def run_explain(args) -> int:
+    from kerasfrac import runs
+
+    runs.check_run(args.run_dir, args.model)  # before TensorFlow is imported
     from kerasfrac import explain
 
     opts = options.from_args(options.ExplainOptions, args)

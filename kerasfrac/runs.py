@@ -210,6 +210,19 @@ def load_config(run_dir):
 # --------------------------------------------------------------------------- model
 
 
+def check_run(run_dir=None, model_file=None):
+    """The run's config, after the checks ``load_model`` makes of its paths (``model_file``
+    exists, ``run_dir`` (else the folder holding ``model_file``) is a run): TensorFlow-free,
+    so that the commands answer a wrong path before importing TensorFlow."""
+    if run_dir is None:
+        if model_file is None:
+            raise ValueError("pass a run directory or a model file")
+        run_dir = run_dir_of(model_file)
+    if model_file is not None and not Path(model_file).is_file():
+        raise ValueError(f"model file {str(model_file)!r} does not exist")
+    return load_config(run_dir)
+
+
 def load_model(run_dir=None, model_file=None, box_head: bool = False):
     """``(cfg, model, model_file)`` of a run: its model.keras, or ``model_file`` (its run
     directory is then ``run_dir`` or the folder that holds it). The model is the classifier
@@ -220,16 +233,11 @@ def load_model(run_dir=None, model_file=None, box_head: bool = False):
     from kerasfrac.models import classifier, float32_compute, functional
     from kerasfrac.models import load_model as load
 
-    if run_dir is None:
-        if model_file is None:
-            raise ValueError("pass a run directory or a model file")
-        run_dir = run_dir_of(model_file)
+    cfg = check_run(run_dir, model_file)
+    run_dir = run_dir_of(model_file) if run_dir is None else run_dir
     path = Path(model_file) if model_file else model_path(run_dir)
     if box_head and model_file is None and box_model_path(run_dir).is_file():
         path = box_model_path(run_dir)
-    if model_file is not None and not path.is_file():
-        raise ValueError(f"model file {str(path)!r} does not exist")
-    cfg = load_config(run_dir)
     if not path.is_file():
         best = best_path(run_dir)
         hint = f" (a checkpoint exists: --model {best})" if best.is_file() else ""

@@ -82,3 +82,78 @@ def test_report_on_a_folder_of_runs_names_the_glob_that_works(
     assert "is a folder of runs" in err and f"kerasfrac report {parent}/*" in err
     assert main(["report", *map(str, sorted(parent.glob("*")))]) == 0  # what it advises
     assert "| a |" in capsys.readouterr().out
+
+
+_WITHOUT_TENSORFLOW = r"""
+import contextlib, io, json, sys
+from importlib.abc import MetaPathFinder
+
+
+class NoTensorFlow(MetaPathFinder):  # an import of TensorFlow on these paths is the bug
+    tried = []
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "keras"):
+            NoTensorFlow.tried.append(name)
+            raise ImportError(f"{name} imported on an error path")
+        return None
+
+
+sys.meta_path.insert(0, NoTensorFlow())
+from kerasfrac.cli import main
+
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(argv)
+    results.append({"rc": rc, "err": err.getvalue(), "tried": NoTensorFlow.tried[:]})
+print(json.dumps(results))
+"""
+
+
+def test_path_errors_answer_before_tensorflow_is_imported(tmp_path):
+    """A wrong run directory, config, build or model is named without importing TensorFlow
+    (whose import takes seconds): each command checks its paths first."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    nope, not_a_run = tmp_path / "nope", tmp_path / "mine"
+    not_a_run.mkdir()
+    cases = {
+        "evaluate": (["evaluate", "--run-dir", str(nope)], f"run directory '{nope}' does not"),
+        "evaluate, not a run": (["evaluate", "--run-dir", str(not_a_run)], "no config.yaml"),
+        "train --config": (
+            ["train", "--config", str(tmp_path / "missing.yaml")],
+            f"config file '{tmp_path / 'missing.yaml'}' does not exist",
+        ),
+        "train data.dir": (
+            ["train", "--set", f"data.dir={nope}"],
+            f"TFRecord directory '{nope}' does not exist",
+        ),
+        "audit": (["audit", str(nope)], f"TFRecord directory '{nope}' does not exist"),
+        "explain": (["explain", "--run-dir", str(nope)], f"run directory '{nope}' does not"),
+        "export": (
+            ["export", "--run-dir", str(nope), "--out", str(tmp_path / "x")],
+            f"run directory '{nope}' does not",
+        ),
+        "predict": (
+            ["predict", "--model", str(nope), str(tmp_path / "x.png")],
+            f"model file '{nope}' does not exist",
+        ),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TENSORFLOW, json.dumps([a for a, _ in cases.values()])],
+        env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (name, (_, message)), result in zip(cases.items(), results, strict=True):
+        assert result["rc"] == 2, (name, result)
+        assert message in result["err"], (name, result)
+        assert not result["tried"], (name, result)
+    assert not (tmp_path / "x").exists()
