@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="show TensorFlow's own start-up and INFO/WARNING log lines (hidden by default, "
         "whatever TF_CPP_MIN_LOG_LEVEL says; an exported level still sets which later C++ "
-        "log lines TensorFlow prints)",
+        "log lines TensorFlow prints) and train's resolved config in full (one line by "
+        "default; all of it goes to the run's config.yaml)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     builder_cli.add_arguments(
@@ -247,7 +248,7 @@ def run_train(args) -> int:
 
     import yaml
 
-    from kerasfrac import config
+    from kerasfrac import config, console
     from kerasfrac.training import kernels
 
     if args.list_keys:
@@ -263,7 +264,10 @@ def run_train(args) -> int:
     from tfrecords_builder.manifest import check_data_dir
 
     check_data_dir(cfg.data.dir)  # a wrong data.dir answers before TensorFlow
-    print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if getattr(args, "verbose", False):
+        print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    else:
+        print(console.config_line(cfg), flush=True)
     print(f"CPU kernels: {kernels.request_onednn(cfg.train.fast)}")
     from kerasfrac.training import train
 
@@ -274,8 +278,6 @@ def run_train(args) -> int:
     except train.Preempted as err:
         print(f"kerasfrac train: {err}", file=sys.stderr)
         return train.Preempted.exit_code
-    from kerasfrac import console
-
     print(console.run_summary(metrics, cfg.run_dir))
     return 0
 

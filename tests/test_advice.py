@@ -157,3 +157,27 @@ def test_path_errors_answer_before_tensorflow_is_imported(tmp_path):
         assert message in result["err"], (name, result)
         assert not result["tried"], (name, result)
     assert not (tmp_path / "x").exists()
+
+
+def test_train_summarises_its_config_in_one_line_and_errors_follow(
+    tmp_path, separable_tfrecord_dir, capsys
+):
+    """The resolved config is one line on the terminal (config.yaml holds it all), so an
+    error comes right after it; --verbose prints the whole config."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep")
+    args = ["train", "--run-dir", str(folder), "--set", f"data.dir={separable_tfrecord_dir}"]
+    args += ["--set", "dataset=synthetic", "--set", "data.image_size=32"]
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    config_lines = [line for line in out.splitlines() if line.startswith("config: ")]
+    assert len(config_lines) == 1, out
+    line = config_lines[0]
+    assert "synthetic" in line and "32 px" in line and str(folder / "config.yaml") in line
+    assert "resolved config" not in out and "learning_rate:" not in out
+    assert len(out.splitlines()) <= 3, out  # the config line, CPU kernels: nothing else
+    assert "not a kerasfrac run" in err
+    assert main(["--verbose", *args]) == 2
+    out = capsys.readouterr().out
+    assert "resolved config:" in out and "learning_rate:" in out and "config: " not in out
