@@ -5,7 +5,10 @@ explain, predict, report); checkpoint.py commits the checkpoints inside it. Layo
 
     config.yaml            the resolved configuration (paths absolute)
     tensorboard/           scalars per epoch (train/ and validation/), hyperparameters, images
-    history.csv            one row per epoch: loss, accuracy, auroc, val_*
+    history.csv            one row per epoch: epoch (from 1, as the console and state.json
+                           count; older runs' files count from 0, told by a first row of
+                           epoch 0: ``read_history`` and a resume renumber them), loss,
+                           accuracy, auroc, val_*
     checkpoints/state.json epochs/steps done, best val AUROC, finished flag, and the name of
                            the committed checkpoint (replacing it is the commit: checkpoint.py)
     checkpoints/gen-NNNNNN/ that checkpoint: model.keras (+ optimizer state), partial_epoch.npz
@@ -316,14 +319,16 @@ def read_predictions(path) -> tuple[list[str], np.ndarray, np.ndarray]:
 
 
 def read_history(run_dir) -> list[dict[str, float]]:
-    """history.csv's rows (one per epoch, numbers as floats; empty cells dropped), [] where
-    there is none; a ValueError naming the file where it cannot be read."""
+    """history.csv's rows (one per epoch, numbers as floats; empty cells dropped; ``epoch``
+    counted from 1), [] where there is none; a ValueError naming the file where it cannot be
+    read. A file of an older run, whose epochs count from 0 (its first row says epoch 0), is
+    read with its epochs moved up by one."""
     path = history_path(run_dir)
     if not path.is_file():
         return []
     try:
         with path.open(newline="") as f:
-            return [{k: float(v) for k, v in row.items() if k and v} for row in csv.DictReader(f)]
+            rows = [{k: float(v) for k, v in row.items() if k and v} for row in csv.DictReader(f)]
     except (OSError, UnicodeDecodeError, ValueError, TypeError) as err:
         raise ValueError(
             f"cannot read the run's training history {str(path)!r} ({str(err)[:200]}): it was "
@@ -331,6 +336,29 @@ def read_history(run_dir) -> list[dict[str, float]]:
             f"(checkpoints/gen-*/{HISTORY}): copy it back, or move the file away (the "
             "training-curves figure and early stopping's memory need it)"
         ) from err
+    if rows and rows[0].get("epoch") == 0:  # an older run's file: epochs from 0
+        rows = [{**r, "epoch": r["epoch"] + 1} if "epoch" in r else r for r in rows]
+    return rows
+
+
+def renumber_history(run_dir) -> bool:
+    """Rewrite an older run's history.csv (epochs from 0) with its epochs counted from 1,
+    before a resume appends to it; whether it was rewritten."""
+    path = history_path(run_dir)
+    if not path.is_file():
+        return False
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, list(reader)
+    if not fields or "epoch" not in fields or not rows or rows[0].get("epoch") != "0":
+        return False
+    buf = io.StringIO()
+    out = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    out.writeheader()
+    for row in rows:
+        out.writerow({**row, "epoch": str(int(float(row["epoch"])) + 1)})
+    write_text(path, buf.getvalue())
+    return True
 
 
 # --------------------------------------------------------------------------- metrics

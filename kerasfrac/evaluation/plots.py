@@ -168,7 +168,7 @@ def history_plot(path: Path, rows: list[dict[str, float]], name: str = "") -> Pa
     (``runs.read_history``); None without any."""
     if not rows:
         return None
-    epochs = [int(r.get("epoch", k)) + 1 for k, r in enumerate(rows)]
+    epochs = [int(r.get("epoch", k + 1)) for k, r in enumerate(rows)]  # from 1
     keys = [k for k in ("loss", "accuracy", "auroc") if k in rows[0]]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
     for ax, key in zip(axes[0], keys):

@@ -368,6 +368,14 @@ def train(
         keras.mixed_precision.set_dtype_policy(policy)
 
 
+class HistoryLogger(keras.callbacks.CSVLogger):
+    """Keras' CSVLogger with the epoch counted from 1, as the console and state.json count
+    (Keras passes the 0-based index)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch + 1, logs)
+
+
 class BestModel(keras.callbacks.Callback):
     """Keras' ``ModelCheckpoint(save_best_only=True, mode="max")``, written atomically: the
     epoch whose ``monitor`` beats ``best`` is saved to a temporary file and renamed onto
@@ -431,6 +439,8 @@ class TrainingTask:
                 epochs=t.epochs,
                 patience=t.early_stopping_patience,
             )
+            if self.state is not None:  # an older run's history.csv: epochs from 1, as appended
+                runs.renumber_history(run_dir)
         else:  # workers only read: the chief owns the run directory
             self.state = ckpt.resumable_state(run_dir) if resume else None
         self.global_batch = t.batch_size * self.strategy.num_replicas_in_sync
@@ -569,7 +579,7 @@ class TrainingTask:
                 self.best.best = state["best_val_auroc"]
             cbs += [
                 keras.callbacks.TensorBoard(runs.tensorboard_dir(run_dir), write_graph=False),
-                keras.callbacks.CSVLogger(runs.history_path(run_dir), append=state is not None),
+                HistoryLogger(runs.history_path(run_dir), append=state is not None),
                 self.best,
             ]
         self.stopper = None
