@@ -569,6 +569,46 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+def verdict(result: dict) -> str:
+    """One line for the end of `kerasfrac explain`: whether the map's peak points at the
+    fracture beyond chance and beyond a map peaking at the image centre (the lower bound of
+    the hit rate's 95% CI above each rate), and the occlusion test's verdict where it ran."""
+    a = result.get("audit")
+    if not a:
+        return "verdict: none (the audit did not run; `--what audit` gives one)"
+    kind = gradcam.map_kind(a["cam_method"])
+    pg = a["pointing_game"]
+    if not pg["available"]:
+        parts = [f"pointing game not played ({pg['reason']})"]
+    elif pg.get("hit_rate") is None:
+        parts = ["pointing game not played (no fractured image with a box in the split)"]
+    else:
+        ci = pg.get("hit_rate_ci95")
+        low = ci[0] if ci else pg["hit_rate"]
+        chance, centre = pg["chance_rate"], pg.get("centre_baseline_hit_rate")
+        beats_chance = chance is not None and low > chance
+        beats_centre = centre is None or low > centre
+        how = (
+            f"(hit rate {pg['hit_rate']:.3f}, 95% CI from {low:.3f}; chance {_fmt(chance)}, "
+            f"centre {_fmt(centre)})"
+        )
+        if beats_chance and beats_centre:
+            said = f"{kind} points at the fracture beyond chance and the centre baseline"
+        elif beats_chance:
+            said = f"{kind} points at the fracture beyond chance but NOT beyond a centre peak"
+        else:
+            said = f"{kind} does NOT point at the fracture beyond chance"
+        parts = [f"{said} {how}"]
+    occ = result.get("occlusion")
+    if occ and occ.get("available"):
+        parts.append(
+            "occlusion: the classifier relies on the fracture region"
+            if occ["reads_the_fracture_region"]
+            else "occlusion: NOT shown to rely on the fracture region"
+        )
+    return "verdict: " + "; ".join(parts)
+
+
 def explain_run(
     run_dir: str | Path,
     opts: ExplainOptions | None = None,
@@ -822,4 +862,5 @@ def main(run_dir, opts: ExplainOptions, image_files=None, out=None, model_path=N
     print(f"written: {result['json']}")
     if result.get("report_html"):
         print(f"updated: {result['report_html']} (explanations added)")
+    print(verdict(result))
     return 0
