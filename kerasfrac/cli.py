@@ -268,12 +268,18 @@ def run_train(args) -> int:
         print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     else:
         print(console.config_line(cfg), flush=True)
-    print(f"CPU kernels: {kernels.request_onednn(cfg.train.fast)}")
+    asked = kernels.request_onednn(cfg.train.fast)
+    if getattr(args, "verbose", False):
+        print(f"CPU kernels: {asked}")
     from kerasfrac.training import train
 
     try:
         metrics = train.train(
-            cfg, resume=args.resume, overwrite=args.overwrite, auto_resume=args.auto_resume
+            cfg,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            auto_resume=args.auto_resume,
+            verbose=2 if getattr(args, "verbose", False) else 1,
         )
     except train.Preempted as err:
         print(f"kerasfrac train: {err}", file=sys.stderr)
@@ -322,16 +328,16 @@ def add_demo(sub) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace an earlier demo's run in --out"
     )
-    p.set_defaults(func=lambda args: _run_demo(args.out, args.overwrite))
+    p.set_defaults(func=lambda args: _run_demo(args.out, args.overwrite, args.verbose))
 
 
-def _run_demo(out, overwrite: bool = False) -> int:
+def _run_demo(out, overwrite: bool = False, verbose: bool = False) -> int:
     from kerasfrac.training import kernels
 
     kernels.request_onednn(fast=True)  # the demo runs with train.fast's default
     from kerasfrac import demo
 
-    demo.run(out, overwrite=overwrite)
+    demo.run(out, overwrite=overwrite, verbose=2 if verbose else 1)
     return 0
 
 

@@ -182,11 +182,16 @@ def test_cli_train_end_to_end(tmp_path, separable_tfrecord_dir, capsys):
     assert main(args) == 0
     assert (run_dir / "model.keras").is_file() and (run_dir / "metrics.json").is_file()
     out = capsys.readouterr().out
-    assert "kernels: fused BatchNorm" in out  # train.fast's default on one replica
+    # what means nothing to a user (kernels, the weights' digest) only with --verbose
+    assert not [x for x in out.splitlines() if x.startswith(("kernels:", "CPU kernels:"))], out
+    assert "final weights sha256" not in out
     if kernels.onednn_enabled() is False:  # TensorFlow came up in this process before the CLI
         assert "note: train.fast asks for oneDNN" in out
     assert main(args) == 2  # finished run: refused without --overwrite
-    assert main([*args, "--overwrite"]) == 0
+    assert main(["--verbose", *args, "--overwrite"]) == 0
+    out = capsys.readouterr().out
+    assert "kernels: fused BatchNorm" in out and "CPU kernels: " in out  # train.fast's default
+    assert "final weights sha256: " in out and "(task worker:0)" in out
 
 
 def test_configs_demo_yaml_is_the_packages_demo_config():
