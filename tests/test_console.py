@@ -429,3 +429,36 @@ def test_explain_figures_have_colour_bars_and_say_label_vs_prediction(tmp_path, 
     explain.class_vis_figure(tmp_path / "c.png", [("noise", vis)], "run r, test split")
     assert any("pixel change" in ax.get_ylabel() for ax in figures[3].axes)
     assert figures[3]._suptitle.get_text() == "run r, test split"
+
+
+def _overlaps(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_cam_figure_names_the_method_and_has_a_legend(tmp_path, figures):
+    """The explain panels name the method used (HiResCAM, not "Grad-CAM"), and a legend says
+    what the green outlines and the peak marker are, clear of every title."""
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 1, (3, 16, 16, 1)).astype(np.float32)
+    cams = rng.uniform(0, 1, (3, 16, 16))
+    boxes = [np.array([[0.2, 0.2, 0.6, 0.5]]), None, np.array([[0.1, 0.5, 0.4, 0.9]])]
+    titles = [f"IMG{i}\nlabel fractured" for i in range(3)]
+    explain.grad_cam_figure(
+        tmp_path / "g.png", images, cams, titles, boxes, name="run 'r', test split", what="HiResCAM"
+    )
+    (fig,) = figures
+    panel_titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert panel_titles.count("HiResCAM") == 3 and not any("Grad-CAM" in t for t in panel_titles)
+    assert any(ax.get_ylabel() == "HiResCAM (share of peak)" for ax in fig.axes)
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["HiResCAM peak", "fracture box"]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = legend.get_window_extent(renderer)
+    texts = [ax.title for ax in fig.axes if ax.get_title()] + [fig._suptitle]
+    assert not [t.get_text() for t in texts if _overlaps(box, t.get_window_extent(renderer))]
+    for ax in fig.axes:  # the legend sits below the images, not on them
+        assert not _overlaps(box, ax.get_window_extent(renderer))
+    from kerasfrac.explain import gradcam
+
+    assert gradcam.map_kind("hirescam") == "HiResCAM" and gradcam.map_kind("gradcam") == "Grad-CAM"

@@ -516,7 +516,7 @@ def test_explain_ends_with_a_one_line_verdict(monkeypatch, capsys):
     from kerasfrac.explain import run as explain_module
 
     good = explain_module.verdict({"audit": _audit(0.8, [0.7, 0.9])})
-    assert good.startswith("verdict: Grad-CAM points at the fracture beyond chance and the ")
+    assert good.startswith("verdict: HiResCAM points at the fracture beyond chance and the ")
     assert "\n" not in good
     centre = explain_module.verdict({"audit": _audit(0.5, [0.25, 0.7])})
     assert "beyond chance but NOT beyond a centre peak" in centre

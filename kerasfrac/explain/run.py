@@ -40,6 +40,7 @@ from kerasfrac.options import AscentOptions, ExplainOptions
 matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import patches  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 # Local imports of the data stage and runs: the figures' pure pieces import without them.
 
@@ -316,9 +317,12 @@ def _draw_boxes(ax, boxes, shape) -> None:
         )
 
 
-def grad_cam_figure(path: Path, images, cams, titles, boxes=None, name: str = "") -> Path:
-    """Per image: the image (boxes in green) | Grad-CAM overlay with its maximum marked; one
-    colour bar (the map as a fraction of its image's peak)."""
+def grad_cam_figure(
+    path: Path, images, cams, titles, boxes=None, name: str = "", what: str = "Grad-CAM"
+) -> Path:
+    """Per image: the image (boxes in green) | the map's overlay (``what``: the method used,
+    e.g. HiResCAM) with its maximum marked; one colour bar (the map as a fraction of its
+    image's peak) and a legend of the box outlines and the peak marker."""
     n = len(images)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
@@ -328,7 +332,7 @@ def grad_cam_figure(path: Path, images, cams, titles, boxes=None, name: str = ""
     for i, (img, cam, title) in enumerate(zip(images, cams, titles)):
         a0, a1 = axes[i // cols, 2 * (i % cols)], axes[i // cols, 2 * (i % cols) + 1]
         _show(a0, img, title)
-        _show(a1, img, "Grad-CAM")
+        _show(a1, img, what)
         peak = float(cam.max())
         shown = a1.imshow(cam / peak if peak > 0 else cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
         if peak > 0:
@@ -339,8 +343,24 @@ def grad_cam_figure(path: Path, images, cams, titles, boxes=None, name: str = ""
             _draw_boxes(a1, boxes[i], cam.shape)
     if n:
         last = axes[(n - 1) // cols, 2 * ((n - 1) % cols) + 1]
-        _colorbar(fig, shown, last, "Grad-CAM (share of peak)")
-    return _save(fig, path, name, wspace=0.15, hspace=0.45, top=1 - 0.75 / (2.8 * rows))
+        _colorbar(fig, shown, last, f"{what} (share of peak)")
+        handles = [Line2D([], [], color="w", marker="+", ls="", markersize=9, mew=2)]
+        labels = [f"{what} peak"]
+        if boxes is not None and any(b is not None and np.size(b) for b in boxes):
+            handles.append(patches.Patch(fill=False, edgecolor="lime", linewidth=1.2))
+            labels.append("fracture box")
+        fig.legend(
+            handles, labels, loc="lower center", ncol=len(labels), fontsize=8, facecolor="0.55"
+        )
+    return _save(
+        fig,
+        path,
+        name,
+        wspace=0.15,
+        hspace=0.45,
+        top=1 - 0.75 / (2.8 * rows),
+        bottom=0.4 / (2.8 * rows),  # the legend
+    )
 
 
 def mean_cam_figure(
@@ -765,7 +785,8 @@ def _grad_cam_part(ctx: _Context, result: dict) -> list[Path]:
         maps,
         [_title(e, p) for e, p in zip(examples, probs)],
         [e.boxes for e in examples],
-        f"{ctx.figure_name}: Grad-CAM ({target} class)",
+        f"{ctx.figure_name}: {gradcam.map_kind(ctx.cam.method)} ({target} class)",
+        gradcam.map_kind(ctx.cam.method),
     )
     return [png]
 
