@@ -462,3 +462,33 @@ def test_cam_figure_names_the_method_and_has_a_legend(tmp_path, figures):
     from kerasfrac.explain import gradcam
 
     assert gradcam.map_kind("hirescam") == "HiResCAM" and gradcam.map_kind("gradcam") == "Grad-CAM"
+
+
+def test_training_curves_have_whole_epoch_ticks_and_no_colliding_text(tmp_path, figures):
+    """training_curves.png: the figure title clear of the panels' titles, each y label clear
+    of its neighbour's tick labels, and only whole epochs on the x axis of a short run."""
+    rows = [
+        {"epoch": 1.0, "loss": 0.7, "val_loss": 0.72, "accuracy": 0.5, "val_accuracy": 0.55},
+        {"epoch": 2.0, "loss": 0.6, "val_loss": 0.69, "accuracy": 0.6, "val_accuracy": 0.58},
+    ]
+    for r in rows:
+        r |= {"auroc": 0.6 + r["epoch"] / 10, "val_auroc": 0.55 + r["epoch"] / 10}
+    plots.history_plot(tmp_path / "curves.png", rows, "run 'my-run'")
+    (fig,) = figures
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "accuracy", "auroc"]
+    suptitle = fig._suptitle.get_window_extent(renderer)
+    for ax in fig.axes:
+        assert not _overlaps(suptitle, ax.title.get_window_extent(renderer))
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+        labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+        assert labels and all("." not in t for t in labels), labels
+        assert [line.get_xdata().tolist() for line in ax.get_lines()] == [[1, 2], [1, 2]]
+    for left, right in zip(fig.axes, fig.axes[1:]):
+        ylabel = right.yaxis.label.get_window_extent(renderer)
+        for tick in left.get_yticklabels() + left.get_xticklabels():
+            if tick.get_text():
+                assert not _overlaps(ylabel, tick.get_window_extent(renderer)), tick.get_text()
+        assert not _overlaps(ylabel, left.get_window_extent(renderer))
