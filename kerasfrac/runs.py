@@ -149,9 +149,19 @@ def run_dir_of(model_file) -> Path:
     return parent.parent if parent.name == CHECKPOINTS else parent
 
 
+#: Directory names that say nothing of the run (the demo's ``demo-out/run``, the config's
+#: default ``runs/default``): figure titles then name the folder above too.
+GENERIC_RUN_NAMES = ("run", "default")
+
+
 def run_name(run_dir) -> str:
-    """How figure titles name a run: ``run 'NAME'``, NAME its directory's name."""
-    return f"run {Path(run_dir).resolve().name!r}"
+    """How figure titles name a run: ``run 'NAME'``, NAME its directory's name, or
+    ``PARENT/NAME`` where the name alone is generic (``run 'demo-out/run'``)."""
+    path = Path(run_dir).resolve()
+    name = path.name
+    if name in GENERIC_RUN_NAMES and path.parent.name:
+        name = f"{path.parent.name}/{name}"
+    return f"run {name!r}"
 
 
 def log_images(run_dir, part: str, images: list[Path], step: int = 0) -> None:

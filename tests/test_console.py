@@ -492,3 +492,11 @@ def test_training_curves_have_whole_epoch_ticks_and_no_colliding_text(tmp_path, 
             if tick.get_text():
                 assert not _overlaps(ylabel, tick.get_window_extent(renderer)), tick.get_text()
         assert not _overlaps(ylabel, left.get_window_extent(renderer))
+
+
+def test_a_run_in_a_generic_folder_is_named_with_its_parent(tmp_path):
+    """The demo's run lives in demo-out/run: its titles say "run 'demo-out/run'", not
+    "run 'run'"; a run with a name of its own keeps it."""
+    assert runs.run_name(tmp_path / "demo-out" / "run") == "run 'demo-out/run'"
+    assert runs.run_name(tmp_path / "runs" / "default") == "run 'runs/default'"
+    assert runs.run_name(tmp_path / "my-run") == "run 'my-run'"
