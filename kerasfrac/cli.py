@@ -11,8 +11,9 @@ import sys
 
 from kerasfrac import options
 
-# Each command imports its modules when it runs (local imports): `--help`, bad options and
-# config errors answer before TensorFlow's seconds-long import.
+# Each command imports its modules when it runs (local imports): `--help`, bad options,
+# config errors and wrong paths (the run, the model, the build) answer before TensorFlow's
+# seconds-long import (the path checks below are TensorFlow-free).
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,8 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
         "-v",
         "--verbose",
         action="store_true",
-        help="show TensorFlow's own start-up and INFO/WARNING log lines (hidden by default; "
-        "an exported TF_CPP_MIN_LOG_LEVEL is always respected)",
+        help="show TensorFlow's own start-up and INFO/WARNING log lines (hidden by default, "
+        "whatever TF_CPP_MIN_LOG_LEVEL says; an exported level still sets which later C++ "
+        "log lines TensorFlow prints) and train's resolved config in full (one line by "
+        "default; all of it goes to the run's config.yaml)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     builder_cli.add_arguments(
@@ -79,6 +82,9 @@ def add_audit(sub) -> None:
 
 
 def run_audit(args) -> int:
+    from tfrecords_builder.manifest import load_manifest
+
+    load_manifest(args.data_dir)  # a wrong path answers before TensorFlow is imported
     from kerasfrac.evaluation import audit
 
     return audit.main(args.data_dir, options.from_args(options.AuditOptions, args))
@@ -107,6 +113,8 @@ def add_evaluate(sub) -> None:
 
 def run_evaluate(args) -> int:
     from kerasfrac import runs
+
+    runs.check_run(args.run_dir, args.model)  # before TensorFlow is imported
     from kerasfrac.evaluation import evaluate
 
     opts = options.from_args(options.EvaluateOptions, args)
@@ -157,6 +165,13 @@ def add_predict(sub) -> None:
 
 
 def run_predict(args) -> int:
+    from pathlib import Path
+
+    from kerasfrac import runs
+
+    model = Path(args.model)
+    if not (model / "export.json").is_file():  # a run or its model: checked before TensorFlow
+        runs.check_run(model_file=runs.model_path(model) if model.is_dir() else model)
     from kerasfrac import predict
 
     opts = options.from_args(options.PredictOptions, args)
@@ -181,6 +196,9 @@ def add_export(sub) -> None:
 
 
 def run_export(args) -> int:
+    from kerasfrac import runs
+
+    runs.check_run(args.run_dir)  # before TensorFlow is imported
     from kerasfrac import export
 
     return export.main(args.run_dir, args.out, options.from_args(options.ExportOptions, args))
@@ -230,7 +248,7 @@ def run_train(args) -> int:
 
     import yaml
 
-    from kerasfrac import config
+    from kerasfrac import config, console
     from kerasfrac.training import kernels
 
     if args.list_keys:
@@ -243,19 +261,29 @@ def run_train(args) -> int:
     if path is None and (args.resume or args.auto_resume) and args.run_dir:
         path = str(Path(args.run_dir) / "config.yaml")  # resume with the run's own settings
     cfg = config.load_config(path, overrides)
-    print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    print(f"CPU kernels: {kernels.request_onednn(cfg.train.fast)}")
+    from tfrecords_builder.manifest import check_data_dir
+
+    check_data_dir(cfg.data.dir)  # a wrong data.dir answers before TensorFlow
+    if getattr(args, "verbose", False):
+        print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    else:
+        print(console.config_line(cfg), flush=True)
+    asked = kernels.request_onednn(cfg.train.fast)
+    if getattr(args, "verbose", False):
+        print(f"CPU kernels: {asked}")
     from kerasfrac.training import train
 
     try:
         metrics = train.train(
-            cfg, resume=args.resume, overwrite=args.overwrite, auto_resume=args.auto_resume
+            cfg,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            auto_resume=args.auto_resume,
+            verbose=2 if getattr(args, "verbose", False) else 1,
         )
     except train.Preempted as err:
         print(f"kerasfrac train: {err}", file=sys.stderr)
         return train.Preempted.exit_code
-    from kerasfrac import console
-
     print(console.run_summary(metrics, cfg.run_dir))
     return 0
 
@@ -300,16 +328,16 @@ def add_demo(sub) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace an earlier demo's run in --out"
     )
-    p.set_defaults(func=lambda args: _run_demo(args.out, args.overwrite))
+    p.set_defaults(func=lambda args: _run_demo(args.out, args.overwrite, args.verbose))
 
 
-def _run_demo(out, overwrite: bool = False) -> int:
+def _run_demo(out, overwrite: bool = False, verbose: bool = False) -> int:
     from kerasfrac.training import kernels
 
     kernels.request_onednn(fast=True)  # the demo runs with train.fast's default
     from kerasfrac import demo
 
-    demo.run(out, overwrite=overwrite)
+    demo.run(out, overwrite=overwrite, verbose=2 if verbose else 1)
     return 0
 
 
@@ -339,6 +367,9 @@ def add_explain(sub) -> None:
 
 
 def run_explain(args) -> int:
+    from kerasfrac import runs
+
+    runs.check_run(args.run_dir, args.model)  # before TensorFlow is imported
     from kerasfrac import explain
 
     opts = options.from_args(options.ExplainOptions, args)

@@ -29,6 +29,19 @@ def _value(v) -> str:
     return "nan" if v is None or not math.isfinite(v) else f"{v:.3f}"
 
 
+def config_line(cfg) -> str:
+    """The resolved config in one line: what the run is (the whole of it goes to the run's
+    config.yaml; ``kerasfrac --verbose train`` prints it)."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+    head = f", {m.head} head" if m.head != "gap" else ""
+    return (
+        f"config: {cfg.dataset} from {d.dir or '(no data.dir)'}, {m.name}{head}, "
+        f"{d.image_size} px, {t.epochs} epochs x batch {t.batch_size}, {t.optimizer} lr "
+        f"{t.learning_rate:g}, seed {t.seed} -> {Path(cfg.run_dir) / 'config.yaml'} "
+        "(every setting; `kerasfrac --verbose train` prints them)"
+    )
+
+
 def epoch_line(epoch: int, epochs: int, logs: dict, seconds: float) -> str:
     """``epoch 3/24  loss 0.512  auroc 0.771  val_loss 0.6  val_auroc 0.7  62 img/s  1m05s``."""
     parts = [f"epoch {epoch + 1}/{epochs}"]

@@ -111,9 +111,9 @@ def run(out: str | Path = "demo-out", verbose: int = 1, overwrite: bool = False)
     train.train(cfg, overwrite=True, verbose=verbose)
     metrics = evaluate.evaluate_run(run_dir, "test")  # metrics.json with CIs, and the plots
     print("\n" + console.run_summary(metrics, run_dir, title="demo, test split"))
+    # The summary above lists the run's files and the next commands: only what it lacks.
     print(
-        f"\nDone. Data: {tfr}\nRun:  {run_dir} (model.keras, metrics.json, predictions.csv, "
-        f"history.csv, plots/)\nPage: {run_dir / 'report.html'} (all of it, open it in a "
+        f"\nDone. Data: {tfr}\nPage: {run_dir / 'report.html'} (all of it, open it in a "
         f"browser)\nTensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}"
     )
     return metrics

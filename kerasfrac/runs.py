@@ -5,7 +5,10 @@ explain, predict, report); checkpoint.py commits the checkpoints inside it. Layo
 
     config.yaml            the resolved configuration (paths absolute)
     tensorboard/           scalars per epoch (train/ and validation/), hyperparameters, images
-    history.csv            one row per epoch: loss, accuracy, auroc, val_*
+    history.csv            one row per epoch: epoch (from 1, as the console and state.json
+                           count; older runs' files count from 0, told by a first row of
+                           epoch 0: ``read_history`` and a resume renumber them), loss,
+                           accuracy, auroc, val_*
     checkpoints/state.json epochs/steps done, best val AUROC, finished flag, and the name of
                            the committed checkpoint (replacing it is the commit: checkpoint.py)
     checkpoints/gen-NNNNNN/ that checkpoint: model.keras (+ optimizer state), partial_epoch.npz
@@ -146,9 +149,19 @@ def run_dir_of(model_file) -> Path:
     return parent.parent if parent.name == CHECKPOINTS else parent
 
 
+#: Directory names that say nothing of the run (the demo's ``demo-out/run``, the config's
+#: default ``runs/default``): figure titles then name the folder above too.
+GENERIC_RUN_NAMES = ("run", "default")
+
+
 def run_name(run_dir) -> str:
-    """How figure titles name a run: ``run 'NAME'``, NAME its directory's name."""
-    return f"run {Path(run_dir).resolve().name!r}"
+    """How figure titles name a run: ``run 'NAME'``, NAME its directory's name, or
+    ``PARENT/NAME`` where the name alone is generic (``run 'demo-out/run'``)."""
+    path = Path(run_dir).resolve()
+    name = path.name
+    if name in GENERIC_RUN_NAMES and path.parent.name:
+        name = f"{path.parent.name}/{name}"
+    return f"run {name!r}"
 
 
 def log_images(run_dir, part: str, images: list[Path], step: int = 0) -> None:
@@ -210,6 +223,19 @@ def load_config(run_dir):
 # --------------------------------------------------------------------------- model
 
 
+def check_run(run_dir=None, model_file=None):
+    """The run's config, after the checks ``load_model`` makes of its paths (``model_file``
+    exists, ``run_dir`` (else the folder holding ``model_file``) is a run): TensorFlow-free,
+    so that the commands answer a wrong path before importing TensorFlow."""
+    if run_dir is None:
+        if model_file is None:
+            raise ValueError("pass a run directory or a model file")
+        run_dir = run_dir_of(model_file)
+    if model_file is not None and not Path(model_file).is_file():
+        raise ValueError(f"model file {str(model_file)!r} does not exist")
+    return load_config(run_dir)
+
+
 def load_model(run_dir=None, model_file=None, box_head: bool = False):
     """``(cfg, model, model_file)`` of a run: its model.keras, or ``model_file`` (its run
     directory is then ``run_dir`` or the folder that holds it). The model is the classifier
@@ -220,16 +246,11 @@ def load_model(run_dir=None, model_file=None, box_head: bool = False):
     from kerasfrac.models import classifier, float32_compute, functional
     from kerasfrac.models import load_model as load
 
-    if run_dir is None:
-        if model_file is None:
-            raise ValueError("pass a run directory or a model file")
-        run_dir = run_dir_of(model_file)
+    cfg = check_run(run_dir, model_file)
+    run_dir = run_dir_of(model_file) if run_dir is None else run_dir
     path = Path(model_file) if model_file else model_path(run_dir)
     if box_head and model_file is None and box_model_path(run_dir).is_file():
         path = box_model_path(run_dir)
-    if model_file is not None and not path.is_file():
-        raise ValueError(f"model file {str(path)!r} does not exist")
-    cfg = load_config(run_dir)
     if not path.is_file():
         best = best_path(run_dir)
         hint = f" (a checkpoint exists: --model {best})" if best.is_file() else ""
@@ -308,14 +329,16 @@ def read_predictions(path) -> tuple[list[str], np.ndarray, np.ndarray]:
 
 
 def read_history(run_dir) -> list[dict[str, float]]:
-    """history.csv's rows (one per epoch, numbers as floats; empty cells dropped), [] where
-    there is none; a ValueError naming the file where it cannot be read."""
+    """history.csv's rows (one per epoch, numbers as floats; empty cells dropped; ``epoch``
+    counted from 1), [] where there is none; a ValueError naming the file where it cannot be
+    read. A file of an older run, whose epochs count from 0 (its first row says epoch 0), is
+    read with its epochs moved up by one."""
     path = history_path(run_dir)
     if not path.is_file():
         return []
     try:
         with path.open(newline="") as f:
-            return [{k: float(v) for k, v in row.items() if k and v} for row in csv.DictReader(f)]
+            rows = [{k: float(v) for k, v in row.items() if k and v} for row in csv.DictReader(f)]
     except (OSError, UnicodeDecodeError, ValueError, TypeError) as err:
         raise ValueError(
             f"cannot read the run's training history {str(path)!r} ({str(err)[:200]}): it was "
@@ -323,6 +346,29 @@ def read_history(run_dir) -> list[dict[str, float]]:
             f"(checkpoints/gen-*/{HISTORY}): copy it back, or move the file away (the "
             "training-curves figure and early stopping's memory need it)"
         ) from err
+    if rows and rows[0].get("epoch") == 0:  # an older run's file: epochs from 0
+        rows = [{**r, "epoch": r["epoch"] + 1} if "epoch" in r else r for r in rows]
+    return rows
+
+
+def renumber_history(run_dir) -> bool:
+    """Rewrite an older run's history.csv (epochs from 0) with its epochs counted from 1,
+    before a resume appends to it; whether it was rewritten."""
+    path = history_path(run_dir)
+    if not path.is_file():
+        return False
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, list(reader)
+    if not fields or "epoch" not in fields or not rows or rows[0].get("epoch") != "0":
+        return False
+    buf = io.StringIO()
+    out = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    out.writeheader()
+    for row in rows:
+        out.writerow({**row, "epoch": str(int(float(row["epoch"])) + 1)})
+    write_text(path, buf.getvalue())
+    return True
 
 
 # --------------------------------------------------------------------------- metrics

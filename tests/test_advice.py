@@ -82,3 +82,102 @@ def test_report_on_a_folder_of_runs_names_the_glob_that_works(
     assert "is a folder of runs" in err and f"kerasfrac report {parent}/*" in err
     assert main(["report", *map(str, sorted(parent.glob("*")))]) == 0  # what it advises
     assert "| a |" in capsys.readouterr().out
+
+
+_WITHOUT_TENSORFLOW = r"""
+import contextlib, io, json, sys
+from importlib.abc import MetaPathFinder
+
+
+class NoTensorFlow(MetaPathFinder):  # an import of TensorFlow on these paths is the bug
+    tried = []
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "keras"):
+            NoTensorFlow.tried.append(name)
+            raise ImportError(f"{name} imported on an error path")
+        return None
+
+
+sys.meta_path.insert(0, NoTensorFlow())
+from kerasfrac.cli import main
+
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(argv)
+    results.append({"rc": rc, "err": err.getvalue(), "tried": NoTensorFlow.tried[:]})
+print(json.dumps(results))
+"""
+
+
+def test_path_errors_answer_before_tensorflow_is_imported(tmp_path):
+    """A wrong run directory, config, build or model is named without importing TensorFlow
+    (whose import takes seconds): each command checks its paths first."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    nope, not_a_run = tmp_path / "nope", tmp_path / "mine"
+    not_a_run.mkdir()
+    cases = {
+        "evaluate": (["evaluate", "--run-dir", str(nope)], f"run directory '{nope}' does not"),
+        "evaluate, not a run": (["evaluate", "--run-dir", str(not_a_run)], "no config.yaml"),
+        "train --config": (
+            ["train", "--config", str(tmp_path / "missing.yaml")],
+            f"config file '{tmp_path / 'missing.yaml'}' does not exist",
+        ),
+        "train data.dir": (
+            ["train", "--set", f"data.dir={nope}"],
+            f"TFRecord directory '{nope}' does not exist",
+        ),
+        "audit": (["audit", str(nope)], f"TFRecord directory '{nope}' does not exist"),
+        "explain": (["explain", "--run-dir", str(nope)], f"run directory '{nope}' does not"),
+        "export": (
+            ["export", "--run-dir", str(nope), "--out", str(tmp_path / "x")],
+            f"run directory '{nope}' does not",
+        ),
+        "predict": (
+            ["predict", "--model", str(nope), str(tmp_path / "x.png")],
+            f"model file '{nope}' does not exist",
+        ),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TENSORFLOW, json.dumps([a for a, _ in cases.values()])],
+        env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (name, (_, message)), result in zip(cases.items(), results, strict=True):
+        assert result["rc"] == 2, (name, result)
+        assert message in result["err"], (name, result)
+        assert not result["tried"], (name, result)
+    assert not (tmp_path / "x").exists()
+
+
+def test_train_summarises_its_config_in_one_line_and_errors_follow(
+    tmp_path, separable_tfrecord_dir, capsys
+):
+    """The resolved config is one line on the terminal (config.yaml holds it all), so an
+    error comes right after it; --verbose prints the whole config."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep")
+    args = ["train", "--run-dir", str(folder), "--set", f"data.dir={separable_tfrecord_dir}"]
+    args += ["--set", "dataset=synthetic", "--set", "data.image_size=32"]
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    config_lines = [line for line in out.splitlines() if line.startswith("config: ")]
+    assert len(config_lines) == 1, out
+    line = config_lines[0]
+    assert "synthetic" in line and "32 px" in line and str(folder / "config.yaml") in line
+    assert "resolved config" not in out and "learning_rate:" not in out
+    assert len(out.splitlines()) == 1, out  # the config line, nothing else
+    assert "not a kerasfrac run" in err
+    assert main(["--verbose", *args]) == 2
+    out = capsys.readouterr().out
+    assert "resolved config:" in out and "learning_rate:" in out and "config: " not in out

@@ -115,15 +115,62 @@ def test_commands_start_without_tensorflows_noise(predict_run):
     assert "absl::InitializeLog" in loud.stderr  # TensorFlow 2.21 prints it before any env
 
 
-def test_a_users_log_level_is_respected(monkeypatch):
+def test_a_users_log_level_is_kept(monkeypatch):
     monkeypatch.setenv(quiet.LEVEL_ENV, "0")
-    assert "left alone" in quiet.quiet_tensorflow()
+    assert "(set by the environment) kept" in quiet.quiet_tensorflow()
     assert os.environ[quiet.LEVEL_ENV] == "0"
     monkeypatch.delenv(quiet.LEVEL_ENV)
     assert "verbose" in quiet.quiet_tensorflow(verbose=True)
     assert quiet.LEVEL_ENV not in os.environ
     quiet.quiet_tensorflow()  # in-process (tests): the level only, no fork
     assert os.environ[quiet.LEVEL_ENV] == "2"
+
+
+def test_startup_noise_by_level():
+    """The start-up lines go at every level; other C++ lines below the level in force go
+    (as TensorFlow hides them once absl is up); FATAL lines always pass."""
+    other_info = "I0000 00:00:1795792570.6 123 some_op.cc:12] an INFO line asked for"
+    for level in range(4):
+        assert all(quiet.is_startup_noise(line, level=level) for line in NOISE[:5])
+        assert not quiet.is_startup_noise(REAL[1], level=level)  # FATAL
+    assert not quiet.is_startup_noise(other_info, level=0)
+    assert quiet.is_startup_noise(other_info, level=1)
+    assert not quiet.is_startup_noise(REAL[0], level=2)
+    assert quiet.is_startup_noise(REAL[0], level=3)
+    assert quiet.log_level("3") == 3 and quiet.log_level("x") == quiet.DEFAULT_LEVEL
+
+
+_FAKE_STARTUP = r"""
+import os, sys
+from tfrecords_builder.quiet import quiet_tensorflow
+print(quiet_tensorflow(filter_stderr=True), flush=True)
+lines = sys.argv[1:]
+os.write(2, ("\n".join(lines + lines) + "\n").encode())  # TensorFlow 2.21 prints them twice
+"""
+
+
+@pytest.mark.parametrize("level", [None, "0", "3"])
+def test_startup_lines_hidden_whatever_the_exported_level(level):
+    """`export TF_CPP_MIN_LOG_LEVEL=3` (or 0) must not bring TensorFlow's start-up lines back:
+    the command's stderr filter runs whatever the level (here fed the lines TensorFlow 2.21
+    prints, twice, as it does with TF_CPP_MIN_LOG_LEVEL=3); a real error still passes."""
+    env = _command_env() if level is None else _command_env(**{quiet.LEVEL_ENV: level})
+    proc = subprocess.run(
+        [sys.executable, "-c", _FAKE_STARTUP, *NOISE[:5], CUINIT, REAL[3]],
+        env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "start-up lines filtered" in proc.stdout
+    if level is not None:
+        assert f"{quiet.LEVEL_ENV}={level} (set by the environment) kept" in proc.stdout
+    kept = proc.stderr.splitlines()
+    if not quiet.nvidia_driver_present():
+        assert kept == [REAL[3], REAL[3]], proc.stderr
+    for text in ("absl::InitializeLog", "oneDNN custom operations", "cudart_stub"):
+        assert text not in proc.stderr
 
 
 def test_help_texts_version_and_list_keys(capsys):
@@ -382,3 +429,74 @@ def test_explain_figures_have_colour_bars_and_say_label_vs_prediction(tmp_path, 
     explain.class_vis_figure(tmp_path / "c.png", [("noise", vis)], "run r, test split")
     assert any("pixel change" in ax.get_ylabel() for ax in figures[3].axes)
     assert figures[3]._suptitle.get_text() == "run r, test split"
+
+
+def _overlaps(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_cam_figure_names_the_method_and_has_a_legend(tmp_path, figures):
+    """The explain panels name the method used (HiResCAM, not "Grad-CAM"), and a legend says
+    what the green outlines and the peak marker are, clear of every title."""
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 1, (3, 16, 16, 1)).astype(np.float32)
+    cams = rng.uniform(0, 1, (3, 16, 16))
+    boxes = [np.array([[0.2, 0.2, 0.6, 0.5]]), None, np.array([[0.1, 0.5, 0.4, 0.9]])]
+    titles = [f"IMG{i}\nlabel fractured" for i in range(3)]
+    explain.grad_cam_figure(
+        tmp_path / "g.png", images, cams, titles, boxes, name="run 'r', test split", what="HiResCAM"
+    )
+    (fig,) = figures
+    panel_titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert panel_titles.count("HiResCAM") == 3 and not any("Grad-CAM" in t for t in panel_titles)
+    assert any(ax.get_ylabel() == "HiResCAM (share of peak)" for ax in fig.axes)
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["HiResCAM peak", "fracture box"]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = legend.get_window_extent(renderer)
+    texts = [ax.title for ax in fig.axes if ax.get_title()] + [fig._suptitle]
+    assert not [t.get_text() for t in texts if _overlaps(box, t.get_window_extent(renderer))]
+    for ax in fig.axes:  # the legend sits below the images, not on them
+        assert not _overlaps(box, ax.get_window_extent(renderer))
+    from kerasfrac.explain import gradcam
+
+    assert gradcam.map_kind("hirescam") == "HiResCAM" and gradcam.map_kind("gradcam") == "Grad-CAM"
+
+
+def test_training_curves_have_whole_epoch_ticks_and_no_colliding_text(tmp_path, figures):
+    """training_curves.png: the figure title clear of the panels' titles, each y label clear
+    of its neighbour's tick labels, and only whole epochs on the x axis of a short run."""
+    rows = [
+        {"epoch": 1.0, "loss": 0.7, "val_loss": 0.72, "accuracy": 0.5, "val_accuracy": 0.55},
+        {"epoch": 2.0, "loss": 0.6, "val_loss": 0.69, "accuracy": 0.6, "val_accuracy": 0.58},
+    ]
+    for r in rows:
+        r |= {"auroc": 0.6 + r["epoch"] / 10, "val_auroc": 0.55 + r["epoch"] / 10}
+    plots.history_plot(tmp_path / "curves.png", rows, "run 'my-run'")
+    (fig,) = figures
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "accuracy", "auroc"]
+    suptitle = fig._suptitle.get_window_extent(renderer)
+    for ax in fig.axes:
+        assert not _overlaps(suptitle, ax.title.get_window_extent(renderer))
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+        labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+        assert labels and all("." not in t for t in labels), labels
+        assert [line.get_xdata().tolist() for line in ax.get_lines()] == [[1, 2], [1, 2]]
+    for left, right in zip(fig.axes, fig.axes[1:]):
+        ylabel = right.yaxis.label.get_window_extent(renderer)
+        for tick in left.get_yticklabels() + left.get_xticklabels():
+            if tick.get_text():
+                assert not _overlaps(ylabel, tick.get_window_extent(renderer)), tick.get_text()
+        assert not _overlaps(ylabel, left.get_window_extent(renderer))
+
+
+def test_a_run_in_a_generic_folder_is_named_with_its_parent(tmp_path):
+    """The demo's run lives in demo-out/run: its titles say "run 'demo-out/run'", not
+    "run 'run'"; a run with a name of its own keeps it."""
+    assert runs.run_name(tmp_path / "demo-out" / "run") == "run 'demo-out/run'"
+    assert runs.run_name(tmp_path / "runs" / "default") == "run 'runs/default'"
+    assert runs.run_name(tmp_path / "my-run") == "run 'my-run'"

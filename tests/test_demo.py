@@ -31,6 +31,9 @@ def test_demo_learns_end_to_end(tmp_path, capsys):
     assert f"kerasfrac explain --run-dir {out / 'run'}" in printed
     assert f"kerasfrac evaluate --run-dir {out / 'run'}" in printed
     assert '"auroc":' not in printed
+    # One summary (the run's files listed once), without lines that mean nothing to a user.
+    assert printed.count(str(out / "run" / "model.keras")) == 1, printed
+    assert "final weights sha256" not in printed and "kernels: " not in printed
     # A second demo into the same folder refuses to replace the run, naming it and the flag.
     before = (out / "run" / "model.keras").stat().st_mtime_ns
     assert main(["demo", "--out", str(out)]) == 2

@@ -496,3 +496,39 @@ def test_occlusion_drops_auroc_for_the_fracture_reader_not_the_letter_reader(run
     assert letter["auroc_original"]["auroc"] > 0.9
     assert abs(letter["difference"]["difference"]) < 0.05
     assert not letter["reads_the_fracture_region"]
+
+
+def _audit(hit_rate, ci, chance=0.2, centre=0.3, available=True):
+    pg = {"available": available, "reason": "the dataset has no fracture boxes"}
+    if available:
+        pg |= {
+            "hit_rate": hit_rate,
+            "hit_rate_ci95": ci,
+            "chance_rate": chance,
+            "centre_baseline_hit_rate": centre,
+        }
+    return {"cam_method": "hirescam", "pointing_game": pg}
+
+
+def test_explain_ends_with_a_one_line_verdict(monkeypatch, capsys):
+    """`kerasfrac explain` ends with one line: does the map point at the fracture beyond
+    chance and the centre baseline, and what the occlusion test found where it ran."""
+    from kerasfrac.explain import run as explain_module
+
+    good = explain_module.verdict({"audit": _audit(0.8, [0.7, 0.9])})
+    assert good.startswith("verdict: HiResCAM points at the fracture beyond chance and the ")
+    assert "\n" not in good
+    centre = explain_module.verdict({"audit": _audit(0.5, [0.25, 0.7])})
+    assert "beyond chance but NOT beyond a centre peak" in centre
+    assert "does NOT point" in explain_module.verdict({"audit": _audit(0.2, [0.1, 0.4])})
+    no_boxes = explain_module.verdict({"audit": _audit(None, None, available=False)})
+    assert no_boxes.startswith("verdict: pointing game not played (the dataset has no")
+    assert "--what audit" in explain_module.verdict({})
+    occlusion = {"available": True, "reads_the_fracture_region": False}
+    both = explain_module.verdict({"audit": _audit(0.8, [0.7, 0.9]), "occlusion": occlusion})
+    assert both.endswith("; occlusion: NOT shown to rely on the fracture region")
+    # main prints it as its last line
+    result = {"figures": [], "json": "explain.json", "audit": _audit(0.8, [0.7, 0.9])}
+    monkeypatch.setattr(explain_module, "explain_run", lambda *a, **k: result)
+    assert explain_module.main("run", ExplainOptions()) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == good

@@ -153,7 +153,7 @@ def test_early_stopping_and_best_epoch_selection(tmp_path, separable_tfrecord_di
     resumed = train.train(cfg, verbose=0, resume=True)
     assert resumed["epochs"] == 12
     with (run_dir / "history.csv").open() as f:
-        assert [int(r["epoch"]) for r in csv.DictReader(f)] == list(range(12))
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == list(range(1, 13))
     assert not train.ckpt.read_state(run_dir)["stopped_early"]
 
 

@@ -324,7 +324,7 @@ def test_train_sbatch_sigterm_requeues_and_resumes(cluster, synthetic, tmp_path)
     assert "requeueing job" in log and "(restart 1)" in log, log[-3000:]
     _assert_finished(run_dir, log)
     epochs = [line.split(",")[0] for line in (run_dir / "history.csv").read_text().split()[1:]]
-    assert epochs == ["0", "1"], f"history not continuous: {epochs}"
+    assert epochs == ["1", "2"], f"history not continuous: {epochs}"
 
 
 @pytest.mark.slow

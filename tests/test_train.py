@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kerasfrac import config
+from kerasfrac import config, runs
 from kerasfrac.cli import main
 from kerasfrac.training import kernels, train
 from tests.conftest import FAST, fast_config, history
@@ -110,17 +110,23 @@ def test_resume_continues_where_it_stopped(tmp_path, separable_tfrecord_dir):
     run_dir = tmp_path / "run"
     train.train(fast_config(separable_tfrecord_dir, run_dir, epochs=2), verbose=0)
     first = history(run_dir)
-    assert [r["epoch"] for r in first] == [0, 1]
+    assert [r["epoch"] for r in first] == [1, 2]  # from 1, as the console counts
     # Pretend the job was preempted after epoch 2 of 3: state says unfinished.
     state_file = run_dir / "checkpoints" / "state.json"
     state = json.loads(state_file.read_text())
     state_file.write_text(json.dumps({**state, "finished": False}))
+    # ... and was written by an older kerasfrac, whose history.csv counted epochs from 0
+    for path in run_dir.rglob("history.csv"):  # the run's and its checkpoints' copies
+        lines = path.read_text().splitlines()
+        renumbered = [f"{int(x.split(',')[0]) - 1},{x.split(',', 1)[1]}" for x in lines[1:]]
+        path.write_text("\n".join([lines[0], *renumbered]) + "\n")
+    assert [r["epoch"] for r in runs.read_history(run_dir)] == [1, 2]  # read from 1 all the same
     cfg = fast_config(separable_tfrecord_dir, run_dir, epochs=3)
     with pytest.raises(train.RunDirError, match="--resume"):
         train.train(cfg, verbose=0)
     train.train(cfg, resume=True, verbose=0)
     rows = history(run_dir)
-    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]  # renumbered, then appended from 1
     assert rows[:2] == first  # history continues, nothing rewritten
     assert json.loads(state_file.read_text())["epoch"] == 3
 
@@ -176,11 +182,16 @@ def test_cli_train_end_to_end(tmp_path, separable_tfrecord_dir, capsys):
     assert main(args) == 0
     assert (run_dir / "model.keras").is_file() and (run_dir / "metrics.json").is_file()
     out = capsys.readouterr().out
-    assert "kernels: fused BatchNorm" in out  # train.fast's default on one replica
+    # what means nothing to a user (kernels, the weights' digest) only with --verbose
+    assert not [x for x in out.splitlines() if x.startswith(("kernels:", "CPU kernels:"))], out
+    assert "final weights sha256" not in out
     if kernels.onednn_enabled() is False:  # TensorFlow came up in this process before the CLI
         assert "note: train.fast asks for oneDNN" in out
     assert main(args) == 2  # finished run: refused without --overwrite
-    assert main([*args, "--overwrite"]) == 0
+    assert main(["--verbose", *args, "--overwrite"]) == 0
+    out = capsys.readouterr().out
+    assert "kernels: fused BatchNorm" in out and "CPU kernels: " in out  # train.fast's default
+    assert "final weights sha256: " in out and "(task worker:0)" in out
 
 
 def test_configs_demo_yaml_is_the_packages_demo_config():
@@ -317,7 +328,7 @@ def test_resume_of_a_finished_run_with_more_epochs_continues_it(
     assert "--set train.epochs=N, N > 1" in capsys.readouterr().err
     assert main(["train", "--run-dir", str(run_dir), "--resume", "--set", "train.epochs=2"]) == 0
     rows = history(run_dir)
-    assert [r["epoch"] for r in rows] == [0, 1] and rows[:1] == first
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[:1] == first
     state = json.loads((run_dir / "checkpoints" / "state.json").read_text())
     assert state["epoch"] == 2 and state["finished"]
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 2

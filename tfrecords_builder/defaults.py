@@ -6,6 +6,9 @@ TensorFlow.
 """
 
 SPLITS = ("train", "val", "test")
+MANIFEST = "manifest.json"
+#: 2: the build is a tensorflow-datasets dataset (1: Model Garden-style shards, own keys).
+FORMAT_VERSION = 2
 #: FracAtlas' dataset.csv columns kept per image (all 0/1 flags except fracture_count).
 #: ``fractured`` is the csv's own opinion; the record's ``label`` comes from the folder.
 META_COLUMNS = (

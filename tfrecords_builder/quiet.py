@@ -3,12 +3,15 @@
 TensorFlow (2.21) writes its start-up lines from C++ through absl logging before absl is
 initialised ("WARNING: All log messages before absl::InitializeLog() ...", the oneDNN and
 CUDA-driver notices), so ``TF_CPP_MIN_LOG_LEVEL`` cannot hide them; cpu_feature_guard's
-notice and the failed ``cuInit`` of a machine without a GPU come later. ``quiet_tensorflow``
-sets ``TF_CPP_MIN_LOG_LEVEL=2`` (C++ INFO and WARNING off, errors on) and, for a command's
-own process, passes its stderr through a small filter process that drops those lines and
-nothing else: a separate process, so that a crash's last words still reach the terminal. A
-``TF_CPP_MIN_LOG_LEVEL`` the user exported, or ``--verbose``, leaves everything as
-TensorFlow prints it.
+notice and the failed ``cuInit`` of a machine without a GPU come later (TensorFlow 2.21 even
+prints the pre-initialisation lines twice, with ``TF_CPP_MIN_LOG_LEVEL=3`` too).
+``quiet_tensorflow`` sets ``TF_CPP_MIN_LOG_LEVEL=2`` (C++ INFO and WARNING off, errors on)
+unless the user exported a level, which is kept, and, for a command's own process, passes
+its stderr through a small filter process that drops those lines and nothing else: a separate
+process, so that a crash's last words still reach the terminal. The filter drops the start-up
+lines whatever the level, and other C++ log lines below the level in force (as TensorFlow
+itself does once absl is initialised); only ``--verbose`` leaves everything as TensorFlow
+prints it.
 
 ``without_lines`` holds back, for the length of a block, C-level stderr lines that the
 caller reports better itself (libjpeg's "Premature end of JPEG file", which names no file,
@@ -40,6 +43,11 @@ _NOISE_TEXT = (
 _BENIGN_ERRORS = (
     ("util.cc", "Falling back to the default Eigen-based implementation"),  # oneDNN, uint8
 )
+#: the C++ sources of TensorFlow's start-up INFO/WARNING lines (oneDNN, CUDA runtime stub,
+#: CPU instruction notice): dropped even where the user's level asks for INFO lines
+_STARTUP_SOURCES = ("port.cc", "cudart_stub.cc", "cpu_feature_guard.cc")
+_SEVERITIES = "IWEF"  # TF_CPP_MIN_LOG_LEVEL 0..3 hides the severities before it
+DEFAULT_LEVEL = 2
 
 
 def nvidia_driver_present() -> bool:
@@ -47,12 +55,21 @@ def nvidia_driver_present() -> bool:
     return Path("/proc/driver/nvidia").exists()
 
 
-def is_startup_noise(line: str, gpu_expected: bool = False) -> bool:
-    """Whether ``line`` (from stderr) is TensorFlow start-up chatter: a C++ INFO or WARNING
-    line (what ``TF_CPP_MIN_LOG_LEVEL=2`` means, also for lines printed before TensorFlow
-    reads it), absl's pre-initialisation notice, cpu_feature_guard's second line, oneDNN's
+def log_level(value: str | None) -> int:
+    """``TF_CPP_MIN_LOG_LEVEL``'s value as TensorFlow reads it: 0..3, else the default (2)."""
+    try:
+        return min(max(int(str(value).strip()), 0), 3)
+    except ValueError:
+        return DEFAULT_LEVEL
+
+
+def is_startup_noise(line: str, gpu_expected: bool = False, level: int = DEFAULT_LEVEL) -> bool:
+    """Whether ``line`` (from stderr) is TensorFlow chatter to drop: a start-up line (absl's
+    pre-initialisation notice, the oneDNN, CUDA-stub and cpu_feature_guard notices, oneDNN's
     uint8 fall-back notice, or, on a machine without an NVIDIA driver (``gpu_expected``
-    False), the failed ``cuInit``."""
+    False), the failed ``cuInit``) whatever ``level`` says, or a C++ log line of a severity
+    that ``TF_CPP_MIN_LOG_LEVEL=level`` hides (INFO and WARNING at 2, also lines printed
+    before TensorFlow reads it). FATAL lines always pass."""
     text = line.rstrip("\r\n")
     if text.startswith(_NOISE_TEXT):
         return True
@@ -60,14 +77,16 @@ def is_startup_noise(line: str, gpu_expected: bool = False) -> bool:
     if m is None:
         return False
     severity, source = m.groups()
-    if severity in "IW":
+    if severity in "IW" and source in _STARTUP_SOURCES:
+        return True
+    if severity != "F" and _SEVERITIES.index(severity) < level:
         return True
     if any(source == f and text_in in text for f, text_in in _BENIGN_ERRORS):
         return True
     return not gpu_expected and source == "cuda_platform.cc" and "failed call to cuInit" in text
 
 
-def _filter_loop(read_fd: int, write_fd: int, gpu_expected: bool) -> None:
+def _filter_loop(read_fd: int, write_fd: int, gpu_expected: bool, level: int) -> None:
     """Copy ``read_fd`` to ``write_fd`` line by line, dropping start-up noise, until EOF."""
     pending = b""
     while True:
@@ -82,15 +101,15 @@ def _filter_loop(read_fd: int, write_fd: int, gpu_expected: bool) -> None:
         out = b"".join(
             line + b"\n"
             for line in lines
-            if not is_startup_noise(line.decode(errors="replace"), gpu_expected)
+            if not is_startup_noise(line.decode(errors="replace"), gpu_expected, level)
         )
         if out:
             os.write(write_fd, out)
-    if pending and not is_startup_noise(pending.decode(errors="replace"), gpu_expected):
+    if pending and not is_startup_noise(pending.decode(errors="replace"), gpu_expected, level):
         os.write(write_fd, pending)
 
 
-def _filter_stderr() -> None:
+def _filter_stderr(level: int) -> None:
     """Route fd 2 through a forked filter process (POSIX only; before any thread starts)."""
     sys.stderr.flush()
     read_fd, write_fd = os.pipe()
@@ -115,7 +134,7 @@ def _filter_stderr() -> None:
         os.closerange(lo, 1 << 16)
         os.dup2(real, 2)
         try:
-            _filter_loop(read_fd, real, gpu_expected)
+            _filter_loop(read_fd, real, gpu_expected, level)
         finally:
             os._exit(0)
     os.close(read_fd)
@@ -147,13 +166,15 @@ def quiet_tensorflow(verbose: bool = False, filter_stderr: bool = False) -> str:
     returns what was done. ``filter_stderr`` only for the command's own process (it forks)."""
     if verbose:
         return "verbose: TensorFlow's log lines shown as it prints them"
-    if LEVEL_ENV in os.environ:
-        return f"{LEVEL_ENV}={os.environ[LEVEL_ENV]} (set by the environment): left alone"
-    os.environ[LEVEL_ENV] = "2"
+    if LEVEL_ENV in os.environ:  # the user's level is kept; the start-up lines still go
+        done = f"{LEVEL_ENV}={os.environ[LEVEL_ENV]} (set by the environment) kept"
+    else:
+        os.environ[LEVEL_ENV] = str(DEFAULT_LEVEL)
+        done = f"{LEVEL_ENV}={DEFAULT_LEVEL}"
     if filter_stderr and hasattr(os, "fork") and "tensorflow" not in sys.modules and _open(2):
-        _filter_stderr()
-        return f"{LEVEL_ENV}=2 and start-up lines filtered"
-    return f"{LEVEL_ENV}=2"
+        _filter_stderr(log_level(os.environ[LEVEL_ENV]))
+        return f"{done} and start-up lines filtered"
+    return done
 
 
 @contextlib.contextmanager

@@ -13,70 +13,19 @@ order).
 from __future__ import annotations
 
 import hashlib
-import itertools
-import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import tensorflow as tf
 
-from tfrecords_builder import datasets, schema
-
-
-class BuildOutputError(ValueError):
-    """A TFRecord directory that is missing, incomplete or not what the caller expected."""
-
-
-def load_manifest(directory: str | Path) -> dict:
-    """Load ``DIR/manifest.json``; a clear error if DIR is not a finished build."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise BuildOutputError(
-            f"TFRecord directory {str(directory)!r} does not exist. Build it first with "
-            f"`kerasfrac build {{{','.join(datasets.names())}}} --source SRC "
-            f"--out {directory}`."
-        )
-    path = directory / schema.MANIFEST
-    if not path.is_file():
-        found = sorted(p.name for p in directory.iterdir())[:10]
-        names = ",".join(datasets.names())
-        if not found:
-            fix = f"Build into it: `kerasfrac build {{{names}}} --source SRC --out {directory}`."
-        elif {"dataset.csv", "images", "Annotations"} & set(found) or any(
-            p.suffix.lower() in (".jpg", ".jpeg", ".png", ".dcm")
-            for p in itertools.islice(directory.rglob("*"), 5000)  # a look, not a crawl
-        ):
-            fix = (
-                "It looks like a dataset as downloaded (images, not shards): build it first, "
-                f"into another folder: `kerasfrac build {{{names}}} --source {directory} --out "
-                f"{directory.parent / (directory.name + '-tfr')}`, then use that folder."
-            )
-        else:
-            fix = (
-                "Point it at the --out folder of `kerasfrac build`, or rebuild that folder with "
-                f"`kerasfrac build ... --out {directory} --overwrite` if it held a build."
-            )
-        raise BuildOutputError(
-            f"{str(directory)!r} has no {schema.MANIFEST}, so it is not a finished kerasfrac build "
-            f"(found: {found or 'nothing'}). {fix}"
-        )
-    try:
-        manifest = json.loads(path.read_text())
-        if not isinstance(manifest, dict):
-            raise ValueError(f"expected a JSON object, got {type(manifest).__name__}")
-    except (UnicodeDecodeError, ValueError) as err:
-        raise BuildOutputError(
-            f"{str(path)!r} cannot be read ({str(err)[:200]}): the build was edited or damaged. "
-            f"Rebuild it with `kerasfrac build ... --out {directory} --overwrite`."
-        ) from err
-    if manifest.get("format_version") == 1:
-        raise BuildOutputError(
-            f"{str(directory)!r} was built by an older kerasfrac (format 1: Model Garden-style "
-            f"shards; format {schema.FORMAT_VERSION} is a tensorflow-datasets dataset). Rebuild it "
-            f"with `kerasfrac build ... --out {directory} --overwrite`."
-        )
-    return manifest
+from tfrecords_builder import schema
+from tfrecords_builder.manifest import (  # noqa: F401  (re-exported: the reader's contract)
+    BuildOutputError,
+    check_data_dir,
+    load_manifest,
+    require_data_dir,
+)
 
 
 @dataclass(frozen=True)
@@ -91,11 +40,7 @@ class Build:
     def load(cls, directory: str | Path, dataset: str | None = None) -> Build:
         """The build in ``directory``; ``dataset`` (the config's dataset name), when given,
         must be the manifest's source."""
-        if directory is None or str(directory) == "":
-            raise BuildOutputError(
-                "no TFRecord directory configured: set data.dir in the config or pass "
-                "--set data.dir=DIR (a directory written by `kerasfrac build`)"
-            )
+        require_data_dir(directory)
         build = cls(Path(directory), load_manifest(directory))
         build.check_counts()
         if dataset is not None and build.source != dataset:

@@ -232,6 +232,4 @@ def _template(name: str, split: str, data_dir: str = "."):
     )
 
 
-MANIFEST = "manifest.json"
-#: 2: the build is a tensorflow-datasets dataset (1: Model Garden-style shards, own keys).
-FORMAT_VERSION = 2
+from tfrecords_builder.defaults import FORMAT_VERSION, MANIFEST  # noqa: E402,F401

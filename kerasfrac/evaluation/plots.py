@@ -168,10 +168,17 @@ def history_plot(path: Path, rows: list[dict[str, float]], name: str = "") -> Pa
     (``runs.read_history``); None without any."""
     if not rows:
         return None
-    epochs = [int(r.get("epoch", k)) + 1 for k, r in enumerate(rows)]
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [int(r.get("epoch", k + 1)) for k, r in enumerate(rows)]  # from 1
     keys = [k for k in ("loss", "accuracy", "auroc") if k in rows[0]]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
+    # constrained layout keeps the figure title above the panels' titles and each y label
+    # clear of its neighbour's tick labels
+    fig, axes = plt.subplots(
+        1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False, layout="constrained"
+    )
     for ax, key in zip(axes[0], keys):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs only
         for prefix, label in (("", "train"), ("val_", "val")):
             if prefix + key in rows[0]:
                 ax.plot(epochs, [r.get(prefix + key, np.nan) for r in rows], "o-", label=label)

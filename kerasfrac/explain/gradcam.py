@@ -187,9 +187,13 @@ class GradCam:
         return cam.numpy()
 
 
+#: How figures and summaries name each CAM method's map (the method actually used).
+MAP_KINDS = {"gradcam": "Grad-CAM", "hirescam": "HiResCAM", "boxmap": "box heat map"}
+
+
 def map_kind(method: str) -> str:
     """What a map of CAM ``method`` is, for figure titles and summaries."""
-    return "box heat map" if method == "boxmap" else "Grad-CAM"
+    return MAP_KINDS.get(method, "Grad-CAM")
 
 
 def target_signs(target: str, labels, logits=None) -> np.ndarray:

@@ -40,6 +40,7 @@ from kerasfrac.options import AscentOptions, ExplainOptions
 matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import patches  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 # Local imports of the data stage and runs: the figures' pure pieces import without them.
 
@@ -316,9 +317,12 @@ def _draw_boxes(ax, boxes, shape) -> None:
         )
 
 
-def grad_cam_figure(path: Path, images, cams, titles, boxes=None, name: str = "") -> Path:
-    """Per image: the image (boxes in green) | Grad-CAM overlay with its maximum marked; one
-    colour bar (the map as a fraction of its image's peak)."""
+def grad_cam_figure(
+    path: Path, images, cams, titles, boxes=None, name: str = "", what: str = "Grad-CAM"
+) -> Path:
+    """Per image: the image (boxes in green) | the map's overlay (``what``: the method used,
+    e.g. HiResCAM) with its maximum marked; one colour bar (the map as a fraction of its
+    image's peak) and a legend of the box outlines and the peak marker."""
     n = len(images)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
@@ -328,7 +332,7 @@ def grad_cam_figure(path: Path, images, cams, titles, boxes=None, name: str = ""
     for i, (img, cam, title) in enumerate(zip(images, cams, titles)):
         a0, a1 = axes[i // cols, 2 * (i % cols)], axes[i // cols, 2 * (i % cols) + 1]
         _show(a0, img, title)
-        _show(a1, img, "Grad-CAM")
+        _show(a1, img, what)
         peak = float(cam.max())
         shown = a1.imshow(cam / peak if peak > 0 else cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
         if peak > 0:
@@ -339,8 +343,24 @@ def grad_cam_figure(path: Path, images, cams, titles, boxes=None, name: str = ""
             _draw_boxes(a1, boxes[i], cam.shape)
     if n:
         last = axes[(n - 1) // cols, 2 * ((n - 1) % cols) + 1]
-        _colorbar(fig, shown, last, "Grad-CAM (share of peak)")
-    return _save(fig, path, name, wspace=0.15, hspace=0.45, top=1 - 0.75 / (2.8 * rows))
+        _colorbar(fig, shown, last, f"{what} (share of peak)")
+        handles = [Line2D([], [], color="w", marker="+", ls="", markersize=9, mew=2)]
+        labels = [f"{what} peak"]
+        if boxes is not None and any(b is not None and np.size(b) for b in boxes):
+            handles.append(patches.Patch(fill=False, edgecolor="lime", linewidth=1.2))
+            labels.append("fracture box")
+        fig.legend(
+            handles, labels, loc="lower center", ncol=len(labels), fontsize=8, facecolor="0.55"
+        )
+    return _save(
+        fig,
+        path,
+        name,
+        wspace=0.15,
+        hspace=0.45,
+        top=1 - 0.75 / (2.8 * rows),
+        bottom=0.4 / (2.8 * rows),  # the legend
+    )
 
 
 def mean_cam_figure(
@@ -569,6 +589,46 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+def verdict(result: dict) -> str:
+    """One line for the end of `kerasfrac explain`: whether the map's peak points at the
+    fracture beyond chance and beyond a map peaking at the image centre (the lower bound of
+    the hit rate's 95% CI above each rate), and the occlusion test's verdict where it ran."""
+    a = result.get("audit")
+    if not a:
+        return "verdict: none (the audit did not run; `--what audit` gives one)"
+    kind = gradcam.map_kind(a["cam_method"])
+    pg = a["pointing_game"]
+    if not pg["available"]:
+        parts = [f"pointing game not played ({pg['reason']})"]
+    elif pg.get("hit_rate") is None:
+        parts = ["pointing game not played (no fractured image with a box in the split)"]
+    else:
+        ci = pg.get("hit_rate_ci95")
+        low = ci[0] if ci else pg["hit_rate"]
+        chance, centre = pg["chance_rate"], pg.get("centre_baseline_hit_rate")
+        beats_chance = chance is not None and low > chance
+        beats_centre = centre is None or low > centre
+        how = (
+            f"(hit rate {pg['hit_rate']:.3f}, 95% CI from {low:.3f}; chance {_fmt(chance)}, "
+            f"centre {_fmt(centre)})"
+        )
+        if beats_chance and beats_centre:
+            said = f"{kind} points at the fracture beyond chance and the centre baseline"
+        elif beats_chance:
+            said = f"{kind} points at the fracture beyond chance but NOT beyond a centre peak"
+        else:
+            said = f"{kind} does NOT point at the fracture beyond chance"
+        parts = [f"{said} {how}"]
+    occ = result.get("occlusion")
+    if occ and occ.get("available"):
+        parts.append(
+            "occlusion: the classifier relies on the fracture region"
+            if occ["reads_the_fracture_region"]
+            else "occlusion: NOT shown to rely on the fracture region"
+        )
+    return "verdict: " + "; ".join(parts)
+
+
 def explain_run(
     run_dir: str | Path,
     opts: ExplainOptions | None = None,
@@ -725,7 +785,8 @@ def _grad_cam_part(ctx: _Context, result: dict) -> list[Path]:
         maps,
         [_title(e, p) for e, p in zip(examples, probs)],
         [e.boxes for e in examples],
-        f"{ctx.figure_name}: Grad-CAM ({target} class)",
+        f"{ctx.figure_name}: {gradcam.map_kind(ctx.cam.method)} ({target} class)",
+        gradcam.map_kind(ctx.cam.method),
     )
     return [png]
 
@@ -822,4 +883,5 @@ def main(run_dir, opts: ExplainOptions, image_files=None, out=None, model_path=N
     print(f"written: {result['json']}")
     if result.get("report_html"):
         print(f"updated: {result['report_html']} (explanations added)")
+    print(verdict(result))
     return 0

@@ -78,6 +78,12 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return task_type in (None, "chief") or (task_type == "worker" and task_id == 0)
 
 
+def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
+    """Whether ``strategy`` spans a cluster of workers (TF_CONFIG or Slurm), not one process."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return resolver is not None and bool(resolver.cluster_spec().as_dict())
+
+
 def task_name(strategy: tf.distribute.Strategy) -> str:
     """'worker:1' under a cluster, 'worker:0' alone (printed beside each worker's results)."""
     resolver = getattr(strategy, "cluster_resolver", None)

@@ -325,12 +325,17 @@ def _restore_early_stopping(stopper, run_dir: Path) -> None:
         stopper.best, stopper.best_epoch, stopper.wait = values[best], best, len(values) - 1 - best
 
 
-def _print_kernels(model: keras.Model, fast: bool) -> None:
-    """Which BatchNorm and CPU kernels this run got (``train.fast``), and why not if not."""
+def _print_kernels(model: keras.Model, fast: bool, verbose: int = 2) -> None:
+    """Which BatchNorm and CPU kernels this run got (``train.fast``; ``verbose`` 2, i.e.
+    `kerasfrac --verbose`), and why not if not (always: it tells the fix)."""
     fused = uses_fused_batchnorm(model)
     onednn = kernels.onednn_enabled()
     onednn_text = {True: "on", False: "off", None: "unknown"}[onednn]
-    print(f"kernels: {'fused' if fused else 'Keras'} BatchNorm, oneDNN {onednn_text}", flush=True)
+    if verbose >= 2:
+        print(
+            f"kernels: {'fused' if fused else 'Keras'} BatchNorm, oneDNN {onednn_text}",
+            flush=True,
+        )
     if fast and onednn is False:
         print(
             f"note: train.fast asks for oneDNN CPU kernels, but this process imported "
@@ -353,9 +358,12 @@ def train(
     ``resume`` continues an unfinished run (error if there is none), or a finished one whose
     ``train.epochs`` was raised; ``auto_resume`` continues one if there is one and starts
     fresh otherwise (for requeued Slurm jobs). On SIGTERM the loop saves a checkpoint after
-    the current step and raises ``Preempted``.
+    the current step and raises ``Preempted``. ``verbose``: 0 quiet, 1 the epoch lines, 2
+    (`kerasfrac --verbose`) also the kernels and the final weights' digest (always printed
+    by each worker of a cluster: equal digests mean the workers stayed in sync).
     """
     task = TrainingTask(cfg)
+    task.verbose = verbose
     policy = keras.mixed_precision.dtype_policy()  # train.precision sets it for the run only
     try:
         with contextlib.ExitStack() as task.held:  # the run's lock (chief), until train ends
@@ -366,6 +374,14 @@ def train(
             return task.finish(epochs_done)
     finally:
         keras.mixed_precision.set_dtype_policy(policy)
+
+
+class HistoryLogger(keras.callbacks.CSVLogger):
+    """Keras' CSVLogger with the epoch counted from 1, as the console and state.json count
+    (Keras passes the 0-based index)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch + 1, logs)
 
 
 class BestModel(keras.callbacks.Callback):
@@ -398,6 +414,7 @@ class TrainingTask:
         self.run_dir = Path(self.cfg.run_dir)
         self.best = None  # BestModel: checkpoints/best.keras, written atomically (chief only)
         self.held = contextlib.ExitStack()  # train() passes the one it closes at the end
+        self.verbose = 1  # train() sets it: 2 adds the kernels and the weights' digest
 
     # ----------------------------------------------------------------------- setup
 
@@ -431,6 +448,8 @@ class TrainingTask:
                 epochs=t.epochs,
                 patience=t.early_stopping_patience,
             )
+            if self.state is not None:  # an older run's history.csv: epochs from 1, as appended
+                runs.renumber_history(run_dir)
         else:  # workers only read: the chief owns the run directory
             self.state = ckpt.resumable_state(run_dir) if resume else None
         self.global_batch = t.batch_size * self.strategy.num_replicas_in_sync
@@ -463,7 +482,7 @@ class TrainingTask:
             runs.save_config(run_dir, cfg)
             if self.state is None:
                 _log_hparams(run_dir, cfg)
-            _print_kernels(self.model, t.fast)
+            _print_kernels(self.model, t.fast, self.verbose)
         self.train_iter = self.distribute_inputs(train_ds)
         self.train_step = make_train_step(
             self.model,
@@ -569,7 +588,7 @@ class TrainingTask:
                 self.best.best = state["best_val_auroc"]
             cbs += [
                 keras.callbacks.TensorBoard(runs.tensorboard_dir(run_dir), write_graph=False),
-                keras.callbacks.CSVLogger(runs.history_path(run_dir), append=state is not None),
+                HistoryLogger(runs.history_path(run_dir), append=state is not None),
                 self.best,
             ]
         self.stopper = None
@@ -710,7 +729,8 @@ class TrainingTask:
         metrics ({} on other workers)."""
         cfg, t, run_dir = self.cfg, self.cfg.train, self.run_dir
         digest = weights_digest(self.model)
-        print(f"final weights sha256: {digest} (task {self.task})", flush=True)
+        if self.verbose >= 2 or distribute.is_multi_worker(self.strategy):  # workers in sync?
+            print(f"final weights sha256: {digest} (task {self.task})", flush=True)
         if not self.chief:
             return {}
         swap = self._ema_swap()
