@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -38,14 +39,20 @@ def test_tibia_fibula_refuses_a_fracatlas_folder_instead_of_dropping_its_boxes(t
     assert not (tmp_path / "out").exists()
 
 
-def test_train_into_a_folder_that_is_not_a_run_does_not_offer_overwrite(
-    tmp_path, separable_tfrecord_dir, capsys
-):
+def _train_into_a_folder_of_notes(tmp_path, build_dir) -> tuple[Path, list[str]]:
+    """A folder holding a user's file (not a run) and the train arguments pointing at it."""
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "notes.txt").write_text("keep")
-    args = ["train", "--run-dir", str(folder), "--set", f"data.dir={separable_tfrecord_dir}"]
+    args = ["train", "--run-dir", str(folder), "--set", f"data.dir={build_dir}"]
     args += ["--set", "dataset=synthetic", "--set", "data.image_size=32"]
+    return folder, args
+
+
+def test_train_into_a_folder_that_is_not_a_run_does_not_offer_overwrite(
+    tmp_path, separable_tfrecord_dir, capsys
+):
+    folder, args = _train_into_a_folder_of_notes(tmp_path, separable_tfrecord_dir)
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "not a kerasfrac run" in err and "choose an empty or new --run-dir" in err
@@ -164,11 +171,7 @@ def test_train_summarises_its_config_in_one_line_and_errors_follow(
 ):
     """The resolved config is one line on the terminal (config.yaml holds it all), so an
     error comes right after it; --verbose prints the whole config."""
-    folder = tmp_path / "mine"
-    folder.mkdir()
-    (folder / "notes.txt").write_text("keep")
-    args = ["train", "--run-dir", str(folder), "--set", f"data.dir={separable_tfrecord_dir}"]
-    args += ["--set", "dataset=synthetic", "--set", "data.image_size=32"]
+    folder, args = _train_into_a_folder_of_notes(tmp_path, separable_tfrecord_dir)
     assert main(args) == 2
     out, err = capsys.readouterr()
     config_lines = [line for line in out.splitlines() if line.startswith("config: ")]

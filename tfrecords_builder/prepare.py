@@ -272,6 +272,36 @@ def _assign(g: _Grouping, cands, opts: BuildOptions) -> tuple[dict[str, str], di
     }
 
 
+def _read_listing(path, option: str, column: str, cands, hint: str = ""):
+    """A CSV naming images of the source (``--groups``, ``--split-file``): ``column`` and a
+    ``file`` (path under the dataset root, or file name) or ``image_id`` column. Returns
+    ``(path, key, rows, by_name)``: the key column used, the rows (cells stripped) and
+    name -> candidate indices."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(
+            f"{option} {str(path)!r}: no such file; expected a CSV of file,{column}"
+            + (f" {hint}" if hint else "")
+        )
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in reader.fieldnames or []]
+        key = next((k for k in ("file", "image_id") if k in header), None)
+        if column not in header or key is None:
+            raise ValueError(
+                f"{option} {str(path)!r} has columns {header}; expected a {column!r} column "
+                "and a 'file' (path under the dataset root, e.g. images/Fractured/"
+                f"IMG0000019.jpg, or file name) or 'image_id' column, e.g. the header "
+                f"'file,{column}'"
+            )
+        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+    by_name: dict[str, list[int]] = {}
+    for i, c in enumerate(cands):
+        for name in {c.image_id} if key == "image_id" else {c.rel, c.path.name}:
+            by_name.setdefault(name, []).append(i)
+    return path, key, rows, by_name
+
+
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
@@ -279,27 +309,9 @@ def _read_split_file(path, cands, keep) -> dict:
     """``--split-file FILE``: a CSV with a ``split`` column and a ``file`` (path under the
     dataset root, or file name) or ``image_id`` column. Every written image must be listed;
     returns ``{"file", "rows", "split_of": {candidate index: split}}``."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ValueError(
-            f"--split-file {str(path)!r}: no such file; expected a CSV of file,split (split "
-            "one of train, val, test)"
-        )
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in reader.fieldnames or []]
-        key = next((k for k in ("file", "image_id") if k in header), None)
-        if "split" not in header or key is None:
-            raise ValueError(
-                f"--split-file {str(path)!r} has columns {header}; expected a 'split' column and "
-                "a 'file' (path under the dataset root, or file name) or 'image_id' column, "
-                "e.g. the header 'file,split'"
-            )
-        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
-    by_name: dict[str, list[int]] = {}
-    for i, c in enumerate(cands):
-        for name in {c.image_id} if key == "image_id" else {c.rel, c.path.name}:
-            by_name.setdefault(name, []).append(i)
+    path, key, rows, by_name = _read_listing(
+        path, "--split-file", "split", cands, "(split one of train, val, test)"
+    )
     split_of: dict[int, str] = {}
     unknown = []
     for line, row in enumerate(rows, start=2):
@@ -767,25 +779,7 @@ def _read_groups(path, cands) -> dict:
     root, or file name) or ``image_id`` column. Returns ``{"file", "rows", "groups",
     "images_matched", "group_of": {candidate index: group}}``; images it does not list keep
     their own groups."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ValueError(f"--groups {str(path)!r}: no such file; expected a CSV of file,group")
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in reader.fieldnames or []]
-        key = next((k for k in ("file", "image_id") if k in header), None)
-        if "group" not in header or key is None:
-            raise ValueError(
-                f"--groups {str(path)!r} has columns {header}; expected a 'group' column and a "
-                "'file' (path under the dataset root, e.g. images/Fractured/IMG0000019.jpg, or "
-                "file name) or 'image_id' column, e.g. the header 'file,group'"
-            )
-        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
-    by_name: dict[str, list[int]] = {}
-    for i, c in enumerate(cands):
-        names = {c.image_id} if key == "image_id" else {c.rel, c.path.name}
-        for name in names:
-            by_name.setdefault(name, []).append(i)
+    path, key, rows, by_name = _read_listing(path, "--groups", "group", cands)
     group_of: dict[int, str] = {}
     unknown = []
     for line, row in enumerate(rows, start=2):
