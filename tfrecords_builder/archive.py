@@ -11,6 +11,22 @@ class SourceError(ValueError):
     """A source path that is missing, unsafe or not laid out as the dataset is distributed."""
 
 
+def find_root(top: Path, is_root, source: str, layout: str) -> Path:
+    """The first folder ``is_root`` accepts: ``top`` itself, a folder inside it, or one
+    inside those (a download unpacks into one or two extra folders). Else a SourceError
+    saying the ``source`` dataset expects ``layout`` and what ``top`` holds."""
+    levels = [[top], sorted(p for p in top.iterdir() if p.is_dir())]
+    levels.append(sorted(q for p in levels[1] for q in p.iterdir() if q.is_dir()))
+    for level in levels:
+        for folder in level:
+            if is_root(folder):
+                return folder
+    raise SourceError(
+        f"{str(top)!r} is not a {source} source: expected {layout} (at the top or inside one "
+        f"folder), but found: {listing(top)}."
+    )
+
+
 def listing(path: Path, limit: int = 12) -> str:
     """A short description of what is in a folder, for error messages."""
     if not path.is_dir():

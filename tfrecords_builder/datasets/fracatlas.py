@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from tfrecords_builder.archive import SourceError, listing
+from tfrecords_builder.archive import find_root as archive_find_root
 from tfrecords_builder.candidates import Candidate, Found, files_under, norm_name
 from tfrecords_builder.datasets.registry import DatasetSpec, register_dataset
 from tfrecords_builder.defaults import META_COLUMNS
@@ -33,15 +34,11 @@ LAYOUT = (
 
 def find_root(top: Path) -> Path:
     """The folder holding dataset.csv and images/, at ``top`` or up to two levels below."""
-    levels = [[top], sorted(p for p in top.iterdir() if p.is_dir())]
-    levels.append(sorted(q for p in levels[1] for q in p.iterdir() if q.is_dir()))
-    for level in levels:
-        for folder in level:
-            if (folder / "dataset.csv").is_file() and (folder / "images").is_dir():
-                return folder
-    raise SourceError(
-        f"{str(top)!r} is not a FracAtlas source: expected {LAYOUT} (at the top or inside one "
-        f"folder), but found: {listing(top)}."
+    return archive_find_root(
+        top,
+        lambda f: (f / "dataset.csv").is_file() and (f / "images").is_dir(),
+        "FracAtlas",
+        LAYOUT,
     )
 
 

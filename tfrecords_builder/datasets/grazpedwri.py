@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tfrecords_builder.archive import SourceError, listing
+from tfrecords_builder.archive import SourceError
+from tfrecords_builder.archive import find_root as archive_find_root
 from tfrecords_builder.candidates import Candidate, Found
 from tfrecords_builder.datasets.boxes import yolo_boxes
 from tfrecords_builder.datasets.csvlist import read_rows
@@ -43,15 +44,12 @@ LAYOUT = "dataset.csv and images_part1/ .. images_part4/ of <filestem>.png"
 
 
 def find_root(top: Path) -> Path:
-    levels = [[top], sorted(p for p in top.iterdir() if p.is_dir())]
-    levels.append(sorted(q for p in levels[1] for q in p.iterdir() if q.is_dir()))
-    for level in levels:
-        for folder in level:
-            if (folder / "dataset.csv").is_file() and any(folder.glob("images_part*")):
-                return folder
-    raise SourceError(
-        f"{str(top)!r} is not a GRAZPEDWRI-DX source: expected {LAYOUT} (at the top or inside "
-        f"one folder), but found: {listing(top)}."
+    """The folder holding dataset.csv and images_part*/, at ``top`` or up to two below."""
+    return archive_find_root(
+        top,
+        lambda f: (f / "dataset.csv").is_file() and any(f.glob("images_part*")),
+        "GRAZPEDWRI-DX",
+        LAYOUT,
     )
 
 

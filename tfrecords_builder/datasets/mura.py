@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 
 from tfrecords_builder.archive import SourceError, listing
+from tfrecords_builder.archive import find_root as archive_find_root
 from tfrecords_builder.candidates import Candidate, Found, files_under
 from tfrecords_builder.datasets.registry import DatasetSpec, register_dataset
 from tfrecords_builder.options import BuildOptions
@@ -35,15 +36,11 @@ LAYOUT = "train/ and valid/ holding XR_<REGION>/patientNNNNN/studyN_{positive,ne
 
 def find_root(top: Path) -> Path:
     """The folder holding train/ and valid/ (MURA-v1.1/), at ``top`` or up to two below."""
-    levels = [[top], sorted(p for p in top.iterdir() if p.is_dir())]
-    levels.append(sorted(q for p in levels[1] for q in p.iterdir() if q.is_dir()))
-    for level in levels:
-        for folder in level:
-            if (folder / "train").is_dir() and (folder / "valid").is_dir():
-                return folder
-    raise SourceError(
-        f"{str(top)!r} is not a MURA source: expected MURA-v1.1/ with {LAYOUT} (at the top or "
-        f"inside one folder), but found: {listing(top)}."
+    return archive_find_root(
+        top,
+        lambda f: (f / "train").is_dir() and (f / "valid").is_dir(),
+        "MURA",
+        f"MURA-v1.1/ with {LAYOUT}",
     )
 
 
