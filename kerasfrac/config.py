@@ -25,6 +25,7 @@ import yaml
 
 from kerasfrac.models import registry
 from kerasfrac.names import (
+    BOX_LOSSES,
     BOX_TARGETS,
     CLASS_WEIGHTS,
     DISTRIBUTES,
@@ -46,6 +47,7 @@ CHOICES = {
     "data.resize": RESIZES,
     "model.head": HEADS,
     "train.box_target": BOX_TARGETS,
+    "train.box_loss": BOX_LOSSES,
     "train.optimizer": OPTIMIZERS,
     "train.schedule": SCHEDULES,
     "train.class_weight": CLASS_WEIGHTS,
@@ -141,8 +143,10 @@ class ModelConfig:
     blocks_per_stage: int = 2
     #: resnet_small with model.box_head (or a head that reads the cells: heatmap, attention)
     #: only: pixels per cell of the box heat map, 32 (the last feature map: 10x10 cells at
-    #: 320 px) or 16 (stage 3 and the upsampled last feature map together: 20x20 cells, finer
-    #: for finger fractures).
+    #: 320 px), 16 (stage 3 and the upsampled last feature map together: 20x20 cells, finer
+    #: for finger fractures) or 8 (the dense mask head: a light FPN-style decoder adding
+    #: stages 3 and 2 to the upsampled last feature map, 40x40 cells; pair it with
+    #: train.box_target=outline and train.box_loss=bce_dice).
     box_stride: int = 32
     #: resnet_small only: stochastic depth, the probability of dropping the last block's
     #: residual branch for an image in training (earlier blocks less, linearly down to 0 for
@@ -192,6 +196,10 @@ class TrainConfig:
     #: | outline (the cells the fracture's outline covers, FracAtlas' COCO polygon; a box
     #: without one counts whole). Outlines need a build made since they are stored.
     box_target: str = "box"
+    #: The box heat map's loss (model.box_head): bce (the mean per-cell BCE) | bce_dice (plus,
+    #: on images with fracture cells, the soft Dice loss 1 - 2|p.g| / (|p| + |g|), which the
+    #: few fracture cells of a fine map weigh as much as all the others).
+    box_loss: str = "bce"
     #: Weight of the metadata loss (model.meta_head): per image, the mean BCE over its known
     #: metadata columns.
     meta_loss_weight: float = 0.5
@@ -565,6 +573,11 @@ def _validate_train(cfg: Config) -> None:
             f"config key 'train.box_target' ({t.box_target!r}) says what the box heat map "
             "learns, which only a model with model.box_head=true has: set it, or remove "
             "train.box_target"
+        )
+    if t.box_loss != "bce" and not cfg.model.box_head:
+        raise ConfigError(
+            f"config key 'train.box_loss' ({t.box_loss!r}) is the loss of the box heat map, "
+            "which only a model with model.box_head=true has: set it, or remove train.box_loss"
         )
     _in_range("train.box_loss_weight", t.box_loss_weight, 0.0, math.inf)
     _in_range("train.meta_loss_weight", t.meta_loss_weight, 0.0, math.inf)

@@ -9,6 +9,7 @@ from tfrecords_builder.defaults import SPLITS
 
 __all__ = [
     "BOX_STRIDES",
+    "BOX_LOSSES",
     "BOX_TARGETS",
     "CELL_HEADS",
     "CLASS_WEIGHTS",
@@ -39,11 +40,15 @@ HEADS = ("gap", "avgmax", "heatmap", "attention")
 #: The heads that read the box heat map's cells (so the model has them with or without
 #: model.box_head).
 CELL_HEADS = ("heatmap", "attention")
-#: resnet_small's box heat map: one cell per 32 px (the last feature map) or per 16 px.
-BOX_STRIDES = (32, 16)
+#: resnet_small's box heat map: one cell per 32 px (the last feature map), per 16 px, or per
+#: 8 px (a light FPN-style decoder over stages 2-4: the dense mask head).
+BOX_STRIDES = (32, 16, 8)
 #: What the box heat map learns: the cells a fracture box touches, or those its outline
 #: (FracAtlas' polygon) covers.
 BOX_TARGETS = ("box", "outline")
+#: The loss of the box heat map: per-cell BCE, or BCE plus soft Dice (a segmentation loss that
+#: a few positive cells among hundreds cannot be averaged away in).
+BOX_LOSSES = ("bce", "bce_dice")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
 DISTRIBUTES = ("auto", "none", "mirrored", "multi_worker")
 #: Bootstrap resamples of every confidence interval (evaluate, audit, kerasfrac.evaluation.metrics).

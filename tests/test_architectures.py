@@ -132,8 +132,8 @@ def test_box_stride_16_doubles_the_heat_maps_grid_and_reaches_stage_3():
     "overrides,match",
     [
         (
-            ["model.name=resnet_small", "model.box_head=true", "model.box_stride=8"],
-            r"'model.box_stride' must be one of \[32, 16\].*got 8",
+            ["model.name=resnet_small", "model.box_head=true", "model.box_stride=4"],
+            r"'model.box_stride' must be one of \[32, 16, 8\].*got 4",
         ),
         (["model.box_stride=16", "model.box_head=true"], r"model.name is 'paper_cnn'"),
         (["model.name=resnet_small", "model.box_stride=16"], r"set model.box_head=true"),

@@ -60,9 +60,10 @@ def heads(
     image's, and a map with no fracture (flat logits, as box supervision teaches on normal
     images) pools to the average.
 
-    ``fine``: a feature map of twice the resolution (``model.box_stride: 16``); the cells are
-    then read from it and from ``features`` resized to it, concatenated, so the heat map has
-    4x as many cells and its gradient reaches both stages.
+    ``fine``: a feature map of finer resolution (``model.box_stride: 16``: stage 3, twice
+    the resolution; ``8``: the mask decoder's output, four times); the cells are then read
+    from it and from ``features`` resized to it, concatenated, so the heat map has 4x (16x) as
+    many cells and its gradient reaches both.
 
     ``meta_targets`` > 0 (``model.meta_head``): a further output, ``meta_logits``, a linear
     layer on the global average of ``features`` (before dropout) giving one logit per metadata

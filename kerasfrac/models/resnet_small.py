@@ -38,7 +38,9 @@ def resnet_small(
     dropout -> ``logit``/``prob``. About 2.8 M parameters with the default widths; sized for a
     2-core CPU at 320-384 px. ``box_head`` adds the heat-map output ``box_heatmap`` on
     ``features`` (``box_stride`` 32: 10x10 cells at 320 px); ``box_stride`` 16 reads the heat
-    map from stage 3 (BN -> ReLU) and the upsampled ``features`` together (20x20 cells).
+    map from stage 3 (BN -> ReLU) and the upsampled ``features`` together (20x20 cells);
+    ``box_stride`` 8 from ``mask_decoder`` over stages 3 and 2 and the upsampled
+    ``features`` (40x40 cells: the dense mask head).
     Stage outputs are named ``stage1`` .. ``stage4`` (feature maps). ``drop_path``: stochastic
     depth (Huang et al. 2016): in training, each block's residual branch is dropped for a whole
     image with a probability rising linearly from 0 (first block) to ``drop_path`` (last
@@ -54,7 +56,7 @@ def resnet_small(
     x = _bn(bn_momentum, sync, fused, "stem_bn")(x)
     x = keras.layers.ReLU(name="stem_relu")(x)
     x = keras.layers.MaxPool2D(3, strides=2, padding="same", name="stem_pool")(x)
-    channels, stage3 = widths[0], None
+    channels, stages = widths[0], {}
     n_blocks = len(widths) * blocks_per_stage
     for s, width in enumerate(widths, start=1):
         for b in range(1, blocks_per_stage + 1):
@@ -84,16 +86,44 @@ def resnet_small(
             last = b == blocks_per_stage
             x = keras.layers.Add(name=f"stage{s}" if last else f"{name}_add")([shortcut, y])
             channels = width
-            if s == len(widths) - 1 and last:
-                stage3 = x
+            if last:
+                stages[s] = x
     x = _bn(bn_momentum, sync, fused, "post_bn")(x)
     features = keras.layers.ReLU(name=FEATURES)(x)
     fine = None
     if box_stride == 16 and (box_head or head in CELL_HEADS):
-        fine = _bn(bn_momentum, sync, fused, "box_fine_bn")(stage3)
+        fine = _bn(bn_momentum, sync, fused, "box_fine_bn")(stages[len(widths) - 1])
         fine = keras.layers.ReLU(name="box_fine_relu")(fine)
+    elif box_stride == 8 and (box_head or head in CELL_HEADS):
+        fine = mask_decoder(
+            features, [stages[len(widths) - 1], stages[len(widths) - 2]], bn_momentum, sync, fused
+        )
     outputs = heads(features, box_head, dropout, head, fine, meta_targets)
     return keras.Model(inputs, outputs, name="resnet_small")
+
+
+#: Channels of the mask decoder (model.box_stride: 8).
+DECODER_WIDTH = 64
+
+
+def mask_decoder(features, skips, bn_momentum, sync, fused, width: int = DECODER_WIDTH):
+    """A light FPN-style top-down decoder (Lin et al. 2017) for the dense mask head: a 1x1
+    conv of ``features`` (stride 32), then for each skip (the pre-activation stage outputs
+    at stride 16, then 8): bilinear upsampling to the skip's size plus a 1x1 conv of the
+    skip's BN -> ReLU, and at the end a 3x3 conv -> BN -> ReLU (``mask_decoder``, stride 8,
+    ``width`` channels). About 0.1 M parameters at width 32; the box head's 1x1 conv reads it
+    beside the upsampled ``features``."""
+    x = keras.layers.Conv2D(width, 1, name="decoder_lateral0")(features)
+    for i, skip in enumerate(skips, start=1):
+        height, w = skip.shape[1], skip.shape[2]
+        up = keras.layers.Resizing(height, w, "bilinear", name=f"decoder_up{i}")(x)
+        lateral = _bn(bn_momentum, sync, fused, f"decoder_bn{i}")(skip)
+        lateral = keras.layers.ReLU(name=f"decoder_relu{i}")(lateral)
+        lateral = keras.layers.Conv2D(width, 1, name=f"decoder_lateral{i}")(lateral)
+        x = keras.layers.Add(name=f"decoder_add{i}")([up, lateral])
+    x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name="decoder_conv")(x)
+    x = _bn(bn_momentum, sync, fused, "decoder_bn")(x)
+    return keras.layers.ReLU(name="mask_decoder")(x)
 
 
 def build(cfg_model, input_shape, *, fused_batchnorm: bool = False, meta_targets: int = 0):

@@ -180,8 +180,23 @@ def loss_options(t) -> dict:
     return {
         "label_smoothing": t.label_smoothing,
         "box_loss_weight": t.box_loss_weight,
+        "box_loss": t.box_loss,
         "meta_loss_weight": t.meta_loss_weight,
     }
+
+
+def soft_dice_loss(cells, heat) -> tf.Tensor:
+    """Per image, the soft Dice loss 1 - (2 sum(p g) + 1) / (sum(p) + sum(g) + 1) between the
+    heat map ``heat`` (probabilities, [B, H, W, 1]) and its target ``cells`` (0/1) (Milletari
+    et al. 2016, smoothed by 1): 0 where the map equals the target, near 1 where it misses it.
+    Counted only on images with target cells (a normal image's empty target has no overlap
+    to score; the BCE term covers it): 0 for the others."""
+    cells = tf.cast(cells, tf.float32)
+    heat = tf.cast(heat, tf.float32)
+    overlap = tf.reduce_sum(cells * heat, [1, 2, 3])
+    target = tf.reduce_sum(cells, [1, 2, 3])
+    dice = 1.0 - (2.0 * overlap + 1.0) / (tf.reduce_sum(heat, [1, 2, 3]) + target + 1.0)
+    return tf.where(target > 0.0, dice, 0.0)
 
 
 def meta_loss(targets, logits) -> tf.Tensor:
@@ -203,8 +218,9 @@ class Losses:
     The binary cross-entropy of ``prob`` against the (``label_smoothing``) smoothed label, times
     the class weight (``weights`` = (normal, fractured)); for a model with a box head fed
     ``box_mask``/``box_weight``, plus ``box_loss_weight`` x box_weight x the mean BCE between
-    the heat map and its cells that a fracture box touches (``box_cells``); for a model with a
-    metadata head fed ``meta``, plus ``meta_loss_weight`` x ``meta_loss``.
+    the heat map and its cells that a fracture box touches (``box_cells``), plus with
+    ``box_loss="bce_dice"`` the soft Dice loss (``soft_dice_loss``) on images with such cells;
+    for a model with a metadata head fed ``meta``, plus ``meta_loss_weight`` x ``meta_loss``.
     """
 
     box_out: int | None = None
@@ -214,6 +230,7 @@ class Losses:
     box_loss_weight: float = 0.0
     meta_loss_weight: float = 0.0
     box_grid: tuple[int, int] | None = None
+    box_loss: str = "bce"
 
     @classmethod
     def for_model(cls, model: keras.Model, **options) -> Losses:
@@ -246,7 +263,10 @@ class Losses:
         if batch.get("box_cells") is not None:
             heat = tf.cast(outputs[self.box_out], tf.float32)
             pixel = keras.losses.binary_crossentropy(batch["box_cells"], heat)
-            box_loss = batch["box_weight"] * tf.reduce_mean(pixel, [1, 2])
+            box_loss = tf.reduce_mean(pixel, [1, 2])
+            if self.box_loss == "bce_dice":
+                box_loss += soft_dice_loss(batch["box_cells"], heat)
+            box_loss = batch["box_weight"] * box_loss
             per_example += self.box_loss_weight * box_loss
         if self.meta_out is not None and batch.get("meta") is not None:
             per_example += self.meta_loss_weight * meta_loss(batch["meta"], outputs[self.meta_out])
@@ -261,6 +281,7 @@ def make_train_step(
     label_smoothing: float = 0.0,
     weights: tuple[float, float] | None = None,
     box_loss_weight: float = 0.0,
+    box_loss: str = "bce",
     meta_loss_weight: float = 0.0,
     mixup_alpha: float = 0.0,
     box_paste_rate: float = 0.0,
@@ -287,6 +308,7 @@ def make_train_step(
         label_smoothing=label_smoothing,
         weights=weights,
         box_loss_weight=box_loss_weight,
+        box_loss=box_loss,
         meta_loss_weight=meta_loss_weight,
     )
     batch_ops = {"box_paste": box_paste_rate, "mixup": mixup_alpha}
