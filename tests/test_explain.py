@@ -527,6 +527,15 @@ def test_explain_ends_with_a_one_line_verdict(monkeypatch, capsys):
     occlusion = {"available": True, "reads_the_fracture_region": False}
     both = explain_module.verdict({"audit": _audit(0.8, [0.7, 0.9]), "occlusion": occlusion})
     assert both.endswith("; occlusion: NOT shown to rely on the fracture region")
+    # a run with a box (or mask) head: its map's pointing verdict follows the classifier's
+    boxed = {**_audit(0.6, [0.52, 0.68], chance=0.01, centre=0.05), "cam_method": "boxmap"}
+    two = explain_module.verdict({"audit": _audit(0.02, [0.01, 0.05]), "box_map_audit": boxed})
+    assert two == (
+        "verdict: HiResCAM does NOT point at the fracture beyond chance (hit rate 0.020, 95% CI "
+        "from 0.010; chance 0.200, centre 0.300); box heat map points at the fracture beyond "
+        "chance and the centre baseline (hit rate 0.600, 95% CI from 0.520; chance 0.010, "
+        "centre 0.050)"
+    )
     # main prints it as its last line
     result = {"figures": [], "json": "explain.json", "audit": _audit(0.8, [0.7, 0.9])}
     monkeypatch.setattr(explain_module, "explain_run", lambda *a, **k: result)

@@ -397,7 +397,13 @@ def _explain(run_dir: Path) -> dict | None:
         path = path if path.is_absolute() else folder / path.name
         if path.parent.resolve() == folder.resolve() and path.is_file():
             figures.append({"caption": _explain_caption(path.stem), "src": _data_uri(path)})
-    return {"audit": result.get("audit"), "figures": figures, "images": result.get("images")}
+    audits = [a for a in (result.get("audit"), result.get("box_map_audit")) if a]
+    return {
+        "audits": audits,
+        "occlusion": result.get("occlusion"),
+        "figures": figures,
+        "images": result.get("images"),
+    }
 
 
 def run_context(run_dir) -> dict:

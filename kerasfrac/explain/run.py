@@ -596,29 +596,9 @@ def verdict(result: dict) -> str:
     a = result.get("audit")
     if not a:
         return "verdict: none (the audit did not run; `--what audit` gives one)"
-    kind = gradcam.map_kind(a["cam_method"])
-    pg = a["pointing_game"]
-    if not pg["available"]:
-        parts = [f"pointing game not played ({pg['reason']})"]
-    elif pg.get("hit_rate") is None:
-        parts = ["pointing game not played (no fractured image with a box in the split)"]
-    else:
-        ci = pg.get("hit_rate_ci95")
-        low = ci[0] if ci else pg["hit_rate"]
-        chance, centre = pg["chance_rate"], pg.get("centre_baseline_hit_rate")
-        beats_chance = chance is not None and low > chance
-        beats_centre = centre is None or low > centre
-        how = (
-            f"(hit rate {pg['hit_rate']:.3f}, 95% CI from {low:.3f}; chance {_fmt(chance)}, "
-            f"centre {_fmt(centre)})"
-        )
-        if beats_chance and beats_centre:
-            said = f"{kind} points at the fracture beyond chance and the centre baseline"
-        elif beats_chance:
-            said = f"{kind} points at the fracture beyond chance but NOT beyond a centre peak"
-        else:
-            said = f"{kind} does NOT point at the fracture beyond chance"
-        parts = [f"{said} {how}"]
+    parts = [_pointing_verdict(a)]
+    if result.get("box_map_audit"):
+        parts.append(_pointing_verdict(result["box_map_audit"]))
     occ = result.get("occlusion")
     if occ and occ.get("available"):
         parts.append(
@@ -627,6 +607,32 @@ def verdict(result: dict) -> str:
             else "occlusion: NOT shown to rely on the fracture region"
         )
     return "verdict: " + "; ".join(parts)
+
+
+def _pointing_verdict(a: dict) -> str:
+    """Whether one audited map points at the fracture (``verdict``'s part for it)."""
+    kind = gradcam.map_kind(a["cam_method"])
+    pg = a["pointing_game"]
+    if not pg["available"]:
+        return f"pointing game not played ({pg['reason']})"
+    if pg.get("hit_rate") is None:
+        return "pointing game not played (no fractured image with a box in the split)"
+    ci = pg.get("hit_rate_ci95")
+    low = ci[0] if ci else pg["hit_rate"]
+    chance, centre = pg["chance_rate"], pg.get("centre_baseline_hit_rate")
+    beats_chance = chance is not None and low > chance
+    beats_centre = centre is None or low > centre
+    how = (
+        f"(hit rate {pg['hit_rate']:.3f}, 95% CI from {low:.3f}; chance {_fmt(chance)}, "
+        f"centre {_fmt(centre)})"
+    )
+    if beats_chance and beats_centre:
+        said = f"{kind} points at the fracture beyond chance and the centre baseline"
+    elif beats_chance:
+        said = f"{kind} points at the fracture beyond chance but NOT beyond a centre peak"
+    else:
+        said = f"{kind} does NOT point at the fracture beyond chance"
+    return f"{said} {how}"
 
 
 def explain_run(
@@ -671,6 +677,7 @@ def _explain_run(run_dir: Path, opts: ExplainOptions, image_files, out, model_pa
         if {"grad-cam", "audit"} & set(opts.what)
         else None,
         log=log,
+        box_full=_box_model(run_dir, opts, model_path),
     )
     result: dict = {
         "run_dir": str(run_dir),
@@ -693,6 +700,16 @@ def _explain_run(run_dir: Path, opts: ExplainOptions, image_files, out, model_pa
     return result
 
 
+def _box_model(run_dir: Path, opts: ExplainOptions, model_path) -> keras.Model | None:
+    """The run's box_model.keras (classifier plus box or mask head) where the audit runs on
+    the classifier's own map: one audit then localises both maps."""
+    if "audit" not in opts.what or opts.cam_method == "boxmap" or model_path is not None:
+        return None
+    if not runs.box_model_path(run_dir).is_file():
+        return None
+    return runs.load_model(run_dir, None, box_head=True)[1]
+
+
 @dataclass
 class _Context:
     """What every part of ``explain_run`` reads."""
@@ -708,6 +725,9 @@ class _Context:
     split_name: str
     cam: gradcam.GradCam | None
     log: object
+    #: The model with its box (or mask) head where the run saved one and the audit runs on
+    #: the classifier's map: the audit then also scores the box heat map.
+    box_full: keras.Model | None = None
 
     def images(self) -> np.ndarray | None:
         """The examples' images as one array (stacked anew: call once per part)."""
@@ -804,6 +824,24 @@ def _audit_part(ctx: _Context, result: dict) -> list[Path]:
             )
         )
     ctx.log(summary(audit))
+    if ctx.box_full is not None and audit["pointing_game"]["available"]:
+        # the box (or mask) head's own map, localised on the same images
+        box_cam = gradcam.GradCam(ctx.box_full, None, "boxmap")
+        box_audit, box_means = audit_split(
+            ctx.box_full, ctx.cfg.data, ctx.build, opts.split, opts, box_cam
+        )
+        result["box_map_audit"] = box_audit
+        if box_means:
+            pngs.append(
+                mean_cam_figure(
+                    ctx.out / "boxmap_mean.png",
+                    box_means,
+                    opts.border,
+                    ctx.split_name,
+                    gradcam.map_kind("boxmap"),
+                )
+            )
+        ctx.log(summary(box_audit))
     if audit["pointing_game"]["available"]:  # the split has boxes: fill them in
         from kerasfrac import data
 
