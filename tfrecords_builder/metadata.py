@@ -174,7 +174,9 @@ def block(manifest: dict) -> dict | None:
 
 def targets(manifest: dict) -> tuple[str, ...]:
     """The names of what ``model.meta_head`` learns on this build (``META_TARGETS`` for
-    FracAtlas-style records and older builds)."""
+    FracAtlas-style records and older builds; none for a build recorded without metadata)."""
+    if "metadata" in manifest and manifest["metadata"] is None:
+        return ()
     b = block(manifest)
     return META_TARGETS if b is None else tuple(b["targets"])
 
@@ -238,7 +240,8 @@ def _encode(col: dict, cells: list[str]) -> np.ndarray:
     cells = [v if v != "" else col.get("empty", "") for v in cells]
     if col["kind"] == "categorical":
         values = col["values"]
-        x = np.array([[float(v == w) for w in values] for v in cells]).reshape(-1, len(values))
+        x = np.array([[float(v == w) for w in values] for v in cells], dtype=np.float64)
+        x = x.reshape(len(cells), len(values))
         x[[v == "" for v in cells]] = np.nan
         return x
     parse = binary if col["kind"] == "binary" else number
