@@ -134,9 +134,13 @@ def test_grazpedwri_metadata_columns_reach_the_baseline_and_label_columns_never(
         "osteopenia": "binary",
         "device_manufacturer": "categorical",
     }
-    assert block["targets"] == ["projection=ap", "laterality=L", "laterality=R", "cast", "metal"] + [
-        "osteopenia"
-    ]
+    assert block["targets"] == [
+        "projection=ap",
+        "laterality=L",
+        "laterality=R",
+        "cast",
+        "metal",
+    ] + ["osteopenia"]
     assert not {"fracture_visible", "ao_classification"} & set(kinds)
     tables = [audit.features(tmp_path / "out", s) for s in ("train", "val", "test")]
     labels = np.concatenate([t.labels for t in tables])
@@ -207,3 +211,16 @@ def test_meta_head_trains_on_mura_and_evaluation_has_region_subgroups(tmp_path, 
     base = result["no_anatomy_baseline"]
     assert {"region=elbow", "region=wrist"} <= set(base["subgroups"])
     assert set(base["within_region"]["regions"]) == {"elbow", "wrist"}
+
+
+def test_meta_head_on_a_csv_build_without_learnable_columns_is_refused_naming_the_key(tmp_path):
+    from kerasfrac import config, data
+    from tfrecords_builder.reader import BuildOutputError
+
+    listing = make_site_csv(tmp_path / "src", n=12)
+    opts = csv_opts(tmp_path / "src", meta_columns=("age",))
+    m = build("csv", listing, tmp_path / "out", opts)
+    assert m["metadata"]["targets"] == []  # age is numeric: never a target
+    cfg = config.DataConfig(dir=str(tmp_path / "out"), image_size=32, oversample=False)
+    with pytest.raises(BuildOutputError, match=r"model.meta_head.*set model.meta_head=false"):
+        data.make_dataset(None, "train", cfg, 2, with_meta=True)
