@@ -121,7 +121,8 @@ class ModelConfig:
     #: Multi-task supervision from FracAtlas' metadata: a further output (training only, not
     #: in model.keras) predicting each image's body region, hardware, multiscan and view flags
     #: (dataset.csv columns, tfrecords_builder.defaults.META_TARGETS) from the pooled features,
-    #: by a masked BCE weighted train.meta_loss_weight. FracAtlas only; resnet_small and the
+    #: by a masked BCE weighted train.meta_loss_weight. FracAtlas, and the metadata targets of
+    #: MURA, GRAZPEDWRI-DX and CSV builds (docs/datasets.md); resnet_small and the
     #: keras.applications backbones.
     meta_head: bool = False
     #: Classifier head (resnet_small and the keras.applications backbones): gap (global

@@ -23,7 +23,11 @@ def build(dataset: str, source: str | Path, out: str | Path, opts: BuildOptions)
     builder (``tfrecords_builder.tfds_builders``) prepares it, writing through
     ``prepare_into``, in a staging folder renamed into place when complete."""
     spec = datasets.dataset(dataset)  # an unknown name fails here, naming the registered ones
-    for flag, value in (("--image-root", opts.image_root), ("--boxes", opts.boxes)):
+    for flag, value in (
+        ("--image-root", opts.image_root),
+        ("--boxes", opts.boxes),
+        ("--meta-columns", opts.meta_columns),
+    ):
         if value and not spec.listing:
             raise ValueError(
                 f"{flag} is for layouts whose --source is a listing (csv); {dataset!r} "

@@ -41,6 +41,9 @@ class Found:
     #: entries the reader refused before any file was read (a listing's bad rows): dicts of
     #: file, label (-1 where unknown), reason and row; quarantined with the others
     rejected: list[dict] = dataclasses.field(default_factory=list)
+    #: the metadata columns (``tfrecords_builder.metadata.MetaColumn``) where the source
+    #: decides them (a CSV's extra columns); None: the spec's ``metadata``
+    metadata: tuple | None = None
 
 
 def files_under(folder: Path) -> list[Path]:

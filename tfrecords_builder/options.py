@@ -60,6 +60,14 @@ class BuildOptions:
         "its name) or a folder of YOLO .txt files named like the images (every box a fracture)",
         metavar="FILE",
     )
+    meta_columns: tuple[str, ...] = option(
+        (),
+        "csv: the columns kept as metadata (the audit's baseline, model.meta_head, a region "
+        "column's subgroups), comma-separated, each name or name:kind (binary, categorical, "
+        "numeric; else inferred); columns that restate the label are refused",
+        default_text="every other column except label-like ones",
+        metavar="COLUMNS",
+    )
     fractured_labels: tuple[str, ...] = option(
         (),
         "folder/csv: label values (class folder names) meaning fractured, comma-separated, "

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from tfrecords_builder import datasets, duplicates, schema, splits, validation, writer
+from tfrecords_builder import datasets, duplicates, metadata, schema, splits, validation, writer
 from tfrecords_builder.archive import SourceError, open_source
 from tfrecords_builder.candidates import Candidate
 from tfrecords_builder.defaults import (
@@ -167,6 +167,7 @@ def _build_into(
             cands[i].rel for i in keep if cands[i].split and cands[i].split != split_of[i]
         )
     near_across = _near_across(pairs, g.reps, split_of, cands)
+    meta_block = _metadata_block(dataset, found, keep, cands, with_meta)  # before any shard
     for d in duplicate_groups:
         if not d["conflict"]:
             first = next((i for i in keep if cands[i].rel in d["files"]), None)
@@ -222,6 +223,7 @@ def _build_into(
         "given_splits": given,
         "split_file": split_file,
         "metadata_columns": sorted({k for i in keep for k in cands[i].extra}),
+        "metadata": meta_block,
         "label_columns": [
             *datasets.dataset(dataset).label_columns,
             *found.notes.get("label_columns", []),
@@ -399,6 +401,31 @@ def _studies(keep, cands, split_of) -> dict | None:
         "mixed_labels": sum(1 for v in labels.values() if len(v) > 1),
         "across_splits": sorted(k for k, v in splits_of.items() if len(v) > 1),
     }
+
+
+def _metadata_block(dataset: str, found, keep, cands, with_meta: bool) -> dict | None:
+    """The manifest's ``metadata`` block (``tfrecords_builder.metadata``): FracAtlas' record
+    flags where the records carry them, else the spec's (or the source's) metadata columns
+    with their kinds and values, every value checked (a ``SourceError`` naming the column and
+    the fix; nothing is written); None where the layout has none."""
+    spec = datasets.dataset(dataset)
+    if with_meta:
+        return metadata.records_block()
+    columns = found.metadata if found.metadata is not None else spec.metadata
+    if not columns:
+        return None
+    values = {c.name: [cands[i].extra.get(c.name, "") for i in keep] for c in columns}
+    where = f"{dataset}: the metadata of {found.notes.get('listing') or str(found.root)!r}"
+    try:
+        return metadata.describe(
+            columns,
+            values,
+            (*spec.label_columns, *found.notes.get("label_columns", [])),
+            spec.region_column,
+            where,
+        )
+    except metadata.MetadataError as err:
+        raise SourceError(f"{err} Nothing was written.") from None
 
 
 def _write_metadata(stage: Path, keep, cands) -> None:

@@ -23,6 +23,7 @@ The pipeline knows no model; the model knows no files.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -35,7 +36,7 @@ import tensorflow as tf
 from kerasfrac.data.augment import IMAGE_OPS, box_mask, flip_expand, outline_mask
 from kerasfrac.data.decode import decode_resize, image_shape, to_float
 from kerasfrac.names import FLIPS
-from tfrecords_builder import schema
+from tfrecords_builder import metadata, schema
 from tfrecords_builder.defaults import META_TARGETS
 from tfrecords_builder.reader import Build, BuildOutputError
 
@@ -165,12 +166,16 @@ def _parse(serialized):
     return ex["encoded"], ex["label"], ex["image_id"]
 
 
-def _parse_with_targets(serialized):
+def _parse_with_targets(serialized, meta_of=None):
     """The features of the auxiliary targets beside image, label and id: boxes, the original
-    height and width, the ``META_TARGETS`` columns as float32 (-1 = unknown), and the boxes'
-    outlines (flat points, points per box)."""
+    height and width, the ``META_TARGETS`` columns as float32 (-1 = unknown; ``meta_of``:
+    the build's own targets by image id, ``_meta_lookup``), and the boxes' outlines (flat
+    points, points per box)."""
     ex = schema.parse_example(serialized)
-    meta = tf.stack([tf.cast(ex["meta"][c], tf.float32) for c in META_TARGETS])
+    if meta_of is None:
+        meta = tf.stack([tf.cast(ex["meta"][c], tf.float32) for c in META_TARGETS])
+    else:
+        meta = meta_of(ex["image_id"])
     outline = (ex["polygon_points"], ex["polygon_lengths"])
     return (
         ex["encoded"],
@@ -182,6 +187,32 @@ def _parse_with_targets(serialized):
         meta,
         outline,
     )
+
+
+def _meta_lookup(build: Build):
+    """``image id -> float32 [T]``: the ``model.meta_head`` targets of a build whose metadata
+    lives in metadata.csv (``tfrecords_builder.metadata``; -1 unknown); None where the records
+    carry FracAtlas' flags (``META_TARGETS``). A build without targets is refused."""
+    if not metadata.targets(build.manifest):
+        raise BuildOutputError(
+            f"model.meta_head learns a build's metadata columns, but {str(build.dir)!r} records "
+            "none it can learn (binary or categorical columns; see its manifest.json "
+            "'metadata'): set model.meta_head=false, or rebuild with metadata columns (a CSV: "
+            "--meta-columns)"
+        )
+    table = metadata.read(build.dir, build.manifest)
+    if table is None:
+        return None
+    ids = sorted(table.index, key=table.index.get)
+    lookup = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(
+            tf.constant(ids, tf.string), tf.range(len(ids), dtype=tf.int64)
+        ),
+        default_value=len(ids),
+    )
+    unknown = -np.ones((1, table.targets.shape[1]), np.float32)
+    matrix = tf.constant(np.concatenate([table.targets, unknown]), tf.float32)
+    return lambda image_id: tf.gather(matrix, lookup.lookup(image_id))
 
 
 def _parse_image_label_id(serialized):
@@ -367,7 +398,8 @@ def make_dataset(
     fractured image without boxes; ``box_target="outline"``: the fractures' outlines instead of
     their boxes, ``augment.outline_mask``). ``with_meta`` (training only, for ``model.meta_head``):
     plus ``meta``, the ``META_TARGETS`` columns, float32 [B, len(META_TARGETS)], -1 where
-    unknown.
+    unknown (a build whose metadata lives in metadata.csv: its own targets,
+    ``tfrecords_builder.metadata.targets``).
 
     ``training`` defaults to ``split == "train"``. Training with ``data_cfg.oversample``
     gives an infinite, class-balanced stream and its steps per epoch; without, the finite
@@ -386,11 +418,12 @@ def make_dataset(
     build.check_batch(batch_size, split)
     channels = image_shape(data_cfg)[-1]
     targets = with_boxes or with_meta
+    meta_of = _meta_lookup(build) if with_meta else None
     records = _Records(
         build,
         split,
         data_cfg,
-        parse=_parse_with_targets if targets else _parse,
+        parse=functools.partial(_parse_with_targets, meta_of=meta_of) if targets else _parse,
         decode=_decode_with_targets(data_cfg, with_boxes, with_meta, box_target)
         if targets
         else _decode(data_cfg),

@@ -10,8 +10,11 @@ HistGradientBoostingClassifier trained on the train split's non-anatomical featu
   ICC, Adobe, restart markers, APPn count) and the first luminance quantisation value;
 * ``thumbnail``: intensity statistics of a small grayscale copy (mean, spread, percentiles,
   dark and bright shares, border vs centre) -- burnt-in markers, exposure, collimation;
-* ``metadata``: the dataset's metadata columns where the records carry them (FracAtlas:
-  body part, hardware, view; never ``fractured``/``fracture_count``, which are the label),
+* ``metadata``: the build's metadata columns (FracAtlas: body part, hardware, view from the
+  records, never ``fractured``/``fracture_count``, which are the label; MURA: region;
+  GRAZPEDWRI-DX: projection, laterality, age, ...; a CSV: its metadata columns: the
+  manifest's ``metadata`` block, ``tfrecords_builder.metadata``; a categorical column is one
+  0/1 feature per value),
 
 with its test AUROC (percentile-bootstrap CI), each family alone, and each feature's own
 AUROC. A classifier's AUROC is only news by how far it is above this one.
@@ -30,7 +33,7 @@ import numpy as np
 
 from kerasfrac import runs
 from kerasfrac.options import AuditOptions
-from tfrecords_builder import schema
+from tfrecords_builder import metadata, schema
 
 # Local imports of the reader and metrics: the audit's features import without TensorFlow.
 
@@ -149,8 +152,9 @@ def _build(build):
 def features(build, split: str) -> Table:
     """The non-anatomical features of every image of ``split`` of ``build`` (a ``Build`` or
     its directory), records in read order."""
+    build = _build(build)
     ids, labels, rows, meta, groups = [], [], [], {c: [] for c in schema.META_COLUMNS}, []
-    for ex in _build(build).read(split, decode=False).as_numpy_iterator():
+    for ex in build.read(split, decode=False).as_numpy_iterator():
         encoded, fmt = ex["encoded"], ex["format"].decode()
         h, w, c = int(ex["height"]), int(ex["width"]), int(ex["channels"])
         size = {"height": h, "width": w, "aspect": h / w, "pixels": h * w, "channels": c}
@@ -182,7 +186,30 @@ def features(build, split: str) -> Table:
         x = np.concatenate([x, m], axis=1)
         names += [f"metadata.{c}" for c in known]
         family += ["metadata"] * len(known)
+    x, names, family = _table_metadata(build, ids, x, names, family, meta_arr)
     return Table(ids, np.array(labels, dtype=int), x, names, family, meta_arr, groups)
+
+
+def _table_metadata(build, ids, x, names, family, meta_arr):
+    """The build's metadata.csv columns (``tfrecords_builder.metadata``; none for FracAtlas'
+    records and older builds) appended as ``metadata.*`` features, unknown as NaN; its region
+    column goes to ``meta_arr["region"]`` (text per image) for the subgroups."""
+    table = metadata.read(build.dir, build.manifest)
+    if table is None:
+        return x, names, family
+    missing = [i for i, r in zip(ids, table.rows(ids)) if r < 0]
+    if missing:
+        raise metadata.MetadataError(
+            f"{len(missing)} image(s) of {str(build.dir)!r} (e.g. {missing[0]!r}) have no row in "
+            f"its {metadata.TABLE}: the build was edited. Rebuild it: "
+            f"`{build.rebuild_command()}`"
+        )
+    x = np.concatenate([x, table.take(table.features, ids, np.nan)], axis=1)
+    names = names + [f"metadata.{n}" for n in table.names]
+    family = family + ["metadata"] * len(table.names)
+    if table.region is not None:
+        meta_arr["region"] = table.take(table.region, ids, "")
+    return x, names, family
 
 
 # --------------------------------------------------------------------------- the baseline

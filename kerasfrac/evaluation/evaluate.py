@@ -31,6 +31,7 @@ from kerasfrac.evaluation.metrics import (
 )
 from kerasfrac.names import SPLITS
 from kerasfrac.options import EvaluateOptions
+from tfrecords_builder import metadata
 
 #: Subgroups of the baseline comparison: regions in this order, then views.
 REGION_ORDER = (*REGION_COLUMNS, "mixed", "unknown")
@@ -119,6 +120,9 @@ def _split_predictions(
     position = {image_id: k for k, image_id in enumerate(want_ids)}
     order = [position[i] for i in ids]
     meta = {c: records.meta[c][order] for c in SUBGROUP_COLUMNS if c in records.meta}
+    table = metadata.read(build.dir, build.manifest)  # a region column of metadata.csv
+    if table is not None and table.region is not None:
+        meta["region"] = table.take(table.region, ids, "")
     groups = [records.groups[k] for k in order]
     return Predictions(ids, labels, probs, meta, groups, source)
 
@@ -321,7 +325,7 @@ def write_gallery(run_dir, model, cfg, build, pred: Predictions, m: dict, opts, 
 def _metrics(pred: Predictions, val: Predictions, build, split: str, opts) -> dict:
     """``split_metrics`` of ``pred`` (threshold chosen on ``val``), the no-anatomy baseline
     beside it (``opts.baseline``) and the notes a reader of that split needs."""
-    has_meta = any(np.any(v >= 0) for v in pred.meta.values())
+    has_meta = "region" in pred.meta or any(np.any(v >= 0) for v in pred.meta.values())
     result = split_metrics(
         pred.labels,
         pred.probs,
@@ -554,7 +558,8 @@ def _subgroups(compare: _Comparison, height, width, meta: dict) -> dict:
     masks = {}
     regions = body_region(meta)
     if regions is not None:
-        masks.update({f"region={r}": regions == r for r in REGION_ORDER if np.any(regions == r)})
+        order = [*REGION_ORDER, *sorted(set(regions) - set(REGION_ORDER))]
+        masks.update({f"region={r}": regions == r for r in order if np.any(regions == r)})
     for view in VIEW_COLUMNS:
         if view in meta and np.any(meta[view] >= 0):
             masks[f"{view}=1"] = meta[view] == 1

@@ -71,9 +71,14 @@ def _auroc_of(strata):
 
 
 def body_region(meta: dict[str, np.ndarray]) -> np.ndarray | None:
-    """One body region per image from FracAtlas' flags (``REGION_COLUMNS``): the one flagged,
-    ``mixed`` where the image holds several (or says so), ``unknown`` where none is flagged;
-    None where the records carry no region flags at all."""
+    """One body region per image: the build's region column where it has one (``meta["region"]``,
+    text: MURA's elbow ... wrist, a CSV's ``region``; empty = ``unknown``), else from
+    FracAtlas' flags (``REGION_COLUMNS``): the one flagged, ``mixed`` where the image holds
+    several (or says so), ``unknown`` where none is flagged; None where the records carry no
+    region at all."""
+    if "region" in meta:
+        region = np.asarray(meta["region"], dtype=object)
+        return np.where(region == "", "unknown", region).astype(object)
     known = [c for c in REGION_COLUMNS if c in meta and np.any(np.asarray(meta[c]) >= 0)]
     if not known:
         return None
@@ -486,13 +491,25 @@ def split_metrics(
 
 
 def subgroup_metrics(labels, probs, meta: dict[str, np.ndarray], threshold: float = 0.5) -> dict:
-    """Per FracAtlas subgroup (``column=1`` and ``column=0``): counts, accuracy, AUROC.
+    """Per FracAtlas subgroup (``column=1`` and ``column=0``) and per value of the build's
+    region column (``region=wrist``, where ``meta`` has ``region``): counts, accuracy, AUROC.
 
     Columns whose values are all unknown (-1) are left out; {} when none is known.
     """
     labels = np.asarray(labels).astype(int)
     probs = np.asarray(probs, dtype=np.float64)
     out: dict = {}
+    if "region" in meta:  # the build's region column (MURA's region, a CSV's)
+        regions = body_region(meta)
+        for value in sorted(set(regions)):
+            mask = regions == value
+            y, p = labels[mask], probs[mask]
+            out[f"region={value}"] = {
+                "n": int(mask.sum()),
+                "counts": {"fractured": int(y.sum()), "normal": int((y == 0).sum())},
+                "accuracy": float(np.mean((p >= threshold) == y)),
+                "auroc": float(skm.roc_auc_score(y, p)) if len(np.unique(y)) == 2 else None,
+            }
     for column in SUBGROUP_COLUMNS:
         values = meta.get(column)
         if values is None:

@@ -162,18 +162,27 @@ def check(cfg_model) -> Architecture:
     return spec
 
 
-def build_model(cfg_model, input_shape: tuple[int, int, int], fused_batchnorm: bool = False):
+def build_model(
+    cfg_model,
+    input_shape: tuple[int, int, int],
+    fused_batchnorm: bool = False,
+    meta_targets: int | None = None,
+):
     """Build ``cfg_model.name`` (a ``config.ModelConfig``) for images of ``input_shape``, after
     ``check``; ``fused_batchnorm`` is set by ``train.fast`` (``layers.FusedBatchNormalization``).
     With ``cfg_model.box_head`` the model has two outputs, ``[prob, box_heatmap]``, with
     ``cfg_model.meta_head`` also ``meta_logits`` (last); ``heads.classifier`` gives the
-    one-output model that is saved and evaluated."""
+    one-output model that is saved and evaluated. ``meta_targets``: the build's number of
+    metadata targets (``tfrecords_builder.metadata.targets``; default FracAtlas'
+    ``META_TARGETS``)."""
     spec = check(cfg_model)
+    if meta_targets is None:
+        meta_targets = len(META_TARGETS)
     model = spec.build_function()(
         cfg_model,
         tuple(input_shape),
         fused_batchnorm=fused_batchnorm,
-        meta_targets=len(META_TARGETS) if cfg_model.meta_head else 0,
+        meta_targets=meta_targets if cfg_model.meta_head else 0,
     )
     layers = {layer.name for layer in model.layers}
     needed = [LOGIT, PROB] + ([FEATURES] if cfg_model.box_head or cfg_model.meta_head else [])

@@ -53,6 +53,7 @@ from kerasfrac.models import (
 from kerasfrac.training import checkpoint as ckpt
 from kerasfrac.training import distribute, kernels
 from kerasfrac.training.checkpoint import RunDirError, has_unfinished_run, prepare_run_dir
+from tfrecords_builder.metadata import targets as meta_targets
 
 
 class TrainingDiverged(RuntimeError):
@@ -578,7 +579,12 @@ class TrainingTask:
             model_cfg = dataclasses.replace(cfg.model, sync_batchnorm=sync)
             # train.fast: TensorFlow's fused BatchNorm kernel (paper_cnn keeps Keras' layer
             # where statistics are synchronised).
-            model = build_model(model_cfg, data.image_shape(cfg.data), fused_batchnorm=t.fast)
+            model = build_model(
+                model_cfg,
+                data.image_shape(cfg.data),
+                fused_batchnorm=t.fast,
+                meta_targets=len(meta_targets(self.build.manifest)),  # the build's own columns
+            )
             optimizer = make_optimizer(cfg, model, self.steps)
             model.compile(optimizer=optimizer, loss="binary_crossentropy")
         return model, partial

@@ -4,10 +4,14 @@ folder).
 
 ``label`` is mapped as class folders are (``labels``); ``patient_id`` makes a group (a
 patient's images share a split, merged with the duplicate groups); ``study_id`` is recorded
-in index.csv; ``--boxes`` reads fracture boxes (COCO JSON or YOLO files, ``boxes``). Every
-other column is descriptive metadata (metadata.csv), except one whose values read as labels
-and agree with ``label`` (it restates the label: dropped, and named in the manifest's
-``label_columns``). A row whose file is missing, outside the image root, listed twice, or
+in index.csv; ``--boxes`` reads fracture boxes (COCO JSON or YOLO files, ``boxes``). The
+other columns are metadata (metadata.csv; the audit's baseline, ``model.meta_head``, a
+``region`` column's subgroups): those ``--meta-columns`` names (``name[:kind]``, kind binary,
+categorical or numeric, else inferred from the values), or without it every other column,
+except those that restate the label: one named like a label (``metadata.LABEL_LIKE``:
+fracture_visible, diagnosis, ...) or whose values read as labels and agree with ``label``
+(dropped, and named in the manifest's ``label_columns``; named in ``--meta-columns``, an
+error). A row whose file is missing, outside the image root, listed twice, or
 whose label is not declared is quarantined with its row (line) number and the reason, like an
 unreadable file; a CSV without the ``path`` and ``label`` columns is an error, and nothing is
 written.
@@ -22,6 +26,7 @@ from tfrecords_builder.archive import SourceError
 from tfrecords_builder.candidates import Candidate, Found
 from tfrecords_builder.datasets import boxes, labels
 from tfrecords_builder.datasets.registry import DatasetSpec, register_dataset
+from tfrecords_builder.metadata import KINDS, LABEL_LIKE, MetaColumn
 from tfrecords_builder.options import BuildOptions
 
 REQUIRED = ("path", "label")
@@ -73,10 +78,43 @@ def restates_label(column: str, candidates: list[Candidate], mapping: dict[str, 
     return sum(value == label for value, label in pairs) >= RESTATES * len(pairs)
 
 
+def meta_columns(listing: Path, header: list[str], asked: tuple[str, ...]) -> dict[str, str]:
+    """``{column: kind}`` of ``--meta-columns`` (``name[:kind]``; "auto": inferred), each
+    checked against the header; a label-like name is refused. Without it: every extra column
+    that is not label-like by name."""
+    extra = [c for c in header if c not in (*REQUIRED, GROUP, STUDY) and c]
+    if not asked:
+        return {c: "auto" for c in extra if c not in LABEL_LIKE}
+    chosen = {}
+    for item in asked:
+        name, _, kind = item.strip().lower().partition(":")
+        name, kind = name.strip(), kind.strip() or "auto"
+        if name not in extra:
+            raise SourceError(
+                f"--meta-columns names {name!r}, which {str(listing)!r} has not as a metadata "
+                f"column; its other columns are {extra}. Name those (e.g. --meta-columns "
+                f"{','.join(extra[:2]) or 'site'})."
+            )
+        if name in LABEL_LIKE:
+            raise SourceError(
+                f"--meta-columns names {name!r}, a column that restates the label: it is never "
+                "metadata (a model would be told the answer). Leave it out of --meta-columns."
+            )
+        if kind not in (*KINDS, "auto"):
+            raise SourceError(
+                f"--meta-columns {item!r}: unknown kind {kind!r}; expected name or name:kind "
+                f"with kind one of {KINDS}."
+            )
+        chosen[name] = kind
+    return chosen
+
+
 def find(root: Path, opts: BuildOptions, listing: Path) -> Found:
     mapping = labels.label_map(opts.fractured_labels, opts.normal_labels)
     header, rows = read_rows(listing)
-    extra_columns = [c for c in header if c not in (*REQUIRED, GROUP, STUDY) and c]
+    kinds = meta_columns(listing, header, tuple(opts.meta_columns))
+    extra_columns = list(kinds)
+    by_name = [c for c in header if c in LABEL_LIKE and c not in (*REQUIRED, GROUP, STUDY) and c]
     resolved_root = root.resolve()
     candidates, rejected, first_row = [], [], {}
     undeclared: dict[str, int] = {}
@@ -127,20 +165,28 @@ def find(root: Path, opts: BuildOptions, listing: Path) -> Found:
         )
     box_notes = boxes.attach(candidates, Path(opts.boxes)) if opts.boxes else {}
     restating = [c for c in extra_columns if restates_label(c, candidates, mapping)]
+    if restating and opts.meta_columns:
+        raise SourceError(
+            f"--meta-columns names {restating}, whose values in {str(listing)!r} agree with "
+            f"the label on at least {RESTATES:.0%} of the rows: they restate the label and are "
+            "never metadata. Leave them out of --meta-columns."
+        )
     for cand in candidates:
         for column in restating:
             cand.extra.pop(column, None)
+    kept = [c for c in extra_columns if c not in restating]
     notes = {
         "listing": listing.name,
         "rows": len(rows),
-        "metadata_columns": [c for c in extra_columns if c not in restating],
-        "label_columns": restating,
+        "metadata_columns": kept,
+        "label_columns": [*by_name, *restating],
         "undeclared_labels": undeclared,
         "images_with_boxes": sum(1 for c in candidates if c.boxes),
         "boxes": sum(len(c.boxes) for c in candidates),
         **box_notes,
     }
-    return Found(root, candidates, notes, rejected)
+    declared = tuple(MetaColumn(c, kinds[c], target=True) for c in kept)
+    return Found(root, candidates, notes, rejected, metadata=declared)
 
 
 SPEC = register_dataset(
@@ -155,6 +201,8 @@ SPEC = register_dataset(
         license="the user's own",
         listing="csv",
         takes_options=True,
+        learnable_meta=True,
+        region_column="region",
         has_boxes=True,
     )
 )

@@ -25,6 +25,7 @@ from tfrecords_builder.candidates import Candidate, Found
 from tfrecords_builder.datasets.boxes import yolo_boxes
 from tfrecords_builder.datasets.csvlist import read_rows
 from tfrecords_builder.datasets.registry import DatasetSpec, register_dataset
+from tfrecords_builder.metadata import MetaColumn
 
 REQUIRED = ("filestem", "patient_id", "study_number", "fracture_visible")
 METADATA = (
@@ -38,6 +39,20 @@ METADATA = (
     "device_manufacturer",
 )
 LABEL_COLUMNS = ("fracture_visible", "ao_classification")
+#: What each METADATA column is (``tfrecords_builder.metadata``): what the image shows
+#: (projection, side, cast, metal, osteopenia) is a ``model.meta_head`` target; who the
+#: patient is and which machine took it only feed the audit's baseline. The flags' empty
+#: cells mean no, as fracture_visible's do.
+META = (
+    MetaColumn("projection", "categorical", target=True),
+    MetaColumn("laterality", "categorical", target=True),
+    MetaColumn("age", "numeric"),
+    MetaColumn("gender", "categorical"),
+    MetaColumn("cast", "binary", target=True, empty="0"),
+    MetaColumn("metal", "binary", target=True, empty="0"),
+    MetaColumn("osteopenia", "binary", target=True, empty="0"),
+    MetaColumn("device_manufacturer", "categorical"),
+)
 FRACTURE_CLASS = 3  # YOLO class ids: boneanomaly, bonelesion, foreignbody, fracture, ...
 LABELS_DIR = Path("folder_structure") / "yolov5" / "labels"
 LAYOUT = "dataset.csv and images_part1/ .. images_part4/ of <filestem>.png"
@@ -124,7 +139,7 @@ def find(top: Path) -> Found:
         "boxes": sum(len(c.boxes) for c in candidates),
         "label_box_disagreements": disagreements,
     }
-    return Found(root, candidates, notes)
+    return Found(root, candidates, notes, metadata=tuple(c for c in META if c.name in header))
 
 
 CITATION = """\
@@ -159,6 +174,8 @@ SPEC = register_dataset(
             "`manual_dir`."
         ),
         label_columns=LABEL_COLUMNS,
+        metadata=META,
+        learnable_meta=True,
         has_boxes=True,
     )
 )

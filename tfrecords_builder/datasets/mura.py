@@ -27,6 +27,7 @@ from tfrecords_builder.archive import SourceError, listing
 from tfrecords_builder.archive import find_root as archive_find_root
 from tfrecords_builder.candidates import Candidate, Found, files_under
 from tfrecords_builder.datasets.registry import DatasetSpec, register_dataset
+from tfrecords_builder.metadata import MetaColumn
 from tfrecords_builder.options import BuildOptions
 
 PARTS = {"train": None, "valid": "test"}  # the official part -> its fixed split (official)
@@ -152,5 +153,10 @@ SPEC = register_dataset(
         ),
         takes_options=True,
         label_columns=("study_label",),
+        # the region (elbow ... wrist): the audit's baseline, a model.meta_head target (one
+        # flag per region) and evaluation's region= subgroups
+        metadata=(MetaColumn("region", "categorical", target=True),),
+        region_column="region",
+        learnable_meta=True,
     )
 )

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tfrecords_builder.candidates import Found
+from tfrecords_builder.metadata import MetaColumn
 from tfrecords_builder.registry import Registry
 
 
@@ -50,6 +51,12 @@ class DatasetSpec:
     listing: str = ""
     #: source columns that restate the label: never kept as metadata (metadata.csv)
     label_columns: tuple[str, ...] = ()
+    #: the metadata columns the layout's candidates carry in ``extra`` (metadata.csv): each
+    #: one's kind and whether ``model.meta_head`` learns it (``tfrecords_builder.metadata``);
+    #: a layout whose columns come from the source (a CSV) declares them in ``Found.metadata``
+    metadata: tuple[MetaColumn, ...] = ()
+    #: the metadata column that names the body region (evaluation's ``region=`` subgroups)
+    region_column: str = ""
 
 
 _REGISTRY: Registry[DatasetSpec] = Registry("dataset")
