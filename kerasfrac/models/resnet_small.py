@@ -111,7 +111,7 @@ def mask_decoder(features, skips, bn_momentum, sync, fused, width: int = DECODER
     conv of ``features`` (stride 32), then for each skip (the pre-activation stage outputs
     at stride 16, then 8): bilinear upsampling to the skip's size plus a 1x1 conv of the
     skip's BN -> ReLU, and at the end a 3x3 conv -> BN -> ReLU (``mask_decoder``, stride 8,
-    ``width`` channels). About 0.1 M parameters at width 32; the box head's 1x1 conv reads it
+    ``width`` channels). About 0.07 M parameters at model.width 32; the box head's 1x1 conv reads it
     beside the upsampled ``features``."""
     x = keras.layers.Conv2D(width, 1, name="decoder_lateral0")(features)
     for i, skip in enumerate(skips, start=1):
