@@ -51,7 +51,7 @@ def _train_synthetic(root: Path, marker: bool) -> tuple[Path, Path]:
             "train": {
                 "epochs": 1,
                 "batch_size": 16,
-                "steps_per_epoch": 80,
+                "steps_per_epoch": 160,
                 "optimizer": "adam",
                 "learning_rate": 1e-3,
                 "weight_decay": 0.0,
@@ -486,8 +486,9 @@ def test_occlusion_drops_auroc_for_the_fracture_reader_not_the_letter_reader(run
         batches = explain.split_batches(cfg.data, cfg.data.dir, "test", 32)
         out[marker] = occlusion.occlusion_test(classifier(model), batches, n_bootstrap=200)
     clean, letter = out[0], out[1]
-    # measured (24 test phantoms): clean 0.83 as is, 0.30 fractures filled, 0.88 controls
-    # filled; letter 1.00 in all three
+    # measured (22 test phantoms, 160 steps): clean 0.97 as is, 0.25 fractures filled, 0.99
+    # controls filled; letter 1.00 in all three. (With 80 steps the clean model reached 0.83
+    # on an AVX2 CPU and 0.73 on an AVX-512 one: too close to the bar.)
     assert clean["available"] and clean["n_fractured"] >= 10 and clean["n_normal"] >= 10
     assert clean["auroc_original"]["auroc"] > 0.75
     assert clean["auroc_control_filled"]["auroc"] > 0.75

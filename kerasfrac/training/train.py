@@ -587,6 +587,9 @@ class TrainingTask:
             )
             optimizer = make_optimizer(cfg, model, self.steps)
             model.compile(optimizer=optimizer, loss="binary_crossentropy")
+            # Its variables now, not in the step's first call: the step is traced once, not
+            # twice (a tf.function that creates variables is traced again).
+            optimizer.build(model.trainable_variables)
         return model, partial
 
     def distribute_inputs(self, train_ds: tf.data.Dataset):
