@@ -464,6 +464,64 @@ def test_cam_figure_names_the_method_and_has_a_legend(tmp_path, figures):
     assert gradcam.map_kind("hirescam") == "HiResCAM" and gradcam.map_kind("gradcam") == "Grad-CAM"
 
 
+def _texts(fig) -> list:
+    """Every drawn, non-empty text of ``fig``: titles, the labels and tick labels of the
+    axes that show theirs, legends and the figure's title."""
+    texts = [fig._suptitle] if fig._suptitle else []
+    for ax in fig.axes:
+        texts += [ax.title, ax._left_title, ax._right_title]
+        if ax.axison:
+            texts += [ax.xaxis.label, ax.yaxis.label]
+            texts += ax.get_xticklabels() + ax.get_yticklabels()
+        if ax.get_legend():
+            texts += ax.get_legend().get_texts()
+    for legend in fig.legends:
+        texts += legend.get_texts()
+    return [t for t in texts if t.get_visible() and t.get_text().strip()]
+
+
+def _assert_readable(fig, min_size: float = 7.0) -> None:
+    """Every text of ``fig`` at least ``min_size`` points, inside the figure (nothing clipped)
+    and clear of every other text."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    whole = fig.bbox
+    texts = _texts(fig)
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    for t, b in zip(texts, boxes):
+        assert t.get_fontsize() >= min_size, (t.get_text(), t.get_fontsize())
+        inside = b.x0 >= whole.x0 - 1 and b.x1 <= whole.x1 + 1
+        assert inside and b.y0 >= whole.y0 - 1 and b.y1 <= whole.y1 + 1, (t.get_text(), b)
+    for i, (t, a) in enumerate(zip(texts, boxes)):
+        for u, b in zip(texts[i + 1 :], boxes[i + 1 :]):
+            assert not _overlaps(a, b), (t.get_text(), u.get_text())
+
+
+@pytest.mark.parametrize("channels", [16, 24])
+def test_feature_map_figure_wraps_channels_and_stays_readable(tmp_path, figures, channels):
+    """feature_maps_*.png: the channels of each image wrap onto rows of 8 (it was one row of
+    16 or more channels, 1,989 px wide with 6 pt labels), so the PNG stays about 1,000 px
+    wide whatever --max-channels is, and every label is legible, inside and apart."""
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 1, (4, 32, 32, 1)).astype(np.float32)
+    maps = rng.uniform(0, 1, (4, 8, 8, 96))
+    maps[..., 5] += 2.0  # the most active channel comes first
+    titles = [f"IMG{i:04d}_long_name\nlabel fractured" for i in range(4)]
+    png = explain.feature_maps_figure(
+        tmp_path / "f.png", "block2", images, maps, titles, channels, "run 'r': block2"
+    )
+    (fig,) = figures
+    width, height = Image.open(png).size
+    rows = 4 * channels // explain.FEATURE_COLUMNS
+    assert 800 <= width <= 1200, width
+    assert height <= 1.4 * 90 * rows + 150, height  # about 1.3 in per row at 90 dpi
+    maps_shown = [ax for ax in fig.axes if ax.get_title().startswith("channel")]
+    assert len(maps_shown) == 4 * channels  # max_channels per image, all of them drawn
+    assert [ax.get_title() for ax in maps_shown[:2]] == ["channel 5", maps_shown[1].get_title()]
+    assert sum(ax.get_ylabel() == "activation" for ax in fig.axes) == 4  # a bar per image
+    _assert_readable(fig, min_size=7)
+
+
 def test_training_curves_have_whole_epoch_ticks_and_no_colliding_text(tmp_path, figures):
     """training_curves.png: the figure title clear of the panels' titles, each y label clear
     of its neighbour's tick labels, and only whole epochs on the x axis of a short run."""

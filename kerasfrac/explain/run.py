@@ -215,7 +215,8 @@ def _save(fig, path: Path, name: str = "", **adjust) -> Path:
     # which doubled the time of the feature-map grids (hundreds of axes).
     if name:  # the run and split (or image files) the figure is of
         fig.suptitle(name, fontsize=10)
-    fig.subplots_adjust(**{"left": 0.02, "right": 0.98, "bottom": 0.03, "top": 0.9, **adjust})
+    if fig.get_layout_engine() is None:  # constrained figures lay themselves out
+        fig.subplots_adjust(**{"left": 0.02, "right": 0.98, "bottom": 0.03, "top": 0.9, **adjust})
     runs.save_figure(fig, path, dpi=90)
     plt.close(fig)
     return path
@@ -233,9 +234,9 @@ def _colorbar(fig, shown, ax, label: str, size: int = 7):
     return bar
 
 
-def _show(ax, image, title: str = "", stretch: bool = False, **kw) -> None:
+def _show(ax, image, title: str = "", stretch: bool = False, size: int = 8, **kw) -> None:
     ax.imshow(deprocess_image(image, stretch), cmap="gray", vmin=0, vmax=255, **kw)
-    ax.set_title(title, fontsize=8)
+    ax.set_title(title, fontsize=size)
     ax.axis("off")
 
 
@@ -271,6 +272,12 @@ def class_vis_figure(path: Path, rows: list[tuple[str, ClassVis]], name: str = "
     )
 
 
+#: Channels per row of the feature-map figure; more channels wrap onto further rows.
+FEATURE_COLUMNS = 8
+#: Font size (points) of every label of the feature-map and CAM figures (90 dpi: ~10 px).
+LABEL_SIZE = 8
+
+
 def feature_maps_figure(
     path: Path,
     layer: str,
@@ -280,26 +287,41 @@ def feature_maps_figure(
     max_channels: int = 16,
     name: str = "",
 ) -> Path:
-    """Rows = images; columns = the input and the ``max_channels`` most active channels, on
-    one colour scale per row (its colour bar: the activation)."""
+    """Per image a block of rows: the input, then its ``max_channels`` most active channels
+    (``FEATURE_COLUMNS`` to a row, so the figure stays about 1,000 px wide at any
+    ``max_channels``), on one colour scale per image (its colour bar: the activation)."""
+    if max_channels < 1:
+        raise ValueError(f"max_channels must be >= 1; got {max_channels}")
     k = min(max_channels, maps.shape[-1])
+    cols = min(k, FEATURE_COLUMNS)
+    sub = math.ceil(k / cols)  # rows per image
+    n = len(images)
     fig, axes = plt.subplots(
-        len(images), k + 1, figsize=(1.3 * (k + 1), 1.5 * len(images)), squeeze=False
+        n * sub,
+        cols + 1,
+        figsize=(1.15 * (cols + 1.5) + 0.9, 1.3 * n * sub + 0.5),
+        squeeze=False,
+        layout="constrained",
+        width_ratios=[1.5] + [1] * cols,  # room for the image's title
     )
-    for img, fmap, title, ax in zip(images, maps, titles, axes):
-        _show(ax[0], img, title)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (img, fmap, title) in enumerate(zip(images, maps, titles)):
+        block = axes[i * sub : (i + 1) * sub]
+        _show(block[0, 0], img, title, size=LABEL_SIZE)
         order = np.argsort(-fmap.mean(axis=(0, 1)))[:k]
         lo, hi = float(fmap[..., order].min()), float(fmap[..., order].max())
         shown = None
         for j, c in enumerate(order):
-            shown = ax[j + 1].imshow(fmap[..., c], cmap="viridis", vmin=lo, vmax=hi)
-            ax[j + 1].set_title(f"{layer}:{c}", fontsize=6)
-            ax[j + 1].axis("off")
-        for j in range(len(order) + 1, k + 1):
-            ax[j].axis("off")
+            ax = block[j // cols, 1 + j % cols]
+            shown = ax.imshow(fmap[..., c], cmap="viridis", vmin=lo, vmax=hi)
+            ax.set_title(f"channel {c}", fontsize=LABEL_SIZE)
         if shown is not None:
-            _colorbar(fig, shown, ax[len(order)], "activation", size=6)
-    return _save(fig, path, name, wspace=0.15, hspace=0.45)
+            bar = fig.colorbar(shown, ax=block[:, 1:].ravel().tolist(), shrink=0.9, pad=0.02)
+            bar.set_label("activation", fontsize=LABEL_SIZE)
+            bar.ax.tick_params(labelsize=LABEL_SIZE - 1)
+    fig.get_layout_engine().set(w_pad=0.02, h_pad=0.04, wspace=0.02, hspace=0.02)
+    return _save(fig, path, name)
 
 
 def _draw_boxes(ax, boxes, shape) -> None:
