@@ -522,6 +522,30 @@ def test_feature_map_figure_wraps_channels_and_stays_readable(tmp_path, figures,
     _assert_readable(fig, min_size=7)
 
 
+def test_cam_figure_of_one_users_file_is_not_clipped_and_says_unlabelled(tmp_path, figures):
+    """``explain --images one.jpg``: one image, no label. Its panel says "unlabelled" (it
+    said "label ?") beside the prediction, and no title, colour bar label or legend is cut
+    off by the figure's edge (the colour bar's label and the 3-line title were)."""
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 1, (1, 32, 32, 1)).astype(np.float32)
+    example = explain.Example(image[0], "my_own_xray_of_a_wrist.jpg", -1)
+    title = explain._title(example, 0.73)
+    assert title == "my_own_xray_of_a_w\nunlabelled, predicted fractured\np(fractured) 0.73"
+    assert "?" not in explain._title(example)
+    explain.grad_cam_figure(
+        tmp_path / "g.png",
+        image,
+        rng.uniform(0, 1, (1, 32, 32)),
+        [title],
+        [None],
+        "run 'r', image files: HiResCAM (label class)",
+        "HiResCAM",
+    )
+    (fig,) = figures
+    assert [ax.get_title() for ax in fig.axes if ax.get_title()] == [title, "HiResCAM"]
+    _assert_readable(fig, min_size=7)
+
+
 def test_training_curves_have_whole_epoch_ticks_and_no_colliding_text(tmp_path, figures):
     """training_curves.png: the figure title clear of the panels' titles, each y label clear
     of its neighbour's tick labels, and only whole epochs on the x axis of a short run."""

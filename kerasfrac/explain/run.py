@@ -348,7 +348,15 @@ def grad_cam_figure(
     n = len(images)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, 2 * cols, figsize=(2.6 * 2 * cols, 2.8 * rows), squeeze=False)
+    # Constrained layout: the titles, the colour bar and its label and the legend below
+    # get room of their own, however few images (one --images file was clipped).
+    fig, axes = plt.subplots(
+        rows,
+        2 * cols,
+        figsize=(2.4 * 2 * cols + 0.8, 2.7 * rows + 0.9),
+        squeeze=False,
+        layout="constrained",
+    )
     for ax in axes.flat:
         ax.axis("off")
     for i, (img, cam, title) in enumerate(zip(images, cams, titles)):
@@ -364,25 +372,23 @@ def grad_cam_figure(
             _draw_boxes(a0, boxes[i], cam.shape)
             _draw_boxes(a1, boxes[i], cam.shape)
     if n:
-        last = axes[(n - 1) // cols, 2 * ((n - 1) % cols) + 1]
-        _colorbar(fig, shown, last, f"{what} (share of peak)")
+        bar = fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.8, pad=0.02)
+        bar.set_label(f"{what} (share of peak)", fontsize=LABEL_SIZE)
+        bar.ax.tick_params(labelsize=LABEL_SIZE - 1)
         handles = [Line2D([], [], color="w", marker="+", ls="", markersize=9, mew=2)]
         labels = [f"{what} peak"]
         if boxes is not None and any(b is not None and np.size(b) for b in boxes):
             handles.append(patches.Patch(fill=False, edgecolor="lime", linewidth=1.2))
             labels.append("fracture box")
         fig.legend(
-            handles, labels, loc="lower center", ncol=len(labels), fontsize=8, facecolor="0.55"
+            handles,
+            labels,
+            loc="outside lower center",
+            ncol=len(labels),
+            fontsize=LABEL_SIZE,
+            facecolor="0.55",
         )
-    return _save(
-        fig,
-        path,
-        name,
-        wspace=0.15,
-        hspace=0.45,
-        top=1 - 0.75 / (2.8 * rows),
-        bottom=0.4 / (2.8 * rows),  # the legend
-    )
+    return _save(fig, path, name)
 
 
 def mean_cam_figure(
@@ -491,16 +497,17 @@ def pick_examples(data_cfg, build, split: str, n: int) -> list[Example]:
 # --------------------------------------------------------------------------- the command
 
 
-CLASS_NAMES = {1: "fractured", 0: "normal", -1: "?"}
+CLASS_NAMES = {1: "fractured", 0: "normal", -1: "unlabelled"}
 
 
 def _title(ex: Example, prob: float | None = None) -> str:
-    """The image and its label; with ``prob``, the prediction (at 0.5) and its probability."""
-    name = CLASS_NAMES[ex.label]
+    """The image and its label ("unlabelled" for a file given with --images); with
+    ``prob``, the prediction (at 0.5) and its probability."""
+    label = "unlabelled" if ex.label < 0 else f"label {CLASS_NAMES[ex.label]}"
     if prob is None:
-        return f"{ex.image_id[:18]}\nlabel {name}"
+        return f"{ex.image_id[:18]}\n{label}"
     return (
-        f"{ex.image_id[:18]}\nlabel {name}, predicted {CLASS_NAMES[int(prob >= 0.5)]}\n"
+        f"{ex.image_id[:18]}\n{label}, predicted {CLASS_NAMES[int(prob >= 0.5)]}\n"
         f"p(fractured) {prob:.2f}"
     )
 
