@@ -304,11 +304,11 @@ def test_summary_says_where_the_files_are_and_what_next(tmp_path):
     y = np.r_[np.zeros(60), np.ones(40)].astype(int)
     good = _metrics(y, np.clip(y * 0.6 + rng.uniform(0, 0.4, y.size), 0, 1))
     text = console.run_summary(good, tmp_path / "run")
-    assert "AUROC     1.000 [95% CI 1.000, 1.000; images resampled]" in text
+    assert "AUROC     1.000 [95% CI 1.000, 1.000; resampling 100 images]" in text
     grouped = km.split_metrics(
         y, y * 0.5 + 0.25, n_bootstrap=50, groups=[f"g{i // 2}" for i in range(y.size)]
     )
-    assert "; groups resampled]" in console.run_summary(grouped, tmp_path / "run")
+    assert "; resampling 50 duplicate groups]" in console.run_summary(grouped, tmp_path / "run")
     assert "majority baseline 60.0%" in text
     assert str(tmp_path / "run" / "model.keras") in text
     assert str(tmp_path / "run" / "metrics.json") in text
@@ -359,6 +359,38 @@ def test_cli_train_prints_the_summary_and_epoch_lines(tmp_path, separable_tfreco
     assert "\x1b" not in out and "test metrics: {" not in out
     assert "test split: 16 images (8 fractured, 8 normal)" in out
     assert f"kerasfrac evaluate --run-dir {run_dir}" in out
+
+
+def test_train_end_and_evaluate_print_one_ci_resampling_duplicate_groups(tmp_path, capsys):
+    """The same predictions got [0.464, 0.726] at train's end (images resampled) and
+    [0.457, 0.721] from evaluate (duplicate groups): now both resample the build's groups
+    and say so, with the same numbers."""
+    from tests.conftest import make_tfrecord_dir
+
+    build_dir = make_tfrecord_dir(
+        tmp_path / "tfr",
+        {"train": 16, "val": 12, "test": 24},
+        size=32,
+        separable=False,
+        group_size=3,
+    )
+    run_dir = tmp_path / "run"
+    args = ["train", "--set", "dataset=synthetic", "--set", f"data.dir={build_dir}"]
+    args += ["--set", "data.image_size=32", "--set", "train.epochs=1"]
+    args += ["--set", "train.batch_size=8", "--run-dir", str(run_dir)]
+    assert main(args) == 0
+    trained = runs.read_metrics(run_dir, "test")
+    printed_train = capsys.readouterr().out
+    assert main(["evaluate", "--run-dir", str(run_dir)]) == 0
+    printed_eval = capsys.readouterr().out
+    ci_train, ci_eval = trained["ci95"], runs.read_metrics(run_dir, "test")["ci95"]
+    assert ci_train["resampled"] == ci_eval["resampled"] == "groups"
+    assert ci_train["n_units"] == ci_eval["n_units"] == 16  # 48 test images, groups of 3
+    assert ci_train["auroc"] == ci_eval["auroc"] and ci_train["auroc"][0] < ci_train["auroc"][1]
+    low, high = ci_eval["auroc"]
+    shown = f"[95% CI {low:.3f}, {high:.3f}; resampling 16 duplicate groups]"
+    assert shown in printed_train, printed_train
+    assert "95% CI, resampling 16 duplicate groups" in printed_eval, printed_eval
 
 
 # --------------------------------------------------------------------------- figures
