@@ -72,25 +72,42 @@ def blur(image: tf.Tensor, sigma: float) -> tf.Tensor:
     return tf.nn.depthwise_conv2d(padded, kernel, [1, 1, 1, 1], "VALID")
 
 
-def make_ascent_step(model: keras.Model):
-    """``step(image, sign, step_size, l2) -> (new_image, logit_before)`` as a tf.function.
+def total_variation(image) -> float:
+    """Mean absolute difference of neighbouring pixels (down and across) of [H, W, C] or
+    [B, H, W, C]: low for smooth images, high for pixel noise."""
+    x = np.asarray(image, np.float64)
+    x = x[None] if x.ndim == 3 else x
+    dy = np.abs(np.diff(x, axis=1)).mean()
+    dx = np.abs(np.diff(x, axis=2)).mean()
+    return float(dx + dy)
 
-    Objective: ``sign * logit - l2 * mean((image - 0.5)^2)``. The gradient is L2-normalised
-    over the whole image and scaled by sqrt(pixels), so ``step_size`` is the RMS change per
-    pixel and means the same at every image size. The result is clipped to [0, 1] (the range
-    the model was trained on). ``sign`` +1 drives the logit up ("fractured"), -1 down.
+
+def make_ascent_step(model: keras.Model):
+    """``step(image, sign, step_size, l2, tv) -> (new_image, logit_before)`` as a tf.function.
+
+    The logit's gradient ``sign * d logit / d image`` is L2-normalised over the whole image
+    and scaled by sqrt(pixels) (RMS 1 per pixel), so ``step_size`` is the RMS change per pixel
+    and means the same at every image size; the penalties' gradients are then subtracted per
+    pixel, on that same scale: ``l2 * 2 (image - 0.5)`` (pulls towards gray) and ``tv`` times
+    the gradient of the summed total variation (sign of each neighbour difference: smooths
+    pixel noise). The result is clipped to [0, 1] (the range the model was trained on).
+    ``sign`` +1 drives the logit up ("fractured"), -1 down.
     """
     lm = logit_model(model)
     n_pixels = float(np.prod(model.inputs[0].shape[1:]))
 
     @tf.function(reduce_retracing=True)
-    def step(image, sign, step_size, l2):
-        with tf.GradientTape() as tape:
+    def step(image, sign, step_size, l2, tv):
+        with tf.GradientTape(persistent=True) as tape:
             tape.watch(image)
             logit = tf.cast(lm(image, training=False)[:, 0], tf.float32)
-            objective = sign * tf.reduce_mean(logit) - l2 * tf.reduce_mean(tf.square(image - 0.5))
-        grads = tape.gradient(objective, image)
-        grads = tf.math.l2_normalize(grads) * tf.sqrt(n_pixels)
+            objective = sign * tf.reduce_mean(logit)
+            variation = tf.reduce_sum(tf.abs(image[:, 1:] - image[:, :-1])) + tf.reduce_sum(
+                tf.abs(image[:, :, 1:] - image[:, :, :-1])
+            )
+        grads = tf.math.l2_normalize(tape.gradient(objective, image)) * tf.sqrt(n_pixels)
+        grads -= l2 * 2.0 * (image - 0.5) + tv * tape.gradient(variation, image)
+        del tape
         return tf.clip_by_value(image + step_size * grads, 0.0, 1.0), logit
 
     return step
@@ -145,7 +162,7 @@ def visualize_class(
     rng = np.random.default_rng(opts.seed)
     image = tf.constant(start[None])
     sign = tf.constant(CLASS_SIGN[target])
-    size, l2 = tf.constant(opts.step_size), tf.constant(opts.l2)
+    size, l2, tv = (tf.constant(float(v), tf.float32) for v in (opts.step_size, opts.l2, opts.tv))
     # Without jitter or blur the step's own logit (of the image before it) is the record;
     # with them the image changes outside the step, so each result is scored separately.
     exact = not opts.jitter and not opts.blur_every
@@ -158,7 +175,7 @@ def visualize_class(
         )
         if shift:
             image = tf.roll(image, shift=shift, axis=[1, 2])
-        image, logit = step(image, sign, size, l2)
+        image, logit = step(image, sign, size, l2, tv)
         if shift:
             image = tf.roll(image, shift=[-shift[0], -shift[1]], axis=[1, 2])
         if opts.blur_every and (i + 1) % opts.blur_every == 0:
@@ -244,8 +261,14 @@ def class_vis_figure(path: Path, rows: list[tuple[str, ClassVis]], name: str = "
     """One row per ascent: start | result | result - start (colour bar) | logit per step."""
     fig, axes = plt.subplots(len(rows), 4, figsize=(12.5, 2.8 * len(rows)), squeeze=False)
     for (label, vis), ax in zip(rows, axes):
-        _show(ax[0], vis.start, f"{label}\nstart, logit {vis.logit_before:+.2f}")
-        _show(ax[1], vis.result, f"-> {vis.target}, logit {vis.logit_after:+.2f}", stretch=True)
+        reached = f"logit {vis.logit_before:+.1f} -> {vis.logit_after:+.1f}"
+        _show(ax[0], vis.start, f"{label}\nstart, logit {vis.logit_before:+.1f}")
+        _show(
+            ax[1],
+            vis.result,
+            f"towards {vis.target}\nreached logit {vis.logit_after:+.1f}",
+            stretch=True,
+        )
         diff = (
             (vis.result - vis.start)[..., 0]
             if vis.result.shape[-1] == 1
@@ -253,11 +276,12 @@ def class_vis_figure(path: Path, rows: list[tuple[str, ClassVis]], name: str = "
         )
         lim = float(np.abs(diff).max()) or 1.0
         shown = ax[2].imshow(diff, cmap="coolwarm", vmin=-lim, vmax=lim)
-        ax[2].set_title("change (red brighter)", fontsize=8)
+        ax[2].set_title(f"change (red brighter)\n{reached}", fontsize=8)
         ax[2].axis("off")
         _colorbar(fig, shown, ax[2], "pixel change")
         ax[3].plot(vis.logits)
         ax[3].set(xlabel="step", ylabel="logit")
+        ax[3].set_title(f"logit per step: {reached}", fontsize=8)
         ax[3].tick_params(labelsize=7)
     height = 2.8 * len(rows)  # inches: margins for the suptitle and the last "step"
     return _save(
