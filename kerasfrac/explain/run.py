@@ -709,7 +709,8 @@ def _explain_run(run_dir: Path, opts: ExplainOptions, image_files, out, model_pa
     build = data.check_build(cfg.data.dir, cfg.dataset)  # the manifest, read once
     examples = _examples(opts, cfg, build, image_files, log)
     # Every figure names the run and where its images come from.
-    where = f"{len(image_files)} image files" if image_files else f"{opts.split} split"
+    n = len(image_files or [])
+    where = f"{n} image file{'s' * (n != 1)}" if image_files else f"{opts.split} split"
     ctx = _Context(
         opts=opts,
         cfg=cfg,
