@@ -107,11 +107,13 @@ def _auroc(m: dict) -> str:
     if m.get("auroc") is None:
         return "n/a"
     ci = m.get("ci95")
-    # What the bootstrap resampled: train's end resamples images, evaluate the build's
-    # duplicate groups where the split holds any, so the two CIs of one model may differ.
-    unit = ci.get("resampled") if isinstance(ci, dict) else m.get("resampled")
+    # What the bootstrap resampled (train's end and evaluate alike: the build's duplicate
+    # groups where the split holds any, else images), and how many of them.
+    from kerasfrac.evaluation.metrics import resampling
+
+    unit = resampling(ci if isinstance(ci, dict) else m) if (ci or m.get("resampled")) else ""
     ci = ci.get("auroc") if isinstance(ci, dict) else ci
-    unit = f"; {unit} resampled" if unit else ""
+    unit = f"; {unit}" if unit else ""
     return f"{m['auroc']:.3f}" + (f" [95% CI {ci[0]:.3f}, {ci[1]:.3f}{unit}]" if ci else "")
 
 

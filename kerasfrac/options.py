@@ -17,12 +17,17 @@ WHAT = ("class-vis", "feature-maps", "grad-cam", "audit")
 
 @dataclass
 class AscentOptions:
+    """Gradient ascent of ``kerasfrac explain``'s class visualisation. The regularisers are on
+    by default (as in Lucid and keras-io's "visualizing what convnets learn"): without them
+    the ascent grows pixel noise that drives the logit to +-200 or more."""
+
     steps: int = option(100, "ascent steps")
     step_size: float = option(0.01, "ascent RMS change per pixel and step")
-    l2: float = option(0.0, "ascent L2 penalty weight")
-    jitter: int = option(0, "ascent random shift, pixels (before each step, undone after)")
-    blur_every: int = option(0, "blur every N ascent steps (0: never)")
-    blur_sigma: float = option(0.5, "sigma of that blur, pixels")
+    l2: float = option(0.1, "ascent L2 penalty weight (pulls pixels towards gray)")
+    tv: float = option(0.2, "ascent total-variation penalty weight (smooths pixel noise)")
+    jitter: int = option(2, "ascent random shift, pixels (before each step, undone after)")
+    blur_every: int = option(4, "blur every N ascent steps (0: never)")
+    blur_sigma: float = option(0.7, "sigma of that blur, pixels")
     seed: int = option(0, "seed of the noise start and the jitter")
 
     def check(self) -> None:
@@ -31,10 +36,16 @@ class AscentOptions:
                 f"ascent needs steps >= 1 and step_size > 0; got steps={self.steps}, "
                 f"step_size={self.step_size}"
             )
-        if self.l2 < 0 or self.jitter < 0 or self.blur_every < 0 or self.blur_sigma <= 0:
+        if (
+            self.l2 < 0
+            or self.tv < 0
+            or self.jitter < 0
+            or self.blur_every < 0
+            or self.blur_sigma <= 0
+        ):
             raise ValueError(
                 f"ascent regularisers must be non-negative (blur_sigma positive); got "
-                f"l2={self.l2}, jitter={self.jitter}, blur_every={self.blur_every}, "
+                f"l2={self.l2}, tv={self.tv}, jitter={self.jitter}, blur_every={self.blur_every}, "
                 f"blur_sigma={self.blur_sigma}"
             )
 

@@ -86,6 +86,7 @@ def make_tfrecord_dir(
     size_by_label: dict[int, int | tuple[int, int]] | None = None,
     meta=None,
     boxes=None,
+    group_size: int = 1,
 ) -> Path:
     """Write a small build directory at ``path`` and return it.
 
@@ -96,7 +97,8 @@ def make_tfrecord_dir(
     draw on ``image`` in place and gives the record's metadata columns; ``boxes(rng, image,
     label) -> [(ymin, xmin, ymax, xmax), ...]`` likewise gives its fracture boxes (normalised).
     Records are written in a seeded shuffled order, round-robin over ``num_shards`` shards per
-    split, with ids like ``train_fractured_0003.png``.
+    split, with ids like ``train_fractured_0003.png``; ``group_size`` consecutive records of
+    that order share a duplicate group (1: each image its own group).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -130,7 +132,7 @@ def make_tfrecord_dir(
                 image_id=image_id,
                 source=source,
                 sha256=hashlib.sha256(encoded).hexdigest(),
-                group=image_id,
+                group=image_id if group_size == 1 else f"{split}_group{k // group_size:03d}",
                 label=label,
                 boxes=image_boxes,
                 meta=columns,

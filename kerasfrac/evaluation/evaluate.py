@@ -26,6 +26,7 @@ from kerasfrac.evaluation.metrics import (
     REGION_COLUMNS,
     SUBGROUP_COLUMNS,
     body_region,
+    resampling,
     split_metrics,
     study_metrics,
 )
@@ -125,6 +126,36 @@ def _split_predictions(
         meta["region"] = table.take(table.region, ids, "")
     groups = [records.groups[k] for k in order]
     return Predictions(ids, labels, probs, meta, groups, source)
+
+
+def split_groups(build, split: str, ids) -> list[str]:
+    """The build's duplicate group of each of ``ids`` (images of ``split``): the unit the
+    bootstrap of ``evaluate`` and of ``train``'s end resamples."""
+    from kerasfrac import data
+
+    records = data.split_records(build, split)
+    group = dict(zip(records.ids, records.groups))
+    missing = [i for i in ids if i not in group]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} predicted image(s) (e.g. {missing[0]!r}) are not in the "
+            f"{split!r} split of {str(build)!r}; predict on that build's split"
+        )
+    return [group[i] for i in ids]
+
+
+def end_of_training_metrics(build, split: str, ids, labels, probs) -> dict:
+    """``train``'s closing metrics of ``split``: exactly those ``kerasfrac evaluate`` gives
+    the same predictions (rounded as predictions.csv holds them, the build's duplicate groups
+    resampled, evaluate's default bootstrap and seed), so the two print one CI."""
+    opts = EvaluateOptions()
+    return split_metrics(
+        labels,
+        np.round(np.asarray(probs, np.float64), 6),
+        n_bootstrap=opts.n_bootstrap,
+        seed=opts.seed,
+        groups=split_groups(build, split, ids),
+    )
 
 
 def evaluate_run(
@@ -822,8 +853,8 @@ def summary(m: dict) -> str:
     )
     if ci:
         lines.append(
-            f"  (95% CIs: percentile bootstrap, {ci['n_resamples']} resamples of "
-            f"{ci.get('resampled', 'images')}, seed {ci['seed']})"
+            f"  (95% CI, {resampling(ci)}: percentile bootstrap, {ci['n_resamples']} "
+            f"resamples, seed {ci['seed']})"
         )
     lines += calibration_lines(m)
     for name, g in (m.get("subgroups") or {}).items():

@@ -165,6 +165,7 @@ def auroc_ci(
         "auroc": auc(y, s, slice(None)),
         **_interval(values, n_resamples, level),
         "resampled": "groups" if has_groups(groups) else "images",
+        "n_units": n_units(y.size, groups),
         "n_resamples": n_resamples,
         "seed": seed,
     }
@@ -358,11 +359,28 @@ def bootstrap_ci(
         values["auroc"].append(_auroc_rows(y, p))
         done += b
     return _percentiles(
-        {m: np.concatenate(values[m]) for m in CI_METRICS}, n_resamples, seed, level, "images"
+        {m: np.concatenate(values[m]) for m in CI_METRICS}, n_resamples, seed, level, "images", n
     )
 
 
-def _percentiles(values: dict, n_resamples: int, seed: int, level: float, resampled: str):
+def n_units(n: int, groups=None) -> int:
+    """How many units the bootstrap draws: the distinct groups, or the ``n`` images."""
+    return len(set(groups)) if has_groups(groups) else int(n)
+
+
+def resampling(ci: dict) -> str:
+    """What a CI's bootstrap resampled, in words: "resampling 512 duplicate groups" or
+    "resampling 600 images" (``ci``: a ``bootstrap_ci``, ``auroc_ci`` or a metrics dict's
+    ``ci95``; one written before ``n_units`` was recorded: "groups resampled")."""
+    unit = ci.get("resampled") or "images"
+    if ci.get("n_units") is None:
+        return f"{unit} resampled"
+    return f"resampling {ci['n_units']} " + ("duplicate groups" if unit == "groups" else unit)
+
+
+def _percentiles(
+    values: dict, n_resamples: int, seed: int, level: float, resampled: str, units: int
+):
     tail = (1 - level) / 2 * 100
     out: dict = {
         "n_resamples": int(n_resamples),
@@ -371,6 +389,7 @@ def _percentiles(values: dict, n_resamples: int, seed: int, level: float, resamp
         "valid": {},
         "undefined_share": {},
         "resampled": resampled,
+        "n_units": int(units),
     }
     for m in CI_METRICS:
         v = np.asarray(values[m], dtype=np.float64)
@@ -402,7 +421,7 @@ def _group_bootstrap_ci(labels, probs, threshold, n_resamples, seed, level, grou
         values["npv"].append(tn / (y.size - called) if y.size - called else np.nan)
         a = auroc(y, p)
         values["auroc"].append(np.nan if a is None else a)
-    return _percentiles(values, n_resamples, seed, level, "groups")
+    return _percentiles(values, n_resamples, seed, level, "groups", n_units(len(groups), groups))
 
 
 def _undefined(labels: np.ndarray, at: dict, prefix: str = "") -> dict[str, str]:

@@ -72,25 +72,42 @@ def blur(image: tf.Tensor, sigma: float) -> tf.Tensor:
     return tf.nn.depthwise_conv2d(padded, kernel, [1, 1, 1, 1], "VALID")
 
 
-def make_ascent_step(model: keras.Model):
-    """``step(image, sign, step_size, l2) -> (new_image, logit_before)`` as a tf.function.
+def total_variation(image) -> float:
+    """Mean absolute difference of neighbouring pixels (down and across) of [H, W, C] or
+    [B, H, W, C]: low for smooth images, high for pixel noise."""
+    x = np.asarray(image, np.float64)
+    x = x[None] if x.ndim == 3 else x
+    dy = np.abs(np.diff(x, axis=1)).mean()
+    dx = np.abs(np.diff(x, axis=2)).mean()
+    return float(dx + dy)
 
-    Objective: ``sign * logit - l2 * mean((image - 0.5)^2)``. The gradient is L2-normalised
-    over the whole image and scaled by sqrt(pixels), so ``step_size`` is the RMS change per
-    pixel and means the same at every image size. The result is clipped to [0, 1] (the range
-    the model was trained on). ``sign`` +1 drives the logit up ("fractured"), -1 down.
+
+def make_ascent_step(model: keras.Model):
+    """``step(image, sign, step_size, l2, tv) -> (new_image, logit_before)`` as a tf.function.
+
+    The logit's gradient ``sign * d logit / d image`` is L2-normalised over the whole image
+    and scaled by sqrt(pixels) (RMS 1 per pixel), so ``step_size`` is the RMS change per pixel
+    and means the same at every image size; the penalties' gradients are then subtracted per
+    pixel, on that same scale: ``l2 * 2 (image - 0.5)`` (pulls towards gray) and ``tv`` times
+    the gradient of the summed total variation (sign of each neighbour difference: smooths
+    pixel noise). The result is clipped to [0, 1] (the range the model was trained on).
+    ``sign`` +1 drives the logit up ("fractured"), -1 down.
     """
     lm = logit_model(model)
     n_pixels = float(np.prod(model.inputs[0].shape[1:]))
 
     @tf.function(reduce_retracing=True)
-    def step(image, sign, step_size, l2):
-        with tf.GradientTape() as tape:
+    def step(image, sign, step_size, l2, tv):
+        with tf.GradientTape(persistent=True) as tape:
             tape.watch(image)
             logit = tf.cast(lm(image, training=False)[:, 0], tf.float32)
-            objective = sign * tf.reduce_mean(logit) - l2 * tf.reduce_mean(tf.square(image - 0.5))
-        grads = tape.gradient(objective, image)
-        grads = tf.math.l2_normalize(grads) * tf.sqrt(n_pixels)
+            objective = sign * tf.reduce_mean(logit)
+            variation = tf.reduce_sum(tf.abs(image[:, 1:] - image[:, :-1])) + tf.reduce_sum(
+                tf.abs(image[:, :, 1:] - image[:, :, :-1])
+            )
+        grads = tf.math.l2_normalize(tape.gradient(objective, image)) * tf.sqrt(n_pixels)
+        grads -= l2 * 2.0 * (image - 0.5) + tv * tape.gradient(variation, image)
+        del tape
         return tf.clip_by_value(image + step_size * grads, 0.0, 1.0), logit
 
     return step
@@ -145,7 +162,7 @@ def visualize_class(
     rng = np.random.default_rng(opts.seed)
     image = tf.constant(start[None])
     sign = tf.constant(CLASS_SIGN[target])
-    size, l2 = tf.constant(opts.step_size), tf.constant(opts.l2)
+    size, l2, tv = (tf.constant(float(v), tf.float32) for v in (opts.step_size, opts.l2, opts.tv))
     # Without jitter or blur the step's own logit (of the image before it) is the record;
     # with them the image changes outside the step, so each result is scored separately.
     exact = not opts.jitter and not opts.blur_every
@@ -158,7 +175,7 @@ def visualize_class(
         )
         if shift:
             image = tf.roll(image, shift=shift, axis=[1, 2])
-        image, logit = step(image, sign, size, l2)
+        image, logit = step(image, sign, size, l2, tv)
         if shift:
             image = tf.roll(image, shift=[-shift[0], -shift[1]], axis=[1, 2])
         if opts.blur_every and (i + 1) % opts.blur_every == 0:
@@ -215,7 +232,8 @@ def _save(fig, path: Path, name: str = "", **adjust) -> Path:
     # which doubled the time of the feature-map grids (hundreds of axes).
     if name:  # the run and split (or image files) the figure is of
         fig.suptitle(name, fontsize=10)
-    fig.subplots_adjust(**{"left": 0.02, "right": 0.98, "bottom": 0.03, "top": 0.9, **adjust})
+    if fig.get_layout_engine() is None:  # constrained figures lay themselves out
+        fig.subplots_adjust(**{"left": 0.02, "right": 0.98, "bottom": 0.03, "top": 0.9, **adjust})
     runs.save_figure(fig, path, dpi=90)
     plt.close(fig)
     return path
@@ -233,9 +251,9 @@ def _colorbar(fig, shown, ax, label: str, size: int = 7):
     return bar
 
 
-def _show(ax, image, title: str = "", stretch: bool = False, **kw) -> None:
+def _show(ax, image, title: str = "", stretch: bool = False, size: int = 8, **kw) -> None:
     ax.imshow(deprocess_image(image, stretch), cmap="gray", vmin=0, vmax=255, **kw)
-    ax.set_title(title, fontsize=8)
+    ax.set_title(title, fontsize=size)
     ax.axis("off")
 
 
@@ -243,8 +261,14 @@ def class_vis_figure(path: Path, rows: list[tuple[str, ClassVis]], name: str = "
     """One row per ascent: start | result | result - start (colour bar) | logit per step."""
     fig, axes = plt.subplots(len(rows), 4, figsize=(12.5, 2.8 * len(rows)), squeeze=False)
     for (label, vis), ax in zip(rows, axes):
-        _show(ax[0], vis.start, f"{label}\nstart, logit {vis.logit_before:+.2f}")
-        _show(ax[1], vis.result, f"-> {vis.target}, logit {vis.logit_after:+.2f}", stretch=True)
+        reached = f"logit {vis.logit_before:+.1f} -> {vis.logit_after:+.1f}"
+        _show(ax[0], vis.start, f"{label}\nstart, logit {vis.logit_before:+.1f}")
+        _show(
+            ax[1],
+            vis.result,
+            f"towards {vis.target}\nreached logit {vis.logit_after:+.1f}",
+            stretch=True,
+        )
         diff = (
             (vis.result - vis.start)[..., 0]
             if vis.result.shape[-1] == 1
@@ -252,11 +276,12 @@ def class_vis_figure(path: Path, rows: list[tuple[str, ClassVis]], name: str = "
         )
         lim = float(np.abs(diff).max()) or 1.0
         shown = ax[2].imshow(diff, cmap="coolwarm", vmin=-lim, vmax=lim)
-        ax[2].set_title("change (red brighter)", fontsize=8)
+        ax[2].set_title(f"change (red brighter)\n{reached}", fontsize=8)
         ax[2].axis("off")
         _colorbar(fig, shown, ax[2], "pixel change")
         ax[3].plot(vis.logits)
         ax[3].set(xlabel="step", ylabel="logit")
+        ax[3].set_title(f"logit per step: {reached}", fontsize=8)
         ax[3].tick_params(labelsize=7)
     height = 2.8 * len(rows)  # inches: margins for the suptitle and the last "step"
     return _save(
@@ -271,6 +296,12 @@ def class_vis_figure(path: Path, rows: list[tuple[str, ClassVis]], name: str = "
     )
 
 
+#: Channels per row of the feature-map figure; more channels wrap onto further rows.
+FEATURE_COLUMNS = 8
+#: Font size (points) of every label of the feature-map and CAM figures (90 dpi: ~10 px).
+LABEL_SIZE = 8
+
+
 def feature_maps_figure(
     path: Path,
     layer: str,
@@ -280,26 +311,41 @@ def feature_maps_figure(
     max_channels: int = 16,
     name: str = "",
 ) -> Path:
-    """Rows = images; columns = the input and the ``max_channels`` most active channels, on
-    one colour scale per row (its colour bar: the activation)."""
+    """Per image a block of rows: the input, then its ``max_channels`` most active channels
+    (``FEATURE_COLUMNS`` to a row, so the figure stays about 1,000 px wide at any
+    ``max_channels``), on one colour scale per image (its colour bar: the activation)."""
+    if max_channels < 1:
+        raise ValueError(f"max_channels must be >= 1; got {max_channels}")
     k = min(max_channels, maps.shape[-1])
+    cols = min(k, FEATURE_COLUMNS)
+    sub = math.ceil(k / cols)  # rows per image
+    n = len(images)
     fig, axes = plt.subplots(
-        len(images), k + 1, figsize=(1.3 * (k + 1), 1.5 * len(images)), squeeze=False
+        n * sub,
+        cols + 1,
+        figsize=(1.15 * (cols + 1.5) + 0.9, 1.3 * n * sub + 0.5),
+        squeeze=False,
+        layout="constrained",
+        width_ratios=[1.5] + [1] * cols,  # room for the image's title
     )
-    for img, fmap, title, ax in zip(images, maps, titles, axes):
-        _show(ax[0], img, title)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (img, fmap, title) in enumerate(zip(images, maps, titles)):
+        block = axes[i * sub : (i + 1) * sub]
+        _show(block[0, 0], img, title, size=LABEL_SIZE)
         order = np.argsort(-fmap.mean(axis=(0, 1)))[:k]
         lo, hi = float(fmap[..., order].min()), float(fmap[..., order].max())
         shown = None
         for j, c in enumerate(order):
-            shown = ax[j + 1].imshow(fmap[..., c], cmap="viridis", vmin=lo, vmax=hi)
-            ax[j + 1].set_title(f"{layer}:{c}", fontsize=6)
-            ax[j + 1].axis("off")
-        for j in range(len(order) + 1, k + 1):
-            ax[j].axis("off")
+            ax = block[j // cols, 1 + j % cols]
+            shown = ax.imshow(fmap[..., c], cmap="viridis", vmin=lo, vmax=hi)
+            ax.set_title(f"channel {c}", fontsize=LABEL_SIZE)
         if shown is not None:
-            _colorbar(fig, shown, ax[len(order)], "activation", size=6)
-    return _save(fig, path, name, wspace=0.15, hspace=0.45)
+            bar = fig.colorbar(shown, ax=block[:, 1:].ravel().tolist(), shrink=0.9, pad=0.02)
+            bar.set_label("activation", fontsize=LABEL_SIZE)
+            bar.ax.tick_params(labelsize=LABEL_SIZE - 1)
+    fig.get_layout_engine().set(w_pad=0.02, h_pad=0.04, wspace=0.02, hspace=0.02)
+    return _save(fig, path, name)
 
 
 def _draw_boxes(ax, boxes, shape) -> None:
@@ -326,7 +372,15 @@ def grad_cam_figure(
     n = len(images)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, 2 * cols, figsize=(2.6 * 2 * cols, 2.8 * rows), squeeze=False)
+    # Constrained layout: the titles, the colour bar and its label and the legend below
+    # get room of their own, however few images (one --images file was clipped).
+    fig, axes = plt.subplots(
+        rows,
+        2 * cols,
+        figsize=(2.4 * 2 * cols + 0.8, 2.7 * rows + 0.9),
+        squeeze=False,
+        layout="constrained",
+    )
     for ax in axes.flat:
         ax.axis("off")
     for i, (img, cam, title) in enumerate(zip(images, cams, titles)):
@@ -342,25 +396,23 @@ def grad_cam_figure(
             _draw_boxes(a0, boxes[i], cam.shape)
             _draw_boxes(a1, boxes[i], cam.shape)
     if n:
-        last = axes[(n - 1) // cols, 2 * ((n - 1) % cols) + 1]
-        _colorbar(fig, shown, last, f"{what} (share of peak)")
+        bar = fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.8, pad=0.02)
+        bar.set_label(f"{what} (share of peak)", fontsize=LABEL_SIZE)
+        bar.ax.tick_params(labelsize=LABEL_SIZE - 1)
         handles = [Line2D([], [], color="w", marker="+", ls="", markersize=9, mew=2)]
         labels = [f"{what} peak"]
         if boxes is not None and any(b is not None and np.size(b) for b in boxes):
             handles.append(patches.Patch(fill=False, edgecolor="lime", linewidth=1.2))
             labels.append("fracture box")
         fig.legend(
-            handles, labels, loc="lower center", ncol=len(labels), fontsize=8, facecolor="0.55"
+            handles,
+            labels,
+            loc="outside lower center",
+            ncol=len(labels),
+            fontsize=LABEL_SIZE,
+            facecolor="0.55",
         )
-    return _save(
-        fig,
-        path,
-        name,
-        wspace=0.15,
-        hspace=0.45,
-        top=1 - 0.75 / (2.8 * rows),
-        bottom=0.4 / (2.8 * rows),  # the legend
-    )
+    return _save(fig, path, name)
 
 
 def mean_cam_figure(
@@ -469,16 +521,17 @@ def pick_examples(data_cfg, build, split: str, n: int) -> list[Example]:
 # --------------------------------------------------------------------------- the command
 
 
-CLASS_NAMES = {1: "fractured", 0: "normal", -1: "?"}
+CLASS_NAMES = {1: "fractured", 0: "normal", -1: "unlabelled"}
 
 
 def _title(ex: Example, prob: float | None = None) -> str:
-    """The image and its label; with ``prob``, the prediction (at 0.5) and its probability."""
-    name = CLASS_NAMES[ex.label]
+    """The image and its label ("unlabelled" for a file given with --images); with
+    ``prob``, the prediction (at 0.5) and its probability."""
+    label = "unlabelled" if ex.label < 0 else f"label {CLASS_NAMES[ex.label]}"
     if prob is None:
-        return f"{ex.image_id[:18]}\nlabel {name}"
+        return f"{ex.image_id[:18]}\n{label}"
     return (
-        f"{ex.image_id[:18]}\nlabel {name}, predicted {CLASS_NAMES[int(prob >= 0.5)]}\n"
+        f"{ex.image_id[:18]}\n{label}, predicted {CLASS_NAMES[int(prob >= 0.5)]}\n"
         f"p(fractured) {prob:.2f}"
     )
 
@@ -662,7 +715,8 @@ def _explain_run(run_dir: Path, opts: ExplainOptions, image_files, out, model_pa
     build = data.check_build(cfg.data.dir, cfg.dataset)  # the manifest, read once
     examples = _examples(opts, cfg, build, image_files, log)
     # Every figure names the run and where its images come from.
-    where = f"{len(image_files)} image files" if image_files else f"{opts.split} split"
+    n = len(image_files or [])
+    where = f"{n} image file{'s' * (n != 1)}" if image_files else f"{opts.split} split"
     ctx = _Context(
         opts=opts,
         cfg=cfg,

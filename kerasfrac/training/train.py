@@ -34,7 +34,8 @@ import tensorflow as tf
 from kerasfrac import console, data, runs
 from kerasfrac.config import Config
 from kerasfrac.data import augment
-from kerasfrac.evaluation.metrics import bce_per_example, epoch_metrics, split_metrics
+from kerasfrac.evaluation.evaluate import end_of_training_metrics
+from kerasfrac.evaluation.metrics import bce_per_example, epoch_metrics
 from kerasfrac.models import (
     BOX_HEATMAP,
     META_LOGITS,
@@ -792,7 +793,8 @@ class TrainingTask:
         result = runs.write_metrics(
             run_dir,
             split,
-            split_metrics(y, p),
+            # evaluate's metrics of these predictions: the same CI (duplicate groups resampled)
+            end_of_training_metrics(self.build, split, ids, y, p),
             cfg=cfg,
             model=runs.model_path(run_dir),
             predictions="computed",

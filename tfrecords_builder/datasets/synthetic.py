@@ -104,6 +104,19 @@ def _check_args(count, fractured_fraction, image_size, image_format, marker_corr
         )
 
 
+def _check_difficulty(line_strength, noise_scale) -> None:
+    if not isinstance(line_strength, int | float) or not 0 < line_strength <= 1:
+        raise ValueError(
+            f"line_strength={line_strength!r}: expected a number in (0, 1] (the share of the "
+            "bone the fracture line removes; 1 is the default, smaller is fainter)."
+        )
+    if not isinstance(noise_scale, int | float) or not noise_scale >= 0:
+        raise ValueError(
+            f"noise_scale={noise_scale!r}: expected a number >= 0 (a factor on the noise; 1 is "
+            "the default)."
+        )
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
@@ -260,6 +273,8 @@ def render_phantom(
     *,
     draw_fracture_line: bool = True,
     marker_letter: str | None = None,
+    line_strength: float = 1.0,
+    noise_scale: float = 1.0,
 ) -> Phantom:
     """Render phantom ``index`` of the set made with ``seed``.
 
@@ -267,8 +282,12 @@ def render_phantom(
     ``fractured``, ``draw_fracture_line`` or ``marker_letter``: rendering the same index
     with and without its fracture line (or marker) gives two images that differ only there.
     ``draw_fracture_line=False`` on a fractured phantom keeps its displacement and its box
-    but leaves out the dark line (a control for tests).
+    but leaves out the dark line (a control for tests). ``line_strength`` (0-1]: how much of
+    the bone the fracture line removes (1: all of it; 0.3: a faint line, a harder task);
+    ``noise_scale``: a factor on the Gaussian noise's sigma (2: twice as noisy). Neither
+    changes the random numbers drawn.
     """
+    _check_difficulty(line_strength, noise_scale)
     rng = np.random.default_rng([int(seed), int(index), int(image_size)])
     s = float(image_size)
     yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float64) + 0.5
@@ -289,7 +308,7 @@ def render_phantom(
     contrast = rng.uniform(0.8, 1.2)
     brightness = rng.uniform(-12, 12)
     noise_sigma = rng.uniform(3.0, 7.0)
-    noise = rng.normal(0.0, noise_sigma, size=(image_size, image_size))
+    noise = noise_scale * rng.normal(0.0, noise_sigma, size=(image_size, image_size))
 
     # Soft tissue: a smooth ellipse aligned with the main bone.
     tcx, tcy = bones[-1][0] * 0.5 + cx * 0.5, bones[-1][1] * 0.5 + cy * 0.5
@@ -308,7 +327,7 @@ def render_phantom(
         if k == 0 and fractured and draw_fracture_line:
             dist = _segment_distance(xx, yy, points)
             gap = np.clip(line_width / 2.0 + 0.5 - dist, 0.0, 1.0)  # antialiased line
-            layer = layer * (1.0 - gap)
+            layer = layer * (1.0 - line_strength * gap)
         image = image + layer
 
     image = image * contrast + brightness + noise
@@ -405,6 +424,8 @@ def generate(
     marker: bool = SyntheticOptions.marker,
     marker_correlation: float = SyntheticOptions.marker_correlation,
     image_format: str = "png",
+    line_strength: float = 1.0,
+    noise_scale: float = 1.0,
 ) -> dict:
     """Write ``count`` phantoms into ``out_dir`` in the FracAtlas layout; return a summary.
 
@@ -414,6 +435,7 @@ def generate(
     letter burnt into each image (``marker_letters``: image_id -> "R"/"L").
     """
     _check_args(count, fractured_fraction, image_size, image_format, marker_correlation)
+    _check_difficulty(line_strength, noise_scale)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(
@@ -444,7 +466,15 @@ def generate(
             class_letter, other = ("R", "L") if fractured else ("L", "R")
             letter = class_letter if follows_class[i] else other
             letters[image_id] = letter
-        ph = render_phantom(seed, i, image_size, fractured, marker_letter=letter)
+        ph = render_phantom(
+            seed,
+            i,
+            image_size,
+            fractured,
+            marker_letter=letter,
+            line_strength=line_strength,
+            noise_scale=noise_scale,
+        )
         path = out / "images" / (FRACTURED_DIR if fractured else NORMAL_DIR) / image_id
         _save(ph.pixels, path, image_format)
         rows.append(_csv_row(image_id, ph.region, fractured))
@@ -466,6 +496,8 @@ def generate(
         "seed": seed,
         "marker": bool(marker),
         "marker_correlation": float(marker_correlation),
+        "line_strength": float(line_strength),
+        "noise_scale": float(noise_scale),
     }
     if marker:
         summary["marker_letters"] = letters
