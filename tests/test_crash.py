@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,8 +65,9 @@ def outcome(run_dir: Path) -> tuple[str, list[dict], dict]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, separable_tfrecord_dir):
-    """The uninterrupted run, and the crash points it passes, in order."""
+def reference_run(tmp_path_factory, separable_tfrecord_dir) -> tuple[Path, list[str]]:
+    """The uninterrupted run's directory (tests copy it, never change it), and the crash
+    points it passes, in order."""
     run_dir = tmp_path_factory.mktemp("crash") / "reference"
     points: list[str] = []
     mp = pytest.MonkeyPatch()
@@ -74,6 +76,13 @@ def reference(tmp_path_factory, separable_tfrecord_dir):
         train.train(make_config(separable_tfrecord_dir, run_dir), verbose=0)
     finally:
         mp.undo()
+    return run_dir, points
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+    """The uninterrupted run's outcome, and the crash points it passes, in order."""
+    run_dir, points = reference_run
     return outcome(run_dir), points
 
 
@@ -131,12 +140,17 @@ def test_kill_at_every_crash_point_resumes_to_the_uninterrupted_run(
 
 @pytest.mark.slow
 def test_auto_resume_of_a_finished_run_has_nothing_to_do(
-    reference, tmp_path, separable_tfrecord_dir
+    reference, reference_run, tmp_path, separable_tfrecord_dir
 ):
     (_, _, metrics), _ = reference
     run_dir = tmp_path / "finished"
+    # the finished reference run, copied (its config.yaml names its new folder), stands for a
+    # run trained here with the same settings
+    shutil.copytree(reference_run[0], run_dir)
+    config.load_config(run_dir / "config.yaml", [f"run_dir={run_dir}"]).save(
+        run_dir / "config.yaml"
+    )
     cfg = make_config(separable_tfrecord_dir, run_dir)
-    train.train(cfg, verbose=0)
     before = (run_dir / "checkpoints" / "state.json").read_text()
     assert train.train(cfg, auto_resume=True, verbose=0) == metrics  # a requeued job: exit 0
     assert (run_dir / "checkpoints" / "state.json").read_text() == before

@@ -259,7 +259,7 @@ def test_weight_averaging_off_by_default_and_checked():
         config.from_dict({"train": {"ema_momentum": 1.0}})
 
 
-def _pointing_after_training(root, box_head: bool) -> dict:
+def _pointing_after_training(phantoms: Path, root: Path, box_head: bool) -> dict:
     from kerasfrac import explain
     from kerasfrac.runs import load_model as load_run_model
 
@@ -268,7 +268,7 @@ def _pointing_after_training(root, box_head: bool) -> dict:
         {
             "dataset": "synthetic",
             "run_dir": str(run_dir),
-            "data": {"dir": str(root / "tfr"), "image_size": 128, "flips": "random"},
+            "data": {"dir": str(phantoms / "tfr"), "image_size": 128, "flips": "random"},
             "model": {"name": "resnet_small", "box_head": box_head, "head": "heatmap"},
             "train": {
                 "epochs": 1,
@@ -305,10 +305,14 @@ def _pointing_after_training(root, box_head: bool) -> dict:
 # pytest-xdist); their bounds (with boxes > 0.75, without <= 0.15) imply the gap of 0.6.
 
 
-def _letter_phantoms(root: Path) -> None:
+@pytest.fixture(scope="module")
+def letter_phantoms(tmp_path_factory) -> Path:
+    """The phantoms of both box-supervision tests, generated and built once per module (a
+    worker that runs both shares them): the folder that holds ``tfr``."""
     from tfrecords_builder.build import BuildOptions, build
     from tfrecords_builder.datasets import synthetic
 
+    root = tmp_path_factory.mktemp("letters")
     synthetic.generate(
         root / "raw",
         count=400,
@@ -319,25 +323,24 @@ def _letter_phantoms(root: Path) -> None:
         marker_correlation=0.9,
     )
     build("synthetic", root / "raw", root / "tfr", BuildOptions(progress=False, shards=2))
+    return root
 
 
 @pytest.mark.slow
-def test_without_box_supervision_grad_cam_misses_the_fracture(tmp_path):
+def test_without_box_supervision_grad_cam_misses_the_fracture(tmp_path, letter_phantoms):
     """The shortcut is real: trained on label alone, the classifier's Grad-CAM peak lands
     within 15 px of a fracture box no more often than chance (0.15)."""
-    _letter_phantoms(tmp_path)
-    plain = _pointing_after_training(tmp_path, box_head=False)
+    plain = _pointing_after_training(letter_phantoms, tmp_path, box_head=False)
     assert plain["n_played"] >= 25
     assert plain["hit_rate"] <= 0.15, plain
 
 
 @pytest.mark.slow
-def test_box_supervision_moves_grad_cam_onto_the_fracture(tmp_path):
+def test_box_supervision_moves_grad_cam_onto_the_fracture(tmp_path, letter_phantoms):
     """With box supervision the classifier's Grad-CAM peak lands on the fracture on nearly
     every fractured test image, the box head's own map too, and the classifier ranks above
     the letter's 0.9 ceiling."""
-    _letter_phantoms(tmp_path)
-    boxed = _pointing_after_training(tmp_path, box_head=True)
+    boxed = _pointing_after_training(letter_phantoms, tmp_path, box_head=True)
     assert boxed["n_played"] >= 25
     assert boxed["auroc"] > 0.95, boxed  # above what the letter alone gives
     assert boxed["hit_rate"] > max(0.75, 4 * boxed["chance_rate"]), boxed

@@ -108,7 +108,10 @@ def test_refuses_finished_run_then_resume_continues(trained_run, separable_tfrec
 @pytest.mark.slow
 def test_resume_continues_where_it_stopped(tmp_path, separable_tfrecord_dir):
     run_dir = tmp_path / "run"
-    train.train(fast_config(separable_tfrecord_dir, run_dir, epochs=2), verbose=0)
+    # 3 steps an epoch: what is checked is the bookkeeping of epochs, not learning
+    train.train(
+        fast_config(separable_tfrecord_dir, run_dir, epochs=2, steps_per_epoch=3), verbose=0
+    )
     first = history(run_dir)
     assert [r["epoch"] for r in first] == [1, 2]  # from 1, as the console counts
     # Pretend the job was preempted after epoch 2 of 3: state says unfinished.
@@ -121,7 +124,7 @@ def test_resume_continues_where_it_stopped(tmp_path, separable_tfrecord_dir):
         renumbered = [f"{int(x.split(',')[0]) - 1},{x.split(',', 1)[1]}" for x in lines[1:]]
         path.write_text("\n".join([lines[0], *renumbered]) + "\n")
     assert [r["epoch"] for r in runs.read_history(run_dir)] == [1, 2]  # read from 1 all the same
-    cfg = fast_config(separable_tfrecord_dir, run_dir, epochs=3)
+    cfg = fast_config(separable_tfrecord_dir, run_dir, epochs=3, steps_per_epoch=3)
     with pytest.raises(train.RunDirError, match="--resume"):
         train.train(cfg, verbose=0)
     train.train(cfg, resume=True, verbose=0)
@@ -208,11 +211,22 @@ def test_checkpoint_selection_and_stopping_never_see_the_test_split(
     tmp_path, separable_tfrecord_dir, monkeypatch
 ):
     """The best checkpoint is chosen (and any early stopping decided) on val metrics; the
-    test split is read once, after the last epoch. Reading test for selection fails here."""
+    test split is read once, after the last epoch. Reading test for selection fails here.
+    The same run checks that the build is loaded once (data.Build) and passed down to every
+    pipeline: the manifest is read once."""
     import keras
 
     from kerasfrac import data
+    from tfrecords_builder import reader
 
+    manifest_reads = []
+    real_manifest = reader.load_manifest
+
+    def counting(directory):
+        manifest_reads.append(str(directory))
+        return real_manifest(directory)
+
+    monkeypatch.setattr(reader, "load_manifest", counting)
     events: list[tuple] = []
     real_eval = data.make_eval_dataset
 
@@ -248,6 +262,7 @@ def test_checkpoint_selection_and_stopping_never_see_the_test_split(
     for e in events:
         if e[0] == "epoch_end":
             assert "val_auroc" in e[2] and not any(k.startswith("test") for k in e[2])
+    assert manifest_reads == [str(separable_tfrecord_dir)]
 
 
 @pytest.mark.slow
@@ -284,7 +299,8 @@ def test_run_config_paths_are_absolute_and_evaluate_works_from_another_folder(
     tmp_path, separable_tfrecord_dir, monkeypatch, capsys
 ):
     """A run started with relative paths stores them absolute; `evaluate --run-dir` from
-    another folder then finds the data."""
+    another folder then finds the data. The same (finished) run then checks `train --resume`:
+    refused with the same epochs, continued with more."""
     import os
     import shutil
 
@@ -314,15 +330,11 @@ def test_run_config_paths_are_absolute_and_evaluate_works_from_another_folder(
     assert code == 0, capsys.readouterr().err
     assert json.loads((work / "runs" / "rel" / "metrics.json").read_text())["n"] == 16
 
-
-@pytest.mark.slow
-def test_resume_of_a_finished_run_with_more_epochs_continues_it(
-    tmp_path, separable_tfrecord_dir, capsys
-):
-    run_dir = tmp_path / "run"
-    cfg = fast_config(separable_tfrecord_dir, run_dir, epochs=1, steps_per_epoch=3)
-    train.train(cfg, verbose=0)
+    # A finished run resumed with more epochs continues it (formerly its own test, which
+    # trained the same 1 epoch x 3 steps run).
+    run_dir = work / "runs" / "rel"
     first = history(run_dir)
+    capsys.readouterr()
     # the same epochs: nothing to continue, and the error says how
     assert main(["train", "--run-dir", str(run_dir), "--resume"]) == 2
     assert "--set train.epochs=N, N > 1" in capsys.readouterr().err
@@ -332,24 +344,6 @@ def test_resume_of_a_finished_run_with_more_epochs_continues_it(
     state = json.loads((run_dir / "checkpoints" / "state.json").read_text())
     assert state["epoch"] == 2 and state["finished"]
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 2
-
-
-@pytest.mark.slow
-def test_a_training_run_reads_the_manifest_once(tmp_path, separable_tfrecord_dir, monkeypatch):
-    """The build is loaded once (data.Build) and passed down to every pipeline."""
-    from tfrecords_builder import reader
-
-    calls = []
-    real = reader.load_manifest
-
-    def counting(directory):
-        calls.append(str(directory))
-        return real(directory)
-
-    monkeypatch.setattr(reader, "load_manifest", counting)
-    cfg = fast_config(separable_tfrecord_dir, tmp_path / "run", epochs=1, steps_per_epoch=2)
-    train.train(cfg, verbose=0)
-    assert calls == [str(separable_tfrecord_dir)]
 
 
 @pytest.mark.slow
@@ -432,7 +426,10 @@ def test_precision_auto_resumes_in_the_precision_the_run_started_in(
 
     run_dir = tmp_path / "auto"
     monkeypatch.setattr(kernels, "native_bfloat16", lambda cpuinfo=None: True)
-    cfg = fast_config(separable_tfrecord_dir, run_dir, epochs=1, precision="auto")
+    # 3 steps an epoch: what is checked is the precision each part ran in, not learning
+    cfg = fast_config(
+        separable_tfrecord_dir, run_dir, epochs=1, steps_per_epoch=3, precision="auto"
+    )
     train.train(cfg, verbose=0)
     state = json.loads((run_dir / "checkpoints" / "state.json").read_text())
     assert state["precision"] == "mixed_bfloat16" and state["finished"]
@@ -449,7 +446,13 @@ def test_precision_auto_resumes_in_the_precision_the_run_started_in(
     assert models.uses_mixed_precision(trained)  # epoch 2 trained in bfloat16
     # A fresh run on this machine resolves auto by the hardware.
     train.train(
-        fast_config(separable_tfrecord_dir, tmp_path / "fresh", epochs=1, precision="auto"),
+        fast_config(
+            separable_tfrecord_dir,
+            tmp_path / "fresh",
+            epochs=1,
+            steps_per_epoch=3,
+            precision="auto",
+        ),
         verbose=0,
     )
     fresh = json.loads((tmp_path / "fresh" / "checkpoints" / "state.json").read_text())
