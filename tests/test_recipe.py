@@ -190,6 +190,17 @@ def test_box_run_saves_its_selected_epoch_with_the_box_head(tmp_path, synthetic_
     game = result["audit"]["pointing_game"]
     assert game["n_played"] > 0 and game["hit_rate"] is not None
     assert (run_dir / "explain" / "boxmap_mean.png").is_file()
+    # the default audit (the classifier's own map) localises the box map too, on the same
+    # images, and its numbers are the boxmap audit's
+    both = explain.explain_run(
+        run_dir, ExplainOptions(what=("audit",), tolerance=8.0), log=lambda *a: None
+    )
+    assert both["audit"]["cam_method"] != "boxmap"
+    assert both["box_map_audit"]["cam_method"] == "boxmap"
+    assert both["box_map_audit"]["pointing_game"] == game
+    from kerasfrac.explain.run import verdict
+
+    assert "box heat map" in verdict(both)
     # predict's overlays and the export carry the box head (its peak, its heat map output).
     import tensorflow as tf
     from PIL import Image
