@@ -287,6 +287,7 @@ def make_train_step(
     box_paste_rate: float = 0.0,
     seed: int = 0,
     losses: Losses | None = None,
+    jit_compile: bool = False,
 ):
     """The one training step for every strategy: ``step(iterator, stop_flag)`` runs a global
     batch (a dict, ``data.make_dataset``'s) through ``strategy.run`` (batch augmentation,
@@ -300,7 +301,8 @@ def make_train_step(
     receiving image's label becomes 1); ``mixup_alpha`` > 0 (``train.mixup``) blends each
     example with a shuffle of the batch after; the class weight and the reported label are
     those of the dominant image (lam >= 0.5). ``losses`` (``TrainingTask.build_losses``)
-    replaces the one the loss keywords describe.
+    replaces the one the loss keywords describe. ``jit_compile`` compiles the per-replica
+    step with XLA (measured A/B in docs/speed.md: not used by ``kerasfrac train``).
     """
     optimizer = model.optimizer
     losses = losses or Losses.for_model(
@@ -330,7 +332,8 @@ def make_train_step(
             flags = tf.reshape(stop_flag, [1])
             return per_example, tf.reshape(probs, [-1]), batch["label"], flags
 
-        results = strategy.run(step_fn, args=(next(iterator),))
+        fn = tf.function(step_fn, jit_compile=True) if jit_compile else step_fn
+        results = strategy.run(fn, args=(next(iterator),))
         return tuple(strategy.gather(r, axis=0) for r in results)
 
     return train_step
