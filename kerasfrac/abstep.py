@@ -10,10 +10,16 @@ other jobs loads every variant alike. Prints a JSON line: per variant the median
 min, max, ratio to the first variant, and the load average seen (before / after). With
 ``--profile N``, each variant's op-kind profile (``stepprofile``) of N steps follows.
 
-Variants (in-process switches; thread settings need a process each, see docs/speed.md):
+Thread settings must be made before TensorFlow runs anything, so ``--threads`` compares
+them across processes instead: ``--threads 0,0/2,1`` runs one process per setting
+(``intra,inter`` op threads; 0 is TensorFlow's default), one repeat each, the order rotating
+each round, ``--repeats`` rounds.
+
+Variants (in-process switches):
 ``fast`` (the config as it is), ``bn-f32-data`` (``FusedBatchNormalization`` on a float32
 copy of 16-bit activations, the previous fast path), ``xla`` (``jit_compile``),
-``plain`` (Keras' BatchNormalization, as ``train.fast: false`` builds).
+``plain`` (Keras' BatchNormalization, as ``train.fast: false`` builds), ``s2d-stem``
+(resnet_small's space-to-depth stem: a model change, for speed only here).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import os
 import statistics
 import time
 
-VARIANTS = ("fast", "bn-f32-data", "xla", "plain")
+VARIANTS = ("fast", "bn-f32-data", "xla", "plain", "s2d-stem")
 
 
 def build_variant(cfg, variant: str):
@@ -43,7 +49,20 @@ def build_variant(cfg, variant: str):
     keras.mixed_precision.set_global_policy(cfg.train.precision)
     model_cfg = dataclasses.replace(cfg.model, sync_batchnorm=False)
     fused = cfg.train.fast and variant != "plain"
-    model = build_model(model_cfg, data.image_shape(cfg.data), fused_batchnorm=fused)
+    if variant == "s2d-stem":  # resnet_small's space-to-depth stem (a model change)
+        from kerasfrac.models import resnet_small
+
+        model = resnet_small.resnet_small(
+            data.image_shape(cfg.data),
+            widths=tuple(model_cfg.width * 2**s for s in range(4)),
+            box_stride=model_cfg.box_stride,
+            fused_batchnorm=fused,
+            box_head=model_cfg.box_head,
+            meta_targets=_meta_targets(model_cfg),
+            stem="space_to_depth",
+        )
+    else:
+        model = build_model(model_cfg, data.image_shape(cfg.data), fused_batchnorm=fused)
     if variant == "bn-f32-data":
         for layer in model.layers:
             if isinstance(layer, FusedBatchNormalization):
@@ -62,13 +81,43 @@ def build_variant(cfg, variant: str):
     return model, step
 
 
-def run(cfg, variants, steps: int, repeats: int, profile: int = 0) -> dict:
+def _meta_targets(model_cfg) -> int:
+    from tfrecords_builder.defaults import META_TARGETS
+
+    return len(META_TARGETS) if model_cfg.meta_head else 0
+
+
+def fit_iterator(cfg):
+    """The training pipeline of ``cfg`` (as ``kerasfrac train`` and ``bench --what fit``
+    read it), its cache filled: one epoch read first, without the model."""
+    from kerasfrac import data
+
+    ds, epoch_steps = data.make_dataset(
+        None,
+        "train",
+        cfg.data,
+        cfg.train.batch_size,
+        cfg.train.seed,
+        training=True,
+        dataset=cfg.dataset,
+        with_boxes=cfg.model.box_head,
+        with_meta=cfg.model.meta_head,
+        box_target=cfg.train.box_target,
+    )
+    it = iter(ds.repeat())
+    for _ in range(epoch_steps or 1):
+        next(it)
+    return it
+
+
+def run(cfg, variants, steps: int, repeats: int, profile: int = 0, fit: bool = False) -> dict:
+    """With ``fit``, each variant is also timed on the training pipeline (one shared
+    iterator, cache filled first): ``"<variant> fit"`` beside the in-memory step."""
     import tensorflow as tf
 
     from kerasfrac import bench, stepprofile
 
     batch = bench.synthetic_batch(cfg)
-    images = int(batch["image"].shape[0])
     flag = tf.constant(0, tf.int32)
     built = {}
     for v in variants:
@@ -77,17 +126,26 @@ def run(cfg, variants, steps: int, repeats: int, profile: int = 0) -> dict:
         for _ in range(3):  # trace + warm-up
             step(it, flag)
         built[v] = (model, step, it)
+    if fit:
+        shared = fit_iterator(cfg)
+        for v in list(variants):
+            model, step, _ = built[v]
+            for _ in range(2):  # the pipeline's dict may trace the step again
+                step(shared, flag)
+            built[f"{v} fit"] = (model, step, shared)
+        variants = [*variants, *(f"{v} fit" for v in variants)]
     rates = {v: [] for v in variants}
     loads = [os.getloadavg()[0]]
     for r in range(repeats):
         order = variants[r % len(variants) :] + variants[: r % len(variants)]
         for v in order:
             _, step, it = built[v]
-            start = time.perf_counter()
+            start, seen = time.perf_counter(), 0
             for _ in range(steps):
                 out = step(it, flag)
+                seen += int(out[2].shape[0])
             out[0].numpy()
-            rates[v].append(steps * images / (time.perf_counter() - start))
+            rates[v].append(seen / (time.perf_counter() - start))
         loads.append(os.getloadavg()[0])
     base = statistics.median(rates[variants[0]])
     result = {
@@ -110,11 +168,54 @@ def run(cfg, variants, steps: int, repeats: int, profile: int = 0) -> dict:
         },
     }
     if profile:
-        for v in variants:
+        for v in [v for v in variants if not v.endswith(" fit")]:
             model, step, it = built[v]
             prof = stepprofile.profile_step(step, it, flag, profile, model.optimizer.name)
             result["variants"][v]["profile"] = {**prof, "setting": v}
     return result
+
+
+def set_threads(setting: str) -> None:
+    """``intra,inter`` (0: TensorFlow's default) before TensorFlow runs anything."""
+    import tensorflow as tf
+
+    intra, inter = (int(n) for n in setting.split(","))
+    tf.config.threading.set_intra_op_parallelism_threads(intra)
+    tf.config.threading.set_inter_op_parallelism_threads(inter)
+
+
+def run_threads(argv_base: list[str], settings: list[str], repeats: int) -> dict:
+    """One process per thread setting and round (a repeat each), the order rotating."""
+    import subprocess
+    import sys
+    import tempfile
+
+    rates = {s: [] for s in settings}
+    loads = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory(prefix="kerasfrac-abstep-") as tmp:
+        for r in range(repeats):
+            for s in settings[r % len(settings) :] + settings[: r % len(settings)]:
+                out = os.path.join(tmp, "out.json")
+                cmd = [sys.executable, "-m", "kerasfrac.abstep", *argv_base]
+                cmd += ["--variants", "fast", "--repeats", "1", "--thread-setting", s]
+                proc = subprocess.run([*cmd, "--json", out], capture_output=True, text=True)
+                if proc.returncode:
+                    raise RuntimeError(
+                        f"abstep --thread-setting {s} failed:\n{proc.stderr[-3000:]}"
+                    )
+                with open(out) as f:
+                    rates[s] += json.load(f)["variants"]["fast"]["rates"]
+                loads.append(os.getloadavg()[0])
+    base = statistics.median(rates[settings[0]])
+    from kerasfrac import bench
+
+    return {
+        "load_average_1min": {"min": min(loads), "max": max(loads), "seen": loads},
+        "threads": {
+            s: {**bench._spread(v), "ratio": statistics.median(v) / base, "rates": v}
+            for s, v in rates.items()
+        },
+    }
 
 
 def main(argv=None) -> int:
@@ -129,12 +230,32 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--profile", type=int, default=0)
     p.add_argument("--json")
+    p.add_argument("--fit", action="store_true", help="also time each on the input pipeline")
+    p.add_argument("--threads", help="intra,inter/intra,inter/...: one process each")
+    p.add_argument("--thread-setting", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.threads:
+        base = ["--config", a.config, "--steps", str(a.steps)]
+        base += [x for o in a.overrides for x in ("--set", o)]
+        result = run_threads(base, a.threads.split("/"), a.repeats)
+        for s, f in result["threads"].items():
+            print(
+                f"threads intra,inter={s}: {f['images_per_second']:.1f} img/s (min "
+                f"{f['min']:.1f}, max {f['max']:.1f}), {f['ratio']:.2f}x"
+            )
+        load = result["load_average_1min"]
+        print(f"load average (1 min) during the repeats: {load['min']:.1f} - {load['max']:.1f}")
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(result, f, indent=2)
+        return 0
+    if a.thread_setting:
+        set_threads(a.thread_setting)
     cfg = config.load_config(a.config, a.overrides)
     print(f"CPU kernels: {kernels.request_onednn(cfg.train.fast)}", flush=True)
     precision = kernels.resolve_precision(cfg.train.precision)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
-    result = run(cfg, a.variants.split(","), a.steps, a.repeats, a.profile)
+    result = run(cfg, a.variants.split(","), a.steps, a.repeats, a.profile, a.fit)
     for v, f in result["variants"].items():
         print(
             f"{v}: {f['images_per_second']:.1f} img/s (min {f['min']:.1f}, max {f['max']:.1f}),"

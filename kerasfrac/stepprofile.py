@@ -172,13 +172,16 @@ def op_table(ops, optimizer_scope: str = "") -> dict:
     types that took longest."""
     kinds = dict.fromkeys(KINDS, 0.0)
     types: collections.Counter = collections.Counter()
+    names: collections.Counter = collections.Counter()
     for name, op_type, ms in ops:
         kinds[classify(name, op_type, optimizer_scope)] += ms
         types[op_type] += ms
+        names[f"{name}:{op_type}"] += ms
     return {
         "kinds_ms": kinds,
         "op_ms": sum(kinds.values()),
         "top_types_ms": dict(types.most_common(10)),
+        "top_ops_ms": dict(names.most_common(10)),
     }
 
 
@@ -205,6 +208,7 @@ def profile_step(step, iterator, flag, steps: int, optimizer_scope: str = "") ->
         "op_ms_per_step": table["op_ms"] / steps,
         "kinds_ms_per_step": per,
         "top_types_ms_per_step": {k: v / steps for k, v in table["top_types_ms"].items()},
+        "top_ops_ms_per_step": {k: v / steps for k, v in table["top_ops_ms"].items()},
     }
 
 
@@ -221,4 +225,6 @@ def format_table(profile: dict) -> str:
     lines += ["  ".join(x.ljust(w) for x, w in zip(r, widths)) for r in rows]
     top = ", ".join(f"{t} {ms:.1f}" for t, ms in profile["top_types_ms_per_step"].items())
     lines.append(f"longest op types (ms/step): {top}")
+    ops = profile.get("top_ops_ms_per_step", {})
+    lines += ["longest ops (ms/step):"] + [f"  {ms:7.1f}  {op}" for op, ms in ops.items()]
     return "\n".join(lines)

@@ -301,8 +301,9 @@ def make_train_step(
     receiving image's label becomes 1); ``mixup_alpha`` > 0 (``train.mixup``) blends each
     example with a shuffle of the batch after; the class weight and the reported label are
     those of the dominant image (lam >= 0.5). ``losses`` (``TrainingTask.build_losses``)
-    replaces the one the loss keywords describe. ``jit_compile`` compiles the per-replica
-    step with XLA (measured A/B in docs/speed.md: not used by ``kerasfrac train``).
+    replaces the one the loss keywords describe. ``jit_compile`` compiles the model's
+    forward and backward pass with XLA (measured A/B in docs/speed.md; ``kerasfrac train``
+    does not use it).
     """
     optimizer = model.optimizer
     losses = losses or Losses.for_model(
@@ -315,25 +316,30 @@ def make_train_step(
     )
     batch_ops = {"box_paste": box_paste_rate, "mixup": mixup_alpha}
 
+    def forward_backward(batch):
+        with tf.GradientTape() as tape:
+            outputs = model(batch["image"], training=True)
+            per_example, probs = losses(batch, outputs)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+            scaled = optimizer.scale_loss(loss)
+        return per_example, probs, tape.gradient(scaled, model.trainable_variables)
+
+    if jit_compile:  # the model's pass only: ResizeArea (targets) has no XLA kernel
+        forward_backward = tf.function(forward_backward, jit_compile=True)
+
     @tf.function
     def train_step(iterator, stop_flag):
         def step_fn(batch):
             batch = augment.apply_batch_ops(batch, "pixels", batch_ops, seed, optimizer.iterations)
             batch = losses.targets(batch)
             batch = augment.apply_batch_ops(batch, "targets", batch_ops, seed, optimizer.iterations)
-            with tf.GradientTape() as tape:
-                outputs = model(batch["image"], training=True)
-                per_example, probs = losses(batch, outputs)
-                loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
-                scaled = optimizer.scale_loss(loss)
-            grads = tape.gradient(scaled, model.trainable_variables)
+            per_example, probs, grads = forward_backward(batch)
             optimizer.apply(grads, model.trainable_variables)
             # Every replica reports whether its worker got SIGTERM, so all stop together.
             flags = tf.reshape(stop_flag, [1])
             return per_example, tf.reshape(probs, [-1]), batch["label"], flags
 
-        fn = tf.function(step_fn, jit_compile=True) if jit_compile else step_fn
-        results = strategy.run(fn, args=(next(iterator),))
+        results = strategy.run(step_fn, args=(next(iterator),))
         return tuple(strategy.gather(r, axis=0) for r in results)
 
     return train_step
