@@ -18,8 +18,7 @@ each round, ``--repeats`` rounds.
 Variants (in-process switches):
 ``fast`` (the config as it is), ``bn-f32-data`` (``FusedBatchNormalization`` on a float32
 copy of 16-bit activations, the previous fast path), ``xla`` (``jit_compile``),
-``plain`` (Keras' BatchNormalization, as ``train.fast: false`` builds), ``s2d-stem``
-(resnet_small's space-to-depth stem: a model change, for speed only here).
+``plain`` (Keras' BatchNormalization, as ``train.fast: false`` builds).
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ import os
 import statistics
 import time
 
-VARIANTS = ("fast", "bn-f32-data", "xla", "plain", "s2d-stem")
+VARIANTS = ("fast", "bn-f32-data", "xla", "plain")
 
 
 def build_variant(cfg, variant: str):
@@ -49,20 +48,7 @@ def build_variant(cfg, variant: str):
     keras.mixed_precision.set_global_policy(cfg.train.precision)
     model_cfg = dataclasses.replace(cfg.model, sync_batchnorm=False)
     fused = cfg.train.fast and variant != "plain"
-    if variant == "s2d-stem":  # resnet_small's space-to-depth stem (a model change)
-        from kerasfrac.models import resnet_small
-
-        model = resnet_small.resnet_small(
-            data.image_shape(cfg.data),
-            widths=tuple(model_cfg.width * 2**s for s in range(4)),
-            box_stride=model_cfg.box_stride,
-            fused_batchnorm=fused,
-            box_head=model_cfg.box_head,
-            meta_targets=_meta_targets(model_cfg),
-            stem="space_to_depth",
-        )
-    else:
-        model = build_model(model_cfg, data.image_shape(cfg.data), fused_batchnorm=fused)
+    model = build_model(model_cfg, data.image_shape(cfg.data), fused_batchnorm=fused)
     if variant == "bn-f32-data":
         for layer in model.layers:
             if isinstance(layer, FusedBatchNormalization):
@@ -79,12 +65,6 @@ def build_variant(cfg, variant: str):
         **train.loss_options(cfg.train),
     )
     return model, step
-
-
-def _meta_targets(model_cfg) -> int:
-    from tfrecords_builder.defaults import META_TARGETS
-
-    return len(META_TARGETS) if model_cfg.meta_head else 0
 
 
 def fit_iterator(cfg):

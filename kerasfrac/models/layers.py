@@ -69,27 +69,6 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
         return tf.cast(y, self.compute_dtype)
 
 
-@keras.saving.register_keras_serializable(package="kerasfrac")
-class SpaceToDepth(keras.layers.Layer):
-    """``tf.nn.space_to_depth``: each ``block`` x ``block`` patch of pixels becomes
-    ``block**2`` channels (resnet_small's ``stem="space_to_depth"``)."""
-
-    def __init__(self, block: int = 2, **kwargs):
-        super().__init__(**kwargs)
-        self.block = block
-
-    def call(self, inputs):
-        return tf.nn.space_to_depth(inputs, self.block)
-
-    def compute_output_shape(self, shape):
-        b = self.block
-        h, w = (None if d is None else d // b for d in shape[1:3])
-        return (shape[0], h, w, shape[3] * b * b)
-
-    def get_config(self):
-        return {**super().get_config(), "block": self.block}
-
-
 def uses_fused_batchnorm(model: keras.Model) -> bool:
     """Whether ``model`` trains with ``FusedBatchNormalization`` (``train.fast``)."""
     return any(isinstance(layer, FusedBatchNormalization) for layer in model.layers)

@@ -7,7 +7,6 @@ import keras
 from kerasfrac.config import ModelConfig
 from kerasfrac.models.heads import FEATURES, heads
 from kerasfrac.models.io import weights_file
-from kerasfrac.models.layers import SpaceToDepth
 from kerasfrac.models.layers import batchnorm as _bn
 from kerasfrac.names import CELL_HEADS
 
@@ -29,7 +28,6 @@ def resnet_small(
     box_stride: int = _DEFAULTS.box_stride,
     drop_path: float = _DEFAULTS.drop_path,
     meta_targets: int = 0,
-    stem: str = "conv5",
 ) -> keras.Model:
     """A compact pre-activation ResNet (He et al. 2016, "Identity mappings") for X-rays.
 
@@ -47,21 +45,14 @@ def resnet_small(
     depth (Huang et al. 2016): in training, each block's residual branch is dropped for a whole
     image with a probability rising linearly from 0 (first block) to ``drop_path`` (last
     block), the kept ones scaled by 1 / (1 - p); at inference every branch is kept.
-    ``stem="space_to_depth"`` (issue 39, an option, not the recipe's): the image's 2x2 pixel
-    blocks become 4 channels and a 3x3 stride-1 conv reads them (a 6x6 receptive field at
-    stride 2, the same output shape as the 5x5 stride-2 conv on one channel).
     """
     inputs = keras.Input(shape=tuple(input_shape), name="image")
     sync, fused = sync_batchnorm, fused_batchnorm
     # [0, 1] -> [-1, 1]: centred inputs for the first conv (no per-dataset statistics needed).
     x = keras.layers.Rescaling(2.0, offset=-1.0, name="centre")(inputs)
-    if stem == "space_to_depth":
-        x = SpaceToDepth(2, name="stem_s2d")(x)
-        x = keras.layers.Conv2D(widths[0], 3, padding="same", use_bias=False, name="stem_conv")(x)
-    else:
-        x = keras.layers.Conv2D(
-            widths[0], 5, strides=2, padding="same", use_bias=False, name="stem_conv"
-        )(x)
+    x = keras.layers.Conv2D(
+        widths[0], 5, strides=2, padding="same", use_bias=False, name="stem_conv"
+    )(x)
     x = _bn(bn_momentum, sync, fused, "stem_bn")(x)
     x = keras.layers.ReLU(name="stem_relu")(x)
     x = keras.layers.MaxPool2D(3, strides=2, padding="same", name="stem_pool")(x)
