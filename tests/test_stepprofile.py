@@ -61,3 +61,26 @@ def test_profile_of_a_small_train_step_sums_to_its_total():
     text = stepprofile.format_table(prof)
     assert "conv backward-weights" in text and "batchnorm forward" in text
     assert "total op time" in text
+
+
+@pytest.mark.slow
+def test_abstep_interleaves_variants_in_one_process(separable_tfrecord_dir):
+    from kerasfrac import abstep
+
+    cfg = config.from_dict(
+        {
+            "dataset": "synthetic",
+            "data": {"dir": str(separable_tfrecord_dir), "image_size": 32},
+            "model": {"name": "resnet_small", "sync_batchnorm": False},
+            "train": {"batch_size": 4, "precision": "mixed_bfloat16"},
+        }
+    )
+    out = abstep.run(cfg, ["fast", "bn-f32-data"], steps=1, repeats=2, profile=1, fit=True)
+    got = out["variants"]
+    assert list(got) == ["fast", "bn-f32-data", "fast fit", "bn-f32-data fit"]
+    assert got["fast"]["ratio"] == 1.0
+    for figure in got.values():
+        assert figure["repeats"] == 2 and figure["images_per_second"] > 0
+    assert "profile" in got["fast"] and "profile" not in got["fast fit"]
+    assert got["fast"]["profile"]["kinds_ms_per_step"]["casts"] >= 0
+    assert len(out["load_average_1min"]["seen"]) == 3
