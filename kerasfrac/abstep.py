@@ -17,7 +17,7 @@ each round, ``--repeats`` rounds.
 
 Variants (in-process switches):
 ``fast`` (the config as it is), ``bn-f32-data`` (``FusedBatchNormalization`` on a float32
-copy of 16-bit activations, the previous fast path), ``xla`` (``jit_compile``),
+copy of 16-bit activations, the previous fast path),
 ``plain`` (Keras' BatchNormalization, as ``train.fast: false`` builds).
 """
 
@@ -30,7 +30,7 @@ import os
 import statistics
 import time
 
-VARIANTS = ("fast", "bn-f32-data", "xla", "plain")
+VARIANTS = ("fast", "bn-f32-data", "plain")
 
 
 def build_variant(cfg, variant: str):
@@ -60,7 +60,6 @@ def build_variant(cfg, variant: str):
         tf.distribute.get_strategy(),
         cfg.train.batch_size,
         weights=weights,
-        jit_compile=variant == "xla",
         **train.step_options(cfg.train),
         **train.loss_options(cfg.train),
     )

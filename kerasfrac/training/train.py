@@ -287,7 +287,6 @@ def make_train_step(
     box_paste_rate: float = 0.0,
     seed: int = 0,
     losses: Losses | None = None,
-    jit_compile: bool = False,
 ):
     """The one training step for every strategy: ``step(iterator, stop_flag)`` runs a global
     batch (a dict, ``data.make_dataset``'s) through ``strategy.run`` (batch augmentation,
@@ -301,9 +300,7 @@ def make_train_step(
     receiving image's label becomes 1); ``mixup_alpha`` > 0 (``train.mixup``) blends each
     example with a shuffle of the batch after; the class weight and the reported label are
     those of the dominant image (lam >= 0.5). ``losses`` (``TrainingTask.build_losses``)
-    replaces the one the loss keywords describe. ``jit_compile`` compiles the model's
-    forward and backward pass with XLA (measured A/B in docs/speed.md; ``kerasfrac train``
-    does not use it).
+    replaces the one the loss keywords describe.
     """
     optimizer = model.optimizer
     losses = losses or Losses.for_model(
@@ -316,24 +313,18 @@ def make_train_step(
     )
     batch_ops = {"box_paste": box_paste_rate, "mixup": mixup_alpha}
 
-    def forward_backward(batch):
-        with tf.GradientTape() as tape:
-            outputs = model(batch["image"], training=True)
-            per_example, probs = losses(batch, outputs)
-            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
-            scaled = optimizer.scale_loss(loss)
-        return per_example, probs, tape.gradient(scaled, model.trainable_variables)
-
-    if jit_compile:  # the model's pass only: ResizeArea (targets) has no XLA kernel
-        forward_backward = tf.function(forward_backward, jit_compile=True)
-
     @tf.function
     def train_step(iterator, stop_flag):
         def step_fn(batch):
             batch = augment.apply_batch_ops(batch, "pixels", batch_ops, seed, optimizer.iterations)
             batch = losses.targets(batch)
             batch = augment.apply_batch_ops(batch, "targets", batch_ops, seed, optimizer.iterations)
-            per_example, probs, grads = forward_backward(batch)
+            with tf.GradientTape() as tape:
+                outputs = model(batch["image"], training=True)
+                per_example, probs = losses(batch, outputs)
+                loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+                scaled = optimizer.scale_loss(loss)
+            grads = tape.gradient(scaled, model.trainable_variables)
             optimizer.apply(grads, model.trainable_variables)
             # Every replica reports whether its worker got SIGTERM, so all stop together.
             flags = tf.reshape(stop_flag, [1])
