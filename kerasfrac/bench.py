@@ -10,7 +10,9 @@
 - train: the training step alone (the same ``train.make_train_step`` the trainer runs) on a
   batch already in memory: plain float32 (Keras' own layers, TensorFlow's default kernels:
   the reference), the config's own setting, and ``train.fast`` with each precision asked;
-  each in a fresh process, because oneDNN is chosen when TensorFlow is imported;
+  each in a fresh process, because oneDNN is chosen when TensorFlow is imported; with
+  ``profile`` (``--profile``), each setting also profiles a few more steps and reports the
+  milliseconds per op kind (``stepprofile``);
 - fit: pipeline and step together, with the config's settings; ``input/train`` (against the
   config's own step) above 1 means the model, not the input pipeline, is the bottleneck; with
   the training images per epoch, the minutes of training steps for ``train.epochs`` epochs
