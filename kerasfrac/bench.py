@@ -10,7 +10,9 @@
 - train: the training step alone (the same ``train.make_train_step`` the trainer runs) on a
   batch already in memory: plain float32 (Keras' own layers, TensorFlow's default kernels:
   the reference), the config's own setting, and ``train.fast`` with each precision asked;
-  each in a fresh process, because oneDNN is chosen when TensorFlow is imported;
+  each in a fresh process, because oneDNN is chosen when TensorFlow is imported; with
+  ``profile`` (``--profile``), each setting also profiles a few more steps and reports the
+  milliseconds per op kind (``stepprofile``);
 - fit: pipeline and step together, with the config's settings; ``input/train`` (against the
   config's own step) above 1 means the model, not the input pipeline, is the bottleneck; with
   the training images per epoch, the minutes of training steps for ``train.epochs`` epochs
@@ -196,20 +198,18 @@ def setting_label(fast: bool, precision: str) -> str:
     return f"{'fast' if fast else 'plain'} {precision}"
 
 
-def measure_train_step(cfg, steps: int, repeats: int) -> dict:
-    """Images/s of ``cfg``'s training step on one in-memory batch, in this process."""
-    import keras
+def synthetic_batch(cfg) -> dict:
+    """One in-memory dict batch of ``cfg``'s shape, as ``make_dataset`` gives (random
+    images, labels, and masks / metadata where the heads want them)."""
     import numpy as np
     import tensorflow as tf
 
     from kerasfrac import data
-    from kerasfrac.models import uses_fused_batchnorm
-    from kerasfrac.training import kernels
     from tfrecords_builder.defaults import META_TARGETS
 
     shape = (cfg.train.batch_size, *data.image_shape(cfg.data))
     rng = np.random.default_rng(0)
-    batch = {  # a dict batch, as make_dataset gives
+    batch = {
         "image": tf.constant(rng.random(shape, dtype=np.float32)),
         "label": tf.constant(rng.integers(0, 2, shape[0]).astype(np.float32)),
     }
@@ -219,6 +219,21 @@ def measure_train_step(cfg, steps: int, repeats: int) -> dict:
     if cfg.model.meta_head:
         meta = rng.integers(0, 2, (shape[0], len(META_TARGETS)))
         batch["meta"] = tf.constant(meta, tf.float32)
+    return batch
+
+
+def measure_train_step(cfg, steps: int, repeats: int, profile: int = 0) -> dict:
+    """Images/s of ``cfg``'s training step on one in-memory batch, in this process; with
+    ``profile`` > 0, also where ``profile`` more steps spend their time (``stepprofile``)."""
+    import keras
+    import tensorflow as tf
+
+    from kerasfrac import stepprofile
+    from kerasfrac.models import uses_fused_batchnorm
+    from kerasfrac.training import kernels
+
+    batch = synthetic_batch(cfg)
+    images = int(batch["image"].shape[0])
     try:
         model, step = _model_and_step(cfg, cfg.train.precision)
         it = iter(tf.data.Dataset.from_tensors(batch).repeat())
@@ -231,18 +246,33 @@ def measure_train_step(cfg, steps: int, repeats: int) -> dict:
             for _ in range(steps):
                 losses = step(it, flag)[0]
             float(losses.numpy().mean())  # wait for the last step
-            rates.append(steps * shape[0] / (time.perf_counter() - start))
+            rates.append(steps * images / (time.perf_counter() - start))
+        prof = None
+        if profile:
+            prof = stepprofile.profile_step(step, it, flag, profile, model.optimizer.name)
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    return {
+    out = {
         **_spread(rates),
         "onednn": kernels.onednn_enabled(),
         "fused_batchnorm": uses_fused_batchnorm(model),
     }
+    if prof is not None:
+        out["profile"] = prof
+    return out
 
 
-def bench_train(cfg, steps: int, repeats: int, precisions: list[str]) -> dict:
-    """Each setting in its own process: oneDNN is chosen when TensorFlow is imported."""
+def profile_steps(steps: int) -> int:
+    """Steps profiled per setting with ``--profile``: ``steps``, 2 to 5."""
+    return max(2, min(steps, 5))
+
+
+def bench_train(
+    cfg, steps: int, repeats: int, precisions: list[str], profile: bool = False
+) -> dict:
+    """Each setting in its own process: oneDNN is chosen when TensorFlow is imported. With
+    ``profile``, each setting also profiles ``profile_steps(steps)`` steps after its timed
+    ones (``stepprofile``: milliseconds per op kind)."""
     from kerasfrac.training import kernels
 
     out = {}
@@ -259,6 +289,7 @@ def bench_train(cfg, steps: int, repeats: int, precisions: list[str]) -> dict:
             ).to_dict(),
             "steps": steps,
             "repeats": repeats,
+            "profile": profile_steps(steps) if profile else 0,
         }
         proc = subprocess.run(
             [sys.executable, "-m", "kerasfrac.bench", "--train-step", json.dumps(spec)],
@@ -273,6 +304,8 @@ def bench_train(cfg, steps: int, repeats: int, precisions: list[str]) -> dict:
                 f"(exit {proc.returncode}):\n{proc.stderr[-3000:]}"
             )
         out[label] = json.loads(proc.stdout.strip().splitlines()[-1])
+        if profile:
+            out[label]["profile"]["setting"] = label
     base = out[setting_label(False, "float32")]["images_per_second"]
     for figure in out.values():
         figure["speedup"] = figure["images_per_second"] / base
@@ -412,6 +445,7 @@ def run(
     source=None,
     source_dataset=None,
     workers=None,
+    profile: bool = False,
 ) -> dict:
     unknown = set(what) - set(WHAT)
     if unknown:
@@ -458,7 +492,7 @@ def run(
             "float32_bytes_per_image": 4 * per_image,
         }
     if "train" in what:
-        result["train"] = bench_train(cfg, steps, repeats, precisions)
+        result["train"] = bench_train(cfg, steps, repeats, precisions, profile)
     if "fit" in what:
         from kerasfrac.training import kernels
 
@@ -527,6 +561,11 @@ def table(result: dict) -> str:
             f"cache: {cache['bytes_per_image']:,} bytes per image ({cache['dtype']}; "
             f"float32 would be {cache['float32_bytes_per_image']:,})"
         )
+    from kerasfrac import stepprofile
+
+    for v in result.get("train", {}).values():
+        if "profile" in v:
+            lines += ["", stepprofile.format_table(v["profile"])]
     return "\n".join(lines)
 
 
@@ -541,6 +580,6 @@ if __name__ == "__main__":  # one training-step measurement, run by bench_train
 
     _spec = json.loads(sys.argv[2])
     _figures = measure_train_step(
-        _config.from_dict(_spec["config"]), _spec["steps"], _spec["repeats"]
+        _config.from_dict(_spec["config"]), _spec["steps"], _spec["repeats"], _spec["profile"]
     )
     print(json.dumps(_figures))

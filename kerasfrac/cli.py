@@ -313,7 +313,15 @@ def run_bench(args) -> int:
     o = options.from_args(options.BenchOptions, args)
     what = bench.WHAT if o.what == ("all",) else o.what
     result = bench.run(
-        cfg, what, o.steps, o.repeats, o.precisions, o.source, o.source_dataset, o.workers
+        cfg,
+        what,
+        o.steps,
+        o.repeats,
+        o.precisions,
+        o.source,
+        o.source_dataset,
+        o.workers,
+        profile=o.profile,
     )
     print(bench.table(result))
     if o.json:

@@ -269,3 +269,9 @@ class BenchOptions:
     )
     workers: int | None = option(None, "build: threads", default_text="all cores")
     json: str | None = option(None, "also write the figures to this JSON file")
+    profile: bool = option(
+        False,
+        "train: also profile a few steps of each setting (TensorFlow's profiler) and print "
+        "the milliseconds per op kind (convolution forward / data / weight gradients, batch "
+        "norm, element-wise, casts, optimizer, other)",
+    )
