@@ -411,10 +411,12 @@ def test_mura_official_valid_is_the_test_split_and_patients_never_straddle(tmp_p
     assert index[first]["study"] == "train/XR_ELBOW/patient00001/study1_negative"
 
 
-def test_train_evaluate_audit_and_predict_run_on_a_mura_build(tmp_path):
+def test_train_evaluate_explain_audit_and_predict_run_on_a_mura_build(tmp_path):
     """The downstream commands on a MURA-layout build (one short epoch: plumbing, not skill)."""
     from kerasfrac import predict
-    from kerasfrac.evaluation import audit
+    from kerasfrac.evaluation import audit, evaluate
+    from kerasfrac.explain import explain_run
+    from kerasfrac.options import ExplainOptions
     from kerasfrac.training import train
     from tests.conftest import fast_config
 
@@ -425,6 +427,14 @@ def test_train_evaluate_audit_and_predict_run_on_a_mura_build(tmp_path):
     metrics = train.train(cfg, verbose=0)
     assert metrics["split"] == "test" and metrics["n"] == 16  # the official valid images
     assert metrics["counts"] == {"fractured": 8, "normal": 8}
+    run = tmp_path / "run"
+    m = evaluate.evaluate_run(run, n_bootstrap=20, baseline=False, plots=False)
+    assert m["n"] == 16 and m["split_given"]["by"] == "official"
+    study = m["study_level"]
+    assert study["n_studies"] == 8 and study["counts"] == {"fractured": 4, "normal": 4}
+    assert set(m["subgroups"]) >= {"region=wrist", "region=elbow"}
+    explained = explain_run(run, ExplainOptions(what=("grad-cam", "audit"), n_images=4))
+    assert (run / "report.html").is_file() and explained["figures"]
     files = [tmp_path / "src" / "MURA-v1.1" / f for f in sorted(expected)[:3]]
     results, skipped, _, _ = predict.predict_files(tmp_path / "run" / "model.keras", files)
     assert len(results) == 3 and not skipped
