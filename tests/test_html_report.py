@@ -418,6 +418,34 @@ def test_report_html_compares_runs(html_run, boxed_run, tmp_path, capsys):
     assert not text_table.exists()  # refused before any output
 
 
+def test_a_given_split_is_said_beside_every_figure(html_run, tmp_path):
+    """A run evaluated on a build whose split was given (--split-file, MURA's official valid):
+    the run page says so at the headline, the metrics, the subgroups, the figures and the
+    galleries (and the explanations, once there), and the comparison page beside its table
+    and ROC curves."""
+    run = tmp_path / "given" / "run"
+    shutil.copytree(html_run, run)
+    m = json.loads((run / "metrics.json").read_text())
+    note = "the split was given by --split-file published.csv (image by image)"
+    m["split_given"] = {"by": "--split-file", "note": note}
+    (run / "metrics.json").write_text(json.dumps(m))
+    text = report_html.render_run(run)
+    sections = re.split(r'<h2 id="', text)
+    said = {s.split('"', 1)[0] for s in sections[1:] if note in s}
+    assert {"metrics", "subgroups", "figures", "galleries"} <= said
+    assert note in sections[0].split("<nav>")[0].split('id="glance"')[1]  # the headline
+    out = tmp_path / "cmp.html"
+    report_html.write_compare(out, [run, html_run])
+    page = Page(out.read_text())
+    assert f"Split given, not drawn by kerasfrac: given/run ({note})" in page.text
+    roc = out.read_text().split('id="roc"')[1]
+    assert note in roc.split("</figcaption>")[0]  # in the ROC figure's caption
+    # a drawn split: no such note on either page
+    assert "Split given" not in Page(report_html.render_run(html_run)).text
+    report_html.write_compare(out, [html_run])
+    assert "Split given, not drawn" not in Page(out.read_text()).text
+
+
 # --------------------------------------------------------------------------- a real browser
 
 #: Injected into a copy of the page only under test: after load, how many <img> there are,

@@ -124,6 +124,51 @@ def test_folder_with_unknown_class_names_is_refused_naming_them(tmp_path):
     assert m["notes"]["class_folders"] == {"fractured": 1, "maybe": 0}
 
 
+def test_folder_boxes_from_coco_json_and_yolo_files_reach_the_records(tmp_path):
+    from kerasfrac import data
+    from kerasfrac.config import DataConfig
+    from tfrecords_builder.reader import BuildOutputError
+
+    rng = np.random.default_rng(21)
+    for name in ("fractured", "normal"):
+        for i in range(4):
+            png(tmp_path / "src" / name / f"{name}{i}.png", sources.random_image(rng))
+    coco = {  # one image by its path under the source, one by its bare name
+        "images": [
+            {"id": 1, "file_name": "fractured/fractured0.png", "height": 40, "width": 48},
+            {"id": 2, "file_name": "fractured1.png", "height": 40, "width": 48},
+        ],
+        "annotations": [
+            {"id": 7, "image_id": 1, "bbox": [12, 10, 24, 20]},  # x, y, w, h in pixels
+            {"id": 8, "image_id": 2, "bbox": [0, 0, 24, 20]},
+        ],
+    }
+    (tmp_path / "boxes.json").write_text(json.dumps(coco))
+    (tmp_path / "yolo" / "fractured").mkdir(parents=True)
+    (tmp_path / "yolo" / "fractured" / "fractured0.txt").write_text("3 0.5 0.5 0.5 0.5\n")
+    (tmp_path / "yolo" / "fractured1.txt").write_text("0 0.25 0.25 0.5 0.5\n")  # by stem
+    for fmt, boxes in (("coco", tmp_path / "boxes.json"), ("yolo", tmp_path / "yolo")):
+        out = tmp_path / f"out-{fmt}"
+        m = build("folder", tmp_path / "src", out, BuildOptions(boxes=str(boxes), **OPTS))
+        got = records(out)
+        np.testing.assert_allclose(
+            got["fractured/fractured0.png"]["boxes"], [[0.25] * 2 + [0.75] * 2]
+        )
+        np.testing.assert_allclose(got["fractured/fractured1.png"]["boxes"], [[0, 0, 0.5, 0.5]])
+        assert sum(len(r["boxes"]) for r in got.values()) == 2
+        assert m["notes"]["boxes_format"] == fmt and m["notes"]["images_with_boxes"] == 2
+    # the box head trains on a folder build with boxes, and is refused on one without
+    data.make_dataset(tmp_path / "out-coco", "train", DataConfig(image_size=16), 2, with_boxes=True)
+    m = build("folder", tmp_path / "src", tmp_path / "plain", BuildOptions(**OPTS))
+    assert m["notes"]["images_with_boxes"] == 0
+    with pytest.raises(BuildOutputError, match=r"'model.box_head'.*records none.*--boxes"):
+        data.make_dataset(
+            tmp_path / "plain", "train", DataConfig(image_size=16), 2, with_boxes=True
+        )
+    with pytest.raises(ValueError, match=r"--boxes is for the layouts \['csv', 'folder'\]"):
+        build("mura", tmp_path, tmp_path / "x", BuildOptions(boxes="b.json", **OPTS))
+
+
 # --- a CSV --------------------------------------------------------------------------------
 
 
@@ -236,7 +281,7 @@ def test_csv_boxes_from_coco_json_and_from_yolo_files(tmp_path):
         np.testing.assert_allclose(got["p0/img0.png"]["boxes"], [[0.25, 0.25, 0.75, 0.75]])
         assert sum(len(r["boxes"]) for r in got.values()) == 1
         assert m["notes"]["boxes_format"] == name and m["notes"]["images_with_boxes"] == 1
-    with pytest.raises(ValueError, match=r"--boxes is for layouts whose --source is a listing"):
+    with pytest.raises(ValueError, match=r"--boxes is for the layouts .*'mura' finds its boxes"):
         build("mura", tmp_path, tmp_path / "x", BuildOptions(boxes="b.json", **OPTS))
 
 
@@ -366,10 +411,12 @@ def test_mura_official_valid_is_the_test_split_and_patients_never_straddle(tmp_p
     assert index[first]["study"] == "train/XR_ELBOW/patient00001/study1_negative"
 
 
-def test_train_evaluate_audit_and_predict_run_on_a_mura_build(tmp_path):
+def test_train_evaluate_explain_audit_and_predict_run_on_a_mura_build(tmp_path):
     """The downstream commands on a MURA-layout build (one short epoch: plumbing, not skill)."""
     from kerasfrac import predict
-    from kerasfrac.evaluation import audit
+    from kerasfrac.evaluation import audit, evaluate
+    from kerasfrac.explain import explain_run
+    from kerasfrac.options import ExplainOptions
     from kerasfrac.training import train
     from tests.conftest import fast_config
 
@@ -380,6 +427,14 @@ def test_train_evaluate_audit_and_predict_run_on_a_mura_build(tmp_path):
     metrics = train.train(cfg, verbose=0)
     assert metrics["split"] == "test" and metrics["n"] == 16  # the official valid images
     assert metrics["counts"] == {"fractured": 8, "normal": 8}
+    run = tmp_path / "run"
+    m = evaluate.evaluate_run(run, n_bootstrap=20, baseline=False, plots=False)
+    assert m["n"] == 16 and m["split_given"]["by"] == "official"
+    study = m["study_level"]
+    assert study["n_studies"] == 8 and study["counts"] == {"fractured": 4, "normal": 4}
+    assert set(m["subgroups"]) >= {"region=wrist", "region=elbow"}
+    explained = explain_run(run, ExplainOptions(what=("grad-cam", "audit"), n_images=4))
+    assert (run / "report.html").is_file() and explained["figures"]
     files = [tmp_path / "src" / "MURA-v1.1" / f for f in sorted(expected)[:3]]
     results, skipped, _, _ = predict.predict_files(tmp_path / "run" / "model.keras", files)
     assert len(results) == 3 and not skipped

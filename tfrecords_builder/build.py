@@ -23,15 +23,20 @@ def build(dataset: str, source: str | Path, out: str | Path, opts: BuildOptions)
     builder (``tfrecords_builder.tfds_builders``) prepares it, writing through
     ``prepare_into``, in a staging folder renamed into place when complete."""
     spec = datasets.dataset(dataset)  # an unknown name fails here, naming the registered ones
+    if opts.boxes and not spec.boxes_option:
+        takers = [n for n in datasets.names() if datasets.dataset(n).boxes_option]
+        raise ValueError(
+            f"--boxes is for the layouts {takers}; {dataset!r} finds its boxes (or has none) in "
+            "--source itself. Leave --boxes out."
+        )
     for flag, value in (
         ("--image-root", opts.image_root),
-        ("--boxes", opts.boxes),
         ("--meta-columns", opts.meta_columns),
     ):
         if value and not spec.listing:
             raise ValueError(
                 f"{flag} is for layouts whose --source is a listing (csv); {dataset!r} "
-                f"finds its images and boxes in --source itself. Leave {flag} out."
+                f"finds its images in --source itself. Leave {flag} out."
             )
     if opts.shards < 1:
         raise ValueError(f"--shards {opts.shards}: expected a positive number of shards per split")

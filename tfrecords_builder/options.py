@@ -56,8 +56,9 @@ class BuildOptions:
     )
     boxes: str | None = option(
         None,
-        "csv: fracture boxes, a COCO JSON (file_name = the image's path under --image-root, or "
-        "its name) or a folder of YOLO .txt files named like the images (every box a fracture)",
+        "csv, folder: fracture boxes, a COCO JSON (file_name = the image's path under "
+        "--image-root or the class folders' folder, or its name) or a folder of YOLO .txt "
+        "files named like the images (path or stem; every box a fracture)",
         metavar="FILE",
     )
     meta_columns: tuple[str, ...] = option(

@@ -189,6 +189,20 @@ def _parse_with_targets(serialized, meta_of=None):
     )
 
 
+def _check_boxes(build: Build) -> None:
+    """``model.box_head`` on a build that records no fracture box (a folder or CSV build
+    without ``--boxes``, a GRAZPEDWRI-DX build without its YOLO labels) is refused: the head
+    would have nothing to learn. Builds whose manifest does not count boxes pass."""
+    notes = build.manifest.get("notes") or {}
+    if notes.get("images_with_boxes", 1) == 0:
+        raise BuildOutputError(
+            f"config key 'model.box_head' learns fracture boxes, but {str(build.dir)!r} "
+            f"({build.source}) records none (its manifest.json notes: images_with_boxes 0): "
+            "set model.box_head=false, or rebuild with boxes (folder and csv layouts: "
+            "--boxes COCO.json or a folder of YOLO .txt files)"
+        )
+
+
 def _meta_lookup(build: Build):
     """``image id -> float32 [T]``: the ``model.meta_head`` targets of a build whose metadata
     lives in metadata.csv (``tfrecords_builder.metadata``; -1 unknown); None where the records
@@ -417,6 +431,8 @@ def make_dataset(
     build = _as_build(build, data_cfg, dataset)
     build.check_batch(batch_size, split)
     channels = image_shape(data_cfg)[-1]
+    if with_boxes:
+        _check_boxes(build)
     targets = with_boxes or with_meta
     meta_of = _meta_lookup(build) if with_meta else None
     records = _Records(

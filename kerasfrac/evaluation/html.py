@@ -544,6 +544,9 @@ def compare_context(run_dirs, out: Path) -> dict:
         "without_predictions": without,
         "below": [r["name"] for r in table if report.below_majority(r)],
         "not_beating": [r["name"] for r in table if r.get("beats_baseline") is False],
+        "given": [
+            f"{r['name']} ({r['split_given_note']})" for r in table if r.get("split_given_note")
+        ],
     }
 
 

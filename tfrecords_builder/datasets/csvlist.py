@@ -196,7 +196,8 @@ SPEC = register_dataset(
         tfds_name="kerasfrac_csv",
         description=(
             "A user's X-rays listed in a CSV (path,label[,patient_id][,study_id][,metadata]): "
-            "patients share a split; other columns are kept in metadata.csv. No boxes."
+            "patients share a split; other columns are kept in metadata.csv; boxes from --boxes "
+            "(COCO JSON or YOLO files)."
         ),
         license="the user's own",
         listing="csv",
@@ -204,5 +205,6 @@ SPEC = register_dataset(
         learnable_meta=True,
         region_column="region",
         has_boxes=True,
+        boxes_option=True,
     )
 )

@@ -6,7 +6,10 @@ common spellings such as fractured/positive/abnormal/1 and normal/negative/not f
 plus ``--fractured-labels`` / ``--normal-labels``). Files are read recursively below each
 class folder; DICOM files are mapped to 8 bits (``tfrecords_builder.pixels``). A folder
 whose name is no declared label is an error naming the folders found. Files beside the
-class folders are listed in the manifest's notes and not read. No boxes, no metadata.
+class folders are listed in the manifest's notes and not read. ``--boxes`` reads fracture
+boxes as a CSV build does (``boxes.attach``: a COCO JSON whose ``file_name`` is the image's
+path under the class folders' folder, e.g. ``fractured/a.png``, or the name of one file; or a
+folder of YOLO .txt files named by that path or by the image's stem). No metadata.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 from tfrecords_builder.archive import SourceError, listing
 from tfrecords_builder.candidates import Candidate, Found, files_under, norm_name
-from tfrecords_builder.datasets import labels
+from tfrecords_builder.datasets import boxes, labels
 from tfrecords_builder.datasets.registry import DatasetSpec, register_dataset
 from tfrecords_builder.options import BuildOptions
 
@@ -81,11 +84,15 @@ def find(top: Path, opts: BuildOptions) -> Found:
         for path in files_under(folder):
             rel = path.relative_to(root).as_posix()
             candidates.append(Candidate(path, rel, rel, label))
+    box_notes = boxes.attach(candidates, Path(opts.boxes)) if opts.boxes else {}
     loose = sorted(p.name for p in root.iterdir() if not p.is_dir() and not p.name.startswith("."))
     notes = {
         "class_folders": {_rel(p, root): label for p, label in sorted(known.items())},
         "pooled_split_folders": pooled,
         "files_outside_class_folders": loose,
+        "images_with_boxes": sum(1 for c in candidates if c.boxes),
+        "boxes": sum(len(c.boxes) for c in candidates),
+        **box_notes,
     }
     return Found(root, candidates, notes)
 
@@ -101,10 +108,13 @@ SPEC = register_dataset(
         tfds_name="kerasfrac_folder",
         description=(
             "A user's X-rays in class folders (DIR/<label>/*.jpg|png|dcm), labels mapped to "
-            "fractured/normal by the folder names. No boxes, no metadata columns."
+            "fractured/normal by the folder names; boxes from --boxes (COCO JSON or YOLO "
+            "files). No metadata columns."
         ),
         license="the user's own",
         manual_download="Put the class folders (or a .zip of them) in `manual_dir`.",
         takes_options=True,
+        has_boxes=True,
+        boxes_option=True,
     )
 )

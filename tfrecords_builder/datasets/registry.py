@@ -44,6 +44,8 @@ class DatasetSpec:
     learnable_meta: bool = False
     #: records can carry fracture boxes (``model.box_head`` is refused on datasets without)
     has_boxes: bool = False
+    #: find reads fracture boxes from ``--boxes`` (COCO JSON or YOLO files, ``boxes.attach``)
+    boxes_option: bool = False
     #: find also reads the build options (label names, official split, ...)
     takes_options: bool = False
     #: the source is a file listing the images (e.g. "csv"), which lie under
