@@ -90,5 +90,6 @@ class BuildOptions:
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "quarantine larger images (decompression bombs)")
     workers: int | None = option(None, "validation threads", default_text="one per CPU")
     progress: bool = option(True, "show a progress bar (--no-progress: none, for logs)")
-    #: source bytes kept in memory from validation to writing (not a command-line option)
-    hold_bytes: int = 4 << 30
+    #: source bytes kept in memory from validation to writing (not a command-line option);
+    #: a larger source (MURA: ~3 GB) is read again, so RSS stays bounded
+    hold_bytes: int = 1 << 30
