@@ -185,6 +185,12 @@ def test_help_texts_version_and_list_keys(capsys):
         main(["--version"])
     assert done.value.code == 0
     assert capsys.readouterr().out.strip() == f"kerasfrac {metadata.version('kerasfrac')}"
+    # `python -m kerasfrac` is the same command
+    as_module = subprocess.run(
+        [sys.executable, "-m", "kerasfrac", "--version"], capture_output=True, text=True
+    )
+    assert as_module.returncode == 0
+    assert as_module.stdout.strip() == f"kerasfrac {metadata.version('kerasfrac')}"
     assert main(["train", "--list-keys"]) == 0
     listed = capsys.readouterr().out
     rows = config.describe_keys()
