@@ -67,23 +67,12 @@ def build_variant(cfg, variant: str):
 
 
 def fit_iterator(cfg):
-    """The training pipeline of ``cfg`` (as ``kerasfrac train`` and ``bench --what fit``
-    read it), its cache filled: one epoch read first, without the model."""
-    from kerasfrac import data
+    """The training pipeline of ``cfg`` (``bench.training_stream``, as ``kerasfrac train``
+    and ``bench --what fit`` read it), its cache filled: one epoch read first, without the
+    model."""
+    from kerasfrac.bench import training_stream
 
-    ds, epoch_steps = data.make_dataset(
-        None,
-        "train",
-        cfg.data,
-        cfg.train.batch_size,
-        cfg.train.seed,
-        training=True,
-        dataset=cfg.dataset,
-        with_boxes=cfg.model.box_head,
-        with_meta=cfg.model.meta_head,
-        box_target=cfg.train.box_target,
-    )
-    it = iter(ds.repeat())
+    it, epoch_steps = training_stream(cfg)
     for _ in range(epoch_steps or 1):
         next(it)
     return it
@@ -222,12 +211,7 @@ def main(argv=None) -> int:
                 f"threads intra,inter={s}: {f['images_per_second']:.1f} img/s (min "
                 f"{f['min']:.1f}, max {f['max']:.1f}), {f['ratio']:.2f}x"
             )
-        load = result["load_average_1min"]
-        print(f"load average (1 min) during the repeats: {load['min']:.1f} - {load['max']:.1f}")
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump(result, f, indent=2)
-        return 0
+        return _finish(result, a.json)
     if a.thread_setting:
         set_threads(a.thread_setting)
     cfg = config.load_config(a.config, a.overrides)
@@ -242,10 +226,15 @@ def main(argv=None) -> int:
         )
         if "profile" in f:
             print(stepprofile.format_table(f["profile"]))
+    return _finish(result, a.json)
+
+
+def _finish(result: dict, json_path: str | None) -> int:
+    """Print the load seen during the repeats; write ``result`` to ``json_path`` if given."""
     load = result["load_average_1min"]
     print(f"load average (1 min) during the repeats: {load['min']:.1f} - {load['max']:.1f}")
-    if a.json:
-        with open(a.json, "w") as f:
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(result, f, indent=2)
     return 0
 

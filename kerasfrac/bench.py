@@ -312,27 +312,33 @@ def bench_train(
     return out
 
 
+def training_stream(cfg):
+    """``(iterator, steps per epoch)``: the training pipeline of ``cfg`` as ``kerasfrac train``
+    reads it (augmentation, balanced batches, the heads' targets), repeated."""
+    from kerasfrac import data
+
+    ds, epoch_steps = data.make_dataset(
+        None,
+        "train",
+        cfg.data,
+        cfg.train.batch_size,
+        cfg.train.seed,
+        training=True,
+        dataset=cfg.dataset,
+        with_boxes=cfg.model.box_head,
+        with_meta=cfg.model.meta_head,
+        box_target=cfg.train.box_target,
+    )
+    return iter(ds.repeat()), epoch_steps
+
+
 def bench_fit(cfg, steps: int, repeats: int) -> dict:
     import keras
     import tensorflow as tf
 
-    from kerasfrac import data
-
     try:
         _, step = _model_and_step(cfg, cfg.train.precision)
-        ds, epoch_steps = data.make_dataset(
-            None,
-            "train",
-            cfg.data,
-            cfg.train.batch_size,
-            cfg.train.seed,
-            training=True,
-            dataset=cfg.dataset,
-            with_boxes=cfg.model.box_head,
-            with_meta=cfg.model.meta_head,
-            box_target=cfg.train.box_target,
-        )
-        it = iter(ds.repeat())
+        it, epoch_steps = training_stream(cfg)
         flag = tf.constant(0, tf.int32)
         for _ in range(min(epoch_steps or steps, 4 * steps)):  # warm the cache and the trace
             step(it, flag)
