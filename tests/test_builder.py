@@ -372,6 +372,23 @@ def test_existing_output_refused_then_overwritten(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
+def test_read_manifest_is_the_tolerant_reader(tmp_path):
+    """The pages and tables that describe a run read its build's manifest tolerantly: the
+    manifest where it is, None where the build is not configured, gone or damaged."""
+    from tfrecords_builder.manifest import read_manifest
+
+    sources.make_tibia(tmp_path / "src", "mendeley", copies=0)
+    out = tmp_path / "out"
+    build("tibia-fibula", tmp_path / "src", out, BuildOptions(seed=3, **OPTS))
+    assert read_manifest(out) == load_manifest(out) and read_manifest(str(out))["seed"] == 3
+    assert read_manifest(None) is None and read_manifest("") is None
+    assert read_manifest(tmp_path / "gone") is None
+    (out / "manifest.json").write_text("[1, 2")  # damaged
+    assert read_manifest(out) is None
+    (out / "manifest.json").write_text("[1, 2]")  # JSON, not an object
+    assert read_manifest(out) is None
+
+
 def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
     sources.make_tibia(tmp_path / "src", "mendeley", copies=0)
 

@@ -69,6 +69,20 @@ def load_manifest(directory: str | Path) -> dict:
     return manifest
 
 
+def read_manifest(directory: str | Path | None) -> dict | None:
+    """``DIR/manifest.json`` where it can be read as a JSON object, else None (no directory
+    given, the build moved or deleted, the file damaged): for the pages and tables that
+    describe a run beside its build. ``load_manifest`` is the strict reader for the commands
+    that need the build."""
+    if directory is None or str(directory) == "":
+        return None
+    try:
+        manifest = json.loads((Path(directory) / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
 def require_data_dir(directory: str | Path | None) -> None:
     """``BuildOutputError`` where no TFRecord directory is configured (``data.dir`` empty)."""
     if directory is None or str(directory) == "":

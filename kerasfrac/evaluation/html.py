@@ -34,6 +34,7 @@ import yaml
 
 from kerasfrac import runs
 from kerasfrac.names import SPLITS
+from tfrecords_builder.manifest import read_manifest
 
 #: The galleries: (key, heading, what it shows).
 GALLERY_GROUPS = (
@@ -420,8 +421,9 @@ def run_context(run_dir) -> dict:
         metrics, metrics_problem = runs.read_metrics(run_dir), None
     except ValueError as err:  # damaged: the rest of the page still shows
         metrics, metrics_problem = None, str(err)
-    data_dir = Path(str((cfg.get("data") or {}).get("dir", "")))
-    manifest = _read_json(data_dir / "manifest.json") if str(data_dir) else None
+    configured = str((cfg.get("data") or {}).get("dir") or "")
+    data_dir = Path(configured)
+    manifest = read_manifest(configured)
     m = metrics or {}
     base = m.get("no_anatomy_baseline") or {}
     figures = [_figure(run_dir / runs.PLOTS / name, caption) for name, caption in FIGURES]
@@ -435,14 +437,14 @@ def run_context(run_dir) -> dict:
         "csp": CSP,
         "config": _config_rows(cfg, metrics, manifest, run_dir),
         "manifest_found": manifest is not None,
-        "data_dir": str(data_dir),
+        "data_dir": configured,
         "splits": _split_rows(manifest),
         "quarantined": (manifest or {}).get("quarantined_count"),
         "m": metrics,
         "metrics_problem": metrics_problem,
         "baseline": base if base and "unavailable" not in base else None,
         "baseline_unavailable": base.get("unavailable"),
-        "audit_baseline": None if base else _audit_baseline(data_dir),
+        "audit_baseline": None if base or not configured else _audit_baseline(data_dir),
         "figures": [f for f in figures if f],
         "training_curves": curves,
         "gallery": gallery,

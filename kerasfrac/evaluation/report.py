@@ -15,13 +15,13 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import json
 from pathlib import Path
 
 import yaml
 
 from kerasfrac import runs
 from kerasfrac.options import ReportOptions
+from tfrecords_builder.manifest import read_manifest
 
 #: The report's published test results (accuracy and mean binary cross-entropy loss on the
 #: test split), per dataset and pipeline; the report gave no AUROC, sensitivity, specificity
@@ -162,12 +162,7 @@ def _lead(key: str, diff: dict) -> dict:
 def _split_seed(data_dir) -> int | None:
     """The split seed of the build a run was evaluated on (its manifest's ``seed``); None
     where the build is gone or says nothing."""
-    if not data_dir:
-        return None
-    try:
-        return json.loads((Path(data_dir) / "manifest.json").read_text()).get("seed")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return (read_manifest(data_dir) or {}).get("seed")
 
 
 def rows(run_dirs, paper: dict | None = None) -> list[dict]:
