@@ -130,7 +130,8 @@ class ModelConfig:
     #: average and maximum over the map, concatenated -> dropout -> Dense) | heatmap (the maximum of
     #: per-cell fracture logits, the cells that model.box_head supervises: the classifier
     #: then reads what the box supervision shapes) | attention (the global average beside
-    #: the features weighted by the softmax of those cells: attention pooling).
+    #: the features weighted by the softmax of those cells: attention pooling) | presence
+    #: (the global average beside the highest of those cells' logits: presence pooling).
     head: str = "gap"
     #: BatchNormalization momentum of the moving statistics used at inference. 0.9 equals
     #: PyTorch's default (momentum=0.1), whose SGD(weight_decay=...) the report's recipe reads

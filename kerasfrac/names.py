@@ -36,10 +36,10 @@ SCHEDULES = ("constant", "cosine")
 CLASS_WEIGHTS = ("none", "balanced")
 SELECTS = ("last", "best")
 TTAS = ("none", "flip")
-HEADS = ("gap", "avgmax", "heatmap", "attention")
+HEADS = ("gap", "avgmax", "heatmap", "attention", "presence")
 #: The heads that read the box heat map's cells (so the model has them with or without
 #: model.box_head).
-CELL_HEADS = ("heatmap", "attention")
+CELL_HEADS = ("heatmap", "attention", "presence")
 #: resnet_small's box heat map: one cell per 32 px (the last feature map), per 16 px, or per
 #: 8 px (a light FPN-style decoder over stages 2-4: the dense mask head).
 BOX_STRIDES = (32, 16, 8)

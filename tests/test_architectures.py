@@ -212,6 +212,20 @@ def test_attention_head_pools_the_features_where_the_cells_point(stride):
     )
 
 
+def test_presence_head_reads_the_average_and_the_highest_cell():
+    m = models.resnet_small.resnet_small((64, 64, 1), box_head=True, head="presence", box_stride=8)
+    x = np.random.default_rng(9).random((2, 64, 64, 1), dtype="float32")
+    parts = keras.Model(
+        m.inputs, [m.get_layer(n).output for n in ("box_logits", "gap_presence", models.FEATURES)]
+    )
+    cells, pooled, last = (np.asarray(t, "float64") for t in parts(x, training=False))
+    assert cells.shape == (2, 8, 8, 1) and pooled.shape == (2, last.shape[-1] + 1)
+    np.testing.assert_allclose(pooled[:, :-1], last.mean((1, 2)), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(pooled[:, -1], cells.reshape(2, -1).max(1), rtol=1e-5)
+    # the Dense reads both: one weight per feature channel, one for the highest cell
+    assert m.get_layer(models.LOGIT).kernel.shape == (last.shape[-1] + 1, 1)
+
+
 def test_avgmax_head_reads_each_channels_average_and_peak():
     m = models.resnet_small.resnet_small((64, 64, 1), head="avgmax")
     x = np.random.default_rng(5).random((2, 64, 64, 1), dtype="float32")
@@ -270,6 +284,7 @@ def test_application_backbones_take_grayscale_and_a_weights_file(tmp_path, name)
         ("resnet_small", True, "avgmax"),
         ("resnet_small", True, "stride16"),
         ("resnet_small", False, "attention"),
+        ("resnet_small", True, "presence"),
         ("resnet50v2", False, "gap"),
         ("efficientnetv2b0", True, "gap"),
     ],

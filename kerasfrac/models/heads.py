@@ -58,7 +58,9 @@ def heads(
     et al. 2018), concatenated with their global average -> dropout -> ``logit``: where the
     box head places a fracture, the classifier reads that place's features beside the whole
     image's, and a map with no fracture (flat logits, as box supervision teaches on normal
-    images) pools to the average.
+    images) pools to the average. ``presence``: the global average beside the heat map's
+    highest cell logit (presence pooling) -> dropout -> ``logit``: the classifier can add the
+    evidence of the one most fractured place to that of the whole image.
 
     ``fine``: a feature map of finer resolution (``model.box_stride: 16``: stage 3, twice
     the resolution; ``8``: the mask decoder's output, four times); the cells are then read
@@ -94,6 +96,9 @@ def heads(
         if head == "avgmax":
             peak = keras.layers.GlobalMaxPooling2D(name="gmp")(features)
             x = keras.layers.Concatenate(name="avgmax")([x, peak])
+        if head == "presence":
+            peak = keras.layers.GlobalMaxPooling2D(name="presence")(cells)
+            x = keras.layers.Concatenate(name="gap_presence")([x, peak])
         if head == "attention":
             height, width = cells.shape[1], cells.shape[2]
             weights = keras.layers.Reshape((height * width,), name="attention_flat")(cells)
