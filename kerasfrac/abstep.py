@@ -80,7 +80,19 @@ def fit_iterator(cfg):
 
 def run(cfg, variants, steps: int, repeats: int, profile: int = 0, fit: bool = False) -> dict:
     """With ``fit``, each variant is also timed on the training pipeline (one shared
-    iterator, cache filled first): ``"<variant> fit"`` beside the in-memory step."""
+    iterator, cache filled first): ``"<variant> fit"`` beside the in-memory step. The
+    process's dtype policy is what it was before, afterwards (the variants set the
+    config's precision)."""
+    import keras
+
+    policy = keras.mixed_precision.dtype_policy()
+    try:
+        return _run(cfg, variants, steps, repeats, profile, fit)
+    finally:
+        keras.mixed_precision.set_dtype_policy(policy)
+
+
+def _run(cfg, variants, steps: int, repeats: int, profile: int, fit: bool) -> dict:
     import tensorflow as tf
 
     from kerasfrac import bench, stepprofile

@@ -76,6 +76,10 @@ def test_abstep_interleaves_variants_in_one_process(separable_tfrecord_dir):
         }
     )
     out = abstep.run(cfg, ["fast", "bn-f32-data"], steps=1, repeats=2, profile=1, fit=True)
+    # the process's dtype policy is float32 again (a later test in this worker trains)
+    import keras
+
+    assert keras.mixed_precision.dtype_policy().name == "float32"
     got = out["variants"]
     assert list(got) == ["fast", "bn-f32-data", "fast fit", "bn-f32-data fit"]
     assert got["fast"]["ratio"] == 1.0
