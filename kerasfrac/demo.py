@@ -18,7 +18,7 @@ from pathlib import Path
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
 #: The demo's phantoms: generated at the size trained on, with a fainter fracture line (72%
 #: of the bone removed, not all of it) and 1.5x the noise, so that the task is not trivial:
-#: test AUROC about 0.9 with a visible CI (with full lines it was 1.000 [1.000, 1.000]).
+#: test AUROC 0.956 [0.892, 0.998] (with full lines it was 1.000 [1.000, 1.000]).
 DEMO_DATA = {
     "count": 600,
     "fractured_fraction": 0.3,
