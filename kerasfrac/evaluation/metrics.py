@@ -509,6 +509,17 @@ def split_metrics(
     return result
 
 
+def _subgroup(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
+    """One subgroup's block of ``subgroup_metrics``: size, class counts, accuracy at
+    ``threshold`` and AUROC (None with one class)."""
+    return {
+        "n": int(len(y)),
+        "counts": {"fractured": int(y.sum()), "normal": int((y == 0).sum())},
+        "accuracy": float(np.mean((p >= threshold) == y)),
+        "auroc": float(skm.roc_auc_score(y, p)) if len(np.unique(y)) == 2 else None,
+    }
+
+
 def subgroup_metrics(labels, probs, meta: dict[str, np.ndarray], threshold: float = 0.5) -> dict:
     """Per FracAtlas subgroup (``column=1`` and ``column=0``) and per value of the build's
     region column (``region=wrist``, where ``meta`` has ``region``): counts, accuracy, AUROC.
@@ -522,13 +533,7 @@ def subgroup_metrics(labels, probs, meta: dict[str, np.ndarray], threshold: floa
         regions = body_region(meta)
         for value in sorted(set(regions)):
             mask = regions == value
-            y, p = labels[mask], probs[mask]
-            out[f"region={value}"] = {
-                "n": int(mask.sum()),
-                "counts": {"fractured": int(y.sum()), "normal": int((y == 0).sum())},
-                "accuracy": float(np.mean((p >= threshold) == y)),
-                "auroc": float(skm.roc_auc_score(y, p)) if len(np.unique(y)) == 2 else None,
-            }
+            out[f"region={value}"] = _subgroup(labels[mask], probs[mask], threshold)
     for column in SUBGROUP_COLUMNS:
         values = meta.get(column)
         if values is None:
@@ -540,13 +545,7 @@ def subgroup_metrics(labels, probs, meta: dict[str, np.ndarray], threshold: floa
             mask = values == v
             if not mask.any():
                 continue
-            y, p = labels[mask], probs[mask]
-            out[f"{column}={v}"] = {
-                "n": int(mask.sum()),
-                "counts": {"fractured": int(y.sum()), "normal": int((y == 0).sum())},
-                "accuracy": float(np.mean((p >= threshold) == y)),
-                "auroc": float(skm.roc_auc_score(y, p)) if len(np.unique(y)) == 2 else None,
-            }
+            out[f"{column}={v}"] = _subgroup(labels[mask], probs[mask], threshold)
         unknown = int(np.sum(values < 0))
         if unknown:
             out[f"{column}=unknown"] = {"n": unknown}
