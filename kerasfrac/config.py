@@ -191,6 +191,12 @@ class TrainConfig:
     #: then labelled fractured and its box mask gains the pasted box. Meant to show fractures
     #: in new contexts (other bones, other hardware). 0 = off; not in the recipe (docs/recipe.md).
     box_paste: float = 0.0
+    #: Counterfactual fills (model.box_head only): each training image is chosen with this
+    #: probability; half of the chosen fractured images with a box mask get their fracture
+    #: (its grown bounding rectangle) Coons-filled and are labelled normal, every other chosen
+    #: image gets a control window of a fracture's size filled on bone, label kept. Meant to
+    #: make the classifier depend on the fracture region itself. 0 = off (docs/evaluation.md).
+    fracture_fill: float = 0.0
     #: Weight of the box heat-map loss (model.box_head): mean pixel BCE per image, counted
     #: for normal images and for fractured images that have boxes.
     box_loss_weight: float = 1.0
@@ -569,6 +575,14 @@ def _validate_train(cfg: Config) -> None:
         raise ConfigError(
             "config key 'train.box_paste' pastes fracture boxes, which reach training only "
             "with model.box_head=true: set it, or remove train.box_paste"
+        )
+    _in_range(
+        "train.fracture_fill", t.fracture_fill, 0.0, 1.0, " (a probability; 0 = off)", closed=True
+    )
+    if t.fracture_fill and not cfg.model.box_head:
+        raise ConfigError(
+            "config key 'train.fracture_fill' fills fracture boxes, which reach training only "
+            "with model.box_head=true: set it, or remove train.fracture_fill"
         )
     if t.box_target != "box" and not cfg.model.box_head:
         raise ConfigError(

@@ -215,3 +215,151 @@ def test_every_flip_moves_the_box_mask_with_its_image(tmp_path, flips):
                 assert white.sum() == (80 if label == 1 else 0)
                 moved += bool(label == 1 and not white[2:10, 20:30].all())
     assert moved > 0  # some flips did move a square
+
+
+def _reference_augment(image, flip_seed, warp_seed, cfg, channels):
+    """The per-image augmentation as it was before ``augment_batch`` (tf.image's seeded flips,
+    then one ImageProjectiveTransformV3 per image, then ``tf.pow`` gamma): the reference the
+    batched path must equal."""
+    import math
+
+    image = data.random_flip(image, flip_seed) if cfg.flips == "random" else image
+    seeds = tf.random.experimental.stateless_split(tf.cast(warp_seed, tf.int64), num=7)
+
+    def uniform(i, low, high):
+        return tf.random.stateless_uniform([], seeds[i], low, high)
+
+    size = int(image.shape[0])
+    angle = uniform(0, -cfg.rotation, cfg.rotation) * (math.pi / 180.0)
+    zoom = uniform(1, 1.0 - cfg.zoom, 1.0 + cfg.zoom)
+    c = (size - 1) / 2.0
+    cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
+    dy, dx = uniform(2, -cfg.translate, cfg.translate), uniform(3, -cfg.translate, cfg.translate)
+    row = tf.stack(
+        [cos, -sin, c - cos * c + sin * c - dx * size, sin, cos, c - sin * c - cos * c - dy * size]
+        + [0.0, 0.0]
+    )[None]
+    image = tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None],
+        transforms=row,
+        output_shape=[size, size],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    )[0]
+    x, rest = image[..., :channels], image[..., channels:]
+    x = tf.pow(tf.maximum(x, 1e-6), tf.exp(uniform(4, -cfg.gamma, cfg.gamma)))
+    mean = tf.reduce_mean(x)
+    x = (x - mean) * uniform(5, 1.0 - cfg.contrast, 1.0 + cfg.contrast) + mean
+    x = tf.clip_by_value(x + uniform(6, -cfg.brightness, cfg.brightness), 0.0, 1.0)
+    return tf.concat([x, rest], -1)
+
+
+@pytest.mark.parametrize("flips", ["random", "none"])
+def test_batched_augmentation_equals_the_per_image_reference(flips):
+    """``draw_params`` + ``augment_batch`` (flips folded into one warp per image, gamma as
+    exp(g log x), a batch per op, empty masks left alone) give what flipping, warping and
+    recolouring each image on its own gives, from the same seeds: within 1e-4 on every pixel,
+    image and mask channel."""
+    cfg = _aug_cfg(
+        flips=flips, rotation=12, zoom=0.2, translate=0.1, gamma=0.3, contrast=0.3, brightness=0.1
+    )
+    n = 12
+    images = tf.cast(
+        tf.random.stateless_uniform([n, 32, 32, 2], [1, 2], 0, 256, tf.int32), tf.uint8
+    )
+    # every other image with an empty mask channel (a normal image's), which is not warped
+    images *= tf.constant([[1, 1], [1, 0]] * (n // 2), tf.uint8)[:, None, None, :]
+    ds = data.draw_params(tf.data.Dataset.from_tensor_slices(images), cfg, seed=5)
+    params = tf.stack([p for _, p in ds])
+    batched = data.augment_batch(images, params, cfg, channels=1).numpy()
+    # the same seed streams the pipeline draws from (one per op, see IMAGE_OPS)
+    flip_seeds = list(
+        tf.data.Dataset.random(seed=5, rerandomize_each_iteration=True).batch(2).take(n)
+    )
+    warp_seeds = list(
+        tf.data.Dataset.random(seed=5 + 7919, rerandomize_each_iteration=True).batch(2).take(n)
+    )
+    flipped = 0
+    for i in range(n):
+        want = _reference_augment(
+            tf.image.convert_image_dtype(images[i], tf.float32),
+            flip_seeds[i],
+            warp_seeds[i],
+            cfg,
+            1,
+        ).numpy()
+        np.testing.assert_allclose(batched[i], want, atol=1e-4)
+        flipped += int(params[i, 0] + params[i, 1] > 0)
+    assert (flipped > 0) == (flips == "random")  # the flips were drawn and applied
+    assert len({tuple(np.round(p, 4)) for p in params.numpy()}) == n  # each image its own draw
+
+
+def test_batched_flips_without_a_warp_equal_tf_image_flips():
+    cfg = _aug_cfg(flips="random")
+    images = tf.random.stateless_uniform([8, 16, 16, 1], [3, 4])
+    ds = data.draw_params(tf.data.Dataset.from_tensor_slices(images), cfg, seed=9)
+    params = tf.stack([p for _, p in ds])
+    out = data.augment_batch(images, params, cfg, channels=1).numpy()
+    seeds = list(tf.data.Dataset.random(seed=9, rerandomize_each_iteration=True).batch(2).take(8))
+    for i in range(8):
+        np.testing.assert_array_equal(out[i], data.random_flip(images[i], seeds[i]).numpy())
+
+
+def test_batched_coons_fill_equals_the_occlusion_tests_fill():
+    from kerasfrac.explain import occlusion
+
+    rng = np.random.default_rng(0)
+    images = rng.random((5, 24, 24, 1)).astype("float32")
+    rects = np.array([[3, 4, 10, 12], [0, 0, 6, 6], [18, 15, 24, 24], [5, 5, 6, 6], [2, 2, 9, 9]])
+    fill = np.array([True, True, True, True, False])
+    out = augment.coons_fill_batch(tf.constant(images), tf.constant(rects), tf.constant(fill))
+    for i in range(5):
+        want = occlusion.coons_fill(images[i], *rects[i]) if fill[i] else images[i]
+        np.testing.assert_allclose(out[i].numpy(), want, atol=1e-5)
+    assert not np.allclose(out[0].numpy(), images[0])
+
+
+def test_fracture_fill_removes_the_fracture_or_fills_a_control_on_bone():
+    """Chosen fractured images lose their fracture (label 0, mask cleared, the grown box
+    filled) or, like every chosen normal image, get a control window of a fracture's size
+    filled on bone (brighter than the image's mean), off the fracture, label and mask kept."""
+    n, s = 64, 48
+    images = np.zeros((n, s, s, 1), "float32")
+    images[:, 8:40, 8:40] = 0.8  # a bright square of "bone" on a black background
+    masks = np.zeros((n, s, s, 1), "float32")
+    labels = np.zeros(n, "float32")
+    labels[: n // 2] = 1.0
+    masks[: n // 2, 12:18, 14:20] = 1.0  # the fracture of each fractured image
+    images[: n // 2, 12:18, 14:20] = 0.2  # drawn dark
+    drawn = augment.fracture_fill_draw(
+        tf.constant(images), tf.constant(masks), tf.constant(labels), 1.0, tf.constant([1, 2])
+    )
+    x, y, m = augment.fracture_fill(tf.constant(images), tf.constant(labels), masks, drawn)
+    x, y, m, rect = x.numpy(), y.numpy(), m.numpy(), drawn["rect"].numpy()
+    gone = drawn["fracture"].numpy()
+    assert drawn["chosen"].numpy().all()
+    assert 8 <= gone.sum() <= 24 and not gone[n // 2 :].any()  # half of the fractured ones
+    for i in range(n):
+        y0, x0, y1, x1 = rect[i]
+        if gone[i]:
+            assert y[i] == 0 and m[i].sum() == 0
+            assert y0 <= 12 and x0 <= 14 and y1 >= 18 and x1 >= 20  # covers the grown fracture
+            assert x[i, 12:18, 14:20].min() > 0.7  # the dark fracture is filled with bone
+        else:
+            assert y[i] == labels[i] and m[i].sum() == masks[i].sum()
+            cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
+            assert images[i, cy, cx, 0] >= 0.8 * 0.5  # centred on bone
+            assert (y1 - y0, x1 - x0) == (10, 10)  # a fracture's size (6 px grown by 2 x 2)
+            if labels[i]:  # off the fracture, which stays as it was
+                assert not (y0 < 18 and 12 < y1 and x0 < 20 and 14 < x1)
+                np.testing.assert_array_equal(x[i, 12:18, 14:20], images[i, 12:18, 14:20])
+
+
+def test_fracture_fill_needs_the_box_head():
+    with pytest.raises(ConfigError, match=r"'train.fracture_fill'.*model.box_head=true"):
+        config.load_config(overrides=["model.name=resnet_small", "train.fracture_fill=0.5"])
+    cfg = config.load_config(
+        overrides=["model.name=resnet_small", "model.box_head=true", "train.fracture_fill=0.5"]
+    )
+    assert train.step_options(cfg.train)["fracture_fill_rate"] == 0.5

@@ -1,8 +1,9 @@
 """Augmentation, per image and per batch, seeded and stateless (a resumed run replays it).
 
-Per image (``IMAGE_OPS``, in tf.data after the cache): each op's ``enabled(data_cfg)`` says
-whether the config asks for it, and it draws from its own seeded stream, so turning one on
-leaves the others' draws unchanged. A box mask rides along as the image's last channel, so
+Per image (``IMAGE_OPS``, drawn in tf.data after the cache): each op's ``enabled(data_cfg)``
+says whether the config asks for it, and it draws its parameters (``PARAMS``) from its own
+seeded stream, so turning one on leaves the others' draws unchanged; ``augment_batch`` applies
+every image's draws a batch at a time. A box mask rides along as the image's last channel, so
 every geometric op moves image and boxes together.
 
 Per batch (``BATCH_OPS``, in the training step, where a batch's images meet): box paste acts on
@@ -13,6 +14,7 @@ label, box cells, metadata). Batches are dicts: ``image``, ``label``, ``box_mask
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -138,10 +140,15 @@ def outline_mask(
 
 
 def _affine(size: int, angle, zoom, shift_y, shift_x) -> tf.Tensor:
-    """ImageProjectiveTransform row (output pixel -> input pixel) for a rotation by ``angle``
-    (radians) and a zoom by ``zoom`` about the centre, then a shift by (shift_y, shift_x)."""
+    """ImageProjectiveTransform rows [N, 8] (output pixel -> input pixel) for a rotation by
+    ``angle`` (radians) and a zoom by ``zoom`` about the centre, then a shift by (shift_y,
+    shift_x); each argument a scalar or an [N] vector (one row per image)."""
     c = (size - 1) / 2.0
+    angle, zoom, shift_y, shift_x = (
+        tf.reshape(tf.cast(v, tf.float32), [-1]) for v in (angle, zoom, shift_y, shift_x)
+    )
     cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
+    zero = tf.zeros_like(cos)
     return tf.stack(
         [
             cos,
@@ -150,86 +157,245 @@ def _affine(size: int, angle, zoom, shift_y, shift_x) -> tf.Tensor:
             sin,
             cos,
             c - sin * c - cos * c - shift_y * size,
-            0.0,
-            0.0,
-        ]
-    )[None]
+            zero,
+            zero,
+        ],
+        axis=-1,
+    )
 
 
-def augment_image(image: tf.Tensor, seed: tf.Tensor, data_cfg, channels: int) -> tf.Tensor:
-    """Random affine warp (rotation, zoom, shift: ``data.rotation/zoom/translate``) of all
-    channels, then gamma, contrast and brightness (``data.gamma/contrast/brightness``) of the
-    first ``channels`` (the image; further channels, the box mask, only move with the warp).
+#: The per-image augmentation parameters, in the order of the rows ``draw_params`` appends to
+#: each element and ``augment_batch`` applies: the two flips (1 = flip), the warp (angle in
+#: radians, zoom, shifts as a share of the side) and the intensity change (gamma exponent,
+#: contrast factor, brightness offset).
+PARAMS = (
+    "flip_lr",
+    "flip_ud",
+    "angle",
+    "zoom",
+    "shift_y",
+    "shift_x",
+    "gamma",
+    "contrast",
+    "brightness",
+)
+#: The parameters that change nothing.
+IDENTITY = (0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0)
 
-    Stateless: the same ``seed`` (int [2]) gives the same result, eagerly and in tf.data.
-    Values stay in [0, 1]; areas shifted in from outside the image are black (0).
-    """
+
+def draw_flips(seed: tf.Tensor, data_cfg=None) -> dict:
+    """``{"flip_lr", "flip_ud"}`` (1.0 = flip, each with probability 1/2) from the stateless
+    ``seed`` (int [2]): the draws ``random_flip`` makes (``tf.image.stateless_random_flip_*``)."""
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=2)
+    return {
+        name: tf.cast(tf.random.stateless_uniform([], s, 0.0, 1.0) < 0.5, tf.float32)
+        for name, s in zip(("flip_lr", "flip_ud"), tf.unstack(seeds), strict=True)
+    }
+
+
+def draw_warp_and_intensity(seed: tf.Tensor, data_cfg) -> dict:
+    """The warp (``data.rotation/zoom/translate``) and intensity (``data.gamma/contrast/
+    brightness``) parameters of one image from the stateless ``seed`` (int [2]); a step the
+    config leaves at 0 keeps its identity value."""
     d = data_cfg
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=7)
 
     def uniform(i, low, high):
         return tf.random.stateless_uniform([], seeds[i], low, high)
 
-    if d.rotation or d.zoom or d.translate:
-        size = int(image.shape[0])
-        angle = uniform(0, -d.rotation, d.rotation) * (math.pi / 180.0) if d.rotation else 0.0
-        zoom = uniform(1, 1.0 - d.zoom, 1.0 + d.zoom) if d.zoom else 1.0
-        dy = uniform(2, -d.translate, d.translate) if d.translate else 0.0
-        dx = uniform(3, -d.translate, d.translate) if d.translate else 0.0
-        warped = tf.raw_ops.ImageProjectiveTransformV3(
-            images=image[None],
-            transforms=_affine(size, angle, zoom, dy, dx),
-            output_shape=tf.constant([size, size]),
-            fill_value=0.0,
-            interpolation="BILINEAR",
-            fill_mode="CONSTANT",
-        )
-        image = tf.ensure_shape(warped[0], image.shape)
-    if not (d.gamma or d.contrast or d.brightness):
-        return image
-    x, rest = image[..., :channels], image[..., channels:]
+    out = {}
+    if d.rotation:
+        out["angle"] = uniform(0, -d.rotation, d.rotation) * (math.pi / 180.0)
+    if d.zoom:
+        out["zoom"] = uniform(1, 1.0 - d.zoom, 1.0 + d.zoom)
+    if d.translate:
+        out["shift_y"] = uniform(2, -d.translate, d.translate)
+        out["shift_x"] = uniform(3, -d.translate, d.translate)
     if d.gamma:
-        x = tf.pow(tf.maximum(x, 1e-6), tf.exp(uniform(4, -d.gamma, d.gamma)))
+        out["gamma"] = tf.exp(uniform(4, -d.gamma, d.gamma))
     if d.contrast:
-        mean = tf.reduce_mean(x)
-        x = (x - mean) * uniform(5, 1.0 - d.contrast, 1.0 + d.contrast) + mean
+        out["contrast"] = uniform(5, 1.0 - d.contrast, 1.0 + d.contrast)
     if d.brightness:
-        x = x + uniform(6, -d.brightness, d.brightness)
-    x = tf.clip_by_value(x, 0.0, 1.0)
-    return tf.concat([x, rest], axis=-1)
+        out["brightness"] = uniform(6, -d.brightness, d.brightness)
+    return out
+
+
+def params_vector(values: dict) -> tf.Tensor:
+    """float32 [len(PARAMS)]: ``values`` by name, ``IDENTITY`` for the rest."""
+    return tf.stack(
+        [tf.cast(values.get(n, v), tf.float32) for n, v in zip(PARAMS, IDENTITY, strict=True)]
+    )
+
+
+def warps(data_cfg) -> bool:
+    """Whether ``data_cfg`` asks for the affine warp (rotation, zoom or shift)."""
+    d = data_cfg
+    return bool(d.rotation or d.zoom or d.translate)
+
+
+def recolours(data_cfg) -> bool:
+    """Whether ``data_cfg`` asks for an intensity change (gamma, contrast or brightness)."""
+    d = data_cfg
+    return bool(d.gamma or d.contrast or d.brightness)
 
 
 def augments(data_cfg) -> bool:
-    """Whether ``data_cfg`` asks for any ``augment_image`` step."""
+    """Whether ``data_cfg`` asks for any warp or intensity step (``augment_image``)."""
+    return warps(data_cfg) or recolours(data_cfg)
+
+
+def _float(x: tf.Tensor) -> tf.Tensor:
+    return x if x.dtype == tf.float32 else tf.image.convert_image_dtype(x, tf.float32)
+
+
+def _transforms(p: dict, size: int) -> tf.Tensor:
+    """[N, 8] ImageProjectiveTransform rows of each image's flips, then warp (``PARAMS``
+    ``p``): the input pixel of a flipped image is mirrored, x -> S-1-x (left-right: the first
+    row of the transform) and y -> S-1-y (up-down: the second). A flip maps pixel centres
+    onto pixel centres, so one bilinear resampling with this row equals flipping, then
+    warping."""
+    t = _affine(size, p["angle"], p["zoom"], p["shift_y"], p["shift_x"])
+    lr, ud = p["flip_lr"][:, None], p["flip_ud"][:, None]
+    last = tf.constant([[0.0, 0.0, size - 1.0]])
+    rows = [t[:, 0:3] * (1.0 - 2.0 * lr) + lr * last, t[:, 3:6] * (1.0 - 2.0 * ud) + ud * last]
+    return tf.concat([*rows, t[:, 6:]], axis=-1)
+
+
+def _warp(x: tf.Tensor, transforms: tf.Tensor) -> tf.Tensor:
+    size = int(x.shape[1])
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=x,
+        transforms=transforms,
+        output_shape=tf.constant([size, size]),
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    )
+
+
+def _warp_nonzero(x: tf.Tensor, transforms: tf.Tensor) -> tf.Tensor:
+    """``_warp`` of the images of ``x`` that hold a non-zero pixel; the others (a normal
+    image's empty box mask: half of a balanced batch) stay zero, as their warp would be."""
+    x = _float(x)
+    some = tf.reshape(tf.where(tf.reduce_any(x > 0.0, axis=[1, 2, 3])), [-1])
+    warped = _warp(tf.gather(x, some), tf.gather(transforms, some))
+    return tf.tensor_scatter_nd_update(tf.zeros_like(x), some[:, None], warped)
+
+
+def augment_batch_parts(
+    images: tf.Tensor, params: tf.Tensor, data_cfg, channels: int
+) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """``augment_batch``'s result as ``(image, rest)``: the first ``channels`` and the
+    further ones (the box mask; None where there are none), float32, without concatenating
+    them again (the training pipeline reads them apart)."""
     d = data_cfg
-    return bool(d.rotation or d.zoom or d.translate or d.gamma or d.contrast or d.brightness)
+    p = dict(zip(PARAMS, tf.unstack(tf.cast(params, tf.float32), axis=-1), strict=True))
+    extra = images.shape[-1] is not None and images.shape[-1] > channels
+    x = _float(images[..., :channels] if extra else images)
+    rest = images[..., channels:] if extra else None
+    if warps(d):
+        t = _transforms(p, int(images.shape[1]))
+        x = _warp(x, t)
+        rest = _warp_nonzero(rest, t) if extra else None
+    elif d.flips == "random":
+        lr = tf.reshape(p["flip_lr"] > 0.5, [-1, 1, 1, 1])
+        ud = tf.reshape(p["flip_ud"] > 0.5, [-1, 1, 1, 1])
+
+        def flip(v):
+            v = tf.where(lr, tf.reverse(v, [2]), v)
+            return tf.where(ud, tf.reverse(v, [1]), v)
+
+        x = flip(x)
+        rest = flip(rest) if extra else None
+    if extra:
+        rest = _float(rest)
+    if not recolours(d):
+        return x, rest
+
+    def per_image(name):
+        return tf.reshape(p[name], [-1, 1, 1, 1])
+
+    if d.gamma:
+        x = tf.exp(per_image("gamma") * tf.math.log(tf.maximum(x, 1e-6)))
+    if d.contrast:
+        mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
+        x = (x - mean) * per_image("contrast") + mean
+    if d.brightness:
+        x = x + per_image("brightness")
+    return tf.clip_by_value(x, 0.0, 1.0), rest
+
+
+def augment_batch(images: tf.Tensor, params: tf.Tensor, data_cfg, channels: int) -> tf.Tensor:
+    """The per-image augmentation of a whole batch, each image with its own ``params`` row
+    ([N, len(PARAMS)], ``draw_params``): flips, then the affine warp of all channels, then
+    gamma, contrast and brightness of the first ``channels`` (the image; further channels, the
+    box mask, only move). ``images`` [N, S, S, C] uint8 (the cache's) or float32 in [0, 1];
+    returns float32 in [0, 1]; areas shifted in from outside the image are black (0).
+
+    One batched op per step instead of one per image, and no work on empty masks (the
+    pipeline's CPU time per image: docs/speed.md): with the warp on, the flips are folded into
+    each image's warp (``_transforms``); gamma is ``exp(g log x)``, which is ``x ** g``.
+    """
+    x, rest = augment_batch_parts(images, params, data_cfg, channels)
+    return x if rest is None else tf.concat([x, rest], axis=-1)
+
+
+def augment_image(image: tf.Tensor, seed: tf.Tensor, data_cfg, channels: int) -> tf.Tensor:
+    """Random affine warp (rotation, zoom, shift: ``data.rotation/zoom/translate``) of all
+    channels, then gamma, contrast and brightness (``data.gamma/contrast/brightness``) of the
+    first ``channels`` (the image; further channels, the box mask, only move with the warp),
+    of one image (``augment_batch`` with the parameters ``draw_warp_and_intensity`` draws;
+    no flips).
+
+    Stateless: the same ``seed`` (int [2]) gives the same result, eagerly and in tf.data.
+    Values stay in [0, 1]; areas shifted in from outside the image are black (0).
+    """
+    params = params_vector(draw_warp_and_intensity(seed, data_cfg))
+    no_flips = dataclasses.replace(data_cfg, flips="none")
+    out = augment_batch(image[None], params[None], no_flips, channels)[0]
+    return tf.ensure_shape(out, image.shape)
 
 
 @dataclass(frozen=True)
 class ImageOp:
-    """A per-image augmentation: ``fn(image, seed, data_cfg, channels) -> image`` on float32
-    [S, S, C (+1 box-mask channel)], applied where ``enabled(data_cfg)``, with stateless seeds
-    from its own stream (the pipeline's seed + ``seed_offset``)."""
+    """A per-image augmentation's draws: ``draw(seed, data_cfg) -> {param: value}`` (names
+    of ``PARAMS``), made for each image where ``enabled(data_cfg)``, with stateless seeds from
+    its own stream (the pipeline's seed + ``seed_offset``), so turning one op on leaves the
+    others' draws unchanged. ``augment_batch`` applies them all, a batch at a time."""
 
     name: str
     enabled: Callable
-    fn: Callable
+    draw: Callable
     seed_offset: int = 0
 
-    def apply_to(self, ds: tf.data.Dataset, data_cfg, channels: int, seed: int):
-        """``ds`` (elements ``(image, *rest)``) with this op on each image."""
-        rng = tf.data.Dataset.random(seed=seed + self.seed_offset, rerandomize_each_iteration=True)
-        return tf.data.Dataset.zip(ds, rng.batch(2)).map(
-            lambda el, s: (self.fn(el[0], s, data_cfg, channels), *el[1:]),
-            num_parallel_calls=AUTOTUNE,
-        )
 
-
-#: The per-image ops, in the order the training pipeline applies them.
+#: The per-image ops, in the order the training pipeline draws (and applies) them.
 IMAGE_OPS = (
-    ImageOp("flip", lambda d: d.flips == "random", lambda x, s, d, c: random_flip(x, s)),
-    ImageOp("warp_and_intensity", augments, augment_image, seed_offset=7919),
+    ImageOp("flip", lambda d: d.flips == "random", draw_flips),
+    ImageOp("warp_and_intensity", augments, draw_warp_and_intensity, seed_offset=7919),
 )
+
+
+def draw_params(ds: tf.data.Dataset, data_cfg, seed: int) -> tf.data.Dataset:
+    """``ds`` (elements ``(image, *rest)``) with each element's augmentation parameters
+    appended (float32 [len(PARAMS)], ``IDENTITY`` where no op is enabled): the draws of every
+    enabled ``IMAGE_OPS`` op, each from its own seeded stream, fresh on every pass."""
+    ops = [op for op in IMAGE_OPS if op.enabled(data_cfg)]
+    streams = [
+        tf.data.Dataset.random(seed=seed + op.seed_offset, rerandomize_each_iteration=True).batch(2)
+        for op in ops
+    ]
+
+    def draw(el, *seeds):
+        el = el if isinstance(el, tuple) else (el,)
+        values = {}
+        for op, s in zip(ops, seeds, strict=True):
+            values.update(op.draw(s, data_cfg))
+        return (*el, params_vector(values))
+
+    if not ops:
+        return ds.map(lambda *el: (*el, params_vector({})))  # (image, *rest) or image alone
+    return tf.data.Dataset.zip(ds, *streams).map(draw, num_parallel_calls=AUTOTUNE)
 
 
 # --------------------------------------------------------------------------- per batch
@@ -336,6 +502,155 @@ def box_paste(
     return tf.cast(pasted, dtype), tf.cast(y, labels.dtype), tf.cast(union, masks.dtype)
 
 
+def coons_fill_batch(images: tf.Tensor, rects: tf.Tensor, fill: tf.Tensor) -> tf.Tensor:
+    """``images`` [B, S, S, C] with, where ``fill`` [B] (bool), the rectangle ``rects[b]`` =
+    (y0, x0, y1, x1) (int, end exclusive, clamped to the image) replaced by the Coons patch of
+    the pixels just outside it: the smooth surface meeting the surroundings on all four sides
+    (``kerasfrac.explain.occlusion.coons_fill``, the occlusion test's fill, batched)."""
+    x = tf.cast(images, tf.float32)
+    size = tf.shape(x)[1]
+    rects = tf.clip_by_value(tf.cast(rects, tf.int32), 0, size)
+    y0, x0, y1, x1 = tf.unstack(rects, axis=-1)
+    top, bottom = tf.maximum(y0 - 1, 0), tf.minimum(y1, size - 1)
+    left, right = tf.maximum(x0 - 1, 0), tf.minimum(x1, size - 1)
+    t = tf.gather(x, top, axis=1, batch_dims=1)  # [B, S, C]: the row above
+    b = tf.gather(x, bottom, axis=1, batch_dims=1)
+    lft = tf.gather(x, left, axis=2, batch_dims=1)  # [B, S, C]: the column to the left
+    rgt = tf.gather(x, right, axis=2, batch_dims=1)
+    grid = tf.cast(tf.range(size), tf.float32)
+
+    def ramp(v, lo, hi):  # (v - lo) / max(hi - lo, 1), per image
+        lo, hi = tf.cast(lo, tf.float32)[:, None], tf.cast(hi, tf.float32)[:, None]
+        return (v[None] - lo) / tf.maximum(hi - lo, 1.0)
+
+    u = ramp(grid, left, right)[:, None, :, None]  # [B, 1, S, 1]
+    v = ramp(grid, top, bottom)[:, :, None, None]  # [B, S, 1, 1]
+
+    def at(row, col):  # [B, 1, 1, C]
+        return tf.gather(row, col, axis=1, batch_dims=1)[:, None, None, :]
+
+    corners = (
+        (1 - u) * (1 - v) * at(t, left)
+        + u * (1 - v) * at(t, right)
+        + (1 - u) * v * at(b, left)
+        + u * v * at(b, right)
+    )
+    patch = (1 - v) * t[:, None] + v * b[:, None] + (1 - u) * lft[:, :, None] + u * rgt[:, :, None]
+    patch -= corners
+    rows = (grid[None] >= tf.cast(y0, tf.float32)[:, None]) & (
+        grid[None] < tf.cast(y1, tf.float32)[:, None]
+    )
+    cols = (grid[None] >= tf.cast(x0, tf.float32)[:, None]) & (
+        grid[None] < tf.cast(x1, tf.float32)[:, None]
+    )
+    inside = rows[:, :, None, None] & cols[:, None, :, None] & tf.reshape(fill, [-1, 1, 1, 1])
+    return tf.cast(tf.where(inside, patch, x), images.dtype)
+
+
+#: A fracture fill covers the mask's bounding rectangle grown by this share of its side plus
+#: FILL_MARGIN_PX (the occlusion test's margins), so the fracture's ends are inside it.
+FILL_MARGIN = 0.15
+FILL_MARGIN_PX = 2
+
+
+def mask_rects(masks: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """``(rects [B, 4] int32 (y0, x0, y1, x1), has [B] bool)``: the bounding rectangle of
+    each box mask's non-zero pixels ([B, S, S, 1]), grown by ``FILL_MARGIN`` and
+    ``FILL_MARGIN_PX`` and clamped; ``has`` is False for an empty mask."""
+    on = tf.cast(masks, tf.float32)[..., 0] > 0.0
+    size = tf.shape(on)[1]
+    rows, cols = tf.reduce_any(on, axis=2), tf.reduce_any(on, axis=1)  # [B, S]
+
+    def span(any_):
+        lo = tf.argmax(tf.cast(any_, tf.int32), axis=1, output_type=tf.int32)
+        hi = size - tf.argmax(tf.cast(any_[:, ::-1], tf.int32), axis=1, output_type=tf.int32)
+        grow = tf.cast(FILL_MARGIN * tf.cast(hi - lo, tf.float32), tf.int32) + FILL_MARGIN_PX
+        return tf.maximum(lo - grow, 0), tf.minimum(hi + grow, size)
+
+    y0, y1 = span(rows)
+    x0, x1 = span(cols)
+    return tf.stack([y0, x0, y1, x1], axis=-1), tf.reduce_any(rows, axis=1)
+
+
+def fracture_fill_draw(images, masks, labels, rate: float, seed) -> dict:
+    """What ``fracture_fill`` does to each image of one batch, from the stateless ``seed``
+    (``step_seed``): ``chosen`` (probability ``rate``), ``fracture`` (a chosen fractured image
+    with a mask whose fracture is filled: half of them), and every image's ``rect`` (its
+    fracture's grown rectangle where ``fracture``, else a control window of a fracture's size
+    centred on a random pixel at least as bright as the image's mean: on bone, not on the
+    black background, and, in a fractured image, off its fracture)."""
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 4)
+    n = tf.shape(images)[0]
+    size = tf.shape(images)[1]
+    chosen = tf.random.stateless_uniform([n], seeds[0]) < rate
+    rects, has = mask_rects(masks)
+    fractured = tf.cast(labels, tf.float32) > 0.5
+    fracture = chosen & has & fractured & (tf.random.stateless_uniform([n], seeds[1]) < 0.5)
+    # the control's size: the image's own fracture's, else a random fracture's of the batch,
+    # else a tenth of the side
+    sizes = tf.stack([rects[:, 2] - rects[:, 0], rects[:, 3] - rects[:, 1]], axis=-1)
+    donors = tf.where(has)[:, 0]
+    pick = tf.random.stateless_uniform(
+        [n], seeds[2], 0, tf.maximum(tf.shape(donors)[0], 1), tf.int32
+    )
+    default = tf.fill([n, 2], tf.maximum(size // 10, 1))
+    other = tf.cond(
+        tf.size(donors) > 0, lambda: tf.gather(sizes, tf.gather(donors, pick)), lambda: default
+    )
+    hw = tf.where(has[:, None], sizes, other)
+    gray = tf.reduce_mean(tf.cast(images, tf.float32), axis=-1)  # [B, S, S]
+    bright = gray >= tf.reduce_mean(gray, axis=[1, 2], keepdims=True)
+    grid = tf.range(size)
+    near_y = (
+        tf.abs(grid[None] - (rects[:, 0:1] + rects[:, 2:3]) // 2)
+        < (sizes[:, 0:1] + hw[:, 0:1]) // 2
+    )
+    near_x = (
+        tf.abs(grid[None] - (rects[:, 1:2] + rects[:, 3:4]) // 2)
+        < (sizes[:, 1:2] + hw[:, 1:2]) // 2
+    )
+    off = ~(near_y[:, :, None] & near_x[:, None, :] & has[:, None, None])
+    allowed = tf.reshape(bright & off, [n, -1])
+    allowed = tf.where(tf.reduce_any(allowed, 1, keepdims=True), allowed, tf.ones_like(allowed))
+    logits = tf.where(allowed, 0.0, -1e9)
+    centre = tf.random.stateless_categorical(logits, 1, seeds[3], dtype=tf.int32)[:, 0]
+    cy, cx = centre // size, centre % size
+    y0 = tf.clip_by_value(cy - hw[:, 0] // 2, 0, size - hw[:, 0])
+    x0 = tf.clip_by_value(cx - hw[:, 1] // 2, 0, size - hw[:, 1])
+    control = tf.stack([y0, x0, y0 + hw[:, 0], x0 + hw[:, 1]], axis=-1)
+    return {
+        "chosen": chosen,
+        "fracture": fracture,
+        "rect": tf.where(fracture[:, None], rects, control),
+    }
+
+
+def fracture_fill(images, labels, masks, drawn: dict) -> tuple:
+    """Counterfactual fills (``train.fracture_fill``): every chosen image (``drawn``,
+    ``fracture_fill_draw``) has one rectangle Coons-filled (``coons_fill_batch``). Where that
+    rectangle is the image's fracture, the fracture is gone: the label becomes 0 (normal) and
+    the box mask is cleared; elsewhere (controls, in both classes alike) label and mask stay,
+    so that a fill's own trace tells nothing about the label. Returns ``(images, labels,
+    masks)``."""
+    filled = coons_fill_batch(images, drawn["rect"], drawn["chosen"])
+    gone = drawn["fracture"]
+    y = tf.where(gone, tf.zeros_like(tf.cast(labels, tf.float32)), tf.cast(labels, tf.float32))
+    m = tf.where(tf.reshape(gone, [-1, 1, 1, 1]), tf.zeros_like(masks), masks)
+    return filled, tf.cast(y, labels.dtype), m
+
+
+def _fracture_fill_op(batch: dict, rate: float, seed: int, iteration, replica) -> dict:
+    drawn = fracture_fill_draw(
+        batch["image"],
+        batch["box_mask"],
+        batch["label"],
+        rate,
+        step_seed(seed, iteration, replica, salt=130_363),
+    )
+    images, labels, masks = fracture_fill(batch["image"], batch["label"], batch["box_mask"], drawn)
+    return {**batch, "image": images, "label": labels, "box_mask": masks}
+
+
 @dataclass(frozen=True)
 class BatchOp:
     """A per-batch augmentation in the training step: ``fn(batch, value, seed, iteration,
@@ -377,6 +692,7 @@ def _mixup_op(batch: dict, alpha: float, seed: int, iteration, replica) -> dict:
 #: The per-batch ops, in the order the training step applies them.
 BATCH_OPS = (
     BatchOp("box_paste", "pixels", ("box_mask",), _box_paste_op),
+    BatchOp("fracture_fill", "pixels", ("box_mask",), _fracture_fill_op),
     BatchOp("mixup", "targets", (), _mixup_op),
 )
 

@@ -7,8 +7,9 @@ with_ids=True)`` adds the image id for writing predictions.
 Training (split "train", ``training=True``), in this order:
 
     shard files -> interleave -> parse -> [per class: filter] -> decode/grayscale/resize
-      (uint8) -> cache -> float32 -> [flip-expand] -> shuffle -> repeat
-      -> sample_from_datasets (50/50) -> [random flip] -> batch -> prefetch
+      (uint8) -> cache -> [flip-expand] -> shuffle -> repeat -> sample_from_datasets (50/50)
+      -> draw each image's augmentation -> batch -> float32, [flips, warp, intensity] of the
+      whole batch (``augment.augment_batch``) -> prefetch
 
 with ``data.oversample`` on (the report: the minority class is upsampled to the majority's
 size); the stream is infinite and an epoch is ``steps_per_epoch`` batches of
@@ -16,7 +17,8 @@ size); the stream is infinite and an epoch is ``steps_per_epoch`` batches of
 split, shuffled, finite. Evaluation (val/test, or ``training=False``): shards read in order,
 no shuffle, no repeat, no augmentation, the same order as ``tfrecords_builder.read_split``.
 Images stay uint8 up to the cache (a quarter of float32's memory) and become float32 after
-it, so cached and uncached epochs give the model the same tensors (``decode_resize``).
+it (training: a batch at a time, in ``augment_batch``), so cached and uncached epochs give the
+model the same tensors (``decode_resize``).
 
 The pipeline knows no model; the model knows no files.
 """
@@ -33,7 +35,13 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from kerasfrac.data.augment import IMAGE_OPS, box_mask, flip_expand, outline_mask
+from kerasfrac.data.augment import (
+    augment_batch_parts,
+    box_mask,
+    draw_params,
+    flip_expand,
+    outline_mask,
+)
 from kerasfrac.data.decode import decode_resize, image_shape, to_float
 from kerasfrac.names import FLIPS
 from tfrecords_builder import metadata, schema
@@ -452,12 +460,14 @@ def make_dataset(
         steps = steps_per_epoch(build, data_cfg, batch_size)
     else:
         ds, steps = _shuffled_split(records, seed), None
-    for op in IMAGE_OPS:  # after shuffle/repeat, so each pass draws anew
-        if op.enabled(data_cfg):
-            ds = op.apply_to(ds, data_cfg, channels, seed)
-    ds = ds.map(_as_training_dict(channels, with_boxes, with_meta), num_parallel_calls=AUTOTUNE)
+    # Each image's augmentation is drawn after shuffle/repeat (each pass draws anew) and
+    # applied a batch at a time (one op per batch, not one per image: a third of the CPU time).
+    ds = draw_params(ds, data_cfg, seed).batch(batch_size)
+    ds = ds.map(
+        _as_training_dict(data_cfg, channels, with_boxes, with_meta), num_parallel_calls=AUTOTUNE
+    )
     # The infinite training stream has no remainder; prefetch last so the model never waits.
-    return ds.batch(batch_size).prefetch(AUTOTUNE), steps
+    return ds.prefetch(AUTOTUNE), steps
 
 
 @dataclass
@@ -483,7 +493,7 @@ class _Records:
             ds = ds.filter(lambda *el: tf.equal(el[1], label))
             name = f"{self.split}-class{label}{self.tag}"
         ds = ds.map(self.decode, num_parallel_calls=AUTOTUNE)
-        ds = _cache(ds, self.data_cfg, self.build, name)
+        ds = _cache(ds, self.data_cfg, self.build, name, as_float=False)  # augment_batch converts
         return flip_expand(ds) if self.data_cfg.flips == "expand" else ds
 
 
@@ -521,16 +531,18 @@ def _shuffled_split(records: _Records, seed: int) -> tf.data.Dataset:
     return ds.shuffle(records.data_cfg.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
 
 
-def _as_training_dict(channels: int, with_boxes: bool, with_meta: bool):
-    """Element ``(image[+ mask channel], label, id, [box weight], [meta])`` -> the dict the
-    training step reads by name (the box mask rode along as the image's last channel through
-    every geometric op)."""
+def _as_training_dict(data_cfg, channels: int, with_boxes: bool, with_meta: bool):
+    """Batch ``(uint8 image[+ mask channel], label, id, [box weight], [meta], augmentation
+    parameters)`` -> the augmented float32 batch (``augment_batch_parts``) as the dict the
+    training step reads by name (the box mask rode along as the image's last channel up to
+    here, and moves with it in the warp)."""
 
     def as_dict(x, label, image_id, *rest):
-        batch = {"image": x[..., :channels] if with_boxes else x, "label": label}
         rest = list(rest)
+        image, mask = augment_batch_parts(x, rest.pop(), data_cfg, channels)
+        batch = {"image": image, "label": label}
         if with_boxes:
-            batch["box_mask"], batch["box_weight"] = x[..., channels:], rest.pop(0)
+            batch["box_mask"], batch["box_weight"] = mask, rest.pop(0)
         if with_meta:
             batch["meta"] = rest.pop(0)
         return batch

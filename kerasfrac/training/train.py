@@ -173,7 +173,12 @@ def step_options(t) -> dict:
     """The keyword arguments of ``make_train_step`` for its per-batch augmentations, from the
     ``train`` config section (``loss_options`` has the losses'): one place each, so that
     training and ``kerasfrac bench`` run the same step."""
-    return {"mixup_alpha": t.mixup, "box_paste_rate": t.box_paste, "seed": t.seed}
+    return {
+        "mixup_alpha": t.mixup,
+        "box_paste_rate": t.box_paste,
+        "fracture_fill_rate": t.fracture_fill,
+        "seed": t.seed,
+    }
 
 
 def loss_options(t) -> dict:
@@ -287,6 +292,7 @@ def make_train_step(
     meta_loss_weight: float = 0.0,
     mixup_alpha: float = 0.0,
     box_paste_rate: float = 0.0,
+    fracture_fill_rate: float = 0.0,
     seed: int = 0,
     losses: Losses | None = None,
 ):
@@ -299,10 +305,11 @@ def make_train_step(
     The per-batch augmentations (``data.augment.BATCH_OPS``) draw from ``seed``, the
     optimizer's step count and the replica: ``box_paste_rate`` > 0 (``train.box_paste``)
     pastes fracture boxes between the batch's images before the targets are derived (a
-    receiving image's label becomes 1); ``mixup_alpha`` > 0 (``train.mixup``) blends each
-    example with a shuffle of the batch after; the class weight and the reported label are
-    those of the dominant image (lam >= 0.5). ``losses`` (``TrainingTask.build_losses``)
-    replaces the one the loss keywords describe.
+    receiving image's label becomes 1); ``fracture_fill_rate`` > 0 (``train.fracture_fill``)
+    fills fractures (label 0) or control windows (label kept) there too; ``mixup_alpha`` > 0
+    (``train.mixup``) blends each example with a shuffle of the batch after; the class
+    weight and the reported label are those of the dominant image (lam >= 0.5). ``losses``
+    (``TrainingTask.build_losses``) replaces the one the loss keywords describe.
     """
     optimizer = model.optimizer
     losses = losses or Losses.for_model(
@@ -313,7 +320,11 @@ def make_train_step(
         box_loss=box_loss,
         meta_loss_weight=meta_loss_weight,
     )
-    batch_ops = {"box_paste": box_paste_rate, "mixup": mixup_alpha}
+    batch_ops = {
+        "box_paste": box_paste_rate,
+        "fracture_fill": fracture_fill_rate,
+        "mixup": mixup_alpha,
+    }
 
     @tf.function
     def train_step(iterator, stop_flag):
