@@ -1,7 +1,9 @@
 """`kerasfrac bench`: where the time goes, as images per second after warm-up.
 
 - input: the training pipeline alone (no model): uncached (decode from TFRecords every time)
-  and cached (after one epoch filled the cache), with the config's oversampling and flips;
+  and cached (after one epoch filled the cache), with the config's oversampling and flips,
+  and as training reads it (``training_stream``: cached, every augmentation, the heads'
+  targets) with its CPU time per image, what it takes from the step on a shared CPU;
   then kerasfrac's uncached pipeline in evaluation order (``make_eval_dataset``) beside the
   plain keras-io style pipeline a user writes by hand (records -> ``decode_jpeg`` ->
   bilinear resize -> batch) over the same shards of the train split, fresh iterators,
@@ -155,6 +157,17 @@ def bench_input(cfg, steps: int, repeats: int) -> dict:
             _time_batches(it, steps, lambda b: int(b["image"].shape[0])) for _ in range(repeats)
         ]
         out[label] = _spread(rates)
+    _progress("input as training reads it")
+    it, epoch_steps = training_stream(cfg)
+    for _ in range(epoch_steps or steps):  # one epoch fills the cache
+        next(it)
+    rates, cpu = [], []
+    for _ in range(repeats):
+        wall, start = time.perf_counter(), time.process_time()
+        images = sum(int(next(it)["image"].shape[0]) for _ in range(steps))
+        rates.append(images / (time.perf_counter() - wall))
+        cpu.append(images / (time.process_time() - start))
+    out["training"] = {**_spread(rates), "images_per_cpu_second": statistics.median(cpu)}
     return out
 
 
@@ -528,7 +541,11 @@ def table(result: dict) -> str:
 
     for k, v in result.get("input", {}).items():
         ratio = result.get("input_over_train", {}).get(k)
-        add(f"input {k}", v, f"{ratio:.1f}x the train step" if ratio else "")
+        note = f"{ratio:.1f}x the train step" if ratio else ""
+        if "images_per_cpu_second" in v:
+            cost = f"{1000 / v['images_per_cpu_second']:.1f} ms of CPU per image"
+            note = f"{note}; {cost}" if note else cost
+        add(f"input {k}", v, note)
     if "input_vs_plain" in result:
         p = result["input_vs_plain"]
         add("input plain keras-io", p["plain keras-io"], "decode_jpeg + bilinear, same shards")

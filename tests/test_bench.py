@@ -38,7 +38,9 @@ def test_bench_reports_positive_figures(tmp_path, separable_tfrecord_dir):
     if os.environ.get(kernels.ENV) is None:  # the bench asks oneDNN only for the fast rows
         assert fast["onednn"] is True and isinstance(plain["onednn"], bool)  # TF says which
     assert result["config"]["fast"] is True
-    assert set(result["input_over_train"]) == {"uncached", "cached"}
+    assert set(result["input_over_train"]) == {"uncached", "cached", "training"}
+    # the stream as training reads it, with its CPU time per image
+    assert result["input"]["training"]["images_per_cpu_second"] > 0
     # kerasfrac's uncached input beside the plain keras-io pipeline, same shards, same run
     vs = result["input_vs_plain"]
     for figure in (vs["kerasfrac"], vs["plain keras-io"]):
@@ -70,6 +72,7 @@ def test_bench_reports_positive_figures(tmp_path, separable_tfrecord_dir):
         "input cached" in text and "train fast mixed_bfloat16" in text and "plain float32" in text
     )
     assert f"{fit['epoch_images']} img/epoch" in text and "min for 5 epochs" in text
+    assert "input training" in text and "ms of CPU per image" in text
     assert "input plain keras-io" in text and f"{vs['ratio']:.2f}x the plain pipeline" in text
     assert "cache: 1,024 bytes per image (uint8; float32 would be 4,096)" in text
 

@@ -156,3 +156,36 @@ def test_train_step_with_box_paste_trains_on_the_pasted_images_and_labels():
     p = np.asarray(m(px, training=True)[0]).ravel()  # lr 0: the step's weights
     np.testing.assert_allclose(probs.numpy(), p, rtol=1e-4, atol=1e-6)
     assert not np.allclose(p, np.asarray(m(images, training=True)[0]).ravel(), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_train_step_with_fracture_fill_trains_on_the_filled_images_and_labels():
+    m = _compiled("resnet_small", box_head=True, size=64)
+    strategy = tf.distribute.get_strategy()
+    rng = np.random.default_rng(4)
+    images = rng.random((8, 64, 64, 1), dtype="float32")
+    labels = np.array([1, 0] * 4, "float32")
+    masks = np.zeros((8, 64, 64, 1), "float32")
+    masks[0::2, 20:30, 24:40] = 1.0  # every fractured image has a fracture
+    weights = np.ones(8, "float32")
+    batch = tf.data.Dataset.from_tensors(
+        {"image": images, "label": labels, "box_mask": masks, "box_weight": weights}
+    ).repeat()
+    step = train.make_train_step(m, strategy, 8, fracture_fill_rate=1.0, seed=5)
+    iteration = int(m.optimizer.iterations.numpy())
+    loss, probs, y, _ = step(iter(batch), tf.constant(0))
+    drawn = augment.fracture_fill_draw(
+        tf.constant(images),
+        tf.constant(masks),
+        tf.constant(labels),
+        1.0,
+        augment.step_seed(5, iteration, 0, salt=130_363),
+    )
+    fx, fy, _ = augment.fracture_fill(tf.constant(images), tf.constant(labels), masks, drawn)
+    gone = drawn["fracture"].numpy()
+    assert gone.any() and not gone.all()
+    np.testing.assert_array_equal(y.numpy(), np.where(gone, 0.0, labels))  # reported labels
+    np.testing.assert_array_equal(fy.numpy(), y.numpy())
+    p = np.asarray(m(fx, training=True)[0]).ravel()  # lr 0: the step's weights
+    np.testing.assert_allclose(probs.numpy(), p, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(p, np.asarray(m(images, training=True)[0]).ravel(), atol=1e-6)
