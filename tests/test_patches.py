@@ -1,0 +1,60 @@
+"""kerasfrac.explain.patches: the patch study's crops (fracture against control, from the same
+images) and its probe, which must learn a fracture that is drawn and not one that is not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kerasfrac.explain import patches
+
+
+@pytest.fixture(scope="module")
+def phantom_builds(tmp_path_factory):
+    from tfrecords_builder.build import BuildOptions, build
+    from tfrecords_builder.datasets import synthetic
+
+    out = {}
+    for name, strength in (("drawn", 1.0), ("faint", 0.05)):
+        root = tmp_path_factory.mktemp(f"patches-{name}")
+        synthetic.generate(
+            root / "raw",
+            count=120,
+            fractured_fraction=0.5,
+            image_size=64,
+            seed=5,
+            line_strength=strength,
+        )
+        build("synthetic", root / "raw", root / "tfr", BuildOptions(progress=False, shards=1))
+        out[name] = root / "tfr"
+    return out
+
+
+def test_crops_pair_each_fracture_with_a_control_from_the_same_image(phantom_builds):
+    c = patches.crops(phantom_builds["drawn"], "train", 64)
+    p = patches.patch_size(64)
+    assert c["x"].shape[1:] == (p, p, 1) and c["x"].dtype == np.float32
+    assert set(np.unique(c["y"])) == {0, 1}
+    for image_id in np.unique(c["group"]):  # as many controls as fractures, image by image
+        y = c["y"][c["group"] == image_id]
+        assert (y == 1).sum() == (y == 0).sum() >= 1
+
+
+@pytest.mark.slow
+def test_the_probe_learns_a_drawn_fracture_and_not_a_faint_one(phantom_builds):
+    drawn = patches.study(phantom_builds["drawn"], 64, epochs=10, seed=0)
+    faint = patches.study(phantom_builds["faint"], 64, epochs=10, seed=0)
+    assert drawn["auroc"] >= 0.8, drawn
+    assert drawn["auroc"] - faint["auroc"] >= 0.15, (drawn, faint)
+    assert drawn["eval_split"] == "val" and drawn["eval_crops"] > 0 and drawn["ci95"] is not None
+
+
+def test_crop_maps_score_each_crop_as_cut_out():
+    model = patches.probe(12, seed=1)
+    images = np.random.default_rng(2).random((2, 40, 40, 1)).astype("float32")
+    maps = patches.crop_maps(model, images, stride=8)
+    assert maps.shape == (2, 4, 4)  # (40 - 12) // 8 + 1 places a side
+    for b, i, j in ((0, 0, 0), (1, 2, 3), (0, 3, 1)):
+        crop = images[b : b + 1, 8 * i : 8 * i + 12, 8 * j : 8 * j + 12]
+        want = float(model.predict(crop, verbose=0)[0, 0])
+        assert maps[b, i, j] == pytest.approx(want, abs=1e-5)
