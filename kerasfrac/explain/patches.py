@@ -232,7 +232,7 @@ def image_study(
     one round of hard-negative mining first (the ``mined_per_image`` highest-scoring crops of
     ``mine`` normal training images join the negatives, and the probe trains on for half the
     epochs). Returns its image AUROC beside the no-anatomy baseline, overall and within body
-    region and hands (``evaluate.baseline_comparison``)."""
+    region and hands (``evaluate.baseline_comparison``), and each image's score by id."""
     from kerasfrac import config, data
     from kerasfrac.evaluation import evaluate
 
@@ -280,6 +280,7 @@ def image_study(
         "train_crops": int(train["y"].size),
         "mined_negatives": mined,
         "comparison": comparison,
+        "scores": dict(zip(ids, np.concatenate(scores).astype(float).tolist(), strict=True)),
         "seconds": round(time.perf_counter() - start, 1),
     }
 
