@@ -363,3 +363,31 @@ def test_fracture_fill_needs_the_box_head():
         overrides=["model.name=resnet_small", "model.box_head=true", "train.fracture_fill=0.5"]
     )
     assert train.step_options(cfg.train)["fracture_fill_rate"] == 0.5
+
+
+@pytest.mark.parametrize("oversample", [True, False])
+def test_skipped_batches_are_drawn_not_augmented_and_the_stream_goes_on_unchanged(
+    synthetic_build, oversample
+):
+    """A resumed run's stream (``skip_batches``) is the uninterrupted stream from that batch
+    on, augmentation and box masks included, across epoch ends (``repeat``)."""
+    cfg = _aug_cfg(flips="random", rotation=10, zoom=0.1, gamma=0.2, oversample=oversample)
+
+    def stream(skip):
+        ds, _ = data.make_dataset(
+            synthetic_build,
+            "train",
+            cfg,
+            8,
+            seed=3,
+            with_boxes=True,
+            repeat=True,
+            skip_batches=skip,
+        )
+        return [b for b in ds.take(8)]
+
+    whole, resumed = stream(0), stream(5)
+    for a, b in zip(whole[5:], resumed, strict=False):
+        for key in ("image", "label", "box_mask", "box_weight"):
+            np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())
+    assert not np.array_equal(whole[0]["image"].numpy(), resumed[0]["image"].numpy())

@@ -35,6 +35,7 @@ def test_crops_pair_each_fracture_with_a_control_from_the_same_image(phantom_bui
     p = patches.patch_size(64)
     assert c["x"].shape[1:] == (p, p, 1) and c["x"].dtype == np.float32
     assert set(np.unique(c["y"])) == {0, 1}
+    assert len(c["region"]) == len(c["y"])
     for image_id in np.unique(c["group"]):  # as many controls as fractures, image by image
         y = c["y"][c["group"] == image_id]
         assert (y == 1).sum() == (y == 0).sum() >= 1

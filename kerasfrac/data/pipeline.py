@@ -411,6 +411,8 @@ def make_dataset(
     with_boxes: bool = False,
     with_meta: bool = False,
     box_target: str = "box",
+    repeat: bool = False,
+    skip_batches: int = 0,
 ) -> tuple[tf.data.Dataset, int | None]:
     """``(dataset of batches, steps_per_epoch or None)``; a training batch is a dict
     ``{"image", "label"}``.
@@ -422,6 +424,11 @@ def make_dataset(
     plus ``meta``, the ``META_TARGETS`` columns, float32 [B, len(META_TARGETS)], -1 where
     unknown (a build whose metadata lives in metadata.csv: its own targets,
     ``tfrecords_builder.metadata.targets``).
+
+    ``repeat``: the finite stream (no oversampling) repeated, epoch after epoch, each
+    reshuffled (the oversampled stream is infinite already). ``skip_batches``: the stream from
+    its batch ``skip_batches`` on, exactly as it would have gone on (a resumed run); the
+    skipped batches are drawn but not augmented, so skipping costs a fraction of training.
 
     ``training`` defaults to ``split == "train"``. Training with ``data_cfg.oversample``
     gives an infinite, class-balanced stream and its steps per epoch; without, the finite
@@ -463,6 +470,10 @@ def make_dataset(
     # Each image's augmentation is drawn after shuffle/repeat (each pass draws anew) and
     # applied a batch at a time (one op per batch, not one per image: a third of the CPU time).
     ds = draw_params(ds, data_cfg, seed).batch(batch_size)
+    if repeat and not data_cfg.oversample:
+        ds = ds.repeat()  # after batching: each epoch ends on its own last batch, as before
+    if skip_batches:
+        ds = ds.skip(skip_batches)  # before the augmentation, a pure function of its draws
     ds = ds.map(
         _as_training_dict(data_cfg, channels, with_boxes, with_meta), num_parallel_calls=AUTOTUNE
     )

@@ -50,7 +50,8 @@ def _crop(image: np.ndarray, cy: float, cx: float, p: int) -> tuple[np.ndarray, 
 def crops(
     build_dir, split: str, image_size: int, resize: str = "pad", normals: int = 0, seed: int = 0
 ) -> dict:
-    """``{"x" [N, p, p, 1] float32, "y" [N], "group" [N] (image id)}``: every box's crop
+    """``{"x" [N, p, p, 1] float32, "y" [N], "group" [N] (image id), "region" [N] (the
+    image's body region, ``metrics.body_region``; None without region columns)}``: every box's crop
     (1) and one control crop per box from the same image (0), of the fractured images of
     ``split`` that have boxes; with ``normals``, also that many crops at random places of each
     normal image (0: anywhere, borders and letters included, as a scan of the whole image
@@ -97,7 +98,17 @@ def crops(
             f"the {split!r} split of {str(build_dir)!r} has no fractured image with fracture "
             "boxes: the patch study needs a build with boxes (FracAtlas, or --boxes)"
         )
-    return {"x": np.stack(xs).astype("float32"), "y": np.array(ys), "group": np.array(groups)}
+    from kerasfrac.evaluation.metrics import body_region
+
+    regions = body_region(records.meta)
+    at = {image_id: k for k, image_id in enumerate(records.ids)}
+    region = [None if regions is None else regions[at[g]] for g in groups]
+    return {
+        "x": np.stack(xs).astype("float32"),
+        "y": np.array(ys),
+        "group": np.array(groups),
+        "region": np.array(region, dtype=object),
+    }
 
 
 def probe(p: int, seed: int = 0):
@@ -153,6 +164,11 @@ def study(
     scores = model.predict(test["x"], batch_size=64, verbose=0).ravel()
     ci = metrics.auroc_ci(test["y"], scores, groups=test["group"])
     fit = model.predict(train["x"], batch_size=64, verbose=0).ravel()
+    by_region = {}
+    for region in sorted({r for r in test["region"] if r is not None}):
+        keep = test["region"] == region
+        r = metrics.auroc_ci(test["y"][keep], scores[keep], groups=test["group"][keep])
+        by_region[region] = {"auroc": r["auroc"], "ci95": r["ci95"], "crops": int(keep.sum())}
     return {
         "image_size": image_size,
         "patch": p,
@@ -166,6 +182,7 @@ def study(
         "train_auroc": metrics.auroc(train["y"], fit),
         "auroc": ci["auroc"],
         "ci95": ci["ci95"],
+        "by_region": by_region,
         "seconds": round(time.perf_counter() - start, 1),
     }
 
@@ -328,6 +345,12 @@ def main(argv=None) -> int:
             f"{r['seconds']:.0f} s",
             flush=True,
         )
+        for region, v in r["by_region"].items():
+            lo, hi = v["ci95"] or (float("nan"), float("nan"))
+            print(
+                f"  {region}: {v['auroc']:.3f} [{lo:.3f}, {hi:.3f}] on {v['crops']} crops",
+                flush=True,
+            )
         results.append(r)
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))

@@ -509,7 +509,7 @@ class TrainingTask:
             print(f"precision: {t.precision} -> {precision}", flush=True)
         keras.mixed_precision.set_global_policy(precision)
 
-        train_ds = self.build_inputs()
+        stream = self.build_inputs()
         self.model, self.partial = self.build_model()
         if self.chief:
             if self.state is None:  # state.json first: from here on a kill leaves a resumable run
@@ -518,7 +518,7 @@ class TrainingTask:
             if self.state is None:
                 _log_hparams(run_dir, cfg)
             _print_kernels(self.model, t.fast, self.verbose)
-        self.train_iter = self.distribute_inputs(train_ds)
+        self.train_iter = self.distribute_inputs(stream)
         self.train_step = make_train_step(
             self.model,
             self.strategy,
@@ -544,27 +544,33 @@ class TrainingTask:
         weights = class_weights(self.cfg, self.build)
         return Losses.for_model(self.model, weights=weights, **loss_options(self.cfg.train))
 
-    def build_inputs(self) -> tf.data.Dataset:
-        """The infinite training stream (returned), ``self.steps`` per epoch and the
-        validation batches ``self.val_ds``."""
+    def build_inputs(self):
+        """``stream(skip_batches) -> the infinite training stream from that batch on``
+        (returned), ``self.steps`` per epoch and the validation batches ``self.val_ds``."""
         cfg, t = self.cfg, self.cfg.train
-        train_ds, steps = data.make_dataset(
-            self.build,
-            "train",
-            cfg.data,
-            self.global_batch,
-            t.seed,
-            training=True,
-            with_boxes=cfg.model.box_head,
-            with_meta=cfg.model.meta_head,
-            box_target=cfg.train.box_target,
-        )
+        steps = data.steps_per_epoch(self.build, cfg.data, self.global_batch)
         if steps is None:  # no oversampling: one pass over the (expanded) split per epoch
             steps = math.ceil(data.epoch_images(self.build, cfg.data) / self.global_batch)
-            train_ds = train_ds.repeat()
         self.steps = t.steps_per_epoch or steps
+
+        def stream(skip_batches: int = 0) -> tf.data.Dataset:
+            return data.make_dataset(
+                self.build,
+                "train",
+                cfg.data,
+                self.global_batch,
+                t.seed,
+                training=True,
+                with_boxes=cfg.model.box_head,
+                with_meta=cfg.model.meta_head,
+                box_target=cfg.train.box_target,
+                repeat=True,
+                skip_batches=skip_batches,
+            )[0]
+
+        stream(0)  # the build's checks (boxes, metadata, batch size) before any model is built
         self.val_ds = data.make_eval_dataset(self.build, "val", cfg.data, self.global_batch)
-        return train_ds
+        return stream
 
     def build_model(self):
         """``(model, partial epoch)``: the checkpoint's model to resume, or a new compiled
@@ -604,16 +610,17 @@ class TrainingTask:
             optimizer.build(model.trainable_variables)
         return model, partial
 
-    def distribute_inputs(self, train_ds: tf.data.Dataset):
-        """An iterator over global batches of the training stream, from where it stopped.
+    def distribute_inputs(self, stream):
+        """An iterator over global batches of the training stream (``stream(skip_batches)``,
+        ``build_inputs``), from where it stopped.
 
         The training stream is a pure function of the seed: a resumed run skips the batches
-        the interrupted one consumed and then sees exactly the batches it would have seen.
+        the interrupted one consumed (drawn, not augmented: ``data.make_dataset``'s
+        ``skip_batches``) and then sees exactly the batches it would have seen.
         DATA sharding: every worker reads the (cached) stream and keeps its share of each
         global batch; file sharding could leave a worker without one class in a small split.
         """
-        done = self.initial_epoch * self.steps + self.initial_step
-        train_ds = train_ds.skip(done) if done else train_ds
+        train_ds = stream(self.initial_epoch * self.steps + self.initial_step)
         options = tf.data.Options()
         policy = tf.data.experimental.AutoShardPolicy.DATA
         options.experimental_distribute.auto_shard_policy = policy
