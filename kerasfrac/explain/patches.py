@@ -141,6 +141,15 @@ def _augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def _train(model, x: np.ndarray, y: np.ndarray, epochs: int, rng: np.random.Generator) -> None:
+    """``epochs`` passes over the crops, each freshly flipped and turned (``_augment``), the
+    classes weighted to count alike (1 and 1 where they are balanced already)."""
+    pos = float(y.mean())
+    weights = {0: 0.5 / (1 - pos), 1: 0.5 / pos}
+    for _ in range(epochs):
+        model.fit(_augment(x, rng), y, batch_size=32, epochs=1, verbose=0, class_weight=weights)
+
+
 def study(
     build_dir,
     image_size: int,
@@ -159,8 +168,7 @@ def study(
     p = patch_size(image_size)
     model = probe(p, seed)
     rng = np.random.default_rng(seed)
-    for _ in range(epochs):
-        model.fit(_augment(train["x"], rng), train["y"], batch_size=32, epochs=1, verbose=0)
+    _train(model, train["x"], train["y"], epochs, rng)
     scores = model.predict(test["x"], batch_size=64, verbose=0).ravel()
     ci = metrics.auroc_ci(test["y"], scores, groups=test["group"])
     fit = model.predict(train["x"], batch_size=64, verbose=0).ravel()
@@ -258,23 +266,14 @@ def image_study(
     model = probe(patch_size(image_size), seed)
     rng = np.random.default_rng(seed)
     cfg = config.DataConfig(dir=str(build_dir), image_size=image_size, resize=resize)
-
-    def fit(x, y, n_epochs):
-        pos = y.mean()
-        weights = {0: 0.5 / (1 - pos), 1: 0.5 / pos}
-        for _ in range(n_epochs):
-            model.fit(_augment(x, rng), y, batch_size=32, epochs=1, verbose=0, class_weight=weights)
-
-    fit(train["x"], train["y"], epochs)
+    _train(model, train["x"], train["y"], epochs, rng)
     mined = 0
     if mine:
         hard = _hard_negatives(model, build_dir, cfg, mine, mined_per_image, rng)
         mined = len(hard)
-        fit(
-            np.concatenate([train["x"], hard]),
-            np.concatenate([train["y"], 0 * hard[:, 0, 0, 0]]),
-            max(1, epochs // 2),
-        )
+        x = np.concatenate([train["x"], hard])
+        y = np.concatenate([train["y"], np.zeros(len(hard), train["y"].dtype)])
+        _train(model, x, y, max(1, epochs // 2), rng)
     ds = data.make_eval_dataset(build_dir, eval_split, cfg, 32, with_ids=True)
     ids, labels, scores = [], [], []
     for batch in ds:
