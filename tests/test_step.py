@@ -129,19 +129,25 @@ def test_train_step_with_mixup_trains_on_blended_targets():
     assert np.abs(lam2.numpy() - lam).max() > 1e-3
 
 
-@pytest.mark.slow
-def test_train_step_with_box_paste_trains_on_the_pasted_images_and_labels():
-    m = _compiled("resnet_small", box_head=True, size=64)
-    strategy = tf.distribute.get_strategy()
-    rng = np.random.default_rng(3)
-    images = rng.random((8, 64, 64, 1), dtype="float32")
+def _boxed_batch(seed: int, box) -> tuple:
+    """``(images, labels, masks, repeated batch dataset)``: 8 random 64 px images, every other
+    one fractured with a box mask over ``box`` (a [rows, cols] slice), box weights 1."""
+    images = np.random.default_rng(seed).random((8, 64, 64, 1), dtype="float32")
     labels = np.array([1, 0] * 4, "float32")
     masks = np.zeros((8, 64, 64, 1), "float32")
-    masks[0::2, 8:30, 34:60] = 1.0  # every fractured image has a box
+    masks[(np.s_[0::2], *box)] = 1.0
     weights = np.ones(8, "float32")
     batch = tf.data.Dataset.from_tensors(
         {"image": images, "label": labels, "box_mask": masks, "box_weight": weights}
     ).repeat()
+    return images, labels, masks, batch
+
+
+@pytest.mark.slow
+def test_train_step_with_box_paste_trains_on_the_pasted_images_and_labels():
+    m = _compiled("resnet_small", box_head=True, size=64)
+    strategy = tf.distribute.get_strategy()
+    images, labels, masks, batch = _boxed_batch(3, np.s_[8:30, 34:60])
     step = train.make_train_step(m, strategy, 8, box_paste_rate=1.0, seed=3)
     iteration = int(m.optimizer.iterations.numpy())
     loss, probs, y, _ = step(iter(batch), tf.constant(0))
@@ -162,15 +168,7 @@ def test_train_step_with_box_paste_trains_on_the_pasted_images_and_labels():
 def test_train_step_with_fracture_fill_trains_on_the_filled_images_and_labels():
     m = _compiled("resnet_small", box_head=True, size=64)
     strategy = tf.distribute.get_strategy()
-    rng = np.random.default_rng(4)
-    images = rng.random((8, 64, 64, 1), dtype="float32")
-    labels = np.array([1, 0] * 4, "float32")
-    masks = np.zeros((8, 64, 64, 1), "float32")
-    masks[0::2, 20:30, 24:40] = 1.0  # every fractured image has a fracture
-    weights = np.ones(8, "float32")
-    batch = tf.data.Dataset.from_tensors(
-        {"image": images, "label": labels, "box_mask": masks, "box_weight": weights}
-    ).repeat()
+    images, labels, masks, batch = _boxed_batch(4, np.s_[20:30, 24:40])
     step = train.make_train_step(m, strategy, 8, fracture_fill_rate=1.0, seed=5)
     iteration = int(m.optimizer.iterations.numpy())
     loss, probs, y, _ = step(iter(batch), tf.constant(0))
