@@ -198,6 +198,10 @@ def test_box_run_saves_its_selected_epoch_with_the_box_head(tmp_path, synthetic_
     assert both["audit"]["cam_method"] != "boxmap"
     assert both["box_map_audit"]["cam_method"] == "boxmap"
     assert both["box_map_audit"]["pointing_game"] == game
+    # the Grad-CAM figure of a run with a box head shows the box map beside it
+    explain.explain_run(run_dir, ExplainOptions(what=("grad-cam",)), log=lambda *a: None)
+    assert (run_dir / "explain" / "grad_cam.png").is_file()
+    assert (run_dir / "explain" / "boxmap.png").is_file()
     from kerasfrac.explain.run import verdict
 
     assert "box heat map" in verdict(both)

@@ -755,9 +755,12 @@ def _explain_run(run_dir: Path, opts: ExplainOptions, image_files, out, model_pa
 
 
 def _box_model(run_dir: Path, opts: ExplainOptions, model_path) -> keras.Model | None:
-    """The run's box_model.keras (classifier plus box or mask head) where the audit runs on
-    the classifier's own map: one audit then localises both maps."""
-    if "audit" not in opts.what or opts.cam_method == "boxmap" or model_path is not None:
+    """The run's box_model.keras (classifier plus box or mask head) where the Grad-CAM
+    figure and the audit show the classifier's own map: both then show the box or mask map
+    beside it (``boxmap.png``; the audit localises both)."""
+    if not {"audit", "grad-cam"} & set(opts.what):
+        return None
+    if opts.cam_method == "boxmap" or model_path is not None:
         return None
     if not runs.box_model_path(run_dir).is_file():
         return None
@@ -862,7 +865,22 @@ def _grad_cam_part(ctx: _Context, result: dict) -> list[Path]:
         f"{ctx.figure_name}: {gradcam.map_kind(ctx.cam.method)} ({target} class)",
         gradcam.map_kind(ctx.cam.method),
     )
-    return [png]
+    if ctx.box_full is None:
+        return [png]
+    # a model with a box or mask head: its own map of the same images beside the classifier's
+    box_cam = gradcam.GradCam(ctx.box_full, None, "boxmap")
+    box_maps, _ = _cams(box_cam, images, [e.label for e in examples], target)
+    kind = gradcam.map_kind("boxmap")
+    box_png = grad_cam_figure(
+        ctx.out / "boxmap.png",
+        images,
+        box_maps,
+        [_title(e, p) for e, p in zip(examples, probs)],
+        [e.boxes for e in examples],
+        f"{ctx.figure_name}: {kind}",
+        kind,
+    )
+    return [png, box_png]
 
 
 def _audit_part(ctx: _Context, result: dict) -> list[Path]:
