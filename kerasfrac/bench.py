@@ -88,16 +88,21 @@ def plain_pipeline(build_dir, split: str, data_cfg, batch_size: int):
     return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(-1)
 
 
-def _rates(make_ds, steps: int) -> tuple[float, float]:
-    """(images per wall second, images per CPU second of this process) over ``steps`` batches
-    of a fresh iterator (startup included, as every epoch of an uncached pipeline pays it)."""
-    it = iter(make_ds().repeat())
+def _iterator_rates(it, steps: int) -> tuple[float, float]:
+    """(images per wall second, images per CPU second of this process) over the next
+    ``steps`` batches of ``it``."""
     wall, cpu = time.perf_counter(), time.process_time()
     images = 0
     for _ in range(steps):
         batch = next(it)  # kerasfrac's batches are dicts, the plain pipeline's tuples
         images += int((batch["image"] if isinstance(batch, dict) else batch[0]).shape[0])
     return images / (time.perf_counter() - wall), images / (time.process_time() - cpu)
+
+
+def _rates(make_ds, steps: int) -> tuple[float, float]:
+    """``_iterator_rates`` of a fresh iterator (startup included, as every epoch of an
+    uncached pipeline pays it)."""
+    return _iterator_rates(iter(make_ds().repeat()), steps)
 
 
 def bench_input_vs_plain(cfg, steps: int, repeats: int) -> dict:
@@ -161,13 +166,8 @@ def bench_input(cfg, steps: int, repeats: int) -> dict:
     it, epoch_steps = training_stream(cfg)
     for _ in range(epoch_steps or steps):  # one epoch fills the cache
         next(it)
-    rates, cpu = [], []
-    for _ in range(repeats):
-        wall, start = time.perf_counter(), time.process_time()
-        images = sum(int(next(it)["image"].shape[0]) for _ in range(steps))
-        rates.append(images / (time.perf_counter() - wall))
-        cpu.append(images / (time.process_time() - start))
-    out["training"] = {**_spread(rates), "images_per_cpu_second": statistics.median(cpu)}
+    rates, cpu = zip(*(_iterator_rates(it, steps) for _ in range(repeats)), strict=True)
+    out["training"] = {**_spread(list(rates)), "images_per_cpu_second": statistics.median(cpu)}
     return out
 
 

@@ -537,18 +537,19 @@ def coons_fill_batch(images: tf.Tensor, rects: tf.Tensor, fill: tf.Tensor) -> tf
     )
     patch = (1 - v) * t[:, None] + v * b[:, None] + (1 - u) * lft[:, :, None] + u * rgt[:, :, None]
     patch -= corners
-    rows = (grid[None] >= tf.cast(y0, tf.float32)[:, None]) & (
-        grid[None] < tf.cast(y1, tf.float32)[:, None]
-    )
-    cols = (grid[None] >= tf.cast(x0, tf.float32)[:, None]) & (
-        grid[None] < tf.cast(x1, tf.float32)[:, None]
-    )
+
+    def within(lo, hi):  # [B, S]: lo <= index < hi, per image
+        index = tf.range(size)[None]
+        return (index >= lo[:, None]) & (index < hi[:, None])
+
+    rows, cols = within(y0, y1), within(x0, x1)
     inside = rows[:, :, None, None] & cols[:, None, :, None] & tf.reshape(fill, [-1, 1, 1, 1])
     return tf.cast(tf.where(inside, patch, x), images.dtype)
 
 
 #: A fracture fill covers the mask's bounding rectangle grown by this share of its side plus
-#: FILL_MARGIN_PX (the occlusion test's margins), so the fracture's ends are inside it.
+#: FILL_MARGIN_PX, so the fracture's ends are inside it; the occlusion test grows its boxes
+#: by the same (``kerasfrac.explain.occlusion.MARGIN``).
 FILL_MARGIN = 0.15
 FILL_MARGIN_PX = 2
 

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from kerasfrac.data.augment import FILL_MARGIN, FILL_MARGIN_PX
+
 #: Each box is grown by this fraction of its side (and MARGIN_PX) before it is filled, so that
-#: the fracture's ends lie inside the fill, not on the border it is interpolated from.
-MARGIN = 0.15
-MARGIN_PX = 2
+#: the fracture's ends lie inside the fill, not on the border it is interpolated from: the
+#: margins of training's counterfactual fills (``train.fracture_fill``), one setting for both.
+MARGIN = FILL_MARGIN
+MARGIN_PX = FILL_MARGIN_PX
 #: Control windows are searched on a grid of this many pixels.
 STRIDE = 2
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import keras
@@ -782,9 +782,15 @@ class _Context:
     split_name: str
     cam: gradcam.GradCam | None
     log: object
-    #: The model with its box (or mask) head where the run saved one and the audit runs on
-    #: the classifier's map: the audit then also scores the box heat map.
+    #: The model with its box (or mask) head where the run saved one and the Grad-CAM figure
+    #: and the audit show the classifier's map: both then also show the box heat map
+    #: (``box_cam``, made once for both).
     box_full: keras.Model | None = None
+    box_cam: gradcam.GradCam | None = field(init=False, default=None)
+
+    def __post_init__(self):
+        if self.box_full is not None:
+            self.box_cam = gradcam.GradCam(self.box_full, None, "boxmap")
 
     def images(self) -> np.ndarray | None:
         """The examples' images as one array (stacked anew: call once per part)."""
@@ -854,33 +860,22 @@ def _feature_maps_part(ctx: _Context, result: dict) -> list[Path]:
 def _grad_cam_part(ctx: _Context, result: dict) -> list[Path]:
     examples, target = ctx.examples, ctx.opts.cam_target
     images = ctx.images()
-    maps, logits = _cams(ctx.cam, images, [e.label for e in examples], target)
+    labels = [e.label for e in examples]
+    maps, logits = _cams(ctx.cam, images, labels, target)
     probs = 1 / (1 + np.exp(-logits))
-    png = grad_cam_figure(
-        ctx.out / "grad_cam.png",
-        images,
-        maps,
-        [_title(e, p) for e, p in zip(examples, probs)],
-        [e.boxes for e in examples],
-        f"{ctx.figure_name}: {gradcam.map_kind(ctx.cam.method)} ({target} class)",
-        gradcam.map_kind(ctx.cam.method),
-    )
-    if ctx.box_full is None:
-        return [png]
-    # a model with a box or mask head: its own map of the same images beside the classifier's
-    box_cam = gradcam.GradCam(ctx.box_full, None, "boxmap")
-    box_maps, _ = _cams(box_cam, images, [e.label for e in examples], target)
-    kind = gradcam.map_kind("boxmap")
-    box_png = grad_cam_figure(
-        ctx.out / "boxmap.png",
-        images,
-        box_maps,
-        [_title(e, p) for e, p in zip(examples, probs)],
-        [e.boxes for e in examples],
-        f"{ctx.figure_name}: {kind}",
-        kind,
-    )
-    return [png, box_png]
+    titles = [_title(e, p) for e, p in zip(examples, probs)]
+    boxes = [e.boxes for e in examples]
+
+    def figure(name: str, cam_maps, method: str, suffix: str = "") -> Path:
+        kind = gradcam.map_kind(method)
+        title = f"{ctx.figure_name}: {kind}{suffix}"
+        return grad_cam_figure(ctx.out / name, images, cam_maps, titles, boxes, title, kind)
+
+    pngs = [figure("grad_cam.png", maps, ctx.cam.method, f" ({target} class)")]
+    if ctx.box_full is not None:
+        # a model with a box or mask head: its own map of the same images beside the classifier's
+        pngs.append(figure("boxmap.png", _cams(ctx.box_cam, images, labels, target)[0], "boxmap"))
+    return pngs
 
 
 def _audit_part(ctx: _Context, result: dict) -> list[Path]:
@@ -898,9 +893,8 @@ def _audit_part(ctx: _Context, result: dict) -> list[Path]:
     ctx.log(summary(audit))
     if ctx.box_full is not None and audit["pointing_game"]["available"]:
         # the box (or mask) head's own map, localised on the same images
-        box_cam = gradcam.GradCam(ctx.box_full, None, "boxmap")
         box_audit, box_means = audit_split(
-            ctx.box_full, ctx.cfg.data, ctx.build, opts.split, opts, box_cam
+            ctx.box_full, ctx.cfg.data, ctx.build, opts.split, opts, ctx.box_cam
         )
         result["box_map_audit"] = box_audit
         if box_means:
