@@ -3,6 +3,8 @@ and in tf.data, masks moving with their image), and the per-batch ops (mixup, bo
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -255,12 +257,22 @@ def _reference_augment(image, flip_seed, warp_seed, cfg, channels):
     return tf.concat([x, rest], -1)
 
 
+@pytest.mark.parametrize("warp", ["opencv", "tensorflow"])
 @pytest.mark.parametrize("flips", ["random", "none"])
-def test_batched_augmentation_equals_the_per_image_reference(flips):
+def test_batched_augmentation_equals_the_per_image_reference(flips, warp, monkeypatch):
     """``draw_params`` + ``augment_batch`` (flips folded into one warp per image, gamma as
     exp(g log x), a batch per op, empty masks left alone) give what flipping, warping and
-    recolouring each image on its own gives, from the same seeds: within 1e-4 on every pixel,
-    image and mask channel."""
+    recolouring each image on its own with TensorFlow's kernels gives, from the same seeds:
+    within 1e-4 on every pixel, image and mask channel, with TensorFlow's warp; with
+    OpenCV's (on the cache's uint8, rounded to whole grey levels before the conversion)
+    within what the warp's rounding (``test_opencv_warp_equals_tensorflows``: 0.6 of a
+    grey level) becomes after gamma (x ** g, g >= exp(-0.3): at most d ** g for a change d)
+    and contrast (x 1.3 at most)."""
+    if warp == "opencv":
+        assert augment.opencv() is not None, "OpenCV >= 5 is a dependency (setup.cfg)"
+    else:
+        monkeypatch.setattr(augment, "opencv", lambda: None)
+    tol = 1e-4 if warp == "tensorflow" else 1e-4 + 1.3 * (0.6 / 255) ** math.exp(-0.3)
     cfg = _aug_cfg(
         flips=flips, rotation=12, zoom=0.2, translate=0.1, gamma=0.3, contrast=0.3, brightness=0.1
     )
@@ -289,10 +301,38 @@ def test_batched_augmentation_equals_the_per_image_reference(flips):
             cfg,
             1,
         ).numpy()
-        np.testing.assert_allclose(batched[i], want, atol=1e-4)
+        np.testing.assert_allclose(batched[i], want, atol=tol)
         flipped += int(params[i, 0] + params[i, 1] > 0)
     assert (flipped > 0) == (flips == "random")  # the flips were drawn and applied
     assert len({tuple(np.round(p, 4)) for p in params.numpy()}) == n  # each image its own draw
+
+
+def test_opencv_warp_equals_tensorflows():
+    """The warp the pipeline runs (OpenCV's, on the cache's uint8, rounded to grey levels)
+    equals TensorFlow's bilinear ``ImageProjectiveTransformV3`` of the float32 images within
+    0.6 of a grey level (float32 input: within 5e-5), borders, flips and empty masks
+    included; an empty image is not warped and stays zero."""
+    assert augment.opencv() is not None, "OpenCV >= 5 is a dependency (setup.cfg)"
+    cfg = _aug_cfg(flips="random", rotation=15, zoom=0.2, translate=0.1)
+    n = 8
+    noise = tf.random.stateless_uniform([n, 40, 40, 3], [6, 7], 0, 256, tf.int32)
+    images = (
+        tf.cast(noise, tf.uint8) * tf.constant([1, 0] * (n // 2), tf.uint8)[:, None, None, None]
+    )
+    params = tf.stack(
+        [p for _, p in data.draw_params(tf.data.Dataset.from_tensor_slices(images), cfg, seed=3)]
+    )
+    p = dict(zip(augment.PARAMS, tf.unstack(params, axis=-1), strict=True))
+    t = augment._transforms(p, 40)
+    floats = tf.image.convert_image_dtype(images, tf.float32)
+    want = augment._warp_tf(floats, t).numpy()
+    got = augment._warp(images, t).numpy()
+    assert got.dtype == np.float32 and np.abs(got - want).max() <= 0.6 / 255
+    np.testing.assert_allclose(augment._warp(floats, t).numpy(), want, atol=5e-5)
+    skipped = augment._warp(images, t, skip_empty=True).numpy()
+    np.testing.assert_array_equal(skipped[1::2], 0.0)
+    np.testing.assert_array_equal(skipped[0::2], got[0::2])
+    assert np.abs(got[0] - floats[0].numpy()).mean() > 0.05  # the warp moved something
 
 
 def test_batched_flips_without_a_warp_equal_tf_image_flips():
