@@ -41,6 +41,26 @@ def test_crops_pair_each_fracture_with_a_control_from_the_same_image(phantom_bui
         assert (y == 1).sum() == (y == 0).sum() >= 1
 
 
+def test_a_train_fraction_keeps_that_share_of_fractured_images_whole_and_every_normal_crop(
+    phantom_builds,
+):
+    c = patches.crops(phantom_builds["drawn"], "train", 64, normals=1, seed=3)
+    fractured = np.unique(c["group"][c["y"] == 1])
+    normal = np.setdiff1d(np.unique(c["group"]), fractured)
+    half = patches.keep_fractured_images(c, 0.5, seed=1)
+    kept = np.unique(half["group"][half["y"] == 1])
+    assert kept.size == round(0.5 * fractured.size) and set(kept) <= set(fractured)
+    for image_id in fractured:  # a kept image keeps its fracture crops and its controls
+        n = (c["group"] == image_id).sum()
+        assert (half["group"] == image_id).sum() == (n if image_id in kept else 0)
+    assert set(normal) <= set(half["group"]) and normal.size > 0  # every normal crop stays
+    assert (half["group"][np.isin(half["group"], normal)].size) == np.isin(c["group"], normal).sum()
+    assert all(v.shape[0] == half["y"].shape[0] for v in half.values())
+    assert patches.keep_fractured_images(c, 1.0)["y"].size == c["y"].size
+    with pytest.raises(ValueError, match="train fraction"):
+        patches.keep_fractured_images(c, 0.0)
+
+
 @pytest.mark.slow
 def test_the_probe_learns_a_drawn_fracture_and_not_a_faint_one(phantom_builds):
     drawn = patches.study(phantom_builds["drawn"], 64, epochs=10, seed=0)

@@ -111,6 +111,20 @@ def crops(
     }
 
 
+def keep_fractured_images(c: dict, fraction: float, seed: int = 0) -> dict:
+    """``crops``' result with the crops of only ``fraction`` of its fractured images (their
+    fracture crops and controls, drawn at random), every other crop (normal images') kept:
+    the study's learning curve over the number of boxed fractures it trains on."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"train fraction {fraction} must be in (0, 1]: the share of boxed images")
+    fractured = np.unique(c["group"][c["y"] == 1])
+    rng = np.random.default_rng(seed)
+    n = max(1, int(round(fraction * fractured.size)))
+    kept = set(rng.choice(fractured, size=n, replace=False).tolist())
+    keep = np.array([g in kept or g not in set(fractured.tolist()) for g in c["group"]])
+    return {k: v[keep] for k, v in c.items()}
+
+
 def probe(p: int, seed: int = 0):
     """The small CNN the study trains: four 3x3 conv blocks (32, 64, 128, 128 channels, BN,
     ReLU, max-pooling after the first three), global average pooling, dropout 0.3, a logit."""
@@ -158,13 +172,16 @@ def study(
     seed: int = 0,
     eval_split: str = "val",
     resize: str = "pad",
+    train_fraction: float = 1.0,
 ) -> dict:
-    """Train the probe on the train split's crops, score ``eval_split``'s; returns the counts,
-    the AUROC with its CI (resampling images) and the time taken."""
+    """Train the probe on the train split's crops (of ``train_fraction`` of its boxed images,
+    ``keep_fractured_images``), score ``eval_split``'s; returns the counts, the AUROC with its
+    CI (resampling images) and the time taken."""
     from kerasfrac.evaluation import metrics
 
     start = time.perf_counter()
     train, test = (crops(build_dir, s, image_size, resize) for s in ("train", eval_split))
+    train = keep_fractured_images(train, train_fraction, seed)
     p = patch_size(image_size)
     model = probe(p, seed)
     rng = np.random.default_rng(seed)
@@ -183,7 +200,9 @@ def study(
         "epochs": epochs,
         "seed": seed,
         "eval_split": eval_split,
+        "train_fraction": train_fraction,
         "train_crops": int(train["y"].size),
+        "train_fractures": int(train["y"].sum()),
         "train_images": int(np.unique(train["group"]).size),
         "eval_crops": int(test["y"].size),
         "eval_images": int(np.unique(test["group"]).size),
@@ -250,6 +269,7 @@ def image_study(
     normals: int = 2,
     mine: int = 0,
     mined_per_image: int = 3,
+    train_fraction: float = 1.0,
 ) -> dict:
     """A classifier that sees nothing but crops: the probe trained on fracture crops against
     controls and random crops of normal images (``normals`` each), then slid over every
@@ -257,12 +277,15 @@ def image_study(
     one round of hard-negative mining first (the ``mined_per_image`` highest-scoring crops of
     ``mine`` normal training images join the negatives, and the probe trains on for half the
     epochs). Returns its image AUROC beside the no-anatomy baseline, overall and within body
-    region and hands (``evaluate.baseline_comparison``), and each image's score by id."""
+    region and hands (``evaluate.baseline_comparison``), and each image's score by id.
+    ``train_fraction``: the fracture crops of only that share of the boxed training images
+    (``keep_fractured_images``; normal images' crops all kept)."""
     from kerasfrac import config, data
     from kerasfrac.evaluation import evaluate
 
     start = time.perf_counter()
     train = crops(build_dir, "train", image_size, resize, normals=normals, seed=seed)
+    train = keep_fractured_images(train, train_fraction, seed)
     model = probe(patch_size(image_size), seed)
     rng = np.random.default_rng(seed)
     cfg = config.DataConfig(dir=str(build_dir), image_size=image_size, resize=resize)
@@ -293,7 +316,9 @@ def image_study(
         "image_size": image_size,
         "patch": patch_size(image_size),
         "eval_split": eval_split,
+        "train_fraction": train_fraction,
         "train_crops": int(train["y"].size),
+        "train_fractures": int(train["y"].sum()),
         "mined_negatives": mined,
         "comparison": comparison,
         "scores": dict(zip(ids, np.concatenate(scores).astype(float).tolist(), strict=True)),
@@ -310,6 +335,13 @@ def main(argv=None) -> int:
     ap.add_argument("--split", default="val", help="the split the probe is scored on")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument(
+        "--train-fraction",
+        type=float,
+        default=1.0,
+        help="train on the fracture crops of this share of the boxed training images (a "
+        "learning curve over the number of boxed fractures; default 1: all)",
+    )
+    ap.add_argument(
         "--mine",
         type=int,
         default=0,
@@ -325,22 +357,40 @@ def main(argv=None) -> int:
     for size in a.image_size:
         if a.images:
             r = image_study(
-                a.data_dir, size, epochs=a.epochs, seed=a.seed, eval_split=a.split, mine=a.mine
+                a.data_dir,
+                size,
+                epochs=a.epochs,
+                seed=a.seed,
+                eval_split=a.split,
+                mine=a.mine,
+                train_fraction=a.train_fraction,
             )
             c = r["comparison"]
-            print(f"crops only, {size} px, {a.split}: {c.get('sentence', c)}", flush=True)
+            print(
+                f"crops only, {size} px, {a.split}, {r['train_fractures']} training fracture "
+                f"crops: {c.get('sentence', c)}",
+                flush=True,
+            )
             rows = {"within region": c.get("within_region"), **(c.get("subgroups") or {})}
             for key, row in rows.items():
                 if row and "model" in row:
                     print(f"  {key}: {_brief(row)}", flush=True)
             results.append(r)
             continue
-        r = study(a.data_dir, size, epochs=a.epochs, seed=a.seed, eval_split=a.split)
+        r = study(
+            a.data_dir,
+            size,
+            epochs=a.epochs,
+            seed=a.seed,
+            eval_split=a.split,
+            train_fraction=a.train_fraction,
+        )
         lo, hi = r["ci95"] or (float("nan"), float("nan"))
         print(
             f"patch study {size} px (crops {r['patch']} px): {a.split} AUROC {r['auroc']:.3f} "
             f"[{lo:.3f}, {hi:.3f}] on {r['eval_crops']} crops of {r['eval_images']} images; "
-            f"train {r['train_crops']} crops, train AUROC {r['train_auroc']:.3f}; "
+            f"train {r['train_crops']} crops ({r['train_fractures']} fractures), "
+            f"train AUROC {r['train_auroc']:.3f}; "
             f"{r['seconds']:.0f} s",
             flush=True,
         )
