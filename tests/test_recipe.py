@@ -36,6 +36,12 @@ def test_best_config_loads(monkeypatch):
     cfg = config.load_config("configs/fracatlas_best.yaml")
     assert cfg.model.name == "resnet_small" and cfg.model.box_head
     assert cfg.model.head == "gap"
+    # the dense mask head (docs/recipe.md): 8-px cells learning the outlines, BCE + Dice
+    assert (cfg.model.box_stride, cfg.train.box_target, cfg.train.box_loss) == (
+        8,
+        "outline",
+        "bce_dice",
+    )
     assert (cfg.train.select, cfg.eval.tta, cfg.train.optimizer) == ("best", "flip", "adamw")
 
 
