@@ -79,3 +79,16 @@ def test_crop_maps_score_each_crop_as_cut_out():
         crop = images[b : b + 1, 8 * i : 8 * i + 12, 8 * j : 8 * j + 12]
         want = float(model.predict(crop, verbose=0)[0, 0])
         assert maps[b, i, j] == pytest.approx(want, abs=1e-5)
+
+
+def test_the_command_trains_on_a_train_fraction_and_writes_its_json(phantom_builds, tmp_path):
+    out = tmp_path / "study.json"
+    argv = ["--data-dir", str(phantom_builds["drawn"]), "--image-size", "64", "--epochs", "1"]
+    assert patches.main([*argv, "--train-fraction", "0.5", "--json", str(out)]) == 0
+    import json
+
+    (row,) = json.loads(out.read_text())
+    whole = patches.crops(phantom_builds["drawn"], "train", 64)
+    assert row["train_fraction"] == 0.5 and row["image_size"] == 64
+    assert row["train_fractures"] == len(patches.keep_fractured_images(whole, 0.5)["y"]) // 2
+    assert 0.0 <= row["auroc"] <= 1.0

@@ -354,21 +354,20 @@ def main(argv=None) -> int:
     )
     a = ap.parse_args(argv)
     results = []
+    common = dict(epochs=a.epochs, seed=a.seed, eval_split=a.split, train_fraction=a.train_fraction)
     for size in a.image_size:
         if a.images:
-            r = image_study(
-                a.data_dir,
-                size,
-                epochs=a.epochs,
-                seed=a.seed,
-                eval_split=a.split,
-                mine=a.mine,
-                train_fraction=a.train_fraction,
-            )
+            r = image_study(a.data_dir, size, mine=a.mine, **common)
             c = r["comparison"]
+            d = c.get("difference") or {}
+            aurocs = (
+                f"image AUROC {d['auroc_a']:.3f} against the baseline's {d['auroc_b']:.3f}; "
+                if d.get("auroc_a") is not None and d.get("auroc_b") is not None
+                else ""
+            )
             print(
                 f"crops only, {size} px, {a.split}, {r['train_fractures']} training fracture "
-                f"crops: {c.get('sentence', c)}",
+                f"crops: {aurocs}{c.get('sentence', c)}",
                 flush=True,
             )
             rows = {"within region": c.get("within_region"), **(c.get("subgroups") or {})}
@@ -377,14 +376,7 @@ def main(argv=None) -> int:
                     print(f"  {key}: {_brief(row)}", flush=True)
             results.append(r)
             continue
-        r = study(
-            a.data_dir,
-            size,
-            epochs=a.epochs,
-            seed=a.seed,
-            eval_split=a.split,
-            train_fraction=a.train_fraction,
-        )
+        r = study(a.data_dir, size, **common)
         lo, hi = r["ci95"] or (float("nan"), float("nan"))
         print(
             f"patch study {size} px (crops {r['patch']} px): {a.split} AUROC {r['auroc']:.3f} "
