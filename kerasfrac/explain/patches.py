@@ -120,8 +120,8 @@ def keep_fractured_images(c: dict, fraction: float, seed: int = 0) -> dict:
     fractured = np.unique(c["group"][c["y"] == 1])
     rng = np.random.default_rng(seed)
     n = max(1, int(round(fraction * fractured.size)))
-    kept = set(rng.choice(fractured, size=n, replace=False).tolist())
-    keep = np.array([g in kept or g not in set(fractured.tolist()) for g in c["group"]])
+    dropped = np.setdiff1d(fractured, rng.choice(fractured, size=n, replace=False))
+    keep = ~np.isin(c["group"], dropped)
     return {k: v[keep] for k, v in c.items()}
 
 
